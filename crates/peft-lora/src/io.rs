@@ -1,0 +1,178 @@
+//! PEFT's on-disk format: `adapter_config.json` + `adapter_model.safetensors`, both ways.
+//!
+//! Keys are `base_model.model.<module path>.lora_A.weight` `[r, in]`, `...lora_B.weight`
+//! `[out, r]`, `...lora_B.bias` `[out]`, `...lora_magnitude_vector` `[out]`. Burn keeps A and B
+//! transposed (`[in, r]`, `[r, out]`); the transpose happens here and nowhere else.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::config::LoraConfig;
+use crate::error::{Error, Result};
+use crate::init::InitMethod;
+use crate::model::{adapter_meta, LoraModel, PeftModel};
+use crate::st::{to_host, write_f32, HostTensor, SafetensorsFile};
+use crate::target::is_target;
+use crate::variant::VariantKind;
+
+/// File name of the adapter weights.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Prefix PEFT puts before module paths.
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// Writes `bytes` to `path` through a temporary file and a rename (no half-written file).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// The folder PEFT uses for adapter `name` under `dir` (`default` at the top, others in a
+/// subfolder).
+pub fn adapter_dir(dir: &Path, name: &str) -> PathBuf {
+    if name == "default" {
+        dir.to_path_buf()
+    } else {
+        dir.join(name)
+    }
+}
+
+/// The tensors of adapter `name` under PEFT's key names, in PyTorch layout.
+pub fn adapter_state_dict<B: Backend, M: LoraModel<B>>(
+    model: &M,
+    name: &str,
+) -> BTreeMap<String, HostTensor> {
+    let mut out = BTreeMap::new();
+    for (path, layer) in model.lora_linears() {
+        let Some(a) = layer.adapter(name) else { continue };
+        let key = format!("{KEY_PREFIX}{path}");
+        out.insert(format!("{key}.lora_A.weight"), to_host(a.lora_a.val().transpose()));
+        out.insert(format!("{key}.lora_B.weight"), to_host(a.lora_b.val().transpose()));
+        if let Some(b) = &a.lora_b_bias {
+            out.insert(format!("{key}.lora_B.bias"), to_host(b.val()));
+        }
+        if let Some(m) = &a.magnitude {
+            out.insert(format!("{key}.lora_magnitude_vector"), to_host(m.val()));
+        }
+    }
+    out
+}
+
+impl<M> PeftModel<M> {
+    /// Saves adapter `name` in PEFT's format under `dir` (a subfolder for non-default names).
+    pub fn save_adapter<B: Backend>(&self, dir: &Path, name: &str) -> Result<PathBuf>
+    where
+        M: LoraModel<B>,
+    {
+        let cfg = self.configs.get(name).ok_or_else(|| {
+            Error::UnknownAdapter(name.into(), self.configs.keys().cloned().collect::<Vec<_>>().join(", "))
+        })?;
+        let out = adapter_dir(dir, name);
+        cfg.save(&out)?;
+        write_f32(&out.join(WEIGHTS_FILE), &adapter_state_dict(&self.model, name))?;
+        Ok(out)
+    }
+
+    /// Loads a PEFT adapter folder as adapter `name` and makes it active. Every missing key,
+    /// unexpected key and shape mismatch is reported by name in one error.
+    pub fn load_adapter<B: Backend>(&mut self, dir: &Path, name: &str) -> Result<()>
+    where
+        M: LoraModel<B>,
+    {
+        let cfg = LoraConfig::from_file(dir)?;
+        if self.configs.contains_key(name) {
+            return Err(Error::DuplicateAdapter(name.into()));
+        }
+        let file_path = dir.join(WEIGHTS_FILE);
+        if !file_path.exists() {
+            return Err(Error::io(
+                &file_path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "adapter weights not found"),
+            ));
+        }
+        let file = SafetensorsFile::open(&file_path)?;
+        let in_file = file.shapes();
+
+        // What the config implies for this model.
+        let mut expected: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut targets = Vec::new();
+        for (path, layer) in self.model.lora_linears() {
+            if !is_target(&cfg, &path)? {
+                continue;
+            }
+            let meta = adapter_meta(&cfg, name, &path);
+            let key = format!("{KEY_PREFIX}{path}");
+            let (d_in, d_out) = (layer.d_in(), layer.d_out());
+            expected.insert(format!("{key}.lora_A.weight"), vec![meta.r, d_in]);
+            expected.insert(format!("{key}.lora_B.weight"), vec![d_out, meta.r]);
+            if cfg.lora_bias {
+                expected.insert(format!("{key}.lora_B.bias"), vec![d_out]);
+            }
+            if meta.variant == VariantKind::Dora {
+                expected.insert(format!("{key}.lora_magnitude_vector"), vec![d_out]);
+            }
+            targets.push(path);
+        }
+        let mut problems = Vec::new();
+        let file_keys: BTreeSet<&String> = in_file.keys().collect();
+        for (k, shape) in &expected {
+            match in_file.get(k) {
+                None => problems.push(format!("missing key {k} (expected shape {shape:?})")),
+                Some(s) if s != shape => {
+                    problems.push(format!("shape mismatch for {k}: file has {s:?}, model needs {shape:?}"))
+                }
+                _ => {}
+            }
+        }
+        for k in file_keys {
+            if !expected.contains_key(k) {
+                problems.push(format!("unexpected key {k} {:?}", in_file[k]));
+            }
+        }
+        if targets.is_empty() {
+            problems.push(format!(
+                "target_modules {} matches no module of this model",
+                serde_json::to_string(&cfg.target_modules).unwrap_or_default()
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(Error::Mismatch {
+                path: file_path,
+                report: problems.join("\n"),
+            });
+        }
+
+        let paths: BTreeSet<String> = targets.into_iter().collect();
+        for (path, layer) in self.model.lora_linears_mut() {
+            if !paths.contains(&path) {
+                continue;
+            }
+            let device = layer.weight.device();
+            let key = format!("{KEY_PREFIX}{path}");
+            let meta = adapter_meta(&cfg, name, &path);
+            let a: Tensor<B, 2> = file.read(&format!("{key}.lora_A.weight"))?.to_tensor(&key, &device)?;
+            let b: Tensor<B, 2> = file.read(&format!("{key}.lora_B.weight"))?.to_tensor(&key, &device)?;
+            let mut adapter = layer.new_adapter(meta, a.transpose(), b.transpose(), false);
+            if cfg.lora_bias {
+                let bias: Tensor<B, 1> = file.read(&format!("{key}.lora_B.bias"))?.to_tensor(&key, &device)?;
+                adapter.lora_b_bias = Some(Param::from_tensor(bias));
+            }
+            if adapter.meta.variant == VariantKind::Dora {
+                let m: Tensor<B, 1> = file
+                    .read(&format!("{key}.lora_magnitude_vector"))?
+                    .to_tensor(&key, &device)?;
+                adapter.magnitude = Some(Param::from_tensor(m));
+            }
+            layer.add_adapter(adapter)?;
+            layer.set_active(&[name.to_string()]);
+        }
+        // The weights came from the file: the init method is not run again.
+        let _ = InitMethod::parse(&cfg.init_lora_weights);
+        self.configs.insert(name.into(), cfg);
+        self.active = vec![name.into()];
+        Ok(())
+    }
+}

@@ -1,0 +1,379 @@
+//! The adapted linear layer: a frozen base `y = x W + b` plus any number of named adapters.
+
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, Distribution, Tensor};
+
+use crate::error::{Error, Result};
+use crate::variant::{variant_of, Base, Dora, VariantKind};
+
+/// Hyper-parameters of one adapter on one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterMeta {
+    /// Adapter name (`"default"` unless given).
+    pub name: String,
+    /// Rank.
+    pub r: usize,
+    /// Alpha.
+    pub alpha: f64,
+    /// alpha / r, or alpha / sqrt(r) with rsLoRA.
+    pub scaling: f64,
+    /// Input dropout probability (training only).
+    pub dropout: f64,
+    /// Which variant computes the forward and the merge.
+    pub variant: VariantKind,
+}
+
+/// One adapter's trainable tensors on one layer, in Burn layout.
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    /// A, `[in, r]` (PEFT's `lora_A.weight` is its transpose, `[r, in]`).
+    pub lora_a: Param<Tensor<B, 2>>,
+    /// B, `[r, out]` (PEFT's `lora_B.weight` is `[out, r]`).
+    pub lora_b: Param<Tensor<B, 2>>,
+    /// `lora_bias`: a bias on B, `[out]`.
+    pub lora_b_bias: Option<Param<Tensor<B, 1>>>,
+    /// DoRA magnitude, `[out]` (`lora_magnitude_vector`).
+    pub magnitude: Option<Param<Tensor<B, 1>>>,
+    /// Name, rank, scaling, variant.
+    #[module(skip)]
+    pub meta: AdapterMeta,
+    /// DoRA: the per-output scale applied at merge time, kept for an exact unmerge.
+    pub merge_scale: Option<Tensor<B, 1>>,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// `s * (x A) B (+ s * lora_bias)`: the low-rank term for input `x` `[n, in]`.
+    pub fn lora_term(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let y = x.matmul(self.lora_a.val()).matmul(self.lora_b.val());
+        let y = match &self.lora_b_bias {
+            Some(b) => y + b.val().unsqueeze_dim::<2>(0),
+            None => y,
+        };
+        y * self.meta.scaling
+    }
+
+    /// `s * A B`, the weight delta in Burn layout `[in, out]`.
+    pub fn delta_weight(&self) -> Tensor<B, 2> {
+        self.lora_a.val().matmul(self.lora_b.val()) * self.meta.scaling
+    }
+
+    /// The adapter's name.
+    pub fn name(&self) -> &str {
+        &self.meta.name
+    }
+}
+
+/// Which adapters run, and which are merged into the base weight.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LayerState {
+    /// Adapters applied in the forward (in order).
+    pub active: Vec<String>,
+    /// When true the layer computes the base alone.
+    pub disabled: bool,
+    /// Adapters currently merged into `weight`.
+    pub merged: Vec<String>,
+}
+
+/// Per-call routing: mixed-adapter batches.
+#[derive(Debug, Clone, Default)]
+pub struct LoraCtx {
+    /// One entry per batch row: the adapter that row uses (`None` = the base model). When the
+    /// whole field is `None`, every row uses the layer's active adapters.
+    pub row_adapters: Option<Vec<Option<String>>>,
+}
+
+/// A linear layer with a frozen base and named LoRA adapters.
+///
+/// Build every projection of a model through this type and expose them with
+/// [`crate::LoraModel`]; the rest (targeting, init, save/load, merge) then works unchanged.
+#[derive(Module, Debug)]
+pub struct LoraLinear<B: Backend> {
+    /// Frozen base weight, Burn layout `[in, out]` (the transpose of PyTorch's `[out, in]`).
+    pub weight: Param<Tensor<B, 2>>,
+    /// Frozen base bias `[out]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    /// The adapters, in insertion order.
+    pub adapters: Vec<LoraAdapter<B>>,
+    /// Active / disabled / merged.
+    #[module(skip)]
+    pub state: LayerState,
+}
+
+impl<B: Backend> LoraLinear<B> {
+    /// A frozen layer from a Burn-layout weight `[in, out]` and an optional bias.
+    pub fn from_weight(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        LoraLinear {
+            weight: Param::from_tensor(weight).set_require_grad(false),
+            bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
+            adapters: Vec::new(),
+            state: LayerState::default(),
+        }
+    }
+
+    /// A frozen layer with random weights (tests, benchmarks).
+    pub fn random(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Self {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let dist = Distribution::Uniform(-bound, bound);
+        Self::from_weight(
+            Tensor::random([d_in, d_out], dist, device),
+            bias.then(|| Tensor::random([d_out], dist, device)),
+        )
+    }
+
+    /// Input features.
+    pub fn d_in(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Output features.
+    pub fn d_out(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// The adapter called `name`.
+    pub fn adapter(&self, name: &str) -> Option<&LoraAdapter<B>> {
+        self.adapters.iter().find(|a| a.meta.name == name)
+    }
+
+    /// The adapter called `name`, mutably.
+    pub fn adapter_mut(&mut self, name: &str) -> Option<&mut LoraAdapter<B>> {
+        self.adapters.iter_mut().find(|a| a.meta.name == name)
+    }
+
+    /// Adds an adapter with given tensors (Burn layout) and makes it active.
+    pub fn add_adapter(&mut self, adapter: LoraAdapter<B>) -> Result<()> {
+        if self.adapter(&adapter.meta.name).is_some() {
+            return Err(Error::DuplicateAdapter(adapter.meta.name.clone()));
+        }
+        let name = adapter.meta.name.clone();
+        self.adapters.push(adapter);
+        if !self.state.active.contains(&name) {
+            self.state.active.push(name);
+        }
+        Ok(())
+    }
+
+    /// Builds a fresh adapter with the given init; DoRA's magnitude starts at `||W + s B A||`.
+    pub fn new_adapter(
+        &self,
+        meta: AdapterMeta,
+        a: Tensor<B, 2>,
+        b: Tensor<B, 2>,
+        lora_bias: bool,
+    ) -> LoraAdapter<B> {
+        let device = self.weight.device();
+        let mut adapter = LoraAdapter {
+            lora_a: Param::from_tensor(a),
+            lora_b: Param::from_tensor(b),
+            lora_b_bias: lora_bias.then(|| Param::from_tensor(Tensor::zeros([self.d_out()], &device))),
+            magnitude: None,
+            meta,
+            merge_scale: None,
+        };
+        if adapter.meta.variant == VariantKind::Dora {
+            let norm = Dora::weight_norm(self.weight.val() + adapter.delta_weight());
+            adapter.magnitude = Some(Param::from_tensor(norm.detach()));
+        }
+        adapter
+    }
+
+    /// Removes the adapter called `name` (unmerging it first if merged).
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        if self.state.merged.iter().any(|m| m == name) {
+            self.unmerge()?;
+        }
+        let before = self.adapters.len();
+        self.adapters.retain(|a| a.meta.name != name);
+        if self.adapters.len() == before {
+            return Err(self.unknown(name));
+        }
+        self.state.active.retain(|a| a != name);
+        Ok(())
+    }
+
+    pub(crate) fn unknown(&self, name: &str) -> Error {
+        let known: Vec<&str> = self.adapters.iter().map(|a| a.name()).collect();
+        Error::UnknownAdapter(name.into(), known.join(", "))
+    }
+
+    /// Sets which adapters run; names that do not exist here are ignored (a model-level call
+    /// checks that each exists somewhere).
+    pub fn set_active(&mut self, names: &[String]) {
+        self.state.active = names
+            .iter()
+            .filter(|n| self.adapter(n).is_some())
+            .cloned()
+            .collect();
+    }
+
+    /// Disables (base output only) or re-enables the adapters; merged adapters are unmerged.
+    pub fn set_disabled(&mut self, disabled: bool) -> Result<()> {
+        if disabled && !self.state.merged.is_empty() {
+            self.unmerge()?;
+        }
+        self.state.disabled = disabled;
+        Ok(())
+    }
+
+    /// Merges the active adapters into the frozen weight. With `safe`, a non-finite result is
+    /// refused and the weight left untouched.
+    pub fn merge(&mut self, safe: bool, module: &str) -> Result<()> {
+        let names: Vec<String> = self
+            .state
+            .active
+            .iter()
+            .filter(|n| !self.state.merged.contains(n))
+            .cloned()
+            .collect();
+        for name in names {
+            let idx = self
+                .adapters
+                .iter()
+                .position(|a| a.meta.name == name)
+                .ok_or_else(|| self.unknown(&name))?;
+            let adapter = &self.adapters[idx];
+            let variant = variant_of::<B>(adapter.meta.variant);
+            let (merged, kept) = variant.merge(adapter, self.weight.val());
+            if safe {
+                let finite = merged.clone().is_finite().all().into_scalar();
+                if !finite_bool::<B>(finite) {
+                    return Err(Error::Merge {
+                        adapter: name,
+                        module: module.into(),
+                        reason: "the merged weight has NaN or infinite values".into(),
+                    });
+                }
+            }
+            // Any bias of the adapter folds into the base bias.
+            if let Some(lb) = &adapter.lora_b_bias {
+                let add = lb.val() * adapter.meta.scaling;
+                let new_bias = match &self.bias {
+                    Some(b) => b.val() + add,
+                    None => add,
+                };
+                self.bias = Some(Param::from_tensor(new_bias.detach()).set_require_grad(false));
+            }
+            self.adapters[idx].merge_scale = kept;
+            self.weight = Param::from_tensor(merged.detach()).set_require_grad(false);
+            self.state.merged.push(name);
+        }
+        Ok(())
+    }
+
+    /// Removes every merged adapter from the weight again (in reverse merge order).
+    pub fn unmerge(&mut self) -> Result<()> {
+        while let Some(name) = self.state.merged.pop() {
+            let idx = self
+                .adapters
+                .iter()
+                .position(|a| a.meta.name == name)
+                .ok_or_else(|| self.unknown(&name))?;
+            let kept = self.adapters[idx].merge_scale.take();
+            let adapter = &self.adapters[idx];
+            let w = variant_of::<B>(adapter.meta.variant).unmerge(adapter, self.weight.val(), kept);
+            if let Some(lb) = &adapter.lora_b_bias {
+                if let Some(b) = &self.bias {
+                    let nb = b.val() - lb.val() * adapter.meta.scaling;
+                    self.bias = Some(Param::from_tensor(nb.detach()).set_require_grad(false));
+                }
+            }
+            self.weight = Param::from_tensor(w.detach()).set_require_grad(false);
+        }
+        Ok(())
+    }
+
+    /// Forward with the active adapters.
+    ///
+    /// # Shapes
+    /// - x: `[..., in]` -> `[..., out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.forward_ctx(x, &LoraCtx::default())
+    }
+
+    /// Forward with per-row routing (mixed-adapter batches: `ctx.row_adapters[i]` names the
+    /// adapter of batch row `i`, or `None` for the base).
+    pub fn forward_ctx<const D: usize>(&self, x: Tensor<B, D>, ctx: &LoraCtx) -> Tensor<B, D> {
+        let dims = x.dims();
+        let d_in = dims[D - 1];
+        let n: usize = dims[..D - 1].iter().product();
+        let x2: Tensor<B, 2> = x.reshape([n, d_in]);
+        let weight = self.weight.val();
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let base_out = match &bias {
+            Some(b) => x2.clone().matmul(weight.clone()) + b.clone().unsqueeze_dim::<2>(0),
+            None => x2.clone().matmul(weight.clone()),
+        };
+        let mut out = base_out.clone();
+        if !self.state.disabled && !self.adapters.is_empty() {
+            let base = Base {
+                weight: &weight,
+                bias: bias.as_ref(),
+            };
+            let rows_per_batch = if D >= 2 { n / dims[0].max(1) } else { 1 };
+            for adapter in &self.adapters {
+                let name = &adapter.meta.name;
+                if self.state.merged.contains(name) {
+                    continue;
+                }
+                let row_mask = match &ctx.row_adapters {
+                    None => {
+                        if !self.state.active.contains(name) {
+                            continue;
+                        }
+                        None
+                    }
+                    Some(rows) => {
+                        let mask: Vec<f32> = rows
+                            .iter()
+                            .flat_map(|r| {
+                                let on = r.as_deref() == Some(name.as_str());
+                                std::iter::repeat_n(if on { 1.0 } else { 0.0 }, rows_per_batch)
+                            })
+                            .collect();
+                        if mask.iter().all(|m| *m == 0.0) {
+                            continue;
+                        }
+                        Some(Tensor::<B, 1>::from_floats(mask.as_slice(), &x2.device()).unsqueeze_dim::<2>(1))
+                    }
+                };
+                let xd = dropout(x2.clone(), adapter.meta.dropout);
+                let variant = variant_of::<B>(adapter.meta.variant);
+                let updated = variant.forward(adapter, &base, xd, &base_out, out.clone());
+                out = match row_mask {
+                    None => updated,
+                    Some(m) => out.clone() + (updated - out) * m,
+                };
+            }
+        }
+        let mut out_dims = dims;
+        out_dims[D - 1] = self.d_out();
+        out.reshape(out_dims)
+    }
+
+    /// Number of trainable parameters in the adapters.
+    pub fn adapter_param_count(&self) -> usize {
+        self.adapters
+            .iter()
+            .map(|a| {
+                a.lora_a.shape().num_elements()
+                    + a.lora_b.shape().num_elements()
+                    + a.lora_b_bias.as_ref().map_or(0, |b| b.shape().num_elements())
+                    + a.magnitude.as_ref().map_or(0, |m| m.shape().num_elements())
+            })
+            .sum()
+    }
+}
+
+fn finite_bool<B: Backend>(v: B::BoolElem) -> bool {
+    use burn::tensor::ElementConversion;
+    v.elem::<bool>()
+}
+
+/// Inverted dropout on the adapter input, active only on autodiff backends (training).
+fn dropout<B: Backend>(x: Tensor<B, 2>, p: f64) -> Tensor<B, 2> {
+    if p == 0.0 || !B::ad_enabled(&x.device()) {
+        return x;
+    }
+    let keep = x.random_like(Distribution::Bernoulli(1.0 - p));
+    x * keep * (1.0 / (1.0 - p))
+}

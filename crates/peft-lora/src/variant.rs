@@ -1,0 +1,134 @@
+//! The variant interface: plain LoRA and DoRA implement it; others plug in beside them
+//! without touching the plain path (PEFT's `LoraVariant`).
+
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::layer::LoraAdapter;
+
+/// Which variant an adapter is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VariantKind {
+    /// `y = base(x) + s * B A x`.
+    Lora,
+    /// DoRA: a learned magnitude per output row over the detached norm of `W + s B A`.
+    Dora,
+}
+
+/// The frozen base of a layer, as variants see it (Burn layout `[in, out]`).
+pub struct Base<'a, B: Backend> {
+    /// Frozen weight `[in, out]` (possibly with merged adapters in it).
+    pub weight: &'a Tensor<B, 2>,
+    /// Bias `[out]`.
+    pub bias: Option<&'a Tensor<B, 1>>,
+}
+
+/// What a LoRA variant must provide.
+pub trait LoraVariant<B: Backend>: Sync {
+    /// Adds this adapter's contribution to `result` (the running layer output `[n, out]`);
+    /// `x` is the (dropped-out) input `[n, in]`, `base_out` the frozen layer's output.
+    fn forward(
+        &self,
+        adapter: &LoraAdapter<B>,
+        base: &Base<'_, B>,
+        x: Tensor<B, 2>,
+        base_out: &Tensor<B, 2>,
+        result: Tensor<B, 2>,
+    ) -> Tensor<B, 2>;
+
+    /// The merged weight `[in, out]`, and the per-output scale to keep for an exact unmerge.
+    fn merge(&self, adapter: &LoraAdapter<B>, weight: Tensor<B, 2>) -> (Tensor<B, 2>, Option<Tensor<B, 1>>);
+
+    /// Undoes [`LoraVariant::merge`].
+    fn unmerge(
+        &self,
+        adapter: &LoraAdapter<B>,
+        weight: Tensor<B, 2>,
+        kept: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, 2>;
+}
+
+/// Plain LoRA (and rsLoRA, which differs only in scaling).
+pub struct PlainLora;
+
+impl<B: Backend> LoraVariant<B> for PlainLora {
+    fn forward(
+        &self,
+        adapter: &LoraAdapter<B>,
+        _base: &Base<'_, B>,
+        x: Tensor<B, 2>,
+        _base_out: &Tensor<B, 2>,
+        result: Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
+        result + adapter.lora_term(x)
+    }
+
+    fn merge(&self, adapter: &LoraAdapter<B>, weight: Tensor<B, 2>) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
+        (weight + adapter.delta_weight(), None)
+    }
+
+    fn unmerge(&self, adapter: &LoraAdapter<B>, weight: Tensor<B, 2>, _kept: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+        weight - adapter.delta_weight()
+    }
+}
+
+/// DoRA (weight-decomposed LoRA), with PEFT's detached-norm forward.
+pub struct Dora;
+
+impl Dora {
+    /// Column norms (one per output) of a Burn-layout `[in, out]` weight: `[out]`.
+    pub fn weight_norm<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 1> {
+        w.powf_scalar(2.0).sum_dim(0).sqrt().squeeze_dim(0)
+    }
+}
+
+impl<B: Backend> LoraVariant<B> for Dora {
+    fn forward(
+        &self,
+        adapter: &LoraAdapter<B>,
+        base: &Base<'_, B>,
+        x: Tensor<B, 2>,
+        base_out: &Tensor<B, 2>,
+        result: Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
+        let magnitude = adapter
+            .magnitude
+            .as_ref()
+            .expect("DoRA adapter has a magnitude")
+            .val();
+        // The norm is detached (DoRA paper 4.3): no gradient flows through it.
+        let norm = Self::weight_norm(base.weight.clone() + adapter.delta_weight()).detach();
+        let scale = (magnitude / norm).unsqueeze_dim::<2>(0); // [1, out]
+        // Without dropout the base output (minus bias) is x W; with dropout it is recomputed on
+        // the dropped-out input, as PEFT does.
+        let x_w = if adapter.meta.dropout > 0.0 && B::ad_enabled(&x.device()) {
+            x.clone().matmul(base.weight.clone())
+        } else {
+            match base.bias {
+                Some(b) => base_out.clone() - b.clone().unsqueeze_dim::<2>(0),
+                None => base_out.clone(),
+            }
+        };
+        let lora = adapter.lora_term(x);
+        result + (scale.clone() - 1.0) * x_w + scale * lora
+    }
+
+    fn merge(&self, adapter: &LoraAdapter<B>, weight: Tensor<B, 2>) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
+        let magnitude = adapter.magnitude.as_ref().expect("DoRA magnitude").val();
+        let merged = weight + adapter.delta_weight();
+        let scale = magnitude / Dora::weight_norm(merged.clone());
+        (merged * scale.clone().unsqueeze_dim::<2>(0), Some(scale))
+    }
+
+    fn unmerge(&self, adapter: &LoraAdapter<B>, weight: Tensor<B, 2>, kept: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+        let scale = kept.expect("DoRA unmerge needs the scale kept at merge time");
+        weight / scale.unsqueeze_dim::<2>(0) - adapter.delta_weight()
+    }
+}
+
+/// The implementation of a variant kind.
+pub fn variant_of<B: Backend>(kind: VariantKind) -> &'static dyn LoraVariant<B> {
+    match kind {
+        VariantKind::Lora => &PlainLora,
+        VariantKind::Dora => &Dora,
+    }
+}
