@@ -19,8 +19,12 @@ import argparse
 import json
 import logging
 import sys
+import os
 import warnings
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 from safetensors.torch import load_file

@@ -26,6 +26,10 @@ import sys
 import warnings
 from pathlib import Path
 
+# No network: never let transformers / PEFT try the Hub (PEFT looks up the base's config.json).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 import numpy as np
 import torch
 from safetensors.torch import save_file
@@ -242,6 +246,23 @@ def save_model(model, out_dir, max_shard_size=None):
     model.save_pretrained(str(out_dir), **kwargs)
 
 
+def add_legacy_rope_keys(path):
+    """transformers >= 5 writes only `rope_parameters` (with rope_theta inside); 4.x reads only
+    `rope_theta` + `rope_scaling` and would silently fall back to plain RoPE with theta 10000.
+    Write both forms so the fixture means the same thing to every version (and to real
+    checkpoints, which carry the 4.x form). Nothing is changed in a 4.x config."""
+    cfg = json.loads(path.read_text())
+    rp = cfg.get("rope_parameters")
+    if not isinstance(rp, dict):
+        return
+    if "rope_theta" not in cfg and "rope_theta" in rp:
+        cfg["rope_theta"] = rp["rope_theta"]
+    if "rope_scaling" not in cfg:
+        rs = {k: v for k, v in rp.items() if k != "rope_theta"}
+        cfg["rope_scaling"] = None if rs.get("rope_type", "default") == "default" else rs
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def expected_llama3_inv_freq(theta, head_dim, rs):
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if rs is None:
@@ -344,6 +365,7 @@ def build_llama_case(name, spec, root):
     if spec["max_shard_size"] is not None:
         assert (case_dir / "model.safetensors.index.json").exists(), "sharding did not happen"
     del model
+    add_legacy_rope_keys(case_dir / "config.json")
 
     # reference is computed from what is on disk (bf16 upcast to f32)
     model = load_base(case_dir)
@@ -478,7 +500,8 @@ def build_peft_case(name, spec, root, llama_inputs):
     lora_kwargs.setdefault("lora_dropout", 0.0)
     lora_cfg = LoraConfig(task_type="CAUSAL_LM", **lora_kwargs)
     peft_model = get_peft_model(base, lora_cfg)
-    peft_model.peft_config[ADAPTER_NAME].base_model_name_or_path = f"llama/{spec['base']}"
+    # a real local path while saving (PEFT reads the base's config.json from it), rewritten below
+    peft_model.peft_config[ADAPTER_NAME].base_model_name_or_path = str(base_dir.resolve())
     peft_model.eval()
 
     mods = adapted_modules(peft_model)
@@ -506,6 +529,12 @@ def build_peft_case(name, spec, root, llama_inputs):
     readme = adapter_dir / "README.md"
     if readme.exists():
         readme.unlink()
+    cfg_path = adapter_dir / "adapter_config.json"
+    saved_cfg = json.loads(cfg_path.read_text())
+    saved_cfg["base_model_name_or_path"] = f"llama/{spec['base']}"  # relative to the fixtures root
+    if isinstance(saved_cfg.get("target_modules"), list):
+        saved_cfg["target_modules"] = sorted(saved_cfg["target_modules"])  # PEFT writes a set
+    cfg_path.write_text(json.dumps(saved_cfg, indent=2, sort_keys=True))
 
     saved_sd = get_peft_model_state_dict(peft_model)
     saved_keys = set(saved_sd)

@@ -1,1 +1,34 @@
-//! placeholder
+//! # sft-trainer
+//!
+//! Supervised fine-tuning of LoRA adapters, the loop TRL's `SFTTrainer` runs: AdamW (or LoRA+ /
+//! LoRA-FA), gradient accumulation, global-norm clipping, HF learning-rate schedules with
+//! warmup, periodic evaluation, `metrics.jsonl` + a loss-curve PNG, atomic checkpoints in PEFT's
+//! format and exact resume.
+//!
+//! The trainer knows models only through [`CausalLm`]: a [`peft_lora::LoraModel`] that computes
+//! a causal-LM loss on a [`Batch`].
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod metrics;
+pub mod schedule;
+pub mod trainer;
+
+use burn::module::Module;
+use burn::tensor::{backend::Backend, Tensor};
+use peft_lora::LoraModel;
+
+pub use config::TrainConfig;
+pub use data::{make_batch, Batch, Sample};
+pub use error::{Error, Result};
+pub use schedule::{Schedule, ScheduleKind};
+pub use trainer::{evaluate, train, TrainSummary};
+
+/// A model the trainer can fine-tune: adapters through [`LoraModel`], and a loss.
+pub trait CausalLm<B: Backend>: LoraModel<B> + Module<B> {
+    /// Mean cross-entropy of next-token prediction over the labelled tokens (HF semantics:
+    /// labels shifted by one, -100 ignored). Shape `[1]`.
+    fn causal_lm_loss(&self, batch: &Batch<B>) -> Tensor<B, 1>;
+}

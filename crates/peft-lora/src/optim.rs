@@ -1,0 +1,330 @@
+//! Optimizers for adapters: AdamW, LoRA+ and LoRA-FA (PEFT's `create_loraplus_optimizer` and
+//! `LoraFAOptimizer`), with gradient accumulation, global-norm clipping and savable state.
+//!
+//! They walk the model through [`LoraModel`], so only adapter tensors are ever touched; the frozen
+//! base has no gradient and no optimizer state.
+
+use std::collections::BTreeMap;
+
+use burn::module::Param;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+
+use crate::error::{Error, Result};
+use crate::model::LoraModel;
+use crate::st::{to_host, HostTensor};
+
+/// Which update rule.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// Plain AdamW on every adapter tensor.
+    AdamW,
+    /// LoRA+: B (and 1-D adapter tensors) at `lr * lr_ratio`.
+    LoraPlus {
+        /// Ratio of B's learning rate to A's (PEFT's `loraplus_lr_ratio`, commonly 16).
+        lr_ratio: f64,
+    },
+    /// LoRA-FA: A frozen; B's gradient projected by `(1/s^2) (A A^T + 1e-8 I)^+`.
+    LoraFa,
+}
+
+/// AdamW hyper-parameters.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    /// beta1.
+    pub beta1: f64,
+    /// beta2.
+    pub beta2: f64,
+    /// epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Which tensor of an adapter a gradient belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Slot {
+    A,
+    B,
+    BBias,
+    Magnitude,
+}
+
+impl Slot {
+    fn name(self) -> &'static str {
+        match self {
+            Slot::A => "lora_A",
+            Slot::B => "lora_B",
+            Slot::BBias => "lora_B_bias",
+            Slot::Magnitude => "lora_magnitude_vector",
+        }
+    }
+}
+
+/// Accumulated gradients of one or more micro-batches, keyed by `path.adapter.slot`.
+pub struct GradAccumulator<B: Backend> {
+    grads: BTreeMap<String, Tensor<B, 2>>,
+}
+
+impl<B: Backend> Default for GradAccumulator<B> {
+    fn default() -> Self {
+        GradAccumulator {
+            grads: BTreeMap::new(),
+        }
+    }
+}
+
+fn key(path: &str, adapter: &str, slot: Slot) -> String {
+    format!("{path}.{adapter}.{}", slot.name())
+}
+
+impl<B: Backend> GradAccumulator<B> {
+    /// Adds the adapter gradients of one backward pass.
+    pub fn add<AB, M>(&mut self, model: &M, grads: &AB::Gradients)
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: LoraModel<AB>,
+    {
+        for (path, layer) in model.lora_linears() {
+            for ad in &layer.adapters {
+                let name = ad.name();
+                let mut put = |slot: Slot, g: Option<Tensor<B, 2>>| {
+                    if let Some(g) = g {
+                        let k = key(&path, name, slot);
+                        let v = match self.grads.remove(&k) {
+                            Some(old) => old + g,
+                            None => g,
+                        };
+                        self.grads.insert(k, v);
+                    }
+                };
+                put(Slot::A, ad.lora_a.val().grad(grads));
+                put(Slot::B, ad.lora_b.val().grad(grads));
+                put(Slot::BBias, ad.lora_b_bias.as_ref().and_then(|p| p.val().grad(grads)).map(|g| g.unsqueeze_dim(0)));
+                put(Slot::Magnitude, ad.magnitude.as_ref().and_then(|p| p.val().grad(grads)).map(|g| g.unsqueeze_dim(0)));
+            }
+        }
+    }
+
+    /// The global L2 norm of all accumulated gradients.
+    pub fn global_norm(&self) -> f64 {
+        let mut total = 0.0f64;
+        for g in self.grads.values() {
+            let s: f32 = g.clone().powf_scalar(2.0).sum().into_scalar().elem_f32();
+            total += s as f64;
+        }
+        total.sqrt()
+    }
+
+    /// Whether nothing was accumulated.
+    pub fn is_empty(&self) -> bool {
+        self.grads.is_empty()
+    }
+}
+
+trait ElemF32 {
+    fn elem_f32(self) -> f32;
+}
+impl<E: burn::tensor::Element> ElemF32 for E {
+    fn elem_f32(self) -> f32 {
+        self.elem::<f32>()
+    }
+}
+
+/// Moments of one tensor.
+struct Moments<B: Backend> {
+    m: Tensor<B, 2>,
+    v: Tensor<B, 2>,
+}
+
+/// AdamW / LoRA+ / LoRA-FA over the adapters of a [`LoraModel`].
+pub struct LoraOptimizer<B: Backend> {
+    /// Update rule.
+    pub kind: OptimizerKind,
+    /// Hyper-parameters.
+    pub adamw: AdamWConfig,
+    /// Steps taken (for bias correction).
+    pub step: u64,
+    state: BTreeMap<String, Moments<B>>,
+}
+
+impl<B: Backend> LoraOptimizer<B> {
+    /// A fresh optimizer.
+    pub fn new(kind: OptimizerKind, adamw: AdamWConfig) -> Self {
+        LoraOptimizer {
+            kind,
+            adamw,
+            step: 0,
+            state: BTreeMap::new(),
+        }
+    }
+
+    /// Prepares a model for this optimizer: LoRA-FA freezes every A.
+    pub fn prepare<AB, M>(&self, model: &mut M)
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: LoraModel<AB>,
+    {
+        if self.kind == OptimizerKind::LoraFa {
+            for (_, layer) in model.lora_linears_mut() {
+                for ad in &mut layer.adapters {
+                    let a = ad.lora_a.val().detach();
+                    ad.lora_a = Param::from_tensor(a).set_require_grad(false);
+                }
+            }
+        }
+    }
+
+    /// One update with the accumulated gradients (already averaged by the caller), clipped to
+    /// `max_grad_norm` if given. Returns the gradient norm before clipping; when it is not
+    /// finite nothing is updated.
+    pub fn step<AB, M>(
+        &mut self,
+        model: &mut M,
+        mut acc: GradAccumulator<B>,
+        lr: f64,
+        max_grad_norm: Option<f64>,
+    ) -> f64
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: LoraModel<AB>,
+    {
+        let norm = acc.global_norm();
+        if !norm.is_finite() {
+            // Leave the weights and the state untouched; the caller reports the step.
+            return norm;
+        }
+        self.step += 1;
+        let clip = match max_grad_norm {
+            Some(max) if norm > max => max / (norm + 1e-6),
+            _ => 1.0,
+        };
+        let t = self.step as i32;
+        let c = &self.adamw;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        for (path, layer) in model.lora_linears_mut() {
+            for ad in &mut layer.adapters {
+                let name = ad.meta.name.clone();
+                let scaling = ad.meta.scaling;
+                let a_inner = ad.lora_a.val().inner();
+                let mut next = |slot: Slot, old: Tensor<B, 2>| -> Option<Tensor<B, 2>> {
+                    let k = key(&path, &name, slot);
+                    let mut g = acc.grads.remove(&k)?;
+                    if clip != 1.0 {
+                        g = g * clip;
+                    }
+                    let (lr_here, wd) = match (&self.kind, slot) {
+                        (OptimizerKind::LoraPlus { lr_ratio }, Slot::B | Slot::Magnitude) => {
+                            (lr * lr_ratio, c.weight_decay)
+                        }
+                        (OptimizerKind::LoraPlus { lr_ratio }, Slot::BBias) => (lr * lr_ratio, 0.0),
+                        _ => (lr, c.weight_decay),
+                    };
+                    if self.kind == OptimizerKind::LoraFa && slot == Slot::B {
+                        g = lora_fa_project(g, &a_inner, scaling);
+                    }
+                    let st = self.state.entry(k).or_insert_with(|| Moments {
+                        m: g.zeros_like(),
+                        v: g.zeros_like(),
+                    });
+                    st.m = st.m.clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
+                    st.v = st.v.clone() * c.beta2 + g.powf_scalar(2.0) * (1.0 - c.beta2);
+                    let denom = (st.v.clone() / bc2).sqrt() + c.eps;
+                    let update = st.m.clone() / bc1 / denom;
+                    Some(old * (1.0 - lr_here * wd) - update * lr_here)
+                };
+                if let Some(n) = next(Slot::A, ad.lora_a.val().inner()) {
+                    ad.lora_a = trainable(n);
+                }
+                if let Some(n) = next(Slot::B, ad.lora_b.val().inner()) {
+                    ad.lora_b = trainable(n);
+                }
+                if let Some(p) = &ad.lora_b_bias {
+                    if let Some(n) = next(Slot::BBias, p.val().inner().unsqueeze_dim(0)) {
+                        ad.lora_b_bias = Some(trainable(n.squeeze_dim(0)));
+                    }
+                }
+                if let Some(p) = &ad.magnitude {
+                    if let Some(n) = next(Slot::Magnitude, p.val().inner().unsqueeze_dim(0)) {
+                        ad.magnitude = Some(trainable(n.squeeze_dim(0)));
+                    }
+                }
+            }
+        }
+        norm
+    }
+
+    /// Optimizer state as host tensors (`<key>.exp_avg`, `<key>.exp_avg_sq`) for checkpoints.
+    pub fn state_tensors(&self) -> BTreeMap<String, HostTensor> {
+        let mut out = BTreeMap::new();
+        for (k, st) in &self.state {
+            out.insert(format!("{k}.exp_avg"), to_host(st.m.clone()));
+            out.insert(format!("{k}.exp_avg_sq"), to_host(st.v.clone()));
+        }
+        out.insert(
+            "step".into(),
+            HostTensor {
+                shape: vec![1],
+                data: vec![self.step as f32],
+            },
+        );
+        out
+    }
+
+    /// Restores what [`LoraOptimizer::state_tensors`] saved.
+    pub fn load_state(&mut self, tensors: &BTreeMap<String, HostTensor>, device: &B::Device) -> Result<()> {
+        self.state.clear();
+        self.step = tensors.get("step").map(|t| t.data[0] as u64).unwrap_or(0);
+        for (k, t) in tensors {
+            let Some(base) = k.strip_suffix(".exp_avg") else { continue };
+            let v = tensors.get(&format!("{base}.exp_avg_sq")).ok_or_else(|| Error::Safetensors {
+                path: "optimizer state".into(),
+                message: format!("`{base}.exp_avg_sq` is missing"),
+            })?;
+            let to2 = |h: &HostTensor| -> Tensor<B, 2> {
+                let (r, c) = match h.shape.as_slice() {
+                    [r, c] => (*r, *c),
+                    [n] => (1, *n),
+                    _ => (1, h.data.len()),
+                };
+                Tensor::from_data(TensorData::new(h.data.clone(), [r, c]), device)
+            };
+            self.state.insert(base.to_string(), Moments { m: to2(t), v: to2(v) });
+        }
+        Ok(())
+    }
+}
+
+/// LoRA-FA's projection in Burn layout: `g_b <- (1/s^2) (a^T a + 1e-8 I)^+ g_b`, where `a` is
+/// `[in, r]` and `g_b` is `[r, out]` (PEFT: `g_B @ pinv(A A^T + 1e-8 I) / s^2` with `B` `[out, r]`).
+fn lora_fa_project<B: Backend>(g_b: Tensor<B, 2>, a: &Tensor<B, 2>, scaling: f64) -> Tensor<B, 2> {
+    let r = a.dims()[1];
+    let ata = a.clone().transpose().matmul(a.clone());
+    let host: Vec<f32> = ata.into_data().convert::<f32>().to_vec().expect("f32");
+    let mut m = nalgebra::DMatrix::<f64>::from_row_slice(r, r, &host.iter().map(|v| *v as f64).collect::<Vec<_>>());
+    for i in 0..r {
+        m[(i, i)] += 1e-8;
+    }
+    let pinv = m.pseudo_inverse(1e-12).unwrap_or_else(|_| nalgebra::DMatrix::identity(r, r));
+    let flat: Vec<f32> = (0..r).flat_map(|i| (0..r).map(move |j| (i, j))).map(|(i, j)| pinv[(i, j)] as f32).collect();
+    let p = Tensor::<B, 2>::from_data(TensorData::new(flat, [r, r]), &g_b.device());
+    p.matmul(g_b) * (1.0 / (scaling * scaling))
+}
+
+/// A fresh trainable parameter holding `value`.
+fn trainable<AB: AutodiffBackend, const D: usize>(value: Tensor<AB::InnerBackend, D>) -> Param<Tensor<AB, D>> {
+    Param::from_tensor(Tensor::from_inner(value).require_grad())
+}

@@ -1,0 +1,269 @@
+//! The training loop, written out: warmup + schedule, accumulation micro-steps, clipping,
+//! periodic logging, evaluation and checkpoints, and exact resume.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use peft_lora::io::adapter_dir;
+use peft_lora::st::{write_f32, SafetensorsFile};
+use peft_lora::{GradAccumulator, LoraOptimizer, PeftModel};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::TrainConfig;
+use crate::data::{epoch_batches, make_batch, Sample};
+use crate::error::{Error, Result};
+use crate::metrics::{host_memory_mib, plot_loss, read_metrics, LogEntry, MetricsWriter};
+use crate::schedule::Schedule;
+use crate::CausalLm;
+
+/// What a finished run reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    /// Optimizer steps done in total.
+    pub global_step: u64,
+    /// Mean loss of the first logging window of this process.
+    pub first_loss: Option<f64>,
+    /// Mean loss of the last logging window.
+    pub last_loss: Option<f64>,
+    /// Last evaluation loss.
+    pub eval_loss: Option<f64>,
+    /// Where the final adapter was written.
+    pub adapter_dir: PathBuf,
+    /// Mean training throughput (non-padding tokens per second) of this process.
+    pub tokens_per_s: f64,
+    /// The step this process resumed from, if it resumed.
+    pub resumed_from: Option<u64>,
+}
+
+/// Mean loss over `samples` with the adapters as they are (no dropout, no graph).
+pub fn evaluate<B: Backend, M: CausalLm<B>>(model: &M, samples: &[Sample], batch_size: usize, pad_id: u32, device: &B::Device) -> f64 {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in samples.chunks(batch_size.max(1)) {
+        let refs: Vec<&Sample> = chunk.iter().collect();
+        let batch = make_batch::<B>(&refs, pad_id, device);
+        let loss: f64 = model.causal_lm_loss(&batch).into_scalar().elem_f64();
+        sum += loss * batch.n_label_tokens as f64;
+        n += batch.n_label_tokens;
+    }
+    sum / n.max(1) as f64
+}
+
+trait ElemF64 {
+    fn elem_f64(self) -> f64;
+}
+impl<E: burn::tensor::Element> ElemF64 for E {
+    fn elem_f64(self) -> f64 {
+        self.elem::<f64>()
+    }
+}
+
+/// Trains adapter `adapter` of `peft` on `train`, evaluating on `eval`. With `resume`, continues
+/// from the newest checkpoint in `cfg.output_dir` (and reaches what an uninterrupted run with the
+/// same seed reaches).
+pub fn train<AB, M>(
+    peft: &mut PeftModel<M>,
+    adapter: &str,
+    train: &[Sample],
+    eval: &[Sample],
+    cfg: &TrainConfig,
+    resume: bool,
+    device: &AB::Device,
+) -> Result<TrainSummary>
+where
+    AB: AutodiffBackend,
+    M: CausalLm<AB> + AutodiffModule<AB>,
+    M::InnerModule: CausalLm<AB::InnerBackend>,
+{
+    cfg.validate()?;
+    if train.is_empty() {
+        return Err(Error::Config {
+            field: "train dataset".into(),
+            value: "0 samples".into(),
+            expected: "at least one sample".into(),
+        });
+    }
+    if !peft.configs.contains_key(adapter) {
+        return Err(peft_lora::Error::UnknownAdapter(adapter.into(), peft.configs.keys().cloned().collect::<Vec<_>>().join(", ")).into());
+    }
+    let out = cfg.output_dir.clone();
+    let bs = cfg.per_device_train_batch_size;
+    let accum = cfg.gradient_accumulation_steps;
+    let micro_per_epoch = train.len().div_ceil(bs);
+    let steps_per_epoch = (micro_per_epoch / accum).max(1) as u64;
+    let total = if cfg.max_steps > 0 {
+        cfg.max_steps
+    } else {
+        (cfg.num_train_epochs * steps_per_epoch as f64).ceil() as u64
+    };
+    let schedule = Schedule {
+        kind: cfg.lr_scheduler_type,
+        lr: cfg.learning_rate,
+        warmup_steps: Schedule::warmup_from(total, cfg.warmup_steps, cfg.warmup_ratio),
+        total_steps: total,
+    };
+    let clip = (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm);
+    let mut opt = LoraOptimizer::<AB::InnerBackend>::new(cfg.optimizer.clone(), cfg.adamw.clone());
+    let mut state = TrainerState {
+        global_step: 0,
+        epoch: 0,
+        batches_in_epoch: 0,
+        seed: cfg.seed,
+        max_steps: total,
+        adapter: adapter.into(),
+    };
+    let metrics = MetricsWriter::new(&out);
+    let mut resumed_from = None;
+    if resume {
+        if let Some(ck) = checkpoint::latest(&out) {
+            state = checkpoint::read_state(&ck)?;
+            peft.delete_adapter::<AB>(adapter)?;
+            peft.load_adapter::<AB>(&adapter_dir(&ck, adapter), adapter)?;
+            let opt_file = SafetensorsFile::open(&ck.join("optimizer.safetensors"))?;
+            let tensors = opt_file
+                .shapes()
+                .keys()
+                .map(|k| opt_file.read(k).map(|t| (k.clone(), t)))
+                .collect::<peft_lora::Result<_>>()?;
+            opt.load_state(&tensors, device)?;
+            metrics.truncate_after(state.global_step)?;
+            resumed_from = Some(state.global_step);
+        } else {
+            let _ = std::fs::remove_file(metrics.path());
+        }
+    } else {
+        let _ = std::fs::remove_file(metrics.path());
+    }
+    opt.prepare::<AB, M>(&mut peft.model);
+    std::fs::write(out.join("train_config.json"), serde_json::to_string_pretty(cfg).expect("json"))
+        .map_err(|e| Error::io(&out, e))?;
+
+    let bar = progress_bar(cfg.progress_bar, total, state.global_step);
+    let (mut win_loss, mut win_n, mut win_tokens) = (0.0f64, 0u64, 0usize);
+    let mut win_start = Instant::now();
+    let run_start = Instant::now();
+    let mut run_tokens = 0usize;
+    let (mut first_loss, mut last_loss, mut eval_loss) = (None, None, None);
+    let epoch_frac = |step: u64| step as f64 / steps_per_epoch as f64;
+
+    while state.global_step < total {
+        // Dropout draws depend only on the seed and the step: a resumed run draws the same.
+        AB::seed(device, cfg.seed.wrapping_mul(7919).wrapping_add(state.global_step));
+        let mut acc = GradAccumulator::<AB::InnerBackend>::default();
+        let mut step_loss = 0.0;
+        for _ in 0..accum {
+            let mut batches = epoch_batches(train.len(), bs, cfg.seed, state.epoch);
+            if state.batches_in_epoch >= batches.len() {
+                state.epoch += 1;
+                state.batches_in_epoch = 0;
+                batches = epoch_batches(train.len(), bs, cfg.seed, state.epoch);
+            }
+            let refs: Vec<&Sample> = batches[state.batches_in_epoch].iter().map(|&i| &train[i]).collect();
+            state.batches_in_epoch += 1;
+            let batch = make_batch::<AB>(&refs, cfg.pad_token_id, device);
+            let loss = peft.model.causal_lm_loss(&batch);
+            let value: f64 = loss.clone().into_scalar().elem_f64();
+            if !value.is_finite() {
+                return Err(non_finite("loss", state.global_step + 1, value, &out));
+            }
+            let grads = (loss / accum as f64).backward();
+            acc.add::<AB, M>(&peft.model, &grads);
+            step_loss += value / accum as f64;
+            win_tokens += batch.n_tokens;
+            run_tokens += batch.n_tokens;
+        }
+        let lr = schedule.lr_at(state.global_step);
+        let norm = opt.step::<AB, M>(&mut peft.model, acc, lr, clip);
+        if !norm.is_finite() {
+            return Err(non_finite("gradient norm", state.global_step + 1, norm, &out));
+        }
+        state.global_step += 1;
+        win_loss += step_loss;
+        win_n += 1;
+        bar.set_position(state.global_step);
+        bar.set_message(format!("loss {step_loss:.4}"));
+
+        let step = state.global_step;
+        let is_last = step == total;
+        if step % cfg.logging_steps.max(1) == 0 || is_last {
+            let secs = win_start.elapsed().as_secs_f64().max(1e-9);
+            let mean = win_loss / win_n.max(1) as f64;
+            first_loss.get_or_insert(mean);
+            last_loss = Some(mean);
+            metrics.write(&LogEntry {
+                step,
+                epoch: epoch_frac(step),
+                loss: Some(mean),
+                eval_loss: None,
+                learning_rate: Some(lr),
+                grad_norm: Some(norm),
+                tokens_per_s: Some(win_tokens as f64 / secs),
+                host_mem_mib: host_memory_mib(),
+            })?;
+            bar.println(format!(
+                "step {step}/{total} epoch {:.2} loss {mean:.4} lr {lr:.2e} grad_norm {norm:.3} tok/s {:.0}",
+                epoch_frac(step),
+                win_tokens as f64 / secs
+            ));
+            (win_loss, win_n, win_tokens) = (0.0, 0, 0);
+            win_start = Instant::now();
+        }
+        if !eval.is_empty() && ((cfg.eval_steps > 0 && step % cfg.eval_steps == 0) || is_last) {
+            let l = evaluate(&peft.model.valid(), eval, cfg.per_device_eval_batch_size, cfg.pad_token_id, device);
+            eval_loss = Some(l);
+            metrics.write(&LogEntry {
+                step,
+                epoch: epoch_frac(step),
+                loss: None,
+                eval_loss: Some(l),
+                learning_rate: None,
+                grad_norm: None,
+                tokens_per_s: None,
+                host_mem_mib: None,
+            })?;
+            bar.println(format!("step {step}: eval_loss {l:.4}"));
+        }
+        if (cfg.save_steps > 0 && step % cfg.save_steps == 0) || is_last {
+            checkpoint::write(&out, &state, cfg.save_total_limit, |dir| {
+                peft.save_adapter::<AB>(dir, adapter)?;
+                write_f32(&dir.join("optimizer.safetensors"), &opt.state_tensors())?;
+                Ok(())
+            })?;
+        }
+    }
+    bar.finish_and_clear();
+    let final_dir = peft.save_adapter::<AB>(&out, adapter)?;
+    plot_loss(&read_metrics(metrics.path())?, &out.join("loss.png"))?;
+    Ok(TrainSummary {
+        global_step: state.global_step,
+        first_loss,
+        last_loss,
+        eval_loss,
+        adapter_dir: final_dir,
+        tokens_per_s: run_tokens as f64 / run_start.elapsed().as_secs_f64().max(1e-9),
+        resumed_from,
+    })
+}
+
+fn non_finite(what: &str, step: u64, value: f64, out: &std::path::Path) -> Error {
+    Error::NonFinite {
+        what: what.into(),
+        step,
+        value,
+        output_dir: out.into(),
+    }
+}
+
+fn progress_bar(show: bool, total: u64, pos: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}")
+            .expect("static template"),
+    );
+    bar.set_position(pos);
+    bar
+}
