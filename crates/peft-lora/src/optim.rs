@@ -25,7 +25,8 @@ pub enum OptimizerKind {
         /// Ratio of B's learning rate to A's (PEFT's `loraplus_lr_ratio`, commonly 16).
         lr_ratio: f64,
     },
-    /// LoRA-FA: A frozen; B's gradient projected by `(1/s^2) (A A^T + 1e-8 I)^+`.
+    /// LoRA-FA: A frozen; B's gradient projected by `(1/s^2) (A A^T + 1e-8 I)^+`, then PEFT's
+    /// `LoraFAOptimizer` Adam update (use eps 1e-6, its default).
     LoraFa,
 }
 
@@ -242,6 +243,14 @@ impl<B: Backend> LoraOptimizer<B> {
                     });
                     st.m = st.m.clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
                     st.v = st.v.clone() * c.beta2 + g.powf_scalar(2.0) * (1.0 - c.beta2);
+                    if self.kind == OptimizerKind::LoraFa {
+                        // PEFT's LoraFAOptimizer: eps added to the uncorrected sqrt(v), the bias
+                        // correction folded into the step size, decay applied after the update.
+                        let step_size = lr_here * bc2.sqrt() / bc1;
+                        let updated = old - st.m.clone() / (st.v.clone().sqrt() + c.eps) * step_size;
+                        return Some(updated.clone() - updated * (lr_here * wd));
+                    }
+                    // torch.optim.AdamW: decoupled decay first, then the bias-corrected step.
                     let denom = (st.v.clone() / bc2).sqrt() + c.eps;
                     let update = st.m.clone() / bc1 / denom;
                     Some(old * (1.0 - lr_here * wd) - update * lr_here)
