@@ -32,3 +32,15 @@ pub trait CausalLm<B: Backend>: LoraModel<B> + Module<B> {
     /// labels shifted by one, -100 ignored). Shape `[1]`.
     fn causal_lm_loss(&self, batch: &Batch<B>) -> Tensor<B, 1>;
 }
+
+impl<B: Backend> CausalLm<B> for llama::LlamaForCausalLM<B> {
+    fn causal_lm_loss(&self, batch: &Batch<B>) -> Tensor<B, 1> {
+        self.loss(
+            batch.input_ids.clone(),
+            Some(batch.attention_mask.clone()),
+            batch.labels.clone(),
+            llama::LossOptions::default(),
+            &peft_lora::LoraCtx::default(),
+        )
+    }
+}
