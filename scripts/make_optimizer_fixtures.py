@@ -29,7 +29,7 @@ def run(fx, kind):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD)
     elif kind == "loraplus":
-        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=16.0, weight_decay=WD)
+        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=16.0, loraplus_weight_decay=WD)
     else:
         lorafa.is_bf16_available = lambda *a, **k: False
         opt = create_lorafa_optimizer(model, r=8, lora_alpha=16, lr=LR, weight_decay=WD)
@@ -56,7 +56,7 @@ def main():
         save_file(sd, os.path.join(out, f"{kind}.safetensors"), metadata={"format": "pt"})
         print(kind, "losses", sd["losses"].tolist())
     with open(os.path.join(out, "settings.json"), "w") as f:
-        json.dump({"lr": LR, "weight_decay": WD, "loraplus_lr_ratio": 16.0, "steps": 2,
+        json.dump({"lr": LR, "weight_decay": WD, "loraplus_lr_ratio": 16.0, "loraplus_weight_decay": WD, "steps": 2,
                    "adamw": "torch defaults (betas 0.9/0.999, eps 1e-8)",
                    "lorafa": "PEFT LoraFAOptimizer defaults (eps 1e-6), bf16 autocast off"}, f, indent=2)
 

@@ -158,7 +158,7 @@ fn optimizers_take_pefts_steps() {
     let exp = SafetensorsFile::open(&dir.join("expected.safetensors")).unwrap();
     for (kind, opt_kind, eps) in [
         ("adamw", OptimizerKind::AdamW, 1e-8),
-        ("loraplus", OptimizerKind::LoraPlus { lr_ratio: 16.0 }, 1e-8),
+        ("loraplus", OptimizerKind::LoraPlus { lr_ratio: 16.0, weight_decay: 0.01 }, 1e-8),
         ("lorafa", OptimizerKind::LoraFa, 1e-6),
     ] {
         let want = SafetensorsFile::open(&fixtures().join("optim").join(format!("{kind}.safetensors"))).unwrap();

@@ -24,6 +24,10 @@ pub enum OptimizerKind {
     LoraPlus {
         /// Ratio of B's learning rate to A's (PEFT's `loraplus_lr_ratio`, commonly 16).
         lr_ratio: f64,
+        /// LoRA+'s own weight decay (PEFT's `loraplus_weight_decay`, default 0); it replaces
+        /// `AdamWConfig::weight_decay`, as in PEFT.
+        #[serde(default)]
+        weight_decay: f64,
     },
     /// LoRA-FA: A frozen; B's gradient projected by `(1/s^2) (A A^T + 1e-8 I)^+`, then PEFT's
     /// `LoraFAOptimizer` Adam update (use eps 1e-6, its default).
@@ -228,10 +232,11 @@ impl<B: Backend> LoraOptimizer<B> {
                         g = g * clip;
                     }
                     let (lr_here, wd) = match (&self.kind, slot) {
-                        (OptimizerKind::LoraPlus { lr_ratio }, Slot::B | Slot::Magnitude) => {
-                            (lr * lr_ratio, c.weight_decay)
+                        (OptimizerKind::LoraPlus { lr_ratio, weight_decay }, Slot::B | Slot::Magnitude) => {
+                            (lr * lr_ratio, *weight_decay)
                         }
-                        (OptimizerKind::LoraPlus { lr_ratio }, Slot::BBias) => (lr * lr_ratio, 0.0),
+                        (OptimizerKind::LoraPlus { lr_ratio, .. }, Slot::BBias) => (lr * lr_ratio, 0.0),
+                        (OptimizerKind::LoraPlus { weight_decay, .. }, _) => (lr, *weight_decay),
                         _ => (lr, c.weight_decay),
                     };
                     if self.kind == OptimizerKind::LoraFa && slot == Slot::B {

@@ -121,7 +121,7 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.adamw.beta1) || !(0.0..1.0).contains(&self.adamw.beta2) {
             return Err(bad("adamw.betas", format!("({}, {})", self.adamw.beta1, self.adamw.beta2), "each in [0, 1)"));
         }
-        if let OptimizerKind::LoraPlus { lr_ratio } = self.optimizer {
+        if let OptimizerKind::LoraPlus { lr_ratio, .. } = self.optimizer {
             if lr_ratio <= 0.0 {
                 return Err(bad("optimizer.lr_ratio", lr_ratio, "> 0"));
             }

@@ -128,7 +128,7 @@ fn adapter_values(p: &PeftModel<ToyLm<AD>>) -> Vec<f32> {
 #[test]
 fn loss_falls_and_outputs_are_written() {
     let device = Default::default();
-    for optimizer in [OptimizerKind::AdamW, OptimizerKind::LoraPlus { lr_ratio: 4.0 }, OptimizerKind::LoraFa] {
+    for optimizer in [OptimizerKind::AdamW, OptimizerKind::LoraPlus { lr_ratio: 4.0, weight_decay: 0.0 }, OptimizerKind::LoraFa] {
         let mut p = peft(&device);
         let mut c = cfg("falls", 30);
         c.optimizer = optimizer.clone();
