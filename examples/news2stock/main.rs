@@ -1,1 +1,64 @@
-fn main() {}
+//! `news2stock`: fine-tune NCSOFT/Llama-VARCO-8B-Instruct on Korean economic news with LoRA,
+//! evaluate it and run inference. `--demo` runs the same pipeline on a tiny model, on CPU.
+
+mod job;
+mod metrics;
+mod settings;
+
+use anyhow::Result;
+use clap::{CommandFactory, FromArgMatches};
+
+use settings::{Cli, Command, Settings};
+
+type Cpu = burn::backend::NdArray<f32>;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
+    let mut s: Settings = cli.settings.merge_file(&matches)?;
+    if s.demo {
+        s = s.demo_defaults(&matches);
+    }
+    s.validate()?;
+    let cmd = cli.command.unwrap_or(Command::Train);
+    if s.demo {
+        return dispatch::<Cpu>(&s, &cmd, &Default::default());
+    }
+    gpu(&s, &cmd)
+}
+
+fn dispatch<B: burn::tensor::backend::Backend>(s: &Settings, cmd: &Command, device: &B::Device) -> Result<()> {
+    match cmd {
+        Command::Train => job::train::<burn::backend::Autodiff<B>>(s, device),
+        Command::Eval => job::eval::<B>(s, device),
+        Command::Infer { input } => job::infer::<B>(s, input.as_deref(), device),
+        Command::Merge { out, dtype } => job::merge::<B>(s, out, dtype, device),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu(s: &Settings, cmd: &Command) -> Result<()> {
+    type Gpu = burn::backend::Cuda<half::bf16>;
+    let device = burn::backend::cuda::CudaDevice::default();
+    if s.gradient_checkpointing && matches!(cmd, Command::Train) {
+        // Burn recomputes cheap activations in the backward instead of storing them.
+        type Ckpt = burn::backend::Autodiff<Gpu, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
+        return job::train::<Ckpt>(s, &device);
+    }
+    dispatch::<Gpu>(s, cmd, &device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu(_s: &Settings, _cmd: &Command) -> Result<()> {
+    anyhow::bail!(
+        "this build has no GPU backend. The full job needs an NVIDIA GPU: cargo run --release --features cuda --example news2stock\n\
+         To run the whole pipeline on CPU with a tiny model and bundled data: cargo run --release --example news2stock -- --demo"
+    )
+}

@@ -1,0 +1,379 @@
+//! The job itself, generic over the backend: load model + tokenizer + data, train, evaluate,
+//! infer, merge.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use chat_collate::news2stock::{self, NewsRow};
+use chat_collate::{ChatCollator, CollatorConfig, Message};
+use llama::{GenerationConfig, LlamaConfig, LlamaForCausalLM, ModelSource};
+use peft_lora::{LoraConfig, LoraCtx, OptimizerKind, PeftModel, TargetModules};
+use sft_trainer::{Sample, ScheduleKind, TrainConfig};
+
+use crate::metrics::{parse_answer, Scores};
+use crate::settings::Settings;
+
+/// The system prompt used for inference on new text (the tutorial's instruction, in Korean).
+pub const SYSTEM_PROMPT: &str = "당신은 경제 뉴스 분석가입니다. 주어진 뉴스를 요약(summary)하고, 뉴스가 상장 종목과 관련이 있으면 stock_related를 true로 하여 긍정적 영향을 받는 종목(positive_stocks), 키워드(positive_keywords), 이유(positive_reasons)와 부정적 영향을 받는 종목(negative_stocks), 키워드(negative_keywords), 이유(negative_reasons)를 JSON으로 작성하세요. 해당 사항이 없으면 문자열은 '', 목록은 []로 두세요.";
+
+/// Model, tokenizer and the id that stops generation.
+pub struct Loaded<B: Backend> {
+    /// The model (no adapter yet).
+    pub model: LlamaForCausalLM<B>,
+    /// Its tokenizer.
+    pub tokenizer: tokenizers::Tokenizer,
+    /// `<|eot_id|>` and the config's eos ids.
+    pub stop_ids: Vec<u32>,
+    /// Padding id.
+    pub pad_id: u32,
+}
+
+/// Loads the base model and tokenizer the settings name (or the demo's).
+pub fn load_model<B: Backend>(s: &Settings, device: &B::Device) -> Result<Loaded<B>> {
+    if s.demo {
+        let tokenizer = chat_collate::demo_tokenizer();
+        let ids = chat_collate::demo_special_ids();
+        let mut cfg = LlamaConfig::tiny(tokenizer.get_vocab_size(true));
+        cfg.num_layers = 2;
+        cfg.hidden_size = 128;
+        cfg.num_heads = 4;
+        cfg.num_kv_heads = 2;
+        cfg.head_dim = 32;
+        cfg.intermediate_size = 256;
+        B::seed(device, s.seed);
+        let model = LlamaForCausalLM::random(&cfg, device);
+        return Ok(Loaded {
+            model,
+            tokenizer,
+            stop_ids: vec![ids.eot],
+            pad_id: ids.pad(),
+        });
+    }
+    let files = llama::resolve(&ModelSource::parse(&s.model)).with_context(|| {
+        format!("could not get the model `{}` (the Hub is unreachable or the folder is incomplete). To try the pipeline offline: cargo run --release --example news2stock -- --demo", s.model)
+    })?;
+    let tokenizer = llama::load_tokenizer(&files)?;
+    let ids = chat_collate::SpecialIds::from_tokenizer(&tokenizer)?;
+    let t = std::time::Instant::now();
+    let model = if s.random_weights {
+        let cfg = LlamaConfig::from_hf_file(&files.config)?;
+        B::seed(device, s.seed);
+        LlamaForCausalLM::random(&cfg, device)
+    } else {
+        LlamaForCausalLM::load(&files, device)?
+    };
+    println!("model loaded in {:.1} s", t.elapsed().as_secs_f64());
+    let mut stop_ids = vec![ids.eot];
+    stop_ids.extend(model.config.eos_token_ids.iter().copied());
+    Ok(Loaded {
+        model,
+        tokenizer,
+        stop_ids,
+        pad_id: ids.pad(),
+    })
+}
+
+/// The dataset rows the settings name, split like the tutorial (first 20% test).
+pub fn load_rows(s: &Settings) -> Result<(Vec<NewsRow>, Vec<NewsRow>)> {
+    let rows = if s.demo {
+        news2stock::load_sample()?
+    } else if Path::new(&s.dataset).exists() {
+        let (rows, report) = news2stock::load_file(&s.dataset, chat_collate::BadRowPolicy::Error)?;
+        println!("dataset {}: {report:?}", s.dataset);
+        rows
+    } else {
+        let (rows, report) = news2stock::load_hub(&s.dataset, None).with_context(|| {
+            format!("could not get the dataset `{}` from the Hub. Pass a local .parquet/.jsonl file, or try: cargo run --release --example news2stock -- --demo", s.dataset)
+        })?;
+        println!("dataset {}: {report:?}", s.dataset);
+        rows
+    };
+    if rows.len() < 2 {
+        bail!("dataset {}: {} rows; need at least 2 (train and test)", s.dataset, rows.len());
+    }
+    let (train, test) = news2stock::tutorial_split(&rows);
+    Ok((train, test))
+}
+
+fn collator(s: &Settings, tokenizer: &tokenizers::Tokenizer) -> Result<ChatCollator> {
+    let cfg = match s.chat_format.as_str() {
+        "tutorial" => CollatorConfig::tutorial(s.max_length),
+        _ => CollatorConfig::llama3(s.max_length),
+    };
+    Ok(ChatCollator::new(tokenizer.clone(), cfg)?)
+}
+
+fn encode(c: &ChatCollator, rows: &[NewsRow], what: &str) -> Result<Vec<Sample>> {
+    let convs: Vec<_> = rows.iter().map(news2stock::to_conversation).collect();
+    let (enc, report) = c.encode_all(&convs)?;
+    if report.skipped() > 0 {
+        println!("{what}: {report:?}");
+    }
+    Ok(enc
+        .into_iter()
+        .map(|e| Sample {
+            input_ids: e.input_ids,
+            labels: e.labels,
+        })
+        .collect())
+}
+
+/// The LoRA config the settings describe.
+pub fn lora_config(s: &Settings) -> LoraConfig {
+    let targets = if s.target_modules == "all-linear" {
+        TargetModules::Regex("all-linear".into())
+    } else {
+        TargetModules::List(s.target_modules.split(',').map(|t| t.trim().to_string()).collect())
+    };
+    LoraConfig {
+        r: s.lora_r,
+        lora_alpha: s.lora_alpha,
+        lora_dropout: s.lora_dropout,
+        target_modules: Some(targets),
+        use_rslora: s.use_rslora,
+        use_dora: s.use_dora,
+        task_type: Some("CAUSAL_LM".into()),
+        base_model_name_or_path: Some(if s.demo { "demo-tiny-llama".into() } else { s.model.clone() }),
+        ..Default::default()
+    }
+}
+
+fn train_config(s: &Settings, pad_id: u32) -> TrainConfig {
+    TrainConfig {
+        output_dir: s.output_dir.clone(),
+        learning_rate: s.lr,
+        adamw: peft_lora::AdamWConfig {
+            weight_decay: s.weight_decay,
+            eps: if s.optimizer == "lorafa" { 1e-6 } else { 1e-8 },
+            ..Default::default()
+        },
+        optimizer: match s.optimizer.as_str() {
+            "loraplus" => OptimizerKind::LoraPlus {
+                lr_ratio: s.loraplus_ratio,
+                weight_decay: s.weight_decay,
+            },
+            "lorafa" => OptimizerKind::LoraFa,
+            _ => OptimizerKind::AdamW,
+        },
+        lr_scheduler_type: s.lr_scheduler.parse::<ScheduleKind>().unwrap_or(ScheduleKind::Constant),
+        warmup_ratio: s.warmup_ratio,
+        warmup_steps: 0,
+        per_device_train_batch_size: s.batch_size,
+        gradient_accumulation_steps: s.grad_accum,
+        max_grad_norm: s.max_grad_norm,
+        num_train_epochs: s.epochs,
+        max_steps: s.max_steps,
+        seed: s.seed,
+        logging_steps: s.logging_steps,
+        eval_steps: s.eval_steps,
+        save_steps: s.save_steps,
+        save_total_limit: s.save_total_limit,
+        per_device_eval_batch_size: s.batch_size,
+        pad_token_id: pad_id,
+        gradient_checkpointing: s.gradient_checkpointing,
+        bf16: cfg!(feature = "cuda") && !s.demo,
+        progress_bar: true,
+    }
+}
+
+/// Trains, then shows one generation with the adapter (and, in the demo, the eval table).
+pub fn train<AB: AutodiffBackend>(s: &Settings, device: &AB::Device) -> Result<()> {
+    let tc_check = train_config(s, 0);
+    tc_check.validate()?; // output folder writable, values in range: before any long work
+    let (train_rows, test_rows) = load_rows(s)?;
+    let loaded = load_model::<AB>(s, device)?;
+    let c = collator(s, &loaded.tokenizer)?;
+    let train_set = encode(&c, &train_rows, "train")?;
+    let eval_set = encode(&c, &test_rows, "test")?;
+    if train_set.is_empty() {
+        bail!("no training sample fits --max-length {}", s.max_length);
+    }
+    println!("train samples {}, test samples {}", train_set.len(), eval_set.len());
+    let mut peft = PeftModel::new(loaded.model);
+    peft.add_adapter::<AB>("default", &lora_config(s))?;
+    peft.print_trainable_parameters::<AB>();
+    let tc = train_config(s, loaded.pad_id);
+    std::fs::write(s.output_dir.join("job_settings.json"), serde_json::to_string_pretty(s)?)?;
+    let summary = sft_trainer::train::<AB, _>(&mut peft, "default", &train_set, &eval_set, &tc, s.resume, device)?;
+    println!(
+        "done: {} steps, loss {:.4} -> {:.4}, eval loss {:?}, {:.0} tokens/s; adapter in {}",
+        summary.global_step,
+        summary.first_loss.unwrap_or(f64::NAN),
+        summary.last_loss.unwrap_or(f64::NAN),
+        summary.eval_loss,
+        summary.tokens_per_s,
+        summary.adapter_dir.display()
+    );
+    let model = peft.model.valid();
+    if let Some(row) = test_rows.first() {
+        let prompt = c.prompt_ids(&news2stock::prompt_messages(row))?;
+        let gen = GenerationConfig {
+            max_new_tokens: s.max_new_tokens,
+            stop_ids: loaded.stop_ids.clone(),
+            pad_id: loaded.pad_id,
+            ..Default::default()
+        };
+        let out = model.generate(&[prompt], &gen, &LoraCtx::default(), &mut |_, _| {})?;
+        let text = loaded.tokenizer.decode(&out[0], true).unwrap_or_default();
+        println!("sample generation (adapter):\n{text}");
+        std::fs::write(s.output_dir.join("sample_generation.txt"), &text)?;
+    }
+    if s.demo {
+        let mut peft = PeftModel::new(model);
+        peft.configs.insert("default".into(), lora_config(s));
+        evaluate_model::<AB::InnerBackend>(s, &mut peft, &loaded.tokenizer, &loaded.stop_ids, loaded.pad_id, &c, &test_rows)?;
+    }
+    Ok(())
+}
+
+fn adapter_dir(s: &Settings) -> PathBuf {
+    s.adapter.clone().unwrap_or_else(|| s.output_dir.clone())
+}
+
+fn load_with_adapter<B: Backend>(s: &Settings, device: &B::Device) -> Result<(PeftModel<LlamaForCausalLM<B>>, Loaded<B>)> {
+    let dir = adapter_dir(s);
+    if !dir.join("adapter_config.json").exists() {
+        bail!("no adapter in {} (adapter_config.json missing); train first or pass --adapter DIR", dir.display());
+    }
+    let mut loaded = load_model::<B>(s, device)?;
+    let model = std::mem::replace(&mut loaded.model, LlamaForCausalLM::random(&LlamaConfig::tiny(8), device));
+    let mut peft = PeftModel::new(model);
+    peft.load_adapter::<B>(&dir, "default")?;
+    Ok((peft, loaded))
+}
+
+fn generate_texts<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    prompts: &[Vec<u32>],
+    tok: &tokenizers::Tokenizer,
+    gen: &GenerationConfig,
+) -> Result<Vec<String>> {
+    let mut texts = Vec::new();
+    for chunk in prompts.chunks(4) {
+        for ids in model.generate(chunk, gen, &LoraCtx::default(), &mut |_, _| {})? {
+            texts.push(tok.decode(&ids, true).unwrap_or_default());
+        }
+    }
+    Ok(texts)
+}
+
+/// Base vs adapter on the test split: a score table and three side-by-side examples.
+pub fn evaluate_model<B: Backend>(
+    s: &Settings,
+    peft: &mut PeftModel<LlamaForCausalLM<B>>,
+    tok: &tokenizers::Tokenizer,
+    stop_ids: &[u32],
+    pad_id: u32,
+    c: &ChatCollator,
+    test: &[NewsRow],
+) -> Result<()> {
+    let n = if s.eval_samples == 0 { test.len() } else { s.eval_samples.min(test.len()) };
+    let rows = &test[..n];
+    let prompts: Vec<Vec<u32>> = rows
+        .iter()
+        .map(|r| c.prompt_ids(&news2stock::prompt_messages(r)))
+        .collect::<chat_collate::Result<_>>()?;
+    let gen = GenerationConfig {
+        max_new_tokens: s.max_new_tokens,
+        stop_ids: stop_ids.to_vec(),
+        pad_id,
+        ..Default::default()
+    };
+    peft.set_adapters_disabled::<B>(true)?;
+    let base = generate_texts(&peft.model, &prompts, tok, &gen)?;
+    peft.set_adapters_disabled::<B>(false)?;
+    let tuned = generate_texts(&peft.model, &prompts, tok, &gen)?;
+    let (mut sb, mut st) = (Scores::default(), Scores::default());
+    for (i, r) in rows.iter().enumerate() {
+        let reference = parse_answer(&r.assistant).unwrap_or(serde_json::Value::Null);
+        sb.add(&base[i], &reference);
+        st.add(&tuned[i], &reference);
+    }
+    let table = format!("{}\n{}\n{}\n", Scores::header(), sb.row("base"), st.row("adapter"));
+    println!("evaluation on {n} test samples:\n{table}");
+    let mut report = table.clone();
+    for (i, r) in rows.iter().take(3).enumerate() {
+        let ex = format!(
+            "\n### example {}\nnews: {}\nreference: {}\nbase: {}\nadapter: {}\n",
+            i + 1,
+            r.user.chars().take(200).collect::<String>(),
+            r.assistant,
+            base[i],
+            tuned[i]
+        );
+        println!("{ex}");
+        report.push_str(&ex);
+    }
+    std::fs::create_dir_all(&s.output_dir)?;
+    std::fs::write(s.output_dir.join("eval.md"), report)?;
+    Ok(())
+}
+
+/// `eval`: load base + adapter and score both on the test split.
+pub fn eval<B: Backend>(s: &Settings, device: &B::Device) -> Result<()> {
+    let (_, test) = load_rows(s)?;
+    let (mut peft, loaded) = load_with_adapter::<B>(s, device)?;
+    let c = collator(s, &loaded.tokenizer)?;
+    evaluate_model(s, &mut peft, &loaded.tokenizer, &loaded.stop_ids, loaded.pad_id, &c, &test)
+}
+
+/// `infer`: one news text with the tutorial's system prompt, adapter applied at run time.
+pub fn infer<B: Backend>(s: &Settings, input: Option<&Path>, device: &B::Device) -> Result<()> {
+    let text = match input {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading news text {}", p.display()))?,
+        None => {
+            let mut t = String::new();
+            std::io::stdin().read_to_string(&mut t).context("reading news text from stdin")?;
+            t
+        }
+    };
+    if text.trim().is_empty() {
+        bail!("the news text is empty (give --input FILE or pipe text into stdin)");
+    }
+    let (peft, loaded) = load_with_adapter::<B>(s, device)?;
+    let c = collator(s, &loaded.tokenizer)?;
+    let prompt = c.prompt_ids(&[Message::system(SYSTEM_PROMPT), Message::user(text.trim())])?;
+    let gen = GenerationConfig {
+        max_new_tokens: s.max_new_tokens,
+        stop_ids: loaded.stop_ids.clone(),
+        pad_id: loaded.pad_id,
+        ..Default::default()
+    };
+    let tok = loaded.tokenizer.clone();
+    let mut streamed = Vec::new();
+    peft.model.generate(&[prompt], &gen, &LoraCtx::default(), &mut |_, t| {
+        streamed.push(t);
+        if let Ok(piece) = tok.decode(&[t], true) {
+            print!("{piece}");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        }
+    })?;
+    println!();
+    Ok(())
+}
+
+/// `merge`: merged safetensors + config.json that transformers loads.
+pub fn merge<B: Backend>(s: &Settings, out: &Path, dtype: &str, device: &B::Device) -> Result<()> {
+    let dtype = match dtype {
+        "bf16" => llama::SaveDtype::Bf16,
+        "f32" => llama::SaveDtype::F32,
+        other => bail!("--dtype {other:?}: expected bf16 or f32"),
+    };
+    let (peft, loaded) = load_with_adapter::<B>(s, device)?;
+    let merged = peft.merge_and_unload::<B>(true)?;
+    merged.save_pretrained(out, dtype)?;
+    if !s.demo {
+        let files = llama::resolve(&ModelSource::parse(&s.model))?;
+        for f in [files.tokenizer, files.tokenizer_config].into_iter().flatten() {
+            std::fs::copy(&f, out.join(f.file_name().expect("file name")))?;
+        }
+    } else {
+        loaded.tokenizer.save(out.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    println!("merged model written to {}", out.display());
+    Ok(())
+}
