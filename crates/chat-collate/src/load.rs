@@ -131,6 +131,11 @@ pub(crate) fn jsonl_rows(
 /// Reads a whole text file, naming it on failure.
 pub(crate) fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // A UTF-8 byte-order mark (some editors write one) is not part of the first row.
+    let bytes = bytes
+        .strip_prefix(b"\xEF\xBB\xBF")
+        .map(<[u8]>::to_vec)
+        .unwrap_or(bytes);
     String::from_utf8(bytes).map_err(|e| {
         Error::io(
             path,
