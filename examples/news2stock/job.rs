@@ -377,3 +377,50 @@ pub fn merge<B: Backend>(s: &Settings, out: &Path, dtype: &str, device: &B::Devi
     println!("merged model written to {}", out.display());
     Ok(())
 }
+
+/// `bench-train`: tokens/s of LoRA training on the 8B shape with random weights and tokens.
+pub fn bench_train<AB: AutodiffBackend>(s: &Settings, seq: usize, steps: u64, warmup: u64, tiny: bool, device: &AB::Device) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    let cfg = if tiny { LlamaConfig::tiny(512) } else { LlamaConfig::llama3_8b() };
+    AB::seed(device, s.seed);
+    let t = std::time::Instant::now();
+    let model = LlamaForCausalLM::<AB>::random(&cfg, device);
+    let _ = AB::sync(device);
+    println!("random {}-layer model built in {:.1} s", cfg.num_layers, t.elapsed().as_secs_f64());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed);
+    let n = s.batch_size * s.grad_accum * (steps + warmup) as usize;
+    let samples: Vec<Sample> = (0..n)
+        .map(|_| {
+            let ids: Vec<u32> = (0..seq).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
+            // As the anchor: the first half of each sequence is prompt (-100).
+            let labels = ids.iter().enumerate().map(|(i, &t)| if i < seq / 2 { -100 } else { t as i64 }).collect();
+            Sample { input_ids: ids, labels }
+        })
+        .collect();
+    let mut peft = PeftModel::new(model);
+    peft.add_adapter::<AB>("default", &lora_config(s))?;
+    peft.print_trainable_parameters::<AB>();
+    let mut tc = train_config(s, 0);
+    tc.progress_bar = false;
+    tc.save_steps = 0;
+    tc.logging_steps = 1;
+    tc.max_steps = warmup;
+    let t = std::time::Instant::now();
+    sft_trainer::train::<AB, _>(&mut peft, "default", &samples, &[], &tc, false, device)?;
+    println!("warm-up: {warmup} steps in {:.1} s (autotune + compilation included)", t.elapsed().as_secs_f64());
+    tc.max_steps = steps;
+    let t = std::time::Instant::now();
+    let summary = sft_trainer::train::<AB, _>(&mut peft, "default", &samples, &[], &tc, false, device)?;
+    let secs = t.elapsed().as_secs_f64();
+    let tokens = (steps as usize * s.batch_size * s.grad_accum * seq) as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "system": "burn-peft", "targets": s.target_modules, "r": s.lora_r, "gc": s.gradient_checkpointing,
+            "batch": s.batch_size * s.grad_accum, "seq": seq, "steps": steps,
+            "s_per_step": secs / steps as f64, "tokens_per_s": tokens / secs,
+            "loss": summary.last_loss,
+        })
+    );
+    Ok(())
+}

@@ -28,7 +28,7 @@ fn run() -> Result<()> {
     }
     s.validate()?;
     let cmd = cli.command.unwrap_or(Command::Train);
-    if s.demo {
+    if s.demo || matches!(cmd, Command::BenchTrain { tiny: true, .. }) {
         return dispatch::<Cpu>(&s, &cmd, &Default::default());
     }
     gpu(&s, &cmd)
@@ -40,6 +40,9 @@ fn dispatch<B: burn::tensor::backend::Backend>(s: &Settings, cmd: &Command, devi
         Command::Eval => job::eval::<B>(s, device),
         Command::Infer { input } => job::infer::<B>(s, input.as_deref(), device),
         Command::Merge { out, dtype } => job::merge::<B>(s, out, dtype, device),
+        Command::BenchTrain { seq, steps, warmup, tiny } => {
+            job::bench_train::<burn::backend::Autodiff<B>>(s, *seq, *steps, *warmup, *tiny, device)
+        }
     }
 }
 
@@ -47,10 +50,16 @@ fn dispatch<B: burn::tensor::backend::Backend>(s: &Settings, cmd: &Command, devi
 fn gpu(s: &Settings, cmd: &Command) -> Result<()> {
     type Gpu = burn::backend::Cuda<half::bf16>;
     let device = burn::backend::cuda::CudaDevice::default();
-    if s.gradient_checkpointing && matches!(cmd, Command::Train) {
-        // Burn recomputes cheap activations in the backward instead of storing them.
-        type Ckpt = burn::backend::Autodiff<Gpu, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
-        return job::train::<Ckpt>(s, &device);
+    // Burn recomputes cheap activations in the backward instead of storing them.
+    type Ckpt = burn::backend::Autodiff<Gpu, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
+    if s.gradient_checkpointing {
+        match cmd {
+            Command::Train => return job::train::<Ckpt>(s, &device),
+            Command::BenchTrain { seq, steps, warmup, tiny } => {
+                return job::bench_train::<Ckpt>(s, *seq, *steps, *warmup, *tiny, &device)
+            }
+            _ => {}
+        }
     }
     dispatch::<Gpu>(s, cmd, &device)
 }

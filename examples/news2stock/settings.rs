@@ -32,6 +32,22 @@ pub enum Command {
         #[arg(long)]
         input: Option<PathBuf>,
     },
+    /// Training throughput on the Llama-3.1-8B shape with random weights and random tokens
+    /// (the same setup as `peft_baseline.py`): warm-up steps, then timed steps.
+    BenchTrain {
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 1024)]
+        seq: usize,
+        /// Timed optimizer steps.
+        #[arg(long, default_value_t = 8)]
+        steps: u64,
+        /// Untimed warm-up steps (autotuning, compilation).
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        /// Use a tiny model instead of the 8B shape (to check the command on CPU).
+        #[arg(long)]
+        tiny: bool,
+    },
     /// Merge the adapter into the base weights and write safetensors that transformers loads.
     Merge {
         /// Output folder.
