@@ -75,6 +75,9 @@ pub enum Error {
     /// Invalid generation arguments.
     #[error("generation: {0}")]
     Generation(String),
+    /// A tensor could not be read back from the device.
+    #[error("reading tensor data: {0}")]
+    Data(String),
 }
 
 /// Result type of this crate.

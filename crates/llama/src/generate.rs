@@ -1,32 +1,36 @@
 //! Generation with a KV cache: greedy or sampling (temperature, top-k, top-p, seed), several
-//! stop ids, batched left-padded prompts, and a per-token callback for streaming.
+//! stop ids, `min_new_tokens`, batched prompts (left-padded here, positions from the mask as
+//! transformers' `generate` derives them), and a per-token callback for streaming.
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use peft_lora::LoraCtx;
 use rand::{Rng, SeedableRng};
 
+use crate::attention::KvCache;
 use crate::error::{Error, Result};
-use crate::layers::KvCache;
-use crate::model::LlamaForCausalLM;
+use crate::model::{position_ids_from_mask, LlamaForCausalLM};
 
 /// Generation settings (transformers' `GenerationConfig` names).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationConfig {
     /// New tokens at most.
     pub max_new_tokens: usize,
-    /// Sample instead of greedy.
+    /// Stop ids are suppressed until a row has this many new tokens.
+    pub min_new_tokens: usize,
+    /// Sample; `false` is greedy (argmax, first index on ties).
     pub do_sample: bool,
-    /// Softmax temperature (sampling).
+    /// Softmax temperature (sampling; > 0).
     pub temperature: f64,
     /// Keep the k most likely tokens (0 = all).
     pub top_k: usize,
-    /// Keep the smallest set with this cumulative probability (1.0 = all).
+    /// Keep the smallest set of most likely tokens whose probability reaches this (1.0 = all).
     pub top_p: f64,
-    /// Sampling seed.
+    /// Sampling seed: the same seed, prompts and model give the same tokens.
     pub seed: u64,
-    /// Generation of a row stops after any of these ids (Llama 3: `<|eot_id|>` 128009).
+    /// A row ends after any of these ids, which is kept in its output (Llama 3 instruct:
+    /// `<|eot_id|>` 128009; see [`crate::tokenizer::stop_ids`]).
     pub stop_ids: Vec<u32>,
-    /// Left-padding id of the prompts.
+    /// Id used for left padding and for rows that have finished (never attended to).
     pub pad_id: u32,
 }
 
@@ -34,6 +38,7 @@ impl Default for GenerationConfig {
     fn default() -> Self {
         GenerationConfig {
             max_new_tokens: 128,
+            min_new_tokens: 0,
             do_sample: false,
             temperature: 1.0,
             top_k: 0,
@@ -45,36 +50,70 @@ impl Default for GenerationConfig {
     }
 }
 
-fn pick(logits: &[f32], cfg: &GenerationConfig, rng: &mut rand::rngs::StdRng) -> u32 {
-    if !cfg.do_sample {
-        let mut best = 0;
-        for (i, v) in logits.iter().enumerate() {
-            if *v > logits[best] {
-                best = i;
-            }
+impl GenerationConfig {
+    /// Greedy decoding of at most `max_new_tokens`, stopping on `stop_ids`.
+    pub fn greedy(max_new_tokens: usize, stop_ids: Vec<u32>) -> Self {
+        GenerationConfig {
+            max_new_tokens,
+            stop_ids,
+            ..Default::default()
         }
-        return best as u32;
     }
-    let t = cfg.temperature.max(1e-6) as f32;
+
+    fn validate(&self) -> Result<()> {
+        if self.do_sample && !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(Error::Generation(format!(
+                "temperature = {} must be a positive number when sampling (use do_sample = false for greedy)",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::Generation(format!(
+                "top_p = {} must be in (0, 1]",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Index of the largest value (the first one on ties, as `torch.argmax`).
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// transformers' sampling order: temperature, then top-k, then top-p, then a draw.
+fn sample(logits: &[f32], cfg: &GenerationConfig, rng: &mut rand::rngs::StdRng) -> u32 {
+    let t = cfg.temperature as f32;
+    let desc = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
     let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal));
-    if cfg.top_k > 0 {
+    if cfg.top_k > 0 && cfg.top_k < idx.len() {
+        idx.select_nth_unstable_by(cfg.top_k - 1, desc);
         idx.truncate(cfg.top_k);
     }
+    idx.sort_unstable_by(desc);
     let max = logits[idx[0]] / t;
     let mut probs: Vec<f32> = idx.iter().map(|&i| (logits[i] / t - max).exp()).collect();
     let sum: f32 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= sum);
     if cfg.top_p < 1.0 {
-        let mut acc = 0.0;
-        let mut keep = probs.len();
-        for (k, p) in probs.iter().enumerate() {
-            acc += p;
-            if acc as f64 >= cfg.top_p {
-                keep = k + 1;
-                break;
-            }
-        }
+        // Keep a token while the mass of the tokens above it is below top_p.
+        let mut above = 0.0f64;
+        let keep = probs
+            .iter()
+            .take_while(|p| {
+                let k = above < cfg.top_p;
+                above += **p as f64;
+                k
+            })
+            .count()
+            .max(1);
         probs.truncate(keep);
         idx.truncate(keep);
         let s: f32 = probs.iter().sum();
@@ -92,8 +131,9 @@ fn pick(logits: &[f32], cfg: &GenerationConfig, rng: &mut rand::rngs::StdRng) ->
 
 impl<B: Backend> LlamaForCausalLM<B> {
     /// Generates continuations of `prompts` (token ids, unpadded; they are left-padded here).
-    /// Returns the new tokens of each row (stop id included); `on_token(row, id)` sees each
-    /// token as it is chosen.
+    ///
+    /// Returns the new tokens of each row, its stop id included. `on_token(row, id)` sees each
+    /// token as it is chosen (streaming). `ctx` routes rows to adapters.
     pub fn generate(
         &self,
         prompts: &[Vec<u32>],
@@ -101,80 +141,125 @@ impl<B: Backend> LlamaForCausalLM<B> {
         ctx: &LoraCtx,
         on_token: &mut dyn FnMut(usize, u32),
     ) -> Result<Vec<Vec<u32>>> {
+        cfg.validate()?;
         if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
-            return Err(Error::Generation("every prompt needs at least one token".into()));
+            return Err(Error::Generation(
+                "every prompt needs at least one token".into(),
+            ));
         }
-        if let Some(bad) = prompts.iter().flatten().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(Error::Generation(format!("token id {bad} is outside the vocabulary ({})", self.config.vocab_size)));
+        let vocab = self.config.vocab_size;
+        if let Some(bad) = prompts
+            .iter()
+            .flatten()
+            .chain([&cfg.pad_id])
+            .find(|&&t| t as usize >= vocab)
+        {
+            return Err(Error::Generation(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            )));
         }
-        let device = self.model.embed_tokens.weight.device();
+        let device = self.device();
         let b = prompts.len();
         let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(b * len);
-        let mut mask: Vec<i64> = Vec::with_capacity(b * len);
-        let mut pos = Vec::with_capacity(b * len);
-        let mut next_pos = vec![0i64; b];
-        for (r, p) in prompts.iter().enumerate() {
+        let mut mask = Vec::with_capacity(b * len);
+        for p in prompts {
             let pad = len - p.len();
-            for i in 0..len {
-                if i < pad {
-                    ids.push(cfg.pad_id as i64);
-                    mask.push(0);
-                    pos.push(0);
-                } else {
-                    ids.push(p[i - pad] as i64);
-                    mask.push(1);
-                    pos.push((i - pad) as i64);
-                }
-            }
-            next_pos[r] = p.len() as i64;
+            ids.extend(
+                std::iter::repeat_n(cfg.pad_id as i64, pad).chain(p.iter().map(|&t| t as i64)),
+            );
+            mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, p.len())));
         }
-        let int2 = |v: Vec<i64>, s: usize| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, s]), &device);
+        let int2 = |v: Vec<i64>, s: usize| {
+            Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, s]), &device)
+        };
+        let mut mask = int2(mask, len);
+        let positions = position_ids_from_mask(mask.clone());
+        let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
+
         let mut cache: Vec<KvCache<B>> = Vec::new();
-        let mut full_mask = mask.clone();
-        let mut mask_len = len;
-        let mut hidden = self.hidden_states(int2(ids, len), Some(int2(mask, len)), Some(int2(pos, len)), Some(&mut cache), ctx);
+        let mut hidden = self.hidden_states(
+            int2(ids, len),
+            Some(mask.clone()),
+            Some(positions),
+            Some(&mut cache),
+            ctx,
+        );
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
         let mut done = vec![false; b];
         for _ in 0..cfg.max_new_tokens {
             let [_, s, h] = hidden.dims();
             let last = hidden.slice([0..b, s - 1..s, 0..h]).reshape([b, h]);
-            let logits: Vec<f32> = last.matmul(self.head_weight()).into_data().convert::<f32>().to_vec().expect("f32");
-            let v = self.config.vocab_size;
-            let mut step_ids = Vec::with_capacity(b);
-            for r in 0..b {
-                let tok = if done[r] { cfg.pad_id } else { pick(&logits[r * v..(r + 1) * v], cfg, &mut rng) };
-                if !done[r] {
-                    out[r].push(tok);
-                    on_token(r, tok);
-                    if cfg.stop_ids.contains(&tok) {
-                        done[r] = true;
+            let mut logits: Vec<f32> = self
+                .lm_head(last)
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .map_err(|e| Error::Data(format!("logits: {e:?}")))?;
+            let mut step = Vec::with_capacity(b);
+            for (r, row) in logits.chunks_exact_mut(vocab).enumerate() {
+                if done[r] {
+                    step.push(cfg.pad_id as i64);
+                    continue;
+                }
+                if out[r].len() < cfg.min_new_tokens {
+                    for &id in &cfg.stop_ids {
+                        if let Some(l) = row.get_mut(id as usize) {
+                            *l = f32::NEG_INFINITY;
+                        }
                     }
                 }
-                step_ids.push(tok as i64);
+                let tok = if cfg.do_sample {
+                    sample(row, cfg, &mut rng)
+                } else {
+                    argmax(row) as u32
+                };
+                out[r].push(tok);
+                on_token(r, tok);
+                done[r] = cfg.stop_ids.contains(&tok);
+                step.push(tok as i64);
             }
             if done.iter().all(|d| *d) {
                 break;
             }
-            // Extend the mask by one column of ones.
-            let mut m = Vec::with_capacity(b * (mask_len + 1));
-            for r in 0..b {
-                m.extend_from_slice(&full_mask[r * mask_len..(r + 1) * mask_len]);
-                m.push(1);
-            }
-            full_mask = m;
-            mask_len += 1;
-            let positions: Vec<i64> = next_pos.clone();
+            mask = Tensor::cat(vec![mask, Tensor::ones([b, 1], &device)], 1);
+            let positions = int2(next_pos.clone(), 1);
             next_pos.iter_mut().for_each(|p| *p += 1);
             hidden = self.hidden_states(
-                int2(step_ids, 1),
-                Some(int2(full_mask.clone(), mask_len)),
-                Some(int2(positions, 1)),
+                int2(step, 1),
+                Some(mask.clone()),
+                Some(positions),
                 Some(&mut cache),
                 ctx,
             );
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_draw() {
+        let logits = [0.0f32, 5.0, 4.9, -3.0, 1.0];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let k2 = GenerationConfig {
+            do_sample: true,
+            top_k: 2,
+            ..Default::default()
+        };
+        let p = GenerationConfig {
+            do_sample: true,
+            top_p: 0.3,
+            ..Default::default()
+        };
+        for _ in 0..200 {
+            assert!([1, 2].contains(&sample(&logits, &k2, &mut rng)));
+            assert_eq!(sample(&logits, &p, &mut rng), 1);
+        }
+        assert_eq!(argmax(&[1.0, 3.0, 3.0]), 1);
     }
 }

@@ -1,33 +1,39 @@
 //! Path-walking weight loading (candle's `VarBuilder`): `vb.pp("model").pp("layers.0")` builds
 //! the HF key, so a missing tensor error names the full key, the files and the expected shape.
-//! Tensors are read one at a time from memory-mapped files and converted to the model's float.
+//!
+//! Tensors are read one at a time from memory-mapped files (bf16/f16/f32 -> f32 on the host,
+//! then the backend's float type on the device), so loading needs about one tensor of host
+//! memory beyond the page cache, not a copy of the checkpoint.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use burn::module::Param;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 use peft_lora::st::SafetensorsFile;
 
 use crate::error::{Error, Result};
 
-/// The opened checkpoint files and which holds which tensor.
+/// The opened checkpoint files and which file holds which tensor.
 pub struct Checkpoint {
     files: Vec<SafetensorsFile>,
     index: HashMap<String, usize>,
 }
 
 impl Checkpoint {
-    /// Opens every file (validating headers) and indexes its tensors.
+    /// Maps every file (validating its header: a truncated file fails here, naming it) and
+    /// indexes its tensors.
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
-        let mut files = Vec::new();
+        let mut files = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for (i, p) in paths.iter().enumerate() {
-            if !p.exists() {
+            if !p.is_file() {
                 return Err(Error::Io {
                     path: p.clone(),
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "weights file not found"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "weights file not found",
+                    ),
                 });
             }
             let f = SafetensorsFile::open(p)?;
@@ -38,21 +44,26 @@ impl Checkpoint {
         }
         Ok(Checkpoint { files, index })
     }
+
+    /// Every tensor name in the checkpoint.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
 }
 
 /// A cursor at a key prefix in a checkpoint.
 #[derive(Clone)]
 pub struct VarBuilder<'a, B: Backend> {
-    ckpt: Arc<&'a Checkpoint>,
+    ckpt: &'a Checkpoint,
     prefix: String,
     device: B::Device,
 }
 
 impl<'a, B: Backend> VarBuilder<'a, B> {
-    /// The root of `ckpt`.
+    /// The root of `ckpt`; tensors go to `device`.
     pub fn new(ckpt: &'a Checkpoint, device: &B::Device) -> Self {
         VarBuilder {
-            ckpt: Arc::new(ckpt),
+            ckpt,
             prefix: String::new(),
             device: device.clone(),
         }
@@ -60,19 +71,15 @@ impl<'a, B: Backend> VarBuilder<'a, B> {
 
     /// One level deeper: `pp("layers.0")`.
     pub fn pp(&self, name: impl AsRef<str>) -> Self {
-        let prefix = if self.prefix.is_empty() {
-            name.as_ref().to_string()
-        } else {
-            format!("{}.{}", self.prefix, name.as_ref())
-        };
         VarBuilder {
-            ckpt: self.ckpt.clone(),
-            prefix,
+            ckpt: self.ckpt,
+            prefix: self.key(name.as_ref()),
             device: self.device.clone(),
         }
     }
 
-    fn key(&self, name: &str) -> String {
+    /// The full key of `name` under this prefix.
+    pub fn key(&self, name: &str) -> String {
         if self.prefix.is_empty() {
             name.into()
         } else {
@@ -90,11 +97,25 @@ impl<'a, B: Backend> VarBuilder<'a, B> {
         &self.device
     }
 
-    /// Reads `name` checking its shape.
+    /// Reads `name`, checking its shape.
     pub fn get<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
+        let data = self.read_host(name, &shape)?;
+        // The host vector moves into the tensor data: no second copy.
+        Ok(Tensor::from_data(
+            TensorData::new(data, shape),
+            &self.device,
+        ))
+    }
+
+    fn read_host(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let key = self.key(name);
         let Some(&i) = self.ckpt.index.get(&key) else {
-            let files: Vec<String> = self.ckpt.files.iter().map(|f| f.path().display().to_string()).collect();
+            let files: Vec<String> = self
+                .ckpt
+                .files
+                .iter()
+                .map(|f| f.path().display().to_string())
+                .collect();
             return Err(Error::MissingTensor {
                 name: key,
                 expected: shape.to_vec(),
@@ -111,17 +132,59 @@ impl<'a, B: Backend> VarBuilder<'a, B> {
                 found: host.shape,
             });
         }
-        Ok(host.to_tensor(&key, &self.device)?)
+        Ok(host.data)
     }
 
-    /// A frozen parameter.
-    pub fn frozen<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Param<Tensor<B, D>>> {
+    /// A frozen (no gradient) parameter.
+    pub fn frozen<const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+    ) -> Result<Param<Tensor<B, D>>> {
         Ok(Param::from_tensor(self.get(name, shape)?).set_require_grad(false))
     }
 
-    /// A linear layer's weight `[out, in]` from the file, returned in Burn layout `[in, out]`.
-    /// This is the one place where the PyTorch -> Burn transpose happens.
+    /// A linear layer's `weight`, stored `[out, in]` as PyTorch does, returned in Burn layout
+    /// `[in, out]`. This is the one place where the PyTorch -> Burn transpose happens on load
+    /// (saving does the inverse). It is done on the host so the device tensor is contiguous.
     pub fn linear_weight(&self, d_in: usize, d_out: usize) -> Result<Tensor<B, 2>> {
-        Ok(self.get("weight", [d_out, d_in])?.transpose())
+        let out_in = self.read_host("weight", &[d_out, d_in])?;
+        let in_out = transpose(&out_in, d_out, d_in);
+        drop(out_in);
+        Ok(Tensor::from_data(
+            TensorData::new(in_out, [d_in, d_out]),
+            &self.device,
+        ))
+    }
+}
+
+/// Row-major `[rows, cols]` -> `[cols, rows]`, in cache-sized tiles.
+pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const T: usize = 32;
+    let mut dst = vec![0f32; src.len()];
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                for c in c0..(c0 + T).min(cols) {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+    dst
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transpose_is_exact() {
+        let (r, c) = (37, 70);
+        let src: Vec<f32> = (0..r * c).map(|i| i as f32).collect();
+        let t = super::transpose(&src, r, c);
+        for i in 0..r {
+            for j in 0..c {
+                assert_eq!(t[j * r + i], src[i * c + j]);
+            }
+        }
     }
 }

@@ -1,0 +1,51 @@
+//! The SwiGLU MLP of a decoder layer (`model.layers.N.mlp`).
+
+use burn::module::Module;
+use burn::tensor::{activation, backend::Backend, Tensor};
+use peft_lora::{LoraCtx, LoraLinear};
+
+use crate::attention::{load_linear, random_linear};
+use crate::config::LlamaConfig;
+use crate::error::Result;
+use crate::weights::VarBuilder;
+
+/// `down_proj(silu(gate_proj(x)) * up_proj(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// Gate projection `[hidden, intermediate]`.
+    pub gate_proj: LoraLinear<B>,
+    /// Up projection `[hidden, intermediate]`.
+    pub up_proj: LoraLinear<B>,
+    /// Down projection `[intermediate, hidden]`.
+    pub down_proj: LoraLinear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// From a checkpoint (`vb` at `model.layers.N.mlp`).
+    pub fn load(vb: &VarBuilder<'_, B>, c: &LlamaConfig) -> Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Ok(Mlp {
+            gate_proj: load_linear(&vb.pp("gate_proj"), h, i, c.mlp_bias)?,
+            up_proj: load_linear(&vb.pp("up_proj"), h, i, c.mlp_bias)?,
+            down_proj: load_linear(&vb.pp("down_proj"), i, h, c.mlp_bias)?,
+        })
+    }
+
+    /// Random weights.
+    pub fn random(c: &LlamaConfig, device: &B::Device) -> Self {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Mlp {
+            gate_proj: random_linear(h, i, c.mlp_bias, device),
+            up_proj: random_linear(h, i, c.mlp_bias, device),
+            down_proj: random_linear(i, h, c.mlp_bias, device),
+        }
+    }
+
+    /// # Shapes
+    /// `[batch, seq, hidden]` -> the same.
+    pub fn forward(&self, x: Tensor<B, 3>, ctx: &LoraCtx) -> Tensor<B, 3> {
+        let gate = activation::silu(self.gate_proj.forward_ctx(x.clone(), ctx));
+        let up = self.up_proj.forward_ctx(x, ctx);
+        self.down_proj.forward_ctx(gate * up, ctx)
+    }
+}
