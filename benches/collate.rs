@@ -10,7 +10,10 @@ use chat_collate::{ChatCollator, CollatorConfig};
 fn bench(name: &str, tok: tokenizers::Tokenizer) {
     let rows = news2stock::load_sample().expect("bundled sample");
     let convs: Vec<_> = rows.iter().map(news2stock::to_conversation).collect();
-    for (fmt, cfg) in [("llama3", CollatorConfig::llama3(4096)), ("tutorial", CollatorConfig::tutorial(4096))] {
+    for (fmt, cfg) in [
+        ("llama3", CollatorConfig::llama3(4096)),
+        ("tutorial", CollatorConfig::tutorial(4096)),
+    ] {
         let c = ChatCollator::new(tok.clone(), cfg).expect("collator");
         let _ = c.encode_all(&convs).expect("warm-up");
         let reps = 5;

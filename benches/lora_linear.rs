@@ -39,8 +39,15 @@ fn time<B: Backend>(device: &B::Device, warmup: usize, iters: usize, mut f: impl
     v[v.len() / 2]
 }
 
-fn bench_shape<B: Backend>(label: &str, tokens: usize, d_in: usize, d_out: usize, r: usize, dora: bool, device: &B::Device)
-where
+fn bench_shape<B: Backend>(
+    label: &str,
+    tokens: usize,
+    d_in: usize,
+    d_out: usize,
+    r: usize,
+    dora: bool,
+    device: &B::Device,
+) where
     Autodiff<B>: Backend<Device = B::Device>,
 {
     let iters = 5;
@@ -48,8 +55,10 @@ where
     let mut peft = PeftModel::new(One(base));
     let mut cfg = LoraConfig::new(r, 2.0 * r as f64, &["proj"]);
     cfg.use_dora = dora;
-    peft.add_adapter::<Autodiff<B>>("default", &cfg).expect("adapter");
-    let x = Tensor::<Autodiff<B>, 2>::random([tokens, d_in], Distribution::Normal(0.0, 1.0), device);
+    peft.add_adapter::<Autodiff<B>>("default", &cfg)
+        .expect("adapter");
+    let x =
+        Tensor::<Autodiff<B>, 2>::random([tokens, d_in], Distribution::Normal(0.0, 1.0), device);
     let xi = x.clone().inner();
     let layer = &peft.model.0;
     let w = layer.weight.val().inner();
@@ -110,7 +119,11 @@ fn main() {
         // Every new shape costs tens of seconds of autotuning in burn 0.21: BENCH_QUICK=1 runs
         // only the headline shape (4096 tokens, 4096->4096, r 16).
         let quick = std::env::var("BENCH_QUICK").is_ok();
-        let shapes: &[(usize, usize)] = if quick { &[(4096, 4096)] } else { &[(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)] };
+        let shapes: &[(usize, usize)] = if quick {
+            &[(4096, 4096)]
+        } else {
+            &[(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
+        };
         let tokens_list: &[usize] = if quick { &[4096] } else { &[2048, 4096] };
         let ranks: &[usize] = if quick { &[16] } else { &[8, 16, 64] };
         for &tokens in tokens_list {

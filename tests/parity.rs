@@ -9,36 +9,55 @@ use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use llama::LlamaForCausalLM;
 use peft_lora::st::SafetensorsFile;
-use peft_lora::{AdamWConfig, GradAccumulator, LoraCtx, LoraModel, LoraOptimizer, OptimizerKind, PeftModel};
+use peft_lora::{
+    AdamWConfig, GradAccumulator, LoraCtx, LoraModel, LoraOptimizer, OptimizerKind, PeftModel,
+};
 use sft_trainer::{Batch, CausalLm};
 
 type B = NdArray<f32>;
 type AD = Autodiff<B>;
 
-const PEFT_CASES: &[&str] = &["lora_qv", "all_linear_rslora", "dora_attn", "regex_target", "layers_exclude"];
+const PEFT_CASES: &[&str] = &[
+    "lora_qv",
+    "all_linear_rslora",
+    "dora_attn",
+    "regex_target",
+    "layers_exclude",
+];
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
 fn base_of(case: &str) -> PathBuf {
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("peft").join(case).join("meta.json")).unwrap()).unwrap();
-    fixtures().join("llama").join(meta["base"].as_str().unwrap())
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("peft").join(case).join("meta.json")).unwrap(),
+    )
+    .unwrap();
+    fixtures()
+        .join("llama")
+        .join(meta["base"].as_str().unwrap())
 }
 
 fn load_base<BK: Backend>(dir: &Path) -> LlamaForCausalLM<BK> {
-    let files = llama::resolve(&llama::ModelSource::Local(dir.to_path_buf())).expect("fixture model files");
+    let files =
+        llama::resolve(&llama::ModelSource::Local(dir.to_path_buf())).expect("fixture model files");
     LlamaForCausalLM::load(&files, &Default::default()).expect("fixture model loads")
 }
 
 fn int<BK: Backend>(st: &SafetensorsFile, name: &str) -> Tensor<BK, 2, Int> {
     let (shape, v) = st.read_i64(name).unwrap();
-    Tensor::from_data(TensorData::new(v, [shape[0], shape[1]]), &Default::default())
+    Tensor::from_data(
+        TensorData::new(v, [shape[0], shape[1]]),
+        &Default::default(),
+    )
 }
 
 fn float<BK: Backend, const D: usize>(st: &SafetensorsFile, name: &str) -> Tensor<BK, D> {
-    st.read(name).unwrap().to_tensor(name, &Default::default()).unwrap()
+    st.read(name)
+        .unwrap()
+        .to_tensor(name, &Default::default())
+        .unwrap()
 }
 
 fn batch<BK: Backend>(st: &SafetensorsFile) -> Batch<BK> {
@@ -52,7 +71,11 @@ fn batch<BK: Backend>(st: &SafetensorsFile) -> Batch<BK> {
 }
 
 fn logits<BK: Backend>(m: &LlamaForCausalLM<BK>, b: &Batch<BK>) -> Tensor<BK, 3> {
-    m.forward(b.input_ids.clone(), Some(b.attention_mask.clone()), &LoraCtx::default())
+    m.forward(
+        b.input_ids.clone(),
+        Some(b.attention_mask.clone()),
+        &LoraCtx::default(),
+    )
 }
 
 /// Max |a - b| over max |b|, where `mask` ([batch, seq], 1 = compare) selects rows.
@@ -83,14 +106,21 @@ fn peft_adapters_match_logits_loss_and_merged_model() {
         let exp = SafetensorsFile::open(&dir.join("expected.safetensors")).unwrap();
         let b = batch::<B>(&exp);
         let mut peft = PeftModel::new(load_base::<B>(&base_of(case)));
-        peft.load_adapter::<B>(&dir.join("adapter"), "default").unwrap_or_else(|e| panic!("{case}: {e}"));
+        peft.load_adapter::<B>(&dir.join("adapter"), "default")
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
 
         let l = logits(&peft.model, &b);
-        let err = rel_err(masked(l, &b.attention_mask), masked(float(&exp, "logits"), &b.attention_mask));
+        let err = rel_err(
+            masked(l, &b.attention_mask),
+            masked(float(&exp, "logits"), &b.attention_mask),
+        );
         assert!(err <= 1e-4, "{case}: logits rel err {err}");
         let loss: f32 = peft.model.causal_lm_loss(&b).into_scalar().elem();
         let want: f32 = float::<B, 1>(&exp, "loss").into_scalar().elem();
-        assert!((loss - want).abs() <= 1e-5 * want.abs().max(1.0), "{case}: loss {loss} vs {want}");
+        assert!(
+            (loss - want).abs() <= 1e-5 * want.abs().max(1.0),
+            "{case}: loss {loss} vs {want}"
+        );
 
         // Per-layer merged weights, then the merged model's logits.
         let deltas = SafetensorsFile::open(&dir.join("delta.safetensors")).unwrap();
@@ -104,7 +134,10 @@ fn peft_adapters_match_logits_loss_and_merged_model() {
             }
         }
         let l = logits(&peft.model, &b);
-        let err = rel_err(masked(l, &b.attention_mask), masked(float(&exp, "merged_logits"), &b.attention_mask));
+        let err = rel_err(
+            masked(l, &b.attention_mask),
+            masked(float(&exp, "merged_logits"), &b.attention_mask),
+        );
         assert!(err <= 1e-4, "{case}: merged logits rel err {err}");
     }
 }
@@ -116,18 +149,28 @@ fn peft_adapters_match_gradients() {
         let exp = SafetensorsFile::open(&dir.join("expected.safetensors")).unwrap();
         let b = batch::<AD>(&exp);
         let mut peft = PeftModel::new(load_base::<AD>(&base_of(case)));
-        peft.load_adapter::<AD>(&dir.join("adapter"), "default").unwrap();
+        peft.load_adapter::<AD>(&dir.join("adapter"), "default")
+            .unwrap();
         let grads = peft.model.causal_lm_loss(&b).backward();
         let mut checked = 0;
         for (path, layer) in peft.model.lora_linears() {
             for a in &layer.adapters {
                 let key = format!("grad.base_model.model.{path}");
                 let pairs: Vec<(String, Option<Tensor<B, 2>>)> = vec![
-                    (format!("{key}.lora_A.weight"), a.lora_a.val().grad(&grads).map(|g| g.transpose())),
-                    (format!("{key}.lora_B.weight"), a.lora_b.val().grad(&grads).map(|g| g.transpose())),
+                    (
+                        format!("{key}.lora_A.weight"),
+                        a.lora_a.val().grad(&grads).map(|g| g.transpose()),
+                    ),
+                    (
+                        format!("{key}.lora_B.weight"),
+                        a.lora_b.val().grad(&grads).map(|g| g.transpose()),
+                    ),
                     (
                         format!("{key}.lora_magnitude_vector"),
-                        a.magnitude.as_ref().and_then(|m| m.val().grad(&grads)).map(|g| g.unsqueeze_dim(0)),
+                        a.magnitude
+                            .as_ref()
+                            .and_then(|m| m.val().grad(&grads))
+                            .map(|g| g.unsqueeze_dim(0)),
                     ),
                 ];
                 for (k, got) in pairs {
@@ -158,14 +201,28 @@ fn optimizers_take_pefts_steps() {
     let exp = SafetensorsFile::open(&dir.join("expected.safetensors")).unwrap();
     for (kind, opt_kind, eps) in [
         ("adamw", OptimizerKind::AdamW, 1e-8),
-        ("loraplus", OptimizerKind::LoraPlus { lr_ratio: 16.0, weight_decay: 0.01 }, 1e-8),
+        (
+            "loraplus",
+            OptimizerKind::LoraPlus {
+                lr_ratio: 16.0,
+                weight_decay: 0.01,
+            },
+            1e-8,
+        ),
         ("lorafa", OptimizerKind::LoraFa, 1e-6),
     ] {
-        let want = SafetensorsFile::open(&fixtures().join("optim").join(format!("{kind}.safetensors"))).unwrap();
+        let want =
+            SafetensorsFile::open(&fixtures().join("optim").join(format!("{kind}.safetensors")))
+                .unwrap();
         let b = batch::<AD>(&exp);
         let mut peft = PeftModel::new(load_base::<AD>(&base_of("lora_qv")));
-        peft.load_adapter::<AD>(&dir.join("adapter"), "default").unwrap();
-        let cfg = AdamWConfig { eps, weight_decay: 0.01, ..Default::default() };
+        peft.load_adapter::<AD>(&dir.join("adapter"), "default")
+            .unwrap();
+        let cfg = AdamWConfig {
+            eps,
+            weight_decay: 0.01,
+            ..Default::default()
+        };
         let mut opt = LoraOptimizer::<B>::new(opt_kind, cfg);
         opt.prepare::<AD, _>(&mut peft.model);
         for _ in 0..2 {
@@ -178,7 +235,11 @@ fn optimizers_take_pefts_steps() {
         for (k, t) in got {
             let w = want.read(&k).unwrap();
             let scale = w.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = t.data.iter().zip(&w.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let diff = t
+                .data
+                .iter()
+                .zip(&w.data)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(diff / scale <= 1e-4, "{kind}: {k} rel err {}", diff / scale);
         }
     }
@@ -189,18 +250,29 @@ fn saved_adapter_has_pefts_keys_shapes_and_config() {
     for case in PEFT_CASES {
         let dir = fixtures().join("peft").join(case);
         let mut peft = PeftModel::new(load_base::<B>(&base_of(case)));
-        peft.load_adapter::<B>(&dir.join("adapter"), "default").unwrap();
+        peft.load_adapter::<B>(&dir.join("adapter"), "default")
+            .unwrap();
         let out = std::env::temp_dir().join(format!("parity-save-{}-{case}", std::process::id()));
         peft.save_adapter::<B>(&out, "default").unwrap();
         let ours = SafetensorsFile::open(&out.join("adapter_model.safetensors")).unwrap();
-        let theirs = SafetensorsFile::open(&dir.join("adapter").join("adapter_model.safetensors")).unwrap();
+        let theirs =
+            SafetensorsFile::open(&dir.join("adapter").join("adapter_model.safetensors")).unwrap();
         assert_eq!(ours.shapes(), theirs.shapes(), "{case}");
         for k in theirs.shapes().keys() {
-            assert_eq!(ours.read(k).unwrap().data, theirs.read(k).unwrap().data, "{case}: {k}");
+            assert_eq!(
+                ours.read(k).unwrap().data,
+                theirs.read(k).unwrap().data,
+                "{case}: {k}"
+            );
         }
-        let a: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
-        let b: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("adapter").join("adapter_config.json")).unwrap()).unwrap();
+        let a: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let b: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("adapter").join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
         for (k, v) in b.as_object().unwrap() {
             assert_eq!(&a[k], v, "{case}: config field {k}");
         }

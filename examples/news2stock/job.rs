@@ -92,7 +92,11 @@ pub fn load_rows(s: &Settings) -> Result<(Vec<NewsRow>, Vec<NewsRow>)> {
         rows
     };
     if rows.len() < 2 {
-        bail!("dataset {}: {} rows; need at least 2 (train and test)", s.dataset, rows.len());
+        bail!(
+            "dataset {}: {} rows; need at least 2 (train and test)",
+            s.dataset,
+            rows.len()
+        );
     }
     let (train, test) = news2stock::tutorial_split(&rows);
     Ok((train, test))
@@ -126,7 +130,12 @@ pub fn lora_config(s: &Settings) -> LoraConfig {
     let targets = if s.target_modules == "all-linear" {
         TargetModules::Regex("all-linear".into())
     } else {
-        TargetModules::List(s.target_modules.split(',').map(|t| t.trim().to_string()).collect())
+        TargetModules::List(
+            s.target_modules
+                .split(',')
+                .map(|t| t.trim().to_string())
+                .collect(),
+        )
     };
     LoraConfig {
         r: s.lora_r,
@@ -136,7 +145,11 @@ pub fn lora_config(s: &Settings) -> LoraConfig {
         use_rslora: s.use_rslora,
         use_dora: s.use_dora,
         task_type: Some("CAUSAL_LM".into()),
-        base_model_name_or_path: Some(if s.demo { "demo-tiny-llama".into() } else { s.model.clone() }),
+        base_model_name_or_path: Some(if s.demo {
+            "demo-tiny-llama".into()
+        } else {
+            s.model.clone()
+        }),
         ..Default::default()
     }
 }
@@ -158,7 +171,10 @@ fn train_config(s: &Settings, pad_id: u32) -> TrainConfig {
             "lorafa" => OptimizerKind::LoraFa,
             _ => OptimizerKind::AdamW,
         },
-        lr_scheduler_type: s.lr_scheduler.parse::<ScheduleKind>().unwrap_or(ScheduleKind::Constant),
+        lr_scheduler_type: s
+            .lr_scheduler
+            .parse::<ScheduleKind>()
+            .unwrap_or(ScheduleKind::Constant),
         warmup_ratio: s.warmup_ratio,
         warmup_steps: 0,
         per_device_train_batch_size: s.batch_size,
@@ -191,13 +207,22 @@ pub fn train<AB: AutodiffBackend>(s: &Settings, device: &AB::Device) -> Result<(
     if train_set.is_empty() {
         bail!("no training sample fits --max-length {}", s.max_length);
     }
-    println!("train samples {}, test samples {}", train_set.len(), eval_set.len());
+    println!(
+        "train samples {}, test samples {}",
+        train_set.len(),
+        eval_set.len()
+    );
     let mut peft = PeftModel::new(loaded.model);
     peft.add_adapter::<AB>("default", &lora_config(s))?;
     peft.print_trainable_parameters::<AB>();
     let tc = train_config(s, loaded.pad_id);
-    std::fs::write(s.output_dir.join("job_settings.json"), serde_json::to_string_pretty(s)?)?;
-    let summary = sft_trainer::train::<AB, _>(&mut peft, "default", &train_set, &eval_set, &tc, s.resume, device)?;
+    std::fs::write(
+        s.output_dir.join("job_settings.json"),
+        serde_json::to_string_pretty(s)?,
+    )?;
+    let summary = sft_trainer::train::<AB, _>(
+        &mut peft, "default", &train_set, &eval_set, &tc, s.resume, device,
+    )?;
     println!(
         "done: {} steps, loss {:.4} -> {:.4}, eval loss {:?}, {:.0} tokens/s; adapter in {}",
         summary.global_step,
@@ -224,7 +249,15 @@ pub fn train<AB: AutodiffBackend>(s: &Settings, device: &AB::Device) -> Result<(
     if s.demo {
         let mut peft = PeftModel::new(model);
         peft.configs.insert("default".into(), lora_config(s));
-        evaluate_model::<AB::InnerBackend>(s, &mut peft, &loaded.tokenizer, &loaded.stop_ids, loaded.pad_id, &c, &test_rows)?;
+        evaluate_model::<AB::InnerBackend>(
+            s,
+            &mut peft,
+            &loaded.tokenizer,
+            &loaded.stop_ids,
+            loaded.pad_id,
+            &c,
+            &test_rows,
+        )?;
     }
     Ok(())
 }
@@ -233,13 +266,22 @@ fn adapter_dir(s: &Settings) -> PathBuf {
     s.adapter.clone().unwrap_or_else(|| s.output_dir.clone())
 }
 
-fn load_with_adapter<B: Backend>(s: &Settings, device: &B::Device) -> Result<(PeftModel<LlamaForCausalLM<B>>, Loaded<B>)> {
+fn load_with_adapter<B: Backend>(
+    s: &Settings,
+    device: &B::Device,
+) -> Result<(PeftModel<LlamaForCausalLM<B>>, Loaded<B>)> {
     let dir = adapter_dir(s);
     if !dir.join("adapter_config.json").exists() {
-        bail!("no adapter in {} (adapter_config.json missing); train first or pass --adapter DIR", dir.display());
+        bail!(
+            "no adapter in {} (adapter_config.json missing); train first or pass --adapter DIR",
+            dir.display()
+        );
     }
     let mut loaded = load_model::<B>(s, device)?;
-    let model = std::mem::replace(&mut loaded.model, LlamaForCausalLM::random(&LlamaConfig::tiny(8), device));
+    let model = std::mem::replace(
+        &mut loaded.model,
+        LlamaForCausalLM::random(&LlamaConfig::tiny(8), device),
+    );
     let mut peft = PeftModel::new(model);
     peft.load_adapter::<B>(&dir, "default")?;
     Ok((peft, loaded))
@@ -270,7 +312,11 @@ pub fn evaluate_model<B: Backend>(
     c: &ChatCollator,
     test: &[NewsRow],
 ) -> Result<()> {
-    let n = if s.eval_samples == 0 { test.len() } else { s.eval_samples.min(test.len()) };
+    let n = if s.eval_samples == 0 {
+        test.len()
+    } else {
+        s.eval_samples.min(test.len())
+    };
     let rows = &test[..n];
     let prompts: Vec<Vec<u32>> = rows
         .iter()
@@ -292,7 +338,12 @@ pub fn evaluate_model<B: Backend>(
         sb.add(&base[i], &reference);
         st.add(&tuned[i], &reference);
     }
-    let table = format!("{}\n{}\n{}\n", Scores::header(), sb.row("base"), st.row("adapter"));
+    let table = format!(
+        "{}\n{}\n{}\n",
+        Scores::header(),
+        sb.row("base"),
+        st.row("adapter")
+    );
     println!("evaluation on {n} test samples:\n{table}");
     let mut report = table.clone();
     for (i, r) in rows.iter().take(3).enumerate() {
@@ -317,16 +368,27 @@ pub fn eval<B: Backend>(s: &Settings, device: &B::Device) -> Result<()> {
     let (_, test) = load_rows(s)?;
     let (mut peft, loaded) = load_with_adapter::<B>(s, device)?;
     let c = collator(s, &loaded.tokenizer)?;
-    evaluate_model(s, &mut peft, &loaded.tokenizer, &loaded.stop_ids, loaded.pad_id, &c, &test)
+    evaluate_model(
+        s,
+        &mut peft,
+        &loaded.tokenizer,
+        &loaded.stop_ids,
+        loaded.pad_id,
+        &c,
+        &test,
+    )
 }
 
 /// `infer`: one news text with the tutorial's system prompt, adapter applied at run time.
 pub fn infer<B: Backend>(s: &Settings, input: Option<&Path>, device: &B::Device) -> Result<()> {
     let text = match input {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading news text {}", p.display()))?,
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading news text {}", p.display()))?,
         None => {
             let mut t = String::new();
-            std::io::stdin().read_to_string(&mut t).context("reading news text from stdin")?;
+            std::io::stdin()
+                .read_to_string(&mut t)
+                .context("reading news text from stdin")?;
             t
         }
     };
@@ -344,14 +406,15 @@ pub fn infer<B: Backend>(s: &Settings, input: Option<&Path>, device: &B::Device)
     };
     let tok = loaded.tokenizer.clone();
     let mut streamed = Vec::new();
-    peft.model.generate(&[prompt], &gen, &LoraCtx::default(), &mut |_, t| {
-        streamed.push(t);
-        if let Ok(piece) = tok.decode(&[t], true) {
-            print!("{piece}");
-            use std::io::Write;
-            let _ = std::io::stdout().flush();
-        }
-    })?;
+    peft.model
+        .generate(&[prompt], &gen, &LoraCtx::default(), &mut |_, t| {
+            streamed.push(t);
+            if let Ok(piece) = tok.decode(&[t], true) {
+                print!("{piece}");
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            }
+        })?;
     println!();
     Ok(())
 }
@@ -368,33 +431,63 @@ pub fn merge<B: Backend>(s: &Settings, out: &Path, dtype: &str, device: &B::Devi
     merged.save_pretrained(out, dtype)?;
     if !s.demo {
         let files = llama::resolve(&ModelSource::parse(&s.model))?;
-        for f in [files.tokenizer, files.tokenizer_config].into_iter().flatten() {
+        for f in [files.tokenizer, files.tokenizer_config]
+            .into_iter()
+            .flatten()
+        {
             std::fs::copy(&f, out.join(f.file_name().expect("file name")))?;
         }
     } else {
-        loaded.tokenizer.save(out.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("{e}"))?;
+        loaded
+            .tokenizer
+            .save(out.join("tokenizer.json"), false)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     println!("merged model written to {}", out.display());
     Ok(())
 }
 
 /// `bench-train`: tokens/s of LoRA training on the 8B shape with random weights and tokens.
-pub fn bench_train<AB: AutodiffBackend>(s: &Settings, seq: usize, steps: u64, warmup: u64, tiny: bool, device: &AB::Device) -> Result<()> {
+pub fn bench_train<AB: AutodiffBackend>(
+    s: &Settings,
+    seq: usize,
+    steps: u64,
+    warmup: u64,
+    tiny: bool,
+    device: &AB::Device,
+) -> Result<()> {
     use rand::{Rng, SeedableRng};
-    let cfg = if tiny { LlamaConfig::tiny(512) } else { LlamaConfig::llama3_8b() };
+    let cfg = if tiny {
+        LlamaConfig::tiny(512)
+    } else {
+        LlamaConfig::llama3_8b()
+    };
     AB::seed(device, s.seed);
     let t = std::time::Instant::now();
     let model = LlamaForCausalLM::<AB>::random(&cfg, device);
     let _ = AB::sync(device);
-    println!("random {}-layer model built in {:.1} s", cfg.num_layers, t.elapsed().as_secs_f64());
+    println!(
+        "random {}-layer model built in {:.1} s",
+        cfg.num_layers,
+        t.elapsed().as_secs_f64()
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed);
     let n = s.batch_size * s.grad_accum * (steps + warmup) as usize;
     let samples: Vec<Sample> = (0..n)
         .map(|_| {
-            let ids: Vec<u32> = (0..seq).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
+            let ids: Vec<u32> = (0..seq)
+                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                .collect();
             // As the anchor: the first half of each sequence is prompt (-100).
-            let labels = ids.iter().enumerate().map(|(i, &t)| if i < seq / 2 { -100 } else { t as i64 }).collect();
-            Sample { input_ids: ids, labels }
+            let labels = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| if i < seq / 2 { -100 } else { t as i64 })
+                .collect();
+            Sample {
+                input_ids: ids,
+                labels,
+            }
         })
         .collect();
     let mut peft = PeftModel::new(model);
@@ -407,10 +500,14 @@ pub fn bench_train<AB: AutodiffBackend>(s: &Settings, seq: usize, steps: u64, wa
     tc.max_steps = warmup;
     let t = std::time::Instant::now();
     sft_trainer::train::<AB, _>(&mut peft, "default", &samples, &[], &tc, false, device)?;
-    println!("warm-up: {warmup} steps in {:.1} s (autotune + compilation included)", t.elapsed().as_secs_f64());
+    println!(
+        "warm-up: {warmup} steps in {:.1} s (autotune + compilation included)",
+        t.elapsed().as_secs_f64()
+    );
     tc.max_steps = steps;
     let t = std::time::Instant::now();
-    let summary = sft_trainer::train::<AB, _>(&mut peft, "default", &samples, &[], &tc, false, device)?;
+    let summary =
+        sft_trainer::train::<AB, _>(&mut peft, "default", &samples, &[], &tc, false, device)?;
     let secs = t.elapsed().as_secs_f64();
     let tokens = (steps as usize * s.batch_size * s.grad_accum * seq) as f64;
     println!(

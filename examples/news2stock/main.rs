@@ -34,13 +34,22 @@ fn run() -> Result<()> {
     gpu(&s, &cmd)
 }
 
-fn dispatch<B: burn::tensor::backend::Backend>(s: &Settings, cmd: &Command, device: &B::Device) -> Result<()> {
+fn dispatch<B: burn::tensor::backend::Backend>(
+    s: &Settings,
+    cmd: &Command,
+    device: &B::Device,
+) -> Result<()> {
     match cmd {
         Command::Train => job::train::<burn::backend::Autodiff<B>>(s, device),
         Command::Eval => job::eval::<B>(s, device),
         Command::Infer { input } => job::infer::<B>(s, input.as_deref(), device),
         Command::Merge { out, dtype } => job::merge::<B>(s, out, dtype, device),
-        Command::BenchTrain { seq, steps, warmup, tiny } => {
+        Command::BenchTrain {
+            seq,
+            steps,
+            warmup,
+            tiny,
+        } => {
             job::bench_train::<burn::backend::Autodiff<B>>(s, *seq, *steps, *warmup, *tiny, device)
         }
     }
@@ -51,13 +60,19 @@ fn gpu(s: &Settings, cmd: &Command) -> Result<()> {
     type Gpu = burn::backend::Cuda<half::bf16>;
     let device = burn::backend::cuda::CudaDevice::default();
     // Burn recomputes cheap activations in the backward instead of storing them.
-    type Ckpt = burn::backend::Autodiff<Gpu, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
+    type Ckpt = burn::backend::Autodiff<
+        Gpu,
+        burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
+    >;
     if s.gradient_checkpointing {
         match cmd {
             Command::Train => return job::train::<Ckpt>(s, &device),
-            Command::BenchTrain { seq, steps, warmup, tiny } => {
-                return job::bench_train::<Ckpt>(s, *seq, *steps, *warmup, *tiny, &device)
-            }
+            Command::BenchTrain {
+                seq,
+                steps,
+                warmup,
+                tiny,
+            } => return job::bench_train::<Ckpt>(s, *seq, *steps, *warmup, *tiny, &device),
             _ => {}
         }
     }

@@ -27,13 +27,21 @@ pub fn parse_answer(text: &str) -> Option<Value> {
     if end < start {
         return None;
     }
-    serde_json::from_str::<Value>(&text[start..=end]).ok().filter(Value::is_object)
+    serde_json::from_str::<Value>(&text[start..=end])
+        .ok()
+        .filter(Value::is_object)
 }
 
 fn stocks(v: &Value, field: &str) -> BTreeSet<String> {
     v.get(field)
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|s| s.as_str()).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str())
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -45,12 +53,19 @@ impl Scores {
         let truth_neg = stocks(reference, "negative_stocks");
         self.pos.2 += truth_pos.len();
         self.neg.2 += truth_neg.len();
-        let Some(pred) = parse_answer(generated) else { return };
+        let Some(pred) = parse_answer(generated) else {
+            return;
+        };
         self.parsed += 1;
-        if pred.get("stock_related").and_then(Value::as_bool) == reference.get("stock_related").and_then(Value::as_bool) {
+        if pred.get("stock_related").and_then(Value::as_bool)
+            == reference.get("stock_related").and_then(Value::as_bool)
+        {
             self.related_correct += 1;
         }
-        let (pp, pn) = (stocks(&pred, "positive_stocks"), stocks(&pred, "negative_stocks"));
+        let (pp, pn) = (
+            stocks(&pred, "positive_stocks"),
+            stocks(&pred, "negative_stocks"),
+        );
         self.pos.0 += pp.intersection(&truth_pos).count();
         self.pos.1 += pp.len();
         self.neg.0 += pn.intersection(&truth_neg).count();
@@ -62,8 +77,16 @@ impl Scores {
         if pred == 0 && actual == 0 {
             return 1.0;
         }
-        let p = if pred == 0 { 0.0 } else { tp as f64 / pred as f64 };
-        let r = if actual == 0 { 0.0 } else { tp as f64 / actual as f64 };
+        let p = if pred == 0 {
+            0.0
+        } else {
+            tp as f64 / pred as f64
+        };
+        let r = if actual == 0 {
+            0.0
+        } else {
+            tp as f64 / actual as f64
+        };
         if p + r == 0.0 {
             0.0
         } else {

@@ -181,12 +181,17 @@ impl Default for Settings {
 impl Settings {
     /// Applies a JSON config file: its values replace the defaults, but not flags the user gave.
     pub fn merge_file(self, matches: &clap::ArgMatches) -> anyhow::Result<Self> {
-        let Some(path) = self.config.clone() else { return Ok(self) };
-        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
-        let file: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+        let file: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
         let mut current = serde_json::to_value(&self)?;
-        let obj = current.as_object_mut().expect("settings serialise to an object");
+        let obj = current
+            .as_object_mut()
+            .expect("settings serialise to an object");
         for (k, v) in file {
             if !obj.contains_key(&k) {
                 anyhow::bail!("config file {}: unknown setting `{k}` (see --help for the names, with _ for -)", path.display());
@@ -196,14 +201,16 @@ impl Settings {
                 obj.insert(k, v);
             }
         }
-        let mut merged: Settings = serde_json::from_value(current).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+        let mut merged: Settings = serde_json::from_value(current)
+            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
         merged.config = Some(path);
         Ok(merged)
     }
 
     /// The demo's settings: tiny, CPU, bundled data, a loss that visibly falls in minutes.
     pub fn demo_defaults(mut self, matches: &clap::ArgMatches) -> Self {
-        let given = |k: &str| matches.value_source(k) == Some(clap::parser::ValueSource::CommandLine);
+        let given =
+            |k: &str| matches.value_source(k) == Some(clap::parser::ValueSource::CommandLine);
         let mut set = |k: &str, f: &mut dyn FnMut(&mut Settings)| {
             if !given(k) {
                 f(&mut self)
@@ -218,7 +225,9 @@ impl Settings {
         set("max_grad_norm", &mut |s| s.max_grad_norm = 1.0);
         set("lora_r", &mut |s| s.lora_r = 16);
         set("lora_dropout", &mut |s| s.lora_dropout = 0.0);
-        set("target_modules", &mut |s| s.target_modules = "all-linear".into());
+        set("target_modules", &mut |s| {
+            s.target_modules = "all-linear".into()
+        });
         set("max_length", &mut |s| s.max_length = 512);
         set("logging_steps", &mut |s| s.logging_steps = 10);
         set("save_steps", &mut |s| s.save_steps = 50);
@@ -234,20 +243,38 @@ impl Settings {
             if allowed.contains(&v) {
                 Ok(())
             } else {
-                anyhow::bail!("--{} {v:?}: expected one of {}", name.replace('_', "-"), allowed.join(", "))
+                anyhow::bail!(
+                    "--{} {v:?}: expected one of {}",
+                    name.replace('_', "-"),
+                    allowed.join(", ")
+                )
             }
         };
-        one_of("optimizer", &self.optimizer, &["adamw", "loraplus", "lorafa"])?;
+        one_of(
+            "optimizer",
+            &self.optimizer,
+            &["adamw", "loraplus", "lorafa"],
+        )?;
         one_of("chat_format", &self.chat_format, &["llama3", "tutorial"])?;
-        one_of("lr_scheduler", &self.lr_scheduler, &["constant", "constant_with_warmup", "linear", "cosine"])?;
+        one_of(
+            "lr_scheduler",
+            &self.lr_scheduler,
+            &["constant", "constant_with_warmup", "linear", "cosine"],
+        )?;
         if self.lora_r == 0 {
             anyhow::bail!("--lora-r 0: the rank must be at least 1");
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            anyhow::bail!("--lora-dropout {}: expected a probability in [0, 1)", self.lora_dropout);
+            anyhow::bail!(
+                "--lora-dropout {}: expected a probability in [0, 1)",
+                self.lora_dropout
+            );
         }
         if self.max_length < 16 {
-            anyhow::bail!("--max-length {}: expected at least 16 tokens", self.max_length);
+            anyhow::bail!(
+                "--max-length {}: expected at least 16 tokens",
+                self.max_length
+            );
         }
         Ok(())
     }

@@ -302,7 +302,9 @@ impl LoraConfig {
             let value = match *field {
                 "layer_replication" => serde_json::to_value(&self.layer_replication).ok(),
                 "trainable_token_indices" => self.trainable_token_indices.clone(),
-                "alora_invocation_tokens" => serde_json::to_value(&self.alora_invocation_tokens).ok(),
+                "alora_invocation_tokens" => {
+                    serde_json::to_value(&self.alora_invocation_tokens).ok()
+                }
                 other => self.extra.get(other).cloned(),
             };
             if let Some(v) = value {

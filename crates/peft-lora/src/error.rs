@@ -66,7 +66,9 @@ pub enum Error {
     #[error("an adapter named `{0}` exists already")]
     DuplicateAdapter(String),
     /// The target patterns matched no module.
-    #[error("target_modules {0} matched no module of the model (its adaptable modules are e.g. {1})")]
+    #[error(
+        "target_modules {0} matched no module of the model (its adaptable modules are e.g. {1})"
+    )]
     NoTarget(String, String),
     /// A merge would produce non-finite weights, or cannot be done for this variant.
     #[error("cannot merge adapter `{adapter}` into `{module}`: {reason}")]

@@ -47,10 +47,18 @@ pub fn adapter_state_dict<B: Backend, M: LoraModel<B>>(
 ) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
     for (path, layer) in model.lora_linears() {
-        let Some(a) = layer.adapter(name) else { continue };
+        let Some(a) = layer.adapter(name) else {
+            continue;
+        };
         let key = format!("{KEY_PREFIX}{path}");
-        out.insert(format!("{key}.lora_A.weight"), to_host(a.lora_a.val().transpose()));
-        out.insert(format!("{key}.lora_B.weight"), to_host(a.lora_b.val().transpose()));
+        out.insert(
+            format!("{key}.lora_A.weight"),
+            to_host(a.lora_a.val().transpose()),
+        );
+        out.insert(
+            format!("{key}.lora_B.weight"),
+            to_host(a.lora_b.val().transpose()),
+        );
         if let Some(b) = &a.lora_b_bias {
             out.insert(format!("{key}.lora_B.bias"), to_host(b.val()));
         }
@@ -68,11 +76,17 @@ impl<M> PeftModel<M> {
         M: LoraModel<B>,
     {
         let cfg = self.configs.get(name).ok_or_else(|| {
-            Error::UnknownAdapter(name.into(), self.configs.keys().cloned().collect::<Vec<_>>().join(", "))
+            Error::UnknownAdapter(
+                name.into(),
+                self.configs.keys().cloned().collect::<Vec<_>>().join(", "),
+            )
         })?;
         let out = adapter_dir(dir, name);
         cfg.save(&out)?;
-        write_f32(&out.join(WEIGHTS_FILE), &adapter_state_dict(&self.model, name))?;
+        write_f32(
+            &out.join(WEIGHTS_FILE),
+            &adapter_state_dict(&self.model, name),
+        )?;
         Ok(out)
     }
 
@@ -121,9 +135,9 @@ impl<M> PeftModel<M> {
         for (k, shape) in &expected {
             match in_file.get(k) {
                 None => problems.push(format!("missing key {k} (expected shape {shape:?})")),
-                Some(s) if s != shape => {
-                    problems.push(format!("shape mismatch for {k}: file has {s:?}, model needs {shape:?}"))
-                }
+                Some(s) if s != shape => problems.push(format!(
+                    "shape mismatch for {k}: file has {s:?}, model needs {shape:?}"
+                )),
                 _ => {}
             }
         }
@@ -153,11 +167,17 @@ impl<M> PeftModel<M> {
             let device = layer.weight.device();
             let key = format!("{KEY_PREFIX}{path}");
             let meta = adapter_meta(&cfg, name, &path);
-            let a: Tensor<B, 2> = file.read(&format!("{key}.lora_A.weight"))?.to_tensor(&key, &device)?;
-            let b: Tensor<B, 2> = file.read(&format!("{key}.lora_B.weight"))?.to_tensor(&key, &device)?;
+            let a: Tensor<B, 2> = file
+                .read(&format!("{key}.lora_A.weight"))?
+                .to_tensor(&key, &device)?;
+            let b: Tensor<B, 2> = file
+                .read(&format!("{key}.lora_B.weight"))?
+                .to_tensor(&key, &device)?;
             let mut adapter = layer.new_adapter(meta, a.transpose(), b.transpose(), false);
             if cfg.lora_bias {
-                let bias: Tensor<B, 1> = file.read(&format!("{key}.lora_B.bias"))?.to_tensor(&key, &device)?;
+                let bias: Tensor<B, 1> = file
+                    .read(&format!("{key}.lora_B.bias"))?
+                    .to_tensor(&key, &device)?;
                 adapter.lora_b_bias = Some(Param::from_tensor(bias));
             }
             if adapter.meta.variant == VariantKind::Dora {

@@ -165,7 +165,8 @@ impl<B: Backend> LoraLinear<B> {
         let mut adapter = LoraAdapter {
             lora_a: Param::from_tensor(a),
             lora_b: Param::from_tensor(b),
-            lora_b_bias: lora_bias.then(|| Param::from_tensor(Tensor::zeros([self.d_out()], &device))),
+            lora_b_bias: lora_bias
+                .then(|| Param::from_tensor(Tensor::zeros([self.d_out()], &device))),
             magnitude: None,
             meta,
             merge_scale: None,
@@ -333,7 +334,10 @@ impl<B: Backend> LoraLinear<B> {
                         if mask.iter().all(|m| *m == 0.0) {
                             continue;
                         }
-                        Some(Tensor::<B, 1>::from_floats(mask.as_slice(), &x2.device()).unsqueeze_dim::<2>(1))
+                        Some(
+                            Tensor::<B, 1>::from_floats(mask.as_slice(), &x2.device())
+                                .unsqueeze_dim::<2>(1),
+                        )
                     }
                 };
                 let xd = dropout(x2.clone(), adapter.meta.dropout);
@@ -357,7 +361,9 @@ impl<B: Backend> LoraLinear<B> {
             .map(|a| {
                 a.lora_a.shape().num_elements()
                     + a.lora_b.shape().num_elements()
-                    + a.lora_b_bias.as_ref().map_or(0, |b| b.shape().num_elements())
+                    + a.lora_b_bias
+                        .as_ref()
+                        .map_or(0, |b| b.shape().num_elements())
                     + a.magnitude.as_ref().map_or(0, |m| m.shape().num_elements())
             })
             .sum()

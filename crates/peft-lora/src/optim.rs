@@ -117,8 +117,20 @@ impl<B: Backend> GradAccumulator<B> {
                 };
                 put(Slot::A, ad.lora_a.val().grad(grads));
                 put(Slot::B, ad.lora_b.val().grad(grads));
-                put(Slot::BBias, ad.lora_b_bias.as_ref().and_then(|p| p.val().grad(grads)).map(|g| g.unsqueeze_dim(0)));
-                put(Slot::Magnitude, ad.magnitude.as_ref().and_then(|p| p.val().grad(grads)).map(|g| g.unsqueeze_dim(0)));
+                put(
+                    Slot::BBias,
+                    ad.lora_b_bias
+                        .as_ref()
+                        .and_then(|p| p.val().grad(grads))
+                        .map(|g| g.unsqueeze_dim(0)),
+                );
+                put(
+                    Slot::Magnitude,
+                    ad.magnitude
+                        .as_ref()
+                        .and_then(|p| p.val().grad(grads))
+                        .map(|g| g.unsqueeze_dim(0)),
+                );
             }
         }
     }
@@ -232,10 +244,16 @@ impl<B: Backend> LoraOptimizer<B> {
                         g = g * clip;
                     }
                     let (lr_here, wd) = match (&self.kind, slot) {
-                        (OptimizerKind::LoraPlus { lr_ratio, weight_decay }, Slot::B | Slot::Magnitude) => {
-                            (lr * lr_ratio, *weight_decay)
+                        (
+                            OptimizerKind::LoraPlus {
+                                lr_ratio,
+                                weight_decay,
+                            },
+                            Slot::B | Slot::Magnitude,
+                        ) => (lr * lr_ratio, *weight_decay),
+                        (OptimizerKind::LoraPlus { lr_ratio, .. }, Slot::BBias) => {
+                            (lr * lr_ratio, 0.0)
                         }
-                        (OptimizerKind::LoraPlus { lr_ratio, .. }, Slot::BBias) => (lr * lr_ratio, 0.0),
                         (OptimizerKind::LoraPlus { weight_decay, .. }, _) => (lr, *weight_decay),
                         _ => (lr, c.weight_decay),
                     };
@@ -252,7 +270,8 @@ impl<B: Backend> LoraOptimizer<B> {
                         // PEFT's LoraFAOptimizer: eps added to the uncorrected sqrt(v), the bias
                         // correction folded into the step size, decay applied after the update.
                         let step_size = lr_here * bc2.sqrt() / bc1;
-                        let updated = old - st.m.clone() / (st.v.clone().sqrt() + c.eps) * step_size;
+                        let updated =
+                            old - st.m.clone() / (st.v.clone().sqrt() + c.eps) * step_size;
                         return Some(updated.clone() - updated * (lr_here * wd));
                     }
                     // torch.optim.AdamW: decoupled decay first, then the bias-corrected step.
@@ -299,15 +318,24 @@ impl<B: Backend> LoraOptimizer<B> {
     }
 
     /// Restores what [`LoraOptimizer::state_tensors`] saved.
-    pub fn load_state(&mut self, tensors: &BTreeMap<String, HostTensor>, device: &B::Device) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        tensors: &BTreeMap<String, HostTensor>,
+        device: &B::Device,
+    ) -> Result<()> {
         self.state.clear();
         self.step = tensors.get("step").map(|t| t.data[0] as u64).unwrap_or(0);
         for (k, t) in tensors {
-            let Some(base) = k.strip_suffix(".exp_avg") else { continue };
-            let v = tensors.get(&format!("{base}.exp_avg_sq")).ok_or_else(|| Error::Safetensors {
-                path: "optimizer state".into(),
-                message: format!("`{base}.exp_avg_sq` is missing"),
-            })?;
+            let Some(base) = k.strip_suffix(".exp_avg") else {
+                continue;
+            };
+            let v =
+                tensors
+                    .get(&format!("{base}.exp_avg_sq"))
+                    .ok_or_else(|| Error::Safetensors {
+                        path: "optimizer state".into(),
+                        message: format!("`{base}.exp_avg_sq` is missing"),
+                    })?;
             let to2 = |h: &HostTensor| -> Tensor<B, 2> {
                 let (r, c) = match h.shape.as_slice() {
                     [r, c] => (*r, *c),
@@ -316,7 +344,13 @@ impl<B: Backend> LoraOptimizer<B> {
                 };
                 Tensor::from_data(TensorData::new(h.data.clone(), [r, c]), device)
             };
-            self.state.insert(base.to_string(), Moments { m: to2(t), v: to2(v) });
+            self.state.insert(
+                base.to_string(),
+                Moments {
+                    m: to2(t),
+                    v: to2(v),
+                },
+            );
         }
         Ok(())
     }
@@ -328,17 +362,28 @@ fn lora_fa_project<B: Backend>(g_b: Tensor<B, 2>, a: &Tensor<B, 2>, scaling: f64
     let r = a.dims()[1];
     let ata = a.clone().transpose().matmul(a.clone());
     let host: Vec<f32> = ata.into_data().convert::<f32>().to_vec().expect("f32");
-    let mut m = nalgebra::DMatrix::<f64>::from_row_slice(r, r, &host.iter().map(|v| *v as f64).collect::<Vec<_>>());
+    let mut m = nalgebra::DMatrix::<f64>::from_row_slice(
+        r,
+        r,
+        &host.iter().map(|v| *v as f64).collect::<Vec<_>>(),
+    );
     for i in 0..r {
         m[(i, i)] += 1e-8;
     }
-    let pinv = m.pseudo_inverse(1e-12).unwrap_or_else(|_| nalgebra::DMatrix::identity(r, r));
-    let flat: Vec<f32> = (0..r).flat_map(|i| (0..r).map(move |j| (i, j))).map(|(i, j)| pinv[(i, j)] as f32).collect();
+    let pinv = m
+        .pseudo_inverse(1e-12)
+        .unwrap_or_else(|_| nalgebra::DMatrix::identity(r, r));
+    let flat: Vec<f32> = (0..r)
+        .flat_map(|i| (0..r).map(move |j| (i, j)))
+        .map(|(i, j)| pinv[(i, j)] as f32)
+        .collect();
     let p = Tensor::<B, 2>::from_data(TensorData::new(flat, [r, r]), &g_b.device());
     p.matmul(g_b) * (1.0 / (scaling * scaling))
 }
 
 /// A fresh trainable parameter holding `value`.
-fn trainable<AB: AutodiffBackend, const D: usize>(value: Tensor<AB::InnerBackend, D>) -> Param<Tensor<AB, D>> {
+fn trainable<AB: AutodiffBackend, const D: usize>(
+    value: Tensor<AB::InnerBackend, D>,
+) -> Param<Tensor<AB, D>> {
     Param::from_tensor(Tensor::from_inner(value).require_grad())
 }

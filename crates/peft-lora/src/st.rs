@@ -26,7 +26,11 @@ pub struct HostTensor {
 
 impl HostTensor {
     /// Moves it to a Burn tensor of rank `D` (checking the rank).
-    pub fn to_tensor<B: Backend, const D: usize>(&self, name: &str, device: &B::Device) -> Result<Tensor<B, D>> {
+    pub fn to_tensor<B: Backend, const D: usize>(
+        &self,
+        name: &str,
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>> {
         if self.shape.len() != D {
             return Err(Error::Shape {
                 name: name.into(),
@@ -34,7 +38,10 @@ impl HostTensor {
                 found: self.shape.clone(),
             });
         }
-        Ok(Tensor::from_data(TensorData::new(self.data.clone(), self.shape.clone()), device))
+        Ok(Tensor::from_data(
+            TensorData::new(self.data.clone(), self.shape.clone()),
+            device,
+        ))
     }
 }
 
@@ -49,7 +56,10 @@ impl SafetensorsFile {
             path: path.into(),
             message: e.to_string(),
         })?;
-        Ok(SafetensorsFile { path: path.into(), mmap })
+        Ok(SafetensorsFile {
+            path: path.into(),
+            mmap,
+        })
     }
 
     fn view(&self) -> SafeTensors<'_> {
@@ -110,7 +120,9 @@ impl SafetensorsFile {
             other => {
                 return Err(Error::Safetensors {
                     path: self.path.clone(),
-                    message: format!("tensor `{name}` has dtype {other:?}; expected F32, BF16 or F16"),
+                    message: format!(
+                        "tensor `{name}` has dtype {other:?}; expected F32, BF16 or F16"
+                    ),
                 })
             }
         };
@@ -162,7 +174,8 @@ pub fn write_f32(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<
         .map(|(k, b, s)| {
             (
                 k.clone(),
-                safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).expect("consistent sizes"),
+                safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
+                    .expect("consistent sizes"),
             )
         })
         .collect();

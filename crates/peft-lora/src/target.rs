@@ -87,7 +87,9 @@ pub fn pattern_key<'a, V>(
 
 /// Rank and alpha of the module at `key` after rank_pattern / alpha_pattern.
 pub fn rank_alpha(cfg: &LoraConfig, key: &str) -> (usize, f64) {
-    let r = pattern_key(&cfg.rank_pattern, key).copied().unwrap_or(cfg.r);
+    let r = pattern_key(&cfg.rank_pattern, key)
+        .copied()
+        .unwrap_or(cfg.r);
     let alpha = pattern_key(&cfg.alpha_pattern, key)
         .copied()
         .unwrap_or(cfg.lora_alpha);
@@ -109,7 +111,9 @@ mod tests {
         cfg.layers_pattern = Some(OneOrMany::One("layers".into()));
         assert!(!is_target(&cfg, "model.layers.0.self_attn.q_proj").unwrap());
         assert!(is_target(&cfg, "model.layers.1.self_attn.q_proj").unwrap());
-        cfg.target_modules = Some(TargetModules::Regex(r".*\.layers\.1\.mlp\.(gate|up)_proj".into()));
+        cfg.target_modules = Some(TargetModules::Regex(
+            r".*\.layers\.1\.mlp\.(gate|up)_proj".into(),
+        ));
         assert!(is_target(&cfg, "model.layers.1.mlp.up_proj").unwrap());
         assert!(!is_target(&cfg, "model.layers.1.mlp.down_proj").unwrap());
         cfg.exclude_modules = Some(TargetModules::List(vec!["up_proj".into()]));
@@ -120,7 +124,8 @@ mod tests {
     fn rank_pattern_suffix() {
         let mut cfg = LoraConfig::new(4, 8.0, &["q_proj"]);
         cfg.rank_pattern.insert("v_proj".into(), 2);
-        cfg.rank_pattern.insert("model.layers.1.mlp.down_proj".into(), 6);
+        cfg.rank_pattern
+            .insert("model.layers.1.mlp.down_proj".into(), 6);
         assert_eq!(rank_alpha(&cfg, "model.layers.0.self_attn.v_proj").0, 2);
         assert_eq!(rank_alpha(&cfg, "model.layers.1.mlp.down_proj").0, 6);
         assert_eq!(rank_alpha(&cfg, "model.layers.0.mlp.down_proj").0, 4);

@@ -36,7 +36,11 @@ pub trait LoraVariant<B: Backend>: Sync {
     ) -> Tensor<B, 2>;
 
     /// The merged weight `[in, out]`, and the per-output scale to keep for an exact unmerge.
-    fn merge(&self, adapter: &LoraAdapter<B>, weight: Tensor<B, 2>) -> (Tensor<B, 2>, Option<Tensor<B, 1>>);
+    fn merge(
+        &self,
+        adapter: &LoraAdapter<B>,
+        weight: Tensor<B, 2>,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 1>>);
 
     /// Undoes [`LoraVariant::merge`].
     fn unmerge(
@@ -62,11 +66,20 @@ impl<B: Backend> LoraVariant<B> for PlainLora {
         result + adapter.lora_term(x)
     }
 
-    fn merge(&self, adapter: &LoraAdapter<B>, weight: Tensor<B, 2>) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
+    fn merge(
+        &self,
+        adapter: &LoraAdapter<B>,
+        weight: Tensor<B, 2>,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
         (weight + adapter.delta_weight(), None)
     }
 
-    fn unmerge(&self, adapter: &LoraAdapter<B>, weight: Tensor<B, 2>, _kept: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+    fn unmerge(
+        &self,
+        adapter: &LoraAdapter<B>,
+        weight: Tensor<B, 2>,
+        _kept: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, 2> {
         weight - adapter.delta_weight()
     }
 }
@@ -98,8 +111,8 @@ impl<B: Backend> LoraVariant<B> for Dora {
         // The norm is detached (DoRA paper 4.3): no gradient flows through it.
         let norm = Self::weight_norm(base.weight.clone() + adapter.delta_weight()).detach();
         let scale = (magnitude / norm).unsqueeze_dim::<2>(0); // [1, out]
-        // Without dropout the base output (minus bias) is x W; with dropout it is recomputed on
-        // the dropped-out input, as PEFT does.
+                                                              // Without dropout the base output (minus bias) is x W; with dropout it is recomputed on
+                                                              // the dropped-out input, as PEFT does.
         let x_w = if adapter.meta.dropout > 0.0 && B::ad_enabled(&x.device()) {
             x.clone().matmul(base.weight.clone())
         } else {
@@ -112,14 +125,23 @@ impl<B: Backend> LoraVariant<B> for Dora {
         result + (scale.clone() - 1.0) * x_w + scale * lora
     }
 
-    fn merge(&self, adapter: &LoraAdapter<B>, weight: Tensor<B, 2>) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
+    fn merge(
+        &self,
+        adapter: &LoraAdapter<B>,
+        weight: Tensor<B, 2>,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
         let magnitude = adapter.magnitude.as_ref().expect("DoRA magnitude").val();
         let merged = weight + adapter.delta_weight();
         let scale = magnitude / Dora::weight_norm(merged.clone());
         (merged * scale.clone().unsqueeze_dim::<2>(0), Some(scale))
     }
 
-    fn unmerge(&self, adapter: &LoraAdapter<B>, weight: Tensor<B, 2>, kept: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+    fn unmerge(
+        &self,
+        adapter: &LoraAdapter<B>,
+        weight: Tensor<B, 2>,
+        kept: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, 2> {
         let scale = kept.expect("DoRA unmerge needs the scale kept at merge time");
         weight / scale.unsqueeze_dim::<2>(0) - adapter.delta_weight()
     }

@@ -27,16 +27,23 @@ impl<B: Backend> Toy<B> {
         self.down.forward(self.up.forward(x).tanh())
     }
     fn forward_ctx(&self, x: Tensor<B, 3>, ctx: &LoraCtx) -> Tensor<B, 3> {
-        self.down.forward_ctx(self.up.forward_ctx(x, ctx).tanh(), ctx)
+        self.down
+            .forward_ctx(self.up.forward_ctx(x, ctx).tanh(), ctx)
     }
 }
 
 impl<B: Backend> LoraModel<B> for Toy<B> {
     fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
-        vec![("model.mlp.up".into(), &self.up), ("model.mlp.down".into(), &self.down)]
+        vec![
+            ("model.mlp.up".into(), &self.up),
+            ("model.mlp.down".into(), &self.down),
+        ]
     }
     fn lora_linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
-        vec![("model.mlp.up".into(), &mut self.up), ("model.mlp.down".into(), &mut self.down)]
+        vec![
+            ("model.mlp.up".into(), &mut self.up),
+            ("model.mlp.down".into(), &mut self.down),
+        ]
     }
 }
 
@@ -55,7 +62,11 @@ fn perturb<B: Backend>(m: &mut PeftModel<Toy<B>>) {
         for a in &mut layer.adapters {
             let shape = a.lora_b.shape();
             let device = a.lora_b.device();
-            a.lora_b = burn::module::Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, 0.3), &device));
+            a.lora_b = burn::module::Param::from_tensor(Tensor::random(
+                shape,
+                Distribution::Normal(0.0, 0.3),
+                &device,
+            ));
         }
     }
 }
@@ -71,7 +82,9 @@ fn default_init_is_identity_and_disable_gives_base() {
     let x = input::<B>(&device);
     let y0 = base.forward(x.clone());
     let mut peft = PeftModel::new(base);
-    let paths = peft.add_adapter::<B>("default", &config(&["up", "down"])).unwrap();
+    let paths = peft
+        .add_adapter::<B>("default", &config(&["up", "down"]))
+        .unwrap();
     assert_eq!(paths, vec!["model.mlp.up", "model.mlp.down"]);
     assert_eq!(max_rel(peft.model.forward(x.clone()), y0.clone()), 0.0);
     perturb(&mut peft);
@@ -93,12 +106,21 @@ fn merge_unmerge_and_unload_match_unmerged_forward() {
         let x = input::<B>(&device);
         let y = peft.model.forward(x.clone());
         peft.merge::<B>(true).unwrap();
-        assert!(max_rel(peft.model.forward(x.clone()), y.clone()) < 1e-5, "merged, dora={dora}");
+        assert!(
+            max_rel(peft.model.forward(x.clone()), y.clone()) < 1e-5,
+            "merged, dora={dora}"
+        );
         peft.unmerge::<B>().unwrap();
-        assert!(max_rel(peft.model.forward(x.clone()), y.clone()) < 1e-5, "unmerged, dora={dora}");
+        assert!(
+            max_rel(peft.model.forward(x.clone()), y.clone()) < 1e-5,
+            "unmerged, dora={dora}"
+        );
         let plain = peft.merge_and_unload::<B>(true).unwrap();
         assert!(plain.up.adapters.is_empty());
-        assert!(max_rel(plain.forward(x), y) < 1e-5, "merge_and_unload, dora={dora}");
+        assert!(
+            max_rel(plain.forward(x), y) < 1e-5,
+            "merge_and_unload, dora={dora}"
+        );
     }
 }
 
@@ -124,7 +146,8 @@ fn several_adapters_switch_delete_and_mixed_batches() {
     let x = input::<B>(&device);
     let base = peft.model.forward(x.clone());
     peft.add_adapter::<B>("a", &config(&["up"])).unwrap();
-    peft.add_adapter::<B>("b", &config(&["up", "down"])).unwrap();
+    peft.add_adapter::<B>("b", &config(&["up", "down"]))
+        .unwrap();
     perturb(&mut peft);
     assert_eq!(peft.active, vec!["b"]);
     let yb = peft.model.forward(x.clone());
@@ -139,7 +162,10 @@ fn several_adapters_switch_delete_and_mixed_batches() {
     let row = |t: Tensor<B, 3>, i: usize| t.slice([i..i + 1, 0..3, 0..6]);
     assert!(max_rel(row(mixed.clone(), 0), row(ya, 0)) < 1e-6);
     assert!(max_rel(row(mixed, 1), row(base.clone(), 1)) < 1e-6);
-    assert!(matches!(peft.set_active::<B>(&["zzz"]), Err(Error::UnknownAdapter(..))));
+    assert!(matches!(
+        peft.set_active::<B>(&["zzz"]),
+        Err(Error::UnknownAdapter(..))
+    ));
     peft.delete_adapter::<B>("a").unwrap();
     peft.delete_adapter::<B>("b").unwrap();
     assert_eq!(max_rel(peft.model.forward(x), base), 0.0);
@@ -149,18 +175,37 @@ fn several_adapters_switch_delete_and_mixed_batches() {
 fn frozen_base_gets_no_gradient() {
     let device = Default::default();
     let mut peft = PeftModel::new(Toy::<AD>::new(&device));
-    peft.add_adapter::<AD>("default", &config(&["up", "down"])).unwrap();
+    peft.add_adapter::<AD>("default", &config(&["up", "down"]))
+        .unwrap();
     perturb(&mut peft);
-    let loss = peft.model.forward(input::<AD>(&device)).powf_scalar(2.0).mean();
+    let loss = peft
+        .model
+        .forward(input::<AD>(&device))
+        .powf_scalar(2.0)
+        .mean();
     let grads = loss.backward();
     assert!(peft.model.up.weight.val().grad(&grads).is_none());
-    assert!(peft.model.up.bias.as_ref().unwrap().val().grad(&grads).is_none());
-    let ga = peft.model.up.adapters[0].lora_a.val().grad(&grads).expect("A has a gradient");
+    assert!(peft
+        .model
+        .up
+        .bias
+        .as_ref()
+        .unwrap()
+        .val()
+        .grad(&grads)
+        .is_none());
+    let ga = peft.model.up.adapters[0]
+        .lora_a
+        .val()
+        .grad(&grads)
+        .expect("A has a gradient");
     assert!(ga.abs().sum().into_scalar() > 0.0);
     let report = peft.trainable_parameters::<AD>();
     assert_eq!(report.trainable, (6 * 4 + 4 * 10) + (10 * 4 + 4 * 6));
     assert_eq!(report.total, report.trainable + 6 * 10 + 10 + 10 * 6);
-    assert!(report.to_string().starts_with("trainable params: 128 || all params: 258"));
+    assert!(report
+        .to_string()
+        .starts_with("trainable params: 128 || all params: 258"));
 }
 
 #[test]
@@ -169,7 +214,8 @@ fn save_load_round_trip_in_peft_format() {
     let dir = tempdir("roundtrip");
     let mut cfg = config(&["up"]);
     cfg.use_dora = true;
-    cfg.extra.insert("some_future_field".into(), serde_json::json!({"x": 1}));
+    cfg.extra
+        .insert("some_future_field".into(), serde_json::json!({"x": 1}));
     let mut peft = PeftModel::new(Toy::<B>::new(&device));
     peft.add_adapter::<B>("default", &cfg).unwrap();
     peft.add_adapter::<B>("other", &config(&["down"])).unwrap();
@@ -182,16 +228,26 @@ fn save_load_round_trip_in_peft_format() {
     assert_eq!(sub, dir.join("other"));
 
     let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
     assert_eq!(json["some_future_field"]["x"], 1);
     assert_eq!(json["inference_mode"], true);
     assert_eq!(json["use_dora"], true);
     let st = peft_lora::st::SafetensorsFile::open(&dir.join("adapter_model.safetensors")).unwrap();
     assert_eq!(st.metadata().unwrap()["format"], "pt");
     let shapes = st.shapes();
-    assert_eq!(shapes["base_model.model.model.mlp.up.lora_A.weight"], vec![4, 6]);
-    assert_eq!(shapes["base_model.model.model.mlp.up.lora_B.weight"], vec![10, 4]);
-    assert_eq!(shapes["base_model.model.model.mlp.up.lora_magnitude_vector"], vec![10]);
+    assert_eq!(
+        shapes["base_model.model.model.mlp.up.lora_A.weight"],
+        vec![4, 6]
+    );
+    assert_eq!(
+        shapes["base_model.model.model.mlp.up.lora_B.weight"],
+        vec![10, 4]
+    );
+    assert_eq!(
+        shapes["base_model.model.model.mlp.up.lora_magnitude_vector"],
+        vec![10]
+    );
 
     // A fresh copy of the same base: take the base weights of `peft`.
     let mut fresh = Toy::<B>::new(&device);
@@ -201,7 +257,10 @@ fn save_load_round_trip_in_peft_format() {
     let mut loaded = PeftModel::new(fresh);
     loaded.load_adapter::<B>(&dir, "default").unwrap();
     assert!(max_rel(loaded.model.forward(x), y) < 1e-6);
-    assert!(matches!(loaded.load_adapter::<B>(&dir, "default"), Err(Error::DuplicateAdapter(_))));
+    assert!(matches!(
+        loaded.load_adapter::<B>(&dir, "default"),
+        Err(Error::DuplicateAdapter(_))
+    ));
 }
 
 #[test]
@@ -214,10 +273,15 @@ fn loading_into_another_model_names_the_keys() {
     // Another "base model": the up layer has a different input size.
     let mut other = Toy::<B>::new(&device);
     other.up = LoraLinear::random(7, 10, true, &device);
-    let err = PeftModel::new(other).load_adapter::<B>(&dir, "default").unwrap_err();
+    let err = PeftModel::new(other)
+        .load_adapter::<B>(&dir, "default")
+        .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Mismatch { .. }), "{msg}");
-    assert!(msg.contains("shape mismatch for base_model.model.model.mlp.up.lora_A.weight"), "{msg}");
+    assert!(
+        msg.contains("shape mismatch for base_model.model.model.mlp.up.lora_A.weight"),
+        "{msg}"
+    );
     // Unexpected key: the config targets only `down` now.
     let mut cfg = LoraConfig::from_file(&dir).unwrap();
     cfg.target_modules = Some(TargetModules::List(vec!["down".into()]));
@@ -226,13 +290,23 @@ fn loading_into_another_model_names_the_keys() {
         .load_adapter::<B>(&dir, "default")
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("missing key base_model.model.model.mlp.down.lora_A.weight"), "{msg}");
-    assert!(msg.contains("unexpected key base_model.model.model.mlp.up.lora_A.weight"), "{msg}");
+    assert!(
+        msg.contains("missing key base_model.model.model.mlp.down.lora_A.weight"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("unexpected key base_model.model.model.mlp.up.lora_A.weight"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn bad_configs_are_clear_errors() {
-    let bad = |json: &str| LoraConfig::from_json_str(json, "adapter_config.json").unwrap_err().to_string();
+    let bad = |json: &str| {
+        LoraConfig::from_json_str(json, "adapter_config.json")
+            .unwrap_err()
+            .to_string()
+    };
     assert!(bad(r#"{"r": 0}"#).contains("`r`"));
     assert!(bad(r#"{"r": "eight"}"#).contains("adapter_config.json"));
     assert!(bad(r#"{"init_lora_weights": "spiral"}"#).contains("unknown method \"spiral\""));
@@ -241,9 +315,13 @@ fn bad_configs_are_clear_errors() {
     assert!(bad(r#"{"lora_dropout": 1.5}"#).contains("lora_dropout"));
     let device = Default::default();
     let mut peft = PeftModel::new(Toy::<B>::new(&device));
-    let err = peft.add_adapter::<B>("default", &config(&["nothing"])).unwrap_err();
+    let err = peft
+        .add_adapter::<B>("default", &config(&["nothing"]))
+        .unwrap_err();
     assert!(matches!(err, Error::NoTarget(..)), "{err}");
-    let err = peft.load_adapter::<B>(&tempdir("empty"), "default").unwrap_err();
+    let err = peft
+        .load_adapter::<B>(&tempdir("empty"), "default")
+        .unwrap_err();
     assert!(err.to_string().contains("adapter_config.json"), "{err}");
     // A truncated weights file.
     let dir = tempdir("truncated");
@@ -252,7 +330,9 @@ fn bad_configs_are_clear_errors() {
     let f = dir.join("adapter_model.safetensors");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
-    let err = PeftModel::new(Toy::<B>::new(&device)).load_adapter::<B>(&dir, "default").unwrap_err();
+    let err = PeftModel::new(Toy::<B>::new(&device))
+        .load_adapter::<B>(&dir, "default")
+        .unwrap_err();
     assert!(matches!(err, Error::Safetensors { .. }), "{err}");
 }
 
@@ -271,7 +351,10 @@ fn every_peft_config_shape_parses_and_round_trips() {
       "use_dora": false, "use_qalora": false, "use_rslora": true
     }"#;
     let cfg = LoraConfig::from_json_str(text, "t").unwrap();
-    assert_eq!(cfg.target_modules, Some(TargetModules::Regex("all-linear".into())));
+    assert_eq!(
+        cfg.target_modules,
+        Some(TargetModules::Regex("all-linear".into()))
+    );
     let back: serde_json::Value = serde_json::from_str(&cfg.to_json_string()).unwrap();
     let orig: serde_json::Value = serde_json::from_str(text).unwrap();
     // Every field of the original comes back unchanged (ours adds only nulls for known fields).
@@ -279,7 +362,10 @@ fn every_peft_config_shape_parses_and_round_trips() {
         assert_eq!(&back[k], v, "field {k}");
     }
     for (k, v) in back.as_object().unwrap() {
-        assert!(orig.get(k).is_some() || v.is_null(), "added non-null field {k}");
+        assert!(
+            orig.get(k).is_some() || v.is_null(),
+            "added non-null field {k}"
+        );
     }
     // Keys sorted, like PEFT's json.dumps(sort_keys=True).
     let s = cfg.to_json_string();

@@ -36,7 +36,10 @@ pub fn list(dir: &Path) -> Vec<(u64, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
             let step = name.strip_prefix(PREFIX)?.parse().ok()?;
-            e.path().join("trainer_state.json").exists().then(|| (step, e.path()))
+            e.path()
+                .join("trainer_state.json")
+                .exists()
+                .then(|| (step, e.path()))
         })
         .collect();
     out.sort();

@@ -101,7 +101,11 @@ impl TrainConfig {
     /// be written.
     pub fn validate(&self) -> Result<()> {
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
-            return Err(bad("learning_rate", self.learning_rate, "a positive number"));
+            return Err(bad(
+                "learning_rate",
+                self.learning_rate,
+                "a positive number",
+            ));
         }
         if self.per_device_train_batch_size == 0 {
             return Err(bad("per_device_train_batch_size", 0, "at least 1"));
@@ -113,13 +117,25 @@ impl TrainConfig {
             return Err(bad("warmup_ratio", self.warmup_ratio, "in [0, 1)"));
         }
         if self.max_grad_norm < 0.0 {
-            return Err(bad("max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)"));
+            return Err(bad(
+                "max_grad_norm",
+                self.max_grad_norm,
+                ">= 0 (0 disables clipping)",
+            ));
         }
         if self.max_steps == 0 && self.num_train_epochs <= 0.0 {
-            return Err(bad("num_train_epochs", self.num_train_epochs, "> 0 when max_steps is 0"));
+            return Err(bad(
+                "num_train_epochs",
+                self.num_train_epochs,
+                "> 0 when max_steps is 0",
+            ));
         }
         if !(0.0..1.0).contains(&self.adamw.beta1) || !(0.0..1.0).contains(&self.adamw.beta2) {
-            return Err(bad("adamw.betas", format!("({}, {})", self.adamw.beta1, self.adamw.beta2), "each in [0, 1)"));
+            return Err(bad(
+                "adamw.betas",
+                format!("({}, {})", self.adamw.beta1, self.adamw.beta2),
+                "each in [0, 1)",
+            ));
         }
         if let OptimizerKind::LoraPlus { lr_ratio, .. } = self.optimizer {
             if lr_ratio <= 0.0 {
@@ -136,6 +152,7 @@ impl TrainConfig {
     /// Reads a config from a JSON file (missing fields take their defaults).
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| bad(&path.display().to_string(), "<file>", &e.to_string()))
+        serde_json::from_str(&text)
+            .map_err(|e| bad(&path.display().to_string(), "<file>", &e.to_string()))
     }
 }

@@ -31,9 +31,18 @@ pub struct Batch<B: Backend> {
 
 /// Pads `samples` on the right into one batch.
 pub fn make_batch<B: Backend>(samples: &[&Sample], pad_id: u32, device: &B::Device) -> Batch<B> {
-    let len = samples.iter().map(|s| s.input_ids.len()).max().unwrap_or(1).max(1);
+    let len = samples
+        .iter()
+        .map(|s| s.input_ids.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let n = samples.len();
-    let (mut ids, mut mask, mut labels) = (Vec::with_capacity(n * len), Vec::with_capacity(n * len), Vec::with_capacity(n * len));
+    let (mut ids, mut mask, mut labels) = (
+        Vec::with_capacity(n * len),
+        Vec::with_capacity(n * len),
+        Vec::with_capacity(n * len),
+    );
     let (mut n_label, mut n_tok) = (0, 0);
     for s in samples {
         for i in 0..len {
@@ -68,7 +77,8 @@ pub fn make_batch<B: Backend>(samples: &[&Sample], pad_id: u32, device: &B::Devi
 /// The sample order of `epoch` for `n` samples under `seed`.
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(epoch));
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(epoch));
     idx.shuffle(&mut rng);
     idx
 }

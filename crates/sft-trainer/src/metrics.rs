@@ -49,8 +49,14 @@ impl MetricsWriter {
 
     /// Keeps only entries up to `step` (after a resume, later lines belong to the lost run).
     pub fn truncate_after(&self, step: u64) -> Result<()> {
-        let kept: Vec<LogEntry> = read_metrics(&self.path)?.into_iter().filter(|e| e.step <= step).collect();
-        let text: String = kept.iter().map(|e| serde_json::to_string(e).expect("json") + "\n").collect();
+        let kept: Vec<LogEntry> = read_metrics(&self.path)?
+            .into_iter()
+            .filter(|e| e.step <= step)
+            .collect();
+        let text: String = kept
+            .iter()
+            .map(|e| serde_json::to_string(e).expect("json") + "\n")
+            .collect();
         std::fs::write(&self.path, text).map_err(|e| Error::io(&self.path, e))
     }
 
@@ -61,7 +67,8 @@ impl MetricsWriter {
             .append(true)
             .open(&self.path)
             .map_err(|err| Error::io(&self.path, err))?;
-        writeln!(f, "{}", serde_json::to_string(e).expect("json")).map_err(|err| Error::io(&self.path, err))
+        writeln!(f, "{}", serde_json::to_string(e).expect("json"))
+            .map_err(|err| Error::io(&self.path, err))
     }
 
     /// The file path.
@@ -75,7 +82,10 @@ pub fn read_metrics(path: &Path) -> Result<Vec<LogEntry>> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(Vec::new());
     };
-    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
 }
 
 /// Resident set size of this process in MiB (Linux), if known.
@@ -90,14 +100,25 @@ pub fn host_memory_mib() -> Option<f64> {
 pub fn plot_loss(entries: &[LogEntry], path: &Path) -> Result<()> {
     let (w, h, margin) = (800usize, 480usize, 40usize);
     let mut img = vec![255u8; w * h * 3];
-    let train: Vec<(f64, f64)> = entries.iter().filter_map(|e| e.loss.map(|l| (e.step as f64, l))).collect();
-    let eval: Vec<(f64, f64)> = entries.iter().filter_map(|e| e.eval_loss.map(|l| (e.step as f64, l))).collect();
+    let train: Vec<(f64, f64)> = entries
+        .iter()
+        .filter_map(|e| e.loss.map(|l| (e.step as f64, l)))
+        .collect();
+    let eval: Vec<(f64, f64)> = entries
+        .iter()
+        .filter_map(|e| e.eval_loss.map(|l| (e.step as f64, l)))
+        .collect();
     let all: Vec<&(f64, f64)> = train.iter().chain(eval.iter()).collect();
     if !all.is_empty() {
-        let (x0, x1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-        let (y0, y1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        let (x0, x1) = all
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+        let (y0, y1) = all
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
         let sx = |x: f64| margin as f64 + (x - x0) / (x1 - x0).max(1e-9) * (w - 2 * margin) as f64;
-        let sy = |y: f64| (h - margin) as f64 - (y - y0) / (y1 - y0).max(1e-9) * (h - 2 * margin) as f64;
+        let sy =
+            |y: f64| (h - margin) as f64 - (y - y0) / (y1 - y0).max(1e-9) * (h - 2 * margin) as f64;
         let mut put = |x: i64, y: i64, c: [u8; 3]| {
             if x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h {
                 let i = (y as usize * w + x as usize) * 3;

@@ -62,9 +62,9 @@ impl Schedule {
             ScheduleKind::Constant => 1.0,
             _ if step < w => s / (w.max(1) as f64),
             ScheduleKind::ConstantWithWarmup => 1.0,
-            ScheduleKind::Linear => {
-                ((self.total_steps.saturating_sub(step)) as f64 / (self.total_steps.saturating_sub(w).max(1)) as f64).max(0.0)
-            }
+            ScheduleKind::Linear => ((self.total_steps.saturating_sub(step)) as f64
+                / (self.total_steps.saturating_sub(w).max(1)) as f64)
+                .max(0.0),
             ScheduleKind::Cosine => {
                 let progress = (s - w as f64) / (self.total_steps.saturating_sub(w).max(1) as f64);
                 (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)

@@ -38,7 +38,13 @@ pub struct TrainSummary {
 }
 
 /// Mean loss over `samples` with the adapters as they are (no dropout, no graph).
-pub fn evaluate<B: Backend, M: CausalLm<B>>(model: &M, samples: &[Sample], batch_size: usize, pad_id: u32, device: &B::Device) -> f64 {
+pub fn evaluate<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    samples: &[Sample],
+    batch_size: usize,
+    pad_id: u32,
+    device: &B::Device,
+) -> f64 {
     let (mut sum, mut n) = (0.0, 0usize);
     for chunk in samples.chunks(batch_size.max(1)) {
         let refs: Vec<&Sample> = chunk.iter().collect();
@@ -85,7 +91,11 @@ where
         });
     }
     if !peft.configs.contains_key(adapter) {
-        return Err(peft_lora::Error::UnknownAdapter(adapter.into(), peft.configs.keys().cloned().collect::<Vec<_>>().join(", ")).into());
+        return Err(peft_lora::Error::UnknownAdapter(
+            adapter.into(),
+            peft.configs.keys().cloned().collect::<Vec<_>>().join(", "),
+        )
+        .into());
     }
     let out = cfg.output_dir.clone();
     let bs = cfg.per_device_train_batch_size;
@@ -136,8 +146,11 @@ where
         let _ = std::fs::remove_file(metrics.path());
     }
     opt.prepare::<AB, M>(&mut peft.model);
-    std::fs::write(out.join("train_config.json"), serde_json::to_string_pretty(cfg).expect("json"))
-        .map_err(|e| Error::io(&out, e))?;
+    std::fs::write(
+        out.join("train_config.json"),
+        serde_json::to_string_pretty(cfg).expect("json"),
+    )
+    .map_err(|e| Error::io(&out, e))?;
 
     let bar = progress_bar(cfg.progress_bar, total, state.global_step);
     let (mut win_loss, mut win_n, mut win_tokens) = (0.0f64, 0u64, 0usize);
@@ -149,7 +162,10 @@ where
 
     while state.global_step < total {
         // Dropout draws depend only on the seed and the step: a resumed run draws the same.
-        AB::seed(device, cfg.seed.wrapping_mul(7919).wrapping_add(state.global_step));
+        AB::seed(
+            device,
+            cfg.seed.wrapping_mul(7919).wrapping_add(state.global_step),
+        );
         let mut acc = GradAccumulator::<AB::InnerBackend>::default();
         let mut step_loss = 0.0;
         for _ in 0..accum {
@@ -159,7 +175,10 @@ where
                 state.batches_in_epoch = 0;
                 batches = epoch_batches(train.len(), bs, cfg.seed, state.epoch);
             }
-            let refs: Vec<&Sample> = batches[state.batches_in_epoch].iter().map(|&i| &train[i]).collect();
+            let refs: Vec<&Sample> = batches[state.batches_in_epoch]
+                .iter()
+                .map(|&i| &train[i])
+                .collect();
             state.batches_in_epoch += 1;
             let batch = make_batch::<AB>(&refs, cfg.pad_token_id, device);
             let loss = peft.model.causal_lm_loss(&batch);
@@ -176,7 +195,12 @@ where
         let lr = schedule.lr_at(state.global_step);
         let norm = opt.step::<AB, M>(&mut peft.model, acc, lr, clip);
         if !norm.is_finite() {
-            return Err(non_finite("gradient norm", state.global_step + 1, norm, &out));
+            return Err(non_finite(
+                "gradient norm",
+                state.global_step + 1,
+                norm,
+                &out,
+            ));
         }
         state.global_step += 1;
         win_loss += step_loss;
@@ -210,7 +234,13 @@ where
             win_start = Instant::now();
         }
         if !eval.is_empty() && ((cfg.eval_steps > 0 && step % cfg.eval_steps == 0) || is_last) {
-            let l = evaluate(&peft.model.valid(), eval, cfg.per_device_eval_batch_size, cfg.pad_token_id, device);
+            let l = evaluate(
+                &peft.model.valid(),
+                eval,
+                cfg.per_device_eval_batch_size,
+                cfg.pad_token_id,
+                device,
+            );
             eval_loss = Some(l);
             metrics.write(&LogEntry {
                 step,
@@ -261,8 +291,10 @@ fn progress_bar(show: bool, total: u64, pos: u64) -> indicatif::ProgressBar {
     }
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}")
-            .expect("static template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .expect("static template"),
     );
     bar.set_position(pos);
     bar

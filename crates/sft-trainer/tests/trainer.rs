@@ -24,17 +24,26 @@ impl<B: Backend> ToyLm<B> {
         ToyLm {
             embed: Param::from_tensor(seeded([VOCAB, 8], 1, device)).set_require_grad(false),
             mix: LoraLinear::from_weight(seeded([8, 8], 2, device), None),
-            head: LoraLinear::from_weight(seeded([8, VOCAB], 3, device), Some(seeded::<B, 2>([1, VOCAB], 4, device).reshape([VOCAB]))),
+            head: LoraLinear::from_weight(
+                seeded([8, VOCAB], 3, device),
+                Some(seeded::<B, 2>([1, VOCAB], 4, device).reshape([VOCAB])),
+            ),
         }
     }
 }
 
 impl<B: Backend> LoraModel<B> for ToyLm<B> {
     fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
-        vec![("model.mix".into(), &self.mix), ("model.head".into(), &self.head)]
+        vec![
+            ("model.mix".into(), &self.mix),
+            ("model.head".into(), &self.head),
+        ]
     }
     fn lora_linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
-        vec![("model.mix".into(), &mut self.mix), ("model.head".into(), &mut self.head)]
+        vec![
+            ("model.mix".into(), &mut self.mix),
+            ("model.head".into(), &mut self.head),
+        ]
     }
 }
 
@@ -44,17 +53,29 @@ impl<B: Backend> CausalLm<B> for ToyLm<B> {
         let ids = batch.input_ids.clone().reshape([b * s]);
         let h = self.embed.val().select(0, ids).reshape([b, s, 8]);
         let logits = self.head.forward(self.mix.forward(h).tanh()); // [b, s, V]
-        let logits = logits.slice([0..b, 0..s - 1, 0..VOCAB]).reshape([b * (s - 1), VOCAB]);
-        let labels = batch.labels.clone().slice([0..b, 1..s]).reshape([b * (s - 1)]);
+        let logits = logits
+            .slice([0..b, 0..s - 1, 0..VOCAB])
+            .reshape([b * (s - 1), VOCAB]);
+        let labels = batch
+            .labels
+            .clone()
+            .slice([0..b, 1..s])
+            .reshape([b * (s - 1)]);
         let mask = labels.clone().not_equal_elem(-100).float();
         let safe = labels.clamp_min(0);
         let logp = burn::tensor::activation::log_softmax(logits, 1);
-        let picked: Tensor<B, 1> = logp.gather(1, safe.unsqueeze_dim::<2>(1)).reshape([b * (s - 1)]);
+        let picked: Tensor<B, 1> = logp
+            .gather(1, safe.unsqueeze_dim::<2>(1))
+            .reshape([b * (s - 1)]);
         -(picked * mask.clone()).sum() / mask.sum()
     }
 }
 
-fn seeded<B: Backend, const D: usize>(shape: [usize; D], seed: u64, device: &B::Device) -> Tensor<B, D> {
+fn seeded<B: Backend, const D: usize>(
+    shape: [usize; D],
+    seed: u64,
+    device: &B::Device,
+) -> Tensor<B, D> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let n: usize = shape.iter().product();
@@ -76,17 +97,22 @@ fn data(n: usize) -> Vec<Sample> {
                 .collect();
             let mut labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
             labels[0] = -100;
-            Sample { input_ids: ids, labels }
+            Sample {
+                input_ids: ids,
+                labels,
+            }
         })
         .collect()
 }
 
 fn peft(device: &burn::tensor::Device<AD>) -> PeftModel<ToyLm<AD>> {
     let mut p = PeftModel::new(ToyLm::<AD>::new(device));
-    p.add_adapter::<AD>("default", &LoraConfig::new(4, 8.0, &["mix", "head"])).unwrap();
+    p.add_adapter::<AD>("default", &LoraConfig::new(4, 8.0, &["mix", "head"]))
+        .unwrap();
     for (i, (_, layer)) in p.model.lora_linears_mut().into_iter().enumerate() {
         let a = &mut layer.adapters[0];
-        a.lora_a = Param::from_tensor(seeded(a.lora_a.dims(), 10 + i as u64, device).require_grad());
+        a.lora_a =
+            Param::from_tensor(seeded(a.lora_a.dims(), 10 + i as u64, device).require_grad());
     }
     p
 }
@@ -128,7 +154,14 @@ fn adapter_values(p: &PeftModel<ToyLm<AD>>) -> Vec<f32> {
 #[test]
 fn loss_falls_and_outputs_are_written() {
     let device = Default::default();
-    for optimizer in [OptimizerKind::AdamW, OptimizerKind::LoraPlus { lr_ratio: 4.0, weight_decay: 0.0 }, OptimizerKind::LoraFa] {
+    for optimizer in [
+        OptimizerKind::AdamW,
+        OptimizerKind::LoraPlus {
+            lr_ratio: 4.0,
+            weight_decay: 0.0,
+        },
+        OptimizerKind::LoraFa,
+    ] {
         let mut p = peft(&device);
         let mut c = cfg("falls", 30);
         c.optimizer = optimizer.clone();
@@ -136,11 +169,20 @@ fn loss_falls_and_outputs_are_written() {
         let (first, last) = (s.first_loss.unwrap(), s.last_loss.unwrap());
         assert!(last < 0.7 * first, "{optimizer:?}: loss {first} -> {last}");
         assert_eq!(s.global_step, 30);
-        for f in ["metrics.jsonl", "loss.png", "adapter_config.json", "adapter_model.safetensors", "train_config.json"] {
+        for f in [
+            "metrics.jsonl",
+            "loss.png",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "train_config.json",
+        ] {
             assert!(c.output_dir.join(f).exists(), "{f}");
         }
         // Keep-last-2 checkpoints: 25 and 30.
-        let ckpts: Vec<u64> = sft_trainer::checkpoint::list(&c.output_dir).into_iter().map(|(s, _)| s).collect();
+        let ckpts: Vec<u64> = sft_trainer::checkpoint::list(&c.output_dir)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
         assert_eq!(ckpts, vec![25, 30]);
     }
 }
@@ -150,25 +192,60 @@ fn killed_run_resumes_to_the_same_result() {
     let device = Default::default();
     let full_cfg = cfg("full", 12);
     let mut full = peft(&device);
-    train::<AD, _>(&mut full, "default", &data(20), &[], &full_cfg, false, &device).unwrap();
+    train::<AD, _>(
+        &mut full,
+        "default",
+        &data(20),
+        &[],
+        &full_cfg,
+        false,
+        &device,
+    )
+    .unwrap();
 
     // A run "killed" after step 10: its last complete checkpoint is checkpoint-10 (the final
     // one is removed, as if the kill came before it was written).
     let part_cfg = cfg("part", 12);
     let mut part = peft(&device);
-    train::<AD, _>(&mut part, "default", &data(20), &[], &part_cfg, false, &device).unwrap();
+    train::<AD, _>(
+        &mut part,
+        "default",
+        &data(20),
+        &[],
+        &part_cfg,
+        false,
+        &device,
+    )
+    .unwrap();
     std::fs::remove_dir_all(part_cfg.output_dir.join("checkpoint-12")).unwrap();
     // A half-written checkpoint from the kill is ignored.
     std::fs::create_dir_all(part_cfg.output_dir.join(".tmp-checkpoint-12")).unwrap();
 
     let (a, b) = (adapter_values(&full), adapter_values(&part));
-    let max_diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let max_diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
     assert!(max_diff < 1e-6, "two identical runs differ by {max_diff}");
     let mut resumed = peft(&device);
-    let s = train::<AD, _>(&mut resumed, "default", &data(20), &[], &part_cfg, true, &device).unwrap();
+    let s = train::<AD, _>(
+        &mut resumed,
+        "default",
+        &data(20),
+        &[],
+        &part_cfg,
+        true,
+        &device,
+    )
+    .unwrap();
     assert_eq!(s.resumed_from, Some(10));
     let (a, b) = (adapter_values(&full), adapter_values(&resumed));
-    let max_diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let max_diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
     assert!(max_diff < 1e-5, "resumed run differs by {max_diff}");
 }
 
@@ -177,24 +254,68 @@ fn non_finite_loss_stops_with_the_step() {
     let device = Default::default();
     let mut p = peft(&device);
     let c = cfg("nan", 10);
-    train::<AD, _>(&mut p, "default", &data(8), &[], &TrainConfig { max_steps: 5, ..c.clone() }, false, &device).unwrap();
+    train::<AD, _>(
+        &mut p,
+        "default",
+        &data(8),
+        &[],
+        &TrainConfig {
+            max_steps: 5,
+            ..c.clone()
+        },
+        false,
+        &device,
+    )
+    .unwrap();
     // Poison the head's B: the next loss is NaN.
     let ad = &mut p.model.head.adapters[0];
-    ad.lora_b = Param::from_tensor(Tensor::from_inner(ad.lora_b.val().inner().add_scalar(f32::NAN)).require_grad());
-    let c2 = TrainConfig { max_steps: 10, ..c.clone() };
+    ad.lora_b = Param::from_tensor(
+        Tensor::from_inner(ad.lora_b.val().inner().add_scalar(f32::NAN)).require_grad(),
+    );
+    let c2 = TrainConfig {
+        max_steps: 10,
+        ..c.clone()
+    };
     let err = train::<AD, _>(&mut p, "default", &data(8), &[], &c2, false, &device).unwrap_err();
     assert!(matches!(err, Error::NonFinite { step: 1, .. }), "{err}");
-    assert!(err.to_string().contains("non-finite loss at optimizer step 1"));
+    assert!(err
+        .to_string()
+        .contains("non-finite loss at optimizer step 1"));
 }
 
 #[test]
 fn bad_settings_fail_before_work() {
     let device = Default::default();
     let mut p = peft(&device);
-    let bad = |c: TrainConfig| train::<AD, _>(&mut peft(&device), "default", &data(4), &[], &c, false, &device).unwrap_err().to_string();
-    assert!(bad(TrainConfig { learning_rate: -1.0, ..cfg("b1", 1) }).contains("learning_rate"));
-    assert!(bad(TrainConfig { per_device_train_batch_size: 0, ..cfg("b2", 1) }).contains("per_device_train_batch_size"));
-    assert!(bad(TrainConfig { output_dir: "/proc/no-such-dir/x".into(), ..cfg("b3", 1) }).contains("/proc/no-such-dir/x"));
-    let err = train::<AD, _>(&mut p, "default", &[], &[], &cfg("b4", 1), false, &device).unwrap_err();
+    let bad = |c: TrainConfig| {
+        train::<AD, _>(
+            &mut peft(&device),
+            "default",
+            &data(4),
+            &[],
+            &c,
+            false,
+            &device,
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    assert!(bad(TrainConfig {
+        learning_rate: -1.0,
+        ..cfg("b1", 1)
+    })
+    .contains("learning_rate"));
+    assert!(bad(TrainConfig {
+        per_device_train_batch_size: 0,
+        ..cfg("b2", 1)
+    })
+    .contains("per_device_train_batch_size"));
+    assert!(bad(TrainConfig {
+        output_dir: "/proc/no-such-dir/x".into(),
+        ..cfg("b3", 1)
+    })
+    .contains("/proc/no-such-dir/x"));
+    let err =
+        train::<AD, _>(&mut p, "default", &[], &[], &cfg("b4", 1), false, &device).unwrap_err();
     assert!(err.to_string().contains("train dataset"));
 }
