@@ -521,3 +521,90 @@ pub fn bench_train<AB: AutodiffBackend>(
     );
     Ok(())
 }
+
+/// `bench-model`: fixture parity on this backend, and 8B-shape forward / decode timings.
+pub fn bench_model<B: Backend>(
+    fixture: Option<&Path>,
+    skip_8b: bool,
+    device: &B::Device,
+) -> Result<()> {
+    use burn::tensor::{Int, Tensor, TensorData};
+    if let Some(dir) = fixture {
+        let files = llama::resolve(&ModelSource::Local(dir.to_path_buf()))?;
+        let model = LlamaForCausalLM::<B>::load(&files, device)?;
+        let exp = peft_lora::st::SafetensorsFile::open(&dir.join("expected.safetensors"))?;
+        let int2 = |name: &str| -> Result<Tensor<B, 2, Int>> {
+            let (s, v) = exp.read_i64(name)?;
+            Ok(Tensor::from_data(TensorData::new(v, [s[0], s[1]]), device))
+        };
+        let mask = int2("attention_mask")?;
+        let got: Vec<f32> = model
+            .forward(int2("input_ids")?, Some(mask.clone()), &LoraCtx::default())
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("f32");
+        let want = exp.read("logits")?;
+        let m: Vec<i64> = mask.into_data().convert::<i64>().to_vec().expect("i64");
+        let v = want.shape[2];
+        let (mut diff, mut scale) = (0f32, 0f32);
+        for (pos, &keep) in m.iter().enumerate() {
+            if keep == 0 {
+                continue;
+            }
+            for j in 0..v {
+                let (a, b) = (got[pos * v + j], want.data[pos * v + j]);
+                diff = diff.max((a - b).abs());
+                scale = scale.max(b.abs());
+            }
+        }
+        println!(
+            "{}",
+            serde_json::json!({"check": "fixture logits vs transformers f32", "fixture": dir.display().to_string(), "max_rel_err": diff / scale})
+        );
+    }
+    if skip_8b {
+        return Ok(());
+    }
+    let cfg = LlamaConfig::llama3_8b();
+    let t = std::time::Instant::now();
+    let model = LlamaForCausalLM::<B>::random_seeded(&cfg, device, 0);
+    let _ = B::sync(device);
+    let init_s = t.elapsed().as_secs_f64();
+    let ids: Vec<i64> = (0..1024).map(|i| (i * 7919 % 128000) as i64).collect();
+    let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, 1024]), device);
+    let mut fwd = Vec::new();
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let l = model.forward(input.clone(), None, &LoraCtx::default());
+        let _ = B::sync(device);
+        fwd.push(t.elapsed().as_secs_f64());
+        drop(l);
+    }
+    let prompt: Vec<u32> = (0..32).map(|i| (i * 31 % 128000) as u32).collect();
+    let gen = GenerationConfig {
+        max_new_tokens: 64,
+        min_new_tokens: 64,
+        ..Default::default()
+    };
+    let _ = model.generate(
+        std::slice::from_ref(&prompt),
+        &GenerationConfig {
+            max_new_tokens: 8,
+            min_new_tokens: 8,
+            ..Default::default()
+        },
+        &LoraCtx::default(),
+        &mut |_, _| {},
+    )?;
+    let t = std::time::Instant::now();
+    let out = model.generate(&[prompt], &gen, &LoraCtx::default(), &mut |_, _| {})?;
+    let dec_s = t.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"system": "burn-peft", "random_init_s": init_s, "forward_1x1024_first_s": fwd[0],
+            "forward_1x1024_s": fwd[1..].iter().cloned().fold(f64::MAX, f64::min), "decode_tokens": out[0].len(),
+            "decode_tokens_per_s": out[0].len() as f64 / dec_s})
+    );
+    Ok(())
+}

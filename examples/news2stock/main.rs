@@ -28,7 +28,12 @@ fn run() -> Result<()> {
     }
     s.validate()?;
     let cmd = cli.command.unwrap_or(Command::Train);
-    if s.demo || matches!(cmd, Command::BenchTrain { tiny: true, .. }) {
+    if s.demo
+        || matches!(
+            cmd,
+            Command::BenchTrain { tiny: true, .. } | Command::BenchModel { skip_8b: true, .. }
+        ) && !cfg!(feature = "cuda")
+    {
         return dispatch::<Cpu>(&s, &cmd, &Default::default());
     }
     gpu(&s, &cmd)

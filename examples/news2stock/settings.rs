@@ -48,6 +48,17 @@ pub enum Command {
         #[arg(long)]
         tiny: bool,
     },
+    /// Model checks and timings: CPU-f32 fixture parity of this backend, then (unless
+    /// `--skip-8b`) random-init time, forward time (batch 1 x 1024) and greedy decode tokens/s
+    /// on the Llama-3.1-8B shape.
+    BenchModel {
+        /// A fixture folder (`fixtures/llama/<case>`) to compare logits with.
+        #[arg(long)]
+        fixture: Option<PathBuf>,
+        /// Skip the 8B timings.
+        #[arg(long)]
+        skip_8b: bool,
+    },
     /// Merge the adapter into the base weights and write safetensors that transformers loads.
     Merge {
         /// Output folder.

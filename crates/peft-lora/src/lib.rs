@@ -33,6 +33,7 @@ pub mod optim;
 pub mod st;
 pub mod target;
 pub mod variant;
+pub mod weighted;
 
 pub use config::{BiasMode, InitLoraWeights, LoraConfig, TargetModules};
 pub use error::{Error, Result};
@@ -40,3 +41,4 @@ pub use layer::{AdapterMeta, LayerState, LoraAdapter, LoraCtx, LoraLinear};
 pub use model::{LoraModel, PeftModel, TrainableReport};
 pub use optim::{AdamWConfig, GradAccumulator, LoraOptimizer, OptimizerKind};
 pub use variant::{LoraVariant, VariantKind};
+pub use weighted::Combination;

@@ -378,3 +378,52 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+#[test]
+fn weighted_adapters_cat_and_svd_are_exact_linear_runs() {
+    use peft_lora::Combination;
+    let device = Default::default();
+    let mut peft = PeftModel::new(Toy::<B>::new(&device));
+    peft.add_adapter::<B>("a", &config(&["up", "down"]))
+        .unwrap();
+    let mut c2 = LoraConfig::new(2, 3.0, &["up", "down"]);
+    c2.use_rslora = true;
+    peft.add_adapter::<B>("b", &c2).unwrap();
+    perturb(&mut peft);
+    // The exact combined delta per layer.
+    let want: Vec<Tensor<B, 2>> = peft
+        .model
+        .lora_linears()
+        .iter()
+        .map(|(_, l)| {
+            l.adapter("a").unwrap().delta_weight() * 0.7
+                + l.adapter("b").unwrap().delta_weight() * 0.4
+        })
+        .collect();
+    peft.add_weighted_adapter::<B>(&["a", "b"], &[0.7, 0.4], "cat", Combination::Cat)
+        .unwrap();
+    peft.add_weighted_adapter::<B>(
+        &["a", "b"],
+        &[0.7, 0.4],
+        "svd",
+        Combination::Svd { rank: Some(6) },
+    )
+    .unwrap();
+    for (i, (_, l)) in peft.model.lora_linears().iter().enumerate() {
+        for name in ["cat", "svd"] {
+            let got = l.adapter(name).unwrap().delta_weight();
+            let scale = want[i].clone().abs().max().into_scalar();
+            let err = (got - want[i].clone()).abs().max().into_scalar() / scale;
+            assert!(err < 1e-5, "{name}: layer {i} rel err {err}");
+        }
+        assert_eq!(l.adapter("cat").unwrap().meta.r, 6);
+    }
+    assert_eq!(peft.configs["cat"].r, 6);
+    // linear needs equal ranks; DoRA cannot combine.
+    let err = peft
+        .add_weighted_adapter::<B>(&["a", "b"], &[1.0, 1.0], "lin", Combination::Linear)
+        .unwrap_err();
+    assert!(err.to_string().contains("one rank"), "{err}");
+    peft.add_weighted_adapter::<B>(&["a", "cat"], &[1.0], "bad", Combination::Cat)
+        .unwrap_err();
+}
