@@ -57,6 +57,9 @@ fn dispatch<B: burn::tensor::backend::Backend>(
         } => {
             job::bench_train::<burn::backend::Autodiff<B>>(s, *seq, *steps, *warmup, *tiny, device)
         }
+        Command::BenchModel { fixture, skip_8b } => {
+            job::bench_model::<B>(fixture.as_deref(), *skip_8b, device)
+        }
     }
 }
 
