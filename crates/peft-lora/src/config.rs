@@ -289,6 +289,20 @@ impl LoraConfig {
                 reason: "Conv1D (GPT-2 style) weights are not used by supported models".into(),
             });
         }
+        if self.bias != BiasMode::None {
+            return Err(Error::Unsupported {
+                field: "bias".into(),
+                value: serde_json::to_string(&self.bias).unwrap_or_default(),
+                reason: "training base biases is not implemented yet; use \"none\"".into(),
+            });
+        }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return Err(Error::Unsupported {
+                field: "modules_to_save".into(),
+                value: format!("{:?}", self.modules_to_save),
+                reason: "fully trained extra modules are not implemented yet".into(),
+            });
+        }
         for (k, r) in &self.rank_pattern {
             if *r == 0 {
                 return Err(Error::config(
