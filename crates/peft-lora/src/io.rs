@@ -12,7 +12,6 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
-use crate::init::InitMethod;
 use crate::model::{adapter_meta, LoraModel, PeftModel};
 use crate::st::{to_host, write_f32, HostTensor, SafetensorsFile};
 use crate::target::is_target;
@@ -189,8 +188,6 @@ impl<M> PeftModel<M> {
             layer.add_adapter(adapter)?;
             layer.set_active(&[name.to_string()]);
         }
-        // The weights came from the file: the init method is not run again.
-        let _ = InitMethod::parse(&cfg.init_lora_weights);
         self.configs.insert(name.into(), cfg);
         self.active = vec![name.into()];
         Ok(())

@@ -1,7 +1,7 @@
 //! The adapted linear layer: a frozen base `y = x W + b` plus any number of named adapters.
 
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Distribution, Tensor};
+use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
 
 use crate::error::{Error, Result};
 use crate::variant::{variant_of, Base, Dora, VariantKind};
@@ -237,7 +237,7 @@ impl<B: Backend> LoraLinear<B> {
             let (merged, kept) = variant.merge(adapter, self.weight.val());
             if safe {
                 let finite = merged.clone().is_finite().all().into_scalar();
-                if !finite_bool::<B>(finite) {
+                if !finite.elem::<bool>() {
                     return Err(Error::Merge {
                         adapter: name,
                         module: module.into(),
@@ -368,11 +368,6 @@ impl<B: Backend> LoraLinear<B> {
             })
             .sum()
     }
-}
-
-fn finite_bool<B: Backend>(v: B::BoolElem) -> bool {
-    use burn::tensor::ElementConversion;
-    v.elem::<bool>()
 }
 
 /// Inverted dropout on the adapter input, active only on autodiff backends (training).

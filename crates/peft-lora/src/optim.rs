@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use burn::module::Param;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
 
 use crate::error::{Error, Result};
 use crate::model::LoraModel;
@@ -135,28 +135,21 @@ impl<B: Backend> GradAccumulator<B> {
         }
     }
 
-    /// The global L2 norm of all accumulated gradients.
+    /// The global L2 norm of all accumulated gradients (one device-to-host read).
     pub fn global_norm(&self) -> f64 {
-        let mut total = 0.0f64;
-        for g in self.grads.values() {
-            let s: f32 = g.clone().powf_scalar(2.0).sum().into_scalar().elem_f32();
-            total += s as f64;
-        }
-        total.sqrt()
+        let squares = self
+            .grads
+            .values()
+            .map(|g| g.clone().powf_scalar(2.0).sum());
+        let Some(total) = squares.reduce(|a, b| a + b) else {
+            return 0.0;
+        };
+        total.into_scalar().elem::<f64>().sqrt()
     }
 
     /// Whether nothing was accumulated.
     pub fn is_empty(&self) -> bool {
         self.grads.is_empty()
-    }
-}
-
-trait ElemF32 {
-    fn elem_f32(self) -> f32;
-}
-impl<E: burn::tensor::Element> ElemF32 for E {
-    fn elem_f32(self) -> f32 {
-        self.elem::<f32>()
     }
 }
 

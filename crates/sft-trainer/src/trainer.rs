@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ElementConversion;
 use peft_lora::io::adapter_dir;
 use peft_lora::st::{write_f32, SafetensorsFile};
 use peft_lora::{GradAccumulator, LoraOptimizer, PeftModel};
@@ -49,20 +50,11 @@ pub fn evaluate<B: Backend, M: CausalLm<B>>(
     for chunk in samples.chunks(batch_size.max(1)) {
         let refs: Vec<&Sample> = chunk.iter().collect();
         let batch = make_batch::<B>(&refs, pad_id, device);
-        let loss: f64 = model.causal_lm_loss(&batch).into_scalar().elem_f64();
+        let loss: f64 = model.causal_lm_loss(&batch).into_scalar().elem::<f64>();
         sum += loss * batch.n_label_tokens as f64;
         n += batch.n_label_tokens;
     }
     sum / n.max(1) as f64
-}
-
-trait ElemF64 {
-    fn elem_f64(self) -> f64;
-}
-impl<E: burn::tensor::Element> ElemF64 for E {
-    fn elem_f64(self) -> f64 {
-        self.elem::<f64>()
-    }
 }
 
 /// Trains adapter `adapter` of `peft` on `train`, evaluating on `eval`. With `resume`, continues
@@ -160,6 +152,8 @@ where
     let (mut first_loss, mut last_loss, mut eval_loss) = (None, None, None);
     let epoch_frac = |step: u64| step as f64 / steps_per_epoch as f64;
 
+    // The order of the current epoch, shuffled once per epoch (a resume rebuilds it from the seed).
+    let mut batches = epoch_batches(train.len(), bs, cfg.seed, state.epoch);
     while state.global_step < total {
         // Dropout draws depend only on the seed and the step: a resumed run draws the same.
         AB::seed(
@@ -169,7 +163,6 @@ where
         let mut acc = GradAccumulator::<AB::InnerBackend>::default();
         let mut step_loss = 0.0;
         for _ in 0..accum {
-            let mut batches = epoch_batches(train.len(), bs, cfg.seed, state.epoch);
             if state.batches_in_epoch >= batches.len() {
                 state.epoch += 1;
                 state.batches_in_epoch = 0;
@@ -182,7 +175,7 @@ where
             state.batches_in_epoch += 1;
             let batch = make_batch::<AB>(&refs, cfg.pad_token_id, device);
             let loss = peft.model.causal_lm_loss(&batch);
-            let value: f64 = loss.clone().into_scalar().elem_f64();
+            let value: f64 = loss.clone().into_scalar().elem::<f64>();
             if !value.is_finite() {
                 return Err(non_finite("loss", state.global_step + 1, value, &out));
             }
