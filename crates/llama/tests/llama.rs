@@ -509,6 +509,7 @@ fn mixed_adapter_batches_route_rows() {
     let with = peft.model.forward(ids.clone(), None, &ctx());
     let routed = LoraCtx {
         row_adapters: Some(vec![Some("a".into()), None]),
+        ..Default::default()
     };
     let mixed = peft.model.forward(ids.clone(), None, &routed);
     peft.set_adapters_disabled::<B>(true).unwrap();

@@ -157,6 +157,7 @@ fn several_adapters_switch_delete_and_mixed_batches() {
     // Mixed batch: row 0 on "a", row 1 on the base.
     let ctx = LoraCtx {
         row_adapters: Some(vec![Some("a".into()), None]),
+        ..Default::default()
     };
     let mixed = peft.model.forward_ctx(x.clone(), &ctx);
     let row = |t: Tensor<B, 3>, i: usize| t.slice([i..i + 1, 0..3, 0..6]);
