@@ -14,6 +14,11 @@ use peft_lora::{
 };
 use sft_trainer::{Batch, CausalLm};
 
+#[path = "parity/eva.rs"]
+mod eva;
+#[path = "parity/init.rs"]
+mod init;
+
 type B = NdArray<f32>;
 type AD = Autodiff<B>;
 

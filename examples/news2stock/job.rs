@@ -144,6 +144,7 @@ pub fn lora_config(s: &Settings) -> LoraConfig {
         target_modules: Some(targets),
         use_rslora: s.use_rslora,
         use_dora: s.use_dora,
+        init_lora_weights: s.init_lora_weights(),
         task_type: Some("CAUSAL_LM".into()),
         base_model_name_or_path: Some(if s.demo {
             "demo-tiny-llama".into()
@@ -214,6 +215,9 @@ pub fn train<AB: AutodiffBackend>(s: &Settings, device: &AB::Device) -> Result<(
     );
     let mut peft = PeftModel::new(loaded.model);
     peft.add_adapter::<AB>("default", &lora_config(s))?;
+    if s.init_lora_weights == "eva" {
+        run_eva::<AB>(&mut peft, &train_set, s, loaded.pad_id, device)?;
+    }
     peft.print_trainable_parameters::<AB>();
     let tc = train_config(s, loaded.pad_id);
     std::fs::write(
@@ -605,6 +609,60 @@ pub fn bench_model<B: Backend>(
         serde_json::json!({"system": "burn-peft", "random_init_s": init_s, "forward_1x1024_first_s": fwd[0],
             "forward_1x1024_s": fwd[1..].iter().cloned().fold(f64::MAX, f64::min), "decode_tokens": out[0].len(),
             "decode_tokens_per_s": out[0].len() as f64 / dec_s})
+    );
+    Ok(())
+}
+
+/// EVA: principal components of each target layer's inputs over the training batches (prompt
+/// tokens masked by their -100 labels), then PEFT's rank redistribution. Adapters are disabled
+/// while it runs, so nothing is recorded for autodiff.
+fn run_eva<AB: AutodiffBackend>(
+    peft: &mut PeftModel<LlamaForCausalLM<AB>>,
+    train_set: &[Sample],
+    s: &Settings,
+    pad_id: u32,
+    device: &AB::Device,
+) -> Result<()> {
+    let cfg = peft_lora::eva::EvaConfig::from_lora(&peft.configs["default"])?;
+    let host = |t: &burn::tensor::Tensor<AB, 2, burn::tensor::Int>| -> Vec<i64> {
+        t.to_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .unwrap_or_default()
+    };
+    let batches: Vec<_> = train_set
+        .chunks(s.batch_size.max(1))
+        .map(|c| {
+            let refs: Vec<&Sample> = c.iter().collect();
+            let b = sft_trainer::make_batch::<AB>(&refs, pad_id, device);
+            let (mask, labels) = (host(&b.attention_mask), host(&b.labels));
+            (b, mask, labels)
+        })
+        .collect();
+    let report = peft.eva_init::<AB, _, _>(
+        "default",
+        batches.iter(),
+        |m, (b, _, _)| {
+            m.forward(
+                b.input_ids.clone(),
+                Some(b.attention_mask.clone()),
+                &LoraCtx::default(),
+            );
+        },
+        |(_, mask, labels)| cfg.token_mask(mask, Some(labels)),
+        |p| {
+            eprint!(
+                "\reva: batch {} - {}/{} layers converged",
+                p.batches, p.converged, p.layers
+            )
+        },
+        peft_lora::eva::EvaLimits::default(),
+    )?;
+    eprintln!();
+    println!(
+        "eva: ranks {:?} after {} batches",
+        report.ranks.values().collect::<Vec<_>>(),
+        report.batches
     );
     Ok(())
 }

@@ -151,6 +151,10 @@ pub struct Settings {
     /// DoRA.
     #[arg(long)]
     pub use_dora: bool,
+    /// `init_lora_weights`: true, false, gaussian, orthogonal, pissa, pissa_niter_N, olora, eva
+    /// (eva runs on the training batches before the first step).
+    #[arg(long, default_value = "true")]
+    pub init_lora_weights: String,
     /// Longest training sample in tokens (longer ones are skipped and counted).
     #[arg(long, default_value_t = 2048)]
     pub max_length: usize,
@@ -248,6 +252,15 @@ impl Settings {
         self
     }
 
+    /// `--init-lora-weights` as the config value (`true` / `false` are booleans).
+    pub fn init_lora_weights(&self) -> peft_lora::InitLoraWeights {
+        match self.init_lora_weights.as_str() {
+            "true" => peft_lora::InitLoraWeights::Bool(true),
+            "false" => peft_lora::InitLoraWeights::Bool(false),
+            m => peft_lora::InitLoraWeights::Method(m.into()),
+        }
+    }
+
     /// Checks values that clap cannot (before any long work).
     pub fn validate(&self) -> anyhow::Result<()> {
         let one_of = |name: &str, v: &str, allowed: &[&str]| -> anyhow::Result<()> {
@@ -272,6 +285,8 @@ impl Settings {
             &self.lr_scheduler,
             &["constant", "constant_with_warmup", "linear", "cosine"],
         )?;
+        peft_lora::init::InitMethod::parse(&self.init_lora_weights())
+            .map_err(|e| anyhow::anyhow!("--init-lora-weights: {e}"))?;
         if self.lora_r == 0 {
             anyhow::bail!("--lora-r 0: the rank must be at least 1");
         }

@@ -312,6 +312,7 @@ impl LoraConfig {
             }
         }
         crate::init::InitMethod::parse(&self.init_lora_weights)?;
+        crate::eva::EvaConfig::from_lora(self)?;
         for field in NUMERIC_FIELDS_UNSUPPORTED {
             let value = match *field {
                 "layer_replication" => serde_json::to_value(&self.layer_replication).ok(),

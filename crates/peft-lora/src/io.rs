@@ -12,6 +12,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
+use crate::init::InitMethod;
 use crate::model::{adapter_meta, LoraModel, PeftModel};
 use crate::st::{to_host, write_f32, HostTensor, SafetensorsFile};
 use crate::target::is_target;
@@ -159,6 +160,7 @@ impl<M> PeftModel<M> {
         }
 
         let paths: BTreeSet<String> = targets.into_iter().collect();
+        let method = InitMethod::parse(&cfg.init_lora_weights)?;
         for (path, layer) in self.model.lora_linears_mut() {
             if !paths.contains(&path) {
                 continue;
@@ -166,6 +168,14 @@ impl<M> PeftModel<M> {
             let device = layer.weight.device();
             let key = format!("{KEY_PREFIX}{path}");
             let meta = adapter_meta(&cfg, name, &path);
+            if matches!(method, InitMethod::Pissa { .. } | InitMethod::Olora) {
+                // As PEFT's from_pretrained: the init runs again on the base, so an adapter
+                // trained from PiSSA/OLoRA loads onto the original model and reproduces it.
+                let init = method.init_layer(&layer.weight.val(), meta.r, meta.scaling, &path)?;
+                if let Some(residual) = init.residual {
+                    layer.weight = Param::from_tensor(residual).set_require_grad(false);
+                }
+            }
             let a: Tensor<B, 2> = file
                 .read(&format!("{key}.lora_A.weight"))?
                 .to_tensor(&key, &device)?;

@@ -3,7 +3,10 @@
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
 
+use std::sync::{Arc, Mutex};
+
 use crate::error::{Error, Result};
+use crate::st::{to_host, HostTensor};
 use crate::variant::{variant_of, Base, Dora, VariantKind};
 
 /// Hyper-parameters of one adapter on one layer.
@@ -72,6 +75,35 @@ pub struct LayerState {
     pub disabled: bool,
     /// Adapters currently merged into `weight`.
     pub merged: Vec<String>,
+    /// A forward hook (EVA): when set, every forward copies its input `[n, in]` here.
+    pub capture: Option<InputCapture>,
+}
+
+/// Collects the inputs a layer sees (PyTorch's forward hook, as EVA uses it).
+#[derive(Clone, Default)]
+pub struct InputCapture(Arc<Mutex<Vec<HostTensor>>>);
+
+impl InputCapture {
+    /// Takes every input recorded since the last call.
+    pub fn take(&self) -> Vec<HostTensor> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn push(&self, x: HostTensor) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(x);
+    }
+}
+
+impl PartialEq for InputCapture {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::fmt::Debug for InputCapture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InputCapture")
+    }
 }
 
 /// Per-call routing: mixed-adapter batches.
@@ -298,6 +330,9 @@ impl<B: Backend> LoraLinear<B> {
         let d_in = dims[D - 1];
         let n: usize = dims[..D - 1].iter().product();
         let x2: Tensor<B, 2> = x.reshape([n, d_in]);
+        if let Some(capture) = &self.state.capture {
+            capture.push(to_host(x2.clone()));
+        }
         let weight = self.weight.val();
         let bias = self.bias.as_ref().map(|b| b.val());
         let base_out = match &bias {

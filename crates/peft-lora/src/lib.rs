@@ -24,10 +24,14 @@
 //! ```
 
 pub mod config;
+pub mod convert;
+pub mod decompose;
 pub mod error;
+pub mod eva;
 pub mod init;
 pub mod io;
 pub mod layer;
+pub mod linalg;
 pub mod model;
 pub mod optim;
 pub mod st;
@@ -37,7 +41,7 @@ pub mod weighted;
 
 pub use config::{BiasMode, InitLoraWeights, LoraConfig, TargetModules};
 pub use error::{Error, Result};
-pub use layer::{AdapterMeta, LayerState, LoraAdapter, LoraCtx, LoraLinear};
+pub use layer::{AdapterMeta, InputCapture, LayerState, LoraAdapter, LoraCtx, LoraLinear};
 pub use model::{LoraModel, PeftModel, TrainableReport};
 pub use optim::{AdamWConfig, GradAccumulator, LoraOptimizer, OptimizerKind};
 pub use variant::{LoraVariant, VariantKind};

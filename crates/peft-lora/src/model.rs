@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 
 use crate::config::LoraConfig;
@@ -88,6 +88,12 @@ impl<M> PeftModel<M> {
             return Err(Error::DuplicateAdapter(name.into()));
         }
         let method = InitMethod::parse(&cfg.init_lora_weights)?;
+        // Check every target first so a bad rank leaves the model untouched.
+        for (path, _) in self.model.lora_linears() {
+            if is_target(cfg, &path)? {
+                method.check_rank(adapter_meta(cfg, name, &path).r, &path)?;
+            }
+        }
         let mut adapted = Vec::new();
         let mut all_paths = Vec::new();
         for (path, layer) in self.model.lora_linears_mut() {
@@ -96,9 +102,12 @@ impl<M> PeftModel<M> {
                 continue;
             }
             let meta = adapter_meta(cfg, name, &path);
-            let device = layer.weight.device();
-            let (a, b) = method.init::<B>(layer.d_in(), layer.d_out(), meta.r, &device);
-            let adapter = layer.new_adapter(meta, a, b, cfg.lora_bias);
+            let init = method.init_layer(&layer.weight.val(), meta.r, meta.scaling, &path)?;
+            if let Some(residual) = init.residual {
+                // PiSSA / OLoRA: the principal part now lives in the adapter.
+                layer.weight = Param::from_tensor(residual).set_require_grad(false);
+            }
+            let adapter = layer.new_adapter(meta, init.a, init.b, cfg.lora_bias);
             layer.add_adapter(adapter)?;
             layer.set_active(&[name.to_string()]);
             adapted.push(path);

@@ -430,3 +430,81 @@ fn weighted_adapters_cat_and_svd_are_exact_linear_runs() {
     peft.add_weighted_adapter::<B>(&["a", "cat"], &[1.0], "bad", Combination::Cat)
         .unwrap_err();
 }
+
+fn with_init(targets: &[&str], r: usize, init: &str) -> LoraConfig {
+    let mut c = LoraConfig::new(r, 8.0, targets);
+    c.init_lora_weights = peft_lora::InitLoraWeights::Method(init.into());
+    c
+}
+
+#[test]
+fn orthogonal_init_starts_at_the_base_and_needs_an_even_rank() {
+    let device = Default::default();
+    let base = Toy::<B>::new(&device);
+    let x = input::<B>(&device);
+    let y0 = base.forward(x.clone());
+    let mut peft = PeftModel::new(base);
+    peft.add_adapter::<B>("default", &with_init(&["up", "down"], 4, "orthogonal"))
+        .unwrap();
+    for (_, l) in peft.model.lora_linears() {
+        let a = l.adapter("default").unwrap();
+        // B A = 0 although neither is zero: A's and B's row spaces come from orthogonal rows.
+        let ab = a
+            .lora_a
+            .val()
+            .matmul(a.lora_b.val())
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(ab < 1e-6, "A B = {ab}");
+        assert!(a.lora_a.val().abs().max().into_scalar() > 1e-3);
+        assert!(a.lora_b.val().abs().max().into_scalar() > 1e-3);
+    }
+    assert!(max_rel(peft.model.forward(x), y0) < 1e-6);
+    let err = PeftModel::new(Toy::<B>::new(&device))
+        .add_adapter::<B>("default", &with_init(&["up"], 3, "orthogonal"))
+        .unwrap_err();
+    assert!(err.to_string().contains("even rank"), "{err}");
+}
+
+#[test]
+fn pissa_and_olora_keep_the_output_and_check_their_input() {
+    let device = Default::default();
+    let base = Toy::<B>::new(&device);
+    let x = input::<B>(&device);
+    let y0 = base.forward(x.clone());
+    for init in ["pissa", "pissa_niter_2", "olora"] {
+        let mut peft = PeftModel::new(Toy::<B>::new(&device));
+        peft.model = Toy {
+            up: LoraLinear::from_weight(
+                base.up.weight.val(),
+                base.up.bias.as_ref().map(|b| b.val()),
+            ),
+            down: LoraLinear::from_weight(base.down.weight.val(), None),
+        };
+        peft.add_adapter::<B>("default", &with_init(&["up", "down"], 4, init))
+            .unwrap();
+        assert!(
+            max_rel(peft.model.forward(x.clone()), y0.clone()) < 1e-5,
+            "{init}"
+        );
+        // The residual really changed: the principal part moved into the adapter.
+        let w = peft.model.up.weight.val();
+        assert!(
+            (w - base.up.weight.val()).abs().max().into_scalar() > 1e-2,
+            "{init}"
+        );
+    }
+    // r larger than min(in, out) = 6.
+    let err = PeftModel::new(Toy::<B>::new(&device))
+        .add_adapter::<B>("default", &with_init(&["up"], 8, "pissa"))
+        .unwrap_err();
+    assert!(err.to_string().contains("r <= min(in, out) = 6"), "{err}");
+    let bad = |json: &str| {
+        LoraConfig::from_json_str(json, "adapter_config.json")
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(bad(r#"{"init_lora_weights": "pissa_niter_x"}"#).contains("pissa_niter_<number"));
+    assert!(bad(r#"{"init_lora_weights": "eva", "eva_config": {"rho": 0.5}}"#).contains("rho"));
+}
