@@ -1,6 +1,7 @@
 //! `news2stock`: fine-tune NCSOFT/Llama-VARCO-8B-Instruct on Korean economic news with LoRA,
 //! evaluate it and run inference. `--demo` runs the same pipeline on a tiny model, on CPU.
 
+mod bench_init;
 mod job;
 mod metrics;
 mod settings;
@@ -31,7 +32,9 @@ fn run() -> Result<()> {
     if s.demo
         || matches!(
             cmd,
-            Command::BenchTrain { tiny: true, .. } | Command::BenchModel { skip_8b: true, .. }
+            Command::BenchTrain { tiny: true, .. }
+                | Command::BenchModel { skip_8b: true, .. }
+                | Command::BenchInit { .. }
         ) && !cfg!(feature = "cuda")
     {
         return dispatch::<Cpu>(&s, &cmd, &Default::default());
@@ -59,6 +62,9 @@ fn dispatch<B: burn::tensor::backend::Backend>(
         }
         Command::BenchModel { fixture, skip_8b } => {
             job::bench_model::<B>(fixture.as_deref(), *skip_8b, device)
+        }
+        Command::BenchInit { method, layers } => {
+            bench_init::bench_init::<B>(s, method, *layers, device)
         }
     }
 }

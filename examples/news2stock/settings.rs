@@ -59,6 +59,16 @@ pub enum Command {
         #[arg(long)]
         skip_8b: bool,
     },
+    /// Time a weight-decomposing init (pissa, pissa_niter_N, olora) on the 8B shape's q_proj and
+    /// v_proj of every layer (random weights; the decomposition runs on the CPU).
+    BenchInit {
+        /// pissa, pissa_niter_N or olora.
+        #[arg(long, default_value = "pissa")]
+        method: String,
+        /// Decoder layers (32 in Llama-3.1-8B).
+        #[arg(long, default_value_t = 32)]
+        layers: usize,
+    },
     /// Merge the adapter into the base weights and write safetensors that transformers loads.
     Merge {
         /// Output folder.
