@@ -14,6 +14,10 @@ pub enum InitMethod {
     Random,
     /// `"gaussian"`: A ~ N(0, (1/r)^2), B = 0.
     Gaussian,
+    /// `"loftq"`: the base is quantized to NF4 and A, B start at a rank-r SVD of the
+    /// quantization error; needs the layer, so [`crate::PeftModel::add_adapter`] runs
+    /// [`crate::loftq::init_layer`] instead of [`InitMethod::init`].
+    LoftQ,
 }
 
 impl InitMethod {
@@ -23,10 +27,11 @@ impl InitMethod {
             InitLoraWeights::Bool(true) => Ok(InitMethod::Default),
             InitLoraWeights::Bool(false) => Ok(InitMethod::Random),
             InitLoraWeights::Method(m) if m == "gaussian" => Ok(InitMethod::Gaussian),
+            InitLoraWeights::Method(m) if m == "loftq" => Ok(InitMethod::LoftQ),
             InitLoraWeights::Method(m) => {
                 let known = m == "pissa"
                     || m.starts_with("pissa_niter_")
-                    || ["olora", "eva", "loftq", "orthogonal", "corda"].contains(&m.as_str());
+                    || ["olora", "eva", "orthogonal", "corda"].contains(&m.as_str());
                 if known {
                     Err(Error::Unsupported {
                         field: "init_lora_weights".into(),
@@ -57,7 +62,10 @@ impl InitMethod {
         let bound = 1.0 / (d_in as f64).sqrt();
         let kaiming = || Tensor::random([d_in, r], Distribution::Uniform(-bound, bound), device);
         match self {
-            InitMethod::Default => (kaiming(), Tensor::zeros([r, d_out], device)),
+            // LoftQ's factors depend on the weight (`loftq::init_layer`); without it, the default.
+            InitMethod::Default | InitMethod::LoftQ => {
+                (kaiming(), Tensor::zeros([r, d_out], device))
+            }
             InitMethod::Gaussian => (
                 Tensor::random([d_in, r], Distribution::Normal(0.0, 1.0 / r as f64), device),
                 Tensor::zeros([r, d_out], device),

@@ -12,6 +12,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
+use crate::init::InitMethod;
 use crate::model::{adapter_meta, LoraModel, PeftModel};
 use crate::st::{to_host, write_f32, HostTensor, SafetensorsFile};
 use crate::target::is_target;
@@ -91,6 +92,10 @@ impl<M> PeftModel<M> {
 
     /// Loads a PEFT adapter folder as adapter `name` and makes it active. Every missing key,
     /// unexpected key and shape mismatch is reported by name in one error.
+    ///
+    /// A LoftQ adapter (`init_lora_weights = "loftq"`) loaded onto a full-precision base runs
+    /// LoftQ on each adapted layer first, as PEFT does, so the base becomes the NF4 `Q` the
+    /// adapter was trained with; a base already in NF4 is used as it is.
     pub fn load_adapter<B: Backend>(&mut self, dir: &Path, name: &str) -> Result<()>
     where
         M: LoraModel<B>,
@@ -159,6 +164,10 @@ impl<M> PeftModel<M> {
         }
 
         let paths: BTreeSet<String> = targets.into_iter().collect();
+        let loftq = match InitMethod::parse(&cfg.init_lora_weights)? {
+            InitMethod::LoftQ => Some(crate::loftq::LoftQConfig::from_lora_config(&cfg)?),
+            _ => None,
+        };
         for (path, layer) in self.model.lora_linears_mut() {
             if !paths.contains(&path) {
                 continue;
@@ -166,6 +175,12 @@ impl<M> PeftModel<M> {
             let device = layer.weight.device();
             let key = format!("{KEY_PREFIX}{path}");
             let meta = adapter_meta(&cfg, name, &path);
+            if let Some(lq) = loftq.as_ref().filter(|_| !layer.is_nf4()) {
+                // As PEFT's from_pretrained: a LoftQ adapter on a full-precision base runs LoftQ
+                // again, which quantizes the base to the Q it was trained on (deterministic);
+                // the computed factors are replaced by the saved ones below.
+                crate::loftq::init_layer(layer, lq, meta.r, &path)?;
+            }
             let a: Tensor<B, 2> = file
                 .read(&format!("{key}.lora_A.weight"))?
                 .to_tensor(&key, &device)?;

@@ -88,6 +88,10 @@ impl<M> PeftModel<M> {
             return Err(Error::DuplicateAdapter(name.into()));
         }
         let method = InitMethod::parse(&cfg.init_lora_weights)?;
+        let loftq = match method {
+            InitMethod::LoftQ => Some(crate::loftq::LoftQConfig::from_lora_config(cfg)?),
+            _ => None,
+        };
         let mut adapted = Vec::new();
         let mut all_paths = Vec::new();
         for (path, layer) in self.model.lora_linears_mut() {
@@ -97,7 +101,10 @@ impl<M> PeftModel<M> {
             }
             let meta = adapter_meta(cfg, name, &path);
             let device = layer.weight.device();
-            let (a, b) = method.init::<B>(layer.d_in(), layer.d_out(), meta.r, &device);
+            let (a, b) = match &loftq {
+                Some(lq) => crate::loftq::init_layer(layer, lq, meta.r, &path)?,
+                None => method.init::<B>(layer.d_in(), layer.d_out(), meta.r, &device),
+            };
             let adapter = layer.new_adapter(meta, a, b, cfg.lora_bias);
             layer.add_adapter(adapter)?;
             layer.set_active(&[name.to_string()]);
