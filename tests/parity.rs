@@ -291,3 +291,6 @@ fn saved_adapter_has_pefts_keys_shapes_and_config() {
         }
     }
 }
+
+#[path = "parity/loftq.rs"]
+mod loftq;

@@ -44,7 +44,10 @@ pub fn load_model<B: Backend>(s: &Settings, device: &B::Device) -> Result<Loaded
         cfg.head_dim = 32;
         cfg.intermediate_size = 256;
         B::seed(device, s.seed);
-        let model = LlamaForCausalLM::random(&cfg, device);
+        let mut model = LlamaForCausalLM::random(&cfg, device);
+        if s.load_in_4bit {
+            model.quantize_nf4()?;
+        }
         return Ok(Loaded {
             model,
             tokenizer,
@@ -61,7 +64,13 @@ pub fn load_model<B: Backend>(s: &Settings, device: &B::Device) -> Result<Loaded
     let model = if s.random_weights {
         let cfg = LlamaConfig::from_hf_file(&files.config)?;
         B::seed(device, s.seed);
-        LlamaForCausalLM::random(&cfg, device)
+        let mut model = LlamaForCausalLM::random(&cfg, device);
+        if s.load_in_4bit {
+            model.quantize_nf4()?;
+        }
+        model
+    } else if s.load_in_4bit {
+        LlamaForCausalLM::load_in_4bit(&files, device)?
     } else {
         LlamaForCausalLM::load(&files, device)?
     };

@@ -77,19 +77,24 @@ pub struct Attention<B: Backend> {
     pub head_dim: usize,
 }
 
-/// A projection from the checkpoint (`name.weight` `[out, in]`, optional `name.bias`).
+/// A projection from the checkpoint (`name.weight` `[out, in]`, optional `name.bias`), in NF4
+/// when `vb` says so ([`VarBuilder::with_nf4`]).
 pub fn load_linear<B: Backend>(
     vb: &VarBuilder<'_, B>,
     d_in: usize,
     d_out: usize,
     bias: bool,
 ) -> Result<LoraLinear<B>> {
-    let w = vb.linear_weight(d_in, d_out)?;
     let b = if bias {
         Some(vb.get("bias", [d_out])?)
     } else {
         None
     };
+    if vb.nf4() {
+        let q = vb.linear_weight_nf4(d_in, d_out)?;
+        return Ok(LoraLinear::from_nf4(&q, b, vb.device()));
+    }
+    let w = vb.linear_weight(d_in, d_out)?;
     Ok(LoraLinear::from_weight(w, b))
 }
 

@@ -447,6 +447,35 @@ impl LlamaConfig {
         }
     }
 
+    /// `(d_in, d_out)` of one decoder layer's linears: q, k, v, o, gate, up, down.
+    pub fn decoder_linear_shapes(&self) -> [(usize, usize); 7] {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+    }
+
+    /// Bytes of the weights with every decoder linear in NF4 (4-bit codes plus one f32 absmax
+    /// per 64 values: bitsandbytes' `load_in_4bit` without double quantization) and everything
+    /// else (embeddings, head, norms, biases) at `float_bytes` per value (2 for bf16, as
+    /// transformers keeps them).
+    pub fn nf4_weight_bytes(&self, float_bytes: usize) -> usize {
+        let per_layer: usize = self
+            .decoder_linear_shapes()
+            .iter()
+            .map(|(i, o)| peft_lora::Nf4Tensor::storage_bytes_for(i * o, peft_lora::NF4_BLOCKSIZE))
+            .sum();
+        let linear_params: usize = self
+            .decoder_linear_shapes()
+            .iter()
+            .map(|(i, o)| i * o)
+            .sum();
+        let other = self.num_params() - self.num_layers * linear_params;
+        self.num_layers * per_layer + other * float_bytes
+    }
+
     /// Parameter count of this shape (embeddings and head included).
     pub fn num_params(&self) -> usize {
         let (h, i) = (self.hidden_size, self.intermediate_size);
@@ -559,5 +588,15 @@ mod tests {
         let json = serde_json::to_string(&c.to_hf()).unwrap();
         assert_eq!(parse(&json).unwrap(), c);
         assert_eq!(LlamaConfig::llama3_8b().num_params(), 8_030_261_248);
+    }
+
+    #[test]
+    fn nf4_bytes_of_the_8b_shape() {
+        let c = LlamaConfig::llama3_8b();
+        let linear: usize = c.decoder_linear_shapes().iter().map(|(i, o)| i * o).sum();
+        let other = c.num_params() - c.num_layers * linear;
+        // bitsandbytes 0.50.2 `Params4bit(nf4, compress_statistics=False)` on the seven 8B
+        // shapes: packed bytes + f32 absmax = 122_683_392 per decoder layer.
+        assert_eq!(c.nf4_weight_bytes(2), 32 * 122_683_392 + 2 * other);
     }
 }

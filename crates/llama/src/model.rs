@@ -85,8 +85,35 @@ impl<B: Backend> LlamaForCausalLM<B> {
         files: &ModelFiles,
         device: &B::Device,
     ) -> Result<Self> {
+        Self::load_inner(cfg, files, device, false)
+    }
+
+    /// Loads a checkpoint with every decoder linear (attention and MLP projections) stored in
+    /// NF4, as transformers' `load_in_4bit` with bitsandbytes (`bnb_4bit_quant_type="nf4"`, no
+    /// double quantization): each matrix is quantized on the host as it is read, so the dense
+    /// weights never reach the device. Embeddings, norms and `lm_head` keep the float type.
+    pub fn load_in_4bit(files: &ModelFiles, device: &B::Device) -> Result<Self> {
+        let cfg = LlamaConfig::from_hf_file(&files.config)?;
+        Self::load_inner(cfg, files, device, true)
+    }
+
+    /// Stores every decoder linear's frozen base in NF4 (see [`Self::load_in_4bit`]), e.g. after
+    /// [`Self::random`]. Fails only if an adapter is merged into a layer.
+    pub fn quantize_nf4(&mut self) -> Result<()> {
+        for (path, lin) in self.lora_linears_mut() {
+            lin.quantize_nf4(&path)?;
+        }
+        Ok(())
+    }
+
+    fn load_inner(
+        cfg: LlamaConfig,
+        files: &ModelFiles,
+        device: &B::Device,
+        nf4: bool,
+    ) -> Result<Self> {
         let ckpt = Checkpoint::open(&files.weights)?;
-        let vb = VarBuilder::<B>::new(&ckpt, device);
+        let vb = VarBuilder::<B>::new(&ckpt, device).with_nf4(nf4);
         let m = vb.pp("model");
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         let embed_tokens = Embedding {

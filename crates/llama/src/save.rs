@@ -52,6 +52,8 @@ pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
 enum Src<B: Backend> {
     One(Tensor<B, 1>),
     Two(Tensor<B, 2>),
+    /// An NF4 base, dequantized only when its shard is written.
+    Nf4(peft_lora::Nf4Weight<B>),
 }
 
 impl<B: Backend> Src<B> {
@@ -59,12 +61,14 @@ impl<B: Backend> Src<B> {
         match self {
             Src::One(t) => t.dims().to_vec(),
             Src::Two(t) => t.dims().to_vec(),
+            Src::Nf4(q) => vec![q.d_out, q.d_in],
         }
     }
     fn bytes(&self, dtype: SaveDtype) -> Result<Vec<u8>> {
         let data = match self {
             Src::One(t) => t.to_data(),
             Src::Two(t) => t.to_data(),
+            Src::Nf4(q) => q.dequantize().transpose().into_data(),
         };
         let v: Vec<f32> = data
             .convert::<f32>()
@@ -117,10 +121,11 @@ impl<B: Backend> LlamaForCausalLM<B> {
         }
         for (path, lin) in peft_lora::LoraModel::lora_linears(self) {
             // Burn [in, out] -> PyTorch [out, in]: the inverse of `VarBuilder::linear_weight`.
-            out.push((
-                format!("{path}.weight"),
-                Src::Two(lin.weight.val().transpose()),
-            ));
+            let w = match &lin.nf4 {
+                Some(q) => Src::Nf4(q.clone()),
+                None => Src::Two(lin.weight.val().transpose()),
+            };
+            out.push((format!("{path}.weight"), w));
             if let Some(b) = &lin.bias {
                 out.push((format!("{path}.bias"), Src::One(b.val())));
             }

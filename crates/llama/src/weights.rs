@@ -57,6 +57,7 @@ pub struct VarBuilder<'a, B: Backend> {
     ckpt: &'a Checkpoint,
     prefix: String,
     device: B::Device,
+    nf4: bool,
 }
 
 impl<'a, B: Backend> VarBuilder<'a, B> {
@@ -66,7 +67,20 @@ impl<'a, B: Backend> VarBuilder<'a, B> {
             ckpt,
             prefix: String::new(),
             device: device.clone(),
+            nf4: false,
         }
+    }
+
+    /// Linear weights read through [`Self::linear`] are quantized to NF4 on the host, so the
+    /// dense matrix never reaches the device (bitsandbytes' `load_in_4bit`).
+    pub fn with_nf4(mut self, on: bool) -> Self {
+        self.nf4 = on;
+        self
+    }
+
+    /// Whether linear weights are loaded in NF4.
+    pub fn nf4(&self) -> bool {
+        self.nf4
     }
 
     /// One level deeper: `pp("layers.0")`.
@@ -75,6 +89,7 @@ impl<'a, B: Backend> VarBuilder<'a, B> {
             ckpt: self.ckpt,
             prefix: self.key(name.as_ref()),
             device: self.device.clone(),
+            nf4: self.nf4,
         }
     }
 
@@ -142,6 +157,13 @@ impl<'a, B: Backend> VarBuilder<'a, B> {
         shape: [usize; D],
     ) -> Result<Param<Tensor<B, D>>> {
         Ok(Param::from_tensor(self.get(name, shape)?).set_require_grad(false))
+    }
+
+    /// A linear layer's `weight` quantized to NF4 (PyTorch layout `[out, in]`, bitsandbytes'
+    /// blocks of 64 along the input features).
+    pub fn linear_weight_nf4(&self, d_in: usize, d_out: usize) -> Result<peft_lora::Nf4Tensor> {
+        let out_in = self.read_host("weight", &[d_out, d_in])?;
+        Ok(peft_lora::Nf4Tensor::quantize(&out_in, [d_out, d_in]))
     }
 
     /// A linear layer's `weight`, stored `[out, in]` as PyTorch does, returned in Burn layout

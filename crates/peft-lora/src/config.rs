@@ -311,7 +311,11 @@ impl LoraConfig {
                 ));
             }
         }
-        crate::init::InitMethod::parse(&self.init_lora_weights)?;
+        if crate::init::InitMethod::parse(&self.init_lora_weights)?
+            == crate::init::InitMethod::LoftQ
+        {
+            crate::loftq::LoftQConfig::from_lora_config(self)?;
+        }
         crate::eva::EvaConfig::from_lora(self)?;
         for field in NUMERIC_FIELDS_UNSUPPORTED {
             let value = match *field {

@@ -30,6 +30,10 @@ pub enum InitMethod {
     Olora,
     /// `"eva"`: B = 0 and A as `true` until [`crate::eva`] replaces A from activations.
     Eva,
+    /// `"loftq"`: the base is quantized to NF4 and A, B start at a rank-r SVD of the
+    /// quantization error; needs the layer, so [`crate::PeftModel::add_adapter`] runs
+    /// [`crate::loftq::init_layer`] instead of [`InitMethod::init`].
+    LoftQ,
 }
 
 /// What an init produces for one layer (Burn layout).
@@ -56,6 +60,7 @@ impl InitMethod {
             "pissa" => Ok(InitMethod::Pissa { niter: None }),
             "olora" => Ok(InitMethod::Olora),
             "eva" => Ok(InitMethod::Eva),
+            "loftq" => Ok(InitMethod::LoftQ),
             _ if m.starts_with("pissa_niter_") => {
                 let n = &m["pissa_niter_".len()..];
                 n.parse::<usize>()
@@ -67,7 +72,7 @@ impl InitMethod {
                         )
                     })
             }
-            "loftq" | "corda" | "lora_ga" | "mica" => Err(Error::Unsupported {
+            "corda" | "lora_ga" | "mica" => Err(Error::Unsupported {
                 field: "init_lora_weights".into(),
                 value: format!("\"{m}\""),
                 reason: "this initialisation is not implemented yet".into(),

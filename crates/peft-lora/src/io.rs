@@ -92,6 +92,10 @@ impl<M> PeftModel<M> {
 
     /// Loads a PEFT adapter folder as adapter `name` and makes it active. Every missing key,
     /// unexpected key and shape mismatch is reported by name in one error.
+    ///
+    /// A LoftQ adapter (`init_lora_weights = "loftq"`) loaded onto a full-precision base runs
+    /// LoftQ on each adapted layer first, as PEFT does, so the base becomes the NF4 `Q` the
+    /// adapter was trained with; a base already in NF4 is used as it is.
     pub fn load_adapter<B: Backend>(&mut self, dir: &Path, name: &str) -> Result<()>
     where
         M: LoraModel<B>,
@@ -161,6 +165,10 @@ impl<M> PeftModel<M> {
 
         let paths: BTreeSet<String> = targets.into_iter().collect();
         let method = InitMethod::parse(&cfg.init_lora_weights)?;
+        let loftq = match method {
+            InitMethod::LoftQ => Some(crate::loftq::LoftQConfig::from_lora_config(&cfg)?),
+            _ => None,
+        };
         for (path, layer) in self.model.lora_linears_mut() {
             if !paths.contains(&path) {
                 continue;
@@ -168,6 +176,12 @@ impl<M> PeftModel<M> {
             let device = layer.weight.device();
             let key = format!("{KEY_PREFIX}{path}");
             let meta = adapter_meta(&cfg, name, &path);
+            if let Some(lq) = loftq.as_ref().filter(|_| !layer.is_nf4()) {
+                // As PEFT's from_pretrained: a LoftQ adapter on a full-precision base runs LoftQ
+                // again, which quantizes the base to the Q it was trained on (deterministic);
+                // the computed factors are replaced by the saved ones below.
+                crate::loftq::init_layer(layer, lq, meta.r, &path)?;
+            }
             if matches!(method, InitMethod::Pissa { .. } | InitMethod::Olora) {
                 // As PEFT's from_pretrained: the init runs again on the base, so an adapter
                 // trained from PiSSA/OLoRA loads onto the original model and reproduces it.

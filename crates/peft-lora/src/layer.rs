@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::st::{to_host, HostTensor};
+use crate::nf4_weight::Nf4Weight;
 use crate::variant::{variant_of, Base, Dora, VariantKind};
 
 /// Hyper-parameters of one adapter on one layer.
@@ -120,10 +121,13 @@ pub struct LoraCtx {
 /// [`crate::LoraModel`]; the rest (targeting, init, save/load, merge) then works unchanged.
 #[derive(Module, Debug)]
 pub struct LoraLinear<B: Backend> {
-    /// Frozen base weight, Burn layout `[in, out]` (the transpose of PyTorch's `[out, in]`).
+    /// Frozen base weight, Burn layout `[in, out]` (the transpose of PyTorch's `[out, in]`); a
+    /// 1x1 placeholder when the base is stored in NF4 (`nf4`): read it with [`Self::base_weight`].
     pub weight: Param<Tensor<B, 2>>,
     /// Frozen base bias `[out]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// The frozen base in NF4 (QLoRA / LoftQ), replacing `weight`.
+    pub nf4: Option<Nf4Weight<B>>,
     /// The adapters, in insertion order.
     pub adapters: Vec<LoraAdapter<B>>,
     /// Active / disabled / merged.
@@ -137,6 +141,7 @@ impl<B: Backend> LoraLinear<B> {
         LoraLinear {
             weight: Param::from_tensor(weight).set_require_grad(false),
             bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
+            nf4: None,
             adapters: Vec::new(),
             state: LayerState::default(),
         }
@@ -154,12 +159,26 @@ impl<B: Backend> LoraLinear<B> {
 
     /// Input features.
     pub fn d_in(&self) -> usize {
-        self.weight.dims()[0]
+        match &self.nf4 {
+            Some(q) => q.d_in,
+            None => self.weight.dims()[0],
+        }
     }
 
     /// Output features.
     pub fn d_out(&self) -> usize {
-        self.weight.dims()[1]
+        match &self.nf4 {
+            Some(q) => q.d_out,
+            None => self.weight.dims()[1],
+        }
+    }
+
+    /// The frozen base weight `[in, out]`: `weight`, or the NF4 base dequantized (f32).
+    pub fn base_weight(&self) -> Tensor<B, 2> {
+        match &self.nf4 {
+            Some(q) => q.dequantize(),
+            None => self.weight.val(),
+        }
     }
 
     /// The adapter called `name`.
@@ -204,7 +223,7 @@ impl<B: Backend> LoraLinear<B> {
             merge_scale: None,
         };
         if adapter.meta.variant == VariantKind::Dora {
-            let norm = Dora::weight_norm(self.weight.val() + adapter.delta_weight());
+            let norm = Dora::weight_norm(self.base_weight() + adapter.delta_weight());
             adapter.magnitude = Some(Param::from_tensor(norm.detach()));
         }
         adapter
@@ -266,7 +285,7 @@ impl<B: Backend> LoraLinear<B> {
                 .ok_or_else(|| self.unknown(&name))?;
             let adapter = &self.adapters[idx];
             let variant = variant_of::<B>(adapter.meta.variant);
-            let (merged, kept) = variant.merge(adapter, self.weight.val());
+            let (merged, kept) = variant.merge(adapter, self.base_weight());
             if safe {
                 let finite = merged.clone().is_finite().all().into_scalar();
                 if !finite.elem::<bool>() {
@@ -287,7 +306,7 @@ impl<B: Backend> LoraLinear<B> {
                 self.bias = Some(Param::from_tensor(new_bias.detach()).set_require_grad(false));
             }
             self.adapters[idx].merge_scale = kept;
-            self.weight = Param::from_tensor(merged.detach()).set_require_grad(false);
+            self.set_base_weight(merged);
             self.state.merged.push(name);
         }
         Ok(())
@@ -303,14 +322,15 @@ impl<B: Backend> LoraLinear<B> {
                 .ok_or_else(|| self.unknown(&name))?;
             let kept = self.adapters[idx].merge_scale.take();
             let adapter = &self.adapters[idx];
-            let w = variant_of::<B>(adapter.meta.variant).unmerge(adapter, self.weight.val(), kept);
+            let w =
+                variant_of::<B>(adapter.meta.variant).unmerge(adapter, self.base_weight(), kept);
             if let Some(lb) = &adapter.lora_b_bias {
                 if let Some(b) = &self.bias {
                     let nb = b.val() - lb.val() * adapter.meta.scaling;
                     self.bias = Some(Param::from_tensor(nb.detach()).set_require_grad(false));
                 }
             }
-            self.weight = Param::from_tensor(w.detach()).set_require_grad(false);
+            self.set_base_weight(w);
         }
         Ok(())
     }
@@ -333,7 +353,11 @@ impl<B: Backend> LoraLinear<B> {
         if let Some(capture) = &self.state.capture {
             capture.push(to_host(x2.clone()));
         }
-        let weight = self.weight.val();
+        let weight = match &self.nf4 {
+            // Dequantized on the fly into the input's dtype; only the 4-bit codes stay resident.
+            Some(q) => q.dequantize().cast(x2.dtype()),
+            None => self.weight.val(),
+        };
         let bias = self.bias.as_ref().map(|b| b.val());
         let base_out = match &bias {
             Some(b) => x2.clone().matmul(weight.clone()) + b.clone().unsqueeze_dim::<2>(0),

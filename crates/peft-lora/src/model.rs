@@ -94,6 +94,10 @@ impl<M> PeftModel<M> {
                 method.check_rank(adapter_meta(cfg, name, &path).r, &path)?;
             }
         }
+        let loftq = match method {
+            InitMethod::LoftQ => Some(crate::loftq::LoftQConfig::from_lora_config(cfg)?),
+            _ => None,
+        };
         let mut adapted = Vec::new();
         let mut all_paths = Vec::new();
         for (path, layer) in self.model.lora_linears_mut() {
@@ -102,7 +106,13 @@ impl<M> PeftModel<M> {
                 continue;
             }
             let meta = adapter_meta(cfg, name, &path);
-            let init = method.init_layer(&layer.weight.val(), meta.r, meta.scaling, &path)?;
+            let init = match &loftq {
+                Some(lq) => {
+                    let (a, b) = crate::loftq::init_layer(layer, lq, meta.r, &path)?;
+                    crate::init::LayerInit { a, b, residual: None }
+                }
+                None => method.init_layer(&layer.weight.val(), meta.r, meta.scaling, &path)?,
+            };
             if let Some(residual) = init.residual {
                 // PiSSA / OLoRA: the principal part now lives in the adapter.
                 layer.weight = Param::from_tensor(residual).set_require_grad(false);

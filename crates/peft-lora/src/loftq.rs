@@ -1,0 +1,307 @@
+//! LoftQ (`init_lora_weights = "loftq"`): quantize the frozen base to NF4 and start the adapter
+//! at a rank-r approximation of the quantization error, alternating the two `loftq_iter` times
+//! (PEFT's `peft.utils.loftq_utils.loftq_init`).
+//!
+//! ```text
+//! res = W
+//! repeat loftq_iter times:
+//!     Q = nf4(res);  L, R = rank-r SVD of (W - dequant(Q));  res = W - L R   (not after the last)
+//! base <- Q (kept in NF4),  lora_B <- L = U_r sqrt(S_r),  lora_A <- R = sqrt(S_r) Vh_r
+//! ```
+//!
+//! As in PEFT, `L R` approximates `W - dequant(Q)` with no regard to the adapter's scaling: the
+//! initial model reproduces `W` best when `scaling = 1` (`lora_alpha = r`); with another scaling
+//! the adapter starts at `scaling * L R`.
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use nalgebra::DMatrix;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde_json::Value;
+
+use crate::config::LoraConfig;
+use crate::error::{Error, Result};
+use crate::layer::LoraLinear;
+use crate::nf4::Nf4Tensor;
+
+/// PEFT's `LoftQConfig`, read from `loftq_config` of a [`LoraConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoftQConfig {
+    /// Bits of the quantized base; only 4 (NF4) is implemented.
+    pub loftq_bits: u32,
+    /// Alternating quantize / SVD iterations, at least 1.
+    pub loftq_iter: usize,
+}
+
+impl Default for LoftQConfig {
+    fn default() -> Self {
+        LoftQConfig {
+            loftq_bits: 4,
+            loftq_iter: 1,
+        }
+    }
+}
+
+impl LoftQConfig {
+    /// Reads and checks `cfg.loftq_config` (required, as in PEFT, when `init_lora_weights` is
+    /// `"loftq"`; a key left out takes `LoftQConfig`'s default: 4 bits, 1 iteration).
+    pub fn from_lora_config(cfg: &LoraConfig) -> Result<Self> {
+        let example = r#"e.g. {"loftq_bits": 4, "loftq_iter": 1}"#;
+        let map = match cfg.extra.get("loftq_config") {
+            Some(Value::Object(m)) if !m.is_empty() => m,
+            Some(Value::Object(_)) | Some(Value::Null) | None => {
+                return Err(Error::config(
+                    "loftq_config",
+                    format!("must be given when init_lora_weights is \"loftq\" ({example})"),
+                ))
+            }
+            Some(other) => {
+                return Err(Error::config(
+                    "loftq_config",
+                    format!("expected an object ({example}), found {other}"),
+                ))
+            }
+        };
+        let mut out = LoftQConfig::default();
+        for (key, v) in map {
+            let n = v.as_u64().ok_or_else(|| {
+                Error::config(
+                    "loftq_config",
+                    format!("`{key}` must be a non-negative integer, found {v}"),
+                )
+            })?;
+            match key.as_str() {
+                "loftq_bits" => out.loftq_bits = u32::try_from(n).unwrap_or(u32::MAX),
+                "loftq_iter" => out.loftq_iter = usize::try_from(n).unwrap_or(usize::MAX),
+                other => {
+                    return Err(Error::config(
+                        "loftq_config",
+                        format!("unknown key `{other}`; expected loftq_bits and loftq_iter"),
+                    ))
+                }
+            }
+        }
+        out.validate()?;
+        Ok(out)
+    }
+
+    /// Checks the bit width and the iteration count.
+    pub fn validate(&self) -> Result<()> {
+        match self.loftq_bits {
+            4 => {}
+            8 => {
+                return Err(Error::Unsupported {
+                    field: "loftq_config.loftq_bits".into(),
+                    value: "8".into(),
+                    reason: "8-bit LoftQ (bitsandbytes int8) is not implemented; use 4 (NF4)"
+                        .into(),
+                })
+            }
+            b => {
+                return Err(Error::config(
+                    "loftq_config.loftq_bits",
+                    format!(
+                        "{b} bits: PEFT's LoftQ quantizes to 4 (NF4) or 8 bits; this crate to 4"
+                    ),
+                ))
+            }
+        }
+        if self.loftq_iter == 0 {
+            return Err(Error::config(
+                "loftq_config.loftq_iter",
+                "must be at least 1 (each iteration quantizes once and takes one SVD)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What LoftQ produces for one matrix, in PyTorch layout.
+#[derive(Debug, Clone)]
+pub struct LoftQFactors {
+    /// The quantized base.
+    pub q: Nf4Tensor,
+    /// `lora_A` `[r, in]` (= `R`).
+    pub lora_a: Vec<f32>,
+    /// `lora_B` `[out, r]` (= `L`).
+    pub lora_b: Vec<f32>,
+    /// The rank r.
+    pub rank: usize,
+}
+
+/// Matrices with `min(out, in)` up to this get an exact SVD (as PEFT); larger ones a randomized
+/// range finder with power iterations (a full SVD of a 4096 x 14336 matrix takes minutes here).
+pub const EXACT_SVD_MAX_DIM: usize = 1024;
+
+/// LoftQ of one weight `w` (row-major, PyTorch layout `shape = [out, in]`) at rank `r`.
+/// `module` names the layer in errors.
+pub fn loftq_factors(
+    w: &[f32],
+    shape: [usize; 2],
+    r: usize,
+    cfg: &LoftQConfig,
+    module: &str,
+) -> Result<LoftQFactors> {
+    cfg.validate()?;
+    let [m, n] = shape;
+    if r > m.min(n) {
+        return Err(Error::config(
+            "r",
+            format!(
+                "LoftQ at `{module}`: rank {r} exceeds min(out, in) = {}",
+                m.min(n)
+            ),
+        ));
+    }
+    let mut res = w.to_vec();
+    let mut i = 0;
+    loop {
+        let q = Nf4Tensor::quantize(&res, shape);
+        let dq = q.dequantize();
+        let resid: Vec<f32> = w.iter().zip(&dq).map(|(a, b)| a - b).collect();
+        let (l, rr) = low_rank(&resid, m, n, r, module)?;
+        i += 1;
+        if i == cfg.loftq_iter {
+            return Ok(LoftQFactors {
+                q,
+                lora_a: rr,
+                lora_b: l,
+                rank: r,
+            });
+        }
+        // res = W - L R
+        let lr = matmul(&l, &rr, m, r, n);
+        res = w.iter().zip(&lr).map(|(a, b)| a - b).collect();
+    }
+}
+
+/// Runs LoftQ on one layer: its base becomes the NF4 `Q` and the returned `(A [in, r],
+/// B [r, out])` (Burn layout) start the adapter.
+pub fn init_layer<B: Backend>(
+    layer: &mut LoraLinear<B>,
+    cfg: &LoftQConfig,
+    r: usize,
+    module: &str,
+) -> Result<(Tensor<B, 2>, Tensor<B, 2>)> {
+    if layer.is_nf4() {
+        return Err(Error::Unsupported {
+            field: "init_lora_weights".into(),
+            value: "\"loftq\"".into(),
+            reason: format!(
+                "`{module}` is already stored in NF4; LoftQ quantizes the full-precision base itself, so load the model without 4-bit quantization"
+            ),
+        });
+    }
+    if let Some(name) = layer.state.merged.first() {
+        return Err(Error::Merge {
+            adapter: name.clone(),
+            module: module.into(),
+            reason: "unmerge before adding a LoftQ adapter (LoftQ requantizes the base)".into(),
+        });
+    }
+    let (d_in, d_out) = (layer.d_in(), layer.d_out());
+    let device = layer.weight.device();
+    let w = layer
+        .weight
+        .val()
+        .transpose()
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("float tensor data");
+    let f = loftq_factors(&w, [d_out, d_in], r, cfg, module)?;
+    drop(w);
+    layer.set_nf4_base(&f.q);
+    // Burn layout: A = R^T [in, r], B = L^T [r, out].
+    let a = Tensor::<B, 2>::from_data(TensorData::new(f.lora_a, [r, d_in]), &device).transpose();
+    let b = Tensor::<B, 2>::from_data(TensorData::new(f.lora_b, [d_out, r]), &device).transpose();
+    Ok((a, b))
+}
+
+/// `L = U_r sqrt(S_r)` `[m, r]` and `R = sqrt(S_r) Vh_r` `[r, n]` of a row-major `[m, n]` matrix
+/// (PEFT's `_low_rank_decomposition`), both row-major f32.
+pub fn low_rank(
+    a: &[f32],
+    m: usize,
+    n: usize,
+    r: usize,
+    module: &str,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (u, s, vt) = if m.min(n) <= EXACT_SVD_MAX_DIM {
+        let mat =
+            DMatrix::<f64>::from_row_slice(m, n, &a.iter().map(|v| *v as f64).collect::<Vec<_>>());
+        top_svd(mat, r, module)?
+    } else {
+        randomized_svd(a, m, n, r, module)?
+    };
+    let mut l = vec![0f32; m * r];
+    let mut rr = vec![0f32; r * n];
+    for k in 0..r {
+        let sq = s[k].max(0.0).sqrt();
+        for i in 0..m {
+            l[i * r + k] = (u[(i, k)] * sq) as f32;
+        }
+        for j in 0..n {
+            rr[k * n + j] = (sq * vt[(k, j)]) as f32;
+        }
+    }
+    Ok((l, rr))
+}
+
+type Svd = (DMatrix<f64>, Vec<f64>, DMatrix<f64>);
+
+/// The top-`r` singular triplets of `mat`, singular values descending.
+fn top_svd(mat: DMatrix<f64>, r: usize, module: &str) -> Result<Svd> {
+    let svd = mat.svd(true, true);
+    let (Some(u), Some(vt)) = (svd.u, svd.v_t) else {
+        return Err(Error::LinAlg {
+            module: module.into(),
+            message: "SVD did not converge".into(),
+        });
+    };
+    let sv = svd.singular_values;
+    let mut order: Vec<usize> = (0..sv.len()).collect();
+    order.sort_by(|&i, &j| {
+        sv[j]
+            .partial_cmp(&sv[i])
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let order = &order[..r.min(order.len())];
+    let u_r = DMatrix::from_fn(u.nrows(), order.len(), |i, k| u[(i, order[k])]);
+    let vt_r = DMatrix::from_fn(order.len(), vt.ncols(), |k, j| vt[(order[k], j)]);
+    let s_r = order.iter().map(|&k| sv[k]).collect();
+    Ok((u_r, s_r, vt_r))
+}
+
+/// Power iterations of the randomized range finder (Halko, Martinsson & Tropp 2011, alg. 4.4).
+const POWER_ITERS: usize = 4;
+
+/// Top-`r` SVD from a randomized range finder with oversampling and power iterations.
+fn randomized_svd(a: &[f32], m: usize, n: usize, r: usize, module: &str) -> Result<Svd> {
+    let k = (2 * r).max(r + 8).min(m.min(n));
+    let mat = DMatrix::<f32>::from_row_slice(m, n, a);
+    let mut rng = StdRng::seed_from_u64(0x10f7_0);
+    let omega = DMatrix::<f32>::from_fn(n, k, |_, _| rng.random_range(-1.0f32..1.0));
+    let mut q = (&mat * omega).qr().q();
+    for _ in 0..POWER_ITERS {
+        let z = (mat.tr_mul(&q)).qr().q();
+        q = (&mat * z).qr().q();
+    }
+    let small = q.tr_mul(&mat); // [k, n]
+    let (ub, s, vt) = top_svd(small.cast::<f64>(), r, module)?;
+    let u = q.cast::<f64>() * ub;
+    Ok((u, s, vt))
+}
+
+/// Row-major `[m, k] x [k, n]`.
+fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let am = DMatrix::<f64>::from_row_slice(m, k, &a.iter().map(|v| *v as f64).collect::<Vec<_>>());
+    let bm = DMatrix::<f64>::from_row_slice(k, n, &b.iter().map(|v| *v as f64).collect::<Vec<_>>());
+    let c = am * bm;
+    let mut out = Vec::with_capacity(m * n);
+    for i in 0..m {
+        for j in 0..n {
+            out.push(c[(i, j)] as f32);
+        }
+    }
+    out
+}
