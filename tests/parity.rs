@@ -14,6 +14,9 @@ use peft_lora::{
 };
 use sft_trainer::{Batch, CausalLm};
 
+#[path = "parity/structural.rs"]
+mod structural;
+
 type B = NdArray<f32>;
 type AD = Autodiff<B>;
 
