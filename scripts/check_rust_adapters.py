@@ -2,9 +2,11 @@
 """Check adapters written by the Rust library against Python PEFT.
 
 For every folder <rust-out>/<case>/ that holds adapter_config.json + adapter_model.safetensors
-(the PEFT layout), with <case> one of the fixture PEFT cases:
+(the PEFT layout), with <case> one of the fixture cases of --suite (`peft`, the default, for
+fixtures/peft/<case>; `structural` for fixtures/structural/<case>, layer replication and
+trainable tokens):
 
-  * load the base model fixtures/llama/<base from fixtures/peft/<case>/meta.json>,
+  * load the base model fixtures/llama/<base from fixtures/<suite>/<case>/meta.json>,
   * load the Rust adapter with PeftModel.from_pretrained(..., is_trainable=False),
   * compare the adapter's tensor keys with the keys PEFT expects for that config
     (missing / unexpected), shapes, and values against fixtures/peft/<case>/adapter,
@@ -65,9 +67,9 @@ def errs(a, b):
     return max_abs, rel
 
 
-def check_case(case, rust_dir, fixtures, tol):
+def check_case(case, rust_dir, fixtures, tol, suite="peft"):
     res = dict(case=case, rust_dir=str(rust_dir), ok=False)
-    fx_case = fixtures / "peft" / case
+    fx_case = fixtures / suite / case
     meta_path = fx_case / "meta.json"
     if not meta_path.exists():
         res["error"] = f"no fixture for case {case!r} ({meta_path} missing)"
@@ -83,7 +85,8 @@ def check_case(case, rust_dir, fixtures, tol):
         fx_cfg = json.loads((fx_case / "adapter" / "adapter_config.json").read_text())
         important = ["r", "lora_alpha", "target_modules", "exclude_modules", "use_rslora", "use_dora",
                      "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "bias",
-                     "lora_bias", "modules_to_save", "peft_type", "task_type", "fan_in_fan_out"]
+                     "lora_bias", "modules_to_save", "peft_type", "task_type", "fan_in_fan_out",
+                     "layer_replication", "trainable_token_indices"]
         diffs = {}
         for k in important:
             a, b = rust_cfg.get(k), fx_cfg.get(k)
@@ -158,6 +161,8 @@ def main():
     ap.add_argument("--fixtures", default="fixtures", help="fixtures folder (default: fixtures)")
     ap.add_argument("--rust-out", required=True, help="folder with one sub-folder per case")
     ap.add_argument("--tol", type=float, default=1e-4, help="max relative logits error (default 1e-4)")
+    ap.add_argument("--suite", default="peft", choices=["peft", "structural"],
+                    help="fixture folder the cases come from (default: peft)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -170,7 +175,7 @@ def main():
 
     results = []
     for d in case_dirs:
-        r = check_case(d.name, d, fixtures, args.tol)
+        r = check_case(d.name, d, fixtures, args.tol, args.suite)
         results.append(r)
         if "error" in r:
             log(f"[FAIL] {d.name}: {r['error']}")

@@ -18,6 +18,8 @@ use sft_trainer::{Batch, CausalLm};
 mod eva;
 #[path = "parity/init.rs"]
 mod init;
+#[path = "parity/structural.rs"]
+mod structural;
 
 type B = NdArray<f32>;
 type AD = Autodiff<B>;

@@ -4,7 +4,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Distribution, Int, Tensor};
-use peft_lora::{LoraCtx, LoraLinear, LoraModel};
+use peft_lora::{LoraCtx, LoraLinear, LoraModel, TrainableTokens};
 
 use crate::attention::{additive_mask, Attention, KvCache};
 use crate::config::LlamaConfig;
@@ -15,12 +15,9 @@ use crate::norm::RmsNorm;
 use crate::rope;
 use crate::weights::{Checkpoint, VarBuilder};
 
-/// Token embedding table (`model.embed_tokens`).
-#[derive(Module, Debug)]
-pub struct Embedding<B: Backend> {
-    /// `[vocab, hidden]` (frozen).
-    pub weight: Param<Tensor<B, 2>>,
-}
+/// Token embedding table (`model.embed_tokens`): frozen `weight` `[vocab, hidden]`, plus the
+/// rows that `trainable_token_indices` adapters train.
+pub type Embedding<B> = TrainableTokens<B>;
 
 /// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
 #[derive(Module, Debug)]
@@ -116,9 +113,8 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let vb = VarBuilder::<B>::new(&ckpt, device).with_nf4(nf4);
         let m = vb.pp("model");
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
-        let embed_tokens = Embedding {
-            weight: m.pp("embed_tokens").frozen("weight", [cfg.vocab_size, h])?,
-        };
+        let embed_tokens =
+            Embedding::from_weight(m.pp("embed_tokens").get("weight", [cfg.vocab_size, h])?);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let l = m.pp(format!("layers.{i}"));
@@ -166,9 +162,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let frozen = |t: Tensor<B, 2>| Param::from_tensor(t).set_require_grad(false);
         let normal =
             |shape: [usize; 2]| Tensor::random(shape, Distribution::Normal(0.0, 0.02), device);
-        let embed_tokens = Embedding {
-            weight: frozen(normal([cfg.vocab_size, h])),
-        };
+        let embed_tokens = Embedding::from_weight(normal([cfg.vocab_size, h]));
         let layers = (0..cfg.num_layers)
             .map(|_| DecoderLayer {
                 self_attn: Attention::random(cfg, device),
@@ -194,17 +188,22 @@ impl<B: Backend> LlamaForCausalLM<B> {
         self.model.embed_tokens.weight.device()
     }
 
-    /// The head weight in Burn layout `[hidden, vocab]` (the embedding's transpose when tied).
+    /// The head weight in Burn layout `[hidden, vocab]` (the embedding's transpose when tied,
+    /// with any trainable token rows written in; that copies the table).
     pub fn head_weight(&self) -> Tensor<B, 2> {
         match &self.lm_head {
             Some(w) => w.val(),
-            None => self.model.embed_tokens.weight.val().transpose(),
+            None => self.model.embed_tokens.weight_view().transpose(),
         }
     }
 
-    /// Logits for hidden states: `[n, hidden]` -> `[n, vocab]`.
+    /// Logits for hidden states: `[n, hidden]` -> `[n, vocab]`. A tied head follows the
+    /// embedding's trainable token rows.
     pub fn lm_head(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
-        hidden.matmul(self.head_weight())
+        match &self.lm_head {
+            Some(w) => hidden.matmul(w.val()),
+            None => self.model.embed_tokens.project(hidden),
+        }
     }
 
     /// Final hidden states (after `model.norm`).
@@ -227,7 +226,6 @@ impl<B: Backend> LlamaForCausalLM<B> {
     ) -> Tensor<B, 3> {
         let [b, s] = input_ids.dims();
         let device = input_ids.device();
-        let c = &self.config;
         let past = cache
             .as_ref()
             .and_then(|c| c.first())
@@ -237,12 +235,9 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 .unsqueeze_dim::<2>(0)
                 .repeat_dim(0, b)
         });
-        let embed = self.model.embed_tokens.weight.val();
-        let (cos, sin) = rope::cos_sin(&self.inv_freq, positions, embed.dtype());
+        let mut x = self.model.embed_tokens.forward(input_ids);
+        let (cos, sin) = rope::cos_sin(&self.inv_freq, positions, x.dtype());
         let mask = additive_mask(attention_mask.as_ref(), s, past, &device);
-        let mut x = embed
-            .select(0, input_ids.reshape([b * s]))
-            .reshape([b, s, c.hidden_size]);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let normed = layer.input_layernorm.forward(x.clone());
             let past = cache.as_ref().and_then(|c| c.get(i));
@@ -322,5 +317,26 @@ impl<B: Backend> LoraModel<B> for LlamaForCausalLM<B> {
             out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
         }
         out
+    }
+
+    fn token_tables(&self) -> Vec<(String, &TrainableTokens<B>)> {
+        vec![("model.embed_tokens".into(), &self.model.embed_tokens)]
+    }
+
+    fn token_tables_mut(&mut self) -> Vec<(String, &mut TrainableTokens<B>)> {
+        vec![("model.embed_tokens".into(), &mut self.model.embed_tokens)]
+    }
+
+    /// PEFT's `replicate_layers`: `model.layers` becomes the listed ranges of the current layers,
+    /// numbered `0..` in the new order, and `config.num_layers` follows. The copies share the
+    /// frozen weights (a `Param` clone is a reference-counted handle with the same id); the KV
+    /// cache is indexed by the new position, as transformers' renumbered `layer_idx`.
+    fn replicate_layers(&mut self, ranges: &[[usize; 2]]) -> peft_lora::Result<()> {
+        let map = peft_lora::replicate::layer_map(ranges, self.model.layers.len())?;
+        let layers = &self.model.layers;
+        let new_layers: Vec<DecoderLayer<B>> = map.iter().map(|&i| layers[i].clone()).collect();
+        self.model.layers = new_layers;
+        self.config.num_layers = self.model.layers.len();
+        Ok(())
     }
 }

@@ -899,3 +899,100 @@ fn nf4_memory_of_the_8b_shape() {
         );
     }
 }
+
+#[test]
+fn layer_replication_and_trainable_tokens_on_llama() {
+    let base = LlamaForCausalLM::<B>::random_seeded(&LlamaConfig::tiny(50), &dev(), 12);
+    let mut cfg = LoraConfig::new(4, 8.0, &["q_proj", "v_proj"]);
+    cfg.layer_replication = Some(vec![[0, 3]]);
+    let err = PeftModel::new(base.clone())
+        .add_adapter::<B>("default", &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("layer_replication") && err.contains("[0, 3]") && err.contains("2 layers"),
+        "{err}"
+    );
+
+    cfg.layer_replication = Some(vec![[1, 2], [0, 2]]);
+    cfg.trainable_token_indices = Some(serde_json::json!([4, 7, 49]));
+    let mut peft = PeftModel::new(base.clone());
+    let adapted = peft.add_adapter::<B>("default", &cfg).unwrap();
+    assert_eq!(peft.model.model.layers.len(), 3);
+    assert_eq!(peft.model.config.num_layers, 3);
+    assert!(adapted.contains(&"model.layers.2.self_attn.v_proj".to_string()));
+    assert_eq!(
+        peft.model.model.layers[0].self_attn.q_proj.weight.id,
+        peft.model.model.layers[2].self_attn.q_proj.weight.id
+    );
+    // Random adapters and rows; the KV cache (one slot per new layer) equals recomputation.
+    for (_, l) in peft.model.lora_linears_mut() {
+        for a in &mut l.adapters {
+            let (shape, d) = (a.lora_b.shape(), a.lora_b.device());
+            a.lora_b = burn::module::Param::from_tensor(Tensor::random(
+                shape,
+                burn::tensor::Distribution::Normal(0.0, 0.5),
+                &d,
+            ));
+        }
+    }
+    for (_, t) in peft.model.token_tables_mut() {
+        for a in &mut t.adapters {
+            let (shape, d) = (a.delta.shape(), a.delta.device());
+            a.delta = burn::module::Param::from_tensor(Tensor::random(
+                shape,
+                burn::tensor::Distribution::Normal(0.0, 1.0),
+                &d,
+            ));
+        }
+    }
+    let prompt = vec![3u32, 7, 7, 9, 49];
+    let out = peft
+        .model
+        .generate(
+            std::slice::from_ref(&prompt),
+            &GenerationConfig::greedy(5, vec![]),
+            &ctx(),
+            &mut |_, _| {},
+        )
+        .unwrap();
+    assert_eq!(out[0], greedy_recompute(&peft.model, &prompt, 5));
+
+    // The tied head follows the embedding's rows; the untied head does not.
+    let hidden = Tensor::<B, 2>::random(
+        [3, 64],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &dev(),
+    );
+    let rows = peft.model.model.embed_tokens.adapters[0].delta.val();
+    let logits = peft.model.lm_head(hidden.clone());
+    let want = hidden.clone().matmul(rows.transpose());
+    let got = logits.select(
+        1,
+        Tensor::from_data(TensorData::new(vec![4i64, 7, 49], [3]), &dev()),
+    );
+    assert!((got - want).abs().max().into_scalar() < 1e-5);
+
+    let mut untied_cfg = LlamaConfig::tiny(50);
+    untied_cfg.tie_word_embeddings = false;
+    let untied = LlamaForCausalLM::<B>::random_seeded(&untied_cfg, &dev(), 13);
+    let head_before = untied.lm_head(hidden.clone());
+    let mut peft = PeftModel::new(untied);
+    let mut tok = LoraConfig::new(4, 8.0, &["q_proj"]);
+    tok.trainable_token_indices = Some(serde_json::json!({"embed_tokens": [4]}));
+    peft.add_adapter::<B>("default", &tok).unwrap();
+    assert_eq!(peft.model.model.embed_tokens.adapters[0].indices, vec![4]);
+    assert_eq!(
+        (peft.model.lm_head(hidden) - head_before)
+            .abs()
+            .max()
+            .into_scalar(),
+        0.0
+    );
+    tok.trainable_token_indices = Some(serde_json::json!({"lm_head": [4]}));
+    let err = peft.add_adapter::<B>("b", &tok).unwrap_err().to_string();
+    assert!(
+        err.contains("`lm_head`") && err.contains("model.embed_tokens"),
+        "{err}"
+    );
+}

@@ -59,6 +59,15 @@ impl<T: Clone> OneOrMany<T> {
     }
 }
 
+/// `trainable_token_indices`: the token rows that train.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenIndices {
+    /// Ids of the input embedding's rows.
+    List(Vec<usize>),
+    /// Embedding module name (matched as a suffix of its path) -> ids.
+    Map(BTreeMap<String, Vec<usize>>),
+}
+
 /// Which biases train (and are saved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -202,8 +211,6 @@ const NUMERIC_FIELDS_UNSUPPORTED: &[&str] = &[
     "arrow_config",
     "megatron_config",
     "use_bdlora",
-    "layer_replication",
-    "trainable_token_indices",
     "alora_invocation_tokens",
 ];
 
@@ -317,10 +324,26 @@ impl LoraConfig {
             crate::loftq::LoftQConfig::from_lora_config(self)?;
         }
         crate::eva::EvaConfig::from_lora(self)?;
+        if let Some(ranges) = &self.layer_replication {
+            crate::replicate::check_ranges(ranges)?;
+            if let InitLoraWeights::Method(m) = &self.init_lora_weights {
+                let rewrites_base = ["pissa", "olora", "loftq", "corda"]
+                    .iter()
+                    .any(|p| m.starts_with(p));
+                if rewrites_base {
+                    return Err(Error::config(
+                        "layer_replication",
+                        format!(
+                            "cannot be combined with init_lora_weights \"{m}\": that init rewrites \
+                             the frozen base weight, which replicated layers share"
+                        ),
+                    ));
+                }
+            }
+        }
+        self.token_indices()?;
         for field in NUMERIC_FIELDS_UNSUPPORTED {
             let value = match *field {
-                "layer_replication" => serde_json::to_value(&self.layer_replication).ok(),
-                "trainable_token_indices" => self.trainable_token_indices.clone(),
                 "alora_invocation_tokens" => {
                     serde_json::to_value(&self.alora_invocation_tokens).ok()
                 }
@@ -337,6 +360,52 @@ impl LoraConfig {
             }
         }
         Ok(())
+    }
+
+    /// `trainable_token_indices`, parsed: `None` when absent (or null).
+    pub fn token_indices(&self) -> Result<Option<TokenIndices>> {
+        const FIELD: &str = "trainable_token_indices";
+        let ids = |v: &Value, what: &str| -> Result<Vec<usize>> {
+            let arr = v.as_array().ok_or_else(|| {
+                Error::config(
+                    FIELD,
+                    format!("{what}: expected a list of token ids, got {v}"),
+                )
+            })?;
+            if arr.is_empty() {
+                return Err(Error::config(FIELD, format!("{what}: lists no token id")));
+            }
+            arr.iter()
+                .map(|x| {
+                    x.as_u64().map(|u| u as usize).ok_or_else(|| {
+                        Error::config(
+                            FIELD,
+                            format!("{what}: token ids are non-negative integers, got {x}"),
+                        )
+                    })
+                })
+                .collect()
+        };
+        match &self.trainable_token_indices {
+            None | Some(Value::Null) => Ok(None),
+            Some(v @ Value::Array(_)) => Ok(Some(TokenIndices::List(ids(v, "the list")?))),
+            Some(Value::Object(map)) => {
+                if map.is_empty() {
+                    return Err(Error::config(FIELD, "the object names no embedding"));
+                }
+                let mut out = BTreeMap::new();
+                for (name, v) in map {
+                    out.insert(name.clone(), ids(v, &format!("`{name}`"))?);
+                }
+                Ok(Some(TokenIndices::Map(out)))
+            }
+            Some(other) => Err(Error::config(
+                FIELD,
+                format!(
+                    "expected a list of token ids or an object {{embedding name: [ids]}}, got {other}"
+                ),
+            )),
+        }
     }
 
     /// The scaling of a module with rank `r` and alpha `alpha`.

@@ -1,8 +1,10 @@
 //! PEFT's on-disk format: `adapter_config.json` + `adapter_model.safetensors`, both ways.
 //!
 //! Keys are `base_model.model.<module path>.lora_A.weight` `[r, in]`, `...lora_B.weight`
-//! `[out, r]`, `...lora_B.bias` `[out]`, `...lora_magnitude_vector` `[out]`. Burn keeps A and B
-//! transposed (`[in, r]`, `[r, out]`); the transpose happens here and nowhere else.
+//! `[out, r]`, `...lora_B.bias` `[out]`, `...lora_magnitude_vector` `[out]`, and for trainable
+//! tokens `base_model.model.<embedding path>.token_adapter.trainable_tokens_delta` `[n, dim]`
+//! (the replacement rows; a tied head saves nothing of its own). Burn keeps A and B transposed
+//! (`[in, r]`, `[r, out]`); the transpose happens here and nowhere else.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
 use crate::init::InitMethod;
-use crate::model::{adapter_meta, LoraModel, PeftModel};
+use crate::model::{adapter_meta, add_token_adapters, resolve_token_tables, LoraModel, PeftModel};
 use crate::st::{to_host, write_f32, HostTensor, SafetensorsFile};
 use crate::target::is_target;
 use crate::variant::VariantKind;
@@ -22,6 +24,13 @@ use crate::variant::VariantKind;
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// Prefix PEFT puts before module paths.
 pub const KEY_PREFIX: &str = "base_model.model.";
+/// Suffix of a table's trainable token rows after its module path.
+pub const TOKEN_DELTA_SUFFIX: &str = "token_adapter.trainable_tokens_delta";
+
+/// The saved key of the trainable token rows of the table at `path`.
+pub fn token_delta_key(path: &str) -> String {
+    format!("{KEY_PREFIX}{path}.{TOKEN_DELTA_SUFFIX}")
+}
 
 /// Writes `bytes` to `path` through a temporary file and a rename (no half-written file).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -66,6 +75,11 @@ pub fn adapter_state_dict<B: Backend, M: LoraModel<B>>(
             out.insert(format!("{key}.lora_magnitude_vector"), to_host(m.val()));
         }
     }
+    for (path, table) in model.token_tables() {
+        if let Some(a) = table.adapter(name) {
+            out.insert(token_delta_key(&path), to_host(a.delta.val()));
+        }
+    }
     out
 }
 
@@ -96,6 +110,10 @@ impl<M> PeftModel<M> {
     /// A LoftQ adapter (`init_lora_weights = "loftq"`) loaded onto a full-precision base runs
     /// LoftQ on each adapted layer first, as PEFT does, so the base becomes the NF4 `Q` the
     /// adapter was trained with; a base already in NF4 is used as it is.
+    ///
+    /// A `layer_replication` in the config replicates the model's layers first (see
+    /// [`crate::replicate`]); if the file then does not fit, the model keeps the replicated
+    /// stack, so load the next attempt onto a fresh base.
     pub fn load_adapter<B: Backend>(&mut self, dir: &Path, name: &str) -> Result<()>
     where
         M: LoraModel<B>,
@@ -113,6 +131,8 @@ impl<M> PeftModel<M> {
         }
         let file = SafetensorsFile::open(&file_path)?;
         let in_file = file.shapes();
+        let token_targets = resolve_token_tables(&self.model, &cfg)?;
+        self.prepare_replication(&cfg)?;
 
         // What the config implies for this model.
         let mut expected: BTreeMap<String, Vec<usize>> = BTreeMap::new();
@@ -133,6 +153,11 @@ impl<M> PeftModel<M> {
                 expected.insert(format!("{key}.lora_magnitude_vector"), vec![d_out]);
             }
             targets.push(path);
+        }
+        for (path, table) in self.model.token_tables() {
+            if let Some((_, ids)) = token_targets.iter().find(|(p, _)| *p == path) {
+                expected.insert(token_delta_key(&path), vec![ids.len(), table.dim()]);
+            }
         }
         let mut problems = Vec::new();
         let file_keys: BTreeSet<&String> = in_file.keys().collect();
@@ -212,6 +237,10 @@ impl<M> PeftModel<M> {
             layer.add_adapter(adapter)?;
             layer.set_active(&[name.to_string()]);
         }
+        add_token_adapters(&mut self.model, name, &token_targets, |path, device| {
+            let key = token_delta_key(path);
+            Ok(Some(file.read(&key)?.to_tensor(&key, device)?))
+        })?;
         self.configs.insert(name.into(), cfg);
         self.active = vec![name.into()];
         Ok(())

@@ -6,8 +6,8 @@ use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::st::{to_host, HostTensor};
 use crate::nf4_weight::Nf4Weight;
+use crate::st::{to_host, HostTensor};
 use crate::variant::{variant_of, Base, Dora, VariantKind};
 
 /// Hyper-parameters of one adapter on one layer.

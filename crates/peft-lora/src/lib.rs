@@ -7,7 +7,10 @@
 //! ## Adapting your own model
 //! 1. Build each linear layer you may want to adapt as a [`LoraLinear`] (from its frozen weight).
 //! 2. Implement [`LoraModel`] by listing those layers with their Hugging Face module paths.
-//! 3. Wrap the model in a [`PeftModel`] and call [`PeftModel::add_adapter`] with a
+//! 3. Optionally expose the input embedding as a [`TrainableTokens`] through
+//!    [`LoraModel::token_tables`] (`trainable_token_indices`) and implement
+//!    [`LoraModel::replicate_layers`] (`layer_replication`).
+//! 4. Wrap the model in a [`PeftModel`] and call [`PeftModel::add_adapter`] with a
 //!    [`LoraConfig`], or [`PeftModel::load_adapter`] with a folder saved by Python PEFT.
 //!
 //! ```ignore
@@ -37,12 +40,14 @@ pub mod model;
 pub mod nf4;
 pub mod nf4_weight;
 pub mod optim;
+pub mod replicate;
 pub mod st;
 pub mod target;
+pub mod tokens;
 pub mod variant;
 pub mod weighted;
 
-pub use config::{BiasMode, InitLoraWeights, LoraConfig, TargetModules};
+pub use config::{BiasMode, InitLoraWeights, LoraConfig, TargetModules, TokenIndices};
 pub use error::{Error, Result};
 pub use layer::{AdapterMeta, InputCapture, LayerState, LoraAdapter, LoraCtx, LoraLinear};
 pub use loftq::LoftQConfig;
@@ -50,5 +55,6 @@ pub use model::{LoraModel, PeftModel, TrainableReport};
 pub use nf4::{Nf4Tensor, NF4_BLOCKSIZE, NF4_CODE};
 pub use nf4_weight::Nf4Weight;
 pub use optim::{AdamWConfig, GradAccumulator, LoraOptimizer, OptimizerKind};
+pub use tokens::{TokenAdapter, TrainableTokens};
 pub use variant::{LoraVariant, VariantKind};
 pub use weighted::Combination;

@@ -1,15 +1,16 @@
 //! Model-level operations: inject adapters by config, switch, merge, report.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
-use burn::module::{Module, Param};
-use burn::tensor::backend::Backend;
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::{backend::Backend, Tensor};
 
-use crate::config::LoraConfig;
+use crate::config::{LoraConfig, TokenIndices};
 use crate::error::{Error, Result};
 use crate::init::InitMethod;
 use crate::layer::{AdapterMeta, LoraLinear};
 use crate::target::{is_target, rank_alpha};
+use crate::tokens::TrainableTokens;
 use crate::variant::VariantKind;
 
 /// A model whose linear layers are [`LoraLinear`]s, listed by their Hugging Face module path
@@ -21,6 +22,28 @@ pub trait LoraModel<B: Backend> {
     fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)>;
     /// The same, mutably.
     fn lora_linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)>;
+
+    /// Embedding tables whose rows can train (`trainable_token_indices`), with their module
+    /// paths; the input embedding first (a plain list of ids targets it). None by default.
+    fn token_tables(&self) -> Vec<(String, &TrainableTokens<B>)> {
+        Vec::new()
+    }
+
+    /// The same, mutably.
+    fn token_tables_mut(&mut self) -> Vec<(String, &mut TrainableTokens<B>)> {
+        Vec::new()
+    }
+
+    /// Rebuilds the decoder stack from `[start, end)` ranges of its layers
+    /// (`layer_replication`; see [`crate::replicate`]), sharing the frozen weights of copies and
+    /// renumbering the layer paths. Called before any adapter exists. The default refuses.
+    fn replicate_layers(&mut self, ranges: &[[usize; 2]]) -> Result<()> {
+        Err(Error::Unsupported {
+            field: crate::replicate::FIELD.into(),
+            value: format!("{ranges:?}"),
+            reason: "this model does not implement LoraModel::replicate_layers".into(),
+        })
+    }
 }
 
 /// A model plus the configs of the adapters injected into it (PEFT's `PeftModel`).
@@ -32,6 +55,8 @@ pub struct PeftModel<M> {
     pub configs: BTreeMap<String, LoraConfig>,
     /// Adapters in use.
     pub active: Vec<String>,
+    /// The `layer_replication` applied to the model, if any (merging is refused then).
+    pub replicated: Option<Vec<[usize; 2]>>,
 }
 
 /// What [`PeftModel::print_trainable_parameters`] reports.
@@ -74,6 +99,7 @@ impl<M> PeftModel<M> {
             model,
             configs: BTreeMap::new(),
             active: Vec::new(),
+            replicated: None,
         }
     }
 
@@ -88,6 +114,8 @@ impl<M> PeftModel<M> {
             return Err(Error::DuplicateAdapter(name.into()));
         }
         let method = InitMethod::parse(&cfg.init_lora_weights)?;
+        let tokens = resolve_token_tables(&self.model, cfg)?;
+        self.prepare_replication(cfg)?;
         // Check every target first so a bad rank leaves the model untouched.
         for (path, _) in self.model.lora_linears() {
             if is_target(cfg, &path)? {
@@ -109,7 +137,11 @@ impl<M> PeftModel<M> {
             let init = match &loftq {
                 Some(lq) => {
                     let (a, b) = crate::loftq::init_layer(layer, lq, meta.r, &path)?;
-                    crate::init::LayerInit { a, b, residual: None }
+                    crate::init::LayerInit {
+                        a,
+                        b,
+                        residual: None,
+                    }
                 }
                 None => method.init_layer(&layer.weight.val(), meta.r, meta.scaling, &path)?,
             };
@@ -129,6 +161,7 @@ impl<M> PeftModel<M> {
                 sample.join(", "),
             ));
         }
+        add_token_adapters(&mut self.model, name, &tokens, |_, _| Ok(None))?;
         self.configs.insert(name.into(), cfg.clone());
         self.active = vec![name.into()];
         Ok(adapted)
@@ -145,6 +178,9 @@ impl<M> PeftModel<M> {
             }
         }
         let owned: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        for (path, table) in self.model.token_tables_mut() {
+            table.set_active(&owned, &path)?;
+        }
         for (_, layer) in self.model.lora_linears_mut() {
             layer.set_active(&owned);
         }
@@ -165,6 +201,9 @@ impl<M> PeftModel<M> {
                 layer.delete_adapter(name)?;
             }
         }
+        for (_, table) in self.model.token_tables_mut() {
+            table.delete_adapter(name);
+        }
         self.active.retain(|a| a != name);
         Ok(())
     }
@@ -177,16 +216,35 @@ impl<M> PeftModel<M> {
         for (_, layer) in self.model.lora_linears_mut() {
             layer.set_disabled(disabled)?;
         }
+        for (_, table) in self.model.token_tables_mut() {
+            table.set_disabled(disabled);
+        }
         Ok(())
     }
 
-    /// Merges the active adapters into the frozen weights (`safe`: refuse non-finite results).
+    /// Merges the active adapters into the frozen weights (`safe`: refuse non-finite results);
+    /// trainable token rows are written into their tables. Refused on a model with replicated
+    /// layers, whose copies share their frozen weights.
     pub fn merge<B: Backend>(&mut self, safe: bool) -> Result<()>
     where
         M: LoraModel<B>,
     {
+        if let Some(ranges) = &self.replicated {
+            return Err(Error::Merge {
+                adapter: self.active.join(", "),
+                module: "<model>".into(),
+                reason: format!(
+                    "the base layers are replicated (layer_replication {ranges:?}) and copies share \
+                     their frozen weights, so one copy's adapter cannot be merged; PEFT refuses this \
+                     too (\"Cannot merge LORA layers when base model layers are replicated\")"
+                ),
+            });
+        }
         for (path, layer) in self.model.lora_linears_mut() {
             layer.merge(safe, &path)?;
+        }
+        for (path, table) in self.model.token_tables_mut() {
+            table.merge(safe, &path)?;
         }
         Ok(())
     }
@@ -199,6 +257,9 @@ impl<M> PeftModel<M> {
         for (_, layer) in self.model.lora_linears_mut() {
             layer.unmerge()?;
         }
+        for (_, table) in self.model.token_tables_mut() {
+            table.unmerge();
+        }
         Ok(())
     }
 
@@ -208,10 +269,7 @@ impl<M> PeftModel<M> {
         M: LoraModel<B>,
     {
         self.merge::<B>(safe)?;
-        for (_, layer) in self.model.lora_linears_mut() {
-            layer.adapters.clear();
-            layer.state = Default::default();
-        }
+        clear_adapters(&mut self.model);
         Ok(self.model)
     }
 
@@ -221,27 +279,33 @@ impl<M> PeftModel<M> {
         M: LoraModel<B>,
     {
         self.unmerge::<B>()?;
-        for (_, layer) in self.model.lora_linears_mut() {
-            layer.adapters.clear();
-            layer.state = Default::default();
-        }
+        clear_adapters(&mut self.model);
         Ok(self.model)
     }
 
-    /// Trainable (adapter) and total parameter counts.
+    /// Trainable (adapter and token-row) and total parameter counts; a parameter shared by
+    /// replicated layers counts once, as in PEFT.
     pub fn trainable_parameters<B: Backend>(&self) -> TrainableReport
     where
         M: LoraModel<B> + Module<B>,
     {
-        let trainable = self
+        let lora: usize = self
             .model
             .lora_linears()
             .iter()
             .map(|(_, l)| l.adapter_param_count())
             .sum();
+        let tokens: usize = self
+            .model
+            .token_tables()
+            .iter()
+            .map(|(_, t)| t.adapter_param_count())
+            .sum();
+        let mut unique = UniqueParams::default();
+        self.model.visit(&mut unique);
         TrainableReport {
-            trainable,
-            total: self.model.num_params(),
+            trainable: lora + tokens,
+            total: unique.count,
         }
     }
 
@@ -276,4 +340,130 @@ pub fn adapter_meta(cfg: &LoraConfig, name: &str, path: &str) -> AdapterMeta {
             VariantKind::Lora
         },
     }
+}
+
+/// Counts parameter elements once per parameter id (replicated layers share theirs).
+#[derive(Default)]
+struct UniqueParams {
+    seen: HashSet<ParamId>,
+    count: usize,
+}
+
+impl<B: Backend> ModuleVisitor<B> for UniqueParams {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.seen.insert(param.id) {
+            self.count += param.lazy_shape().num_elements();
+        }
+    }
+}
+
+/// Drops every adapter of every layer and table.
+fn clear_adapters<B: Backend, M: LoraModel<B>>(model: &mut M) {
+    for (_, layer) in model.lora_linears_mut() {
+        layer.adapters.clear();
+        layer.state = Default::default();
+    }
+    for (_, table) in model.token_tables_mut() {
+        table.adapters.clear();
+        table.state = Default::default();
+    }
+}
+
+/// The tables `cfg.trainable_token_indices` names, with their ids, checked against the model
+/// (a plain list targets the first table, the input embedding; an object's keys match table
+/// paths by suffix, as PEFT matches module names).
+pub(crate) fn resolve_token_tables<B: Backend, M: LoraModel<B>>(
+    model: &M,
+    cfg: &LoraConfig,
+) -> Result<Vec<(String, Vec<usize>)>> {
+    const FIELD: &str = "trainable_token_indices";
+    let Some(spec) = cfg.token_indices()? else {
+        return Ok(Vec::new());
+    };
+    let tables = model.token_tables();
+    let known = || {
+        let names: Vec<&str> = tables.iter().map(|(p, _)| p.as_str()).collect();
+        if names.is_empty() {
+            "it exposes none through LoraModel::token_tables".to_string()
+        } else {
+            format!("it has {}", names.join(", "))
+        }
+    };
+    let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+    match spec {
+        TokenIndices::List(ids) => {
+            let (path, _) = tables.first().ok_or_else(|| {
+                Error::config(
+                    FIELD,
+                    format!("this model has no input embedding to train ({})", known()),
+                )
+            })?;
+            out.push((path.clone(), ids));
+        }
+        TokenIndices::Map(map) => {
+            for (name, ids) in map {
+                let hits: Vec<&String> = tables
+                    .iter()
+                    .map(|(p, _)| p)
+                    .filter(|p| p.ends_with(&name))
+                    .collect();
+                if hits.is_empty() {
+                    return Err(Error::config(
+                        FIELD,
+                        format!(
+                            "`{name}` names no trainable embedding of this model ({})",
+                            known()
+                        ),
+                    ));
+                }
+                for p in hits {
+                    if out.iter().any(|(q, _)| q == p) {
+                        return Err(Error::config(FIELD, format!("`{p}` is named by two keys")));
+                    }
+                    out.push((p.clone(), ids.clone()));
+                }
+            }
+        }
+    }
+    for (path, ids) in &out {
+        let (_, table) = tables
+            .iter()
+            .find(|(p, _)| p == path)
+            .expect("resolved above");
+        let vocab = table.vocab();
+        let mut seen = HashSet::new();
+        if let Some(dup) = ids.iter().find(|&&id| !seen.insert(id)) {
+            return Err(Error::config(
+                FIELD,
+                format!("token id {dup} is listed twice for `{path}`"),
+            ));
+        }
+        if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
+            return Err(Error::config(
+                FIELD,
+                format!(
+                    "token id {bad} for `{path}` is out of range (its vocabulary has {vocab} rows)"
+                ),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Adds adapter `name` to each resolved table; `rows(path)` gives loaded rows or `None` to
+/// start from the table's own rows.
+pub(crate) fn add_token_adapters<B: Backend, M: LoraModel<B>>(
+    model: &mut M,
+    name: &str,
+    targets: &[(String, Vec<usize>)],
+    mut rows: impl FnMut(&str, &B::Device) -> Result<Option<Tensor<B, 2>>>,
+) -> Result<()> {
+    for (path, table) in model.token_tables_mut() {
+        if let Some((_, ids)) = targets.iter().find(|(p, _)| *p == path) {
+            let r = rows(&path, &table.weight.device())?;
+            table.add_adapter(name, ids, r, &path)?;
+            table.set_active(&[name.to_string()], &path)?;
+        }
+    }
+    Ok(())
 }

@@ -1,8 +1,8 @@
 //! Optimizers for adapters: AdamW, LoRA+ and LoRA-FA (PEFT's `create_loraplus_optimizer` and
 //! `LoraFAOptimizer`), with gradient accumulation, global-norm clipping and savable state.
 //!
-//! They walk the model through [`LoraModel`], so only adapter tensors are ever touched; the frozen
-//! base has no gradient and no optimizer state.
+//! They walk the model through [`LoraModel`], so only adapter tensors (and trainable token rows)
+//! are ever touched; the frozen base has no gradient and no optimizer state.
 
 use std::collections::BTreeMap;
 
@@ -65,6 +65,7 @@ enum Slot {
     B,
     BBias,
     Magnitude,
+    TokenDelta,
 }
 
 impl Slot {
@@ -74,6 +75,7 @@ impl Slot {
             Slot::B => "lora_B",
             Slot::BBias => "lora_B_bias",
             Slot::Magnitude => "lora_magnitude_vector",
+            Slot::TokenDelta => "trainable_tokens_delta",
         }
     }
 }
@@ -133,6 +135,21 @@ impl<B: Backend> GradAccumulator<B> {
                 );
             }
         }
+        for (path, table) in model.token_tables() {
+            for ad in &table.adapters {
+                if let Some(g) = ad.delta.val().grad(grads) {
+                    self.put(key(&path, &ad.name, Slot::TokenDelta), g);
+                }
+            }
+        }
+    }
+
+    fn put(&mut self, k: String, g: Tensor<B, 2>) {
+        let v = match self.grads.remove(&k) {
+            Some(old) => old + g,
+            None => g,
+        };
+        self.grads.insert(k, v);
     }
 
     /// The global L2 norm of all accumulated gradients (one device-to-host read).
@@ -151,6 +168,14 @@ impl<B: Backend> GradAccumulator<B> {
     pub fn is_empty(&self) -> bool {
         self.grads.is_empty()
     }
+}
+
+/// Learning rate, clip factor and bias corrections of one step.
+struct Hyper {
+    lr: f64,
+    clip: f64,
+    bc1: f64,
+    bc2: f64,
 }
 
 /// Moments of one tensor.
@@ -222,9 +247,12 @@ impl<B: Backend> LoraOptimizer<B> {
             _ => 1.0,
         };
         let t = self.step as i32;
-        let c = &self.adamw;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
+        let h = Hyper {
+            lr,
+            clip,
+            bc1: 1.0 - self.adamw.beta1.powi(t),
+            bc2: 1.0 - self.adamw.beta2.powi(t),
+        };
         for (path, layer) in model.lora_linears_mut() {
             for ad in &mut layer.adapters {
                 let name = ad.meta.name.clone();
@@ -233,44 +261,11 @@ impl<B: Backend> LoraOptimizer<B> {
                 let mut next = |slot: Slot, old: Tensor<B, 2>| -> Option<Tensor<B, 2>> {
                     let k = key(&path, &name, slot);
                     let mut g = acc.grads.remove(&k)?;
-                    if clip != 1.0 {
-                        g = g * clip;
-                    }
-                    let (lr_here, wd) = match (&self.kind, slot) {
-                        (
-                            OptimizerKind::LoraPlus {
-                                lr_ratio,
-                                weight_decay,
-                            },
-                            Slot::B | Slot::Magnitude,
-                        ) => (lr * lr_ratio, *weight_decay),
-                        (OptimizerKind::LoraPlus { lr_ratio, .. }, Slot::BBias) => {
-                            (lr * lr_ratio, 0.0)
-                        }
-                        (OptimizerKind::LoraPlus { weight_decay, .. }, _) => (lr, *weight_decay),
-                        _ => (lr, c.weight_decay),
-                    };
                     if self.kind == OptimizerKind::LoraFa && slot == Slot::B {
+                        // Linear in g, so projecting before the clip equals projecting after.
                         g = lora_fa_project(g, &a_inner, scaling);
                     }
-                    let st = self.state.entry(k).or_insert_with(|| Moments {
-                        m: g.zeros_like(),
-                        v: g.zeros_like(),
-                    });
-                    st.m = st.m.clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
-                    st.v = st.v.clone() * c.beta2 + g.powf_scalar(2.0) * (1.0 - c.beta2);
-                    if self.kind == OptimizerKind::LoraFa {
-                        // PEFT's LoraFAOptimizer: eps added to the uncorrected sqrt(v), the bias
-                        // correction folded into the step size, decay applied after the update.
-                        let step_size = lr_here * bc2.sqrt() / bc1;
-                        let updated =
-                            old - st.m.clone() / (st.v.clone().sqrt() + c.eps) * step_size;
-                        return Some(updated.clone() - updated * (lr_here * wd));
-                    }
-                    // torch.optim.AdamW: decoupled decay first, then the bias-corrected step.
-                    let denom = (st.v.clone() / bc2).sqrt() + c.eps;
-                    let update = st.m.clone() / bc1 / denom;
-                    Some(old * (1.0 - lr_here * wd) - update * lr_here)
+                    Some(self.update(k, slot, g, old, &h))
                 };
                 if let Some(n) = next(Slot::A, ad.lora_a.val().inner()) {
                     ad.lora_a = trainable(n);
@@ -290,7 +285,61 @@ impl<B: Backend> LoraOptimizer<B> {
                 }
             }
         }
+        for (path, table) in model.token_tables_mut() {
+            for ad in &mut table.adapters {
+                let k = key(&path, &ad.name, Slot::TokenDelta);
+                if let Some(g) = acc.grads.remove(&k) {
+                    let n = self.update(k, Slot::TokenDelta, g, ad.delta.val().inner(), &h);
+                    ad.delta = trainable(n);
+                }
+            }
+        }
         norm
+    }
+
+    /// One AdamW (or LoRA+ / LoRA-FA) update of the tensor `old` with gradient `g` (clipped
+    /// here), keeping its moments under `k`.
+    fn update(
+        &mut self,
+        k: String,
+        slot: Slot,
+        g: Tensor<B, 2>,
+        old: Tensor<B, 2>,
+        h: &Hyper,
+    ) -> Tensor<B, 2> {
+        let c = &self.adamw;
+        let g = if h.clip != 1.0 { g * h.clip } else { g };
+        let lr = h.lr;
+        let (lr_here, wd) = match (&self.kind, slot) {
+            (
+                OptimizerKind::LoraPlus {
+                    lr_ratio,
+                    weight_decay,
+                },
+                Slot::B | Slot::Magnitude,
+            ) => (lr * lr_ratio, *weight_decay),
+            (OptimizerKind::LoraPlus { lr_ratio, .. }, Slot::BBias) => (lr * lr_ratio, 0.0),
+            // Token rows are 2-D and not lora_B: PEFT puts them in LoRA+'s group A.
+            (OptimizerKind::LoraPlus { weight_decay, .. }, _) => (lr, *weight_decay),
+            _ => (lr, c.weight_decay),
+        };
+        let st = self.state.entry(k).or_insert_with(|| Moments {
+            m: g.zeros_like(),
+            v: g.zeros_like(),
+        });
+        st.m = st.m.clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
+        st.v = st.v.clone() * c.beta2 + g.powf_scalar(2.0) * (1.0 - c.beta2);
+        if self.kind == OptimizerKind::LoraFa {
+            // PEFT's LoraFAOptimizer: eps added to the uncorrected sqrt(v), the bias
+            // correction folded into the step size, decay applied after the update.
+            let step_size = lr_here * h.bc2.sqrt() / h.bc1;
+            let updated = old - st.m.clone() / (st.v.clone().sqrt() + c.eps) * step_size;
+            return updated.clone() - updated * (lr_here * wd);
+        }
+        // torch.optim.AdamW: decoupled decay first, then the bias-corrected step.
+        let denom = (st.v.clone() / h.bc2).sqrt() + c.eps;
+        let update = st.m.clone() / h.bc1 / denom;
+        old * (1.0 - lr_here * wd) - update * lr_here
     }
 
     /// Optimizer state as host tensors (`<key>.exp_avg`, `<key>.exp_avg_sq`) for checkpoints.

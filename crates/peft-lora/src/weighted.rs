@@ -126,6 +126,8 @@ impl<M> PeftModel<M> {
         cfg.rank_pattern.clear();
         cfg.alpha_pattern.clear();
         cfg.use_rslora = false;
+        // The combination holds LoRA factors only: no trainable token rows of its own.
+        cfg.trainable_token_indices = None;
         self.configs.insert(name.into(), cfg);
         // The new adapter is added, not activated (as in PEFT): keep the active set.
         let active = self.active.clone();

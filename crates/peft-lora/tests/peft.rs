@@ -433,76 +433,6 @@ fn weighted_adapters_cat_and_svd_are_exact_linear_runs() {
         .unwrap_err();
 }
 
-fn with_init(targets: &[&str], r: usize, init: &str) -> LoraConfig {
-    let mut c = LoraConfig::new(r, 8.0, targets);
-    c.init_lora_weights = peft_lora::InitLoraWeights::Method(init.into());
-    c
-}
-
-#[test]
-fn orthogonal_init_starts_at_the_base_and_needs_an_even_rank() {
-    let device = Default::default();
-    let base = Toy::<B>::new(&device);
-    let x = input::<B>(&device);
-    let y0 = base.forward(x.clone());
-    let mut peft = PeftModel::new(base);
-    peft.add_adapter::<B>("default", &with_init(&["up", "down"], 4, "orthogonal"))
-        .unwrap();
-    for (_, l) in peft.model.lora_linears() {
-        let a = l.adapter("default").unwrap();
-        // B A = 0 although neither is zero: A's and B's row spaces come from orthogonal rows.
-        let ab = a
-            .lora_a
-            .val()
-            .matmul(a.lora_b.val())
-            .abs()
-            .max()
-            .into_scalar();
-        assert!(ab < 1e-6, "A B = {ab}");
-        assert!(a.lora_a.val().abs().max().into_scalar() > 1e-3);
-        assert!(a.lora_b.val().abs().max().into_scalar() > 1e-3);
-    }
-    assert!(max_rel(peft.model.forward(x), y0) < 1e-6);
-    let err = PeftModel::new(Toy::<B>::new(&device))
-        .add_adapter::<B>("default", &with_init(&["up"], 3, "orthogonal"))
-        .unwrap_err();
-    assert!(err.to_string().contains("even rank"), "{err}");
-}
-
-#[test]
-fn pissa_and_olora_keep_the_output_and_check_their_input() {
-    let device = Default::default();
-    let base = Toy::<B>::new(&device);
-    let x = input::<B>(&device);
-    let y0 = base.forward(x.clone());
-    for init in ["pissa", "pissa_niter_2", "olora"] {
-        let mut peft = PeftModel::new(Toy::<B>::new(&device));
-        peft.model = Toy {
-            up: LoraLinear::from_weight(
-                base.up.weight.val(),
-                base.up.bias.as_ref().map(|b| b.val()),
-            ),
-            down: LoraLinear::from_weight(base.down.weight.val(), None),
-        };
-        peft.add_adapter::<B>("default", &with_init(&["up", "down"], 4, init))
-            .unwrap();
-        assert!(
-            max_rel(peft.model.forward(x.clone()), y0.clone()) < 1e-5,
-            "{init}"
-        );
-        // The residual really changed: the principal part moved into the adapter.
-        let w = peft.model.up.weight.val();
-        assert!(
-            (w - base.up.weight.val()).abs().max().into_scalar() > 1e-2,
-            "{init}"
-        );
-    }
-    // r larger than min(in, out) = 6.
-    let err = PeftModel::new(Toy::<B>::new(&device))
-        .add_adapter::<B>("default", &with_init(&["up"], 8, "pissa"))
-        .unwrap_err();
-    assert!(err.to_string().contains("r <= min(in, out) = 6"), "{err}");
-
 fn host_pt(w: Tensor<B, 2>) -> Vec<f32> {
     // Burn [in, out] -> PyTorch [out, in], row-major.
     w.transpose().into_data().to_vec::<f32>().unwrap()
@@ -582,9 +512,6 @@ fn loftq_config_is_required_and_validated() {
             .unwrap_err()
             .to_string()
     };
-    assert!(bad(r#"{"init_lora_weights": "pissa_niter_x"}"#).contains("pissa_niter_<number"));
-    assert!(bad(r#"{"init_lora_weights": "eva", "eva_config": {"rho": 0.5}}"#).contains("rho"));
-
     let lq = |cfg: &str| format!(r#"{{"init_lora_weights": "loftq", "loftq_config": {cfg}}}"#);
     assert!(bad(r#"{"init_lora_weights": "loftq"}"#).contains("`loftq_config`"));
     assert!(bad(&lq("{}")).contains("must be given"));
@@ -659,4 +586,428 @@ fn loftq_quantizes_the_base_and_beats_plain_nf4() {
         .add_adapter::<B>("default", &cfg)
         .unwrap_err();
     assert!(e.to_string().contains("rank 7 exceeds"), "{e}");
+}
+
+fn with_init(targets: &[&str], r: usize, init: &str) -> LoraConfig {
+    let mut c = LoraConfig::new(r, 8.0, targets);
+    c.init_lora_weights = peft_lora::InitLoraWeights::Method(init.into());
+    c
+}
+
+#[test]
+fn orthogonal_init_starts_at_the_base_and_needs_an_even_rank() {
+    let device = Default::default();
+    let base = Toy::<B>::new(&device);
+    let x = input::<B>(&device);
+    let y0 = base.forward(x.clone());
+    let mut peft = PeftModel::new(base);
+    peft.add_adapter::<B>("default", &with_init(&["up", "down"], 4, "orthogonal"))
+        .unwrap();
+    for (_, l) in peft.model.lora_linears() {
+        let a = l.adapter("default").unwrap();
+        // B A = 0 although neither is zero: A's and B's row spaces come from orthogonal rows.
+        let ab = a
+            .lora_a
+            .val()
+            .matmul(a.lora_b.val())
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(ab < 1e-6, "A B = {ab}");
+        assert!(a.lora_a.val().abs().max().into_scalar() > 1e-3);
+        assert!(a.lora_b.val().abs().max().into_scalar() > 1e-3);
+    }
+    assert!(max_rel(peft.model.forward(x), y0) < 1e-6);
+    let err = PeftModel::new(Toy::<B>::new(&device))
+        .add_adapter::<B>("default", &with_init(&["up"], 3, "orthogonal"))
+        .unwrap_err();
+    assert!(err.to_string().contains("even rank"), "{err}");
+}
+
+#[test]
+fn pissa_and_olora_keep_the_output_and_check_their_input() {
+    let device = Default::default();
+    let base = Toy::<B>::new(&device);
+    let x = input::<B>(&device);
+    let y0 = base.forward(x.clone());
+    for init in ["pissa", "pissa_niter_2", "olora"] {
+        let mut peft = PeftModel::new(Toy::<B>::new(&device));
+        peft.model = Toy {
+            up: LoraLinear::from_weight(
+                base.up.weight.val(),
+                base.up.bias.as_ref().map(|b| b.val()),
+            ),
+            down: LoraLinear::from_weight(base.down.weight.val(), None),
+        };
+        peft.add_adapter::<B>("default", &with_init(&["up", "down"], 4, init))
+            .unwrap();
+        assert!(
+            max_rel(peft.model.forward(x.clone()), y0.clone()) < 1e-5,
+            "{init}"
+        );
+        // The residual really changed: the principal part moved into the adapter.
+        let w = peft.model.up.weight.val();
+        assert!(
+            (w - base.up.weight.val()).abs().max().into_scalar() > 1e-2,
+            "{init}"
+        );
+    }
+    // r larger than min(in, out) = 6.
+    let err = PeftModel::new(Toy::<B>::new(&device))
+        .add_adapter::<B>("default", &with_init(&["up"], 8, "pissa"))
+        .unwrap_err();
+    assert!(err.to_string().contains("r <= min(in, out) = 6"), "{err}");
+    let bad = |json: &str| {
+        LoraConfig::from_json_str(json, "adapter_config.json")
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(bad(r#"{"init_lora_weights": "pissa_niter_x"}"#).contains("pissa_niter_<number"));
+    assert!(bad(r#"{"init_lora_weights": "eva", "eva_config": {"rho": 0.5}}"#).contains("rho"));
+}
+
+/// A toy stack with an embedding, for `layer_replication` and `trainable_token_indices`.
+#[derive(Module, Debug)]
+struct Stack<B: Backend> {
+    embed: peft_lora::TrainableTokens<B>,
+    layers: Vec<LoraLinear<B>>,
+}
+
+impl<B: Backend> Stack<B> {
+    fn new(device: &B::Device) -> Self {
+        Stack {
+            embed: peft_lora::TrainableTokens::from_weight(Tensor::random(
+                [12, 6],
+                Distribution::Normal(0.0, 1.0),
+                device,
+            )),
+            layers: (0..3)
+                .map(|_| LoraLinear::random(6, 6, false, device))
+                .collect(),
+        }
+    }
+    fn forward(&self, ids: Tensor<B, 2, burn::tensor::Int>) -> Tensor<B, 2> {
+        let [b, s] = ids.dims();
+        let mut x = self.embed.forward(ids);
+        for l in &self.layers {
+            x = x.clone() + l.forward(x).tanh();
+        }
+        self.embed.project(x.reshape([b * s, 6]))
+    }
+}
+
+impl<B: Backend> LoraModel<B> for Stack<B> {
+    fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
+        let p = |i| format!("model.layers.{i}.proj");
+        self.layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (p(i), l))
+            .collect()
+    }
+    fn lora_linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
+        let p = |i| format!("model.layers.{i}.proj");
+        self.layers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, l)| (p(i), l))
+            .collect()
+    }
+    fn token_tables(&self) -> Vec<(String, &peft_lora::TrainableTokens<B>)> {
+        vec![("model.embed".into(), &self.embed)]
+    }
+    fn token_tables_mut(&mut self) -> Vec<(String, &mut peft_lora::TrainableTokens<B>)> {
+        vec![("model.embed".into(), &mut self.embed)]
+    }
+    fn replicate_layers(&mut self, ranges: &[[usize; 2]]) -> peft_lora::Result<()> {
+        let map = peft_lora::replicate::layer_map(ranges, self.layers.len())?;
+        self.layers = map.iter().map(|&i| self.layers[i].clone()).collect();
+        Ok(())
+    }
+}
+
+fn ids<B: Backend>(device: &B::Device) -> Tensor<B, 2, burn::tensor::Int> {
+    Tensor::from_data(
+        burn::tensor::TensorData::new(vec![1i64, 5, 5, 7, 0, 11, 3, 5], [2, 4]),
+        device,
+    )
+}
+
+fn rel2(a: Tensor<B, 2>, b: Tensor<B, 2>) -> f32 {
+    let scale = b.clone().abs().max().into_scalar().max(1e-6);
+    (a - b).abs().max().into_scalar() / scale
+}
+
+#[test]
+fn layer_replication_errors_name_the_field_and_range() {
+    let bad = |json: &str| {
+        LoraConfig::from_json_str(json, "adapter_config.json")
+            .unwrap_err()
+            .to_string()
+    };
+    let e = bad(r#"{"layer_replication": []}"#);
+    assert!(
+        e.contains("layer_replication") && e.contains("empty list"),
+        "{e}"
+    );
+    let e = bad(r#"{"layer_replication": [[0, 2], [2, 2]]}"#);
+    assert!(
+        e.contains("layer_replication") && e.contains("[2, 2]"),
+        "{e}"
+    );
+    let e = bad(r#"{"layer_replication": [[3, 1]]}"#);
+    assert!(e.contains("[3, 1]"), "{e}");
+    let e = bad(r#"{"layer_replication": [[0, 1]], "init_lora_weights": "pissa"}"#);
+    assert!(
+        e.contains("layer_replication") && e.contains("pissa"),
+        "{e}"
+    );
+    let e = peft_lora::replicate::layer_map(&[[0, 2], [1, 5]], 3)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("layer_replication") && e.contains("[1, 5]") && e.contains("3 layers"),
+        "{e}"
+    );
+    assert_eq!(
+        peft_lora::replicate::layer_map(&[[0, 4], [2, 5]], 5).unwrap(),
+        vec![0, 1, 2, 3, 2, 3, 4]
+    );
+    // A model without the hook refuses; out-of-range layers are caught before anything changes.
+    let device = Default::default();
+    let mut cfg = config(&["up"]);
+    cfg.layer_replication = Some(vec![[0, 1]]);
+    let e = PeftModel::new(Toy::<B>::new(&device))
+        .add_adapter::<B>("default", &cfg)
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Unsupported { .. }) && e.to_string().contains("replicate_layers"),
+        "{e}"
+    );
+    let mut peft = PeftModel::new(Stack::<B>::new(&device));
+    let mut cfg = config(&["proj"]);
+    cfg.layer_replication = Some(vec![[0, 4]]);
+    let e = peft
+        .add_adapter::<B>("default", &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("[0, 4]") && e.contains("3 layers"), "{e}");
+    assert_eq!(peft.model.layers.len(), 3);
+}
+
+#[test]
+fn replicated_layers_share_base_weights_and_own_adapters() {
+    let device = Default::default();
+    let base = Stack::<B>::new(&device);
+    let mut peft = PeftModel::new(base.clone());
+    let base_total = peft.model.num_params();
+    let mut cfg = config(&["proj"]);
+    cfg.layer_replication = Some(vec![[0, 2], [1, 3]]);
+    let adapted = peft.add_adapter::<B>("default", &cfg).unwrap();
+    assert_eq!(adapted.len(), 4);
+    assert_eq!(adapted[3], "model.layers.3.proj");
+    let l = &peft.model.layers;
+    assert_eq!(l[1].weight.id, l[2].weight.id);
+    assert_ne!(l[1].adapters[0].lora_a.id, l[2].adapters[0].lora_a.id);
+    // Shared weights count once; each copy's adapter counts.
+    let report = peft.trainable_parameters::<B>();
+    assert_eq!(report.trainable, 4 * (6 * 4 + 4 * 6));
+    assert_eq!(report.total, base_total + report.trainable);
+    perturb_stack(&mut peft);
+    let want = peft.model.forward(ids(&device));
+    assert!(peft
+        .merge::<B>(false)
+        .unwrap_err()
+        .to_string()
+        .contains("replicated"));
+
+    // Save, load on a fresh copy of the base: replicated again, same output.
+    let dir = tempdir("replicated");
+    peft.save_adapter::<B>(&dir, "default").unwrap();
+    let mut again = PeftModel::new(base.clone());
+    again.load_adapter::<B>(&dir, "default").unwrap();
+    assert_eq!(again.model.layers.len(), 4);
+    assert!(rel2(again.model.forward(ids(&device)), want) < 1e-6);
+    // The same ranges again reuse the stack; other ranges or a late replication are refused.
+    again.load_adapter::<B>(&dir, "second").unwrap();
+    assert_eq!(again.model.layers.len(), 4);
+    let mut other = config(&["proj"]);
+    other.layer_replication = Some(vec![[0, 1]]);
+    let e = again
+        .add_adapter::<B>("third", &other)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("differs"), "{e}");
+    let mut plain = PeftModel::new(Stack::<B>::new(&device));
+    plain.add_adapter::<B>("a", &config(&["proj"])).unwrap();
+    let e = plain.add_adapter::<B>("b", &cfg).unwrap_err().to_string();
+    assert!(e.contains("before any adapter"), "{e}");
+}
+
+fn perturb_stack<B: Backend>(m: &mut PeftModel<Stack<B>>) {
+    for (_, layer) in m.model.lora_linears_mut() {
+        for a in &mut layer.adapters {
+            let (shape, device) = (a.lora_b.shape(), a.lora_b.device());
+            a.lora_b = burn::module::Param::from_tensor(Tensor::random(
+                shape,
+                Distribution::Normal(0.0, 0.3),
+                &device,
+            ));
+        }
+    }
+    for (_, t) in m.model.token_tables_mut() {
+        for a in &mut t.adapters {
+            let (shape, device) = (a.delta.shape(), a.delta.device());
+            a.delta = burn::module::Param::from_tensor(Tensor::random(
+                shape,
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            ));
+        }
+    }
+}
+
+#[test]
+fn trainable_tokens_replace_rows_train_only_them_and_merge_exactly() {
+    let device = Default::default();
+    let mut peft = PeftModel::new(Stack::<AD>::new(&device));
+    let base_out = peft.model.forward(ids(&device));
+    let mut cfg = config(&["proj"]);
+    cfg.trainable_token_indices = Some(serde_json::json!([5, 9, 11]));
+    peft.add_adapter::<AD>("default", &cfg).unwrap();
+    // Rows start as the table's own: the model is unchanged.
+    let err = (peft.model.forward(ids(&device)) - base_out.clone())
+        .abs()
+        .max()
+        .into_scalar();
+    assert!(err < 1e-6, "{err}");
+    perturb_stack(&mut peft);
+    let table = &peft.model.embed;
+    // The lookup and the tied projection equal those of the table with rows written in.
+    let view = table.weight_view();
+    let flat = ids::<AD>(&device).reshape([8]);
+    let got = table.forward(ids(&device)).reshape([8, 6]);
+    assert_eq!(
+        (got - view.clone().select(0, flat))
+            .abs()
+            .max()
+            .into_scalar(),
+        0.0
+    );
+    let x = Tensor::<AD, 2>::random([5, 6], Distribution::Normal(0.0, 1.0), &device);
+    let err = (table.project(x.clone()) - x.matmul(view.transpose()))
+        .abs()
+        .max()
+        .into_scalar();
+    assert!(err < 1e-5, "{err}");
+
+    // Gradients: only the rows, and a listed id absent from the input (9) still gets one
+    // through the tied projection.
+    let grads = peft
+        .model
+        .forward(ids(&device))
+        .powf_scalar(2.0)
+        .sum()
+        .backward();
+    assert!(peft.model.embed.weight.val().grad(&grads).is_none());
+    let g = peft.model.embed.adapters[0]
+        .delta
+        .val()
+        .grad(&grads)
+        .unwrap();
+    assert_eq!(g.dims(), [3, 6]);
+    assert!(g.abs().sum_dim(1).min().into_scalar() > 0.0);
+
+    // Merge writes the rows exactly; unmerge restores the table exactly.
+    let mut peft = PeftModel::new(Stack::<B>::new(&device));
+    peft.add_adapter::<B>("default", &cfg).unwrap();
+    perturb_stack(&mut peft);
+    let before = peft.model.embed.weight.val();
+    let want = peft.model.forward(ids(&device));
+    peft.merge::<B>(true).unwrap();
+    let merged = peft.model.embed.weight.val();
+    let rows = peft.model.embed.adapters[0].delta.val();
+    let idx = Tensor::from_data(
+        burn::tensor::TensorData::new(vec![5i64, 9, 11], [3]),
+        &device,
+    );
+    assert_eq!(
+        (merged.select(0, idx) - rows).abs().max().into_scalar(),
+        0.0
+    );
+    assert!(rel2(peft.model.forward(ids(&device)), want.clone()) < 1e-6);
+    peft.unmerge::<B>().unwrap();
+    assert_eq!(
+        (peft.model.embed.weight.val() - before)
+            .abs()
+            .max()
+            .into_scalar(),
+        0.0
+    );
+    // Disabled: the base model.
+    peft.set_adapters_disabled::<B>(true).unwrap();
+    assert!(rel2(peft.model.forward(ids(&device)), want) > 1e-3);
+}
+
+#[test]
+fn trainable_token_errors_name_the_field_and_id() {
+    let bad = |json: &str| {
+        LoraConfig::from_json_str(json, "adapter_config.json")
+            .unwrap_err()
+            .to_string()
+    };
+    for (json, needle) in [
+        (r#"{"trainable_token_indices": [1, -2]}"#, "-2"),
+        (r#"{"trainable_token_indices": []}"#, "no token id"),
+        (
+            r#"{"trainable_token_indices": "embed"}"#,
+            "list of token ids",
+        ),
+        (r#"{"trainable_token_indices": {"embed": [1.5]}}"#, "1.5"),
+    ] {
+        let e = bad(json);
+        assert!(
+            e.contains("trainable_token_indices") && e.contains(needle),
+            "{e}"
+        );
+    }
+    let device = Default::default();
+    let add = |v: serde_json::Value| {
+        let mut cfg = config(&["proj"]);
+        cfg.trainable_token_indices = Some(v);
+        PeftModel::new(Stack::<B>::new(&device))
+            .add_adapter::<B>("default", &cfg)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = add(serde_json::json!([3, 12]));
+    assert!(
+        e.contains("trainable_token_indices") && e.contains("12") && e.contains("12 rows"),
+        "{e}"
+    );
+    let e = add(serde_json::json!([3, 3]));
+    assert!(e.contains("listed twice"), "{e}");
+    let e = add(serde_json::json!({"lm_head": [3]}));
+    assert!(e.contains("`lm_head`") && e.contains("model.embed"), "{e}");
+    let e = PeftModel::new(Toy::<B>::new(&device))
+        .add_adapter::<B>("default", &{
+            let mut c = config(&["up"]);
+            c.trainable_token_indices = Some(serde_json::json!([1]));
+            c
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no input embedding"), "{e}");
+    // Two active adapters may not train the same id.
+    let mut peft = PeftModel::new(Stack::<B>::new(&device));
+    let mut a = config(&["proj"]);
+    a.trainable_token_indices = Some(serde_json::json!({"embed": [1, 2]}));
+    peft.add_adapter::<B>("a", &a).unwrap();
+    a.trainable_token_indices = Some(serde_json::json!([2, 4]));
+    peft.add_adapter::<B>("b", &a).unwrap();
+    let e = peft.set_active::<B>(&["a", "b"]).unwrap_err().to_string();
+    assert!(e.contains("token 2"), "{e}");
+    a.trainable_token_indices = Some(serde_json::json!([3, 4]));
+    peft.add_adapter::<B>("c", &a).unwrap();
+    peft.set_active::<B>(&["a", "c"]).unwrap();
 }
