@@ -1,6 +1,9 @@
 //! `news2stock`: fine-tune NCSOFT/Llama-VARCO-8B-Instruct on Korean economic news with LoRA,
 //! evaluate it and run inference. `--demo` runs the same pipeline on a tiny model, on CPU.
 
+mod bench_linear;
+#[cfg(feature = "cuda")]
+mod fused;
 mod job;
 mod metrics;
 mod settings;
@@ -60,6 +63,9 @@ fn dispatch<B: burn::tensor::backend::Backend>(
         Command::BenchModel { fixture, skip_8b } => {
             job::bench_model::<B>(fixture.as_deref(), *skip_8b, device)
         }
+        Command::BenchLinear { .. } | Command::CheckFused { .. } => {
+            anyhow::bail!("bench-linear and check-fused run on the GPU build (--features cuda)")
+        }
     }
 }
 
@@ -72,6 +78,19 @@ fn gpu(s: &Settings, cmd: &Command) -> Result<()> {
         Gpu,
         burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
     >;
+    match cmd {
+        Command::BenchLinear {
+            quick,
+            composed,
+            iters,
+        } => return fused::bench_linear(*quick, *composed, *iters),
+        Command::CheckFused {
+            race_tokens,
+            race_dim,
+            race_steps,
+        } => return fused::check(*race_tokens, *race_dim, *race_steps),
+        _ => {}
+    }
     if s.gradient_checkpointing {
         match cmd {
             Command::Train => return job::train::<Ckpt>(s, &device),

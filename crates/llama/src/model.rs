@@ -177,7 +177,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
 
     /// Logits for hidden states: `[n, hidden]` -> `[n, vocab]`.
     pub fn lm_head(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
-        hidden.matmul(self.head_weight())
+        let w = self.head_weight();
+        #[cfg(feature = "cuda")]
+        if let Some(logits) = peft_lora::cuda::frozen_linear(&hidden, &w, None) {
+            return logits;
+        }
+        hidden.matmul(w)
     }
 
     /// Final hidden states (after `model.norm`).

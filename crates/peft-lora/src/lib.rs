@@ -24,6 +24,8 @@
 //! ```
 
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod init;
 pub mod io;
