@@ -2,9 +2,10 @@
 //! cuBLASLt GEMMs enqueued together (see [`super::device`] for the ordering).
 //!
 //! Burn layout throughout: `x [n, in]`, `W [in, out]`, `A [in, r]`, `B [r, out]`.
-//! - forward: `xa = xd A`; `y = x W (+ bias)`; `y += s xa B` (beta = 1: no extra pass);
-//! - backward: `g = dy B^T`; `dx = dy W^T`; `dx += s g A^T` (or into `dxd` when the adapter input
-//!   is a dropped-out copy); `dA = s xd^T g`; `dB = s xa^T dy`. Never `dW`.
+//! - forward: `xa = xd A`; `y = s xa B (+ bias)`; `y += x W` (beta = 1: the frozen GEMM adds
+//!   itself onto the LoRA term in its epilogue, no extra pass);
+//! - backward: `g = dy B^T`; `dx = s g A^T`; `dx += dy W^T` (with dropout `dxd = s g A^T` and
+//!   `dx = dy W^T` apart); `dA = s xd^T g`; `dB = s xa^T dy`. Never `dW`.
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
@@ -261,9 +262,6 @@ pub fn lora_forward(inp: LoraInputs) -> Result<(Raw, Raw), String> {
     device::run(&device, binds.handles, move |ctx, p| {
         let xa_out = out_at(xao, r, p);
         lt::gemm(ctx, dt, at(xdo, p), at(ao, p), xa_out, 1.0, 0.0, None)?;
-        let y_out = out_at(yo, d_out, p);
-        let bias = bias_o.map(|i| p[i]);
-        lt::gemm(ctx, dt, at(xo, p), at(wo, p), y_out, 1.0, 0.0, bias)?;
         let xa_op = Operand {
             ptr: xa_out.ptr,
             rows: n,
@@ -271,7 +269,12 @@ pub fn lora_forward(inp: LoraInputs) -> Result<(Raw, Raw), String> {
             ld: r,
             trans: false,
         };
-        lt::gemm(ctx, dt, xa_op, at(bo, p), y_out, s, 1.0, None)
+        // The skinny GEMM writes y (with the bias), the big one accumulates into it (beta = 1):
+        // its read of y hides under its arithmetic, so the LoRA term costs one write of y.
+        let y_out = out_at(yo, d_out, p);
+        let bias = bias_o.map(|i| p[i]);
+        lt::gemm(ctx, dt, xa_op, at(bo, p), y_out, s, 0.0, bias)?;
+        lt::gemm(ctx, dt, at(xo, p), at(wo, p), y_out, 1.0, 1.0, None)
     })?;
     Ok((y, xa))
 }
@@ -388,12 +391,16 @@ pub fn lora_backward(dy: Raw, saved: LoraSaved, needs: LoraNeeds) -> Result<Lora
             )?;
         }
         if let Some(i) = dxo {
+            // As in the forward: the skinny GEMM first, the big one accumulating into it.
             let dx = out_at(i, d_in, p);
-            lt::gemm(ctx, dt, at(dyo, p), at(wo, p), dx, 1.0, 0.0, None)?;
-            if !needs.split {
+            let beta = if needs.split {
+                0.0
+            } else {
                 let g = g_op.ok_or("fused LoRA backward: g missing")?;
-                lt::gemm(ctx, dt, g, at(ao, p), dx, s, 1.0, None)?;
-            }
+                lt::gemm(ctx, dt, g, at(ao, p), dx, s, 0.0, None)?;
+                1.0
+            };
+            lt::gemm(ctx, dt, at(dyo, p), at(wo, p), dx, 1.0, beta, None)?;
         }
         if let Some(i) = dxdo {
             let g = g_op.ok_or("fused LoRA backward: g missing")?;

@@ -85,6 +85,7 @@ fn run<B: AutodiffBackend>(
     fused: bool,
 ) -> Outputs {
     set_enabled(fused);
+    B::seed(&x.device(), 20251128);
     let xg = x.clone().detach().require_grad();
     let y = layer.forward(xg.clone());
     let grads = (y.clone() * g.clone()).sum().backward();
@@ -131,6 +132,8 @@ pub struct Case {
     pub transposed_weight: bool,
     /// DoRA instead of LoRA.
     pub dora: bool,
+    /// Adapter dropout (training): fused and composed draw the same mask from the same seed.
+    pub dropout: f64,
 }
 
 fn layer_for<B: AutodiffBackend>(case: &Case, device: &B::Device) -> LoraLinear<B> {
@@ -152,7 +155,7 @@ fn layer_for<B: AutodiffBackend>(case: &Case, device: &B::Device) -> LoraLinear<
             r,
             alpha: 2.0 * r as f64,
             scaling: 2.0,
-            dropout: 0.0,
+            dropout: case.dropout,
             variant: if case.dora {
                 VariantKind::Dora
             } else {
@@ -182,7 +185,7 @@ pub fn check_case<B: AutodiffBackend>(
     let composed = run(&layer, &x, &g, false);
     let name = |what: &str| {
         format!(
-            "{label} {}x{}x{}->{} r{}{}{}{} {what}",
+            "{label} {}x{}x{}->{} r{}{}{}{}{} {what}",
             case.batch,
             case.seq,
             case.d_in,
@@ -195,6 +198,7 @@ pub fn check_case<B: AutodiffBackend>(
                 ""
             },
             if case.dora { " dora" } else { "" },
+            if case.dropout > 0.0 { " dropout" } else { "" },
         )
     };
     let mut checks = Vec::new();
@@ -210,8 +214,8 @@ pub fn check_case<B: AutodiffBackend>(
             tol,
         });
     };
-    if case.dora {
-        // DoRA: against the composed op (itself checked against PEFT on CPU).
+    if case.dora || case.dropout > 0.0 {
+        // DoRA, dropout: against the composed op (itself checked against PEFT on CPU).
         push("y vs composed", &fused.y, &composed.y, None);
         push("dx vs composed", &fused.dx, &composed.dx, None);
         for ((n, f), (_, c)) in fused.grads.iter().zip(&composed.grads) {
@@ -279,6 +283,7 @@ pub fn cases() -> Vec<Case> {
         bias: false,
         transposed_weight: false,
         dora: false,
+        dropout: 0.0,
     };
     vec![
         base,
@@ -316,6 +321,20 @@ pub fn cases() -> Vec<Case> {
             ..base
         },
         Case { dora: true, ..base },
+        Case {
+            dropout: 0.1,
+            ..base
+        },
+        Case {
+            dropout: 0.1,
+            bias: true,
+            batch: 2,
+            seq: 64,
+            d_in: 256,
+            d_out: 192,
+            r: 8,
+            ..base
+        },
         Case {
             dora: true,
             bias: true,
@@ -382,6 +401,7 @@ pub fn race<B: AutodiffBackend>(
         bias: false,
         transposed_weight: false,
         dora: false,
+        dropout: 0.0,
     };
     let layer = layer_for::<B>(&case, device);
     let x0 = Tensor::<B, 2>::random([n, d], Distribution::Normal(0.0, 1.0), device);
