@@ -68,8 +68,10 @@ def bench(tokens, d_in, d_out, r, dora, iters):
         y.backward(ones)
 
     s = 2.0
-    a = layer.lora_A["default"].weight.detach().clone().requires_grad_(True)
-    b = layer.lora_B["default"].weight.detach().clone().requires_grad_(True)
+    # PEFT keeps the adapter weights in f32 on a bf16 model (autocast_adapter_dtype); the plain
+    # formula uses bf16 adapters like the Rust op.
+    a = layer.lora_A["default"].weight.detach().to(dt).clone().requires_grad_(True)
+    b = layer.lora_B["default"].weight.detach().to(dt).clone().requires_grad_(True)
 
     def formula_fwd_bwd():
         xg.grad = None

@@ -79,6 +79,8 @@ struct DeviceState {
     /// Workspace per stream pointer.
     workspaces: HashMap<usize, u64>,
     private_stream: Option<usize>,
+    /// Side stream per main stream.
+    sides: HashMap<usize, lt::Side>,
     warned: bool,
 }
 
@@ -177,6 +179,76 @@ fn workspace(state: &mut DeviceState, stream: usize) -> Result<u64, String> {
     Ok(w)
 }
 
+fn side_for(state: &mut DeviceState, main: usize) -> Result<lt::Side, String> {
+    if let Some(s) = state.sides.get(&main) {
+        return Ok(*s);
+    }
+    use cudarc::driver::result::{event, stream};
+    use cudarc::driver::sys::CUevent_flags;
+    let side = stream::create(stream::StreamKind::NonBlocking)
+        .map_err(|e| format!("cuStreamCreate: {e:?}"))? as usize;
+    let ev = || {
+        event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map(|e| e as usize)
+            .map_err(|e| format!("cuEventCreate: {e:?}"))
+    };
+    let s = lt::Side {
+        stream: side,
+        workspace: workspace(state, side)?,
+        fork: ev()?,
+        join: ev()?,
+    };
+    state.sides.insert(main, s);
+    Ok(s)
+}
+
+/// A context on the side stream that starts after everything enqueued on `ctx`'s stream so far;
+/// `ctx` itself when there is no side stream. Pair with [`join`].
+pub(crate) fn fork(ctx: &lt::Ctx) -> Result<lt::Ctx, String> {
+    use cudarc::driver::result::{event, stream};
+    use cudarc::driver::sys::{CUevent, CUevent_wait_flags, CUstream};
+    let Some(side) = ctx.side else {
+        return Ok(*ctx);
+    };
+    // SAFETY: events and streams created in this context and kept for the process.
+    unsafe {
+        event::record(side.fork as CUevent, ctx.stream as CUstream)
+            .map_err(|e| format!("cuEventRecord: {e:?}"))?;
+        stream::wait_event(
+            side.stream as CUstream,
+            side.fork as CUevent,
+            CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+        )
+        .map_err(|e| format!("cuStreamWaitEvent: {e:?}"))?;
+    }
+    Ok(lt::Ctx {
+        stream: side.stream,
+        workspace: side.workspace,
+        side: None,
+        ..*ctx
+    })
+}
+
+/// Makes `ctx`'s stream wait for everything enqueued on its side stream.
+pub(crate) fn join(ctx: &lt::Ctx) -> Result<(), String> {
+    use cudarc::driver::result::{event, stream};
+    use cudarc::driver::sys::{CUevent, CUevent_wait_flags, CUstream};
+    let Some(side) = ctx.side else {
+        return Ok(());
+    };
+    // SAFETY: as in `fork`.
+    unsafe {
+        event::record(side.join as CUevent, side.stream as CUstream)
+            .map_err(|e| format!("cuEventRecord: {e:?}"))?;
+        stream::wait_event(
+            ctx.stream as CUstream,
+            side.join as CUevent,
+            CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+        )
+        .map_err(|e| format!("cuStreamWaitEvent: {e:?}"))
+    }
+}
+
 /// Runs `f` on the device's runner thread with the device pointers of `handles` (in order) and a
 /// cuBLASLt context whose stream is ordered with Burn's kernels as [`ordering`] says.
 pub(crate) fn run<T: Send>(
@@ -242,11 +314,18 @@ pub(crate) fn run<T: Send>(
                 (s, mode != Ordering::UnorderedForTests)
             }
         };
+        // Overlap only where the stream orders everything; the fallbacks stay on one stream.
+        let side = if host_sync || mode != Ordering::Stream {
+            None
+        } else {
+            Some(side_for(state, stream)?)
+        };
         let ctx = lt::Ctx {
             handle,
             stream,
             workspace: workspace(state, stream)?,
             workspace_bytes: WORKSPACE_BYTES,
+            side,
         };
         drop(states);
         if host_sync {

@@ -5,7 +5,8 @@
 //! - forward: `xa = xd A`; `y = s xa B (+ bias)`; `y += x W` (beta = 1: the frozen GEMM adds
 //!   itself onto the LoRA term in its epilogue, no extra pass);
 //! - backward: `g = dy B^T`; `dx = s g A^T`; `dx += dy W^T` (with dropout `dxd = s g A^T` and
-//!   `dx = dy W^T` apart); `dA = s xd^T g`; `dB = s xa^T dy`. Never `dW`.
+//!   `dx = dy W^T` apart); `dA = s xd^T g` and `dB = s xa^T dy` on a side stream, overlapping
+//!   the `dx` GEMMs. Never `dW`.
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
@@ -390,6 +391,23 @@ pub fn lora_backward(dy: Raw, saved: LoraSaved, needs: LoraNeeds) -> Result<Lora
                 None,
             )?;
         }
+        // dA and dB overlap the big dx GEMM on a side stream (they only read, and write their
+        // own outputs); the main stream waits for them before the op returns.
+        let side = if dao.is_some() || dbo.is_some() {
+            Some(device::fork(ctx)?)
+        } else {
+            None
+        };
+        if let Some(sc) = &side {
+            if let (Some(i), Some(xa)) = (dbo, xao) {
+                let db = out_at(i, d_out, p);
+                lt::gemm(sc, dt, at(xa, p), at(dyo, p), db, s, 0.0, None)?;
+            }
+            if let (Some(i), Some(xd)) = (dao, xdo) {
+                let g = g_op.ok_or("fused LoRA backward: g missing")?;
+                lt::gemm(sc, dt, at(xd, p), g, out_at(i, r, p), s, 0.0, None)?;
+            }
+        }
         if let Some(i) = dxo {
             // As in the forward: the skinny GEMM first, the big one accumulating into it.
             let dx = out_at(i, d_in, p);
@@ -406,21 +424,8 @@ pub fn lora_backward(dy: Raw, saved: LoraSaved, needs: LoraNeeds) -> Result<Lora
             let g = g_op.ok_or("fused LoRA backward: g missing")?;
             lt::gemm(ctx, dt, g, at(ao, p), out_at(i, d_in, p), s, 0.0, None)?;
         }
-        if let (Some(i), Some(xd)) = (dao, xdo) {
-            let g = g_op.ok_or("fused LoRA backward: g missing")?;
-            lt::gemm(ctx, dt, at(xd, p), g, out_at(i, r, p), s, 0.0, None)?;
-        }
-        if let (Some(i), Some(xa)) = (dbo, xao) {
-            lt::gemm(
-                ctx,
-                dt,
-                at(xa, p),
-                at(dyo, p),
-                out_at(i, d_out, p),
-                s,
-                0.0,
-                None,
-            )?;
+        if side.is_some() {
+            device::join(ctx)?;
         }
         Ok(())
     })?;

@@ -240,6 +240,23 @@ pub struct Ctx {
     pub workspace: u64,
     /// Workspace size in bytes.
     pub workspace_bytes: usize,
+    /// A second stream for work that may overlap the main stream's (see
+    /// [`super::device::fork`]); `None` when everything must stay on `stream`.
+    pub side: Option<Side>,
+}
+
+/// A side stream with its own workspace and the two events that fork it from and join it back
+/// to the main stream.
+#[derive(Clone, Copy, Debug)]
+pub struct Side {
+    /// The side `CUstream`.
+    pub stream: usize,
+    /// Its cuBLASLt workspace.
+    pub workspace: u64,
+    /// Recorded on the main stream, waited for by the side stream.
+    pub fork: usize,
+    /// Recorded on the side stream, waited for by the main stream.
+    pub join: usize,
 }
 
 /// Creates a cuBLASLt handle (the CUDA context must be current on this thread).
