@@ -2,6 +2,9 @@
 //! evaluate it and run inference. `--demo` runs the same pipeline on a tiny model, on CPU.
 
 mod bench_init;
+mod bench_linear;
+#[cfg(feature = "cuda")]
+mod fused;
 mod job;
 mod metrics;
 mod settings;
@@ -66,6 +69,9 @@ fn dispatch<B: burn::tensor::backend::Backend>(
         Command::BenchInit { method, layers } => {
             bench_init::bench_init::<B>(s, method, *layers, device)
         }
+        Command::BenchLinear { .. } | Command::CheckFused { .. } => {
+            anyhow::bail!("bench-linear and check-fused run on the GPU build (--features cuda)")
+        }
     }
 }
 
@@ -78,6 +84,19 @@ fn gpu(s: &Settings, cmd: &Command) -> Result<()> {
         Gpu,
         burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
     >;
+    match cmd {
+        Command::BenchLinear {
+            quick,
+            composed,
+            iters,
+        } => return fused::bench_linear(*quick, *composed, *iters),
+        Command::CheckFused {
+            race_tokens,
+            race_dim,
+            race_steps,
+        } => return fused::check(*race_tokens, *race_dim, *race_steps),
+        _ => {}
+    }
     if s.gradient_checkpointing {
         match cmd {
             Command::Train => return job::train::<Ckpt>(s, &device),

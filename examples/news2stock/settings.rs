@@ -69,6 +69,34 @@ pub enum Command {
         #[arg(long, default_value_t = 32)]
         layers: usize,
     },
+    /// Adapter kernel throughput on the Llama-8B shapes (LoRA and DoRA forward, forward +
+    /// backward, merged vs unmerged inference, ratio to the frozen GEMM alone); JSON lines.
+    BenchLinear {
+        /// Only the headline shape (4096 tokens, 4096->4096, r 16) and its DoRA twin.
+        #[arg(long)]
+        quick: bool,
+        /// Also time the composed (unfused) path on the headline shape.
+        #[arg(long)]
+        composed: bool,
+        /// Timed iterations per figure.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+    },
+    /// GPU correctness of the fused CUDA linear: fused vs composed vs an f64 host reference
+    /// (forward and gradients, odd shapes, DoRA, frozen layers; bf16 and f32, with and without
+    /// checkpointing), and the stream-ordering race test.
+    /// Exits non-zero on any failure.
+    CheckFused {
+        /// Tokens of the race test.
+        #[arg(long, default_value_t = 4096)]
+        race_tokens: usize,
+        /// Width of the race test's layer.
+        #[arg(long, default_value_t = 4096)]
+        race_dim: usize,
+        /// Forward+backward steps in the race chain.
+        #[arg(long, default_value_t = 6)]
+        race_steps: usize,
+    },
     /// Merge the adapter into the base weights and write safetensors that transformers loads.
     Merge {
         /// Output folder.

@@ -201,7 +201,13 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// embedding's trainable token rows.
     pub fn lm_head(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.lm_head {
-            Some(w) => hidden.matmul(w.val()),
+            Some(w) => {
+                #[cfg(feature = "cuda")]
+                if let Some(logits) = peft_lora::cuda::frozen_linear(&hidden, &w.val(), None) {
+                    return logits;
+                }
+                hidden.matmul(w.val())
+            }
             None => self.model.embed_tokens.project(hidden),
         }
     }

@@ -61,6 +61,19 @@ impl<B: Backend> LoraAdapter<B> {
         self.lora_a.val().matmul(self.lora_b.val()) * self.meta.scaling
     }
 
+    /// `s * A B` where no gradient is wanted (merges, DoRA's detached norm): the fused
+    /// cuBLASLt GEMM on CUDA backends, the same values as [`Self::delta_weight`] elsewhere.
+    pub(crate) fn delta_weight_nograd(&self) -> Tensor<B, 2> {
+        #[cfg(feature = "cuda")]
+        {
+            let (a, b) = (self.lora_a.val().detach(), self.lora_b.val().detach());
+            if let Some(d) = crate::cuda::frozen_linear(&a, &b, None) {
+                return d * self.meta.scaling;
+            }
+        }
+        self.delta_weight().detach()
+    }
+
     /// The adapter's name.
     pub fn name(&self) -> &str {
         &self.meta.name
@@ -223,7 +236,7 @@ impl<B: Backend> LoraLinear<B> {
             merge_scale: None,
         };
         if adapter.meta.variant == VariantKind::Dora {
-            let norm = Dora::weight_norm(self.base_weight() + adapter.delta_weight());
+            let norm = Dora::weight_norm(self.base_weight() + adapter.delta_weight_nograd());
             adapter.magnitude = Some(Param::from_tensor(norm.detach()));
         }
         adapter
@@ -353,6 +366,14 @@ impl<B: Backend> LoraLinear<B> {
         if let Some(capture) = &self.state.capture {
             capture.push(to_host(x2.clone()));
         }
+        let mut out_dims = dims;
+        out_dims[D - 1] = self.d_out();
+        #[cfg(feature = "cuda")]
+        if self.nf4.is_none() {
+            if let Some(out) = self.forward_fused(&x2, ctx) {
+                return out.reshape(out_dims);
+            }
+        }
         let weight = match &self.nf4 {
             // Dequantized on the fly into the input's dtype; only the 4-bit codes stay resident.
             Some(q) => q.dequantize().cast(x2.dtype()),
@@ -408,8 +429,6 @@ impl<B: Backend> LoraLinear<B> {
                 };
             }
         }
-        let mut out_dims = dims;
-        out_dims[D - 1] = self.d_out();
         out.reshape(out_dims)
     }
 
@@ -430,7 +449,7 @@ impl<B: Backend> LoraLinear<B> {
 }
 
 /// Inverted dropout on the adapter input, active only on autodiff backends (training).
-fn dropout<B: Backend>(x: Tensor<B, 2>, p: f64) -> Tensor<B, 2> {
+pub(crate) fn dropout<B: Backend>(x: Tensor<B, 2>, p: f64) -> Tensor<B, 2> {
     if p == 0.0 || !B::ad_enabled(&x.device()) {
         return x;
     }

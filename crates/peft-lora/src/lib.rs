@@ -28,6 +28,8 @@
 
 pub mod config;
 pub mod convert;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod decompose;
 pub mod error;
 pub mod eva;

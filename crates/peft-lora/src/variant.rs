@@ -71,7 +71,7 @@ impl<B: Backend> LoraVariant<B> for PlainLora {
         adapter: &LoraAdapter<B>,
         weight: Tensor<B, 2>,
     ) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
-        (weight + adapter.delta_weight(), None)
+        (weight + adapter.delta_weight_nograd(), None)
     }
 
     fn unmerge(
@@ -80,7 +80,7 @@ impl<B: Backend> LoraVariant<B> for PlainLora {
         weight: Tensor<B, 2>,
         _kept: Option<Tensor<B, 1>>,
     ) -> Tensor<B, 2> {
-        weight - adapter.delta_weight()
+        weight - adapter.delta_weight_nograd()
     }
 }
 
@@ -109,7 +109,7 @@ impl<B: Backend> LoraVariant<B> for Dora {
             .expect("DoRA adapter has a magnitude")
             .val();
         // The norm is detached (DoRA paper 4.3): no gradient flows through it.
-        let norm = Self::weight_norm(base.weight.clone() + adapter.delta_weight()).detach();
+        let norm = Self::weight_norm(base.weight.clone() + adapter.delta_weight_nograd()).detach();
         let scale = (magnitude / norm).unsqueeze_dim::<2>(0); // [1, out]
                                                               // Without dropout the base output (minus bias) is x W; with dropout it is recomputed on
                                                               // the dropped-out input, as PEFT does.
@@ -131,7 +131,7 @@ impl<B: Backend> LoraVariant<B> for Dora {
         weight: Tensor<B, 2>,
     ) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
         let magnitude = adapter.magnitude.as_ref().expect("DoRA magnitude").val();
-        let merged = weight + adapter.delta_weight();
+        let merged = weight + adapter.delta_weight_nograd();
         let scale = magnitude / Dora::weight_norm(merged.clone());
         (merged * scale.clone().unsqueeze_dim::<2>(0), Some(scale))
     }
@@ -143,7 +143,7 @@ impl<B: Backend> LoraVariant<B> for Dora {
         kept: Option<Tensor<B, 1>>,
     ) -> Tensor<B, 2> {
         let scale = kept.expect("DoRA unmerge needs the scale kept at merge time");
-        weight / scale.unsqueeze_dim::<2>(0) - adapter.delta_weight()
+        weight / scale.unsqueeze_dim::<2>(0) - adapter.delta_weight_nograd()
     }
 }
 

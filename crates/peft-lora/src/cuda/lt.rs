@@ -1,0 +1,474 @@
+//! cuBLASLt, loaded at run time: one row-major GEMM entry point with cached plans.
+//!
+//! Only the dozen functions the fused linear needs are bound, by hand, with the enum values of
+//! `cublasLt.h` (they are stable across CUDA 11.x-13.x). The library is found the way cudarc
+//! finds the rest of CUDA (`libcublasLt.so*` on the loader path, e.g. `LD_LIBRARY_PATH`).
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Mutex, OnceLock};
+
+type Status = i32;
+type RawHandle = *mut c_void;
+type Stream = *mut c_void;
+
+/// `cublasLtMatmulAlgo_t`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Algo {
+    data: [u64; 8],
+}
+
+/// `cublasLtMatmulHeuristicResult_t`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Heuristic {
+    algo: Algo,
+    workspace_size: usize,
+    state: Status,
+    waves_count: f32,
+    reserved: [i32; 4],
+}
+
+// Enum values from cublasLt.h / library_types.h.
+const COMPUTE_32F: i32 = 68;
+const R_32F: i32 = 0;
+const DESC_TRANSA: i32 = 3;
+const DESC_TRANSB: i32 = 4;
+const DESC_EPILOGUE: i32 = 7;
+const DESC_BIAS_POINTER: i32 = 8;
+const EPILOGUE_BIAS: u32 = 4;
+const PREF_MAX_WORKSPACE: i32 = 1;
+const PREF_ALIGN_A: i32 = 5;
+const OP_N: i32 = 0;
+const OP_T: i32 = 1;
+
+/// Element types the GEMMs support (`cudaDataType_t` values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    /// bfloat16 (`CUDA_R_16BF`).
+    Bf16 = 14,
+    /// float16 (`CUDA_R_16F`).
+    F16 = 2,
+    /// float32 (`CUDA_R_32F`).
+    F32 = 0,
+}
+
+struct Api {
+    _lib: libloading::Library,
+    create: unsafe extern "C" fn(*mut RawHandle) -> Status,
+    desc_create: unsafe extern "C" fn(*mut *mut c_void, i32, i32) -> Status,
+    desc_set: unsafe extern "C" fn(*mut c_void, i32, *const c_void, usize) -> Status,
+    layout_create: unsafe extern "C" fn(*mut *mut c_void, i32, u64, u64, i64) -> Status,
+    pref_create: unsafe extern "C" fn(*mut *mut c_void) -> Status,
+    pref_set: unsafe extern "C" fn(*mut c_void, i32, *const c_void, usize) -> Status,
+    pref_destroy: unsafe extern "C" fn(*mut c_void) -> Status,
+    #[allow(clippy::type_complexity)]
+    heuristic: unsafe extern "C" fn(
+        RawHandle,
+        *mut c_void,
+        *mut c_void,
+        *mut c_void,
+        *mut c_void,
+        *mut c_void,
+        *mut c_void,
+        i32,
+        *mut Heuristic,
+        *mut i32,
+    ) -> Status,
+    #[allow(clippy::type_complexity)]
+    matmul: unsafe extern "C" fn(
+        RawHandle,
+        *mut c_void,
+        *const c_void,
+        *const c_void,
+        *mut c_void,
+        *const c_void,
+        *mut c_void,
+        *const c_void,
+        *const c_void,
+        *mut c_void,
+        *mut c_void,
+        *mut c_void,
+        *const Algo,
+        *mut c_void,
+        usize,
+        Stream,
+    ) -> Status,
+}
+
+// SAFETY: the struct holds a loaded library and plain C function pointers.
+unsafe impl Send for Api {}
+unsafe impl Sync for Api {}
+
+fn candidates() -> Vec<String> {
+    let mut names = vec![
+        "libcublasLt.so".to_string(),
+        "libcublasLt.so.13".to_string(),
+        "libcublasLt.so.12".to_string(),
+        "libcublasLt.so.11".to_string(),
+    ];
+    for n in cudarc::get_lib_name_candidates("cublasLt") {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    names
+}
+
+fn load() -> Result<Api, String> {
+    let mut last = String::new();
+    for name in candidates() {
+        // SAFETY: loading a shared library runs its initialisers; cuBLASLt's are benign.
+        match unsafe { libloading::Library::new(&name) } {
+            Ok(lib) => return bind(lib).map_err(|e| format!("{name}: {e}")),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(format!(
+        "libcublasLt not found on the loader path (LD_LIBRARY_PATH) ({last})"
+    ))
+}
+
+fn bind(lib: libloading::Library) -> Result<Api, libloading::Error> {
+    // SAFETY: the signatures match cublasLt.h.
+    unsafe {
+        Ok(Api {
+            create: *lib.get(b"cublasLtCreate\0")?,
+            desc_create: *lib.get(b"cublasLtMatmulDescCreate\0")?,
+            desc_set: *lib.get(b"cublasLtMatmulDescSetAttribute\0")?,
+            layout_create: *lib.get(b"cublasLtMatrixLayoutCreate\0")?,
+            pref_create: *lib.get(b"cublasLtMatmulPreferenceCreate\0")?,
+            pref_set: *lib.get(b"cublasLtMatmulPreferenceSetAttribute\0")?,
+            pref_destroy: *lib.get(b"cublasLtMatmulPreferenceDestroy\0")?,
+            heuristic: *lib.get(b"cublasLtMatmulAlgoGetHeuristic\0")?,
+            matmul: *lib.get(b"cublasLtMatmul\0")?,
+            _lib: lib,
+        })
+    }
+}
+
+fn api() -> Result<&'static Api, String> {
+    static API: OnceLock<Result<Api, String>> = OnceLock::new();
+    API.get_or_init(load).as_ref().map_err(Clone::clone)
+}
+
+/// Whether libcublasLt can be loaded (checked once).
+pub fn available() -> Result<(), String> {
+    api().map(|_| ())
+}
+
+fn check(status: Status, what: &str) -> Result<(), String> {
+    if status == 0 {
+        Ok(())
+    } else {
+        Err(format!("{what} failed with cublasStatus {status}"))
+    }
+}
+
+/// One GEMM operand: a row-major stored matrix `[rows, cols]` with row stride `ld` (elements),
+/// used as is or transposed (`trans`).
+#[derive(Clone, Copy, Debug)]
+pub struct Operand {
+    /// Device pointer.
+    pub ptr: u64,
+    /// Stored rows.
+    pub rows: usize,
+    /// Stored columns.
+    pub cols: usize,
+    /// Row stride in elements (>= cols).
+    pub ld: usize,
+    /// The logical operand is the transpose of the stored matrix.
+    pub trans: bool,
+}
+
+impl Operand {
+    /// The logical shape `[rows, cols]` after the optional transpose.
+    pub fn logical(&self) -> (usize, usize) {
+        if self.trans {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
+    }
+}
+
+/// A row-major output `[m, n]` with row stride `ld`.
+#[derive(Clone, Copy, Debug)]
+pub struct Output {
+    /// Device pointer.
+    pub ptr: u64,
+    /// Row stride in elements (>= n).
+    pub ld: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct Key {
+    handle: usize,
+    dtype: Dtype,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: (usize, usize, usize, bool),
+    b: (usize, usize, usize, bool),
+    ldc: usize,
+    bias: bool,
+    align: [u32; 4],
+}
+
+struct Plan {
+    desc: *mut c_void,
+    a: *mut c_void,
+    b: *mut c_void,
+    c: *mut c_void,
+    algo: Algo,
+}
+
+// SAFETY: plans are only used under the PLANS mutex, on the device's thread.
+unsafe impl Send for Plan {}
+
+static PLANS: OnceLock<Mutex<HashMap<Key, Plan>>> = OnceLock::new();
+
+/// A cuBLASLt handle with its workspace, bound to one CUDA stream of one context.
+#[derive(Clone, Copy, Debug)]
+pub struct Ctx {
+    /// `cublasLtHandle_t`.
+    pub handle: usize,
+    /// The CUDA stream every GEMM is enqueued on.
+    pub stream: usize,
+    /// Device workspace pointer.
+    pub workspace: u64,
+    /// Workspace size in bytes.
+    pub workspace_bytes: usize,
+    /// A second stream for work that may overlap the main stream's (see
+    /// [`super::device::fork`]); `None` when everything must stay on `stream`.
+    pub side: Option<Side>,
+}
+
+/// A side stream with its own workspace and the two events that fork it from and join it back
+/// to the main stream.
+#[derive(Clone, Copy, Debug)]
+pub struct Side {
+    /// The side `CUstream`.
+    pub stream: usize,
+    /// Its cuBLASLt workspace.
+    pub workspace: u64,
+    /// Recorded on the main stream, waited for by the side stream.
+    pub fork: usize,
+    /// Recorded on the side stream, waited for by the main stream.
+    pub join: usize,
+}
+
+/// Creates a cuBLASLt handle (the CUDA context must be current on this thread).
+pub fn create_handle() -> Result<usize, String> {
+    let api = api()?;
+    let mut h: RawHandle = std::ptr::null_mut();
+    // SAFETY: FFI call with a valid out pointer.
+    check(unsafe { (api.create)(&mut h) }, "cublasLtCreate")?;
+    Ok(h as usize)
+}
+
+fn alignment(ptr: u64) -> u32 {
+    let mut a = 256u32;
+    while a > 1 && ptr % a as u64 != 0 {
+        a /= 2;
+    }
+    a
+}
+
+fn elem_bytes(dtype: Dtype) -> u64 {
+    match dtype {
+        Dtype::F32 => 4,
+        _ => 2,
+    }
+}
+
+fn make_plan(ctx: &Ctx, key: &Key) -> Result<Plan, String> {
+    let api = api()?;
+    let null = std::ptr::null_mut;
+    let (mut desc, mut la, mut lb, mut lc, mut pref) = (null(), null(), null(), null(), null());
+    let dt = key.dtype as i32;
+    // SAFETY: FFI calls with valid out pointers and attribute buffers of the documented types.
+    unsafe {
+        check(
+            (api.desc_create)(&mut desc, COMPUTE_32F, R_32F),
+            "cublasLtMatmulDescCreate",
+        )?;
+        // Lt's A is our B, Lt's B is our A (row-major C = A B is column-major C^T = B^T A^T).
+        let ta: i32 = if key.b.3 { OP_T } else { OP_N };
+        let tb: i32 = if key.a.3 { OP_T } else { OP_N };
+        let set = |attr: i32, v: *const c_void, size: usize| {
+            check(
+                (api.desc_set)(desc, attr, v, size),
+                "cublasLtMatmulDescSetAttribute",
+            )
+        };
+        set(DESC_TRANSA, &ta as *const i32 as *const c_void, 4)?;
+        set(DESC_TRANSB, &tb as *const i32 as *const c_void, 4)?;
+        if key.bias {
+            set(
+                DESC_EPILOGUE,
+                &EPILOGUE_BIAS as *const u32 as *const c_void,
+                4,
+            )?;
+        }
+        let (b_rows, b_cols, b_ld, _) = key.b;
+        let (a_rows, a_cols, a_ld, _) = key.a;
+        check(
+            (api.layout_create)(&mut la, dt, b_cols as u64, b_rows as u64, b_ld as i64),
+            "cublasLtMatrixLayoutCreate(A)",
+        )?;
+        check(
+            (api.layout_create)(&mut lb, dt, a_cols as u64, a_rows as u64, a_ld as i64),
+            "cublasLtMatrixLayoutCreate(B)",
+        )?;
+        check(
+            (api.layout_create)(&mut lc, dt, key.n as u64, key.m as u64, key.ldc as i64),
+            "cublasLtMatrixLayoutCreate(C)",
+        )?;
+        check(
+            (api.pref_create)(&mut pref),
+            "cublasLtMatmulPreferenceCreate",
+        )?;
+        let ws = ctx.workspace_bytes as u64;
+        check(
+            (api.pref_set)(
+                pref,
+                PREF_MAX_WORKSPACE,
+                &ws as *const u64 as *const c_void,
+                8,
+            ),
+            "cublasLtMatmulPreferenceSetAttribute",
+        )?;
+        // Lt's A/B/C/D alignments: our B, our A, C, C.
+        let align = [key.align[1], key.align[0], key.align[2], key.align[3]];
+        for (i, al) in align.iter().enumerate() {
+            check(
+                (api.pref_set)(
+                    pref,
+                    PREF_ALIGN_A + i as i32,
+                    al as *const u32 as *const c_void,
+                    4,
+                ),
+                "cublasLtMatmulPreferenceSetAttribute(alignment)",
+            )?;
+        }
+        let mut result = [Heuristic::default(); 1];
+        let mut count = 0i32;
+        let status = (api.heuristic)(
+            ctx.handle as RawHandle,
+            desc,
+            la,
+            lb,
+            lc,
+            lc,
+            pref,
+            1,
+            result.as_mut_ptr(),
+            &mut count,
+        );
+        (api.pref_destroy)(pref);
+        check(status, "cublasLtMatmulAlgoGetHeuristic")?;
+        if count < 1 {
+            return Err(format!("cuBLASLt has no algorithm for {key:?}"));
+        }
+        Ok(Plan {
+            desc,
+            a: la,
+            b: lb,
+            c: lc,
+            algo: result[0].algo,
+        })
+    }
+}
+
+/// Row-major `c[m, n] = alpha * op(a)[m, k] op(b)[k, n] + beta * c (+ bias[n])`, enqueued on
+/// `ctx.stream`. Accumulation in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    ctx: &Ctx,
+    dtype: Dtype,
+    a: Operand,
+    b: Operand,
+    c: Output,
+    alpha: f32,
+    beta: f32,
+    bias: Option<u64>,
+) -> Result<(), String> {
+    let (m, k) = a.logical();
+    let (kb, n) = b.logical();
+    if k != kb {
+        return Err(format!("gemm inner dimensions differ: {k} vs {kb}"));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let api = api()?;
+    let eb = elem_bytes(dtype);
+    let key = Key {
+        handle: ctx.handle,
+        dtype,
+        m,
+        n,
+        k,
+        a: (a.rows, a.cols, a.ld, a.trans),
+        b: (b.rows, b.cols, b.ld, b.trans),
+        ldc: c.ld,
+        bias: bias.is_some(),
+        align: [
+            alignment(a.ptr).min(alignment(a.ld as u64 * eb)),
+            alignment(b.ptr).min(alignment(b.ld as u64 * eb)),
+            alignment(c.ptr).min(alignment(c.ld as u64 * eb)),
+            alignment(c.ptr).min(alignment(c.ld as u64 * eb)),
+        ],
+    };
+    if k == 0 {
+        // Nothing to multiply: only beta * c matters, which callers never rely on here.
+        return Err("gemm with k = 0".into());
+    }
+    let mut plans = PLANS
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| "cuBLASLt plan cache poisoned".to_string())?;
+    if !plans.contains_key(&key) {
+        let plan = make_plan(ctx, &key)?;
+        plans.insert(key, plan);
+    }
+    let plan = &plans[&key];
+    // SAFETY: the pointers are live device allocations of the described shapes (the caller holds
+    // their handles), the plan matches them, and alpha/beta are host f32 as the scale type says.
+    unsafe {
+        if let Some(bias) = bias {
+            check(
+                (api.desc_set)(
+                    plan.desc,
+                    DESC_BIAS_POINTER,
+                    &bias as *const u64 as *const c_void,
+                    8,
+                ),
+                "cublasLtMatmulDescSetAttribute(bias)",
+            )?;
+        }
+        check(
+            (api.matmul)(
+                ctx.handle as RawHandle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                b.ptr as *const c_void,
+                plan.a,
+                a.ptr as *const c_void,
+                plan.b,
+                &beta as *const f32 as *const c_void,
+                c.ptr as *const c_void,
+                plan.c,
+                c.ptr as *mut c_void,
+                plan.c,
+                &plan.algo,
+                ctx.workspace as *mut c_void,
+                ctx.workspace_bytes,
+                ctx.stream as Stream,
+            ),
+            "cublasLtMatmul",
+        )
+    }
+}

@@ -1,0 +1,246 @@
+//! The fused adapted linear on NVIDIA GPUs (feature `cuda`).
+//!
+//! On Burn's CUDA backend in bf16 or f32 (`burn::backend::Cuda<F>`, which is the raw
+//! `CubeBackend<CudaRuntime, F, i32, u8>` unless Burn's `fusion` feature is on; with this crate's
+//! `fusion` feature the fusion backend over it too), with or without `Autodiff` (and with
+//! `BalancedCheckpointing`), [`crate::LoraLinear`] runs as one custom op instead of composed
+//! tensor ops:
+//! - forward `y = x W (+ bias) + s (x A) B`, the LoRA term accumulated into `y` by the GEMM
+//!   (beta = 1), all GEMMs in cuBLASLt (bf16/f16/f32 in and out, f32 accumulation);
+//! - backward `dx`, `dA`, `dB` only (never `dW` of the frozen base), keeping only `x` (through
+//!   Burn's checkpointer, so gradient checkpointing still applies) and `x A`;
+//! - frozen layers (no active adapter, merged, disabled) as a cuBLASLt GEMM with a backward
+//!   that gives `dx` only;
+//! - DoRA as the fused LoRA op followed by its per-output scale (the norm stays detached).
+//!
+//! The GEMMs are enqueued on cubecl's own CUDA stream, in order with Burn's kernels
+//! ([`device`]). Other backends, and cases the op does not cover (several adapters at once,
+//! per-row adapter routing, `lora_bias`, DoRA with dropout, trainable base weights) use the
+//! composed path. `libcublasLt.so` is loaded at run time from the loader path; without it the
+//! composed path runs (a warning is printed once).
+//!
+//! [`set_enabled`] (or `PEFT_LORA_FUSED=0` in the environment) switches the fused path off, for
+//! comparisons.
+
+pub mod autodiff;
+pub mod backend;
+pub mod device;
+#[cfg(feature = "fusion")]
+pub mod fusion;
+pub mod kernels;
+mod layer;
+pub mod lt;
+pub mod selftest;
+
+use std::any::{Any, TypeId};
+use std::sync::atomic::{AtomicU8, Ordering as AtomicOrdering};
+
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorPrimitive};
+use burn_cubecl::CubeBackend;
+#[cfg(feature = "fusion")]
+use burn_fusion::Fusion;
+use cubecl_cuda::CudaRuntime;
+use half::bf16;
+
+pub use autodiff::FusedLinear;
+pub use device::{cubecl_stream_used, ordering, set_ordering, Ordering};
+pub use kernels::LoraInputs;
+
+/// 0: unset (read `PEFT_LORA_FUSED`), 1: on, 2: off.
+static ENABLED: AtomicU8 = AtomicU8::new(0);
+
+/// Switches the fused CUDA path on or off (process-wide; default on unless `PEFT_LORA_FUSED=0`).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(if on { 1 } else { 2 }, AtomicOrdering::SeqCst);
+}
+
+/// Whether the fused CUDA path is on and cuBLASLt loads.
+pub fn enabled() -> bool {
+    let v = match ENABLED.load(AtomicOrdering::SeqCst) {
+        0 => {
+            let on = std::env::var("PEFT_LORA_FUSED").map_or(true, |v| v != "0");
+            set_enabled(on);
+            on
+        }
+        v => v == 1,
+    };
+    if !v {
+        return false;
+    }
+    match lt::available() {
+        Ok(()) => true,
+        Err(e) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| eprintln!("peft-lora: fused CUDA linear off: {e}"));
+            false
+        }
+    }
+}
+
+/// Whether a CUDA driver and at least one GPU are present (false rather than a panic when
+/// `libcuda` cannot be loaded).
+pub fn gpu_present() -> bool {
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let found = std::panic::catch_unwind(|| {
+        cudarc::driver::result::init().is_ok()
+            && cudarc::driver::result::device::get_count().is_ok_and(|n| n > 0)
+    })
+    .unwrap_or(false);
+    std::panic::set_hook(prev);
+    found
+}
+
+fn cast<S: 'static, T: 'static>(v: S) -> T {
+    let boxed: Box<dyn Any> = Box::new(v);
+    *boxed
+        .downcast::<T>()
+        .expect("backend type checked by TypeId before the cast")
+}
+
+/// The raw (non-fusion) cubecl CUDA backend with Burn's default int and bool types.
+pub type CubeCuda<F> = CubeBackend<CudaRuntime, F, i32, u8>;
+type Cube<F> = CubeCuda<F>;
+
+/// Calls `$f::<T>(args)` for the concrete backend `T` that `$b` is, casting the arguments and
+/// the result; evaluates to `None` when `$b` is none of the supported CUDA backends.
+macro_rules! dispatch {
+    ($b:ty, $f:ident ( $($arg:expr),* )) => {{
+        let found = dispatch!(@try $b, $f ($($arg),*);
+            Cube<bf16>, Cube<f32>,
+            Autodiff<Cube<bf16>>, Autodiff<Cube<f32>>,
+            Autodiff<Cube<bf16>, BalancedCheckpointing>, Autodiff<Cube<f32>, BalancedCheckpointing>);
+        #[cfg(feature = "fusion")]
+        let found = match found {
+            Some(v) => Some(v),
+            None => dispatch!(@try $b, $f ($($arg),*);
+                Fusion<Cube<bf16>>, Fusion<Cube<f32>>,
+                Autodiff<Fusion<Cube<bf16>>>, Autodiff<Fusion<Cube<f32>>>,
+                Autodiff<Fusion<Cube<bf16>>, BalancedCheckpointing>,
+                Autodiff<Fusion<Cube<f32>>, BalancedCheckpointing>),
+        };
+        found
+    }};
+    (@try $b:ty, $f:ident ( $($arg:expr),* ); $t:ty $(, $rest:ty)*) => {
+        if TypeId::of::<$b>() == TypeId::of::<$t>() {
+            Some(cast($f::<$t>($(cast($arg)),*)))
+        } else {
+            dispatch!(@try $b, $f ($($arg),*); $($rest),*)
+        }
+    };
+    (@try $b:ty, $f:ident ( $($arg:expr),* ); ) => {
+        None
+    };
+}
+
+/// Whether `B` is one of the CUDA backends the fused ops run on.
+pub fn supported<B: Backend>() -> bool {
+    fn yes<T: Backend>() -> bool {
+        true
+    }
+    dispatch!(B, yes()).unwrap_or(false)
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive {
+    t.into_primitive().tensor()
+}
+
+fn tensor<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+fn frozen_impl<T: FusedLinear>(
+    x: Tensor<T, 2>,
+    w: Tensor<T, 2>,
+    bias: Option<Tensor<T, 1>>,
+) -> Tensor<T, 2> {
+    tensor(T::frozen_linear(prim(x), prim(w), bias.map(prim)))
+}
+
+#[allow(clippy::type_complexity)]
+fn lora_impl<T: FusedLinear>(
+    args: (
+        Tensor<T, 2>,
+        Option<Tensor<T, 2>>,
+        Tensor<T, 2>,
+        Option<Tensor<T, 1>>,
+        Tensor<T, 2>,
+        Tensor<T, 2>,
+        f32,
+    ),
+) -> Tensor<T, 2> {
+    let (x, xd, w, bias, a, b, scale) = args;
+    tensor(T::lora_linear(LoraInputs {
+        x: prim(x),
+        xd: xd.map(prim),
+        w: prim(w),
+        bias: bias.map(prim),
+        a: prim(a),
+        b: prim(b),
+        scale,
+    }))
+}
+
+fn usable<B: Backend>(ts: &[&Tensor<B, 2>]) -> bool {
+    let dtype = ts[0].dtype();
+    ts.iter()
+        .all(|t| t.dtype() == dtype && t.dims().iter().all(|d| *d > 0))
+}
+
+/// `x W (+ bias)` for a frozen `W` `[in, out]`: the fused cuBLASLt op when `B` is a supported
+/// CUDA backend and the path is on, else `None`.
+pub fn frozen_linear<B: Backend>(
+    x: &Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    bias: Option<&Tensor<B, 1>>,
+) -> Option<Tensor<B, 2>> {
+    if !supported::<B>() || !enabled() || !usable(&[x, w]) {
+        return None;
+    }
+    if w.is_require_grad() || bias.is_some_and(|b| b.is_require_grad()) {
+        return None;
+    }
+    if bias.is_some_and(|b| b.dtype() != x.dtype()) {
+        return None;
+    }
+    dispatch!(B, frozen_impl(x.clone(), w.clone(), bias.cloned()))
+}
+
+/// `x W (+ bias) + s (xd A) B` with a frozen `W` (`xd = x` when `None`): the fused op when `B` is
+/// a supported CUDA backend and the path is on, else `None`.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_linear<B: Backend>(
+    x: &Tensor<B, 2>,
+    xd: Option<&Tensor<B, 2>>,
+    w: &Tensor<B, 2>,
+    bias: Option<&Tensor<B, 1>>,
+    a: &Tensor<B, 2>,
+    b: &Tensor<B, 2>,
+    scale: f64,
+) -> Option<Tensor<B, 2>> {
+    if !supported::<B>() || !enabled() || !usable(&[x, w, a, b]) {
+        return None;
+    }
+    if xd.is_some_and(|t| !usable(&[x, t])) {
+        return None;
+    }
+    if w.is_require_grad() || bias.is_some_and(|b| b.is_require_grad()) {
+        return None;
+    }
+    if bias.is_some_and(|b| b.dtype() != x.dtype()) {
+        return None;
+    }
+    let args = (
+        x.clone(),
+        xd.cloned(),
+        w.clone(),
+        bias.cloned(),
+        a.clone(),
+        b.clone(),
+        scale as f32,
+    );
+    dispatch!(B, lora_impl(args))
+}

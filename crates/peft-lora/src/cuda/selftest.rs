@@ -1,0 +1,502 @@
+//! GPU checks of the fused ops, callable from a test or a binary on a machine with a GPU:
+//! the fused op against an f32 host reference and against the composed op (forward and every
+//! gradient, odd shapes, transposed weights, bias, 3-D inputs, DoRA, frozen layers), and a race
+//! test that fails when the GEMMs are not ordered with Burn's kernels.
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Distribution, Tensor};
+
+use super::device::{ordering, set_ordering, Ordering};
+use super::set_enabled;
+use crate::layer::{AdapterMeta, LoraLinear};
+use crate::variant::VariantKind;
+
+/// One comparison: the largest absolute difference over the largest absolute reference value.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// What was compared.
+    pub name: String,
+    /// Error of the fused op.
+    pub err_fused: f64,
+    /// Error of the composed op against the same reference (context; `NaN` when not computed).
+    pub err_composed: f64,
+    /// Largest accepted `err_fused`.
+    pub tol: f64,
+}
+
+impl Check {
+    /// Whether the fused op is within tolerance.
+    pub fn pass(&self) -> bool {
+        self.err_fused <= self.tol
+    }
+}
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 data")
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "compared tensors differ in size");
+    let (mut d, mut s) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            return f64::INFINITY;
+        }
+        d = d.max((*g as f64 - *w as f64).abs());
+        s = s.max((*w as f64).abs());
+    }
+    if !d.is_finite() {
+        return f64::INFINITY;
+    }
+    d / s.max(1e-30)
+}
+
+/// Row-major `[m, k] x [k, n]` (with optional transposes of the stored operands) in f64.
+fn mm(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool) -> Vec<f32> {
+    let mut c = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0f64;
+            for p in 0..k {
+                let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                acc += av as f64 * bv as f64;
+            }
+            c[i * n + j] = acc as f32;
+        }
+    }
+    c
+}
+
+struct Outputs {
+    y: Vec<f32>,
+    dx: Vec<f32>,
+    grads: Vec<(String, Vec<f32>)>,
+}
+
+/// Forward with `x`, loss `sum(y * g)` (so `dL/dy = g`), backward; everything read back.
+fn run<B: AutodiffBackend>(
+    layer: &LoraLinear<B>,
+    x: &Tensor<B, 3>,
+    g: &Tensor<B, 3>,
+    fused: bool,
+) -> Outputs {
+    set_enabled(fused);
+    B::seed(&x.device(), 20251128);
+    let xg = x.clone().detach().require_grad();
+    let y = layer.forward(xg.clone());
+    let grads = (y.clone() * g.clone()).sum().backward();
+    let mut named = Vec::new();
+    for ad in &layer.adapters {
+        let mut push = |name: &str, t: Option<Tensor<B::InnerBackend, 2>>| {
+            if let Some(t) = t {
+                named.push((format!("d{name}"), host(t)));
+            }
+        };
+        push("A", ad.lora_a.val().grad(&grads));
+        push("B", ad.lora_b.val().grad(&grads));
+        if let Some(m) = &ad.magnitude {
+            if let Some(t) = m.val().grad(&grads) {
+                named.push(("dmagnitude".into(), host(t)));
+            }
+        }
+    }
+    let out = Outputs {
+        y: host(y),
+        dx: host(xg.grad(&grads).expect("x gradient")),
+        grads: named,
+    };
+    set_enabled(true);
+    out
+}
+
+/// The shape and contents of one comparison case.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    /// Batch rows (the input is `[batch, seq, in]`).
+    pub batch: usize,
+    /// Sequence length.
+    pub seq: usize,
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+    /// LoRA rank (0: no adapter, the frozen layer alone).
+    pub r: usize,
+    /// With a base bias.
+    pub bias: bool,
+    /// The base weight is a transposed view (as a PyTorch `[out, in]` weight used in place).
+    pub transposed_weight: bool,
+    /// DoRA instead of LoRA.
+    pub dora: bool,
+    /// Adapter dropout of the layer (the dropout path itself is checked by [`check_dropout`]).
+    pub dropout: f64,
+}
+
+fn layer_for<B: AutodiffBackend>(case: &Case, device: &B::Device) -> LoraLinear<B> {
+    let normal = Distribution::Normal(0.0, 1.0);
+    let scale_w = 1.0 / (case.d_in as f64).sqrt();
+    let w = if case.transposed_weight {
+        Tensor::<B, 2>::random([case.d_out, case.d_in], normal, device).transpose() * scale_w
+    } else {
+        Tensor::<B, 2>::random([case.d_in, case.d_out], normal, device) * scale_w
+    };
+    let bias = case
+        .bias
+        .then(|| Tensor::<B, 1>::random([case.d_out], normal, device) * 0.1);
+    let mut layer = LoraLinear::from_weight(w, bias);
+    if case.r > 0 {
+        let r = case.r;
+        let meta = AdapterMeta {
+            name: "default".into(),
+            r,
+            alpha: 2.0 * r as f64,
+            scaling: 2.0,
+            dropout: case.dropout,
+            variant: if case.dora {
+                VariantKind::Dora
+            } else {
+                VariantKind::Lora
+            },
+        };
+        let a = Tensor::random([case.d_in, r], normal, device) * scale_w;
+        let b = Tensor::random([r, case.d_out], normal, device) * (1.0 / (r as f64).sqrt());
+        let adapter = layer.new_adapter(meta, a, b, false);
+        layer.add_adapter(adapter).expect("fresh layer");
+    }
+    layer
+}
+
+/// The accepted error for the element type the device actually used (Burn may create tensors in
+/// the device's default float type rather than the backend's type parameter).
+pub fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 | DType::F64 => 1e-4,
+        _ => 2e-2,
+    }
+}
+
+/// Fused vs host reference and vs composed for one case; the tolerance follows the dtype.
+pub fn check_case<B: AutodiffBackend>(label: &str, case: Case, device: &B::Device) -> Vec<Check> {
+    let layer = layer_for::<B>(&case, device);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let x = Tensor::<B, 3>::random([case.batch, case.seq, case.d_in], normal, device);
+    let g = Tensor::<B, 3>::random([case.batch, case.seq, case.d_out], normal, device);
+    let dtype = x.dtype();
+    let tol = tolerance(dtype);
+    let label = format!("{label} {dtype:?}");
+    let fused = run(&layer, &x, &g, true);
+    let composed = run(&layer, &x, &g, false);
+    let name = |what: &str| {
+        format!(
+            "{label} {}x{}x{}->{} r{}{}{}{}{} {what}",
+            case.batch,
+            case.seq,
+            case.d_in,
+            case.d_out,
+            case.r,
+            if case.bias { " bias" } else { "" },
+            if case.transposed_weight {
+                " W^T-view"
+            } else {
+                ""
+            },
+            if case.dora { " dora" } else { "" },
+            if case.dropout > 0.0 { " dropout" } else { "" },
+        )
+    };
+    let mut checks = Vec::new();
+    let mut push = |what: &str, f: &[f32], c: &[f32], reference: Option<&[f32]>| {
+        let (ef, ec) = match reference {
+            Some(r) => (rel_err(f, r), rel_err(c, r)),
+            None => (rel_err(f, c), f64::NAN),
+        };
+        checks.push(Check {
+            name: name(what),
+            err_fused: ef,
+            err_composed: ec,
+            tol,
+        });
+    };
+    if case.dora || case.dropout > 0.0 {
+        // DoRA, dropout: against the composed op (itself checked against PEFT on CPU).
+        push("y vs composed", &fused.y, &composed.y, None);
+        push("dx vs composed", &fused.dx, &composed.dx, None);
+        for ((n, f), (_, c)) in fused.grads.iter().zip(&composed.grads) {
+            push(&format!("{n} vs composed"), f, c, None);
+        }
+        return checks;
+    }
+    // Host reference in f64 from the very values the device used.
+    let n = case.batch * case.seq;
+    let (d_in, d_out, r) = (case.d_in, case.d_out, case.r);
+    let xs = host(x.clone());
+    let gs = host(g.clone());
+    let ws = host(layer.weight.val());
+    let mut y = mm(&xs, &ws, n, d_in, d_out, false, false);
+    if let Some(b) = &layer.bias {
+        let bs = host(b.val());
+        for (i, v) in y.iter_mut().enumerate() {
+            *v += bs[i % d_out];
+        }
+    }
+    let mut dx = mm(&gs, &ws, n, d_out, d_in, false, true);
+    let mut refs = Vec::new();
+    if let Some(ad) = layer.adapters.first() {
+        let s = ad.meta.scaling as f32;
+        let a = host(ad.lora_a.val());
+        let b = host(ad.lora_b.val());
+        let xa = mm(&xs, &a, n, d_in, r, false, false);
+        let lora = mm(&xa, &b, n, r, d_out, false, false);
+        y.iter_mut().zip(&lora).for_each(|(v, l)| *v += s * l);
+        let gb = mm(&gs, &b, n, d_out, r, false, true);
+        let gba = mm(&gb, &a, n, r, d_in, false, true);
+        dx.iter_mut().zip(&gba).for_each(|(v, l)| *v += s * l);
+        let da: Vec<f32> = mm(&xs, &gb, d_in, n, r, true, false)
+            .iter()
+            .map(|v| s * v)
+            .collect();
+        let db: Vec<f32> = mm(&xa, &gs, r, n, d_out, true, false)
+            .iter()
+            .map(|v| s * v)
+            .collect();
+        refs.push(("dA".to_string(), da));
+        refs.push(("dB".to_string(), db));
+    }
+    push("y", &fused.y, &composed.y, Some(&y));
+    push("dx", &fused.dx, &composed.dx, Some(&dx));
+    for (name, want) in &refs {
+        let f = fused.grads.iter().find(|(n, _)| n == name);
+        let c = composed.grads.iter().find(|(n, _)| n == name);
+        match (f, c) {
+            (Some((_, f)), Some((_, c))) => push(name, f, c, Some(want)),
+            _ => push(&format!("{name} missing"), &[f32::INFINITY], &[0.0], None),
+        }
+    }
+    checks
+}
+
+/// The standard set of cases (odd and aligned shapes, bias, transposed weight, DoRA, frozen).
+pub fn cases() -> Vec<Case> {
+    let base = Case {
+        batch: 1,
+        seq: 37,
+        d_in: 53,
+        d_out: 29,
+        r: 5,
+        bias: false,
+        transposed_weight: false,
+        dora: false,
+        dropout: 0.0,
+    };
+    vec![
+        base,
+        Case { bias: true, ..base },
+        Case {
+            transposed_weight: true,
+            ..base
+        },
+        Case {
+            batch: 2,
+            seq: 19,
+            ..base
+        },
+        Case {
+            batch: 1,
+            seq: 1,
+            d_in: 16,
+            d_out: 8,
+            r: 1,
+            ..base
+        },
+        Case { r: 0, ..base },
+        Case {
+            r: 0,
+            bias: true,
+            transposed_weight: true,
+            ..base
+        },
+        Case {
+            batch: 2,
+            seq: 150,
+            d_in: 512,
+            d_out: 384,
+            r: 16,
+            ..base
+        },
+        Case { dora: true, ..base },
+        Case {
+            dora: true,
+            bias: true,
+            batch: 2,
+            seq: 64,
+            d_in: 256,
+            d_out: 192,
+            r: 8,
+            ..base
+        },
+    ]
+}
+
+/// Runs every case and the dropout check; returns the checks.
+pub fn check_all<B: AutodiffBackend>(label: &str, device: &B::Device) -> Vec<Check> {
+    let mut checks: Vec<Check> = cases()
+        .into_iter()
+        .flat_map(|c| check_case::<B>(label, c, device))
+        .collect();
+    checks.extend(check_dropout::<B>(label, 2, 45, 96, 80, 8, device));
+    checks
+}
+
+/// The op with a separate adapter input (`xd = x * mask / (1 - p)`, as LoRA dropout makes it)
+/// against the host reference: `y`, `dx` (through both inputs), `dA`, `dB`. The mask is an
+/// explicit tensor, so both sides use the same one.
+pub fn check_dropout<B: AutodiffBackend>(
+    label: &str,
+    batch: usize,
+    seq: usize,
+    d_in: usize,
+    d_out: usize,
+    r: usize,
+    device: &B::Device,
+) -> Vec<Check> {
+    let n = batch * seq;
+    let normal = Distribution::Normal(0.0, 1.0);
+    let keep = 0.9;
+    let x = Tensor::<B, 2>::random([n, d_in], normal, device).require_grad();
+    let mask = Tensor::<B, 2>::random([n, d_in], Distribution::Bernoulli(keep), device);
+    let scale_w = 1.0 / (d_in as f64).sqrt();
+    let w = Tensor::<B, 2>::random([d_in, d_out], normal, device) * scale_w;
+    let bias = Tensor::<B, 1>::random([d_out], normal, device) * 0.1;
+    let a = (Tensor::<B, 2>::random([d_in, r], normal, device) * scale_w).require_grad();
+    let b = (Tensor::<B, 2>::random([r, d_out], normal, device) * 0.3).require_grad();
+    let g = Tensor::<B, 2>::random([n, d_out], normal, device);
+    let s = 2.0f32;
+    let xd = x.clone() * mask.clone() * (1.0 / keep);
+    let dtype = x.dtype();
+    let tol = tolerance(dtype);
+    let name =
+        |what: &str| format!("{label} {dtype:?} {n}x{d_in}->{d_out} r{r} dropout input {what}");
+    let Some(y) = super::lora_linear(&x, Some(&xd), &w, Some(&bias), &a, &b, s as f64) else {
+        return vec![Check {
+            name: name("fused op not taken"),
+            err_fused: f64::INFINITY,
+            err_composed: f64::NAN,
+            tol,
+        }];
+    };
+    let grads = (y.clone() * g.clone()).sum().backward();
+    let got_dx = host(x.grad(&grads).expect("dx"));
+    let got_da = host(a.grad(&grads).expect("dA"));
+    let got_db = host(b.grad(&grads).expect("dB"));
+    let (xs, ms, ws, bs, as_, b_s, gs) = (
+        host(x.clone()),
+        host(mask),
+        host(w),
+        host(bias),
+        host(a.clone()),
+        host(b.clone()),
+        host(g),
+    );
+    let xds: Vec<f32> = xs
+        .iter()
+        .zip(&ms)
+        .map(|(x, m)| x * m / keep as f32)
+        .collect();
+    let mut y_ref = mm(&xs, &ws, n, d_in, d_out, false, false);
+    let xa = mm(&xds, &as_, n, d_in, r, false, false);
+    let lora = mm(&xa, &b_s, n, r, d_out, false, false);
+    for (i, v) in y_ref.iter_mut().enumerate() {
+        *v += bs[i % d_out] + s * lora[i];
+    }
+    let gb = mm(&gs, &b_s, n, d_out, r, false, true);
+    let gba = mm(&gb, &as_, n, r, d_in, false, true);
+    let mut dx = mm(&gs, &ws, n, d_out, d_in, false, true);
+    for (i, v) in dx.iter_mut().enumerate() {
+        *v += s * gba[i] * ms[i] / keep as f32;
+    }
+    let da: Vec<f32> = mm(&xds, &gb, d_in, n, r, true, false)
+        .iter()
+        .map(|v| s * v)
+        .collect();
+    let db: Vec<f32> = mm(&xa, &gs, r, n, d_out, true, false)
+        .iter()
+        .map(|v| s * v)
+        .collect();
+    [
+        ("y", host(y), y_ref),
+        ("dx", got_dx, dx),
+        ("dA", got_da, da),
+        ("dB", got_db, db),
+    ]
+    .into_iter()
+    .map(|(what, got, want)| Check {
+        name: name(what),
+        err_fused: rel_err(&got, &want),
+        err_composed: f64::NAN,
+        tol,
+    })
+    .collect()
+}
+
+/// A chain of fused forward + backward calls whose inputs are written by Burn kernels right
+/// before and whose outputs are read by Burn kernels right after, with no host synchronisation,
+/// buffers freed and reused along the way. Returns the read-back accumulator.
+fn race_chain<B: AutodiffBackend>(
+    layer: &LoraLinear<B>,
+    x0: &Tensor<B, 2>,
+    steps: usize,
+) -> Vec<f32> {
+    let d_in = layer.d_in();
+    let mut acc = Tensor::<B::InnerBackend, 1>::zeros([d_in], &x0.device());
+    for i in 0..steps {
+        // Written by a Burn kernel just before the fused op reads it.
+        let x = (x0.clone() * (1.0 + 0.25 * i as f64) + 0.5)
+            .detach()
+            .require_grad();
+        let y = layer.forward(x.clone());
+        // Read by a Burn kernel just after the fused op writes it.
+        let loss = (y.clone() * 0.01).tanh().sum();
+        let grads = loss.backward();
+        let dx = x.grad(&grads).expect("dx");
+        let da = layer.adapters[0].lora_a.val().grad(&grads).expect("dA");
+        acc = acc + dx.sum_dim(0).squeeze_dim(0) + da.sum_dim(1).squeeze_dim(1);
+    }
+    host(acc)
+}
+
+/// The ordering test: the chain in `mode` against the same chain with host synchronisation
+/// around every fused op (correct by construction). Returns the relative error; a correct
+/// ordering gives (close to) 0, a race gives garbage.
+pub fn race<B: AutodiffBackend>(
+    mode: Ordering,
+    n: usize,
+    d: usize,
+    steps: usize,
+    device: &B::Device,
+) -> f64 {
+    let case = Case {
+        batch: 1,
+        seq: n,
+        d_in: d,
+        d_out: d,
+        r: 16,
+        bias: false,
+        transposed_weight: false,
+        dora: false,
+        dropout: 0.0,
+    };
+    let layer = layer_for::<B>(&case, device);
+    let x0 = Tensor::<B, 2>::random([n, d], Distribution::Normal(0.0, 1.0), device);
+    let before = ordering();
+    set_enabled(true);
+    set_ordering(Ordering::HostSync);
+    let want = race_chain(&layer, &x0, steps);
+    set_ordering(mode);
+    let got = race_chain(&layer, &x0, steps);
+    set_ordering(before);
+    rel_err(&got, &want)
+}

@@ -1,0 +1,42 @@
+#!/bin/bash
+# Runs the fused-linear checks and benchmarks on a GPU box, beside the PyTorch / PEFT anchors.
+# Usage (from the repository root): scripts/gpu_fused_run.sh DIR STAGE...
+#   DIR holds the stripped `news2stock` binary (built with --features cuda) and the anchor scripts
+#   (bench_lora_linear_torch.py, peft_baseline.py). Stages: check, quick, linear, train.
+# Writes logs under $OUT (or /tmp/fused-out).
+D=$1; shift
+OUT=${OUT:-/tmp/fused-out}; mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda-13.0/lib64:$LD_LIBRARY_PATH
+export PYTHONUNBUFFERED=1
+B=$D/news2stock
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+mem() { # peak of nvidia-smi's memory.used while "$@" runs
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/mem_$1.txt" & local p=$!
+  shift; "$@"; local rc=$?; kill $p; wait $p 2>/dev/null
+  return $rc
+}
+peak() { sort -n "$OUT/mem_$1.txt" | tail -1; }
+for stage in "$@"; do
+  case $stage in
+  check)
+    CUBECL_AUTOTUNE_LEVEL=minimal timeout 300 $B check-fused 2>&1 | tee "$OUT/check.txt" | tail -60 ;;
+  quick)
+    timeout 150 $B bench-linear --quick --composed 2>&1 | grep -v '^{' | tee "$OUT/linear_quick.txt"
+    timeout 120 python3 $D/bench_lora_linear_torch.py --quick 2>&1 | tee "$OUT/torch_quick.txt" ;;
+  linear)
+    timeout 300 $B bench-linear 2>&1 | tee "$OUT/linear.txt" | grep -v '^{'
+    timeout 200 python3 $D/bench_lora_linear_torch.py 2>&1 | tee "$OUT/torch_linear.txt" ;;
+  train)
+    common="--batch-size 2 --grad-accum 1 --lora-alpha 32"
+    for cfg in "qv-gc:--gradient-checkpointing true --lora-r 8" "qv-nogc:--gradient-checkpointing false --lora-r 8" \
+               "all-gc:--gradient-checkpointing true --lora-r 16 --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"; do
+      name=${cfg%%:*}; args=${cfg#*:}
+      mem "ours-$name" timeout 200 $B $common $args bench-train --steps 6 --warmup 2 2>&1 | tee "$OUT/train_$name.txt" | tail -4
+      echo "ours $name peak_used_mib $(peak ours-$name)" | tee -a "$OUT/peaks.txt"
+    done
+    for name in seed-qv-r8-gc seed-qv-r8-nogc all-r16-gc; do
+      mem "hf-$name" timeout 200 python3 $D/peft_baseline.py --skip-micro --only $name 2>&1 | tee "$OUT/hf_$name.txt" | tail -2
+      echo "hf $name peak_used_mib $(peak hf-$name)" | tee -a "$OUT/peaks.txt"
+    done ;;
+  esac
+done
