@@ -32,8 +32,9 @@ pub fn bench_init<B: Backend>(
             let w =
                 Tensor::<B, 2>::random([*d_in, *d_out], Distribution::Normal(0.0, 0.02), device);
             let t = Instant::now();
+            let lin = peft_lora::LoraLinear::from_weight(w, None);
             let init = m.init_layer(
-                &w,
+                &lin,
                 s.lora_r,
                 scaling,
                 &format!("model.layers.{layer}.self_attn.{name}"),

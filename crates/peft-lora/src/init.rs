@@ -97,17 +97,19 @@ impl InitMethod {
         Ok(())
     }
 
-    /// Initialises one layer with frozen weight `weight` (`[in, out]`), rank `r` and `scaling`.
+    /// Initialises adapter factors for `layer` (rank `r`, `scaling`); PiSSA and OLoRA read its
+    /// (dequantized) frozen weight, the others only its shape.
     pub fn init_layer<B: Backend>(
         self,
-        weight: &Tensor<B, 2>,
+        layer: &crate::layer::LoraLinear<B>,
         r: usize,
         scaling: f64,
         module: &str,
     ) -> Result<LayerInit<B>> {
+        let weight = || layer.base_weight();
         self.check_rank(r, module)?;
-        let [d_in, d_out] = weight.dims();
-        let device = weight.device();
+        let (d_in, d_out) = (layer.d_in(), layer.d_out());
+        let device = layer.weight.device();
         let plain = |(a, b)| LayerInit {
             a,
             b,
@@ -115,7 +117,7 @@ impl InitMethod {
         };
         Ok(match self {
             InitMethod::Pissa { niter } => {
-                let d = pissa(weight.clone(), r, scaling, niter, module)?;
+                let d = pissa(weight(), r, scaling, niter, module)?;
                 LayerInit {
                     a: d.a,
                     b: d.b,
@@ -123,7 +125,7 @@ impl InitMethod {
                 }
             }
             InitMethod::Olora => {
-                let d = olora(weight.clone(), r, scaling, module)?;
+                let d = olora(weight(), r, scaling, module)?;
                 LayerInit {
                     a: d.a,
                     b: d.b,

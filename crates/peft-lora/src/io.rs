@@ -210,7 +210,7 @@ impl<M> PeftModel<M> {
             if matches!(method, InitMethod::Pissa { .. } | InitMethod::Olora) {
                 // As PEFT's from_pretrained: the init runs again on the base, so an adapter
                 // trained from PiSSA/OLoRA loads onto the original model and reproduces it.
-                let init = method.init_layer(&layer.weight.val(), meta.r, meta.scaling, &path)?;
+                let init = method.init_layer(layer, meta.r, meta.scaling, &path)?;
                 if let Some(residual) = init.residual {
                     layer.weight = Param::from_tensor(residual).set_require_grad(false);
                 }

@@ -143,7 +143,7 @@ impl<M> PeftModel<M> {
                         residual: None,
                     }
                 }
-                None => method.init_layer(&layer.weight.val(), meta.r, meta.scaling, &path)?,
+                None => method.init_layer(layer, meta.r, meta.scaling, &path)?,
             };
             if let Some(residual) = init.residual {
                 // PiSSA / OLoRA: the principal part now lives in the adapter.
