@@ -3,7 +3,7 @@
 # Usage (from the repository root): scripts/gpu_fused_run.sh DIR STAGE...
 #   DIR holds the stripped `news2stock` binary (built with --features cuda) and the anchor scripts
 #   (bench_lora_linear_torch.py, peft_baseline.py). Stages: check, quick, linear, train.
-# Writes logs under $OUT (or /tmp/fused-out).
+# Writes logs under $OUT (or /tmp/fused-out), packed into $OUT/logs.tgz at the end.
 D=$1; shift
 OUT=${OUT:-/tmp/fused-out}; mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda-13.0/lib64:$LD_LIBRARY_PATH
@@ -40,3 +40,4 @@ for stage in "$@"; do
     done ;;
   esac
 done
+(cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz ./* && find . -type f ! -name logs.tgz ! -name peaks.txt ! -name check.txt -delete)
