@@ -16,6 +16,8 @@ mem() { # peak of nvidia-smi's memory.used while "$@" runs
   return $rc
 }
 peak() { sort -n "$OUT/mem_$1.txt" | tail -1; }
+mkdir -p /tmp/fused-logs
+pack() { cp "$OUT"/*.txt /tmp/fused-logs/ 2>/dev/null; (cd /tmp/fused-logs && tar czf "$OUT/logs.tgz" .); find "$OUT" -name 'mem_*.txt' -delete; }
 for stage in "$@"; do
   case $stage in
   check)
@@ -39,5 +41,5 @@ for stage in "$@"; do
       echo "hf $name peak_used_mib $(peak hf-$name)" | tee -a "$OUT/peaks.txt"
     done ;;
   esac
+  pack
 done
-(cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz ./* && find . -type f ! -name logs.tgz ! -name peaks.txt ! -name check.txt -delete)

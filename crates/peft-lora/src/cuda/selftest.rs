@@ -216,10 +216,14 @@ pub fn check_case<B: AutodiffBackend>(
         )
     };
     let mut checks = Vec::new();
+    // Against the composed op the error is the composed op's own in f32: Burn's f32 matmul runs
+    // on the tensor cores at reduced precision (3e-4 to 7e-4 from the f64 reference on an H200,
+    // where the fused op is at 1e-7 to 4e-7).
+    let tol_vs_composed = if dtype == DType::F32 { 2e-3 } else { tol };
     let mut push = |what: &str, f: &[f32], c: &[f32], reference: Option<&[f32]>| {
-        let (ef, ec) = match reference {
-            Some(r) => (rel_err(f, r), rel_err(c, r)),
-            None => (rel_err(f, c), f64::NAN),
+        let (ef, ec, tol) = match reference {
+            Some(r) => (rel_err(f, r), rel_err(c, r), tol),
+            None => (rel_err(f, c), f64::NAN, tol_vs_composed),
         };
         checks.push(Check {
             name: name(what),
