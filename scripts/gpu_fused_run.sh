@@ -3,7 +3,7 @@
 # Usage (from the repository root): scripts/gpu_fused_run.sh DIR STAGE...
 #   DIR holds the stripped `news2stock` binary (built with --features cuda) and the anchor scripts
 #   (bench_lora_linear_torch.py, peft_baseline.py). Stages: check, quick, linear, train.
-# Writes logs under $OUT (or /tmp/fused-out).
+# Writes logs under $OUT (or /tmp/fused-out), packed into $OUT/logs.tgz at the end.
 D=$1; shift
 OUT=${OUT:-/tmp/fused-out}; mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda-13.0/lib64:$LD_LIBRARY_PATH
@@ -16,6 +16,8 @@ mem() { # peak of nvidia-smi's memory.used while "$@" runs
   return $rc
 }
 peak() { sort -n "$OUT/mem_$1.txt" | tail -1; }
+mkdir -p /tmp/fused-logs
+pack() { cp "$OUT"/*.txt /tmp/fused-logs/ 2>/dev/null; (cd /tmp/fused-logs && tar czf "$OUT/logs.tgz" .); find "$OUT" -name 'mem_*.txt' -delete; }
 for stage in "$@"; do
   case $stage in
   check)
@@ -39,4 +41,5 @@ for stage in "$@"; do
       echo "hf $name peak_used_mib $(peak hf-$name)" | tee -a "$OUT/peaks.txt"
     done ;;
   esac
+  pack
 done

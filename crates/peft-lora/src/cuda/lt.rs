@@ -270,7 +270,7 @@ pub fn create_handle() -> Result<usize, String> {
 
 fn alignment(ptr: u64) -> u32 {
     let mut a = 256u32;
-    while a > 1 && ptr % a as u64 != 0 {
+    while a > 1 && !ptr.is_multiple_of(a as u64) {
         a /= 2;
     }
     a
@@ -430,11 +430,11 @@ pub fn gemm(
         .get_or_init(Default::default)
         .lock()
         .map_err(|_| "cuBLASLt plan cache poisoned".to_string())?;
-    if !plans.contains_key(&key) {
-        let plan = make_plan(ctx, &key)?;
-        plans.insert(key, plan);
-    }
-    let plan = &plans[&key];
+    let plan = match plans.entry(key) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(make_plan(ctx, &key)?),
+    };
+    let plan = &*plan;
     // SAFETY: the pointers are live device allocations of the described shapes (the caller holds
     // their handles), the plan matches them, and alpha/beta are host f32 as the scale type says.
     unsafe {

@@ -138,6 +138,7 @@ macro_rules! dispatch {
 
 /// Whether `B` is one of the CUDA backends the fused ops run on.
 pub fn supported<B: Backend>() -> bool {
+    #[allow(clippy::extra_unused_type_parameters)]
     fn yes<T: Backend>() -> bool {
         true
     }
