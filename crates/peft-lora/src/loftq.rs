@@ -345,6 +345,10 @@ mod tests {
             .iter()
             .zip(&approx)
             .fold(0f32, |x, (p, q)| x.max((p - q).abs()));
-        assert!(err / scale < 1e-4, "randomized vs exact top-{r}: rel err {}", err / scale);
+        assert!(
+            err / scale < 1e-4,
+            "randomized vs exact top-{r}: rel err {}",
+            err / scale
+        );
     }
 }
