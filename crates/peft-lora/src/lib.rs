@@ -13,6 +13,13 @@
 //! 4. Wrap the model in a [`PeftModel`] and call [`PeftModel::add_adapter`] with a
 //!    [`LoraConfig`], or [`PeftModel::load_adapter`] with a folder saved by Python PEFT.
 //!
+//! ## 4-bit base (QLoRA) and LoftQ
+//! [`LoraLinear::quantize_nf4`] (or [`LoraLinear::from_nf4`]) keeps a layer's frozen base in
+//! bitsandbytes' NF4 ([`nf4`]): 4-bit codes plus one f32 scale per 64 values, dequantized on the
+//! fly in the forward; merging dequantizes, adds and quantizes again, as PEFT does on a 4-bit
+//! layer. `init_lora_weights = "loftq"` ([`loftq`]) quantizes the base itself and starts the
+//! adapter at a rank-r SVD of the quantization error.
+//!
 //! ```ignore
 //! impl<B: Backend> LoraModel<B> for MyMlp<B> {
 //!     fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {

@@ -226,7 +226,18 @@ pub fn low_rank(
     r: usize,
     module: &str,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    let (u, s, vt) = if m.min(n) <= EXACT_SVD_MAX_DIM {
+    low_rank_with(a, m, n, r, m.min(n) <= EXACT_SVD_MAX_DIM, module)
+}
+
+fn low_rank_with(
+    a: &[f32],
+    m: usize,
+    n: usize,
+    r: usize,
+    exact: bool,
+    module: &str,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (u, s, vt) = if exact {
         let mat =
             DMatrix::<f64>::from_row_slice(m, n, &a.iter().map(|v| *v as f64).collect::<Vec<_>>());
         top_svd(mat, r, module)?
@@ -304,4 +315,40 @@ fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn randomized_svd_finds_the_exact_top_r_product() {
+        // A decaying spectrum plus noise, 300 x 200, rank 6.
+        let (m, n, r) = (300, 200, 6);
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut a = vec![0f32; m * n];
+        for k in 0..12 {
+            let sigma = 2f32.powi(-(k as i32));
+            let u: Vec<f32> = (0..m).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            for i in 0..m {
+                for j in 0..n {
+                    a[i * n + j] += sigma * u[i] * v[j];
+                }
+            }
+        }
+        let prod = |(l, rr): (Vec<f32>, Vec<f32>)| matmul(&l, &rr, m, r, n);
+        let exact = prod(low_rank_with(&a, m, n, r, true, "t").unwrap());
+        let approx = prod(low_rank_with(&a, m, n, r, false, "t").unwrap());
+        let scale = exact.iter().fold(0f32, |x, v| x.max(v.abs()));
+        let err = exact
+            .iter()
+            .zip(&approx)
+            .fold(0f32, |x, (p, q)| x.max((p - q).abs()));
+        assert!(
+            err / scale < 1e-4,
+            "randomized vs exact top-{r}: rel err {}",
+            err / scale
+        );
+    }
 }

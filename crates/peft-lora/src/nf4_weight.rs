@@ -116,10 +116,10 @@ impl<B: Backend> Nf4Weight<B> {
         dense.transpose()
     }
 
-    /// Bytes held on the device (codes + absmax).
+    /// Bytes held on the device (codes + absmax), from the tensors' dtypes and lengths.
     pub fn storage_bytes(&self) -> usize {
-        let packed = self.packed.val().into_data().bytes.len();
-        packed + 4 * self.absmax.dims()[0]
+        let (p, a) = (self.packed.val(), self.absmax.val());
+        p.dtype().size() * p.dims()[0] + a.dtype().size() * a.dims()[0]
     }
 }
 
