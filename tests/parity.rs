@@ -286,3 +286,6 @@ fn saved_adapter_has_pefts_keys_shapes_and_config() {
         }
     }
 }
+
+#[path = "parity/alora.rs"]
+mod alora;
