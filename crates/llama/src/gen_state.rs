@@ -49,6 +49,17 @@ impl<B: Backend> GenState<B> {
     }
 }
 
+/// Explicit `ctx.alora_offsets` must have one entry per row.
+pub(crate) fn check_offsets(ctx: &LoraCtx, batch: usize) -> Result<()> {
+    match &ctx.alora_offsets {
+        Some(o) if o.len() != batch => Err(Error::Generation(format!(
+            "LoraCtx::alora_offsets has {} entries for a batch of {batch} rows",
+            o.len()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl<B: Backend> LlamaForCausalLM<B> {
     fn check_ids<'a>(&self, ids: impl IntoIterator<Item = &'a u32>) -> Result<()> {
         let vocab = self.config.vocab_size;
@@ -70,6 +81,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             ));
         }
         self.check_ids(prompts.iter().flatten().chain([&pad_id]))?;
+        check_offsets(ctx, prompts.len())?;
         let device = self.device();
         let b = prompts.len();
         let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -153,6 +165,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             ));
         }
         self.check_ids(chunk.iter().flatten())?;
+        check_offsets(ctx, b)?;
         let offsets = match &ctx.alora_offsets {
             Some(o) => {
                 for (r, o) in o.iter().enumerate() {

@@ -7,7 +7,7 @@ use peft_lora::LoraCtx;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
-use crate::gen_state::GenState;
+use crate::gen_state::{check_offsets, GenState};
 use crate::model::LlamaForCausalLM;
 
 /// Generation settings (transformers' `GenerationConfig` names).
@@ -167,6 +167,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             )));
         }
         let b = state.batch();
+        check_offsets(ctx, b)?;
         // PEFT reuses the prompt's offsets for every cached step: with one new token per step,
         // a row is adapted iff its adapter was invoked.
         let step_ctx = LoraCtx {

@@ -204,8 +204,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
     ) -> Tensor<B, 3> {
         let [b, s] = input_ids.dims();
         let auto_ctx;
-        let ctx = match (&ctx.alora_offsets, self.alora_offsets(&input_ids, ctx)) {
-            (None, Some(offsets)) => {
+        let computed = match ctx.alora_offsets {
+            None => self.alora_offsets(&input_ids, ctx),
+            Some(_) => None,
+        };
+        let ctx = match computed {
+            Some(offsets) => {
                 auto_ctx = LoraCtx {
                     alora_offsets: Some(offsets),
                     ..ctx.clone()

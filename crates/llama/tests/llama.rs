@@ -929,6 +929,12 @@ fn alora_generation_reuses_a_base_prefix_cache_and_checks_it() {
         .unwrap();
     assert!(m.extend(&mut st, &[vec![1], vec![1, 2]], &alora).is_err());
     assert!(m.extend(&mut st, &[vec![1], vec![99]], &alora).is_err());
+    let wrong = LoraCtx {
+        alora_offsets: Some(vec![Some(1)]),
+        ..Default::default()
+    };
+    let err = m.extend(&mut st, &[vec![1], vec![2]], &wrong).unwrap_err();
+    assert!(err.to_string().contains("alora_offsets"), "{err}");
     // A decode that stopped keeps its last tokens pending; extend feeds them first.
     let stop = GenerationConfig::greedy(3, vec![want[0][0]]);
     let mut st = m.prefill(std::slice::from_ref(&full), 0, &alora).unwrap();
