@@ -294,5 +294,7 @@ fn saved_adapter_has_pefts_keys_shapes_and_config() {
     }
 }
 
+#[path = "parity/alora.rs"]
+mod alora;
 #[path = "parity/loftq.rs"]
 mod loftq;

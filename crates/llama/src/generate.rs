@@ -2,13 +2,13 @@
 //! stop ids, `min_new_tokens`, batched prompts (left-padded here, positions from the mask as
 //! transformers' `generate` derives them), and a per-token callback for streaming.
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::backend::Backend;
 use peft_lora::LoraCtx;
 use rand::{Rng, SeedableRng};
 
-use crate::attention::KvCache;
 use crate::error::{Error, Result};
-use crate::model::{position_ids_from_mask, LlamaForCausalLM};
+use crate::gen_state::{check_offsets, GenState};
+use crate::model::LlamaForCausalLM;
 
 /// Generation settings (transformers' `GenerationConfig` names).
 #[derive(Debug, Clone, PartialEq)]
@@ -133,7 +133,9 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// Generates continuations of `prompts` (token ids, unpadded; they are left-padded here).
     ///
     /// Returns the new tokens of each row, its stop id included. `on_token(row, id)` sees each
-    /// token as it is chosen (streaming). `ctx` routes rows to adapters.
+    /// token as it is chosen (streaming). `ctx` routes rows to adapters. An aLoRA adapter acts
+    /// from the last invocation sequence of each prompt on, and on every generated token of a
+    /// row whose prompt has it (PEFT's `generate`); rows without it run as the base.
     pub fn generate(
         &self,
         prompts: &[Vec<u32>],
@@ -142,57 +144,49 @@ impl<B: Backend> LlamaForCausalLM<B> {
         on_token: &mut dyn FnMut(usize, u32),
     ) -> Result<Vec<Vec<u32>>> {
         cfg.validate()?;
-        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
-            return Err(Error::Generation(
-                "every prompt needs at least one token".into(),
-            ));
-        }
+        let mut state = self.prefill(prompts, cfg.pad_id, ctx)?;
+        self.decode(&mut state, cfg, ctx, on_token)
+    }
+
+    /// Generates from a cached state ([`Self::prefill`], [`Self::extend`]) and leaves the
+    /// state after the new tokens. Each step's aLoRA offsets follow the state (a row adapted
+    /// so far stays adapted) unless `ctx.alora_offsets` gives them.
+    pub fn decode(
+        &self,
+        state: &mut GenState<B>,
+        cfg: &GenerationConfig,
+        ctx: &LoraCtx,
+        on_token: &mut dyn FnMut(usize, u32),
+    ) -> Result<Vec<Vec<u32>>> {
+        cfg.validate()?;
         let vocab = self.config.vocab_size;
-        if let Some(bad) = prompts
-            .iter()
-            .flatten()
-            .chain([&cfg.pad_id])
-            .find(|&&t| t as usize >= vocab)
-        {
+        if cfg.pad_id as usize >= vocab {
             return Err(Error::Generation(format!(
-                "token id {bad} is outside the vocabulary (size {vocab})"
+                "token id {} is outside the vocabulary (size {vocab})",
+                cfg.pad_id
             )));
         }
-        let device = self.device();
-        let b = prompts.len();
-        let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(b * len);
-        let mut mask = Vec::with_capacity(b * len);
-        for p in prompts {
-            let pad = len - p.len();
-            ids.extend(
-                std::iter::repeat_n(cfg.pad_id as i64, pad).chain(p.iter().map(|&t| t as i64)),
-            );
-            mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, p.len())));
-        }
-        let int2 = |v: Vec<i64>, s: usize| {
-            Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, s]), &device)
+        let b = state.batch();
+        check_offsets(ctx, b)?;
+        // PEFT reuses the prompt's offsets for every cached step: with one new token per step,
+        // a row is adapted iff its adapter was invoked.
+        let step_ctx = LoraCtx {
+            alora_offsets: Some(match &ctx.alora_offsets {
+                Some(o) => o.clone(),
+                None => state.alora_start.iter().map(|s| s.map(|_| 1)).collect(),
+            }),
+            ..ctx.clone()
         };
-        let mut mask = int2(mask, len);
-        let positions = position_ids_from_mask(mask.clone());
-        let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
-
-        let mut cache: Vec<KvCache<B>> = Vec::new();
-        let mut hidden = self.hidden_states(
-            int2(ids, len),
-            Some(mask.clone()),
-            Some(positions),
-            Some(&mut cache),
-            ctx,
-        );
+        if let Some(p) = state.pending.take() {
+            let chunk: Vec<Vec<u32>> = p.into_iter().map(|t| vec![t]).collect();
+            self.feed(state, &chunk, &step_ctx);
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
         let mut done = vec![false; b];
         for _ in 0..cfg.max_new_tokens {
-            let [_, s, h] = hidden.dims();
-            let last = hidden.slice([0..b, s - 1..s, 0..h]).reshape([b, h]);
             let mut logits: Vec<f32> = self
-                .lm_head(last)
+                .lm_head(state.last_hidden.clone())
                 .into_data()
                 .convert::<f32>()
                 .into_vec()
@@ -200,7 +194,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             let mut step = Vec::with_capacity(b);
             for (r, row) in logits.chunks_exact_mut(vocab).enumerate() {
                 if done[r] {
-                    step.push(cfg.pad_id as i64);
+                    step.push(cfg.pad_id);
                     continue;
                 }
                 if out[r].len() < cfg.min_new_tokens {
@@ -218,21 +212,14 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 out[r].push(tok);
                 on_token(r, tok);
                 done[r] = cfg.stop_ids.contains(&tok);
-                step.push(tok as i64);
+                step.push(tok);
             }
             if done.iter().all(|d| *d) {
+                state.pending = Some(step);
                 break;
             }
-            mask = Tensor::cat(vec![mask, Tensor::ones([b, 1], &device)], 1);
-            let positions = int2(next_pos.clone(), 1);
-            next_pos.iter_mut().for_each(|p| *p += 1);
-            hidden = self.hidden_states(
-                int2(step, 1),
-                Some(mask.clone()),
-                Some(positions),
-                Some(&mut cache),
-                ctx,
-            );
+            let chunk: Vec<Vec<u32>> = step.into_iter().map(|t| vec![t]).collect();
+            self.feed(state, &chunk, &step_ctx);
         }
         Ok(out)
     }

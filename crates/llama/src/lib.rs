@@ -19,6 +19,7 @@
 pub mod attention;
 pub mod config;
 pub mod error;
+pub mod gen_state;
 pub mod generate;
 pub mod hub;
 pub mod loss;
@@ -33,6 +34,7 @@ pub mod weights;
 pub use attention::{Attention, KvCache};
 pub use config::{HfLlamaConfig, LlamaConfig, RopeKind, RopeScaling, TokenIds};
 pub use error::{Error, Result};
+pub use gen_state::GenState;
 pub use generate::GenerationConfig;
 pub use hub::{resolve, resolve_with, HubOptions, HubRepo, ModelFiles, ModelSource};
 pub use loss::{CausalLmOutput, LossOptions, IGNORE_INDEX};

@@ -219,6 +219,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// - `position_ids` `[batch, seq]` defaults to `past..past + seq` for every row, as HF's
     ///   plain forward does even for left-padded rows.
     /// - `cache`: one [`KvCache`] per layer, extended in place (start with an empty `Vec`).
+    /// - `ctx`: adapter routing. When an aLoRA adapter runs and `ctx.alora_offsets` is `None`,
+    ///   the offsets are computed from `input_ids` as PEFT's forward does (the last occurrence
+    ///   of the invocation sequence in each row of *this call*); with a cache, pass them
+    ///   explicitly instead (generation does, see [`crate::GenState`]).
     ///
     /// # Shapes
     /// input_ids `[batch, seq]` -> `[batch, seq, hidden]`
@@ -231,6 +235,21 @@ impl<B: Backend> LlamaForCausalLM<B> {
         ctx: &LoraCtx,
     ) -> Tensor<B, 3> {
         let [b, s] = input_ids.dims();
+        let auto_ctx;
+        let computed = match ctx.alora_offsets {
+            None => self.alora_offsets(&input_ids, ctx),
+            Some(_) => None,
+        };
+        let ctx = match computed {
+            Some(offsets) => {
+                auto_ctx = LoraCtx {
+                    alora_offsets: Some(offsets),
+                    ..ctx.clone()
+                };
+                &auto_ctx
+            }
+            _ => ctx,
+        };
         let device = input_ids.device();
         let past = cache
             .as_ref()
@@ -261,6 +280,32 @@ impl<B: Backend> LlamaForCausalLM<B> {
             x = x + layer.mlp.forward(normed, ctx);
         }
         self.model.norm.forward(x)
+    }
+
+    /// PEFT's aLoRA offsets of `input_ids` `[batch, seq]` for this call (`None` when no row runs
+    /// an aLoRA adapter; the ids are read back from the device only then).
+    pub fn alora_offsets(
+        &self,
+        input_ids: &Tensor<B, 2, Int>,
+        ctx: &LoraCtx,
+    ) -> Option<Vec<Option<usize>>> {
+        let [b, s] = input_ids.dims();
+        let inv = peft_lora::alora::row_invocations(self, ctx, b)?;
+        if s == 0 {
+            return Some(vec![None; b]);
+        }
+        let ids: Vec<i64> = input_ids
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .into_vec()
+            .expect("int tensor data converts to i64");
+        Some(
+            ids.chunks(s)
+                .zip(inv)
+                .map(|(row, inv)| inv.and_then(|i| peft_lora::alora::invocation_offset(row, &i)))
+                .collect(),
+        )
     }
 
     /// Logits `[batch, seq, vocab]` (positions `0..seq` for every row, as HF's plain forward).
@@ -344,5 +389,9 @@ impl<B: Backend> LoraModel<B> for LlamaForCausalLM<B> {
         self.model.layers = new_layers;
         self.config.num_layers = self.model.layers.len();
         Ok(())
+    }
+
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.config.vocab_size)
     }
 }

@@ -996,3 +996,234 @@ fn layer_replication_and_trainable_tokens_on_llama() {
         "{err}"
     );
 }
+
+/// A tiny random Llama with an aLoRA adapter on every projection (B non-zero).
+fn alora_model(vocab: usize, invocation: &[u32]) -> PeftModel<LlamaForCausalLM<B>> {
+    let model = LlamaForCausalLM::<B>::random_seeded(&LlamaConfig::tiny(vocab), &dev(), 21);
+    alora_on(model, invocation)
+}
+
+fn alora_on(model: LlamaForCausalLM<B>, invocation: &[u32]) -> PeftModel<LlamaForCausalLM<B>> {
+    let mut peft = PeftModel::new(model);
+    let mut cfg = LoraConfig::new(
+        4,
+        8.0,
+        &[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    );
+    cfg.alora_invocation_tokens = Some(invocation.to_vec());
+    peft.add_adapter::<B>("default", &cfg).unwrap();
+    for (_, l) in peft.model.lora_linears_mut() {
+        let a = &mut l.adapters[0];
+        let b = a.lora_b.val();
+        a.lora_b = burn::module::Param::from_tensor(
+            b.random_like(burn::tensor::Distribution::Normal(0.0, 0.2)),
+        );
+    }
+    peft
+}
+
+#[test]
+fn alora_generation_reuses_a_base_prefix_cache_and_checks_it() {
+    let inv = [7u32, 8];
+    let peft = alora_model(40, &inv);
+    let m = &peft.model;
+    let alora = ctx();
+    let base = LoraCtx {
+        row_adapters: Some(vec![None]),
+        ..Default::default()
+    };
+    let prefix = vec![1u32, 3, 9, 12, 5, 22, 30, 17];
+    let full: Vec<u32> = prefix.iter().chain(&inv).copied().collect();
+    let more = [11u32, 13];
+
+    // The prefix has no invocation: with the adapter active it is computed by the base, so its
+    // cache is the base's, bit for bit.
+    let as_base = m.prefill(std::slice::from_ref(&prefix), 0, &base).unwrap();
+    let as_alora = m.prefill(std::slice::from_ref(&prefix), 0, &alora).unwrap();
+    for (a, b) in as_base.cache.iter().zip(&as_alora.cache) {
+        assert_eq!(max_abs_diff(a.k.clone(), b.k.clone()), 0.0);
+        assert_eq!(max_abs_diff(a.v.clone(), b.v.clone()), 0.0);
+    }
+    assert_eq!(as_alora.alora_start, vec![None]);
+
+    // Base prefix cache + invocation + more tokens = one full aLoRA forward.
+    let mut st = as_base.clone();
+    m.extend(&mut st, &[inv.to_vec()], &alora).unwrap();
+    assert_eq!(st.alora_start, vec![Some(prefix.len())]);
+    m.extend(&mut st, &[more.to_vec()], &alora).unwrap();
+    let all: Vec<i64> = full.iter().chain(&more).map(|&t| t as i64).collect();
+    let n = all.len();
+    let logits = m.forward(ids2(&all, 1, n), None, &alora);
+    let last = logits
+        .clone()
+        .slice([0..1, n - 1..n, 0..40])
+        .reshape([1, 40]);
+    let err = max_abs_diff(m.next_logits(&st).unwrap(), last.clone());
+    assert!(err < 1e-5, "reused prefix vs full aLoRA forward: {err}");
+    peft_disabled_differs(&peft, &all, last);
+
+    // Generation: reuse gives the tokens of a full aLoRA generate.
+    let greedy = GenerationConfig::greedy(5, vec![]);
+    let want = m
+        .generate(std::slice::from_ref(&full), &greedy, &alora, &mut |_, _| {})
+        .unwrap();
+    let mut st = as_base.clone();
+    m.extend(&mut st, &[inv.to_vec()], &alora).unwrap();
+    let got = m.decode(&mut st, &greedy, &alora, &mut |_, _| {}).unwrap();
+    assert_eq!(got, want);
+    // A prompt without the invocation generates what the base generates.
+    let plain = m
+        .generate(
+            std::slice::from_ref(&prefix),
+            &greedy,
+            &alora,
+            &mut |_, _| {},
+        )
+        .unwrap();
+    let based = m
+        .generate(
+            std::slice::from_ref(&prefix),
+            &greedy,
+            &base,
+            &mut |_, _| {},
+        )
+        .unwrap();
+    assert_eq!(plain, based);
+
+    // Inconsistent reuse is an error naming the row: the cache has the adapter from the first
+    // invocation, and a second one moves the start.
+    let mut st = m.prefill(std::slice::from_ref(&full), 0, &alora).unwrap();
+    let err = m.extend(&mut st, &[inv.to_vec()], &alora).unwrap_err();
+    assert!(err.to_string().contains("row 0"), "{err}");
+    // A base cache that covers the invocation cannot serve the adapter.
+    let mut st = m.prefill(std::slice::from_ref(&full), 0, &base).unwrap();
+    let err = m.extend(&mut st, &[vec![4]], &alora).unwrap_err();
+    assert!(err.to_string().contains("cannot be reused"), "{err}");
+    // Chunks of different lengths, out-of-vocabulary ids.
+    let mut st = m
+        .prefill(&[prefix.clone(), full.clone()], 0, &alora)
+        .unwrap();
+    assert!(m.extend(&mut st, &[vec![1], vec![1, 2]], &alora).is_err());
+    assert!(m.extend(&mut st, &[vec![1], vec![99]], &alora).is_err());
+    let wrong = LoraCtx {
+        alora_offsets: Some(vec![Some(1)]),
+        ..Default::default()
+    };
+    let err = m.extend(&mut st, &[vec![1], vec![2]], &wrong).unwrap_err();
+    assert!(err.to_string().contains("alora_offsets"), "{err}");
+    // A decode that stopped keeps its last tokens pending; extend feeds them first.
+    let stop = GenerationConfig::greedy(3, vec![want[0][0]]);
+    let mut st = m.prefill(std::slice::from_ref(&full), 0, &alora).unwrap();
+    let out = m.decode(&mut st, &stop, &alora, &mut |_, _| {}).unwrap();
+    assert_eq!(out, vec![vec![want[0][0]]]);
+    assert_eq!(st.pending(), Some(&[want[0][0]][..]));
+    assert!(m.next_logits(&st).is_err());
+    m.extend(&mut st, &[vec![5]], &alora).unwrap();
+    assert_eq!(st.tokens[0].len(), full.len() + 2);
+
+    // Invocation ids outside the vocabulary are refused when the adapter is added.
+    let mut other = PeftModel::new(LlamaForCausalLM::<B>::random(
+        &LlamaConfig::tiny(40),
+        &dev(),
+    ));
+    let mut cfg = LoraConfig::new(4, 8.0, &["q_proj"]);
+    cfg.alora_invocation_tokens = Some(vec![7, 40]);
+    let err = other.add_adapter::<B>("x", &cfg).unwrap_err();
+    assert!(
+        err.to_string().contains("alora_invocation_tokens") && err.to_string().contains("40"),
+        "{err}"
+    );
+}
+
+/// The adapter matters after the invocation (else the reuse check above proves nothing).
+fn peft_disabled_differs(peft: &PeftModel<LlamaForCausalLM<B>>, all: &[i64], last: Tensor<B, 2>) {
+    let mut p = PeftModel::new(peft.model.clone());
+    p.set_adapters_disabled::<B>(true).unwrap();
+    let n = all.len();
+    let v = p.model.config.vocab_size;
+    let base = p
+        .model
+        .forward(ids2(all, 1, n), None, &ctx())
+        .slice([0..1, n - 1..n, 0..v])
+        .reshape([1, v]);
+    assert!(max_abs_diff(base, last) > 1e-3);
+}
+
+/// aLoRA turn after a long shared context: prefill everything with the adapter (what plain
+/// LoRA must do) vs reuse the base model's cache of the context and compute only the
+/// invocation. `cargo test -p llama --release --test llama bench_alora -- --ignored --nocapture`
+/// (sizes: ALORA_BENCH_CTX, default 1024 tokens; ALORA_BENCH_NEW, default 16).
+#[test]
+#[ignore]
+fn bench_alora_kv_reuse() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (ctx_len, new) = (env("ALORA_BENCH_CTX", 1024), env("ALORA_BENCH_NEW", 16));
+    let cfg = LlamaConfig {
+        hidden_size: 256,
+        intermediate_size: 688,
+        num_layers: 4,
+        num_heads: 8,
+        num_kv_heads: 4,
+        head_dim: 32,
+        max_position_embeddings: 8192,
+        ..LlamaConfig::tiny(2048)
+    };
+    let inv = [2000u32, 2001, 2002, 2003];
+    let peft = alora_on(LlamaForCausalLM::<B>::random_seeded(&cfg, &dev(), 3), &inv);
+    let m = &peft.model;
+    let context: Vec<u32> = (0..ctx_len).map(|i| (i * 37 % 1990) as u32 + 1).collect();
+    let full: Vec<u32> = context.iter().chain(&inv).copied().collect();
+    let base = LoraCtx {
+        row_adapters: Some(vec![None]),
+        ..Default::default()
+    };
+    let greedy = GenerationConfig::greedy(new, vec![]);
+    // The base has already read the context (e.g. while writing its own answer).
+    let t = std::time::Instant::now();
+    let base_state = m.prefill(std::slice::from_ref(&context), 0, &base).unwrap();
+    let base_prefill = t.elapsed().as_secs_f64();
+    let mut runs = (Vec::new(), Vec::new());
+    let mut toks = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let mut st = m.prefill(std::slice::from_ref(&full), 0, &ctx()).unwrap();
+        toks.0 = m.decode(&mut st, &greedy, &ctx(), &mut |_, _| {}).unwrap();
+        runs.0.push(t.elapsed().as_secs_f64());
+        let t = std::time::Instant::now();
+        let mut st = base_state.clone();
+        m.extend(&mut st, &[inv.to_vec()], &ctx()).unwrap();
+        toks.1 = m.decode(&mut st, &greedy, &ctx(), &mut |_, _| {}).unwrap();
+        runs.1.push(t.elapsed().as_secs_f64());
+    }
+    assert_eq!(toks.0, toks.1, "reuse changed the generated tokens");
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (full_s, reuse_s) = (median(&mut runs.0), median(&mut runs.1));
+    println!(
+        "aLoRA turn, context {ctx_len} + invocation {} tokens, {new} new tokens (hidden 256, 4 layers, NdArray CPU):\n  \
+         without reuse (prefill {} tokens with the adapter + decode): {full_s:.3} s = {:.1} new tokens/s\n  \
+         with the base prefix cache reused (prefill {} tokens + decode): {reuse_s:.3} s = {:.1} new tokens/s ({:.1}x)\n  \
+         (the base's own prefill of the context, done once and shared: {base_prefill:.3} s)",
+        inv.len(),
+        full.len(),
+        new as f64 / full_s,
+        inv.len(),
+        new as f64 / reuse_s,
+        full_s / reuse_s
+    );
+}

@@ -174,8 +174,10 @@ pub struct LoraConfig {
     /// Token rows of the embedding that train.
     #[serde(default)]
     pub trainable_token_indices: Option<Value>,
-    /// aLoRA invocation token sequence.
-    #[serde(default)]
+    /// aLoRA: the token-id sequence that switches the adapter on. The adapter then acts only
+    /// from the last occurrence of the sequence in each row on (the sequence included); rows
+    /// without it run as the base model. `null` for every other adapter.
+    #[serde(default, deserialize_with = "de_token_ids")]
     pub alora_invocation_tokens: Option<Vec<u32>>,
     /// Always `"LORA"`.
     #[serde(default = "default_peft_type")]
@@ -211,7 +213,6 @@ const NUMERIC_FIELDS_UNSUPPORTED: &[&str] = &[
     "arrow_config",
     "megatron_config",
     "use_bdlora",
-    "alora_invocation_tokens",
 ];
 
 impl LoraConfig {
@@ -342,15 +343,23 @@ impl LoraConfig {
             }
         }
         self.token_indices()?;
+        if let Some(tokens) = &self.alora_invocation_tokens {
+            if tokens.is_empty() {
+                return Err(Error::config(
+                    "alora_invocation_tokens",
+                    "must list at least one token id (use null for an adapter that is not aLoRA)",
+                ));
+            }
+            if self.use_dora {
+                return Err(Error::config(
+                    "alora_invocation_tokens",
+                    "aLoRA cannot be combined with use_dora = true (PEFT has no DoRA + aLoRA variant)",
+                ));
+            }
+        }
         for field in NUMERIC_FIELDS_UNSUPPORTED {
-            let value = match *field {
-                "alora_invocation_tokens" => {
-                    serde_json::to_value(&self.alora_invocation_tokens).ok()
-                }
-                other => self.extra.get(other).cloned(),
-            };
-            if let Some(v) = value {
-                if !is_default_like(&v) {
+            if let Some(v) = self.extra.get(*field) {
+                if !is_default_like(v) {
                     return Err(Error::Unsupported {
                         field: field.to_string(),
                         value: v.to_string(),
@@ -416,6 +425,36 @@ impl LoraConfig {
             alpha / r as f64
         }
     }
+}
+
+/// `alora_invocation_tokens`: null or a list of non-negative integer token ids, with an error
+/// that names the field (serde's own would name the offending value).
+fn de_token_ids<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Vec<u32>>, D::Error> {
+    use serde::de::Error as _;
+    let v = Option::<Value>::deserialize(d)?;
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let bad = |what: String| {
+        D::Error::custom(format!(
+            "field `alora_invocation_tokens`: expected a list of token ids (integers in 0..{}), found {what}",
+            u32::MAX
+        ))
+    };
+    let Value::Array(items) = v else {
+        return Err(bad(v.to_string()));
+    };
+    items
+        .iter()
+        .map(|t| {
+            t.as_u64()
+                .and_then(|t| u32::try_from(t).ok())
+                .ok_or_else(|| bad(t.to_string()))
+        })
+        .collect::<std::result::Result<Vec<u32>, _>>()
+        .map(Some)
 }
 
 fn is_default_like(v: &Value) -> bool {

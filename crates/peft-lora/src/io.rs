@@ -15,7 +15,10 @@ use burn::tensor::{backend::Backend, Tensor};
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
 use crate::init::InitMethod;
-use crate::model::{adapter_meta, add_token_adapters, resolve_token_tables, LoraModel, PeftModel};
+use crate::model::{
+    adapter_meta, add_token_adapters, check_invocation_ids, resolve_token_tables, LoraModel,
+    PeftModel,
+};
 use crate::st::{to_host, write_f32, HostTensor, SafetensorsFile};
 use crate::target::is_target;
 use crate::variant::VariantKind;
@@ -119,6 +122,11 @@ impl<M> PeftModel<M> {
         M: LoraModel<B>,
     {
         let cfg = LoraConfig::from_file(dir)?;
+        check_invocation_ids(
+            &cfg,
+            self.model.vocab_size(),
+            &dir.join("adapter_config.json").display().to_string(),
+        )?;
         if self.configs.contains_key(name) {
             return Err(Error::DuplicateAdapter(name.into()));
         }

@@ -1,7 +1,9 @@
 //! The adapted linear layer: a frozen base `y = x W + b` plus any number of named adapters.
 
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
+use burn::tensor::{
+    backend::Backend, Distribution, ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData,
+};
 
 use std::sync::{Arc, Mutex};
 
@@ -25,6 +27,9 @@ pub struct AdapterMeta {
     pub dropout: f64,
     /// Which variant computes the forward and the merge.
     pub variant: VariantKind,
+    /// aLoRA: the token ids that switch the adapter on (`Some` exactly for
+    /// [`VariantKind::Alora`]).
+    pub alora_invocation_tokens: Option<Vec<u32>>,
 }
 
 /// One adapter's trainable tensors on one layer, in Burn layout.
@@ -120,12 +125,18 @@ impl std::fmt::Debug for InputCapture {
     }
 }
 
-/// Per-call routing: mixed-adapter batches.
+/// Per-call routing: mixed-adapter batches and aLoRA offsets.
 #[derive(Debug, Clone, Default)]
 pub struct LoraCtx {
     /// One entry per batch row: the adapter that row uses (`None` = the base model). When the
     /// whole field is `None`, every row uses the layer's active adapters.
     pub row_adapters: Option<Vec<Option<String>>>,
+    /// aLoRA: one entry per batch row, the number of trailing positions of the row's input in
+    /// this call that get an aLoRA adapter (clipped to the call's length; `None` = none, the row
+    /// runs as the base). When the whole field is `None` aLoRA adapters act nowhere; models fill
+    /// it from their token ids with [`crate::alora::offsets_for`] (PEFT's `alora_offsets`).
+    /// Plain LoRA and DoRA adapters ignore it.
+    pub alora_offsets: Option<Vec<Option<usize>>>,
 }
 
 /// A linear layer with a frozen base and named LoRA adapters.
@@ -290,6 +301,7 @@ impl<B: Backend> LoraLinear<B> {
             .filter(|n| !self.state.merged.contains(n))
             .cloned()
             .collect();
+        self.check_mergeable(&names, module)?;
         for name in names {
             let idx = self
                 .adapters
@@ -325,6 +337,21 @@ impl<B: Backend> LoraLinear<B> {
         Ok(())
     }
 
+    /// Refuses (before anything changes) when one of `names` is of a variant that cannot merge.
+    pub fn check_mergeable(&self, names: &[String], module: &str) -> Result<()> {
+        for name in names {
+            let adapter = self.adapter(name).ok_or_else(|| self.unknown(name))?;
+            if let Some(reason) = variant_of::<B>(adapter.meta.variant).merge_refusal() {
+                return Err(Error::Merge {
+                    adapter: name.clone(),
+                    module: module.into(),
+                    reason: reason.into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Removes every merged adapter from the weight again (in reverse merge order).
     pub fn unmerge(&mut self) -> Result<()> {
         while let Some(name) = self.state.merged.pop() {
@@ -356,8 +383,12 @@ impl<B: Backend> LoraLinear<B> {
         self.forward_ctx(x, &LoraCtx::default())
     }
 
-    /// Forward with per-row routing (mixed-adapter batches: `ctx.row_adapters[i]` names the
-    /// adapter of batch row `i`, or `None` for the base).
+    /// Forward with per-call routing: `ctx.row_adapters[i]` names the adapter of batch row `i`
+    /// (or `None` for the base), and `ctx.alora_offsets` selects the positions aLoRA adapters
+    /// act on (see [`LoraCtx`]).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, in]` (or `[batch, in]`, one position per row) -> `[.., out]`
     pub fn forward_ctx<const D: usize>(&self, x: Tensor<B, D>, ctx: &LoraCtx) -> Tensor<B, D> {
         let dims = x.dims();
         let d_in = dims[D - 1];
@@ -390,13 +421,15 @@ impl<B: Backend> LoraLinear<B> {
                 weight: &weight,
                 bias: bias.as_ref(),
             };
-            let rows_per_batch = if D >= 2 { n / dims[0].max(1) } else { 1 };
+            let batch = if D >= 2 { dims[0] } else { 1 };
+            let seq = n / batch.max(1);
             for adapter in &self.adapters {
                 let name = &adapter.meta.name;
                 if self.state.merged.contains(name) {
                     continue;
                 }
-                let row_mask = match &ctx.row_adapters {
+                // Which batch rows run this adapter (`None` = all).
+                let rows_on: Option<Vec<bool>> = match &ctx.row_adapters {
                     None => {
                         if !self.state.active.contains(name) {
                             continue;
@@ -404,32 +437,74 @@ impl<B: Backend> LoraLinear<B> {
                         None
                     }
                     Some(rows) => {
-                        let mask: Vec<f32> = rows
+                        let on: Vec<bool> = rows
                             .iter()
-                            .flat_map(|r| {
-                                let on = r.as_deref() == Some(name.as_str());
-                                std::iter::repeat_n(if on { 1.0 } else { 0.0 }, rows_per_batch)
-                            })
+                            .map(|r| r.as_deref() == Some(name.as_str()))
                             .collect();
-                        if mask.iter().all(|m| *m == 0.0) {
+                        if !on.iter().any(|o| *o) {
                             continue;
                         }
-                        Some(
-                            Tensor::<B, 1>::from_floats(mask.as_slice(), &x2.device())
-                                .unsqueeze_dim::<2>(1),
-                        )
+                        Some(on)
                     }
                 };
-                let xd = dropout(x2.clone(), adapter.meta.dropout);
                 let variant = variant_of::<B>(adapter.meta.variant);
-                let updated = variant.forward(adapter, &base, xd, &base_out, out.clone());
-                out = match row_mask {
-                    None => updated,
-                    Some(m) => out.clone() + (updated - out) * m,
+                out = match variant.positions(ctx, batch, seq) {
+                    None => {
+                        let xd = dropout(x2.clone(), adapter.meta.dropout);
+                        let updated = variant.forward(adapter, &base, xd, &base_out, out.clone());
+                        match rows_on {
+                            None => updated,
+                            Some(on) => {
+                                let mask: Vec<f32> = on
+                                    .iter()
+                                    .flat_map(|o| std::iter::repeat_n(f32::from(u8::from(*o)), seq))
+                                    .collect();
+                                let m = Tensor::<B, 1>::from_floats(mask.as_slice(), &x2.device())
+                                    .unsqueeze_dim::<2>(1);
+                                out.clone() + (updated - out) * m
+                            }
+                        }
+                    }
+                    Some(mut pos) => {
+                        if let Some(on) = &rows_on {
+                            pos.retain(|p| on[p / seq]);
+                        }
+                        self.forward_at(adapter, variant, &base, &x2, &base_out, out, &pos)
+                    }
                 };
             }
         }
         out.reshape(out_dims)
+    }
+
+    /// Adds `adapter`'s term at the flat positions `pos` of `out` only (aLoRA): the other rows
+    /// stay exactly as they are, and the adapter is computed on the selected rows alone.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_at(
+        &self,
+        adapter: &LoraAdapter<B>,
+        variant: &dyn crate::variant::LoraVariant<B>,
+        base: &Base<'_, B>,
+        x2: &Tensor<B, 2>,
+        base_out: &Tensor<B, 2>,
+        out: Tensor<B, 2>,
+        pos: &[usize],
+    ) -> Tensor<B, 2> {
+        let n = x2.dims()[0];
+        if pos.is_empty() {
+            return out;
+        }
+        if pos.len() == n {
+            let xd = dropout(x2.clone(), adapter.meta.dropout);
+            return variant.forward(adapter, base, xd, base_out, out);
+        }
+        let idx: Vec<i64> = pos.iter().map(|&p| p as i64).collect();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [pos.len()]), &x2.device());
+        let xs = dropout(x2.clone().select(0, idx.clone()), adapter.meta.dropout);
+        let bs = base_out.clone().select(0, idx.clone());
+        // The variant adds its term to a zero result, so `out + term` is exact at those rows.
+        let term = variant.forward(adapter, base, xs, &bs, bs.zeros_like());
+        out.select_assign(0, idx, term, IndexingUpdateOp::Add)
     }
 
     /// Number of trainable parameters in the adapters.

@@ -1,6 +1,6 @@
 //! # peft-lora
 //!
-//! Hugging Face PEFT's LoRA family for [Burn](https://burn.dev): LoRA, rsLoRA and DoRA layers,
+//! Hugging Face PEFT's LoRA family for [Burn](https://burn.dev): LoRA, rsLoRA, DoRA and aLoRA layers,
 //! PEFT-exact module targeting, merge / unmerge, several named adapters, and PEFT's own
 //! `adapter_config.json` + `adapter_model.safetensors` format in both directions.
 //!
@@ -33,6 +33,7 @@
 //! peft.add_adapter("default", &LoraConfig::new(8, 16.0, &["fc1"]))?;
 //! ```
 
+pub mod alora;
 pub mod config;
 pub mod convert;
 #[cfg(feature = "cuda")]

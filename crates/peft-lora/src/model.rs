@@ -44,6 +44,12 @@ pub trait LoraModel<B: Backend> {
             reason: "this model does not implement LoraModel::replicate_layers".into(),
         })
     }
+
+    /// Size of the token vocabulary, when the model has one: aLoRA invocation token ids are
+    /// checked against it when an adapter is added or loaded.
+    fn vocab_size(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A model plus the configs of the adapters injected into it (PEFT's `PeftModel`).
@@ -110,6 +116,7 @@ impl<M> PeftModel<M> {
         M: LoraModel<B>,
     {
         cfg.validate()?;
+        check_invocation_ids(cfg, self.model.vocab_size(), "<in memory>")?;
         if self.configs.contains_key(name) {
             return Err(Error::DuplicateAdapter(name.into()));
         }
@@ -224,7 +231,8 @@ impl<M> PeftModel<M> {
 
     /// Merges the active adapters into the frozen weights (`safe`: refuse non-finite results);
     /// trainable token rows are written into their tables. Refused on a model with replicated
-    /// layers, whose copies share their frozen weights.
+    /// layers, whose copies share their frozen weights, and (before any weight changes) when an
+    /// adapter's variant cannot merge (aLoRA).
     pub fn merge<B: Backend>(&mut self, safe: bool) -> Result<()>
     where
         M: LoraModel<B>,
@@ -239,6 +247,16 @@ impl<M> PeftModel<M> {
                      too (\"Cannot merge LORA layers when base model layers are replicated\")"
                 ),
             });
+        }
+        for (path, layer) in self.model.lora_linears() {
+            let pending: Vec<String> = layer
+                .state
+                .active
+                .iter()
+                .filter(|n| !layer.state.merged.contains(n))
+                .cloned()
+                .collect();
+            layer.check_mergeable(&pending, &path)?;
         }
         for (path, layer) in self.model.lora_linears_mut() {
             layer.merge(safe, &path)?;
@@ -334,11 +352,8 @@ pub fn adapter_meta(cfg: &LoraConfig, name: &str, path: &str) -> AdapterMeta {
         alpha,
         scaling: cfg.scaling_for(r, alpha),
         dropout: cfg.lora_dropout,
-        variant: if cfg.use_dora {
-            VariantKind::Dora
-        } else {
-            VariantKind::Lora
-        },
+        variant: variant_kind(cfg),
+        alora_invocation_tokens: cfg.alora_invocation_tokens.clone(),
     }
 }
 
@@ -463,6 +478,37 @@ pub(crate) fn add_token_adapters<B: Backend, M: LoraModel<B>>(
             let r = rows(&path, &table.weight.device())?;
             table.add_adapter(name, ids, r, &path)?;
             table.set_active(&[name.to_string()], &path)?;
+        }
+    }
+    Ok(())
+}
+
+/// The variant a (validated) config asks for.
+pub fn variant_kind(cfg: &LoraConfig) -> VariantKind {
+    if cfg.alora_invocation_tokens.is_some() {
+        VariantKind::Alora
+    } else if cfg.use_dora {
+        VariantKind::Dora
+    } else {
+        VariantKind::Lora
+    }
+}
+
+/// aLoRA invocation ids must be tokens of the model's vocabulary (when it has one).
+pub(crate) fn check_invocation_ids(
+    cfg: &LoraConfig,
+    vocab: Option<usize>,
+    origin: &str,
+) -> Result<()> {
+    if let (Some(tokens), Some(vocab)) = (&cfg.alora_invocation_tokens, vocab) {
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Config {
+                path: origin.into(),
+                field: "alora_invocation_tokens".into(),
+                message: format!(
+                    "token id {bad} is outside the model's vocabulary (ids 0..{vocab})"
+                ),
+            });
         }
     }
     Ok(())

@@ -1,9 +1,10 @@
-//! The variant interface: plain LoRA and DoRA implement it; others plug in beside them
+//! The variant interface: plain LoRA, DoRA and aLoRA implement it; others plug in beside them
 //! without touching the plain path (PEFT's `LoraVariant`).
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::layer::LoraAdapter;
+use crate::alora;
+use crate::layer::{LoraAdapter, LoraCtx};
 
 /// Which variant an adapter is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,6 +13,9 @@ pub enum VariantKind {
     Lora,
     /// DoRA: a learned magnitude per output row over the detached norm of `W + s B A`.
     Dora,
+    /// aLoRA: plain LoRA applied only from the last invocation-token sequence of each row on
+    /// (the positions [`LoraCtx::alora_offsets`] selects); never merged.
+    Alora,
 }
 
 /// The frozen base of a layer, as variants see it (Burn layout `[in, out]`).
@@ -49,6 +53,19 @@ pub trait LoraVariant<B: Backend>: Sync {
         weight: Tensor<B, 2>,
         kept: Option<Tensor<B, 1>>,
     ) -> Tensor<B, 2>;
+
+    /// The flat positions (`row * seq + t` of the `[batch * seq, in]` input) this variant acts
+    /// on in this call, ascending, or `None` for every position. Only aLoRA restricts them; at
+    /// the other positions the layer outputs exactly the base.
+    fn positions(&self, _ctx: &LoraCtx, _batch: usize, _seq: usize) -> Option<Vec<usize>> {
+        None
+    }
+
+    /// Why this variant cannot be merged into the base weight, if it cannot (checked before
+    /// [`LoraVariant::merge`] is called).
+    fn merge_refusal(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Plain LoRA (and rsLoRA, which differs only in scaling).
@@ -147,10 +164,57 @@ impl<B: Backend> LoraVariant<B> for Dora {
     }
 }
 
+/// aLoRA (activated LoRA): plain LoRA on the positions from the invocation sequence on
+/// (PEFT's `ALoraLinearVariant`), so everything before it is computed by the base weights.
+pub struct Alora;
+
+impl<B: Backend> LoraVariant<B> for Alora {
+    fn forward(
+        &self,
+        adapter: &LoraAdapter<B>,
+        _base: &Base<'_, B>,
+        x: Tensor<B, 2>,
+        _base_out: &Tensor<B, 2>,
+        result: Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
+        result + adapter.lora_term(x)
+    }
+
+    fn merge(
+        &self,
+        _adapter: &LoraAdapter<B>,
+        _weight: Tensor<B, 2>,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
+        unreachable!("LoraLinear::merge checks merge_refusal first")
+    }
+
+    fn unmerge(
+        &self,
+        _adapter: &LoraAdapter<B>,
+        weight: Tensor<B, 2>,
+        _kept: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, 2> {
+        // Never merged (merge is refused), so there is nothing to take out.
+        weight
+    }
+
+    fn positions(&self, ctx: &LoraCtx, batch: usize, seq: usize) -> Option<Vec<usize>> {
+        Some(alora::positions(ctx.alora_offsets.as_deref(), batch, seq))
+    }
+
+    fn merge_refusal(&self) -> Option<&'static str> {
+        Some(
+            "aLoRA adapters cannot be merged: they act only from the invocation tokens on, \
+             which a merged weight cannot express (PEFT refuses too)",
+        )
+    }
+}
+
 /// The implementation of a variant kind.
 pub fn variant_of<B: Backend>(kind: VariantKind) -> &'static dyn LoraVariant<B> {
     match kind {
         VariantKind::Lora => &PlainLora,
         VariantKind::Dora => &Dora,
+        VariantKind::Alora => &Alora,
     }
 }

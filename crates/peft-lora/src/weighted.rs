@@ -24,7 +24,9 @@ pub enum Combination {
 
 impl<M> PeftModel<M> {
     /// Adds adapter `name` combining `adapters` with `weights` (PEFT's `add_weighted_adapter`).
-    /// The new adapter has scaling 1 (alpha = r); DoRA adapters cannot be combined.
+    /// The new adapter has scaling 1 (alpha = r); DoRA adapters cannot be combined. aLoRA
+    /// adapters combine only with aLoRA adapters of the same invocation sequence, and the result
+    /// is aLoRA with that sequence (PEFT silently takes the first adapter's sequence).
     pub fn add_weighted_adapter<B: Backend>(
         &mut self,
         adapters: &[&str],
@@ -55,6 +57,18 @@ impl<M> PeftModel<M> {
                 return Err(Error::config(
                     "add_weighted_adapter",
                     format!("adapter `{a}` is DoRA; only plain LoRA adapters combine"),
+                ));
+            }
+        }
+        let invocation = self.configs[adapters[0]].alora_invocation_tokens.clone();
+        for a in adapters {
+            if self.configs[*a].alora_invocation_tokens != invocation {
+                return Err(Error::config(
+                    "add_weighted_adapter",
+                    format!(
+                        "adapter `{a}` has alora_invocation_tokens {:?} but `{}` has {:?}; aLoRA adapters combine only with aLoRA adapters of the same invocation sequence",
+                        self.configs[*a].alora_invocation_tokens, adapters[0], invocation
+                    ),
                 ));
             }
         }
@@ -115,7 +129,12 @@ impl<M> PeftModel<M> {
                 alpha: r as f64,
                 scaling: 1.0,
                 dropout: parts[0].0.meta.dropout,
-                variant: VariantKind::Lora,
+                variant: if invocation.is_some() {
+                    VariantKind::Alora
+                } else {
+                    VariantKind::Lora
+                },
+                alora_invocation_tokens: invocation.clone(),
             };
             let adapter = layer.new_adapter(meta, a, b, false);
             layer.add_adapter(adapter)?;

@@ -1011,3 +1011,178 @@ fn trainable_token_errors_name_the_field_and_id() {
     peft.add_adapter::<B>("c", &a).unwrap();
     peft.set_active::<B>(&["a", "c"]).unwrap();
 }
+
+/// The same base and adapter weights as aLoRA and as plain LoRA.
+fn alora_and_plain() -> (PeftModel<Toy<B>>, PeftModel<Toy<B>>) {
+    let toy = Toy::<B>::new(&Default::default());
+    let mut al = PeftModel::new(toy.clone());
+    let mut pl = PeftModel::new(toy);
+    let mut cfg = config(&["up", "down"]);
+    cfg.alora_invocation_tokens = Some(vec![5, 6]);
+    al.add_adapter::<B>("default", &cfg).unwrap();
+    pl.add_adapter::<B>("default", &config(&["up", "down"]))
+        .unwrap();
+    perturb(&mut al);
+    for ((_, a), (_, p)) in al
+        .model
+        .lora_linears()
+        .into_iter()
+        .zip(pl.model.lora_linears_mut())
+    {
+        assert_eq!(a.adapters[0].meta.variant, peft_lora::VariantKind::Alora);
+        p.adapters[0].lora_a = a.adapters[0].lora_a.clone();
+        p.adapters[0].lora_b = a.adapters[0].lora_b.clone();
+    }
+    (al, pl)
+}
+
+fn max_abs(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
+    (a - b).abs().max().into_scalar()
+}
+
+#[test]
+fn alora_acts_only_on_the_offset_positions_and_never_merges() {
+    let device = Default::default();
+    let (mut al, pl) = alora_and_plain();
+    let x = input::<B>(&device); // [2, 3, 6]
+    let plain = pl.model.forward(x.clone());
+    let base = {
+        let mut p = PeftModel::new(al.model.clone());
+        p.set_adapters_disabled::<B>(true).unwrap();
+        p.model.forward(x.clone())
+    };
+    let at =
+        |t: &Tensor<B, 3>, r: usize, a: usize, z: usize| t.clone().slice([r..r + 1, a..z, 0..6]);
+    let ctx = |offsets: Vec<Option<usize>>| LoraCtx {
+        alora_offsets: Some(offsets),
+        ..Default::default()
+    };
+    // No offsets at all: an aLoRA adapter contributes nothing (PEFT's "base only").
+    assert_eq!(max_abs(al.model.forward(x.clone()), base.clone()), 0.0);
+    // Row 0: the last 2 positions; row 1: none.
+    let y = al.model.forward_ctx(x.clone(), &ctx(vec![Some(2), None]));
+    assert_eq!(max_abs(at(&y, 0, 0, 1), at(&base, 0, 0, 1)), 0.0);
+    assert!(max_abs(at(&y, 0, 1, 3), at(&plain, 0, 1, 3)) < 1e-6);
+    assert!(max_abs(at(&plain, 0, 1, 3), at(&base, 0, 1, 3)) > 1e-3);
+    assert_eq!(max_abs(at(&y, 1, 0, 3), at(&base, 1, 0, 3)), 0.0);
+    // Offsets longer than the call are clipped: every position, exactly plain LoRA.
+    let y = al
+        .model
+        .forward_ctx(x.clone(), &ctx(vec![Some(9), Some(3)]));
+    assert_eq!(max_abs(y, plain.clone()), 0.0);
+    // With row routing: row 0 on the base, row 1 on the adapter from its last position.
+    let routed = LoraCtx {
+        row_adapters: Some(vec![None, Some("default".into())]),
+        alora_offsets: Some(vec![Some(3), Some(1)]),
+    };
+    let y = al.model.forward_ctx(x.clone(), &routed);
+    assert_eq!(max_abs(at(&y, 0, 0, 3), at(&base, 0, 0, 3)), 0.0);
+    assert_eq!(max_abs(at(&y, 1, 0, 2), at(&base, 1, 0, 2)), 0.0);
+    assert!(max_abs(at(&y, 1, 2, 3), at(&plain, 1, 2, 3)) < 1e-6);
+
+    // Merging is refused, for the model and for a layer, and changes nothing.
+    let w = al.model.up.weight.val();
+    let err = al.merge::<B>(true).unwrap_err();
+    assert!(
+        matches!(&err, Error::Merge { module, .. } if module == "model.mlp.up"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("aLoRA adapters cannot be merged"),
+        "{err}"
+    );
+    assert!(al.model.down.merge(false, "down").is_err());
+    assert_eq!(
+        (al.model.up.weight.val() - w).abs().max().into_scalar(),
+        0.0
+    );
+    assert!(al.model.up.state.merged.is_empty());
+    assert!(al.merge_and_unload::<B>(false).is_err());
+}
+
+#[test]
+fn alora_gradients_flow_only_from_adapted_positions() {
+    let device = Default::default();
+    let mut peft = PeftModel::new(Toy::<AD>::new(&device));
+    let mut cfg = config(&["up"]);
+    cfg.alora_invocation_tokens = Some(vec![1]);
+    peft.add_adapter::<AD>("default", &cfg).unwrap();
+    perturb(&mut peft);
+    let x = input::<AD>(&device);
+    let none = LoraCtx {
+        alora_offsets: Some(vec![None, None]),
+        ..Default::default()
+    };
+    let grads = peft.model.forward_ctx(x.clone(), &none).sum().backward();
+    let a = &peft.model.up.adapters[0];
+    let g = a.lora_b.val().grad(&grads);
+    assert!(g.is_none_or(|g| g.abs().max().into_scalar() == 0.0));
+    let some = LoraCtx {
+        alora_offsets: Some(vec![Some(1), None]),
+        ..Default::default()
+    };
+    let grads = peft.model.forward_ctx(x, &some).sum().backward();
+    let g = a.lora_b.val().grad(&grads).expect("B gets a gradient");
+    assert!(g.abs().max().into_scalar() > 0.0);
+}
+
+#[test]
+fn alora_configs_are_validated_and_combine_only_alike() {
+    let bad = |json: &str| {
+        LoraConfig::from_json_str(json, "adapter_config.json")
+            .unwrap_err()
+            .to_string()
+    };
+    for json in [
+        r#"{"alora_invocation_tokens": []}"#,
+        r#"{"alora_invocation_tokens": [1, -2]}"#,
+        r#"{"alora_invocation_tokens": [1, 2.5]}"#,
+        r#"{"alora_invocation_tokens": "abc"}"#,
+        r#"{"alora_invocation_tokens": [4294967296]}"#,
+    ] {
+        let msg = bad(json);
+        assert!(
+            msg.contains("`alora_invocation_tokens`") && msg.contains("adapter_config.json"),
+            "{json}: {msg}"
+        );
+    }
+    assert!(bad(r#"{"alora_invocation_tokens": [1, -2]}"#).contains("-2"));
+    assert!(bad(r#"{"alora_invocation_tokens": [3], "use_dora": true}"#).contains("use_dora"));
+    let ok = LoraConfig::from_json_str(r#"{"alora_invocation_tokens": [3, 4]}"#, "x").unwrap();
+    assert_eq!(ok.alora_invocation_tokens, Some(vec![3, 4]));
+    assert!(
+        LoraConfig::from_json_str(r#"{"alora_invocation_tokens": null}"#, "x")
+            .unwrap()
+            .alora_invocation_tokens
+            .is_none()
+    );
+    // An empty list built in code is refused by add_adapter too.
+    let device = Default::default();
+    let mut peft = PeftModel::new(Toy::<B>::new(&device));
+    let mut empty = config(&["up"]);
+    empty.alora_invocation_tokens = Some(vec![]);
+    let err = peft.add_adapter::<B>("e", &empty).unwrap_err();
+    assert!(err.to_string().contains("alora_invocation_tokens"), "{err}");
+
+    // add_weighted_adapter: aLoRA only with aLoRA of the same invocation; the result is aLoRA.
+    use peft_lora::Combination;
+    let mut a1 = config(&["up"]);
+    a1.alora_invocation_tokens = Some(vec![7]);
+    let mut a2 = a1.clone();
+    a2.alora_invocation_tokens = Some(vec![8]);
+    peft.add_adapter::<B>("a1", &a1).unwrap();
+    peft.add_adapter::<B>("a1b", &a1).unwrap();
+    peft.add_adapter::<B>("a2", &a2).unwrap();
+    peft.add_adapter::<B>("p", &config(&["up"])).unwrap();
+    for pair in [["a1", "p"], ["p", "a1"], ["a1", "a2"]] {
+        let err = peft
+            .add_weighted_adapter::<B>(&pair, &[1.0, 1.0], "w", Combination::Cat)
+            .unwrap_err();
+        assert!(err.to_string().contains("alora_invocation_tokens"), "{err}");
+    }
+    peft.add_weighted_adapter::<B>(&["a1", "a1b"], &[1.0, 0.5], "w", Combination::Cat)
+        .unwrap();
+    let w = peft.model.up.adapter("w").unwrap();
+    assert_eq!(w.meta.variant, peft_lora::VariantKind::Alora);
+    assert_eq!(w.meta.alora_invocation_tokens, Some(vec![7]));
+}

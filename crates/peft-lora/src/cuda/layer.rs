@@ -65,6 +65,8 @@ impl<B: Backend> LoraLinear<B> {
                     None => out,
                 })
             }
+            // aLoRA acts on some positions only (per-row offsets): the composed path.
+            VariantKind::Alora => None,
         }
     }
 }

@@ -162,6 +162,7 @@ fn layer_for<B: AutodiffBackend>(case: &Case, dtype: DType, device: &B::Device) 
             } else {
                 VariantKind::Lora
             },
+            alora_invocation_tokens: None,
         };
         let a = Tensor::random([case.d_in, r], normal, opts) * scale_w;
         let b = Tensor::random([r, case.d_out], normal, opts) * (1.0 / (r as f64).sqrt());

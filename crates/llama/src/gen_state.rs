@@ -1,0 +1,272 @@
+//! A generation in progress, kept between calls: the KV cache, its mask and the tokens it
+//! covers. It lets one model continue where another call stopped, which is what aLoRA is for:
+//! a prefix cached by the **base** model is reused as is by an aLoRA adapter that is invoked
+//! after it (everything before the invocation is computed by the base weights anyway).
+//!
+//! ```ignore
+//! let base = LoraCtx { row_adapters: Some(vec![None]), ..Default::default() };
+//! let mut st = model.prefill(&[context_ids], pad, &base)?;      // the base reads the context
+//! model.extend(&mut st, &[invocation_ids], &LoraCtx::default())?; // aLoRA from here on
+//! let answer = model.decode(&mut st, &greedy, &LoraCtx::default(), &mut |_, _| {})?;
+//! ```
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use peft_lora::alora::offsets_for;
+use peft_lora::LoraCtx;
+
+use crate::attention::KvCache;
+use crate::error::{Error, Result};
+use crate::model::{position_ids_from_mask, LlamaForCausalLM};
+
+/// The state of a batch of generations: what the KV cache holds and how to continue it.
+#[derive(Debug, Clone)]
+pub struct GenState<B: Backend> {
+    /// One cache per layer, `[batch, kv_heads, cached, head_dim]` (left padding included).
+    pub cache: Vec<KvCache<B>>,
+    /// 1 for a real token, 0 for left padding, `[batch, cached]`.
+    pub mask: Tensor<B, 2, Int>,
+    /// The tokens of each row in the cache, without padding.
+    pub tokens: Vec<Vec<u32>>,
+    /// Per row, the index in `tokens` from which the cache was computed with an aLoRA adapter
+    /// (`None`: no aLoRA adapter acted on this row).
+    pub alora_start: Vec<Option<usize>>,
+    /// Hidden state of the last cached position of each row `[batch, hidden]`.
+    pub(crate) last_hidden: Tensor<B, 2>,
+    /// Tokens chosen by [`LlamaForCausalLM::decode`] but not fed yet (when every row stopped).
+    pub(crate) pending: Option<Vec<u32>>,
+}
+
+impl<B: Backend> GenState<B> {
+    /// Rows in the batch.
+    pub fn batch(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Tokens chosen by the last decode but not yet in the cache (they are fed first by the
+    /// next [`LlamaForCausalLM::extend`] or [`LlamaForCausalLM::decode`]).
+    pub fn pending(&self) -> Option<&[u32]> {
+        self.pending.as_deref()
+    }
+}
+
+/// Explicit `ctx.alora_offsets` must have one entry per row.
+pub(crate) fn check_offsets(ctx: &LoraCtx, batch: usize) -> Result<()> {
+    match &ctx.alora_offsets {
+        Some(o) if o.len() != batch => Err(Error::Generation(format!(
+            "LoraCtx::alora_offsets has {} entries for a batch of {batch} rows",
+            o.len()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+impl<B: Backend> LlamaForCausalLM<B> {
+    fn check_ids<'a>(&self, ids: impl IntoIterator<Item = &'a u32>) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        match ids.into_iter().find(|&&t| t as usize >= vocab) {
+            Some(bad) => Err(Error::Generation(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `prompts` (token ids, unpadded; left-padded here with `pad_id`) and keeps the cache.
+    /// aLoRA offsets come from the prompts as PEFT's `generate` computes them, unless
+    /// `ctx.alora_offsets` gives them.
+    pub fn prefill(&self, prompts: &[Vec<u32>], pad_id: u32, ctx: &LoraCtx) -> Result<GenState<B>> {
+        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+            return Err(Error::Generation(
+                "every prompt needs at least one token".into(),
+            ));
+        }
+        self.check_ids(prompts.iter().flatten().chain([&pad_id]))?;
+        check_offsets(ctx, prompts.len())?;
+        let device = self.device();
+        let b = prompts.len();
+        let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let padded: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                let mut row = vec![pad_id; len - p.len()];
+                row.extend(p);
+                row
+            })
+            .collect();
+        let ids: Vec<i64> = padded.iter().flatten().map(|&t| t as i64).collect();
+        let mask: Vec<i64> = prompts
+            .iter()
+            .flat_map(|p| {
+                std::iter::repeat_n(0i64, len - p.len()).chain(std::iter::repeat_n(1, p.len()))
+            })
+            .collect();
+        let mask = Tensor::<B, 2, Int>::from_data(TensorData::new(mask, [b, len]), &device);
+        let offsets = match &ctx.alora_offsets {
+            Some(o) => o.clone(),
+            None => {
+                let rows: Vec<&[u32]> = padded.iter().map(Vec::as_slice).collect();
+                offsets_for(self, ctx, &rows).unwrap_or_else(|| vec![None; b])
+            }
+        };
+        let alora_start = prompts
+            .iter()
+            .zip(&offsets)
+            .map(|(p, o)| o.map(|o| p.len().saturating_sub(o)))
+            .collect();
+        let call = LoraCtx {
+            alora_offsets: Some(offsets),
+            ..ctx.clone()
+        };
+        let mut cache = Vec::new();
+        let hidden = self.hidden_states(
+            Tensor::from_data(TensorData::new(ids, [b, len]), &device),
+            Some(mask.clone()),
+            Some(position_ids_from_mask(mask.clone())),
+            Some(&mut cache),
+            &call,
+        );
+        Ok(GenState {
+            cache,
+            mask,
+            tokens: prompts.to_vec(),
+            alora_start,
+            last_hidden: last_position(hidden),
+            pending: None,
+        })
+    }
+
+    /// Appends `chunk` (the same number of tokens for every row, e.g. an aLoRA invocation) to a
+    /// cached state, computing only the new tokens.
+    ///
+    /// aLoRA offsets are those PEFT would compute over each whole row (cache + chunk). When
+    /// they disagree with how the cache was computed (the invocation starts inside the cached
+    /// part but the cache holds base keys/values there, or the cache holds adapter keys/values
+    /// that a full run would not), this is an error rather than a silent mismatch. Explicit
+    /// `ctx.alora_offsets` count from the end of the chunk (PEFT's meaning for one call) and
+    /// are taken as given.
+    pub fn extend(&self, state: &mut GenState<B>, chunk: &[Vec<u32>], ctx: &LoraCtx) -> Result<()> {
+        let b = state.batch();
+        if chunk.len() != b {
+            return Err(Error::Generation(format!(
+                "extend: {} chunks for a batch of {b} rows",
+                chunk.len()
+            )));
+        }
+        let mut chunk = chunk.to_vec();
+        if let Some(p) = state.pending.take() {
+            for (c, t) in chunk.iter_mut().zip(p) {
+                c.insert(0, t);
+            }
+        }
+        let k = chunk[0].len();
+        if k == 0 || chunk.iter().any(|c| c.len() != k) {
+            return Err(Error::Generation(
+                "extend: every row's chunk needs the same number (at least one) of tokens".into(),
+            ));
+        }
+        self.check_ids(chunk.iter().flatten())?;
+        check_offsets(ctx, b)?;
+        let offsets = match &ctx.alora_offsets {
+            Some(o) => {
+                for (r, o) in o.iter().enumerate() {
+                    if let (Some(o), None) = (o, state.alora_start.get(r).copied().flatten()) {
+                        state.alora_start[r] = Some(state.tokens[r].len() + k - (*o).min(k));
+                    }
+                }
+                o.clone()
+            }
+            None => self.chunk_offsets(state, &chunk, ctx)?,
+        };
+        let call = LoraCtx {
+            alora_offsets: Some(offsets),
+            ..ctx.clone()
+        };
+        self.feed(state, &chunk, &call);
+        Ok(())
+    }
+
+    /// Offsets of `chunk` from PEFT's offsets over the whole rows, checked against the cache.
+    fn chunk_offsets(
+        &self,
+        state: &mut GenState<B>,
+        chunk: &[Vec<u32>],
+        ctx: &LoraCtx,
+    ) -> Result<Vec<Option<usize>>> {
+        let k = chunk[0].len();
+        let full: Vec<Vec<u32>> = state
+            .tokens
+            .iter()
+            .zip(chunk)
+            .map(|(t, c)| t.iter().chain(c).copied().collect())
+            .collect();
+        let rows: Vec<&[u32]> = full.iter().map(Vec::as_slice).collect();
+        let whole = offsets_for(self, ctx, &rows).unwrap_or_else(|| vec![None; rows.len()]);
+        let mut out = Vec::with_capacity(rows.len());
+        for (r, o) in whole.into_iter().enumerate() {
+            let cached = state.tokens[r].len();
+            let start = o.map(|o| full[r].len() - o);
+            let cache_start = state.alora_start[r];
+            let consistent = match start {
+                Some(s) if s < cached => cache_start == Some(s),
+                _ => cache_start.is_none(),
+            };
+            if !consistent {
+                return Err(Error::Generation(format!(
+                    "row {r}: a full run would apply the aLoRA adapter from token {} but the \
+                     cache was computed with it from token {} ({} tokens cached); the cached \
+                     keys/values cannot be reused, prefill the row again",
+                    start.map_or("- (nowhere)".into(), |s| s.to_string()),
+                    cache_start.map_or("- (nowhere)".into(), |s| s.to_string()),
+                    cached
+                )));
+            }
+            if start.is_some() && cache_start.is_none() {
+                state.alora_start[r] = start;
+            }
+            out.push(o.map(|o| o.min(k)));
+        }
+        Ok(out)
+    }
+
+    /// Runs `chunk` (`k` tokens per row) on top of the cache with `ctx` as given.
+    pub(crate) fn feed(&self, state: &mut GenState<B>, chunk: &[Vec<u32>], ctx: &LoraCtx) {
+        let device = self.device();
+        let (b, k) = (chunk.len(), chunk[0].len());
+        let ids: Vec<i64> = chunk.iter().flatten().map(|&t| t as i64).collect();
+        let pos: Vec<i64> = state
+            .tokens
+            .iter()
+            .flat_map(|t| (t.len()..t.len() + k).map(|p| p as i64))
+            .collect();
+        let int2 =
+            |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, k]), &device);
+        state.mask = Tensor::cat(vec![state.mask.clone(), Tensor::ones([b, k], &device)], 1);
+        let hidden = self.hidden_states(
+            int2(ids),
+            Some(state.mask.clone()),
+            Some(int2(pos)),
+            Some(&mut state.cache),
+            ctx,
+        );
+        for (t, c) in state.tokens.iter_mut().zip(chunk) {
+            t.extend(c);
+        }
+        state.last_hidden = last_position(hidden);
+    }
+
+    /// Logits of the next token of each row `[batch, vocab]`, from the cached state.
+    pub fn next_logits(&self, state: &GenState<B>) -> Result<Tensor<B, 2>> {
+        if state.pending.is_some() {
+            return Err(Error::Generation(
+                "the state has chosen tokens not fed yet; extend it first".into(),
+            ));
+        }
+        Ok(self.lm_head(state.last_hidden.clone()))
+    }
+}
+
+/// `[b, s, h]` -> the last position `[b, h]`.
+fn last_position<B: Backend>(hidden: Tensor<B, 3>) -> Tensor<B, 2> {
+    let [b, s, h] = hidden.dims();
+    hidden.slice([0..b, s - 1..s, 0..h]).reshape([b, h])
+}
