@@ -2,7 +2,9 @@
 # Runs the fused-linear checks and benchmarks on a GPU box, beside the PyTorch / PEFT anchors.
 # Usage (from the repository root): scripts/gpu_fused_run.sh DIR STAGE...
 #   DIR holds the stripped `news2stock` binary (built with --features cuda) and the anchor scripts
-#   (bench_lora_linear_torch.py, peft_baseline.py). Stages: check, quick, linear, train.
+#   (bench_lora_linear_torch.py, peft_baseline.py, bench_pissa_peft.py). Stages: check, quick,
+#   linear, train (ours then HF PEFT's three configs), train-noattn (ours with the fused attention
+#   off, PEFT_LORA_FUSED_ATTENTION=0, q,v configs), pissa (bench-init vs PEFT's init).
 # Writes logs under $OUT (or /tmp/fused-out), packed into $OUT/logs.tgz at the end.
 D=$1; shift
 OUT=${OUT:-/tmp/fused-out}; mkdir -p "$OUT"
@@ -40,6 +42,17 @@ for stage in "$@"; do
       mem "hf-$name" timeout 200 python3 $D/peft_baseline.py --skip-micro --only $name 2>&1 | tee "$OUT/hf_$name.txt" | tail -2
       echo "hf $name peak_used_mib $(peak hf-$name)" | tee -a "$OUT/peaks.txt"
     done ;;
+  train-noattn)
+    common="--batch-size 2 --grad-accum 1 --lora-alpha 32 --lora-r 8"
+    for cfg in "qv-gc:--gradient-checkpointing true" "qv-nogc:--gradient-checkpointing false"; do
+      name=${cfg%%:*}; args=${cfg#*:}
+      mem "noattn-$name" env PEFT_LORA_FUSED_ATTENTION=0 timeout 200 $B $common $args bench-train --steps 6 --warmup 2 2>&1 | tee "$OUT/train_noattn_$name.txt" | tail -4
+      echo "ours-noattn $name peak_used_mib $(peak noattn-$name)" | tee -a "$OUT/peaks.txt"
+    done ;;
+  pissa)
+    timeout 300 $B --lora-r 16 --lora-alpha 32 bench-init --method pissa --layers 32 2>&1 | tee "$OUT/pissa_ours.txt" | tail -3
+    timeout 120 python3 $D/bench_pissa_peft.py --method pissa --layers 32 --r 16 2>&1 | tee "$OUT/pissa_peft.txt" | tail -2
+    timeout 200 python3 $D/bench_pissa_peft.py --method pissa --layers 32 --r 16 --device cpu 2>&1 | tee "$OUT/pissa_peft_cpu.txt" | tail -2 ;;
   esac
   pack
 done

@@ -95,6 +95,29 @@ pub fn check(race_tokens: usize, race_dim: usize, race_steps: usize) -> Result<(
         DType::BF16,
         &device,
     ));
+    checks.extend(selftest::check_attention::<Autodiff<Cuda<f32>>>(
+        "cuda",
+        DType::F32,
+        &device,
+    ));
+    checks.extend(selftest::check_attention::<Autodiff<Gpu>>(
+        "cuda",
+        DType::BF16,
+        &device,
+    ));
+    checks.extend(selftest::check_attention::<
+        Autodiff<Gpu, BalancedCheckpointing>,
+    >("cuda-ckpt", DType::BF16, &device));
+    checks.extend(selftest::check_cross_entropy::<Autodiff<Cuda<f32>>>(
+        "cuda",
+        DType::F32,
+        &device,
+    ));
+    checks.extend(selftest::check_cross_entropy::<Autodiff<Gpu>>(
+        "cuda",
+        DType::BF16,
+        &device,
+    ));
     let mut failed = 0;
     for c in &checks {
         if !c.pass() {

@@ -191,11 +191,20 @@ impl<B: Backend> Attention<B> {
         // (transformers' repeat_kv), so fold them into the query-length axis.
         let rep = nh / nkv;
         let q = q.reshape([b, nkv, rep * s, hd]);
-        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt()); // [b, nkv, rep*s, t]
-        let scores = scores.reshape([b, nh, s, t]);
-        let dtype = scores.dtype();
-        let probs = activation::softmax(scores.cast(FloatDType::F32) + mask.clone(), 3).cast(dtype);
-        let out = probs.reshape([b, nkv, rep * s, t]).matmul(v); // [b, nkv, rep*s, hd]
+        let scale = 1.0 / (hd as f64).sqrt();
+        // On CUDA: one op with cuBLASLt GEMMs and a recomputing backward (no [s, t] kept).
+        #[cfg(feature = "cuda")]
+        let fused = peft_lora::cuda::attention(&q, &k, &v, mask, scale);
+        #[cfg(not(feature = "cuda"))]
+        let fused = None;
+        let out = fused.unwrap_or_else(|| {
+            let scores = q.matmul(k.swap_dims(2, 3)) * scale; // [b, nkv, rep*s, t]
+            let scores = scores.reshape([b, nh, s, t]);
+            let dtype = scores.dtype();
+            let probs =
+                activation::softmax(scores.cast(FloatDType::F32) + mask.clone(), 3).cast(dtype);
+            probs.reshape([b, nkv, rep * s, t]).matmul(v) // [b, nkv, rep*s, hd]
+        });
         let out = out
             .reshape([b, nh, s, hd])
             .swap_dims(1, 2)

@@ -49,6 +49,24 @@ fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Vec<i64>) -> Tensor<
 }
 
 impl<B: Backend> LlamaForCausalLM<B> {
+    /// `cross_entropy(lm_head(hidden), targets)`; on CUDA with a frozen head one op that never
+    /// holds the `[n, vocab]` logits beyond a chunk of rows (`peft_lora::cuda`).
+    fn head_cross_entropy(&self, hidden: Tensor<B, 2>, targets: Vec<i64>) -> Tensor<B, 1> {
+        #[cfg(feature = "cuda")]
+        if peft_lora::cuda::supported::<B>() {
+            let n = targets.len();
+            let w = self.head_weight();
+            let t = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(targets.clone(), [n]),
+                &hidden.device(),
+            );
+            if let Some(sum) = peft_lora::cuda::linear_cross_entropy(&hidden, &w, &t) {
+                return sum / n as f64;
+            }
+        }
+        cross_entropy(self.lm_head(hidden), targets)
+    }
+
     /// Loss (and optionally logits) of a batch.
     ///
     /// # Shapes
@@ -99,7 +117,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 let hidden = hidden
                     .slice([0..b, 0..s - 1, 0..h])
                     .reshape([b * (s - 1), h]);
-                cross_entropy(self.lm_head(rows(hidden)), targets)
+                self.head_cross_entropy(rows(hidden), targets)
             };
             return CausalLmOutput {
                 loss,

@@ -220,7 +220,7 @@ impl<M> PeftModel<M> {
                 // trained from PiSSA/OLoRA loads onto the original model and reproduces it.
                 let init = method.init_layer(layer, meta.r, meta.scaling, &path)?;
                 if let Some(residual) = init.residual {
-                    layer.weight = Param::from_tensor(residual).set_require_grad(false);
+                    layer.set_base_weight(residual);
                 }
             }
             let a: Tensor<B, 2> = file

@@ -153,8 +153,9 @@ impl<M> PeftModel<M> {
                 None => method.init_layer(layer, meta.r, meta.scaling, &path)?,
             };
             if let Some(residual) = init.residual {
-                // PiSSA / OLoRA: the principal part now lives in the adapter.
-                layer.weight = Param::from_tensor(residual).set_require_grad(false);
+                // PiSSA / OLoRA: the principal part now lives in the adapter. On an NF4 base
+                // the residual is quantized again (PEFT: dequantize, decompose, requantize).
+                layer.set_base_weight(residual);
             }
             let adapter = layer.new_adapter(meta, init.a, init.b, cfg.lora_bias);
             layer.add_adapter(adapter)?;

@@ -588,6 +588,34 @@ fn loftq_quantizes_the_base_and_beats_plain_nf4() {
     assert!(e.to_string().contains("rank 7 exceeds"), "{e}");
 }
 
+/// PiSSA / OLoRA on a 4-bit base (PEFT: dequantize, decompose, quantize the residual again):
+/// the base stays in NF4 and the initial model approximates the dequantized base up to the
+/// residual's own rounding, instead of adding the principal part twice.
+#[test]
+fn pissa_and_olora_on_an_nf4_base_requantize_the_residual() {
+    let device = Default::default();
+    let fro = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<_>>();
+    for init in ["pissa", "olora"] {
+        let mut peft = PeftModel::new(Toy::<B>::new(&device));
+        peft.model.up.quantize_nf4("up").unwrap();
+        let w_deq = host_pt(peft.model.up.base_weight());
+        peft.add_adapter::<B>("default", &with_init(&["up"], 4, init))
+            .unwrap();
+        let up = &peft.model.up;
+        assert!(up.is_nf4(), "{init}: the base must stay in NF4");
+        let delta = host_pt(up.adapters[0].delta_weight());
+        let approx = host_pt(up.base_weight() + up.adapters[0].delta_weight());
+        let err = fro(&diff(&w_deq, &approx));
+        let moved = fro(&delta);
+        assert!(
+            moved > 0.3 * fro(&w_deq) && err < 0.2 * moved && err < 0.1 * fro(&w_deq),
+            "{init}: |W - (Q(res) + sBA)| = {err}, |sBA| = {moved}, |W| = {}",
+            fro(&w_deq)
+        );
+    }
+}
+
 fn with_init(targets: &[&str], r: usize, init: &str) -> LoraConfig {
     let mut c = LoraConfig::new(r, 8.0, targets);
     c.init_lora_weights = peft_lora::InitLoraWeights::Method(init.into());

@@ -39,15 +39,15 @@ fn dims2(t: &Raw, what: &str) -> Result<[usize; 2], String> {
 
 /// A tensor as a GEMM operand: kept alive, with its storage layout. Row-major and transposed
 /// (column-major) views are used in place; anything else is made contiguous first.
-struct Prepared {
-    t: Raw,
-    rows: usize,
-    cols: usize,
-    ld: usize,
-    trans: bool,
+pub(super) struct Prepared {
+    pub(super) t: Raw,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) ld: usize,
+    pub(super) trans: bool,
 }
 
-fn prepare(t: Raw) -> Prepared {
+pub(super) fn prepare(t: Raw) -> Prepared {
     let shape = t.meta.shape().clone();
     let strides = t.meta.strides().clone();
     let (r, c) = (shape[0], shape[1]);

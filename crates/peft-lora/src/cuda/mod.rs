@@ -22,8 +22,10 @@
 //! [`set_enabled`] (or `PEFT_LORA_FUSED=0` in the environment) switches the fused path off, for
 //! comparisons.
 
+pub mod attention;
 pub mod autodiff;
 pub mod backend;
+pub mod cross_entropy;
 pub mod device;
 #[cfg(feature = "fusion")]
 pub mod fusion;
@@ -45,9 +47,32 @@ use burn_fusion::Fusion;
 use cubecl_cuda::CudaRuntime;
 use half::bf16;
 
+pub use attention::FusedAttention;
 pub use autodiff::FusedLinear;
+pub use cross_entropy::FusedCrossEntropy;
 pub use device::{cubecl_stream_used, ordering, set_ordering, Ordering};
 pub use kernels::LoraInputs;
+
+/// 0: unset (read `PEFT_LORA_FUSED_ATTENTION`), 1: on, 2: off.
+static ATTENTION: AtomicU8 = AtomicU8::new(0);
+
+/// Switches the fused CUDA attention and head + cross-entropy ops on or off (process-wide;
+/// default on unless `PEFT_LORA_FUSED_ATTENTION=0`; [`set_enabled`]`(false)` turns them off too).
+pub fn set_attention_enabled(on: bool) {
+    ATTENTION.store(if on { 1 } else { 2 }, AtomicOrdering::SeqCst);
+}
+
+fn attention_enabled() -> bool {
+    let on = match ATTENTION.load(AtomicOrdering::SeqCst) {
+        0 => {
+            let on = std::env::var("PEFT_LORA_FUSED_ATTENTION").map_or(true, |v| v != "0");
+            set_attention_enabled(on);
+            on
+        }
+        v => v == 1,
+    };
+    on && enabled()
+}
 
 /// 0: unset (read `PEFT_LORA_FUSED`), 1: on, 2: off.
 static ENABLED: AtomicU8 = AtomicU8::new(0);
@@ -244,4 +269,100 @@ pub fn lora_linear<B: Backend>(
         scale as f32,
     );
     dispatch!(B, lora_impl(args))
+}
+
+fn attention_impl<T: FusedAttention>(
+    args: (Tensor<T, 3>, Tensor<T, 3>, Tensor<T, 3>, Tensor<T, 4>, f32),
+) -> Tensor<T, 3> {
+    let (q, k, v, mask, scale) = args;
+    tensor(T::fused_attention(
+        prim(q),
+        prim(k),
+        prim(v),
+        prim(mask),
+        scale,
+    ))
+}
+
+/// `softmax(scale q k^T + mask) v` as one op with its own backward ([`attention`]) when `B` is a
+/// raw cubecl CUDA backend (with or without autodiff) and the path is on, else `None`.
+///
+/// `q [b, g, m, d]`, `k`, `v [b, g, t, d]`; `mask [b or 1, 1, s, t]` additive (f32), where the
+/// `g * m` query rows of a batch are `heads x s` in order (GQA: `g` KV heads, `m = rep * s`).
+pub fn attention<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    mask: &Tensor<B, 4>,
+    scale: f64,
+) -> Option<Tensor<B, 4>> {
+    if !supported::<B>() || !attention_enabled() {
+        return None;
+    }
+    let [b, g, m, d] = q.dims();
+    let [bk, gk, t, dk] = k.dims();
+    let [mb, one, s, mt] = mask.dims();
+    let fits = [bk, gk, t, dk] == v.dims()
+        && bk == b
+        && gk == g
+        && dk == d
+        && one == 1
+        && mt == t
+        && (mb == 1 || mb == b)
+        && s > 0
+        && (g * m) % s == 0
+        && [b, g, m, t, d].iter().all(|n| *n > 0);
+    let dtype = q.dtype();
+    if !fits || k.dtype() != dtype || v.dtype() != dtype || mask.dtype() != burn::tensor::DType::F32
+    {
+        return None;
+    }
+    // (A mask shared by the batch broadcasts over batch x heads: the op flattens them.)
+    let rows = |t: &Tensor<B, 4>, n: usize| t.clone().reshape([b * g, n, d]);
+    let args = (
+        rows(q, m),
+        rows(k, t),
+        rows(v, t),
+        mask.clone(),
+        scale as f32,
+    );
+    let out: Tensor<B, 3> = dispatch!(@try B, attention_impl(args);
+        Cube<bf16>, Cube<f32>,
+        Autodiff<Cube<bf16>>, Autodiff<Cube<f32>>,
+        Autodiff<Cube<bf16>, BalancedCheckpointing>, Autodiff<Cube<f32>, BalancedCheckpointing>)?;
+    Some(out.reshape([b, g, m, d]))
+}
+
+fn cross_entropy_impl<T: FusedCrossEntropy>(
+    args: (Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 1, burn::tensor::Int>),
+) -> Tensor<T, 1> {
+    let (h, w, targets) = args;
+    tensor(T::fused_linear_cross_entropy(
+        prim(h),
+        prim(w),
+        targets.into_primitive(),
+    ))
+}
+
+/// `sum_i -log softmax(h_i W)[targets_i]` (f32, `[1]`) for a frozen head `W [hidden, vocab]`,
+/// as one op that never holds the `[n, vocab]` logits beyond a chunk of rows
+/// ([`cross_entropy`]), when `B` is a raw cubecl CUDA backend and the path is on; else `None`.
+/// `targets` must lie in `0..vocab` (the caller drops ignored positions).
+pub fn linear_cross_entropy<B: Backend>(
+    h: &Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    targets: &Tensor<B, 1, burn::tensor::Int>,
+) -> Option<Tensor<B, 1>> {
+    if !supported::<B>() || !attention_enabled() || !usable(&[h, w]) {
+        return None;
+    }
+    let ([n, hid], [w_in, _]) = (h.dims(), w.dims());
+    if w.is_require_grad() || w_in != hid || targets.dims() != [n] {
+        return None;
+    }
+    let args = (h.clone(), w.clone(), targets.clone());
+    dispatch!(@try B, cross_entropy_impl(args);
+        Cube<bf16>, Cube<f32>,
+        Autodiff<Cube<bf16>>, Autodiff<Cube<f32>>,
+        Autodiff<Cube<bf16>, BalancedCheckpointing>, Autodiff<Cube<f32>, BalancedCheckpointing>)
 }

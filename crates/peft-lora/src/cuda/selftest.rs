@@ -516,3 +516,241 @@ pub fn race<B: AutodiffBackend>(
     set_ordering(before);
     rel_err(&got, &want)
 }
+
+/// `softmax(scale q k^T + mask) v` and its gradients on the host in f64, for `q [g, m, d]`,
+/// `k`, `v [g, t, d]`, `mask [mb, s, t]` (rows of group `i` are `heads x s`), output gradient
+/// `dout [g, m, d]`. Returns `[out, dq, dk, dv]`.
+#[allow(clippy::too_many_arguments)]
+fn attention_reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    dout: &[f32],
+    (g, m, t, d): (usize, usize, usize, usize),
+    (mb, s): (usize, usize),
+    scale: f64,
+) -> [Vec<f32>; 4] {
+    let mut out = vec![0f32; g * m * d];
+    let (mut dq, mut dk, mut dv) = (
+        vec![0f64; g * m * d],
+        vec![0f64; g * t * d],
+        vec![0f64; g * t * d],
+    );
+    let heads_total = g * m / s;
+    for gi in 0..g {
+        for i in 0..m {
+            let row = gi * m + i; // flattened [mb, heads, s] row
+            let (h, qi) = (row / s, row % s);
+            let mrow = (h / (heads_total / mb)) * s * t + qi * t;
+            let qv = &q[row * d..(row + 1) * d];
+            let mut sc: Vec<f64> = (0..t)
+                .map(|j| {
+                    let kv = &k[(gi * t + j) * d..(gi * t + j + 1) * d];
+                    let dot: f64 = qv.iter().zip(kv).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    dot * scale + mask[mrow + j] as f64
+                })
+                .collect();
+            let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
+            for x in sc.iter_mut() {
+                *x = (*x - mx).exp() / z;
+            }
+            let p = sc;
+            let go = &dout[row * d..(row + 1) * d];
+            // dP_j = dout . v_j ; dS_j = P_j (dP_j - sum_l P_l dP_l)
+            let dp: Vec<f64> = (0..t)
+                .map(|j| {
+                    let vv = &v[(gi * t + j) * d..(gi * t + j + 1) * d];
+                    go.iter().zip(vv).map(|(a, b)| *a as f64 * *b as f64).sum()
+                })
+                .collect();
+            let rs: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+            for j in 0..t {
+                let ds = p[j] * (dp[j] - rs) * scale;
+                for e in 0..d {
+                    let vj = v[(gi * t + j) * d + e] as f64;
+                    out[row * d + e] += (p[j] * vj) as f32;
+                    dv[(gi * t + j) * d + e] += p[j] * go[e] as f64;
+                    dq[row * d + e] += ds * k[(gi * t + j) * d + e] as f64;
+                    dk[(gi * t + j) * d + e] += ds * qv[e] as f64;
+                }
+            }
+        }
+    }
+    let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+    [out, f(dq), f(dk), f(dv)]
+}
+
+/// The fused attention (`super::attention`) against the f64 host reference: output and the
+/// gradients of `q`, `k`, `v`, with GQA (several query heads per KV group), a causal mask shared
+/// by the batch and a causal + key-padding mask per row, and a query length shorter than the keys
+/// (a KV cache). Composed-path errors are reported beside.
+pub fn check_attention<B: AutodiffBackend>(
+    label: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Check> {
+    let opts = (device, dtype);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let mut checks = Vec::new();
+    // (batch, kv groups, rep, s, t, d, per-row padding)
+    for (b, g, rep, s, t, d, padded) in [
+        (2, 2, 3, 7, 7, 16, false),
+        (2, 1, 2, 9, 9, 64, true),
+        (1, 2, 4, 3, 11, 32, false),
+    ] {
+        let m = rep * s;
+        let q = Tensor::<B, 4>::random([b, g, m, d], normal, opts).require_grad();
+        let k = Tensor::<B, 4>::random([b, g, t, d], normal, opts).require_grad();
+        let v = Tensor::<B, 4>::random([b, g, t, d], normal, opts).require_grad();
+        let dout = Tensor::<B, 4>::random([b, g, m, d], normal, opts);
+        let dtype = q.dtype();
+        // Causal with the queries at the end of the keys; padding hides the last two keys of row
+        // 1 (right padding). No query row is fully masked: there the f32 sum `score - 1e9` loses
+        // the score (a uniform row on the GPU, as in transformers) while f64 keeps it.
+        let mb = if padded { b } else { 1 };
+        let mut mask = vec![0f32; mb * s * t];
+        for r in 0..mb {
+            for i in 0..s {
+                for j in 0..t {
+                    let hidden = j > t - s + i || (padded && r == 1 && j + 2 >= t);
+                    if hidden {
+                        mask[r * s * t + i * t + j] = -1e9;
+                    }
+                }
+            }
+        }
+        let mask_t = Tensor::<B, 4>::from_data(
+            burn::tensor::TensorData::new(mask.clone(), [mb, 1, s, t]),
+            (device, DType::F32),
+        );
+        let scale = 1.0 / (d as f64).sqrt();
+        let run = |fused: bool| {
+            super::set_attention_enabled(fused);
+            let out = if fused {
+                super::attention(&q, &k, &v, &mask_t, scale).expect("fused attention runs")
+            } else {
+                let heads = g * rep;
+                let sc = q.clone().matmul(k.clone().swap_dims(2, 3)) * scale;
+                let sc = sc
+                    .reshape([b, heads, s, t])
+                    .cast(burn::tensor::FloatDType::F32)
+                    + mask_t.clone();
+                let p = burn::tensor::activation::softmax(sc, 3)
+                    .cast(dtype)
+                    .reshape([b, g, m, t]);
+                p.matmul(v.clone())
+            };
+            let grads = (out.clone() * dout.clone()).sum().backward();
+            let gr = |t: &Tensor<B, 4>| host(t.grad(&grads).expect("gradient"));
+            [host(out.clone()), gr(&q), gr(&k), gr(&v)]
+        };
+        let fused = run(true);
+        let composed = run(false);
+        super::set_attention_enabled(true);
+        let want = attention_reference(
+            &host(q.clone()),
+            &host(k.clone()),
+            &host(v.clone()),
+            &mask,
+            &host(dout.clone()),
+            (b * g, m, t, d),
+            (mb, s),
+            scale,
+        );
+        let tol = tolerance(dtype);
+        for (i, what) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+            checks.push(Check {
+                name: format!(
+                    "{label} {dtype:?} attention b{b} g{g} rep{rep} s{s} t{t} d{d}{} {what}",
+                    if padded { " padded" } else { "" }
+                ),
+                err_fused: rel_err(&fused[i], &want[i]),
+                err_composed: rel_err(&composed[i], &want[i]),
+                tol,
+            });
+        }
+    }
+    checks
+}
+
+/// The fused head + cross-entropy (`super::linear_cross_entropy`) against the f64 host
+/// reference: the loss sum and `dh` for a loss gradient of 0.7, with chunks of 5 rows (so rows
+/// cross chunk borders) and a transposed head view (a tied embedding), then with one chunk.
+pub fn check_cross_entropy<B: AutodiffBackend>(
+    label: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Check> {
+    let opts = (device, dtype);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let mut checks = Vec::new();
+    for (n, hid, vocab, transposed, chunk_elems) in [
+        (13, 32, 50, false, 5 * 50),
+        (13, 32, 50, true, 5 * 50),
+        (7, 64, 301, false, 1 << 27),
+    ] {
+        super::cross_entropy::set_chunk_elems(chunk_elems);
+        let h = Tensor::<B, 2>::random([n, hid], normal, opts).require_grad();
+        let w = if transposed {
+            Tensor::<B, 2>::random([vocab, hid], normal, opts).transpose()
+        } else {
+            Tensor::<B, 2>::random([hid, vocab], normal, opts)
+        };
+        let targets: Vec<i64> = (0..n).map(|i| ((i * 37 + 11) % vocab) as i64).collect();
+        let t = Tensor::<B, 1, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(targets.clone(), [n]),
+            device,
+        );
+        let sum = super::linear_cross_entropy(&h, &w, &t).expect("fused cross-entropy runs");
+        let grads = (sum.clone() * 0.7).sum().backward();
+        let dh = host(h.grad(&grads).expect("dh"));
+        let (hh, wh) = (host(h.clone()), host(w.clone()));
+        let (mut loss, mut dref) = (0f64, vec![0f32; n * hid]);
+        for i in 0..n {
+            let logits: Vec<f64> = (0..vocab)
+                .map(|v| {
+                    (0..hid)
+                        .map(|e| hh[i * hid + e] as f64 * wh[e * vocab + v] as f64)
+                        .sum()
+                })
+                .collect();
+            let mx = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = mx + logits.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+            loss += lse - logits[targets[i] as usize];
+            for e in 0..hid {
+                let mut acc = 0f64;
+                for (v, l) in logits.iter().enumerate() {
+                    let g = (l - lse).exp() - if v == targets[i] as usize { 1.0 } else { 0.0 };
+                    acc += g * wh[e * vocab + v] as f64;
+                }
+                dref[i * hid + e] = (0.7 * acc) as f32;
+            }
+        }
+        let dtype = h.dtype();
+        let name = format!(
+            "{label} {dtype:?} head+CE n{n} h{hid} V{vocab}{}{}",
+            if transposed { " W^T-view" } else { "" },
+            if chunk_elems < n * vocab {
+                " chunked"
+            } else {
+                ""
+            }
+        );
+        checks.push(Check {
+            name: format!("{name} loss"),
+            err_fused: rel_err(&host(sum), &[loss as f32]),
+            err_composed: f64::NAN,
+            tol: tolerance(dtype),
+        });
+        checks.push(Check {
+            name: format!("{name} dh"),
+            err_fused: rel_err(&dh, &dref),
+            err_composed: f64::NAN,
+            tol: tolerance(dtype),
+        });
+    }
+    super::cross_entropy::set_chunk_elems(1 << 27);
+    checks
+}
