@@ -2,6 +2,7 @@
 //! evaluate it and run inference. `--demo` runs the same pipeline on a tiny model, on CPU.
 
 mod bench_init;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod bench_linear;
 #[cfg(feature = "cuda")]
 mod fused;
@@ -79,11 +80,6 @@ fn dispatch<B: burn::tensor::backend::Backend>(
 fn gpu(s: &Settings, cmd: &Command) -> Result<()> {
     type Gpu = burn::backend::Cuda<half::bf16>;
     let device = burn::backend::cuda::CudaDevice::default();
-    // Burn recomputes cheap activations in the backward instead of storing them.
-    type Ckpt = burn::backend::Autodiff<
-        Gpu,
-        burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
-    >;
     match cmd {
         Command::BenchLinear {
             quick,
@@ -97,18 +93,8 @@ fn gpu(s: &Settings, cmd: &Command) -> Result<()> {
         } => return fused::check(*race_tokens, *race_dim, *race_steps),
         _ => {}
     }
-    if s.gradient_checkpointing {
-        match cmd {
-            Command::Train => return job::train::<Ckpt>(s, &device),
-            Command::BenchTrain {
-                seq,
-                steps,
-                warmup,
-                tiny,
-            } => return job::bench_train::<Ckpt>(s, *seq, *steps, *warmup, *tiny, &device),
-            _ => {}
-        }
-    }
+    // `--gradient-checkpointing true` recomputes per decoder layer (the trainer, with llama's
+    // `backward_checkpointed`), on the plain autodiff backend.
     dispatch::<Gpu>(s, cmd, &device)
 }
 

@@ -17,6 +17,7 @@
 //! ```
 
 pub mod attention;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod gen_state;
@@ -32,6 +33,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use attention::{Attention, KvCache};
+pub use checkpoint::CheckpointedLoss;
 pub use config::{HfLlamaConfig, LlamaConfig, RopeKind, RopeScaling, TokenIds};
 pub use error::{Error, Result};
 pub use gen_state::GenState;

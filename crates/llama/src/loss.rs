@@ -85,9 +85,20 @@ impl<B: Backend> LlamaForCausalLM<B> {
             [b, s],
             "labels must have the shape of input_ids"
         );
-        let device = input_ids.device();
-        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
         let hidden = self.hidden_states(input_ids, attention_mask, None, None, ctx);
+        self.loss_from_hidden(hidden, labels, opts)
+    }
+
+    /// The loss (and optionally logits) from the final hidden states `[batch, seq, hidden]`.
+    pub(crate) fn loss_from_hidden(
+        &self,
+        hidden: Tensor<B, 3>,
+        labels: Tensor<B, 2, Int>,
+        opts: LossOptions,
+    ) -> CausalLmOutput<B> {
+        let [b, s, _] = hidden.dims();
+        let device = hidden.device();
+        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
 
         // Position t (of the first s - 1) predicts labels[t + 1].
         let shifted: Vec<i64> = if s < 2 {

@@ -19,6 +19,19 @@ use crate::weights::{Checkpoint, VarBuilder};
 /// rows that `trainable_token_indices` adapters train.
 pub type Embedding<B> = TrainableTokens<B>;
 
+/// The inputs every decoder layer reads (see [`LlamaForCausalLM::prologue`]).
+pub(crate) struct Prologue<B: Backend> {
+    /// Embedded tokens `[batch, seq, hidden]`.
+    pub x: Tensor<B, 3>,
+    /// RoPE cos, sin `[batch, 1, seq, head_dim]`.
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+    /// Additive mask `[batch or 1, 1, seq, past + seq]`.
+    pub mask: Tensor<B, 4>,
+    /// Routing with the aLoRA offsets of this call.
+    pub ctx: LoraCtx,
+}
+
 /// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
@@ -30,6 +43,26 @@ pub struct DecoderLayer<B: Backend> {
     pub input_layernorm: RmsNorm<B>,
     /// Norm before the MLP.
     pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// `x + attn(norm(x))`, then `+ mlp(norm(.))`; returns the output and this layer's KV cache
+    /// (the past, if any, extended by the new keys and values).
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: &Tensor<B, 4>,
+        past: Option<&KvCache<B>>,
+        ctx: &LoraCtx,
+    ) -> (Tensor<B, 3>, KvCache<B>) {
+        let normed = self.input_layernorm.forward(x.clone());
+        let (attn, kv) = self.self_attn.forward(normed, cos, sin, mask, past, ctx);
+        let x = x + attn;
+        let normed = self.post_attention_layernorm.forward(x.clone());
+        (x + self.mlp.forward(normed, ctx), kv)
+    }
 }
 
 /// The decoder stack (`model.*`).
@@ -231,55 +264,67 @@ impl<B: Backend> LlamaForCausalLM<B> {
         input_ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2, Int>>,
         position_ids: Option<Tensor<B, 2, Int>>,
-        mut cache: Option<&mut Vec<KvCache<B>>>,
+        cache: Option<&mut Vec<KvCache<B>>>,
         ctx: &LoraCtx,
     ) -> Tensor<B, 3> {
-        let [b, s] = input_ids.dims();
-        let auto_ctx;
-        let computed = match ctx.alora_offsets {
-            None => self.alora_offsets(&input_ids, ctx),
-            Some(_) => None,
-        };
-        let ctx = match computed {
-            Some(offsets) => {
-                auto_ctx = LoraCtx {
-                    alora_offsets: Some(offsets),
-                    ..ctx.clone()
-                };
-                &auto_ctx
-            }
-            _ => ctx,
-        };
-        let device = input_ids.device();
         let past = cache
             .as_ref()
             .and_then(|c| c.first())
             .map_or(0, |c| c.k.dims()[2]);
-        let positions = position_ids.unwrap_or_else(|| {
-            Tensor::<B, 1, Int>::arange(past as i64..(past + s) as i64, &device)
-                .unsqueeze_dim::<2>(0)
-                .repeat_dim(0, b)
-        });
-        let mut x = self.model.embed_tokens.forward(input_ids);
-        let (cos, sin) = rope::cos_sin(&self.inv_freq, positions, x.dtype());
-        let mask = additive_mask(attention_mask.as_ref(), s, past, &device);
+        let mut cache = cache;
+        let p = self.prologue(input_ids, attention_mask, position_ids, past, ctx);
+        let mut x = p.x;
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let normed = layer.input_layernorm.forward(x.clone());
             let past = cache.as_ref().and_then(|c| c.get(i));
-            let (attn, kv) = layer
-                .self_attn
-                .forward(normed, &cos, &sin, &mask, past, ctx);
+            let (out, kv) = layer.forward(x, &p.cos, &p.sin, &p.mask, past, &p.ctx);
             if let Some(cache) = cache.as_mut() {
                 match cache.get_mut(i) {
                     Some(slot) => *slot = kv,
                     None => cache.push(kv),
                 }
             }
-            x = x + attn;
-            let normed = layer.post_attention_layernorm.forward(x.clone());
-            x = x + layer.mlp.forward(normed, ctx);
+            x = out;
         }
         self.model.norm.forward(x)
+    }
+
+    /// What every decoder layer reads, for `past` cached positions: the embedded tokens, RoPE's
+    /// cos/sin, the additive mask, and `ctx` with the aLoRA offsets filled in.
+    pub(crate) fn prologue(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        position_ids: Option<Tensor<B, 2, Int>>,
+        past: usize,
+        ctx: &LoraCtx,
+    ) -> Prologue<B> {
+        let [b, s] = input_ids.dims();
+        let ctx = match ctx.alora_offsets {
+            None => match self.alora_offsets(&input_ids, ctx) {
+                Some(offsets) => LoraCtx {
+                    alora_offsets: Some(offsets),
+                    ..ctx.clone()
+                },
+                None => ctx.clone(),
+            },
+            Some(_) => ctx.clone(),
+        };
+        let device = input_ids.device();
+        let positions = position_ids.unwrap_or_else(|| {
+            Tensor::<B, 1, Int>::arange(past as i64..(past + s) as i64, &device)
+                .unsqueeze_dim::<2>(0)
+                .repeat_dim(0, b)
+        });
+        let x = self.model.embed_tokens.forward(input_ids);
+        let (cos, sin) = rope::cos_sin(&self.inv_freq, positions, x.dtype());
+        let mask = additive_mask(attention_mask.as_ref(), s, past, &device);
+        Prologue {
+            x,
+            cos,
+            sin,
+            mask,
+            ctx,
+        }
     }
 
     /// PEFT's aLoRA offsets of `input_ids` `[batch, seq]` for this call (`None` when no row runs

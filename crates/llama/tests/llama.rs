@@ -1227,3 +1227,110 @@ fn bench_alora_kv_reuse() {
         full_s / reuse_s
     );
 }
+
+type AdGrads = <Autodiff<B> as burn::tensor::backend::AutodiffBackend>::Gradients;
+
+/// Adds every adapter tensor's gradient in `g` (LoRA A/B, trainable token rows) into `acc`, by
+/// parameter path (absent gradients add nothing).
+fn add_adapter_grads(
+    m: &LlamaForCausalLM<Autodiff<B>>,
+    g: &AdGrads,
+    acc: &mut std::collections::BTreeMap<String, Vec<f32>>,
+) {
+    let mut put = |name: String, t: Option<Tensor<B, 2>>| {
+        if let Some(t) = t {
+            let v = t.into_data().to_vec::<f32>().unwrap();
+            let e = acc.entry(name).or_insert_with(|| vec![0.0; v.len()]);
+            e.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+        }
+    };
+    for (path, l) in m.lora_linears() {
+        for a in &l.adapters {
+            put(format!("{path}.lora_A"), a.lora_a.val().grad(g));
+            put(format!("{path}.lora_B"), a.lora_b.val().grad(g));
+        }
+    }
+    for (path, t) in m.token_tables() {
+        for a in &t.adapters {
+            put(format!("{path}.delta"), a.delta.val().grad(g));
+        }
+    }
+}
+
+/// Per-layer checkpointing: the same loss and the same gradients as one plain backward (every
+/// LoRA A/B of every layer and the trainable token rows), on a padded batch with GQA.
+#[test]
+fn per_layer_checkpointing_gives_the_plain_loss_and_gradients() {
+    type Ad = Autodiff<B>;
+    let base = LlamaForCausalLM::<Ad>::random_seeded(&LlamaConfig::tiny(50), &dev(), 31);
+    let mut peft = PeftModel::new(base);
+    let mut cfg = LoraConfig::new(
+        4,
+        8.0,
+        &[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    );
+    cfg.trainable_token_indices = Some(serde_json::json!([3, 7, 9]));
+    peft.add_adapter::<Ad>("default", &cfg).unwrap();
+    for (_, l) in peft.model.lora_linears_mut() {
+        let a = &mut l.adapters[0];
+        let b = a.lora_b.val();
+        a.lora_b = burn::module::Param::from_tensor(
+            b.random_like(burn::tensor::Distribution::Normal(0.0, 0.2)),
+        );
+    }
+    let m = &peft.model;
+    let t = |v: Vec<i64>| Tensor::<Ad, 2, Int>::from_data(TensorData::new(v, [2, 6]), &dev());
+    let ids = t(vec![1, 3, 7, 9, 12, 5, 4, 7, 7, 2, 0, 0]);
+    let mask = t(vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]);
+    let labels = t(vec![-100, -100, 7, 9, 12, 5, -100, 7, 7, 2, -100, -100]);
+    let plain = m.loss(
+        ids.clone(),
+        Some(mask.clone()),
+        labels.clone(),
+        LossOptions::default(),
+        &LoraCtx::default(),
+    );
+    let want_loss: f32 = plain.clone().into_scalar();
+    let mut want = std::collections::BTreeMap::new();
+    add_adapter_grads(m, &(plain * 0.5).backward(), &mut want);
+    let (mut got, mut parts) = (std::collections::BTreeMap::new(), 0);
+    let out = m.backward_checkpointed(
+        ids,
+        Some(mask),
+        labels,
+        LossOptions::default(),
+        &LoraCtx::default(),
+        0.5,
+        |g| {
+            parts += 1;
+            add_adapter_grads(m, g, &mut got);
+        },
+    );
+    // head + 2 layers + the embedding (it has trainable rows)
+    assert_eq!(parts, 4);
+    let got_loss: f32 = out.loss.into_scalar();
+    assert!(
+        (got_loss - want_loss).abs() <= 1e-6 * want_loss.abs(),
+        "{got_loss} vs {want_loss}"
+    );
+    assert_eq!(want.len(), 2 * 7 * 2 + 1);
+    assert_eq!(got.len(), want.len());
+    for ((name, w), (_, g)) in want.iter().zip(&got) {
+        assert!(
+            !w.is_empty() && w.iter().any(|x| *x != 0.0),
+            "{name}: no gradient"
+        );
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = w.iter().zip(g).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert_eq!(w.len(), g.len(), "{name}");
+        assert!(err <= 1e-5 * scale, "{name}: {err} (scale {scale})");
+    }
+}

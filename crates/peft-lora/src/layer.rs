@@ -523,9 +523,29 @@ impl<B: Backend> LoraLinear<B> {
     }
 }
 
-/// Inverted dropout on the adapter input, active only on autodiff backends (training).
+thread_local! {
+    static FORCED_TRAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` in training mode on any backend: LoRA dropout applies even where autodiff is off.
+/// Per-layer gradient checkpointing runs a layer's forward on the inner (non-autodiff) backend
+/// and again under autodiff in the backward; with the same random seed both draw the same
+/// dropout masks, so the recomputed layer is the one whose output was used.
+pub fn with_training<R>(f: impl FnOnce() -> R) -> R {
+    let before = FORCED_TRAINING.with(|c| c.replace(true));
+    let out = f();
+    FORCED_TRAINING.with(|c| c.set(before));
+    out
+}
+
+/// Training mode: an autodiff backend, or inside [`with_training`].
+pub(crate) fn training<B: Backend>(device: &B::Device) -> bool {
+    B::ad_enabled(device) || FORCED_TRAINING.with(|c| c.get())
+}
+
+/// Inverted dropout on the adapter input, active only in training mode ([`training`]).
 pub(crate) fn dropout<B: Backend>(x: Tensor<B, 2>, p: f64) -> Tensor<B, 2> {
-    if p == 0.0 || !B::ad_enabled(&x.device()) {
+    if p == 0.0 || !training::<B>(&x.device()) {
         return x;
     }
     let keep = x.random_like(Distribution::Bernoulli(1.0 - p));

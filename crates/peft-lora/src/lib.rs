@@ -59,7 +59,9 @@ pub mod weighted;
 
 pub use config::{BiasMode, InitLoraWeights, LoraConfig, TargetModules, TokenIndices};
 pub use error::{Error, Result};
-pub use layer::{AdapterMeta, InputCapture, LayerState, LoraAdapter, LoraCtx, LoraLinear};
+pub use layer::{
+    with_training, AdapterMeta, InputCapture, LayerState, LoraAdapter, LoraCtx, LoraLinear,
+};
 pub use loftq::LoftQConfig;
 pub use model::{LoraModel, PeftModel, TrainableReport};
 pub use nf4::{Nf4Tensor, NF4_BLOCKSIZE, NF4_CODE};

@@ -198,6 +198,12 @@ impl<B: Backend> TrainableTokens<B> {
         self.state.disabled = disabled;
     }
 
+    /// Whether the lookup's output depends on a tensor that requires a gradient (a live
+    /// adapter's rows, or an unfrozen table).
+    pub fn trains(&self) -> bool {
+        self.weight.is_require_grad() || self.live().any(|a| a.delta.is_require_grad())
+    }
+
     /// Adapters that replace rows in the forward: active, not merged, not disabled.
     fn live(&self) -> impl Iterator<Item = &TokenAdapter<B>> {
         let state = &self.state;

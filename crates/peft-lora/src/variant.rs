@@ -130,7 +130,7 @@ impl<B: Backend> LoraVariant<B> for Dora {
         let scale = (magnitude / norm).unsqueeze_dim::<2>(0); // [1, out]
                                                               // Without dropout the base output (minus bias) is x W; with dropout it is recomputed on
                                                               // the dropped-out input, as PEFT does.
-        let x_w = if adapter.meta.dropout > 0.0 && B::ad_enabled(&x.device()) {
+        let x_w = if adapter.meta.dropout > 0.0 && crate::layer::training::<B>(&x.device()) {
             x.clone().matmul(base.weight.clone())
         } else {
             match base.bias {

@@ -50,8 +50,9 @@ pub struct TrainConfig {
     pub per_device_eval_batch_size: usize,
     /// Pad token id used to build batches.
     pub pad_token_id: u32,
-    /// Recompute activations per decoder layer in the backward (the backend type decides how;
-    /// recorded here so a run's config says what it used).
+    /// Recompute activations per decoder layer in the backward (transformers'
+    /// `gradient_checkpointing`): the model's [`crate::CausalLm::causal_lm_backward_checkpointed`]
+    /// when it has one, else a plain backward.
     pub gradient_checkpointing: bool,
     /// Train in bf16 (CUDA); recorded here, chosen by the backend type.
     pub bf16: bool,

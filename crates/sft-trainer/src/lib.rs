@@ -17,7 +17,8 @@ pub mod schedule;
 pub mod trainer;
 
 use burn::module::Module;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor};
 use peft_lora::LoraModel;
 
 pub use config::TrainConfig;
@@ -31,6 +32,23 @@ pub trait CausalLm<B: Backend>: LoraModel<B> + Module<B> {
     /// Mean cross-entropy of next-token prediction over the labelled tokens (HF semantics:
     /// labels shifted by one, -100 ignored). Shape `[1]`.
     fn causal_lm_loss(&self, batch: &Batch<B>) -> Tensor<B, 1>;
+
+    /// Gradient checkpointing per decoder layer: computes the loss and the gradients of
+    /// `scale * loss`, handing each gradient container of its backward calls to `on_grads`, and
+    /// returns the (unscaled) loss. `None` (the default) when the model has no such backward: the
+    /// trainer then runs `causal_lm_loss(..).backward()`.
+    fn causal_lm_backward_checkpointed(
+        &self,
+        batch: &Batch<B>,
+        scale: f64,
+        on_grads: &mut dyn FnMut(&B::Gradients),
+    ) -> Option<f64>
+    where
+        B: AutodiffBackend,
+    {
+        let _ = (batch, scale, on_grads);
+        None
+    }
 }
 
 impl<B: Backend> CausalLm<B> for llama::LlamaForCausalLM<B> {
@@ -42,5 +60,26 @@ impl<B: Backend> CausalLm<B> for llama::LlamaForCausalLM<B> {
             llama::LossOptions::default(),
             &peft_lora::LoraCtx::default(),
         )
+    }
+
+    fn causal_lm_backward_checkpointed(
+        &self,
+        batch: &Batch<B>,
+        scale: f64,
+        on_grads: &mut dyn FnMut(&B::Gradients),
+    ) -> Option<f64>
+    where
+        B: AutodiffBackend,
+    {
+        let out = self.backward_checkpointed(
+            batch.input_ids.clone(),
+            Some(batch.attention_mask.clone()),
+            batch.labels.clone(),
+            llama::LossOptions::default(),
+            &peft_lora::LoraCtx::default(),
+            scale,
+            on_grads,
+        );
+        Some(out.loss.into_scalar().elem::<f64>())
     }
 }

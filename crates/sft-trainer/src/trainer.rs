@@ -174,13 +174,30 @@ where
                 .collect();
             state.batches_in_epoch += 1;
             let batch = make_batch::<AB>(&refs, cfg.pad_token_id, device);
-            let loss = peft.model.causal_lm_loss(&batch);
-            let value: f64 = loss.clone().into_scalar().elem::<f64>();
+            let scale = 1.0 / accum as f64;
+            let checkpointed = if cfg.gradient_checkpointing {
+                let model = &peft.model;
+                model.causal_lm_backward_checkpointed(&batch, scale, &mut |g| {
+                    acc.add::<AB, M>(model, g)
+                })
+            } else {
+                None
+            };
+            let value = match checkpointed {
+                Some(value) => value,
+                None => {
+                    let loss = peft.model.causal_lm_loss(&batch);
+                    let value: f64 = loss.clone().into_scalar().elem::<f64>();
+                    if value.is_finite() {
+                        let grads = (loss * scale).backward();
+                        acc.add::<AB, M>(&peft.model, &grads);
+                    }
+                    value
+                }
+            };
             if !value.is_finite() {
                 return Err(non_finite("loss", state.global_step + 1, value, &out));
             }
-            let grads = (loss / accum as f64).backward();
-            acc.add::<AB, M>(&peft.model, &grads);
             step_loss += value / accum as f64;
             win_tokens += batch.n_tokens;
             run_tokens += batch.n_tokens;

@@ -319,3 +319,66 @@ fn bad_settings_fail_before_work() {
         train::<AD, _>(&mut p, "default", &[], &[], &cfg("b4", 1), false, &device).unwrap_err();
     assert!(err.to_string().contains("train dataset"));
 }
+
+/// `gradient_checkpointing` on a tiny Llama (per-layer recomputation, llama's
+/// `backward_checkpointed`) trains to the same adapters as the plain backward, with gradient
+/// accumulation.
+#[test]
+fn gradient_checkpointing_trains_a_llama_like_the_plain_backward() {
+    let device = Default::default();
+    // One base for both runs (its random weights come from Burn's global RNG).
+    let base =
+        llama::LlamaForCausalLM::<AD>::random_seeded(&llama::LlamaConfig::tiny(VOCAB), &device, 77);
+    let run = |gc: bool| {
+        let mut p = PeftModel::new(base.clone());
+        p.add_adapter::<AD>(
+            "default",
+            &LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "down_proj"]),
+        )
+        .unwrap();
+        for (i, (_, layer)) in p.model.lora_linears_mut().into_iter().enumerate() {
+            // Both factors from local seeds: Burn's RNG is global and tests run in parallel.
+            if let Some(a) = layer.adapters.first_mut() {
+                a.lora_a = Param::from_tensor(
+                    seeded(a.lora_a.dims(), 80 + i as u64, &device).require_grad(),
+                );
+                a.lora_b = Param::from_tensor(
+                    seeded(a.lora_b.dims(), 40 + i as u64, &device).require_grad(),
+                );
+            }
+        }
+        let mut c = cfg(if gc { "gc-on" } else { "gc-off" }, 4);
+        c.gradient_checkpointing = gc;
+        c.save_steps = 0;
+        c.eval_steps = 0;
+        let s = train::<AD, _>(&mut p, "default", &data(16), &[], &c, false, &device).unwrap();
+        let v: Vec<f32> = p
+            .model
+            .lora_linears()
+            .iter()
+            .flat_map(|(_, l)| {
+                l.adapters.iter().flat_map(|a| {
+                    let mut v: Vec<f32> = a.lora_a.val().into_data().to_vec().unwrap();
+                    v.extend(a.lora_b.val().into_data().to_vec::<f32>().unwrap());
+                    v
+                })
+            })
+            .collect();
+        (s.last_loss.unwrap(), v)
+    };
+    let (loss_plain, plain) = run(false);
+    let (loss_gc, gc) = run(true);
+    assert!(
+        (loss_plain - loss_gc).abs() <= 1e-5 * loss_plain.abs(),
+        "{loss_plain} vs {loss_gc}"
+    );
+    let scale = plain.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let err = plain
+        .iter()
+        .zip(&gc)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        err <= 1e-5 * scale,
+        "adapters differ by {err} (scale {scale})"
+    );
+}

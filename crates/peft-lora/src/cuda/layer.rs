@@ -39,7 +39,7 @@ impl<B: Backend> LoraLinear<B> {
         if adapter.lora_b_bias.is_some() {
             return None;
         }
-        let train_dropout = adapter.meta.dropout > 0.0 && B::ad_enabled(&x.device());
+        let train_dropout = adapter.meta.dropout > 0.0 && crate::layer::training::<B>(&x.device());
         let (a, b) = (adapter.lora_a.val(), adapter.lora_b.val());
         let s = adapter.meta.scaling;
         match adapter.meta.variant {

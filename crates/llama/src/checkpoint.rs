@@ -1,0 +1,121 @@
+//! Gradient checkpointing per decoder layer, as transformers' `gradient_checkpointing_enable()`:
+//! the forward runs every layer without recording it (on the inner backend) and keeps only each
+//! layer's input; the backward then runs layer by layer, last to first: the layer again under
+//! autodiff from its kept input, and a backward from the gradient of its output. Activations
+//! alive between the forward and the backward: one `[batch, seq, hidden]` per layer.
+//!
+//! The backward is a chain of ordinary `backward()` calls (the head and loss, each layer, the
+//! embedding): Burn 0.21 cannot start a backward from inside another one's step. Each call's
+//! gradients go to the caller (`on_grads`), which accumulates the adapters' gradients as it does
+//! for gradient accumulation.
+//!
+//! LoRA dropout draws the same masks in the forward and in the recomputation: both start from
+//! the same random seed, in training mode ([`peft_lora::with_training`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor};
+use peft_lora::LoraCtx;
+
+use crate::loss::LossOptions;
+use crate::model::LlamaForCausalLM;
+
+/// Seeds for the forward / recomputation pairs (one per layer call).
+static CALLS: AtomicU64 = AtomicU64::new(0);
+
+fn next_seed() -> u64 {
+    // splitmix64 of a counter: distinct, deterministic seeds.
+    let mut z = CALLS
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The result of [`LlamaForCausalLM::backward_checkpointed`].
+#[derive(Debug, Clone)]
+pub struct CheckpointedLoss<B: Backend> {
+    /// The mean cross-entropy (unscaled), `[1]`.
+    pub loss: Tensor<B, 1>,
+    /// Number of labelled tokens the mean ran over.
+    pub n_tokens: usize,
+}
+
+impl<B: AutodiffBackend> LlamaForCausalLM<B> {
+    /// The loss of a batch and the gradients of `scale * loss`, with every decoder layer
+    /// checkpointed: `on_grads` receives the gradient containers of the successive backward
+    /// calls (head and loss, layers from last to first, then the embedding when it trains);
+    /// together they hold the gradients a single `(scale * loss).backward()` would give.
+    ///
+    /// # Shapes
+    /// input_ids, attention_mask, labels: `[batch, seq]`
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_checkpointed(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        labels: Tensor<B, 2, Int>,
+        opts: LossOptions,
+        ctx: &LoraCtx,
+        scale: f64,
+        mut on_grads: impl FnMut(&B::Gradients),
+    ) -> CheckpointedLoss<B::InnerBackend> {
+        let p = self.prologue(input_ids, attention_mask, None, 0, ctx);
+        let embedded = p.x.clone();
+        let (cos, sin, mask) = (p.cos.inner(), p.sin.inner(), p.mask.inner());
+        let ctx = p.ctx;
+
+        // Forward, unrecorded: keep each layer's input and the seed its dropout used.
+        let mut x = embedded.clone().inner();
+        let mut kept = Vec::with_capacity(self.model.layers.len());
+        for layer in &self.model.layers {
+            let seed = next_seed();
+            let device = x.device();
+            B::InnerBackend::seed(&device, seed);
+            let inner = layer.valid();
+            let (y, _) = peft_lora::with_training(|| {
+                inner.forward(x.clone(), &cos, &sin, &mask, None, &ctx)
+            });
+            kept.push((std::mem::replace(&mut x, y), seed));
+        }
+
+        // Head and loss from the last hidden state.
+        let last = Tensor::<B, 3>::from_inner(x).require_grad();
+        let out = self.loss_from_hidden(self.model.norm.forward(last.clone()), labels, opts);
+        let loss = out.loss.clone().inner();
+        let grads = (out.loss * scale).backward();
+        on_grads(&grads);
+        let mut g = last
+            .grad(&grads)
+            .expect("the last hidden state has a gradient");
+        drop(grads);
+
+        // Layers, last to first: recompute, backpropagate the output gradient.
+        let (cos, sin, mask) = (
+            Tensor::<B, 4>::from_inner(cos),
+            Tensor::<B, 4>::from_inner(sin),
+            Tensor::<B, 4>::from_inner(mask),
+        );
+        for (layer, (input, seed)) in self.model.layers.iter().zip(kept).rev() {
+            let x = Tensor::<B, 3>::from_inner(input).require_grad();
+            B::InnerBackend::seed(&x.device(), seed);
+            let (y, _) = layer.forward(x.clone(), &cos, &sin, &mask, None, &ctx);
+            let grads = (y * Tensor::from_inner(g)).sum().backward();
+            on_grads(&grads);
+            g = x.grad(&grads).expect("a layer input has a gradient");
+        }
+
+        // The embedding, when it has trainable rows.
+        if self.model.embed_tokens.trains() {
+            let grads = (embedded * Tensor::from_inner(g)).sum().backward();
+            on_grads(&grads);
+        }
+        CheckpointedLoss {
+            loss,
+            n_tokens: out.n_tokens,
+        }
+    }
+}
