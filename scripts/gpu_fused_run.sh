@@ -4,7 +4,9 @@
 #   DIR holds the stripped `news2stock` binary (built with --features cuda) and the anchor scripts
 #   (bench_lora_linear_torch.py, peft_baseline.py, bench_pissa_peft.py). Stages: check, quick,
 #   linear, train (ours then HF PEFT's three configs), train-noattn (ours with the fused attention
-#   off, PEFT_LORA_FUSED_ATTENTION=0, q,v configs), pissa (bench-init vs PEFT's init).
+#   off, PEFT_LORA_FUSED_ATTENTION=0, q,v configs), train-nosoftmax (the attention's softmax
+#   kernels off), util (GPU busy share + cubecl kernel profile), prof (Nsight, when present),
+#   pissa (bench-init vs PEFT's init).
 # Writes logs under $OUT (or /tmp/fused-out), packed into $OUT/logs.tgz at the end.
 D=$1; shift
 OUT=${OUT:-/tmp/fused-out}; mkdir -p "$OUT"
@@ -49,6 +51,36 @@ for stage in "$@"; do
       mem "noattn-$name" env PEFT_LORA_FUSED_ATTENTION=0 timeout 200 $B $common $args bench-train --steps 6 --warmup 2 2>&1 | tee "$OUT/train_noattn_$name.txt" | tail -4
       echo "ours-noattn $name peak_used_mib $(peak noattn-$name)" | tee -a "$OUT/peaks.txt"
     done ;;
+  prof)
+    # Kernel-time profile of two 8B q,v steps (no checkpointing) with Nsight Systems, if present.
+    NSYS=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys 2>/dev/null | head -1)
+    if [ -n "$NSYS" ]; then
+      $NSYS profile -o /tmp/prof --force-overwrite true -t cuda --stats=false $B --batch-size 2 --grad-accum 1 --lora-alpha 32 --lora-r 8 \
+        --gradient-checkpointing false bench-train --steps 2 --warmup 1 > "$OUT/prof_run.txt" 2>&1
+      $NSYS stats -r cuda_gpu_kern_sum /tmp/prof.nsys-rep 2>&1 | cut -c1-220 | head -60 > "$OUT/prof.txt"
+      tail -4 "$OUT/prof_run.txt"; head -40 "$OUT/prof.txt"
+    else
+      echo "no nsys on this machine" | tee "$OUT/prof.txt"
+    fi ;;
+  train-nosoftmax)
+    # ours with the attention's cubecl softmax kernels off (Burn's composed softmax inside the op)
+    common="--batch-size 2 --grad-accum 1 --lora-alpha 32 --lora-r 8"
+    for cfg in "qv-gc:--gradient-checkpointing true" "qv-nogc:--gradient-checkpointing false"; do
+      name=${cfg%%:*}; args=${cfg#*:}
+      mem "nosoftmax-$name" env PEFT_LORA_SOFTMAX_KERNEL=0 timeout 200 $B $common $args bench-train --steps 6 --warmup 2 2>&1 | tee "$OUT/train_nosoftmax_$name.txt" | tail -1
+      echo "ours-nosoftmax $name peak_used_mib $(peak nosoftmax-$name)" | tee -a "$OUT/peaks.txt"
+    done ;;
+  util)
+    # GPU busy share during 8B q,v steps (no checkpointing): nvidia-smi's utilization.gpu (the
+    # share of time a kernel runs) sampled every 100 ms; then cubecl's own per-kernel profile
+    # (synchronises after each kernel: shares, not speed).
+    args="--batch-size 2 --grad-accum 1 --lora-alpha 32 --lora-r 8 --gradient-checkpointing false"
+    nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 100 > "$OUT/util_samples.txt" & p=$!
+    timeout 200 $B $args bench-train --steps 12 --warmup 2 2>&1 | tail -1 | tee "$OUT/util_run.txt"
+    kill $p; wait $p 2>/dev/null
+    sort -n "$OUT/util_samples.txt" | awk '{a[NR]=$1} END {print "utilization.gpu samples", NR, "median", a[int(NR/2)+1], "p90", a[int(NR*0.9)+1]}' | tee "$OUT/util.txt"
+    CUBECL_DEBUG_LOG=/tmp/cubecl_prof.log CUBECL_DEBUG_OPTION=profile timeout 200 $B $args bench-train --steps 2 --warmup 1 2>&1 | tail -1
+    grep -v '^$' /tmp/cubecl_prof.log | tail -60 | cut -c1-200 > "$OUT/cubecl_prof.txt"; tail -45 "$OUT/cubecl_prof.txt" ;;
   pissa)
     timeout 300 $B --lora-r 16 --lora-alpha 32 bench-init --method pissa --layers 32 2>&1 | tee "$OUT/pissa_ours.txt" | tail -3
     timeout 120 python3 $D/bench_pissa_peft.py --method pissa --layers 32 --r 16 2>&1 | tee "$OUT/pissa_peft.txt" | tail -2

@@ -291,11 +291,22 @@ fn forward<F: FloatElement, I: IntElement, BT: BoolElement>(
 ) -> Result<Raw, String> {
     shapes(&q, &k, &v, &mask)?;
     let (q, k, v) = (dense(q, "q")?, dense(k, "k")?, dense(v, "v")?);
-    let dt = FloatDType::from(q.dtype);
     let s = bgemm(&q, false, &k, true, scale)?;
-    let p = probs::<Cb<F, I, BT>>(tensor(s), tensor(mask)).cast(dt);
-    let p = dense(prim(p), "probabilities")?;
+    let p = if softmax_kernel() {
+        super::softmax::forward(s, mask)
+    } else {
+        let dt = FloatDType::from(q.dtype);
+        prim(probs::<Cb<F, I, BT>>(tensor(s), tensor(mask)).cast(dt))
+    };
+    let p = dense(p, "probabilities")?;
     bgemm(&p, false, &v, false, 1.0)
+}
+
+/// The cubecl softmax kernels ([`super::softmax`]) unless `PEFT_LORA_SOFTMAX_KERNEL=0` (then
+/// Burn's composed tensor ops, for comparison).
+fn softmax_kernel() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("PEFT_LORA_SOFTMAX_KERNEL").map_or(true, |v| v != "0"))
 }
 
 fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
@@ -311,15 +322,23 @@ fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
     let dout = dense(dout, "output gradient")?;
     let dt = FloatDType::from(q.dtype);
     let s = bgemm(&q, false, &k, true, scale)?;
-    let p32 = probs::<Cb<F, I, BT>>(tensor(s), tensor(mask));
-    let p = dense(prim(p32.clone().cast(dt)), "probabilities")?;
-    let dv = bgemm(&p, true, &dout, false, 1.0)?;
-    drop(p);
-    let dp = bgemm(&dout, false, &v, true, 1.0)?;
-    let dp32 = tensor::<Cb<F, I, BT>, 3>(dp).cast(FloatDType::F32);
-    let row = (dp32.clone() * p32.clone()).sum_dim(2);
-    let ds = ((dp32 - row) * p32 * scale as f64).cast(dt);
-    let ds = dense(prim(ds), "score gradient")?;
+    let (ds, dv) = if softmax_kernel() {
+        let p = dense(super::softmax::forward(s, mask), "probabilities")?;
+        let dv = bgemm(&p, true, &dout, false, 1.0)?;
+        let dp = bgemm(&dout, false, &v, true, 1.0)?;
+        let ds = dense(super::softmax::backward(p, dp, scale), "score gradient")?;
+        (ds, dv)
+    } else {
+        let p32 = probs::<Cb<F, I, BT>>(tensor(s), tensor(mask));
+        let p = dense(prim(p32.clone().cast(dt)), "probabilities")?;
+        let dv = bgemm(&p, true, &dout, false, 1.0)?;
+        drop(p);
+        let dp = bgemm(&dout, false, &v, true, 1.0)?;
+        let dp32 = tensor::<Cb<F, I, BT>, 3>(dp).cast(FloatDType::F32);
+        let row = (dp32.clone() * p32.clone()).sum_dim(2);
+        let ds = ((dp32 - row) * p32 * scale as f64).cast(dt);
+        (dense(prim(ds), "score gradient")?, dv)
+    };
     let dq = bgemm(&ds, false, &k, false, 1.0)?;
     let dk = bgemm(&ds, true, &q, false, 1.0)?;
     Ok([dq, dk, dv])

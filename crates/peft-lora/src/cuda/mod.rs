@@ -33,6 +33,7 @@ pub mod kernels;
 mod layer;
 pub mod lt;
 pub mod selftest;
+pub mod softmax;
 
 use std::any::{Any, TypeId};
 use std::sync::atomic::{AtomicU8, Ordering as AtomicOrdering};
