@@ -8,8 +8,10 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
+use super::attention::{AttentionOps, FusedAttention};
 use super::autodiff::FusedLinear;
 use super::backend::{FusedOps, Prim};
+use super::cross_entropy::{CrossEntropyOps, FusedCrossEntropy, IntPrim};
 use super::kernels::{LoraGrads, LoraInputs, LoraNeeds, LoraSaved};
 
 type Handles<B> =
@@ -239,5 +241,194 @@ impl<B: FusionBackend + FusedOps> FusedLinear for Fusion<B> {
 
     fn lora_linear(inp: LoraInputs<Prim<Self>>) -> Prim<Self> {
         Self::fused_lora_forward(inp).0
+    }
+}
+
+fn empty_like_ir<R: FusionRuntime>(
+    like: &FusionTensor<R>,
+    shape: Shape,
+    dtype: burn::tensor::DType,
+) -> TensorIr {
+    TensorIr::uninit(like.client.create_empty_handle(), shape, dtype)
+}
+
+#[derive(Debug)]
+struct AttnFwd<B> {
+    desc: CustomOpIr,
+    scale: f32,
+    _b: PhantomData<B>,
+}
+
+impl<B: FusionBackend + AttentionOps> Operation<B::FusionRuntime> for AttnFwd<B> {
+    fn execute(&self, h: &mut Handles<B>) {
+        let i = &self.desc.inputs;
+        let [q, k, v, m] = [0, 1, 2, 3].map(|n| h.get_float_tensor::<B>(&i[n]));
+        let out = B::attention_forward(q, k, v, m, self.scale);
+        h.register_float_tensor::<B>(&self.desc.outputs[0].id, out);
+    }
+}
+
+#[derive(Debug)]
+struct AttnBwd<B> {
+    desc: CustomOpIr,
+    scale: f32,
+    _b: PhantomData<B>,
+}
+
+impl<B: FusionBackend + AttentionOps> Operation<B::FusionRuntime> for AttnBwd<B> {
+    fn execute(&self, h: &mut Handles<B>) {
+        let i = &self.desc.inputs;
+        let [dout, q, k, v, m] = [0, 1, 2, 3, 4].map(|n| h.get_float_tensor::<B>(&i[n]));
+        let grads = B::attention_backward(dout, q, k, v, m, self.scale);
+        for (ir, g) in self.desc.outputs.iter().zip(grads) {
+            h.register_float_tensor::<B>(&ir.id, g);
+        }
+    }
+}
+
+impl<B: FusionBackend + AttentionOps> AttentionOps for Fusion<B> {
+    fn attention_forward(
+        q: Prim<Self>,
+        k: Prim<Self>,
+        v: Prim<Self>,
+        mask: Prim<Self>,
+        scale: f32,
+    ) -> Prim<Self> {
+        let out = empty_like_ir(&q, q.shape.clone(), q.dtype);
+        register::<B, _>(
+            "peft_lora_attention_fwd",
+            vec![q, k, v, mask],
+            vec![out],
+            |desc| AttnFwd::<B> {
+                desc,
+                scale,
+                _b: PhantomData,
+            },
+        )
+        .remove(0)
+    }
+
+    fn attention_backward(
+        dout: Prim<Self>,
+        q: Prim<Self>,
+        k: Prim<Self>,
+        v: Prim<Self>,
+        mask: Prim<Self>,
+        scale: f32,
+    ) -> [Prim<Self>; 3] {
+        let outs = [&q, &k, &v].map(|t| empty_like_ir(t, t.shape.clone(), t.dtype));
+        let inputs = vec![dout, q, k, v, mask];
+        let mut g = register::<B, _>("peft_lora_attention_bwd", inputs, outs.to_vec(), |desc| {
+            AttnBwd::<B> {
+                desc,
+                scale,
+                _b: PhantomData,
+            }
+        })
+        .into_iter();
+        [(); 3].map(|_| g.next().expect("attention gradient"))
+    }
+}
+
+impl<B: FusionBackend + AttentionOps> FusedAttention for Fusion<B> {
+    fn fused_attention(
+        q: Prim<Self>,
+        k: Prim<Self>,
+        v: Prim<Self>,
+        mask: Prim<Self>,
+        scale: f32,
+    ) -> Prim<Self> {
+        Self::attention_forward(q, k, v, mask, scale)
+    }
+}
+
+#[derive(Debug)]
+struct CeFwd<B> {
+    desc: CustomOpIr,
+    _b: PhantomData<B>,
+}
+
+impl<B: FusionBackend + CrossEntropyOps> Operation<B::FusionRuntime> for CeFwd<B> {
+    fn execute(&self, h: &mut Handles<B>) {
+        let i = &self.desc.inputs;
+        let hid = h.get_float_tensor::<B>(&i[0]);
+        let w = h.get_float_tensor::<B>(&i[1]);
+        let t = h.get_int_tensor::<B>(&i[2]);
+        let (loss, lse) = B::ce_forward(hid, w, t);
+        h.register_float_tensor::<B>(&self.desc.outputs[0].id, loss);
+        h.register_float_tensor::<B>(&self.desc.outputs[1].id, lse);
+    }
+}
+
+#[derive(Debug)]
+struct CeBwd<B> {
+    desc: CustomOpIr,
+    _b: PhantomData<B>,
+}
+
+impl<B: FusionBackend + CrossEntropyOps> Operation<B::FusionRuntime> for CeBwd<B> {
+    fn execute(&self, h: &mut Handles<B>) {
+        let i = &self.desc.inputs;
+        let d = h.get_float_tensor::<B>(&i[0]);
+        let hid = h.get_float_tensor::<B>(&i[1]);
+        let w = h.get_float_tensor::<B>(&i[2]);
+        let t = h.get_int_tensor::<B>(&i[3]);
+        let lse = h.get_float_tensor::<B>(&i[4]);
+        let dh = B::ce_backward(d, hid, w, t, lse);
+        h.register_float_tensor::<B>(&self.desc.outputs[0].id, dh);
+    }
+}
+
+impl<B: FusionBackend + CrossEntropyOps> CrossEntropyOps for Fusion<B> {
+    fn ce_forward(
+        h: Prim<Self>,
+        w: Prim<Self>,
+        targets: IntPrim<Self>,
+    ) -> (Prim<Self>, Prim<Self>) {
+        use burn::tensor::DType;
+        let n = h.shape[0];
+        let loss = empty_like_ir(&h, Shape::new([1]), DType::F32);
+        let lse = empty_like_ir(&h, Shape::new([n]), DType::F32);
+        let mut out = register::<B, _>(
+            "peft_lora_ce_fwd",
+            vec![h, w, targets],
+            vec![loss, lse],
+            |desc| CeFwd::<B> {
+                desc,
+                _b: PhantomData,
+            },
+        );
+        let lse = out.pop().expect("lse");
+        (out.pop().expect("loss"), lse)
+    }
+
+    fn ce_backward(
+        d: Prim<Self>,
+        h: Prim<Self>,
+        w: Prim<Self>,
+        targets: IntPrim<Self>,
+        lse: Prim<Self>,
+    ) -> Prim<Self> {
+        let dh = empty_like_ir(&h, h.shape.clone(), h.dtype);
+        register::<B, _>(
+            "peft_lora_ce_bwd",
+            vec![d, h, w, targets, lse],
+            vec![dh],
+            |desc| CeBwd::<B> {
+                desc,
+                _b: PhantomData,
+            },
+        )
+        .remove(0)
+    }
+}
+
+impl<B: FusionBackend + CrossEntropyOps> FusedCrossEntropy for Fusion<B> {
+    fn fused_linear_cross_entropy(
+        h: Prim<Self>,
+        w: Prim<Self>,
+        targets: IntPrim<Self>,
+    ) -> Prim<Self> {
+        Self::ce_forward(h, w, targets).0
     }
 }

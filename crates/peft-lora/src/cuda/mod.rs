@@ -133,31 +133,42 @@ type Cube<F> = CubeCuda<F>;
 
 /// Calls `$f::<T>(args)` for the concrete backend `T` that `$b` is, casting the arguments and
 /// the result; evaluates to `None` when `$b` is none of the supported CUDA backends.
+#[cfg(not(feature = "fusion"))]
 macro_rules! dispatch {
-    ($b:ty, $f:ident ( $($arg:expr),* )) => {{
-        let found = dispatch!(@try $b, $f ($($arg),*);
+    ($b:ty, $f:ident ( $($arg:expr),* )) => {
+        dispatch_try!($b, $f ($($arg),*);
             Cube<bf16>, Cube<f32>,
             Autodiff<Cube<bf16>>, Autodiff<Cube<f32>>,
-            Autodiff<Cube<bf16>, BalancedCheckpointing>, Autodiff<Cube<f32>, BalancedCheckpointing>);
-        #[cfg(feature = "fusion")]
-        let found = match found {
-            Some(v) => Some(v),
-            None => dispatch!(@try $b, $f ($($arg),*);
-                Fusion<Cube<bf16>>, Fusion<Cube<f32>>,
-                Autodiff<Fusion<Cube<bf16>>>, Autodiff<Fusion<Cube<f32>>>,
-                Autodiff<Fusion<Cube<bf16>>, BalancedCheckpointing>,
-                Autodiff<Fusion<Cube<f32>>, BalancedCheckpointing>),
-        };
-        found
-    }};
-    (@try $b:ty, $f:ident ( $($arg:expr),* ); $t:ty $(, $rest:ty)*) => {
+            Autodiff<Cube<bf16>, BalancedCheckpointing>, Autodiff<Cube<f32>, BalancedCheckpointing>)
+    };
+}
+
+/// With `fusion`: the raw backends and the fusion backends over them, in one chain (each
+/// argument is moved in exactly one branch).
+#[cfg(feature = "fusion")]
+macro_rules! dispatch {
+    ($b:ty, $f:ident ( $($arg:expr),* )) => {
+        dispatch_try!($b, $f ($($arg),*);
+            Cube<bf16>, Cube<f32>,
+            Autodiff<Cube<bf16>>, Autodiff<Cube<f32>>,
+            Autodiff<Cube<bf16>, BalancedCheckpointing>, Autodiff<Cube<f32>, BalancedCheckpointing>,
+            Fusion<Cube<bf16>>, Fusion<Cube<f32>>,
+            Autodiff<Fusion<Cube<bf16>>>, Autodiff<Fusion<Cube<f32>>>,
+            Autodiff<Fusion<Cube<bf16>>, BalancedCheckpointing>,
+            Autodiff<Fusion<Cube<f32>>, BalancedCheckpointing>)
+    };
+}
+
+/// The `if TypeId == .. else if ..` chain of [`dispatch`].
+macro_rules! dispatch_try {
+    ($b:ty, $f:ident ( $($arg:expr),* ); $t:ty $(, $rest:ty)*) => {
         if TypeId::of::<$b>() == TypeId::of::<$t>() {
             Some(cast($f::<$t>($(cast($arg)),*)))
         } else {
-            dispatch!(@try $b, $f ($($arg),*); $($rest),*)
+            dispatch_try!($b, $f ($($arg),*); $($rest),*)
         }
     };
-    (@try $b:ty, $f:ident ( $($arg:expr),* ); ) => {
+    ($b:ty, $f:ident ( $($arg:expr),* ); ) => {
         None
     };
 }
@@ -327,10 +338,7 @@ pub fn attention<B: Backend>(
         mask.clone(),
         scale as f32,
     );
-    let out: Tensor<B, 3> = dispatch!(@try B, attention_impl(args);
-        Cube<bf16>, Cube<f32>,
-        Autodiff<Cube<bf16>>, Autodiff<Cube<f32>>,
-        Autodiff<Cube<bf16>, BalancedCheckpointing>, Autodiff<Cube<f32>, BalancedCheckpointing>)?;
+    let out: Tensor<B, 3> = dispatch!(B, attention_impl(args))?;
     Some(out.reshape([b, g, m, d]))
 }
 
@@ -362,8 +370,5 @@ pub fn linear_cross_entropy<B: Backend>(
         return None;
     }
     let args = (h.clone(), w.clone(), targets.clone());
-    dispatch!(@try B, cross_entropy_impl(args);
-        Cube<bf16>, Cube<f32>,
-        Autodiff<Cube<bf16>>, Autodiff<Cube<f32>>,
-        Autodiff<Cube<bf16>, BalancedCheckpointing>, Autodiff<Cube<f32>, BalancedCheckpointing>)
+    dispatch!(B, cross_entropy_impl(args))
 }
