@@ -25,6 +25,11 @@ use crate::model::LlamaForCausalLM;
 /// Seeds for the forward / recomputation pairs (one per layer call).
 static CALLS: AtomicU64 = AtomicU64::new(0);
 
+/// Restarts the sequence of dropout seeds the checkpointed layers use (reproducible runs, tests).
+pub fn restart_seeds(start: u64) {
+    CALLS.store(start, Ordering::Relaxed);
+}
+
 fn next_seed() -> u64 {
     // splitmix64 of a counter: distinct, deterministic seeds.
     let mut z = CALLS

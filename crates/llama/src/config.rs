@@ -187,13 +187,11 @@ pub struct LlamaConfig {
     /// Storage dtype the checkpoint declares (`"bfloat16"`, ...); informational: weights load into
     /// the backend's float type whatever this says.
     pub torch_dtype: Option<String>,
-    /// Recompute activations in the backward pass instead of storing them.
+    /// Recompute activations in the backward pass instead of storing them (HF's config field).
     ///
-    /// A hook for the trainer; the model itself does not read it yet. Burn 0.21 offers
-    /// checkpointing at the backend level only (`burn::backend::autodiff::checkpoint::strategy::
-    /// BalancedCheckpointing`, chosen as `Autodiff<B, BalancedCheckpointing>`: memory-bound ops
-    /// are recomputed, matmul outputs kept). TODO: per-decoder-layer recomputation as HF's
-    /// `gradient_checkpointing_enable()` does.
+    /// Read from `config.json` for the record; the trainer's `gradient_checkpointing` setting
+    /// decides, and runs [`crate::LlamaForCausalLM::backward_checkpointed`] (per decoder layer,
+    /// as HF's `gradient_checkpointing_enable()`).
     pub gradient_checkpointing: bool,
 }
 

@@ -1334,3 +1334,104 @@ fn per_layer_checkpointing_gives_the_plain_loss_and_gradients() {
         assert!(err <= 1e-5 * scale, "{name}: {err} (scale {scale})");
     }
 }
+
+/// With LoRA dropout, the unrecorded forward and the recomputation of each checkpointed layer
+/// draw the same masks: the gradient equals the central difference of the loss the forward
+/// returned (with the masks fixed by restarting the seed sequence), and another seed gives
+/// another loss (dropout is on in the unrecorded forward).
+#[test]
+fn per_layer_checkpointing_keeps_dropout_masks_consistent() {
+    // Burn's RNG and the seed sequence are process-wide and the other tests draw from them in
+    // parallel: run the body alone, in a child process of this test binary.
+    const CHILD: &str = "LLAMA_TEST_DROPOUT_CHILD";
+    if std::env::var_os(CHILD).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "per_layer_checkpointing_keeps_dropout_masks_consistent",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "child run failed:\n{text}"
+        );
+        return;
+    }
+    type Ad = Autodiff<B>;
+    let base = LlamaForCausalLM::<Ad>::random_seeded(&LlamaConfig::tiny(50), &dev(), 33);
+    let mut peft = PeftModel::new(base);
+    let mut cfg = LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "down_proj"]);
+    cfg.lora_dropout = 0.5;
+    peft.add_adapter::<Ad>("default", &cfg).unwrap();
+    for (_, l) in peft.model.lora_linears_mut() {
+        if let Some(a) = l.adapters.first_mut() {
+            let b = a.lora_b.val();
+            a.lora_b = burn::module::Param::from_tensor(
+                b.random_like(burn::tensor::Distribution::Normal(0.0, 0.5)),
+            );
+        }
+    }
+    let t = |v: Vec<i64>| Tensor::<Ad, 2, Int>::from_data(TensorData::new(v, [2, 6]), &dev());
+    let ids = t(vec![1, 3, 7, 9, 12, 5, 4, 7, 7, 2, 30, 31]);
+    let labels = t(vec![-100, 3, 7, 9, 12, 5, -100, 7, 7, 2, 30, 31]);
+    let a_of =
+        |m: &LlamaForCausalLM<Ad>| m.model.layers[0].self_attn.q_proj.adapters[0].lora_a.val();
+    let run = |m: &LlamaForCausalLM<Ad>, seed: u64| {
+        llama::checkpoint::restart_seeds(seed);
+        let a = a_of(m);
+        let mut grad = None;
+        let out = m.backward_checkpointed(
+            ids.clone(),
+            None,
+            labels.clone(),
+            LossOptions::default(),
+            &LoraCtx::default(),
+            1.0,
+            |g| {
+                if let Some(x) = a.grad(g) {
+                    grad = Some(x.into_data().to_vec::<f32>().unwrap());
+                }
+            },
+        );
+        let loss: f32 = out.loss.into_scalar();
+        (loss as f64, grad)
+    };
+    let (loss, grad) = run(&peft.model, 1000);
+    let grad = grad.expect("layer 0 q_proj lora_A has a gradient");
+    let (other, _) = run(&peft.model, 2000);
+    assert!(
+        (other - loss).abs() > 1e-4,
+        "dropout off? {loss} vs {other}"
+    );
+    // The entry with the largest gradient, moved by +-eps with the same seeds.
+    let (idx, g) = grad.iter().enumerate().fold((0, 0f32), |best, (i, v)| {
+        if v.abs() > best.1.abs() {
+            (i, *v)
+        } else {
+            best
+        }
+    });
+    let eps = 1e-2f32;
+    let shifted = |delta: f32| {
+        let mut m = peft.model.clone();
+        let a = &mut m.model.layers[0].self_attn.q_proj.adapters[0];
+        let shape = a.lora_a.shape();
+        let mut v = a.lora_a.val().into_data().to_vec::<f32>().unwrap();
+        v[idx] += delta;
+        a.lora_a = burn::module::Param::from_tensor(
+            Tensor::<Ad, 2>::from_data(TensorData::new(v, shape), &dev()).require_grad(),
+        );
+        run(&m, 1000).0
+    };
+    let fd = (shifted(eps) - shifted(-eps)) / (2.0 * eps as f64);
+    assert!(
+        (fd - g as f64).abs() <= 0.02 * (g as f64).abs() + 1e-4,
+        "gradient {g} vs central difference {fd}"
+    );
+}
