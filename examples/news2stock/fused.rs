@@ -118,6 +118,16 @@ pub fn check(race_tokens: usize, race_dim: usize, race_steps: usize) -> Result<(
         DType::BF16,
         &device,
     ));
+    checks.extend(selftest::check_rms_norm::<Autodiff<Cuda<f32>>>(
+        "cuda",
+        DType::F32,
+        &device,
+    ));
+    checks.extend(selftest::check_rms_norm::<Autodiff<Gpu>>(
+        "cuda",
+        DType::BF16,
+        &device,
+    ));
     let mut failed = 0;
     for c in &checks {
         if !c.pass() {

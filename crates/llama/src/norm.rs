@@ -35,6 +35,11 @@ impl<B: Backend> RmsNorm<B> {
     /// # Shapes
     /// `[batch, seq, hidden]` -> the same.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        // On CUDA: one kernel each way (`peft_lora::cuda::rms_norm`).
+        #[cfg(feature = "cuda")]
+        if let Some(y) = peft_lora::cuda::rms_norm(&x, &self.weight.val(), self.eps) {
+            return y;
+        }
         let dtype = x.dtype();
         let x = x.cast(FloatDType::F32);
         let var = x.clone().square().mean_dim(2);

@@ -32,6 +32,7 @@ pub mod fusion;
 pub mod kernels;
 mod layer;
 pub mod lt;
+pub mod rms_norm;
 pub mod selftest;
 pub mod softmax;
 
@@ -57,7 +58,7 @@ pub use kernels::LoraInputs;
 /// 0: unset (read `PEFT_LORA_FUSED_ATTENTION`), 1: on, 2: off.
 static ATTENTION: AtomicU8 = AtomicU8::new(0);
 
-/// Switches the fused CUDA attention and head + cross-entropy ops on or off (process-wide;
+/// Switches the fused CUDA attention, head + cross-entropy and RMSNorm ops on or off (process-wide;
 /// default on unless `PEFT_LORA_FUSED_ATTENTION=0`; [`set_enabled`]`(false)` turns them off too).
 pub fn set_attention_enabled(on: bool) {
     ATTENTION.store(if on { 1 } else { 2 }, AtomicOrdering::SeqCst);
@@ -371,4 +372,30 @@ pub fn linear_cross_entropy<B: Backend>(
     }
     let args = (h.clone(), w.clone(), targets.clone());
     dispatch!(B, cross_entropy_impl(args))
+}
+
+fn rms_norm_impl<T: rms_norm::FusedRmsNorm>(
+    args: (Tensor<T, 2>, Tensor<T, 1>, f32),
+) -> Tensor<T, 2> {
+    let (x, w, eps) = args;
+    tensor(T::fused_rms_norm(prim(x), prim(w), eps))
+}
+
+/// RMSNorm with a frozen weight (`w * dtype(x / sqrt(mean(x^2) + eps))` over the last axis,
+/// statistics in f32, as transformers' `LlamaRMSNorm`) as one op each way ([`rms_norm`]) when
+/// `B` is a raw cubecl CUDA backend (with or without autodiff) and the path is on, else `None`.
+pub fn rms_norm<B: Backend>(x: &Tensor<B, 3>, w: &Tensor<B, 1>, eps: f64) -> Option<Tensor<B, 3>> {
+    if !supported::<B>() || !attention_enabled() {
+        return None;
+    }
+    let [b, s, h] = x.dims();
+    if w.is_require_grad() || w.dims() != [h] || w.dtype() != x.dtype() || b * s * h == 0 {
+        return None;
+    }
+    let args = (x.clone().reshape([b * s, h]), w.clone(), eps as f32);
+    let out: Tensor<B, 2> = dispatch_try!(B, rms_norm_impl(args);
+        Cube<bf16>, Cube<f32>,
+        Autodiff<Cube<bf16>>, Autodiff<Cube<f32>>,
+        Autodiff<Cube<bf16>, BalancedCheckpointing>, Autodiff<Cube<f32>, BalancedCheckpointing>)?;
+    Some(out.reshape([b, s, h]))
 }

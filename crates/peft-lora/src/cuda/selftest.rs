@@ -754,3 +754,51 @@ pub fn check_cross_entropy<B: AutodiffBackend>(
     super::cross_entropy::set_chunk_elems(1 << 27);
     checks
 }
+
+/// The fused RMSNorm (`super::rms_norm`) against an f64 host reference: output and `dx` for an
+/// output gradient, rows shorter and longer than the kernel's 256 threads.
+pub fn check_rms_norm<B: AutodiffBackend>(
+    label: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Check> {
+    let opts = (device, dtype);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let mut checks = Vec::new();
+    for (b, s, h) in [(2, 3, 64), (1, 5, 1000), (3, 7, 4096)] {
+        let x = Tensor::<B, 3>::random([b, s, h], normal, opts).require_grad();
+        let w = Tensor::<B, 1>::random([h], Distribution::Normal(1.0, 0.2), opts);
+        let dy = Tensor::<B, 3>::random([b, s, h], normal, opts);
+        let eps = 1e-5;
+        let y = super::rms_norm(&x, &w, eps).expect("fused RMSNorm runs");
+        let grads = (y.clone() * dy.clone()).sum().backward();
+        let dx = host(x.grad(&grads).expect("dx"));
+        let (xh, wh, gh) = (host(x.clone()), host(w.clone()), host(dy.clone()));
+        let rows = b * s;
+        let (mut yr, mut dxr) = (vec![0f32; rows * h], vec![0f32; rows * h]);
+        for r in 0..rows {
+            let xs = &xh[r * h..(r + 1) * h];
+            let ms: f64 = xs.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / h as f64;
+            let rs = 1.0 / (ms + eps).sqrt();
+            let gx: f64 = (0..h)
+                .map(|j| gh[r * h + j] as f64 * wh[j] as f64 * xs[j] as f64)
+                .sum::<f64>()
+                / h as f64;
+            for j in 0..h {
+                let g = gh[r * h + j] as f64 * wh[j] as f64;
+                yr[r * h + j] = (xs[j] as f64 * rs * wh[j] as f64) as f32;
+                dxr[r * h + j] = (rs * g - rs.powi(3) * xs[j] as f64 * gx) as f32;
+            }
+        }
+        let dtype = x.dtype();
+        for (what, got, want) in [("y", host(y), yr), ("dx", dx, dxr)] {
+            checks.push(Check {
+                name: format!("{label} {dtype:?} rms_norm {b}x{s}x{h} {what}"),
+                err_fused: rel_err(&got, &want),
+                err_composed: f64::NAN,
+                tol: tolerance(dtype),
+            });
+        }
+    }
+    checks
+}

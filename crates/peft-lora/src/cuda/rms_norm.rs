@@ -1,0 +1,261 @@
+//! RMSNorm with a frozen weight as one cubecl kernel each way (transformers' `LlamaRMSNorm`:
+//! statistics in f32, the normalised value rounded to the model's dtype before the weight).
+//! - forward, per row: `r = 1 / sqrt(mean(x^2) + eps)`, `y = w * dtype(x r)`; keeps `r` (f32);
+//! - backward: `g = dtype(dy w)`, `dx = r g - r^3 x mean(g x)` in f32. Never `dw`.
+//!
+//! Burn's composed RMSNorm runs about nine kernels forward (cast, square, mean, add, sqrt,
+//! reciprocal, multiply, cast, multiply) and more backward, each a pass over the activations.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::{Autodiff, NodeId};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Shape};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
+use cubecl::prelude::*;
+use cubecl_cuda::CudaRuntime;
+
+use super::backend::Prim;
+use super::kernels::Raw;
+
+/// Threads per row (a power of two).
+const THREADS: u32 = 256;
+
+#[cube]
+fn reduce_sum(sh: &mut SharedMemory<f32>) {
+    let tid = UNIT_POS_X;
+    let mut stride = CUBE_DIM_X / 2;
+    while stride > 0 {
+        if tid < stride {
+            let b = sh[(tid + stride) as usize];
+            sh[tid as usize] += b;
+        }
+        sync_cube();
+        stride /= 2;
+    }
+}
+
+#[cube]
+fn row_index() -> usize {
+    (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
+}
+
+#[cube(launch)]
+fn rms_forward_kernel<E: Float>(
+    x: &Tensor<E>,
+    w: &Tensor<E>,
+    out: &mut Tensor<E>,
+    rstd: &mut Tensor<f32>,
+    rows: u32,
+    h: u32,
+    eps: f32,
+    #[comptime] threads: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let row = row_index();
+    if row >= rows as usize {
+        terminate!();
+    }
+    let h = h as usize;
+    let tid = UNIT_POS_X as usize;
+    let base = row * h;
+    let mut sh = SharedMemory::<f32>::new(threads as usize);
+    let mut acc = f32::new(0.0);
+    let mut j = tid;
+    while j < h {
+        let v = f32::cast_from(x[base + j]);
+        acc += v * v;
+        j += CUBE_DIM_X as usize;
+    }
+    sh[tid] = acc;
+    sync_cube();
+    reduce_sum(&mut sh);
+    let r = f32::new(1.0) / (sh[0] / f32::cast_from(h as u32) + eps).sqrt();
+    if tid == 0 {
+        rstd[row] = r;
+    }
+    let mut j = tid;
+    while j < h {
+        let normed = E::cast_from(f32::cast_from(x[base + j]) * r);
+        out[base + j] = E::cast_from(f32::cast_from(normed) * f32::cast_from(w[j]));
+        j += CUBE_DIM_X as usize;
+    }
+}
+
+#[cube(launch)]
+fn rms_backward_kernel<E: Float>(
+    dy: &Tensor<E>,
+    x: &Tensor<E>,
+    w: &Tensor<E>,
+    rstd: &Tensor<f32>,
+    dx: &mut Tensor<E>,
+    rows: u32,
+    h: u32,
+    #[comptime] threads: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let row = row_index();
+    if row >= rows as usize {
+        terminate!();
+    }
+    let h = h as usize;
+    let tid = UNIT_POS_X as usize;
+    let base = row * h;
+    let r = rstd[row];
+    let mut sh = SharedMemory::<f32>::new(threads as usize);
+    let mut acc = f32::new(0.0);
+    let mut j = tid;
+    while j < h {
+        let g = f32::cast_from(E::cast_from(
+            f32::cast_from(dy[base + j]) * f32::cast_from(w[j]),
+        ));
+        acc += g * f32::cast_from(x[base + j]);
+        j += CUBE_DIM_X as usize;
+    }
+    sh[tid] = acc;
+    sync_cube();
+    reduce_sum(&mut sh);
+    let mean_gx = sh[0] / f32::cast_from(h as u32);
+    let mut j = tid;
+    while j < h {
+        let g = f32::cast_from(E::cast_from(
+            f32::cast_from(dy[base + j]) * f32::cast_from(w[j]),
+        ));
+        let xv = f32::cast_from(x[base + j]);
+        dx[base + j] = E::cast_from(r * g - r * r * r * xv * mean_gx);
+        j += CUBE_DIM_X as usize;
+    }
+}
+
+fn grid(rows: usize) -> CubeCount {
+    let x = rows.clamp(1, 65_535);
+    CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
+}
+
+fn empty(like: &Raw, shape: Shape, dtype: DType) -> Raw {
+    let bytes = (shape.num_elements() * dtype.size()).max(1);
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        shape,
+        like.client.empty(bytes),
+        dtype,
+    )
+}
+
+/// `(y, r)` for `x [rows, h]`, `w [h]`.
+pub fn forward(x: Raw, w: Raw, eps: f32) -> (Raw, Raw) {
+    let (x, w) = (into_contiguous(x), into_contiguous(w));
+    let [rows, h] = x.meta.shape().dims::<2>();
+    let y = empty(&x, Shape::new([rows, h]), x.dtype);
+    let r = empty(&x, Shape::new([rows]), DType::F32);
+    let dtype = x.dtype;
+    rms_forward_kernel::launch::<CudaRuntime>(
+        &x.client.clone(),
+        grid(rows),
+        CubeDim::new_1d(THREADS),
+        x.into_tensor_arg(),
+        w.into_tensor_arg(),
+        y.clone().into_tensor_arg(),
+        r.clone().into_tensor_arg(),
+        rows as u32,
+        h as u32,
+        eps,
+        THREADS,
+        dtype.into(),
+    );
+    (y, r)
+}
+
+/// `dx` from `dy [rows, h]`, the input, the weight and the kept `r`.
+pub fn backward(dy: Raw, x: Raw, w: Raw, r: Raw) -> Raw {
+    let (dy, x, w, r) = (
+        into_contiguous(dy),
+        into_contiguous(x),
+        into_contiguous(w),
+        into_contiguous(r),
+    );
+    let [rows, h] = x.meta.shape().dims::<2>();
+    let dx = empty(&x, Shape::new([rows, h]), x.dtype);
+    let dtype = x.dtype;
+    rms_backward_kernel::launch::<CudaRuntime>(
+        &x.client.clone(),
+        grid(rows),
+        CubeDim::new_1d(THREADS),
+        dy.into_tensor_arg(),
+        x.into_tensor_arg(),
+        w.into_tensor_arg(),
+        r.into_tensor_arg(),
+        dx.clone().into_tensor_arg(),
+        rows as u32,
+        h as u32,
+        THREADS,
+        dtype.into(),
+    );
+    dx
+}
+
+/// Backends with the RMSNorm op (raw cubecl CUDA, with or without autodiff).
+pub trait FusedRmsNorm: Backend {
+    /// `w * dtype(x / sqrt(mean(x^2) + eps))` over the last axis of `x [rows, h]`.
+    fn fused_rms_norm(x: Prim<Self>, w: Prim<Self>, eps: f32) -> Prim<Self>;
+}
+
+impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedRmsNorm
+    for CubeBackend<CudaRuntime, F, I, BT>
+{
+    fn fused_rms_norm(x: Raw, w: Raw, eps: f32) -> Raw {
+        forward(x, w, eps).0
+    }
+}
+
+#[derive(Debug, Clone)]
+struct RmsState<T> {
+    x: NodeId,
+    w: T,
+    r: T,
+}
+
+#[derive(Debug)]
+struct RmsBackward;
+
+impl<F: FloatElement, I: IntElement, BT: BoolElement>
+    Backward<CubeBackend<CudaRuntime, F, I, BT>, 1> for RmsBackward
+{
+    type State = RmsState<Raw>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
+        type Cb<F, I, BT> = CubeBackend<CudaRuntime, F, I, BT>;
+        let [px] = ops.parents;
+        let dy = grads.consume::<Cb<F, I, BT>>(&ops.node);
+        let st = ops.state;
+        if let Some(node) = px {
+            let x = ckpt.retrieve_node_output::<Raw>(st.x);
+            grads.register::<Cb<F, I, BT>>(node.id, backward(dy, x, st.w, st.r));
+        }
+    }
+}
+
+impl<F: FloatElement, I: IntElement, BT: BoolElement, C: CheckpointStrategy> FusedRmsNorm
+    for Autodiff<CubeBackend<CudaRuntime, F, I, BT>, C>
+{
+    fn fused_rms_norm(x: Prim<Self>, w: Prim<Self>, eps: f32) -> Prim<Self> {
+        let w = w.primitive;
+        match RmsBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let saved = prep.checkpoint(&x);
+                let (y, r) = forward(x.primitive, w.clone(), eps);
+                prep.finish(RmsState { x: saved, w, r }, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, w, eps).0),
+        }
+    }
+}
