@@ -282,7 +282,9 @@ impl Settings {
         set("max_grad_norm", &mut |s| s.max_grad_norm = 1.0);
         set("lora_r", &mut |s| s.lora_r = 16);
         set("lora_dropout", &mut |s| s.lora_dropout = 0.0);
-        set("gradient_checkpointing", &mut |s| s.gradient_checkpointing = false);
+        set("gradient_checkpointing", &mut |s| {
+            s.gradient_checkpointing = false
+        });
         set("target_modules", &mut |s| {
             s.target_modules = "all-linear".into()
         });
