@@ -21,7 +21,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::tensor::backend::Backend;
-use burn::tensor::{activation, DType, FloatDType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{activation, FloatDType, Shape, Tensor};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
@@ -29,8 +29,9 @@ use cubecl_cuda::CudaRuntime;
 
 use super::backend::Prim;
 use super::device;
-use super::kernels::Raw;
-use super::lt::{self, Dtype, Operand, Output};
+use super::kernels::{dtype_of, Raw};
+use super::lt::{self, Operand, Output};
+use super::{prim, tensor};
 
 /// Backends with the attention op (with or without autodiff).
 pub trait FusedAttention: Backend {
@@ -155,15 +156,6 @@ impl<B: AttentionOps, C: CheckpointStrategy> FusedAttention for Autodiff<B, C> {
     }
 }
 
-fn lt_dtype(t: &Raw) -> Result<Dtype, String> {
-    match t.dtype {
-        DType::BF16 => Ok(Dtype::Bf16),
-        DType::F16 => Ok(Dtype::F16),
-        DType::F32 => Ok(Dtype::F32),
-        other => Err(format!("unsupported dtype {other:?}")),
-    }
-}
-
 fn dims3(t: &Raw, what: &str) -> Result<[usize; 3], String> {
     let s = t.meta.shape();
     if s.num_dims() != 3 {
@@ -186,8 +178,8 @@ fn dense(t: Raw, what: &str) -> Result<Raw, String> {
 /// `out[i] = alpha op(a[i]) op(b[i])` for every `i < g`: `a [g, ra, ca]`, `b [g, rb, cb]` dense,
 /// `op` a transpose when asked; one cuBLASLt call per group, all enqueued in one device task.
 fn bgemm(a: &Raw, ta: bool, b: &Raw, tb: bool, alpha: f32) -> Result<Raw, String> {
-    let dt = lt_dtype(a)?;
-    if lt_dtype(b)? != dt {
+    let dt = dtype_of(a)?;
+    if dtype_of(b)? != dt {
         return Err("GEMM operands differ in dtype".into());
     }
     let [g, ra, ca] = dims3(a, "a")?;
@@ -238,14 +230,6 @@ fn bgemm(a: &Raw, ta: bool, b: &Raw, tb: bool, alpha: f32) -> Result<Raw, String
         Ok(())
     })?;
     Ok(out)
-}
-
-fn tensor<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(p))
-}
-
-fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive {
-    t.into_primitive().tensor()
 }
 
 /// Checked shapes of one call: `(g, m, t, d)`.

@@ -18,7 +18,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Int, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Int, Shape, Tensor};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
@@ -26,8 +26,9 @@ use cubecl_cuda::CudaRuntime;
 
 use super::backend::Prim;
 use super::device;
-use super::kernels::{prepare, Raw};
-use super::lt::{self, Dtype, Operand, Output};
+use super::kernels::{dtype_of, prepare, Raw};
+use super::lt::{self, Operand, Output};
+use super::{prim, tensor};
 
 /// A backend's int tensor primitive.
 pub type IntPrim<B> = <B as burn::tensor::backend::BackendTypes>::IntTensorPrimitive;
@@ -142,15 +143,6 @@ impl<B: CrossEntropyOps, C: CheckpointStrategy> FusedCrossEntropy for Autodiff<B
     }
 }
 
-fn lt_dtype(t: &Raw) -> Result<Dtype, String> {
-    match t.dtype {
-        DType::BF16 => Ok(Dtype::Bf16),
-        DType::F16 => Ok(Dtype::F16),
-        DType::F32 => Ok(Dtype::F32),
-        other => Err(format!("unsupported dtype {other:?}")),
-    }
-}
-
 /// `(n, hidden, vocab)`, checked; `h` made dense.
 fn shapes(h: Raw, w: &Raw, targets: &Raw) -> Result<(Raw, usize, usize, usize), String> {
     let h = into_contiguous(h);
@@ -164,7 +156,7 @@ fn shapes(h: Raw, w: &Raw, targets: &Raw) -> Result<(Raw, usize, usize, usize), 
             "shapes h {hs:?}, W {ws:?}, targets {ts:?} do not fit"
         ));
     }
-    if lt_dtype(&h)? != lt_dtype(w)? {
+    if dtype_of(&h)? != dtype_of(w)? {
         return Err("h and W differ in dtype".into());
     }
     let st = h.meta.strides();
@@ -197,7 +189,7 @@ fn gemm_rows(
     out_r0: usize,
     n: usize,
 ) -> Result<(), String> {
-    let dt = lt_dtype(a)?;
+    let dt = dtype_of(a)?;
     let eb = a.dtype.size() as u64;
     let ob = out.dtype.size() as u64;
     let (brows, bcols, bld, btrans) = (b.rows, b.cols, b.ld, b.trans);
@@ -227,14 +219,6 @@ fn gemm_rows(
 
 fn chunk_rows(vocab: usize, hidden: usize) -> usize {
     (CHUNK_ELEMS.load(AtomicOrdering::SeqCst) / vocab.max(hidden)).max(1)
-}
-
-fn tensor<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(p))
-}
-
-fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive {
-    t.into_primitive().tensor()
 }
 
 fn forward<F: FloatElement, I: IntElement, BT: BoolElement>(

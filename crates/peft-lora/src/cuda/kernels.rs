@@ -20,12 +20,13 @@ use super::lt::{self, Dtype, Operand, Output};
 /// A raw cubecl CUDA tensor.
 pub type Raw = CubeTensor<CudaRuntime>;
 
-fn dtype_of(t: &Raw) -> Result<Dtype, String> {
+/// The cuBLASLt element type of a tensor (bf16, f16, f32).
+pub(super) fn dtype_of(t: &Raw) -> Result<Dtype, String> {
     match t.dtype {
         DType::BF16 => Ok(Dtype::Bf16),
         DType::F16 => Ok(Dtype::F16),
         DType::F32 => Ok(Dtype::F32),
-        other => Err(format!("fused linear: unsupported dtype {other:?}")),
+        other => Err(format!("unsupported dtype {other:?} (bf16, f16 or f32)")),
     }
 }
 

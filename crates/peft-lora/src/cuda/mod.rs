@@ -26,6 +26,7 @@ pub mod attention;
 pub mod autodiff;
 pub mod backend;
 pub mod cross_entropy;
+mod cube_util;
 pub mod device;
 #[cfg(feature = "fusion")]
 pub mod fusion;

@@ -20,29 +20,8 @@ use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
 use super::backend::Prim;
+use super::cube_util::{grid, reduce_sum, row_index, THREADS};
 use super::kernels::Raw;
-
-/// Threads per row (a power of two).
-const THREADS: u32 = 256;
-
-#[cube]
-fn reduce_sum(sh: &mut SharedMemory<f32>) {
-    let tid = UNIT_POS_X;
-    let mut stride = CUBE_DIM_X / 2;
-    while stride > 0 {
-        if tid < stride {
-            let b = sh[(tid + stride) as usize];
-            sh[tid as usize] += b;
-        }
-        sync_cube();
-        stride /= 2;
-    }
-}
-
-#[cube]
-fn row_index() -> usize {
-    (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
-}
 
 #[cube(launch)]
 fn rms_forward_kernel<E: Float>(
@@ -129,11 +108,6 @@ fn rms_backward_kernel<E: Float>(
         dx[base + j] = E::cast_from(r * g - r * r * r * xv * mean_gx);
         j += CUBE_DIM_X as usize;
     }
-}
-
-fn grid(rows: usize) -> CubeCount {
-    let x = rows.clamp(1, 65_535);
-    CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
 }
 
 fn empty(like: &Raw, shape: Shape, dtype: DType) -> Raw {

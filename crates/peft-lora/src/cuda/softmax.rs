@@ -13,48 +13,8 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
+use super::cube_util::{grid, reduce_max, reduce_sum, row_index, THREADS};
 use super::kernels::Raw;
-
-/// Threads per row (a power of two).
-const THREADS: u32 = 256;
-
-/// Tree reduction of `sh[0..CUBE_DIM_X]` into `sh[0]` by max (`CUBE_DIM_X` a power of two).
-#[cube]
-fn reduce_max(sh: &mut SharedMemory<f32>) {
-    let tid = UNIT_POS_X;
-    let mut stride = CUBE_DIM_X / 2;
-    while stride > 0 {
-        if tid < stride {
-            let b = sh[(tid + stride) as usize];
-            if b > sh[tid as usize] {
-                sh[tid as usize] = b;
-            }
-        }
-        sync_cube();
-        stride /= 2;
-    }
-}
-
-/// The same by sum.
-#[cube]
-fn reduce_sum(sh: &mut SharedMemory<f32>) {
-    let tid = UNIT_POS_X;
-    let mut stride = CUBE_DIM_X / 2;
-    while stride > 0 {
-        if tid < stride {
-            let b = sh[(tid + stride) as usize];
-            sh[tid as usize] += b;
-        }
-        sync_cube();
-        stride /= 2;
-    }
-}
-
-/// The row this cube handles (a 2-D grid, so that more than 65,535 rows fit).
-#[cube]
-fn row_index() -> usize {
-    (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
-}
 
 #[cube(launch)]
 fn softmax_forward_kernel<E: Float>(
@@ -153,12 +113,6 @@ fn softmax_backward_kernel<E: Float>(
         out[base + j] = E::cast_from(scale * p * (dp - row_dot));
         j += CUBE_DIM_X as usize;
     }
-}
-
-fn grid(rows: usize) -> CubeCount {
-    let x = rows.clamp(1, 65_535);
-    let y = rows.div_ceil(x);
-    CubeCount::Static(x as u32, y as u32, 1)
 }
 
 fn empty_like(t: &Raw, dtype: DType) -> Raw {

@@ -1,0 +1,51 @@
+//! Pieces the row-wise cubecl kernels share ([`super::softmax`], [`super::rms_norm`]): one cube
+//! per row on a 2-D grid, and tree reductions through shared memory.
+
+use cubecl::prelude::*;
+
+/// Threads per row (a power of two).
+pub const THREADS: u32 = 256;
+
+/// Tree reduction of `sh[0..CUBE_DIM_X]` into `sh[0]` by max (`CUBE_DIM_X` a power of two).
+#[cube]
+pub fn reduce_max(sh: &mut SharedMemory<f32>) {
+    let tid = UNIT_POS_X;
+    let mut stride = CUBE_DIM_X / 2;
+    while stride > 0 {
+        if tid < stride {
+            let b = sh[(tid + stride) as usize];
+            if b > sh[tid as usize] {
+                sh[tid as usize] = b;
+            }
+        }
+        sync_cube();
+        stride /= 2;
+    }
+}
+
+/// The same by sum.
+#[cube]
+pub fn reduce_sum(sh: &mut SharedMemory<f32>) {
+    let tid = UNIT_POS_X;
+    let mut stride = CUBE_DIM_X / 2;
+    while stride > 0 {
+        if tid < stride {
+            let b = sh[(tid + stride) as usize];
+            sh[tid as usize] += b;
+        }
+        sync_cube();
+        stride /= 2;
+    }
+}
+
+/// The row this cube handles (a 2-D grid, so that more than 65,535 rows fit).
+#[cube]
+pub fn row_index() -> usize {
+    (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
+}
+
+/// The grid for `rows` rows, one cube each.
+pub fn grid(rows: usize) -> CubeCount {
+    let x = rows.clamp(1, 65_535);
+    CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
+}
