@@ -997,6 +997,18 @@ fn layer_replication_and_trainable_tokens_on_llama() {
     );
 }
 
+/// Draws every adapter's B from N(0, std), so that the adapters change the output.
+fn randomize_lora_b<Bk: burn::tensor::backend::Backend>(m: &mut LlamaForCausalLM<Bk>, std: f64) {
+    for (_, l) in m.lora_linears_mut() {
+        for a in &mut l.adapters {
+            let b = a.lora_b.val();
+            a.lora_b = burn::module::Param::from_tensor(
+                b.random_like(burn::tensor::Distribution::Normal(0.0, std)),
+            );
+        }
+    }
+}
+
 /// A tiny random Llama with an aLoRA adapter on every projection (B non-zero).
 fn alora_model(vocab: usize, invocation: &[u32]) -> PeftModel<LlamaForCausalLM<B>> {
     let model = LlamaForCausalLM::<B>::random_seeded(&LlamaConfig::tiny(vocab), &dev(), 21);
@@ -1020,13 +1032,7 @@ fn alora_on(model: LlamaForCausalLM<B>, invocation: &[u32]) -> PeftModel<LlamaFo
     );
     cfg.alora_invocation_tokens = Some(invocation.to_vec());
     peft.add_adapter::<B>("default", &cfg).unwrap();
-    for (_, l) in peft.model.lora_linears_mut() {
-        let a = &mut l.adapters[0];
-        let b = a.lora_b.val();
-        a.lora_b = burn::module::Param::from_tensor(
-            b.random_like(burn::tensor::Distribution::Normal(0.0, 0.2)),
-        );
-    }
+    randomize_lora_b(&mut peft.model, 0.2);
     peft
 }
 
@@ -1279,13 +1285,7 @@ fn per_layer_checkpointing_gives_the_plain_loss_and_gradients() {
     );
     cfg.trainable_token_indices = Some(serde_json::json!([3, 7, 9]));
     peft.add_adapter::<Ad>("default", &cfg).unwrap();
-    for (_, l) in peft.model.lora_linears_mut() {
-        let a = &mut l.adapters[0];
-        let b = a.lora_b.val();
-        a.lora_b = burn::module::Param::from_tensor(
-            b.random_like(burn::tensor::Distribution::Normal(0.0, 0.2)),
-        );
-    }
+    randomize_lora_b(&mut peft.model, 0.2);
     let m = &peft.model;
     let t = |v: Vec<i64>| Tensor::<Ad, 2, Int>::from_data(TensorData::new(v, [2, 6]), &dev());
     let ids = t(vec![1, 3, 7, 9, 12, 5, 4, 7, 7, 2, 0, 0]);
@@ -1369,14 +1369,7 @@ fn per_layer_checkpointing_keeps_dropout_masks_consistent() {
     let mut cfg = LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "down_proj"]);
     cfg.lora_dropout = 0.5;
     peft.add_adapter::<Ad>("default", &cfg).unwrap();
-    for (_, l) in peft.model.lora_linears_mut() {
-        if let Some(a) = l.adapters.first_mut() {
-            let b = a.lora_b.val();
-            a.lora_b = burn::module::Param::from_tensor(
-                b.random_like(burn::tensor::Distribution::Normal(0.0, 0.5)),
-            );
-        }
-    }
+    randomize_lora_b(&mut peft.model, 0.5);
     let t = |v: Vec<i64>| Tensor::<Ad, 2, Int>::from_data(TensorData::new(v, [2, 6]), &dev());
     let ids = t(vec![1, 3, 7, 9, 12, 5, 4, 7, 7, 2, 30, 31]);
     let labels = t(vec![-100, 3, 7, 9, 12, 5, -100, 7, 7, 2, 30, 31]);

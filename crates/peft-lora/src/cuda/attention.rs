@@ -23,13 +23,12 @@ use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{activation, FloatDType, Shape, Tensor};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
 use cubecl_cuda::CudaRuntime;
 
 use super::backend::Prim;
 use super::device;
-use super::kernels::{dtype_of, Raw};
+use super::kernels::{dtype_of, empty_as, Raw};
 use super::lt::{self, Operand, Output};
 use super::{prim, tensor};
 
@@ -196,14 +195,7 @@ fn bgemm(a: &Raw, ta: bool, b: &Raw, tb: bool, alpha: f32) -> Result<Raw, String
         ));
     }
     let eb = a.dtype.size() as u64;
-    let bytes = (g * m * n * a.dtype.size()).max(1);
-    let out = CubeTensor::new_contiguous(
-        a.client.clone(),
-        a.device.clone(),
-        Shape::new([g, m, n]),
-        a.client.empty(bytes),
-        a.dtype,
-    );
+    let out = empty_as(a, Shape::new([g, m, n]), a.dtype);
     let handles = vec![a.handle.clone(), b.handle.clone(), out.handle.clone()];
     device::run(&a.device, handles, move |ctx, p| {
         for i in 0..g as u64 {

@@ -20,13 +20,12 @@ use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Int, Shape, Tensor};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
 use cubecl_cuda::CudaRuntime;
 
 use super::backend::Prim;
 use super::device;
-use super::kernels::{dtype_of, prepare, Raw};
+use super::kernels::{dtype_of, empty_as, prepare, Raw};
 use super::lt::{self, Operand, Output};
 use super::{prim, tensor};
 
@@ -166,17 +165,6 @@ fn shapes(h: Raw, w: &Raw, targets: &Raw) -> Result<(Raw, usize, usize, usize), 
     Ok((h, n, hid, vocab))
 }
 
-fn empty(like: &Raw, shape: [usize; 2], dtype: DType) -> Raw {
-    let bytes = (shape[0] * shape[1] * dtype.size()).max(1);
-    CubeTensor::new_contiguous(
-        like.client.clone(),
-        like.device.clone(),
-        Shape::new(shape),
-        like.client.empty(bytes),
-        dtype,
-    )
-}
-
 /// `out = op(a) op(b)` for `a` = rows `r0..r0 + rows` of a dense `[_, k]` matrix.
 #[allow(clippy::too_many_arguments)]
 fn gemm_rows(
@@ -235,7 +223,7 @@ fn forward<F: FloatElement, I: IntElement, BT: BoolElement>(
     let mut lses = Vec::new();
     for r0 in (0..n).step_by(chunk) {
         let rows = chunk.min(n - r0);
-        let logits = empty(&h, [rows, vocab], h.dtype);
+        let logits = empty_as(&h, Shape::new([rows, vocab]), h.dtype);
         gemm_rows(&h, r0, rows, hid, &wp, &logits, 0, vocab)?;
         let l32 = tensor::<T<F, I, BT>, 2>(logits).cast(FloatDType::F32);
         let mx = l32.clone().max_dim(1);
@@ -264,19 +252,19 @@ fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
     type T<F, I, BT> = Cb<F, I, BT>;
     let (h, n, hid, vocab) = shapes(h, &w, &targets)?;
     let dt = FloatDType::from(h.dtype);
-    let mut wt = prepare(w.clone());
-    wt.trans = !wt.trans;
     let wp = prepare(w);
+    let mut wt = wp.clone();
+    wt.trans = !wt.trans;
     let tg = Tensor::<T<F, I, BT>, 1, Int>::from_primitive(targets);
     let lse = tensor::<T<F, I, BT>, 1>(lse);
     let d = tensor::<T<F, I, BT>, 1>(d)
         .cast(FloatDType::F32)
         .reshape([1, 1]);
-    let dh = empty(&h, [n, hid], h.dtype);
+    let dh = empty_as(&h, Shape::new([n, hid]), h.dtype);
     let chunk = chunk_rows(vocab, hid);
     for r0 in (0..n).step_by(chunk) {
         let rows = chunk.min(n - r0);
-        let logits = empty(&h, [rows, vocab], h.dtype);
+        let logits = empty_as(&h, Shape::new([rows, vocab]), h.dtype);
         gemm_rows(&h, r0, rows, hid, &wp, &logits, 0, vocab)?;
         let l32 = tensor::<T<F, I, BT>, 2>(logits).cast(FloatDType::F32);
         let l = lse.clone().slice([r0..r0 + rows]).unsqueeze_dim::<2>(1);

@@ -18,11 +18,7 @@ type Handles<B> =
     HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
 
 fn empty_ir<R: FusionRuntime>(like: &FusionTensor<R>, shape: [usize; 2]) -> TensorIr {
-    TensorIr::uninit(
-        like.client.create_empty_handle(),
-        Shape::new(shape),
-        like.dtype,
-    )
+    empty_like_ir(like, Shape::new(shape), like.dtype)
 }
 
 fn register<B: FusionBackend, O: Operation<B::FusionRuntime> + 'static>(

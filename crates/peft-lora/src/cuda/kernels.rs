@@ -40,6 +40,7 @@ fn dims2(t: &Raw, what: &str) -> Result<[usize; 2], String> {
 
 /// A tensor as a GEMM operand: kept alive, with its storage layout. Row-major and transposed
 /// (column-major) views are used in place; anything else is made contiguous first.
+#[derive(Clone)]
 pub(super) struct Prepared {
     pub(super) t: Raw,
     pub(super) rows: usize,
@@ -83,16 +84,20 @@ pub(super) fn prepare(t: Raw) -> Prepared {
     }
 }
 
-fn empty(like: &Raw, shape: [usize; 2]) -> Raw {
-    let bytes = shape[0] * shape[1] * like.dtype.size();
-    let handle = like.client.empty(bytes.max(1));
+/// A new, uninitialised contiguous tensor of `shape` and `dtype` on `like`'s device.
+pub(super) fn empty_as(like: &Raw, shape: Shape, dtype: DType) -> Raw {
+    let bytes = (shape.num_elements() * dtype.size()).max(1);
     CubeTensor::new_contiguous(
         like.client.clone(),
         like.device.clone(),
-        Shape::new(shape),
-        handle,
-        like.dtype,
+        shape,
+        like.client.empty(bytes),
+        dtype,
     )
+}
+
+fn empty(like: &Raw, shape: [usize; 2]) -> Raw {
+    empty_as(like, Shape::new(shape), like.dtype)
 }
 
 /// Collects the handles a GEMM batch touches; operands refer to them by index.

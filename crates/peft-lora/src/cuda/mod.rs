@@ -65,7 +65,7 @@ pub fn set_attention_enabled(on: bool) {
     ATTENTION.store(if on { 1 } else { 2 }, AtomicOrdering::SeqCst);
 }
 
-fn attention_enabled() -> bool {
+fn step_ops_enabled() -> bool {
     let on = match ATTENTION.load(AtomicOrdering::SeqCst) {
         0 => {
             let on = std::env::var("PEFT_LORA_FUSED_ATTENTION").map_or(true, |v| v != "0");
@@ -310,7 +310,7 @@ pub fn attention<B: Backend>(
     mask: &Tensor<B, 4>,
     scale: f64,
 ) -> Option<Tensor<B, 4>> {
-    if !supported::<B>() || !attention_enabled() {
+    if !supported::<B>() || !step_ops_enabled() {
         return None;
     }
     let [b, g, m, d] = q.dims();
@@ -364,7 +364,7 @@ pub fn linear_cross_entropy<B: Backend>(
     w: &Tensor<B, 2>,
     targets: &Tensor<B, 1, burn::tensor::Int>,
 ) -> Option<Tensor<B, 1>> {
-    if !supported::<B>() || !attention_enabled() || !usable(&[h, w]) {
+    if !supported::<B>() || !step_ops_enabled() || !usable(&[h, w]) {
         return None;
     }
     let ([n, hid], [w_in, _]) = (h.dims(), w.dims());
@@ -386,7 +386,7 @@ fn rms_norm_impl<T: rms_norm::FusedRmsNorm>(
 /// statistics in f32, as transformers' `LlamaRMSNorm`) as one op each way ([`rms_norm`]) when
 /// `B` is a raw cubecl CUDA backend (with or without autodiff) and the path is on, else `None`.
 pub fn rms_norm<B: Backend>(x: &Tensor<B, 3>, w: &Tensor<B, 1>, eps: f64) -> Option<Tensor<B, 3>> {
-    if !supported::<B>() || !attention_enabled() {
+    if !supported::<B>() || !step_ops_enabled() {
         return None;
     }
     let [b, s, h] = x.dims();

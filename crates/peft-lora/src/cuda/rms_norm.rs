@@ -14,14 +14,13 @@ use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
 use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
 use super::backend::Prim;
 use super::cube_util::{grid, reduce_sum, row_index, THREADS};
-use super::kernels::Raw;
+use super::kernels::{empty_as, Raw};
 
 #[cube(launch)]
 fn rms_forward_kernel<E: Float>(
@@ -110,23 +109,12 @@ fn rms_backward_kernel<E: Float>(
     }
 }
 
-fn empty(like: &Raw, shape: Shape, dtype: DType) -> Raw {
-    let bytes = (shape.num_elements() * dtype.size()).max(1);
-    CubeTensor::new_contiguous(
-        like.client.clone(),
-        like.device.clone(),
-        shape,
-        like.client.empty(bytes),
-        dtype,
-    )
-}
-
 /// `(y, r)` for `x [rows, h]`, `w [h]`.
 pub fn forward(x: Raw, w: Raw, eps: f32) -> (Raw, Raw) {
     let (x, w) = (into_contiguous(x), into_contiguous(w));
     let [rows, h] = x.meta.shape().dims::<2>();
-    let y = empty(&x, Shape::new([rows, h]), x.dtype);
-    let r = empty(&x, Shape::new([rows]), DType::F32);
+    let y = empty_as(&x, Shape::new([rows, h]), x.dtype);
+    let r = empty_as(&x, Shape::new([rows]), DType::F32);
     let dtype = x.dtype;
     rms_forward_kernel::launch::<CudaRuntime>(
         &x.client.clone(),
@@ -154,7 +142,7 @@ pub fn backward(dy: Raw, x: Raw, w: Raw, r: Raw) -> Raw {
         into_contiguous(r),
     );
     let [rows, h] = x.meta.shape().dims::<2>();
-    let dx = empty(&x, Shape::new([rows, h]), x.dtype);
+    let dx = empty_as(&x, Shape::new([rows, h]), x.dtype);
     let dtype = x.dtype;
     rms_backward_kernel::launch::<CudaRuntime>(
         &x.client.clone(),

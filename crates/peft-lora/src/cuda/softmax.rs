@@ -7,14 +7,12 @@
 //! their inputs once and write once. One cube of [`THREADS`] threads per row: each thread
 //! strides over the row, then the cube reduces through shared memory.
 
-use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
 use super::cube_util::{grid, reduce_max, reduce_sum, row_index, THREADS};
-use super::kernels::Raw;
+use super::kernels::{empty_as, Raw};
 
 #[cube(launch)]
 fn softmax_forward_kernel<E: Float>(
@@ -115,18 +113,6 @@ fn softmax_backward_kernel<E: Float>(
     }
 }
 
-fn empty_like(t: &Raw, dtype: DType) -> Raw {
-    let shape = t.meta.shape().clone();
-    let bytes = (shape.num_elements() * dtype.size()).max(1);
-    CubeTensor::new_contiguous(
-        t.client.clone(),
-        t.device.clone(),
-        Shape::from(shape.dims::<3>()),
-        t.client.empty(bytes),
-        dtype,
-    )
-}
-
 /// `softmax(f32(scores) + mask)` over the last axis, in the scores' dtype. `scores [g, m, t]`
 /// whose `g * m` rows are `[mb, heads, s]`; `mask [mb, 1, s, t]` f32.
 pub fn forward(scores: Raw, mask: Raw) -> Raw {
@@ -136,7 +122,7 @@ pub fn forward(scores: Raw, mask: Raw) -> Raw {
     let ms = mask.meta.shape();
     let (mb, s) = (ms[0], ms[2]);
     let rows = g * m;
-    let out = empty_like(&scores, scores.dtype);
+    let out = empty_as(&scores, scores.meta.shape().clone(), scores.dtype);
     let dtype = scores.dtype;
     softmax_forward_kernel::launch::<CudaRuntime>(
         &scores.client.clone(),
@@ -161,7 +147,7 @@ pub fn backward(probs: Raw, dprobs: Raw, scale: f32) -> Raw {
     let dprobs = into_contiguous(dprobs);
     let [g, m, t] = probs.meta.shape().dims::<3>();
     let rows = g * m;
-    let out = empty_like(&probs, probs.dtype);
+    let out = empty_as(&probs, probs.meta.shape().clone(), probs.dtype);
     let dtype = probs.dtype;
     softmax_backward_kernel::launch::<CudaRuntime>(
         &probs.client.clone(),
