@@ -3,9 +3,10 @@
 # Usage (from the repository root): scripts/gpu_fused_run.sh DIR STAGE...
 #   DIR holds the stripped `news2stock` binary (built with --features cuda) and the anchor scripts
 #   (bench_lora_linear_torch.py, peft_baseline.py, bench_pissa_peft.py). Stages: check, quick,
-#   linear, train (ours then HF PEFT's three configs), train-noattn (ours with the fused attention
-#   off, PEFT_LORA_FUSED_ATTENTION=0, q,v configs), train-nosoftmax (the attention's softmax
-#   kernels off), util (GPU busy share + cubecl kernel profile), prof (Nsight, when present),
+#   linear, train (ours then HF PEFT's three configs), and ours with one switch off (same binary):
+#   train-noattn (attention / head+CE / RMSNorm ops, PEFT_LORA_FUSED_ATTENTION=0), train-noelem
+#   (SwiGLU and RoPE kernels), train-noadamw (one-kernel AdamW), train-nosoftmax (the attention's
+#   softmax kernels); util (GPU busy share + cubecl kernel profile), prof (Nsight, when present),
 #   pissa (bench-init vs PEFT's init).
 # Writes logs under $OUT (or /tmp/fused-out), packed into $OUT/logs.tgz at the end.
 D=$1; shift
@@ -20,6 +21,19 @@ mem() { # peak of nvidia-smi's memory.used while "$@" runs
   return $rc
 }
 peak() { sort -n "$OUT/mem_$1.txt" | tail -1; }
+# ours with one switch set: variant TAG ENV=VAL CONFIG... (CONFIG: qv-gc, qv-nogc, all-gc)
+variant() {
+  local tag=$1 env=$2; shift 2
+  for name in "$@"; do
+    case $name in
+      qv-gc) args="--lora-r 8 --gradient-checkpointing true" ;;
+      qv-nogc) args="--lora-r 8 --gradient-checkpointing false" ;;
+      all-gc) args="--lora-r 16 --gradient-checkpointing true --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" ;;
+    esac
+    mem "$tag-$name" env $env timeout 200 $B --batch-size 2 --grad-accum 1 --lora-alpha 32 $args bench-train --steps 6 --warmup 2 2>&1 | tee "$OUT/train_${tag}_$name.txt" | tail -1
+    echo "ours-$tag $name peak_used_mib $(peak $tag-$name)" | tee -a "$OUT/peaks.txt"
+  done
+}
 mkdir -p /tmp/fused-logs
 pack() { cp "$OUT"/*.txt /tmp/fused-logs/ 2>/dev/null; (cd /tmp/fused-logs && tar czf "$OUT/logs.tgz" .); find "$OUT" -name 'mem_*.txt' -delete; }
 for stage in "$@"; do
@@ -33,24 +47,13 @@ for stage in "$@"; do
     timeout 300 $B bench-linear 2>&1 | tee "$OUT/linear.txt" | grep -v '^{'
     timeout 200 python3 $D/bench_lora_linear_torch.py 2>&1 | tee "$OUT/torch_linear.txt" ;;
   train)
-    common="--batch-size 2 --grad-accum 1 --lora-alpha 32"
-    for cfg in "qv-gc:--gradient-checkpointing true --lora-r 8" "qv-nogc:--gradient-checkpointing false --lora-r 8" \
-               "all-gc:--gradient-checkpointing true --lora-r 16 --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"; do
-      name=${cfg%%:*}; args=${cfg#*:}
-      mem "ours-$name" timeout 200 $B $common $args bench-train --steps 6 --warmup 2 2>&1 | tee "$OUT/train_$name.txt" | tail -4
-      echo "ours $name peak_used_mib $(peak ours-$name)" | tee -a "$OUT/peaks.txt"
-    done
+    variant base PEFT_LORA_BASELINE_RUN=1 qv-gc qv-nogc all-gc
     for name in seed-qv-r8-gc seed-qv-r8-nogc all-r16-gc; do
       mem "hf-$name" timeout 200 python3 $D/peft_baseline.py --skip-micro --only $name 2>&1 | tee "$OUT/hf_$name.txt" | tail -2
       echo "hf $name peak_used_mib $(peak hf-$name)" | tee -a "$OUT/peaks.txt"
     done ;;
   train-noattn)
-    common="--batch-size 2 --grad-accum 1 --lora-alpha 32 --lora-r 8"
-    for cfg in "qv-gc:--gradient-checkpointing true" "qv-nogc:--gradient-checkpointing false"; do
-      name=${cfg%%:*}; args=${cfg#*:}
-      mem "noattn-$name" env PEFT_LORA_FUSED_ATTENTION=0 timeout 200 $B $common $args bench-train --steps 6 --warmup 2 2>&1 | tee "$OUT/train_noattn_$name.txt" | tail -4
-      echo "ours-noattn $name peak_used_mib $(peak noattn-$name)" | tee -a "$OUT/peaks.txt"
-    done ;;
+    variant noattn PEFT_LORA_FUSED_ATTENTION=0 qv-gc qv-nogc ;;
   prof)
     # Kernel-time profile of two 8B q,v steps (no checkpointing) with Nsight Systems, if present.
     NSYS=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys 2>/dev/null | head -1)
@@ -62,14 +65,12 @@ for stage in "$@"; do
     else
       echo "no nsys on this machine" | tee "$OUT/prof.txt"
     fi ;;
+  train-noelem)
+    variant noelem PEFT_LORA_ELEMENTWISE_KERNELS=0 qv-gc qv-nogc ;;
+  train-noadamw)
+    variant noadamw PEFT_LORA_FUSED_ADAMW=0 qv-gc all-gc ;;
   train-nosoftmax)
-    # ours with the attention's cubecl softmax kernels off (Burn's composed softmax inside the op)
-    common="--batch-size 2 --grad-accum 1 --lora-alpha 32 --lora-r 8"
-    for cfg in "qv-gc:--gradient-checkpointing true" "qv-nogc:--gradient-checkpointing false"; do
-      name=${cfg%%:*}; args=${cfg#*:}
-      mem "nosoftmax-$name" env PEFT_LORA_SOFTMAX_KERNEL=0 timeout 200 $B $common $args bench-train --steps 6 --warmup 2 2>&1 | tee "$OUT/train_nosoftmax_$name.txt" | tail -1
-      echo "ours-nosoftmax $name peak_used_mib $(peak nosoftmax-$name)" | tee -a "$OUT/peaks.txt"
-    done ;;
+    variant nosoftmax PEFT_LORA_SOFTMAX_KERNEL=0 qv-gc qv-nogc ;;
   util)
     # GPU busy share during 8B q,v steps (no checkpointing): nvidia-smi's utilization.gpu (the
     # share of time a kernel runs) sampled every 100 ms; then cubecl's own per-kernel profile

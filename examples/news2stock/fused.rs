@@ -128,6 +128,27 @@ pub fn check(race_tokens: usize, race_dim: usize, race_steps: usize) -> Result<(
         DType::BF16,
         &device,
     ));
+    checks.extend(selftest::check_swiglu::<Autodiff<Cuda<f32>>>(
+        "cuda",
+        DType::F32,
+        &device,
+    ));
+    checks.extend(selftest::check_swiglu::<Autodiff<Gpu>>(
+        "cuda",
+        DType::BF16,
+        &device,
+    ));
+    checks.extend(selftest::check_rope::<Autodiff<Cuda<f32>>>(
+        "cuda",
+        DType::F32,
+        &device,
+    ));
+    checks.extend(selftest::check_rope::<Autodiff<Gpu>>(
+        "cuda",
+        DType::BF16,
+        &device,
+    ));
+    checks.extend(selftest::check_adamw::<Cuda<f32>>("cuda", DType::F32, &device));
     let mut failed = 0;
     for c in &checks {
         if !c.pass() {

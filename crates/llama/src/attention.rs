@@ -171,12 +171,16 @@ impl<B: Backend> Attention<B> {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // [b, s, n * hd] -> [b, n, s, hd]
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
-        let q = rope::apply(heads(self.q_proj.forward_ctx(x.clone(), ctx), nh), cos, sin);
-        let mut k = rope::apply(
-            heads(self.k_proj.forward_ctx(x.clone(), ctx), nkv),
-            cos,
-            sin,
-        );
+        // RoPE fused with the split into heads: one kernel each way on CUDA.
+        let rotary = |t: Tensor<B, 3>, n: usize| {
+            #[cfg(feature = "cuda")]
+            if let Some(r) = peft_lora::cuda::rope(&t, n, cos, sin) {
+                return r;
+            }
+            rope::apply(heads(t, n), cos, sin)
+        };
+        let q = rotary(self.q_proj.forward_ctx(x.clone(), ctx), nh);
+        let mut k = rotary(self.k_proj.forward_ctx(x.clone(), ctx), nkv);
         let mut v = heads(self.v_proj.forward_ctx(x, ctx), nkv);
         if let Some(c) = past {
             k = Tensor::cat(vec![c.k.clone(), k], 2);

@@ -307,8 +307,7 @@ impl<B: Backend> LoraOptimizer<B> {
         old: Tensor<B, 2>,
         h: &Hyper,
     ) -> Tensor<B, 2> {
-        let c = &self.adamw;
-        let g = if h.clip != 1.0 { g * h.clip } else { g };
+        let c = self.adamw.clone();
         let lr = h.lr;
         let (lr_here, wd) = match (&self.kind, slot) {
             (
@@ -327,6 +326,23 @@ impl<B: Backend> LoraOptimizer<B> {
             m: g.zeros_like(),
             v: g.zeros_like(),
         });
+        // On CUDA: the whole AdamW rule in one kernel instead of ~16 tensor ops.
+        #[cfg(feature = "cuda")]
+        if self.kind != OptimizerKind::LoraFa {
+            let step = crate::cuda::AdamWStep {
+                clip: h.clip as f32,
+                betas: (c.beta1 as f32, c.beta2 as f32),
+                lr: lr_here as f32,
+                weight_decay: wd as f32,
+                eps: c.eps as f32,
+                bias_corrections: (h.bc1 as f32, h.bc2 as f32),
+            };
+            if let Some((p, m, v)) = crate::cuda::adamw_update(&old, &g, &st.m, &st.v, step) {
+                (st.m, st.v) = (m, v);
+                return p;
+            }
+        }
+        let g = if h.clip != 1.0 { g * h.clip } else { g };
         st.m = st.m.clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
         st.v = st.v.clone() * c.beta2 + g.powf_scalar(2.0) * (1.0 - c.beta2);
         if self.kind == OptimizerKind::LoraFa {

@@ -1,5 +1,6 @@
-//! Pieces the row-wise cubecl kernels share ([`super::softmax`], [`super::rms_norm`]): one cube
-//! per row on a 2-D grid, and tree reductions through shared memory.
+//! Pieces the cubecl kernels share ([`super::softmax`], [`super::rms_norm`], [`super::swiglu`],
+//! [`super::rope`]): one cube per row (or per [`THREADS`] elements) on a 2-D grid, and tree
+//! reductions through shared memory.
 
 use cubecl::prelude::*;
 
@@ -48,4 +49,15 @@ pub fn row_index() -> usize {
 pub fn grid(rows: usize) -> CubeCount {
     let x = rows.clamp(1, 65_535);
     CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
+}
+
+/// The element this unit handles in a flat elementwise launch over [`elem_grid`].
+#[cube]
+pub fn elem_index() -> usize {
+    row_index() * CUBE_DIM_X as usize + UNIT_POS_X as usize
+}
+
+/// The grid for an elementwise launch over `n` elements, [`THREADS`] per cube.
+pub fn elem_grid(n: usize) -> CubeCount {
+    grid(n.div_ceil(THREADS as usize))
 }

@@ -22,6 +22,7 @@
 //! [`set_enabled`] (or `PEFT_LORA_FUSED=0` in the environment) switches the fused path off, for
 //! comparisons.
 
+pub mod adamw;
 pub mod attention;
 pub mod autodiff;
 pub mod backend;
@@ -34,8 +35,10 @@ pub mod kernels;
 mod layer;
 pub mod lt;
 pub mod rms_norm;
+pub mod rope;
 pub mod selftest;
 pub mod softmax;
+pub mod swiglu;
 
 use std::any::{Any, TypeId};
 use std::sync::atomic::{AtomicU8, Ordering as AtomicOrdering};
@@ -50,6 +53,7 @@ use burn_fusion::Fusion;
 use cubecl_cuda::CudaRuntime;
 use half::bf16;
 
+pub use adamw::AdamWStep;
 pub use attention::FusedAttention;
 pub use autodiff::FusedLinear;
 pub use cross_entropy::FusedCrossEntropy;
@@ -158,6 +162,16 @@ macro_rules! dispatch {
             Autodiff<Fusion<Cube<bf16>>>, Autodiff<Fusion<Cube<f32>>>,
             Autodiff<Fusion<Cube<bf16>>, BalancedCheckpointing>,
             Autodiff<Fusion<Cube<f32>>, BalancedCheckpointing>)
+    };
+}
+
+/// [`dispatch`] over the raw cubecl backends only (ops not registered with the fusion backend).
+macro_rules! dispatch_raw {
+    ($b:ty, $f:ident ( $($arg:expr),* )) => {
+        dispatch_try!($b, $f ($($arg),*);
+            Cube<bf16>, Cube<f32>,
+            Autodiff<Cube<bf16>>, Autodiff<Cube<f32>>,
+            Autodiff<Cube<bf16>, BalancedCheckpointing>, Autodiff<Cube<f32>, BalancedCheckpointing>)
     };
 }
 
@@ -394,9 +408,105 @@ pub fn rms_norm<B: Backend>(x: &Tensor<B, 3>, w: &Tensor<B, 1>, eps: f64) -> Opt
         return None;
     }
     let args = (x.clone().reshape([b * s, h]), w.clone(), eps as f32);
-    let out: Tensor<B, 2> = dispatch_try!(B, rms_norm_impl(args);
-        Cube<bf16>, Cube<f32>,
-        Autodiff<Cube<bf16>>, Autodiff<Cube<f32>>,
-        Autodiff<Cube<bf16>, BalancedCheckpointing>, Autodiff<Cube<f32>, BalancedCheckpointing>)?;
+    let out: Tensor<B, 2> = dispatch_raw!(B, rms_norm_impl(args))?;
     Some(out.reshape([b, s, h]))
+}
+
+/// Whether the SwiGLU and RoPE kernels run (on unless `PEFT_LORA_ELEMENTWISE_KERNELS=0`, for
+/// measuring them on and off with the same binary).
+fn elementwise_ops_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("PEFT_LORA_ELEMENTWISE_KERNELS").map_or(true, |v| v != "0"))
+        && step_ops_enabled()
+}
+
+fn swiglu_impl<T: swiglu::FusedSwiglu>(args: (Tensor<T, 2>, Tensor<T, 2>)) -> Tensor<T, 2> {
+    let (gate, up) = args;
+    tensor(T::fused_swiglu(prim(gate), prim(up)))
+}
+
+/// `silu(gate) * up` (transformers' rounding points) as one op each way ([`swiglu`]) when `B` is
+/// a raw cubecl CUDA backend (with or without autodiff) and the path is on, else `None`.
+pub fn swiglu<B: Backend>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Option<Tensor<B, 3>> {
+    if !supported::<B>() || !elementwise_ops_enabled() {
+        return None;
+    }
+    let [b, s, i] = gate.dims();
+    if up.dims() != [b, s, i] || up.dtype() != gate.dtype() || b * s * i == 0 {
+        return None;
+    }
+    let args = (gate.clone().reshape([b * s, i]), up.clone().reshape([b * s, i]));
+    let out: Tensor<B, 2> = dispatch_raw!(B, swiglu_impl(args))?;
+    Some(out.reshape([b, s, i]))
+}
+
+fn rope_impl<T: rope::FusedRope>(
+    args: (Tensor<T, 4>, Tensor<T, 3>, Tensor<T, 3>),
+) -> Tensor<T, 4> {
+    let (x, cos, sin) = args;
+    tensor(T::fused_rope(prim(x), prim(cos), prim(sin)))
+}
+
+/// Rotary embeddings in HF's `rotate_half` layout fused with the split into heads ([`rope`]):
+/// `x [b, s, heads * d]` -> `[b, heads, s, d]`, as `x.reshape([b, s, heads, d]).swap_dims(1, 2)`
+/// followed by `x cos + rotate_half(x) sin`, when `B` is a raw cubecl CUDA backend (with or
+/// without autodiff) and the path is on, else `None`. `cos`, `sin` `[b, 1, s, d]` get no gradient.
+pub fn rope<B: Backend>(
+    x: &Tensor<B, 3>,
+    heads: usize,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Option<Tensor<B, 4>> {
+    if !supported::<B>() || !elementwise_ops_enabled() {
+        return None;
+    }
+    let [b, s, hd] = x.dims();
+    if heads == 0 || hd % heads != 0 {
+        return None;
+    }
+    let d = hd / heads;
+    let dtype = x.dtype();
+    let fits = |t: &Tensor<B, 4>| t.dims() == [b, 1, s, d] && t.dtype() == dtype;
+    if d % 2 != 0 || b * s * d == 0 || !fits(cos) || !fits(sin) {
+        return None;
+    }
+    let table = |t: &Tensor<B, 4>| t.clone().detach().reshape([b, s, d]);
+    let args = (x.clone().reshape([b, s, heads, d]), table(cos), table(sin));
+    dispatch_raw!(B, rope_impl(args))
+}
+
+#[allow(clippy::type_complexity)]
+fn adamw_impl<T: adamw::FusedAdamW>(
+    args: (Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>, AdamWStep),
+) -> (Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>) {
+    let (p, g, m, v, h) = args;
+    let (p, m, v) = T::fused_adamw(prim(p), prim(g), prim(m), prim(v), h);
+    (tensor(p), tensor(m), tensor(v))
+}
+
+/// One AdamW update (`torch.optim.AdamW`'s rule) of parameter `p` with gradient `g` and moments
+/// `m`, `v` as one kernel ([`adamw`]): `Some((p, m, v))` when `B` is a raw cubecl CUDA backend
+/// (the inner backend of training), the four tensors share shape and dtype, and the fused path
+/// is on (`PEFT_LORA_FUSED_ADAMW=0` turns this op alone off); else `None`.
+#[allow(clippy::type_complexity)]
+pub fn adamw_update<B: Backend>(
+    p: &Tensor<B, 2>,
+    g: &Tensor<B, 2>,
+    m: &Tensor<B, 2>,
+    v: &Tensor<B, 2>,
+    h: AdamWStep,
+) -> Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("PEFT_LORA_FUSED_ADAMW").map_or(true, |v| v != "0"));
+    if !on || !supported::<B>() || !enabled() {
+        return None;
+    }
+    let same = [g, m, v]
+        .iter()
+        .all(|t| t.dims() == p.dims() && t.dtype() == p.dtype());
+    if !same || p.dims().iter().any(|d| *d == 0) {
+        return None;
+    }
+    let args = (p.clone(), g.clone(), m.clone(), v.clone(), h);
+    dispatch_try!(B, adamw_impl(args); Cube<bf16>, Cube<f32>)
 }

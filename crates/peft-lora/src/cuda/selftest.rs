@@ -802,3 +802,147 @@ pub fn check_rms_norm<B: AutodiffBackend>(
     }
     checks
 }
+
+/// The fused SwiGLU gate (`super::swiglu`) against an f64 host reference: output and both input
+/// gradients, element counts that do and do not fill the last cube.
+pub fn check_swiglu<B: AutodiffBackend>(
+    label: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Check> {
+    let opts = (device, dtype);
+    let normal = Distribution::Normal(0.0, 2.0);
+    let mut checks = Vec::new();
+    for (b, s, i) in [(1, 3, 5), (2, 7, 1000), (2, 64, 1376)] {
+        let gate = Tensor::<B, 3>::random([b, s, i], normal, opts).require_grad();
+        let up = Tensor::<B, 3>::random([b, s, i], normal, opts).require_grad();
+        let dy = Tensor::<B, 3>::random([b, s, i], normal, opts);
+        let y = super::swiglu(&gate, &up).expect("fused SwiGLU runs");
+        let grads = (y.clone() * dy.clone()).sum().backward();
+        let dg = host(gate.grad(&grads).expect("dgate"));
+        let du = host(up.grad(&grads).expect("dup"));
+        let (gh, uh, dh) = (host(gate.clone()), host(up.clone()), host(dy.clone()));
+        let n = b * s * i;
+        let (mut yr, mut dgr, mut dur) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        for e in 0..n {
+            let (g, u, d) = (gh[e] as f64, uh[e] as f64, dh[e] as f64);
+            let sig = 1.0 / (1.0 + (-g).exp());
+            yr[e] = (g * sig * u) as f32;
+            dur[e] = (d * g * sig) as f32;
+            dgr[e] = (d * u * sig * (1.0 + g * (1.0 - sig))) as f32;
+        }
+        let dtype = gate.dtype();
+        for (what, got, want) in [("y", host(y), yr), ("dgate", dg, dgr), ("dup", du, dur)] {
+            checks.push(Check {
+                name: format!("{label} {dtype:?} swiglu {b}x{s}x{i} {what}"),
+                err_fused: rel_err(&got, &want),
+                err_composed: f64::NAN,
+                tol: tolerance(dtype),
+            });
+        }
+    }
+    checks
+}
+
+/// The fused RoPE + head split (`super::rope`) against an f64 host reference: output and `dx`,
+/// with per-batch position tables as the model builds them.
+pub fn check_rope<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Device) -> Vec<Check> {
+    let opts = (device, dtype);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let mut checks = Vec::new();
+    for (b, s, n, d) in [(2, 3, 4, 8), (1, 5, 32, 128), (2, 7, 8, 64)] {
+        let x = Tensor::<B, 3>::random([b, s, n * d], normal, opts).require_grad();
+        let angles = Tensor::<B, 4>::random([b, 1, s, d], Distribution::Uniform(-4.0, 4.0), opts);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let dy = Tensor::<B, 4>::random([b, n, s, d], normal, opts);
+        let y = super::rope(&x, n, &cos, &sin).expect("fused RoPE runs");
+        let grads = (y.clone() * dy.clone()).sum().backward();
+        let dx = host(x.grad(&grads).expect("dx"));
+        let (xh, ch, sh, gh) = (host(x.clone()), host(cos), host(sin), host(dy.clone()));
+        let half = d / 2;
+        let (mut yr, mut dxr) = (vec![0f32; b * s * n * d], vec![0f32; b * s * n * d]);
+        for bi in 0..b {
+            for si in 0..s {
+                let cs = (bi * s + si) * d;
+                for ni in 0..n {
+                    let xin = ((bi * s + si) * n + ni) * d;
+                    let out = ((bi * n + ni) * s + si) * d;
+                    for j in 0..d {
+                        let (c, sn) = (ch[cs + j] as f64, sh[cs + j] as f64);
+                        let rot = if j < half {
+                            -(xh[xin + j + half] as f64)
+                        } else {
+                            xh[xin + j - half] as f64
+                        };
+                        yr[out + j] = (xh[xin + j] as f64 * c + rot * sn) as f32;
+                        let back = if j < half {
+                            gh[out + j + half] as f64 * sh[cs + j + half] as f64
+                        } else {
+                            -(gh[out + j - half] as f64) * sh[cs + j - half] as f64
+                        };
+                        dxr[xin + j] = (gh[out + j] as f64 * c + back) as f32;
+                    }
+                }
+            }
+        }
+        let dtype = x.dtype();
+        for (what, got, want) in [("y", host(y), yr), ("dx", dx, dxr)] {
+            checks.push(Check {
+                name: format!("{label} {dtype:?} rope {b}x{s}x{n}x{d} {what}"),
+                err_fused: rel_err(&got, &want),
+                err_composed: f64::NAN,
+                tol: tolerance(dtype),
+            });
+        }
+    }
+    checks
+}
+
+/// The one-kernel AdamW update (`super::adamw_update`) against an f64 host reference of
+/// `torch.optim.AdamW`'s rule: parameter and both moments after a clipped, decayed step.
+pub fn check_adamw<B: Backend>(label: &str, dtype: DType, device: &B::Device) -> Vec<Check> {
+    let opts = (device, dtype);
+    let mut checks = Vec::new();
+    for (rows, cols, t) in [(8, 3, 1), (4096, 16, 7)] {
+        let rand = |sd: f64| Tensor::<B, 2>::random([rows, cols], Distribution::Normal(0.0, sd), opts);
+        let (p, g, m) = (rand(0.02), rand(1e-3), rand(1e-4));
+        let v = rand(1e-6).abs();
+        let h = super::AdamWStep {
+            clip: 0.7,
+            betas: (0.9, 0.999),
+            lr: 2e-4,
+            weight_decay: 0.01,
+            eps: 1e-8,
+            bias_corrections: (1.0 - 0.9f32.powi(t), 1.0 - 0.999f32.powi(t)),
+        };
+        let (p2, m2, v2) = super::adamw_update(&p, &g, &m, &v, h).expect("fused AdamW runs");
+        let (ph, gh, mh, vh) = (host(p), host(g), host(m), host(v));
+        let n = rows * cols;
+        let (mut pr, mut mr, mut vr) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let f = |x: f32| x as f64;
+        for i in 0..n {
+            let gi = f(gh[i]) * f(h.clip);
+            let mi = f(h.betas.0) * f(mh[i]) + (1.0 - f(h.betas.0)) * gi;
+            let vi = f(h.betas.1) * f(vh[i]) + (1.0 - f(h.betas.1)) * gi * gi;
+            let denom = (vi / f(h.bias_corrections.1)).sqrt() + f(h.eps);
+            let decayed = f(ph[i]) * (1.0 - f(h.lr) * f(h.weight_decay));
+            pr[i] = (decayed - f(h.lr) * mi / f(h.bias_corrections.0) / denom) as f32;
+            (mr[i], vr[i]) = (mi as f32, vi as f32);
+        }
+        // The step moves p by ~lr: compare the step itself, not p, in relative terms.
+        let step = |a: &[f32]| -> Vec<f32> { a.iter().zip(&ph).map(|(x, p0)| x - p0).collect() };
+        for (what, got, want) in [
+            ("p - p0", step(&host(p2)), step(&pr)),
+            ("m", host(m2), mr),
+            ("v", host(v2), vr),
+        ] {
+            checks.push(Check {
+                name: format!("{label} {dtype:?} adamw {rows}x{cols} t{t} {what}"),
+                err_fused: rel_err(&got, &want),
+                err_composed: f64::NAN,
+                tol: tolerance(dtype),
+            });
+        }
+    }
+    checks
+}

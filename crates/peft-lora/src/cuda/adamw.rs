@@ -1,0 +1,126 @@
+//! The AdamW update of one adapter tensor as one cubecl kernel (`torch.optim.AdamW`'s rule:
+//! decoupled decay, then the bias-corrected step), f32 inside, results rounded to the tensor's
+//! dtype once. Burn's composed update runs about sixteen kernels per tensor; an 8B model with
+//! LoRA on all linear layers has 448 adapter tensors, so the composed optimizer step is some
+//! seven thousand tiny launches while the GPU waits.
+
+use burn::tensor::backend::Backend;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
+use cubecl::prelude::*;
+use cubecl_cuda::CudaRuntime;
+
+use super::backend::Prim;
+use super::cube_util::{elem_grid, elem_index, THREADS};
+use super::kernels::{empty_as, Raw};
+
+/// The scalars of one update.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    /// Gradient scale (global-norm clipping; 1 when off).
+    pub clip: f32,
+    /// beta1, beta2.
+    pub betas: (f32, f32),
+    /// Step size.
+    pub lr: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+    /// epsilon.
+    pub eps: f32,
+    /// Bias corrections `1 - beta1^t`, `1 - beta2^t`.
+    pub bias_corrections: (f32, f32),
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn adamw_kernel<E: Float>(
+    p: &Tensor<E>,
+    g: &Tensor<E>,
+    m: &Tensor<E>,
+    v: &Tensor<E>,
+    p_out: &mut Tensor<E>,
+    m_out: &mut Tensor<E>,
+    v_out: &mut Tensor<E>,
+    n: u32,
+    clip: f32,
+    beta1: f32,
+    beta2: f32,
+    lr: f32,
+    decay: f32,
+    eps: f32,
+    bc1: f32,
+    bc2: f32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let i = elem_index();
+    if i >= n as usize {
+        terminate!();
+    }
+    let one = f32::new(1.0);
+    let gi = f32::cast_from(g[i]) * clip;
+    let mi = beta1 * f32::cast_from(m[i]) + (one - beta1) * gi;
+    let vi = beta2 * f32::cast_from(v[i]) + (one - beta2) * gi * gi;
+    let denom = (vi / bc2).sqrt() + eps;
+    p_out[i] = E::cast_from(f32::cast_from(p[i]) * decay - lr * (mi / bc1) / denom);
+    m_out[i] = E::cast_from(mi);
+    v_out[i] = E::cast_from(vi);
+}
+
+/// `(p, m, v)` after one update of parameter `p` with gradient `g` and moments `m`, `v` (all of
+/// one shape and dtype).
+pub fn update(p: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw, Raw, Raw) {
+    let (p, g, m, v) = (
+        into_contiguous(p),
+        into_contiguous(g),
+        into_contiguous(m),
+        into_contiguous(v),
+    );
+    let shape = p.meta.shape().clone();
+    let n = shape.num_elements();
+    let out = || empty_as(&p, shape.clone(), p.dtype);
+    let (p2, m2, v2) = (out(), out(), out());
+    let (dtype, client) = (p.dtype, p.client.clone());
+    adamw_kernel::launch::<CudaRuntime>(
+        &client,
+        elem_grid(n),
+        CubeDim::new_1d(THREADS),
+        p.into_tensor_arg(),
+        g.into_tensor_arg(),
+        m.into_tensor_arg(),
+        v.into_tensor_arg(),
+        p2.clone().into_tensor_arg(),
+        m2.clone().into_tensor_arg(),
+        v2.clone().into_tensor_arg(),
+        n as u32,
+        h.clip,
+        h.betas.0,
+        h.betas.1,
+        h.lr,
+        1.0 - h.lr * h.weight_decay,
+        h.eps,
+        h.bias_corrections.0,
+        h.bias_corrections.1,
+        dtype.into(),
+    );
+    (p2, m2, v2)
+}
+
+/// Inner backends with the one-kernel AdamW update (raw cubecl CUDA).
+pub trait FusedAdamW: Backend {
+    /// `(p, m, v)` after one update.
+    fn fused_adamw(
+        p: Prim<Self>,
+        g: Prim<Self>,
+        m: Prim<Self>,
+        v: Prim<Self>,
+        h: AdamWStep,
+    ) -> (Prim<Self>, Prim<Self>, Prim<Self>);
+}
+
+impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedAdamW
+    for CubeBackend<CudaRuntime, F, I, BT>
+{
+    fn fused_adamw(p: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw, Raw, Raw) {
+        update(p, g, m, v, h)
+    }
+}

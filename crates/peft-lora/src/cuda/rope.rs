@@ -1,0 +1,218 @@
+//! Rotary position embeddings (HF's `rotate_half` layout) fused with the head transpose, one
+//! cubecl kernel each way:
+//! - forward: `x [b, s, n, d]` (a projection's output as it lies) -> `y [b, n, s, d]`,
+//!   `y = dtype(dtype(x cos) + dtype(rotate_half(x) sin))` (transformers' rounding points);
+//! - backward: `dx = dtype(dtype(dy cos) + rotate_half^T(dtype(dy sin)))`, back in `[b, s, n, d]`.
+//!
+//! `cos`, `sin` `[b, s, d]` are constants (no gradient). The composed version runs a transpose
+//! copy, a negation, a concatenation, two products and a sum, each a pass over the activations.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::Shape;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
+use cubecl::prelude::*;
+use cubecl_cuda::CudaRuntime;
+
+use super::backend::Prim;
+use super::cube_util::{elem_grid, elem_index, THREADS};
+use super::kernels::{empty_as, Raw};
+
+/// One unit per output element `(b, n, s, j)` of `y [b, heads, seq, d]`.
+#[cube(launch)]
+fn rope_forward_kernel<E: Float>(
+    x: &Tensor<E>,
+    cos: &Tensor<E>,
+    sin: &Tensor<E>,
+    out: &mut Tensor<E>,
+    total: u32,
+    heads: u32,
+    seq: u32,
+    d: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let i = elem_index();
+    if i >= total as usize {
+        terminate!();
+    }
+    let (heads, seq, d) = (heads as usize, seq as usize, d as usize);
+    let half = d / 2;
+    let j = i % d;
+    let t = i / d;
+    let si = t % seq;
+    let t = t / seq;
+    let ni = t % heads;
+    let bi = t / heads;
+    let src = ((bi * seq + si) * heads + ni) * d;
+    let cs = (bi * seq + si) * d + j;
+    let partner = if j < half {
+        -f32::cast_from(x[src + j + half])
+    } else {
+        f32::cast_from(x[src + j - half])
+    };
+    let a = E::cast_from(f32::cast_from(x[src + j]) * f32::cast_from(cos[cs]));
+    let r = E::cast_from(partner * f32::cast_from(sin[cs]));
+    out[i] = E::cast_from(f32::cast_from(a) + f32::cast_from(r));
+}
+
+/// One unit per input element `(b, s, n, j)` of `dx [b, seq, heads, d]`.
+#[cube(launch)]
+fn rope_backward_kernel<E: Float>(
+    dy: &Tensor<E>,
+    cos: &Tensor<E>,
+    sin: &Tensor<E>,
+    dx: &mut Tensor<E>,
+    total: u32,
+    heads: u32,
+    seq: u32,
+    d: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let i = elem_index();
+    if i >= total as usize {
+        terminate!();
+    }
+    let (heads, seq, d) = (heads as usize, seq as usize, d as usize);
+    let half = d / 2;
+    let j = i % d;
+    let t = i / d;
+    let ni = t % heads;
+    let t = t / heads;
+    let si = t % seq;
+    let bi = t / seq;
+    let o = ((bi * heads + ni) * seq + si) * d;
+    let cs = (bi * seq + si) * d;
+    let a = E::cast_from(f32::cast_from(dy[o + j]) * f32::cast_from(cos[cs + j]));
+    let g = if j < half {
+        f32::cast_from(E::cast_from(
+            f32::cast_from(dy[o + j + half]) * f32::cast_from(sin[cs + j + half]),
+        ))
+    } else {
+        -f32::cast_from(E::cast_from(
+            f32::cast_from(dy[o + j - half]) * f32::cast_from(sin[cs + j - half]),
+        ))
+    };
+    dx[i] = E::cast_from(f32::cast_from(a) + g);
+}
+
+fn launch(
+    forward: bool,
+    input: Raw,
+    cos: Raw,
+    sin: Raw,
+    [b, s, n, d]: [usize; 4],
+    out_shape: Shape,
+) -> Raw {
+    let (input, cos, sin) = (
+        into_contiguous(input),
+        into_contiguous(cos),
+        into_contiguous(sin),
+    );
+    let out = empty_as(&input, out_shape, input.dtype);
+    let total = b * s * n * d;
+    let (dtype, client) = (input.dtype, input.client.clone());
+    let args = (total as u32, n as u32, s as u32, d as u32);
+    let (grid, dim) = (elem_grid(total), CubeDim::new_1d(THREADS));
+    if forward {
+        rope_forward_kernel::launch::<CudaRuntime>(
+            &client,
+            grid,
+            dim,
+            input.into_tensor_arg(),
+            cos.into_tensor_arg(),
+            sin.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            args.0,
+            args.1,
+            args.2,
+            args.3,
+            dtype.into(),
+        );
+    } else {
+        rope_backward_kernel::launch::<CudaRuntime>(
+            &client,
+            grid,
+            dim,
+            input.into_tensor_arg(),
+            cos.into_tensor_arg(),
+            sin.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            args.0,
+            args.1,
+            args.2,
+            args.3,
+            dtype.into(),
+        );
+    }
+    out
+}
+
+/// `y [b, n, s, d]` from `x [b, s, n, d]` and `cos`, `sin` `[b, s, d]`.
+pub fn forward(x: Raw, cos: Raw, sin: Raw) -> Raw {
+    let [b, s, n, d] = x.meta.shape().dims::<4>();
+    launch(true, x, cos, sin, [b, s, n, d], Shape::new([b, n, s, d]))
+}
+
+/// `dx [b, s, n, d]` from `dy [b, n, s, d]`.
+pub fn backward(dy: Raw, cos: Raw, sin: Raw) -> Raw {
+    let [b, n, s, d] = dy.meta.shape().dims::<4>();
+    launch(false, dy, cos, sin, [b, s, n, d], Shape::new([b, s, n, d]))
+}
+
+/// Backends with the RoPE op (raw cubecl CUDA, with or without autodiff).
+pub trait FusedRope: Backend {
+    /// `x [b, s, n, d]` rotated and transposed to `[b, n, s, d]`; `cos`, `sin` `[b, s, d]`
+    /// (plain tensors of the inner backend: no gradient flows to them).
+    fn fused_rope(x: Prim<Self>, cos: Prim<Self>, sin: Prim<Self>) -> Prim<Self>;
+}
+
+impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedRope
+    for CubeBackend<CudaRuntime, F, I, BT>
+{
+    fn fused_rope(x: Raw, cos: Raw, sin: Raw) -> Raw {
+        forward(x, cos, sin)
+    }
+}
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl<F: FloatElement, I: IntElement, BT: BoolElement>
+    Backward<CubeBackend<CudaRuntime, F, I, BT>, 1> for RopeBackward
+{
+    type State = (Raw, Raw);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        type Cb<F, I, BT> = CubeBackend<CudaRuntime, F, I, BT>;
+        let [px] = ops.parents;
+        let dy = grads.consume::<Cb<F, I, BT>>(&ops.node);
+        if let Some(node) = px {
+            let (cos, sin) = ops.state;
+            grads.register::<Cb<F, I, BT>>(node.id, backward(dy, cos, sin));
+        }
+    }
+}
+
+impl<F: FloatElement, I: IntElement, BT: BoolElement, C: CheckpointStrategy> FusedRope
+    for Autodiff<CubeBackend<CudaRuntime, F, I, BT>, C>
+{
+    fn fused_rope(x: Prim<Self>, cos: Prim<Self>, sin: Prim<Self>) -> Prim<Self> {
+        let (cos, sin) = (cos.primitive, sin.primitive);
+        match RopeBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = forward(x.primitive, cos.clone(), sin.clone());
+                prep.finish((cos, sin), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, cos, sin)),
+        }
+    }
+}

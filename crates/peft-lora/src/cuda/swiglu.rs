@@ -1,0 +1,170 @@
+//! The SwiGLU gate `silu(gate) * up` as one cubecl kernel each way, with transformers' rounding
+//! points (`act_fn(gate_proj(x)) * up_proj(x)` in the model's dtype, each op computed in f32):
+//! - forward: `a = dtype(g sigmoid(g))`, `y = dtype(a u)`;
+//! - backward: `du = dtype(dy a)`, `dg = dtype(dtype(dy u) s (1 + g (1 - s)))` with
+//!   `s = sigmoid(g)`, as torch's `silu_backward`. Keeps `gate` and `up` only.
+//!
+//! Burn 0.21's composed `silu` computes the sigmoid as `exp(-log(1 + exp(-x)))` in f32: seven
+//! kernels forward, each a pass over the `[tokens, intermediate]` activations, and several more
+//! backward.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::{Autodiff, NodeId};
+use burn::tensor::backend::Backend;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
+use cubecl::prelude::*;
+use cubecl_cuda::CudaRuntime;
+
+use super::backend::Prim;
+use super::cube_util::{elem_grid, elem_index, THREADS};
+use super::kernels::{empty_as, Raw};
+
+#[cube(launch)]
+fn swiglu_forward_kernel<E: Float>(
+    gate: &Tensor<E>,
+    up: &Tensor<E>,
+    out: &mut Tensor<E>,
+    n: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let i = elem_index();
+    if i >= n as usize {
+        terminate!();
+    }
+    let g = f32::cast_from(gate[i]);
+    let act = E::cast_from(g / (f32::new(1.0) + (-g).exp()));
+    out[i] = E::cast_from(f32::cast_from(act) * f32::cast_from(up[i]));
+}
+
+#[cube(launch)]
+fn swiglu_backward_kernel<E: Float>(
+    dy: &Tensor<E>,
+    gate: &Tensor<E>,
+    up: &Tensor<E>,
+    dgate: &mut Tensor<E>,
+    dup: &mut Tensor<E>,
+    n: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let i = elem_index();
+    if i >= n as usize {
+        terminate!();
+    }
+    let g = f32::cast_from(gate[i]);
+    let d = f32::cast_from(dy[i]);
+    let one = f32::new(1.0);
+    let s = one / (one + (-g).exp());
+    let act = f32::cast_from(E::cast_from(g * s));
+    dup[i] = E::cast_from(d * act);
+    let da = f32::cast_from(E::cast_from(d * f32::cast_from(up[i])));
+    dgate[i] = E::cast_from(da * s * (one + g * (one - s)));
+}
+
+/// `silu(gate) * up`, elementwise over tensors of one shape.
+pub fn forward(gate: Raw, up: Raw) -> Raw {
+    let (gate, up) = (into_contiguous(gate), into_contiguous(up));
+    let shape = gate.meta.shape().clone();
+    let n = shape.num_elements();
+    let out = empty_as(&gate, shape, gate.dtype);
+    let dtype = gate.dtype;
+    swiglu_forward_kernel::launch::<CudaRuntime>(
+        &gate.client.clone(),
+        elem_grid(n),
+        CubeDim::new_1d(THREADS),
+        gate.into_tensor_arg(),
+        up.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        n as u32,
+        dtype.into(),
+    );
+    out
+}
+
+/// `(dgate, dup)` from the output gradient and the two inputs.
+pub fn backward(dy: Raw, gate: Raw, up: Raw) -> (Raw, Raw) {
+    let (dy, gate, up) = (
+        into_contiguous(dy),
+        into_contiguous(gate),
+        into_contiguous(up),
+    );
+    let shape = gate.meta.shape().clone();
+    let n = shape.num_elements();
+    let dgate = empty_as(&gate, shape.clone(), gate.dtype);
+    let dup = empty_as(&gate, shape, gate.dtype);
+    let dtype = gate.dtype;
+    swiglu_backward_kernel::launch::<CudaRuntime>(
+        &gate.client.clone(),
+        elem_grid(n),
+        CubeDim::new_1d(THREADS),
+        dy.into_tensor_arg(),
+        gate.into_tensor_arg(),
+        up.into_tensor_arg(),
+        dgate.clone().into_tensor_arg(),
+        dup.clone().into_tensor_arg(),
+        n as u32,
+        dtype.into(),
+    );
+    (dgate, dup)
+}
+
+/// Backends with the SwiGLU op (raw cubecl CUDA, with or without autodiff).
+pub trait FusedSwiglu: Backend {
+    /// `silu(gate) * up`.
+    fn fused_swiglu(gate: Prim<Self>, up: Prim<Self>) -> Prim<Self>;
+}
+
+impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedSwiglu
+    for CubeBackend<CudaRuntime, F, I, BT>
+{
+    fn fused_swiglu(gate: Raw, up: Raw) -> Raw {
+        forward(gate, up)
+    }
+}
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl<F: FloatElement, I: IntElement, BT: BoolElement>
+    Backward<CubeBackend<CudaRuntime, F, I, BT>, 2> for SwigluBackward
+{
+    type State = (NodeId, NodeId);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
+        type Cb<F, I, BT> = CubeBackend<CudaRuntime, F, I, BT>;
+        let [pg, pu] = ops.parents;
+        let dy = grads.consume::<Cb<F, I, BT>>(&ops.node);
+        let (g, u) = ops.state;
+        let gate = ckpt.retrieve_node_output::<Raw>(g);
+        let up = ckpt.retrieve_node_output::<Raw>(u);
+        let (dg, du) = backward(dy, gate, up);
+        if let Some(node) = pg {
+            grads.register::<Cb<F, I, BT>>(node.id, dg);
+        }
+        if let Some(node) = pu {
+            grads.register::<Cb<F, I, BT>>(node.id, du);
+        }
+    }
+}
+
+impl<F: FloatElement, I: IntElement, BT: BoolElement, C: CheckpointStrategy> FusedSwiglu
+    for Autodiff<CubeBackend<CudaRuntime, F, I, BT>, C>
+{
+    fn fused_swiglu(gate: Prim<Self>, up: Prim<Self>) -> Prim<Self> {
+        match SwigluBackward
+            .prepare::<C>([gate.node.clone(), up.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let g = prep.checkpoint(&gate);
+                let u = prep.checkpoint(&up);
+                prep.finish((g, u), forward(gate.primitive, up.primitive))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward(gate.primitive, up.primitive)),
+        }
+    }
+}
