@@ -71,11 +71,13 @@ for stage in "$@"; do
     variant noadamw PEFT_LORA_FUSED_ADAMW=0 qv-gc all-gc ;;
   train-nosoftmax)
     variant nosoftmax PEFT_LORA_SOFTMAX_KERNEL=0 qv-gc qv-nogc ;;
-  util)
-    # GPU busy share during 8B q,v steps (no checkpointing): nvidia-smi's utilization.gpu (the
-    # share of time a kernel runs) sampled every 100 ms; then cubecl's own per-kernel profile
-    # (synchronises after each kernel: shares, not speed).
+  util|util-all)
+    # GPU busy share during 8B q,v steps (no checkpointing; util-all: all linear r 16 with
+    # checkpointing): nvidia-smi's utilization.gpu (the share of time a kernel runs) sampled every
+    # 100 ms; then cubecl's own per-kernel profile (synchronises after each kernel: shares, not
+    # speed; cuBLASLt GEMMs are not in it).
     args="--batch-size 2 --grad-accum 1 --lora-alpha 32 --lora-r 8 --gradient-checkpointing false"
+    [ $stage = util-all ] && args="--batch-size 2 --grad-accum 1 --lora-alpha 32 --lora-r 16 --gradient-checkpointing true --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 100 > "$OUT/util_samples.txt" & p=$!
     timeout 200 $B $args bench-train --steps 12 --warmup 2 2>&1 | tail -1 | tee "$OUT/util_run.txt"
     kill $p; wait $p 2>/dev/null

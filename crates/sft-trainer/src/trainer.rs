@@ -187,9 +187,11 @@ where
                 Some(value) => value,
                 None => {
                     let loss = peft.model.causal_lm_loss(&batch);
-                    let value: f64 = loss.clone().into_scalar().elem::<f64>();
+                    // The backward is queued before the loss is read, so the device does not
+                    // wait for the host in between; a non-finite loss stops the run below.
+                    let grads = (loss.clone() * scale).backward();
+                    let value: f64 = loss.into_scalar().elem::<f64>();
                     if value.is_finite() {
-                        let grads = (loss * scale).backward();
                         acc.add::<AB, M>(&peft.model, &grads);
                     }
                     value

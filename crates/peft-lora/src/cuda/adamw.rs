@@ -2,7 +2,8 @@
 //! decoupled decay, then the bias-corrected step), f32 inside, results rounded to the tensor's
 //! dtype once. Burn's composed update runs about sixteen kernels per tensor; an 8B model with
 //! LoRA on all linear layers has 448 adapter tensors, so the composed optimizer step is some
-//! seven thousand tiny launches while the GPU waits.
+//! seven thousand tiny launches while the GPU waits. The global gradient norm before it is one
+//! launch per tensor too ([`sums_of_squares`]).
 
 use burn::tensor::backend::Backend;
 use burn_cubecl::kernel::into_contiguous;
@@ -10,8 +11,10 @@ use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
 use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
+use burn::tensor::{DType, Shape};
+
 use super::backend::Prim;
-use super::cube_util::{elem_grid, elem_index, THREADS};
+use super::cube_util::{elem_grid, elem_index, reduce_sum, THREADS};
 use super::kernels::{empty_as, Raw};
 
 /// The scalars of one update.
@@ -66,6 +69,56 @@ fn adamw_kernel<E: Float>(
     v_out[i] = E::cast_from(vi);
 }
 
+/// `out[slot] = sum(t^2)` in f32, one cube looping over the (small) tensor.
+#[cube(launch)]
+fn sum_squares_kernel<E: Float>(
+    t: &Tensor<E>,
+    out: &mut Tensor<f32>,
+    n: u32,
+    slot: u32,
+    #[comptime] threads: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let tid = UNIT_POS_X as usize;
+    let mut sh = SharedMemory::<f32>::new(threads as usize);
+    let mut acc = f32::new(0.0);
+    let mut j = tid;
+    while j < n as usize {
+        let v = f32::cast_from(t[j]);
+        acc += v * v;
+        j += CUBE_DIM_X as usize;
+    }
+    sh[tid] = acc;
+    sync_cube();
+    reduce_sum(&mut sh);
+    if tid == 0 {
+        out[slot as usize] = sh[0];
+    }
+}
+
+/// `[ts.len()]` f32: the sum of squares of each tensor, one launch per tensor (instead of a
+/// square, a sum and an add each). `ts` must not be empty.
+pub fn sums_of_squares(ts: Vec<Raw>) -> Raw {
+    let out = empty_as(&ts[0], Shape::new([ts.len()]), DType::F32);
+    for (slot, t) in ts.into_iter().enumerate() {
+        let t = into_contiguous(t);
+        let n = t.meta.shape().num_elements();
+        let (dtype, client) = (t.dtype, t.client.clone());
+        sum_squares_kernel::launch::<CudaRuntime>(
+            &client,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(THREADS),
+            t.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            n as u32,
+            slot as u32,
+            THREADS,
+            dtype.into(),
+        );
+    }
+    out
+}
+
 /// `(p, m, v)` after one update of parameter `p` with gradient `g` and moments `m`, `v` (all of
 /// one shape and dtype).
 pub fn update(p: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw, Raw, Raw) {
@@ -115,6 +168,8 @@ pub trait FusedAdamW: Backend {
         v: Prim<Self>,
         h: AdamWStep,
     ) -> (Prim<Self>, Prim<Self>, Prim<Self>);
+    /// `[n]` f32: the sum of squares of each of the `n` tensors (not empty).
+    fn fused_sums_of_squares(ts: Vec<Prim<Self>>) -> Prim<Self>;
 }
 
 impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedAdamW
@@ -122,5 +177,9 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedAdamW
 {
     fn fused_adamw(p: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw, Raw, Raw) {
         update(p, g, m, v, h)
+    }
+
+    fn fused_sums_of_squares(ts: Vec<Raw>) -> Raw {
+        sums_of_squares(ts)
     }
 }

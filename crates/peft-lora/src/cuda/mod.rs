@@ -475,6 +475,12 @@ pub fn rope<B: Backend>(
     dispatch_raw!(B, rope_impl(args))
 }
 
+/// `PEFT_LORA_FUSED_ADAMW=0`: the optimizer's kernels off (composed update and norm).
+fn adamw_update_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("PEFT_LORA_FUSED_ADAMW").is_ok_and(|v| v == "0"))
+}
+
 #[allow(clippy::type_complexity)]
 fn adamw_impl<T: adamw::FusedAdamW>(
     args: (Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>, AdamWStep),
@@ -496,9 +502,7 @@ pub fn adamw_update<B: Backend>(
     v: &Tensor<B, 2>,
     h: AdamWStep,
 ) -> Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)> {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("PEFT_LORA_FUSED_ADAMW").map_or(true, |v| v != "0"));
-    if !on || !supported::<B>() || !enabled() {
+    if adamw_update_off() || !supported::<B>() || !enabled() {
         return None;
     }
     let same = [g, m, v]
@@ -509,4 +513,23 @@ pub fn adamw_update<B: Backend>(
     }
     let args = (p.clone(), g.clone(), m.clone(), v.clone(), h);
     dispatch_try!(B, adamw_impl(args); Cube<bf16>, Cube<f32>)
+}
+
+fn sums_of_squares_impl<T: adamw::FusedAdamW>(ts: Vec<Tensor<T, 2>>) -> Tensor<T, 1> {
+    tensor(T::fused_sums_of_squares(ts.into_iter().map(prim).collect()))
+}
+
+/// The sum of the squares of every element of `ts` (f64 on the host; one read), with one kernel
+/// per tensor, when `B` is a raw cubecl CUDA backend and the fused path is on (the switch of
+/// [`adamw_update`]); else `None`.
+pub fn sum_of_squares<B: Backend>(ts: &[Tensor<B, 2>]) -> Option<f64> {
+    if ts.is_empty() || adamw_update_off() || !supported::<B>() || !enabled() {
+        return None;
+    }
+    if ts.iter().any(|t| t.dims().iter().any(|d| *d == 0)) {
+        return None;
+    }
+    let sums: Tensor<B, 1> = dispatch_try!(B, sums_of_squares_impl(ts.to_vec()); Cube<bf16>, Cube<f32>)?;
+    let host = sums.into_data().convert::<f32>().to_vec::<f32>().ok()?;
+    Some(host.iter().map(|v| *v as f64).sum())
 }

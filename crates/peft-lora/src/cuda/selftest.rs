@@ -899,7 +899,8 @@ pub fn check_rope<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Dev
 }
 
 /// The one-kernel AdamW update (`super::adamw_update`) against an f64 host reference of
-/// `torch.optim.AdamW`'s rule: parameter and both moments after a clipped, decayed step.
+/// `torch.optim.AdamW`'s rule: parameter and both moments after a clipped, decayed step; and
+/// the fused sum of squares behind the global gradient norm.
 pub fn check_adamw<B: Backend>(label: &str, dtype: DType, device: &B::Device) -> Vec<Check> {
     let opts = (device, dtype);
     let mut checks = Vec::new();
@@ -915,6 +916,7 @@ pub fn check_adamw<B: Backend>(label: &str, dtype: DType, device: &B::Device) ->
             eps: 1e-8,
             bias_corrections: (1.0 - 0.9f32.powi(t), 1.0 - 0.999f32.powi(t)),
         };
+        let norm2 = super::sum_of_squares(&[g.clone(), m.clone()]).expect("fused norm runs");
         let (p2, m2, v2) = super::adamw_update(&p, &g, &m, &v, h).expect("fused AdamW runs");
         let (ph, gh, mh, vh) = (host(p), host(g), host(m), host(v));
         let n = rows * cols;
@@ -929,6 +931,13 @@ pub fn check_adamw<B: Backend>(label: &str, dtype: DType, device: &B::Device) ->
             pr[i] = (decayed - f(h.lr) * mi / f(h.bias_corrections.0) / denom) as f32;
             (mr[i], vr[i]) = (mi as f32, vi as f32);
         }
+        let want: f64 = gh.iter().chain(&mh).map(|x| (*x as f64).powi(2)).sum();
+        checks.push(Check {
+            name: format!("{label} {dtype:?} sum of squares {rows}x{cols} x2"),
+            err_fused: rel_err(&[norm2 as f32], &[want as f32]),
+            err_composed: f64::NAN,
+            tol: tolerance(dtype),
+        });
         // The step moves p by ~lr: compare the step itself, not p, in relative terms.
         let step = |a: &[f32]| -> Vec<f32> { a.iter().zip(&ph).map(|(x, p0)| x - p0).collect() };
         for (what, got, want) in [
