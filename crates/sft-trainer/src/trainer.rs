@@ -32,8 +32,12 @@ pub struct TrainSummary {
     pub eval_loss: Option<f64>,
     /// Where the final adapter was written.
     pub adapter_dir: PathBuf,
-    /// Mean training throughput (non-padding tokens per second) of this process.
+    /// Mean training throughput (non-padding tokens per second) of this process, over
+    /// [`TrainSummary::step_secs`].
     pub tokens_per_s: f64,
+    /// Wall time of this process's training steps: the loop without evaluations and
+    /// checkpoint writes (the device is synchronised before each such pause).
+    pub step_secs: f64,
     /// The step this process resumed from, if it resumed.
     pub resumed_from: Option<u64>,
 }
@@ -148,6 +152,7 @@ where
     let (mut win_loss, mut win_n, mut win_tokens) = (0.0f64, 0u64, 0usize);
     let mut win_start = Instant::now();
     let run_start = Instant::now();
+    let mut off_clock = std::time::Duration::ZERO;
     let mut run_tokens = 0usize;
     let (mut first_loss, mut last_loss, mut eval_loss) = (None, None, None);
     let epoch_frac = |step: u64| step as f64 / steps_per_epoch as f64;
@@ -245,7 +250,16 @@ where
             (win_loss, win_n, win_tokens) = (0.0, 0, 0);
             win_start = Instant::now();
         }
-        if !eval.is_empty() && ((cfg.eval_steps > 0 && step % cfg.eval_steps == 0) || is_last) {
+        let do_eval =
+            !eval.is_empty() && ((cfg.eval_steps > 0 && step % cfg.eval_steps == 0) || is_last);
+        let do_save = (cfg.save_steps > 0 && step % cfg.save_steps == 0) || is_last;
+        // Evaluation and checkpoint writes stay off the throughput clocks: the device finishes
+        // the step's queued work first, then the pause is timed and left out.
+        let paused = (do_eval || do_save).then(|| {
+            let _ = AB::sync(device);
+            Instant::now()
+        });
+        if do_eval {
             let l = evaluate(
                 &peft.model.valid(),
                 eval,
@@ -266,14 +280,20 @@ where
             })?;
             bar.println(format!("step {step}: eval_loss {l:.4}"));
         }
-        if (cfg.save_steps > 0 && step % cfg.save_steps == 0) || is_last {
+        if do_save {
             checkpoint::write(&out, &state, cfg.save_total_limit, |dir| {
                 peft.save_adapter::<AB>(dir, adapter)?;
                 write_f32(&dir.join("optimizer.safetensors"), &opt.state_tensors())?;
                 Ok(())
             })?;
         }
+        if let Some(t0) = paused {
+            let d = t0.elapsed();
+            off_clock += d;
+            win_start += d;
+        }
     }
+    let step_secs = (run_start.elapsed() - off_clock).as_secs_f64().max(1e-9);
     bar.finish_and_clear();
     let final_dir = peft.save_adapter::<AB>(&out, adapter)?;
     plot_loss(&read_metrics(metrics.path())?, &out.join("loss.png"))?;
@@ -283,7 +303,8 @@ where
         last_loss,
         eval_loss,
         adapter_dir: final_dir,
-        tokens_per_s: run_tokens as f64 / run_start.elapsed().as_secs_f64().max(1e-9),
+        tokens_per_s: run_tokens as f64 / step_secs,
+        step_secs,
         resumed_from,
     })
 }
