@@ -149,6 +149,16 @@ pub fn check(race_tokens: usize, race_dim: usize, race_steps: usize) -> Result<(
         &device,
     ));
     checks.extend(selftest::check_adamw::<Cuda<f32>>("cuda", DType::F32, &device));
+    checks.extend(selftest::check_hashed_dropout::<Autodiff<Cuda<f32>>>(
+        "cuda",
+        DType::F32,
+        &device,
+    ));
+    checks.extend(selftest::check_hashed_dropout::<Autodiff<Gpu>>(
+        "cuda",
+        DType::BF16,
+        &device,
+    ));
     let mut failed = 0;
     for c in &checks {
         if !c.pass() {

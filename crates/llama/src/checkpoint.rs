@@ -80,6 +80,7 @@ impl<B: AutodiffBackend> LlamaForCausalLM<B> {
             let seed = next_seed();
             let device = x.device();
             B::InnerBackend::seed(&device, seed);
+            peft_lora::seed_dropout(seed);
             let inner = layer.valid();
             let (y, _) = peft_lora::with_training(|| {
                 inner.forward(x.clone(), &cos, &sin, &mask, None, &ctx)
@@ -107,6 +108,7 @@ impl<B: AutodiffBackend> LlamaForCausalLM<B> {
         for (layer, (input, seed)) in self.model.layers.iter().zip(kept).rev() {
             let x = Tensor::<B, 3>::from_inner(input).require_grad();
             B::InnerBackend::seed(&x.device(), seed);
+            peft_lora::seed_dropout(seed);
             let (y, _) = layer.forward(x.clone(), &cos, &sin, &mask, None, &ctx);
             let grads = (y * Tensor::from_inner(g)).sum().backward();
             on_grads(&grads);

@@ -142,6 +142,10 @@ where
         let _ = std::fs::remove_file(metrics.path());
     }
     opt.prepare::<AB, M>(&mut peft.model);
+    // Pages the memory pool kept from loading or building the model (temporaries of other
+    // sizes than training uses) go back to the device before the first step.
+    AB::memory_cleanup(device);
+    let cleanup_each_step = std::env::var("SFT_MEMORY_CLEANUP_EACH_STEP").is_ok_and(|v| v == "1");
     std::fs::write(
         out.join("train_config.json"),
         serde_json::to_string_pretty(cfg).expect("json"),
@@ -161,10 +165,9 @@ where
     let mut batches = epoch_batches(train.len(), bs, cfg.seed, state.epoch);
     while state.global_step < total {
         // Dropout draws depend only on the seed and the step: a resumed run draws the same.
-        AB::seed(
-            device,
-            cfg.seed.wrapping_mul(7919).wrapping_add(state.global_step),
-        );
+        let step_seed = cfg.seed.wrapping_mul(7919).wrapping_add(state.global_step);
+        AB::seed(device, step_seed);
+        peft_lora::seed_dropout(step_seed);
         let mut acc = GradAccumulator::<AB::InnerBackend>::default();
         let mut step_loss = 0.0;
         for _ in 0..accum {
@@ -220,6 +223,9 @@ where
             ));
         }
         state.global_step += 1;
+        if cleanup_each_step {
+            AB::memory_cleanup(device);
+        }
         win_loss += step_loss;
         win_n += 1;
         bar.set_position(state.global_step);

@@ -29,6 +29,7 @@ pub mod backend;
 pub mod cross_entropy;
 mod cube_util;
 pub mod device;
+pub mod dropout;
 #[cfg(feature = "fusion")]
 pub mod fusion;
 pub mod kernels;
@@ -412,8 +413,8 @@ pub fn rms_norm<B: Backend>(x: &Tensor<B, 3>, w: &Tensor<B, 1>, eps: f64) -> Opt
     Some(out.reshape([b, s, h]))
 }
 
-/// Whether the SwiGLU and RoPE kernels run (on unless `PEFT_LORA_ELEMENTWISE_KERNELS=0`, for
-/// measuring them on and off with the same binary).
+/// Whether the SwiGLU, RoPE and dropout kernels run (on unless
+/// `PEFT_LORA_ELEMENTWISE_KERNELS=0`, for measuring them on and off with the same binary).
 fn elementwise_ops_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("PEFT_LORA_ELEMENTWISE_KERNELS").map_or(true, |v| v != "0"))
@@ -532,4 +533,32 @@ pub fn sum_of_squares<B: Backend>(ts: &[Tensor<B, 2>]) -> Option<f64> {
     let sums: Tensor<B, 1> = dispatch_try!(B, sums_of_squares_impl(ts.to_vec()); Cube<bf16>, Cube<f32>)?;
     let host = sums.into_data().convert::<f32>().to_vec::<f32>().ok()?;
     Some(host.iter().map(|v| *v as f64).sum())
+}
+
+fn dropout_impl<T: dropout::FusedDropout>(args: (Tensor<T, 2>, dropout::DropMask)) -> Tensor<T, 2> {
+    let (x, mask) = args;
+    tensor(T::fused_dropout(prim(x), mask))
+}
+
+/// Inverted dropout with drop probability `p` as one kernel each way, the mask hashed from a
+/// seed of [`crate::layer::next_dropout_seed`] and never stored ([`dropout`]), when `B` is a raw
+/// cubecl CUDA backend (with or without autodiff) and the step ops are on; else `None` (and no
+/// seed is drawn).
+pub fn dropout<B: Backend>(x: &Tensor<B, 2>, p: f64) -> Option<Tensor<B, 2>> {
+    if !supported::<B>() || !elementwise_ops_enabled() || !(0.0..1.0).contains(&p) {
+        return None;
+    }
+    if x.dims().iter().any(|d| *d == 0) || x.dims().iter().product::<usize>() > u32::MAX as usize {
+        return None;
+    }
+    if !dispatch_raw!(B, is_raw()).unwrap_or(false) {
+        return None;
+    }
+    let mask = dropout::DropMask::new(p, crate::layer::next_dropout_seed());
+    dispatch_raw!(B, dropout_impl((x.clone(), mask)))
+}
+
+#[allow(clippy::extra_unused_type_parameters)]
+fn is_raw<T: Backend>() -> bool {
+    true
 }

@@ -955,3 +955,86 @@ pub fn check_adamw<B: Backend>(label: &str, dtype: DType, device: &B::Device) ->
     }
     checks
 }
+
+/// The hashed dropout (`super::dropout`): the device mask equals the host hash for the drawn
+/// seed, re-seeding reproduces it and the next call draws another, the kept share is `1 - p`
+/// within six standard deviations, and output and `dx` are `x / (1 - p)`, `dy / (1 - p)` where
+/// kept and zero elsewhere.
+pub fn check_hashed_dropout<B: AutodiffBackend>(
+    label: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Check> {
+    let opts = (device, dtype);
+    let (rows, cols, p) = (2048, 1000, 0.1);
+    let n = rows * cols;
+    let x = Tensor::<B, 2>::random([rows, cols], Distribution::Uniform(1.0, 2.0), opts)
+        .require_grad();
+    let dy = Tensor::<B, 2>::random([rows, cols], Distribution::Uniform(1.0, 2.0), opts);
+    crate::layer::seed_dropout(42);
+    let mask = super::dropout::DropMask::new(p, crate::layer::next_dropout_seed());
+    crate::layer::seed_dropout(42);
+    let y = super::dropout(&x, p).expect("fused dropout runs");
+    let again = super::dropout(&x, p).expect("fused dropout runs");
+    crate::layer::seed_dropout(42);
+    let replay = super::dropout(&x, p).expect("fused dropout runs");
+    let grads = (y.clone() * dy.clone()).sum().backward();
+    let dx = host(x.grad(&grads).expect("dx"));
+    let (xh, gh, yh) = (host(x.clone()), host(dy), host(y));
+    let (mut yr, mut dxr, mut wrong, mut kept) = (vec![0f32; n], vec![0f32; n], 0usize, 0usize);
+    let scale = 1.0 / (1.0 - p);
+    for i in 0..n {
+        let keep = mask.keeps(i as u32);
+        kept += keep as usize;
+        wrong += (keep != (yh[i] != 0.0)) as usize;
+        if keep {
+            yr[i] = (xh[i] as f64 * scale) as f32;
+            dxr[i] = (gh[i] as f64 * scale) as f32;
+        }
+    }
+    let differs = host(again)
+        .iter()
+        .zip(&yh)
+        .filter(|(a, b)| (**a == 0.0) != (**b == 0.0))
+        .count();
+    let sigma = (p * (1.0 - p) / n as f64).sqrt();
+    let name = |what: &str| format!("{label} {dtype:?} hashed dropout {rows}x{cols} p{p} {what}");
+    vec![
+        Check {
+            name: name("mask vs host hash (mismatches)"),
+            err_fused: wrong as f64,
+            err_composed: f64::NAN,
+            tol: 0.0,
+        },
+        Check {
+            name: name("re-seeded replay (relative difference)"),
+            err_fused: rel_err(&host(replay), &yh),
+            err_composed: f64::NAN,
+            tol: 0.0,
+        },
+        Check {
+            name: name("next call draws another mask (1 - share of differing positions)"),
+            err_fused: 1.0 - differs as f64 / n as f64 / (2.0 * p * (1.0 - p)),
+            err_composed: f64::NAN,
+            tol: 0.05,
+        },
+        Check {
+            name: name("kept share vs 1 - p (|difference|)"),
+            err_fused: (kept as f64 / n as f64 - (1.0 - p)).abs(),
+            err_composed: f64::NAN,
+            tol: 6.0 * sigma,
+        },
+        Check {
+            name: name("y"),
+            err_fused: rel_err(&yh, &yr),
+            err_composed: f64::NAN,
+            tol: tolerance(dtype),
+        },
+        Check {
+            name: name("dx"),
+            err_fused: rel_err(&dx, &dxr),
+            err_composed: f64::NAN,
+            tol: tolerance(dtype),
+        },
+    ]
+}
