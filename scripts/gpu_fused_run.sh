@@ -5,8 +5,7 @@
 #   (bench_lora_linear_torch.py, peft_baseline.py, bench_pissa_peft.py). Stages: check, quick,
 #   linear, train (ours then HF PEFT's three configs), and ours with one switch off (same binary):
 #   train-noattn (attention / head+CE / RMSNorm ops, PEFT_LORA_FUSED_ATTENTION=0), train-noelem
-#   (SwiGLU and RoPE kernels), train-noadamw (one-kernel AdamW), train-cleanup (memory pool cleanup after every step:
-#   SFT_MEMORY_CLEANUP_EACH_STEP=1), train-nosoftmax (the attention's
+#   (SwiGLU and RoPE kernels), train-noadamw (one-kernel AdamW), train-nosoftmax (the attention's
 #   softmax kernels); util (GPU busy share + cubecl kernel profile), prof (Nsight, when present),
 #   pissa (bench-init vs PEFT's init).
 # Writes logs under $OUT (or /tmp/fused-out), packed into $OUT/logs.tgz at the end.
@@ -68,8 +67,6 @@ for stage in "$@"; do
     fi ;;
   train-noelem)
     variant noelem PEFT_LORA_ELEMENTWISE_KERNELS=0 qv-gc qv-nogc ;;
-  train-cleanup)
-    variant cleanup SFT_MEMORY_CLEANUP_EACH_STEP=1 qv-gc qv-nogc all-gc ;;
   train-noadamw)
     variant noadamw PEFT_LORA_FUSED_ADAMW=0 qv-gc all-gc ;;
   train-nosoftmax)

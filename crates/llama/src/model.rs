@@ -101,6 +101,14 @@ pub fn position_ids_from_mask<B: Backend>(attention_mask: Tensor<B, 2, Int>) -> 
     (attention_mask.cumsum(1) - 1).clamp_min(0)
 }
 
+/// Runs `f` with the backend's allocations in persistent mode: each weight gets a buffer of its
+/// own size. cubecl's default pool would slice weights out of large pages sized by the device's
+/// memory (a 1 GB embedding lands in a page of a sixteenth of it, ~9 GB on an H200) and keep
+/// the unused rest of those pages reserved for the whole run. Other backends just run `f`.
+fn persistent<B: Backend, T: Send>(device: &B::Device, f: impl Fn() -> T + Send) -> T {
+    B::memory_persistent_allocations(device, (), move |()| f())
+}
+
 impl<B: Backend> LlamaForCausalLM<B> {
     /// Loads a checkpoint (config + safetensors, bf16/f16/f32, single file or shards) into the
     /// backend's float type on `device`, one tensor at a time.
@@ -142,6 +150,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
         device: &B::Device,
         nf4: bool,
     ) -> Result<Self> {
+        persistent::<B, _>(device, move || Self::read(cfg.clone(), files, device, nf4))
+    }
+
+    fn read(cfg: LlamaConfig, files: &ModelFiles, device: &B::Device, nf4: bool) -> Result<Self> {
         let ckpt = Checkpoint::open(&files.weights)?;
         let vb = VarBuilder::<B>::new(&ckpt, device).with_nf4(nf4);
         let m = vb.pp("model");
@@ -191,6 +203,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
     }
 
     fn random_inner(cfg: &LlamaConfig, device: &B::Device) -> Self {
+        persistent::<B, _>(device, move || Self::build_random(cfg, device))
+    }
+
+    fn build_random(cfg: &LlamaConfig, device: &B::Device) -> Self {
         let h = cfg.hidden_size;
         let frozen = |t: Tensor<B, 2>| Param::from_tensor(t).set_require_grad(false);
         let normal =

@@ -145,7 +145,6 @@ where
     // Pages the memory pool kept from loading or building the model (temporaries of other
     // sizes than training uses) go back to the device before the first step.
     AB::memory_cleanup(device);
-    let cleanup_each_step = std::env::var("SFT_MEMORY_CLEANUP_EACH_STEP").is_ok_and(|v| v == "1");
     std::fs::write(
         out.join("train_config.json"),
         serde_json::to_string_pretty(cfg).expect("json"),
@@ -223,9 +222,6 @@ where
             ));
         }
         state.global_step += 1;
-        if cleanup_each_step {
-            AB::memory_cleanup(device);
-        }
         win_loss += step_loss;
         win_n += 1;
         bar.set_position(state.global_step);
