@@ -77,88 +77,37 @@ pub fn bench_linear(quick: bool, composed: bool, iters: usize) -> Result<()> {
 /// `news2stock check-fused`.
 pub fn check(race_tokens: usize, race_dim: usize, race_steps: usize) -> Result<()> {
     let device = CudaDevice::default();
-    let mut checks = Vec::new();
     // Element types are given explicitly: Burn's default float type is per device, fixed by
     // the first backend that touches it, whatever the backend's type parameter says.
-    checks.extend(selftest::check_all::<Autodiff<Cuda<f32>>>(
-        "cuda",
-        DType::F32,
-        &device,
-    ));
-    checks.extend(selftest::check_all::<Autodiff<Gpu>>(
-        "cuda",
-        DType::BF16,
-        &device,
-    ));
-    checks.extend(selftest::check_all::<Autodiff<Gpu, BalancedCheckpointing>>(
-        "cuda-ckpt",
-        DType::BF16,
-        &device,
-    ));
-    checks.extend(selftest::check_attention::<Autodiff<Cuda<f32>>>(
-        "cuda",
-        DType::F32,
-        &device,
-    ));
-    checks.extend(selftest::check_attention::<Autodiff<Gpu>>(
-        "cuda",
-        DType::BF16,
-        &device,
-    ));
-    checks.extend(selftest::check_attention::<
-        Autodiff<Gpu, BalancedCheckpointing>,
-    >("cuda-ckpt", DType::BF16, &device));
-    checks.extend(selftest::check_cross_entropy::<Autodiff<Cuda<f32>>>(
-        "cuda",
-        DType::F32,
-        &device,
-    ));
-    checks.extend(selftest::check_cross_entropy::<Autodiff<Gpu>>(
-        "cuda",
-        DType::BF16,
-        &device,
-    ));
-    checks.extend(selftest::check_rms_norm::<Autodiff<Cuda<f32>>>(
-        "cuda",
-        DType::F32,
-        &device,
-    ));
-    checks.extend(selftest::check_rms_norm::<Autodiff<Gpu>>(
-        "cuda",
-        DType::BF16,
-        &device,
-    ));
-    checks.extend(selftest::check_swiglu::<Autodiff<Cuda<f32>>>(
-        "cuda",
-        DType::F32,
-        &device,
-    ));
-    checks.extend(selftest::check_swiglu::<Autodiff<Gpu>>(
-        "cuda",
-        DType::BF16,
-        &device,
-    ));
-    checks.extend(selftest::check_rope::<Autodiff<Cuda<f32>>>(
-        "cuda",
-        DType::F32,
-        &device,
-    ));
-    checks.extend(selftest::check_rope::<Autodiff<Gpu>>(
-        "cuda",
-        DType::BF16,
-        &device,
-    ));
-    checks.extend(selftest::check_adamw::<Cuda<f32>>("cuda", DType::F32, &device));
-    checks.extend(selftest::check_hashed_dropout::<Autodiff<Cuda<f32>>>(
-        "cuda",
-        DType::F32,
-        &device,
-    ));
-    checks.extend(selftest::check_hashed_dropout::<Autodiff<Gpu>>(
-        "cuda",
-        DType::BF16,
-        &device,
-    ));
+    type Suite = fn(&str, DType, &CudaDevice) -> Vec<selftest::Check>;
+    type F32 = Autodiff<Cuda<f32>>;
+    type Bf16 = Autodiff<Gpu>;
+    type Bf16Ckpt = Autodiff<Gpu, BalancedCheckpointing>;
+    let (f32_, bf16_) = (("cuda", DType::F32), ("cuda", DType::BF16));
+    let ckpt = ("cuda-ckpt", DType::BF16);
+    let suites: [((&str, DType), Suite); 17] = [
+        (f32_, selftest::check_all::<F32>),
+        (bf16_, selftest::check_all::<Bf16>),
+        (ckpt, selftest::check_all::<Bf16Ckpt>),
+        (f32_, selftest::check_attention::<F32>),
+        (bf16_, selftest::check_attention::<Bf16>),
+        (ckpt, selftest::check_attention::<Bf16Ckpt>),
+        (f32_, selftest::check_cross_entropy::<F32>),
+        (bf16_, selftest::check_cross_entropy::<Bf16>),
+        (f32_, selftest::check_rms_norm::<F32>),
+        (bf16_, selftest::check_rms_norm::<Bf16>),
+        (f32_, selftest::check_swiglu::<F32>),
+        (bf16_, selftest::check_swiglu::<Bf16>),
+        (f32_, selftest::check_rope::<F32>),
+        (bf16_, selftest::check_rope::<Bf16>),
+        (f32_, selftest::check_adamw::<Cuda<f32>>),
+        (f32_, selftest::check_hashed_dropout::<F32>),
+        (bf16_, selftest::check_hashed_dropout::<Bf16>),
+    ];
+    let mut checks = Vec::new();
+    for ((label, dtype), suite) in suites {
+        checks.extend(suite(label, dtype, &device));
+    }
     let mut failed = 0;
     for c in &checks {
         if !c.pass() {

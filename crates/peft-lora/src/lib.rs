@@ -60,7 +60,8 @@ pub mod weighted;
 pub use config::{BiasMode, InitLoraWeights, LoraConfig, TargetModules, TokenIndices};
 pub use error::{Error, Result};
 pub use layer::{
-    seed_dropout, with_training, AdapterMeta, InputCapture, LayerState, LoraAdapter, LoraCtx, LoraLinear,
+    seed_dropout, with_training, AdapterMeta, InputCapture, LayerState, LoraAdapter, LoraCtx,
+    LoraLinear,
 };
 pub use loftq::LoftQConfig;
 pub use model::{LoraModel, PeftModel, TrainableReport};

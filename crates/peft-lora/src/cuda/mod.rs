@@ -436,14 +436,15 @@ pub fn swiglu<B: Backend>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Option<Tens
     if up.dims() != [b, s, i] || up.dtype() != gate.dtype() || b * s * i == 0 {
         return None;
     }
-    let args = (gate.clone().reshape([b * s, i]), up.clone().reshape([b * s, i]));
+    let args = (
+        gate.clone().reshape([b * s, i]),
+        up.clone().reshape([b * s, i]),
+    );
     let out: Tensor<B, 2> = dispatch_raw!(B, swiglu_impl(args))?;
     Some(out.reshape([b, s, i]))
 }
 
-fn rope_impl<T: rope::FusedRope>(
-    args: (Tensor<T, 4>, Tensor<T, 3>, Tensor<T, 3>),
-) -> Tensor<T, 4> {
+fn rope_impl<T: rope::FusedRope>(args: (Tensor<T, 4>, Tensor<T, 3>, Tensor<T, 3>)) -> Tensor<T, 4> {
     let (x, cos, sin) = args;
     tensor(T::fused_rope(prim(x), prim(cos), prim(sin)))
 }
@@ -484,7 +485,13 @@ fn adamw_update_off() -> bool {
 
 #[allow(clippy::type_complexity)]
 fn adamw_impl<T: adamw::FusedAdamW>(
-    args: (Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>, AdamWStep),
+    args: (
+        Tensor<T, 2>,
+        Tensor<T, 2>,
+        Tensor<T, 2>,
+        Tensor<T, 2>,
+        AdamWStep,
+    ),
 ) -> (Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>) {
     let (p, g, m, v, h) = args;
     let (p, m, v) = T::fused_adamw(prim(p), prim(g), prim(m), prim(v), h);
@@ -530,7 +537,8 @@ pub fn sum_of_squares<B: Backend>(ts: &[Tensor<B, 2>]) -> Option<f64> {
     if ts.iter().any(|t| t.dims().iter().any(|d| *d == 0)) {
         return None;
     }
-    let sums: Tensor<B, 1> = dispatch_try!(B, sums_of_squares_impl(ts.to_vec()); Cube<bf16>, Cube<f32>)?;
+    let sums: Tensor<B, 1> =
+        dispatch_try!(B, sums_of_squares_impl(ts.to_vec()); Cube<bf16>, Cube<f32>)?;
     let host = sums.into_data().convert::<f32>().to_vec::<f32>().ok()?;
     Some(host.iter().map(|v| *v as f64).sum())
 }

@@ -905,7 +905,8 @@ pub fn check_adamw<B: Backend>(label: &str, dtype: DType, device: &B::Device) ->
     let opts = (device, dtype);
     let mut checks = Vec::new();
     for (rows, cols, t) in [(8, 3, 1), (4096, 16, 7)] {
-        let rand = |sd: f64| Tensor::<B, 2>::random([rows, cols], Distribution::Normal(0.0, sd), opts);
+        let rand =
+            |sd: f64| Tensor::<B, 2>::random([rows, cols], Distribution::Normal(0.0, sd), opts);
         let (p, g, m) = (rand(0.02), rand(1e-3), rand(1e-4));
         let v = rand(1e-6).abs();
         let h = super::AdamWStep {
@@ -968,8 +969,8 @@ pub fn check_hashed_dropout<B: AutodiffBackend>(
     let opts = (device, dtype);
     let (rows, cols, p) = (2048, 1000, 0.1);
     let n = rows * cols;
-    let x = Tensor::<B, 2>::random([rows, cols], Distribution::Uniform(1.0, 2.0), opts)
-        .require_grad();
+    let x =
+        Tensor::<B, 2>::random([rows, cols], Distribution::Uniform(1.0, 2.0), opts).require_grad();
     let dy = Tensor::<B, 2>::random([rows, cols], Distribution::Uniform(1.0, 2.0), opts);
     crate::layer::seed_dropout(42);
     let mask = super::dropout::DropMask::new(p, crate::layer::next_dropout_seed());
