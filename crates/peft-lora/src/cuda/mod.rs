@@ -570,3 +570,10 @@ pub fn dropout<B: Backend>(x: &Tensor<B, 2>, p: f64) -> Option<Tensor<B, 2>> {
 fn is_raw<T: Backend>() -> bool {
     true
 }
+
+/// Whether `B` is a raw cubecl CUDA backend (with or without autodiff), where every op of this
+/// module runs; under Burn's fusion backend only the linear, attention and head + cross-entropy
+/// ops are registered.
+pub fn raw_backend<B: Backend>() -> bool {
+    dispatch_raw!(B, is_raw()).unwrap_or(false)
+}
