@@ -143,10 +143,7 @@ type Cube<F> = CubeCuda<F>;
 #[cfg(not(feature = "fusion"))]
 macro_rules! dispatch {
     ($b:ty, $f:ident ( $($arg:expr),* )) => {
-        dispatch_try!($b, $f ($($arg),*);
-            Cube<bf16>, Cube<f32>,
-            Autodiff<Cube<bf16>>, Autodiff<Cube<f32>>,
-            Autodiff<Cube<bf16>, BalancedCheckpointing>, Autodiff<Cube<f32>, BalancedCheckpointing>)
+        dispatch_raw!($b, $f ($($arg),*))
     };
 }
 
@@ -559,7 +556,7 @@ pub fn dropout<B: Backend>(x: &Tensor<B, 2>, p: f64) -> Option<Tensor<B, 2>> {
     if x.dims().iter().any(|d| *d == 0) || x.dims().iter().product::<usize>() > u32::MAX as usize {
         return None;
     }
-    if !dispatch_raw!(B, is_raw()).unwrap_or(false) {
+    if !raw_backend::<B>() {
         return None;
     }
     let mask = dropout::DropMask::new(p, crate::layer::next_dropout_seed());

@@ -25,6 +25,16 @@ pub struct Check {
 }
 
 impl Check {
+    /// A check of the fused op alone against a reference (no composed op compared).
+    fn fused(name: String, err_fused: f64, tol: f64) -> Check {
+        Check {
+            name,
+            err_fused,
+            err_composed: f64::NAN,
+            tol,
+        }
+    }
+
     /// Whether the fused op is within tolerance.
     pub fn pass(&self) -> bool {
         self.err_fused <= self.tol
@@ -35,19 +45,13 @@ impl Check {
 /// run), a visible skip under the fusion backend (where the op is not registered).
 fn not_taken<B: Backend>(name: String) -> Vec<Check> {
     let raw = super::raw_backend::<B>();
-    vec![Check {
-        name: format!(
-            "{name}: op not taken{}",
-            if raw {
-                ""
-            } else {
-                " (not registered with the fusion backend: skipped)"
-            }
-        ),
-        err_fused: 0.0,
-        err_composed: f64::NAN,
-        tol: if raw { -1.0 } else { 0.0 },
-    }]
+    let why = if raw {
+        ""
+    } else {
+        " (not registered with the fusion backend: skipped)"
+    };
+    let tol = if raw { -1.0 } else { 0.0 };
+    vec![Check::fused(format!("{name}: op not taken{why}"), 0.0, tol)]
 }
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
@@ -415,12 +419,7 @@ pub fn check_dropout<B: AutodiffBackend>(
     let name =
         |what: &str| format!("{label} {dtype:?} {n}x{d_in}->{d_out} r{r} dropout input {what}");
     let Some(y) = super::lora_linear(&x, Some(&xd), &w, Some(&bias), &a, &b, s as f64) else {
-        return vec![Check {
-            name: name("fused op not taken"),
-            err_fused: f64::INFINITY,
-            err_composed: f64::NAN,
-            tol,
-        }];
+        return vec![Check::fused(name("fused op not taken"), f64::INFINITY, tol)];
     };
     let grads = (y.clone() * g.clone()).sum().backward();
     let got_dx = host(x.grad(&grads).expect("dx"));
@@ -467,12 +466,7 @@ pub fn check_dropout<B: AutodiffBackend>(
         ("dB", got_db, db),
     ]
     .into_iter()
-    .map(|(what, got, want)| Check {
-        name: name(what),
-        err_fused: rel_err(&got, &want),
-        err_composed: f64::NAN,
-        tol,
-    })
+    .map(|(what, got, want)| Check::fused(name(what), rel_err(&got, &want), tol))
     .collect()
 }
 
@@ -757,18 +751,16 @@ pub fn check_cross_entropy<B: AutodiffBackend>(
                 ""
             }
         );
-        checks.push(Check {
-            name: format!("{name} loss"),
-            err_fused: rel_err(&host(sum), &[loss as f32]),
-            err_composed: f64::NAN,
-            tol: tolerance(dtype),
-        });
-        checks.push(Check {
-            name: format!("{name} dh"),
-            err_fused: rel_err(&dh, &dref),
-            err_composed: f64::NAN,
-            tol: tolerance(dtype),
-        });
+        checks.push(Check::fused(
+            format!("{name} loss"),
+            rel_err(&host(sum), &[loss as f32]),
+            tolerance(dtype),
+        ));
+        checks.push(Check::fused(
+            format!("{name} dh"),
+            rel_err(&dh, &dref),
+            tolerance(dtype),
+        ));
     }
     super::cross_entropy::set_chunk_elems(1 << 27);
     checks
@@ -813,12 +805,11 @@ pub fn check_rms_norm<B: AutodiffBackend>(
         }
         let dtype = x.dtype();
         for (what, got, want) in [("y", host(y), yr), ("dx", dx, dxr)] {
-            checks.push(Check {
-                name: format!("{label} {dtype:?} rms_norm {b}x{s}x{h} {what}"),
-                err_fused: rel_err(&got, &want),
-                err_composed: f64::NAN,
-                tol: tolerance(dtype),
-            });
+            checks.push(Check::fused(
+                format!("{label} {dtype:?} rms_norm {b}x{s}x{h} {what}"),
+                rel_err(&got, &want),
+                tolerance(dtype),
+            ));
         }
     }
     checks
@@ -856,12 +847,11 @@ pub fn check_swiglu<B: AutodiffBackend>(
         }
         let dtype = gate.dtype();
         for (what, got, want) in [("y", host(y), yr), ("dgate", dg, dgr), ("dup", du, dur)] {
-            checks.push(Check {
-                name: format!("{label} {dtype:?} swiglu {b}x{s}x{i} {what}"),
-                err_fused: rel_err(&got, &want),
-                err_composed: f64::NAN,
-                tol: tolerance(dtype),
-            });
+            checks.push(Check::fused(
+                format!("{label} {dtype:?} swiglu {b}x{s}x{i} {what}"),
+                rel_err(&got, &want),
+                tolerance(dtype),
+            ));
         }
     }
     checks
@@ -912,12 +902,11 @@ pub fn check_rope<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Dev
         }
         let dtype = x.dtype();
         for (what, got, want) in [("y", host(y), yr), ("dx", dx, dxr)] {
-            checks.push(Check {
-                name: format!("{label} {dtype:?} rope {b}x{s}x{n}x{d} {what}"),
-                err_fused: rel_err(&got, &want),
-                err_composed: f64::NAN,
-                tol: tolerance(dtype),
-            });
+            checks.push(Check::fused(
+                format!("{label} {dtype:?} rope {b}x{s}x{n}x{d} {what}"),
+                rel_err(&got, &want),
+                tolerance(dtype),
+            ));
         }
     }
     checks
@@ -962,12 +951,11 @@ pub fn check_adamw<B: Backend>(label: &str, dtype: DType, device: &B::Device) ->
             (mr[i], vr[i]) = (mi as f32, vi as f32);
         }
         let want: f64 = gh.iter().chain(&mh).map(|x| (*x as f64).powi(2)).sum();
-        checks.push(Check {
-            name: format!("{label} {dtype:?} sum of squares {rows}x{cols} x2"),
-            err_fused: rel_err(&[norm2 as f32], &[want as f32]),
-            err_composed: f64::NAN,
-            tol: tolerance(dtype),
-        });
+        checks.push(Check::fused(
+            format!("{label} {dtype:?} sum of squares {rows}x{cols} x2"),
+            rel_err(&[norm2 as f32], &[want as f32]),
+            tolerance(dtype),
+        ));
         // The step moves p by ~lr: compare the step itself, not p, in relative terms.
         let step = |a: &[f32]| -> Vec<f32> { a.iter().zip(&ph).map(|(x, p0)| x - p0).collect() };
         for (what, got, want) in [
@@ -975,12 +963,11 @@ pub fn check_adamw<B: Backend>(label: &str, dtype: DType, device: &B::Device) ->
             ("m", host(m2), mr),
             ("v", host(v2), vr),
         ] {
-            checks.push(Check {
-                name: format!("{label} {dtype:?} adamw {rows}x{cols} t{t} {what}"),
-                err_fused: rel_err(&got, &want),
-                err_composed: f64::NAN,
-                tol: tolerance(dtype),
-            });
+            checks.push(Check::fused(
+                format!("{label} {dtype:?} adamw {rows}x{cols} t{t} {what}"),
+                rel_err(&got, &want),
+                tolerance(dtype),
+            ));
         }
     }
     checks
@@ -1033,41 +1020,23 @@ pub fn check_hashed_dropout<B: AutodiffBackend>(
     let sigma = (p * (1.0 - p) / n as f64).sqrt();
     let name = |what: &str| format!("{label} {dtype:?} hashed dropout {rows}x{cols} p{p} {what}");
     vec![
-        Check {
-            name: name("mask vs host hash (mismatches)"),
-            err_fused: wrong as f64,
-            err_composed: f64::NAN,
-            tol: 0.0,
-        },
-        Check {
-            name: name("re-seeded replay (relative difference)"),
-            err_fused: rel_err(&host(replay), &yh),
-            err_composed: f64::NAN,
-            tol: 0.0,
-        },
-        Check {
-            name: name("next call draws another mask (1 - share of differing positions)"),
-            err_fused: 1.0 - differs as f64 / n as f64 / (2.0 * p * (1.0 - p)),
-            err_composed: f64::NAN,
-            tol: 0.05,
-        },
-        Check {
-            name: name("kept share vs 1 - p (|difference|)"),
-            err_fused: (kept as f64 / n as f64 - (1.0 - p)).abs(),
-            err_composed: f64::NAN,
-            tol: 6.0 * sigma,
-        },
-        Check {
-            name: name("y"),
-            err_fused: rel_err(&yh, &yr),
-            err_composed: f64::NAN,
-            tol: tolerance(dtype),
-        },
-        Check {
-            name: name("dx"),
-            err_fused: rel_err(&dx, &dxr),
-            err_composed: f64::NAN,
-            tol: tolerance(dtype),
-        },
+        Check::fused(name("mask vs host hash (mismatches)"), wrong as f64, 0.0),
+        Check::fused(
+            name("re-seeded replay (relative difference)"),
+            rel_err(&host(replay), &yh),
+            0.0,
+        ),
+        Check::fused(
+            name("next call draws another mask (1 - share of differing positions)"),
+            1.0 - differs as f64 / n as f64 / (2.0 * p * (1.0 - p)),
+            0.05,
+        ),
+        Check::fused(
+            name("kept share vs 1 - p (|difference|)"),
+            (kept as f64 / n as f64 - (1.0 - p)).abs(),
+            6.0 * sigma,
+        ),
+        Check::fused(name("y"), rel_err(&yh, &yr), tolerance(dtype)),
+        Check::fused(name("dx"), rel_err(&dx, &dxr), tolerance(dtype)),
     ]
 }
