@@ -74,6 +74,18 @@ pub fn bench_linear(quick: bool, composed: bool, iters: usize) -> Result<()> {
     Ok(())
 }
 
+/// `news2stock bench-kernels`: one line per kernel, and its JSON.
+pub fn bench_kernels(iters: usize) -> Result<()> {
+    for k in cuda::kbench::bench_kernels(2, 1024, iters) {
+        println!("{:<48} {:>9.1} us {:>8.0} GB/s", k.name, k.micros, k.gbps());
+        println!(
+            "{}",
+            serde_json::json!({"kernel": k.name, "us": k.micros, "bytes": k.bytes, "gbps": k.gbps()})
+        );
+    }
+    Ok(())
+}
+
 /// `news2stock check-fused`.
 pub fn check(race_tokens: usize, race_dim: usize, race_steps: usize) -> Result<()> {
     let device = CudaDevice::default();

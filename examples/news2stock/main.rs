@@ -70,8 +70,10 @@ fn dispatch<B: burn::tensor::backend::Backend>(
         Command::BenchInit { method, layers } => {
             bench_init::bench_init::<B>(s, method, *layers, device)
         }
-        Command::BenchLinear { .. } | Command::CheckFused { .. } => {
-            anyhow::bail!("bench-linear and check-fused run on the GPU build (--features cuda)")
+        Command::BenchLinear { .. } | Command::CheckFused { .. } | Command::BenchKernels { .. } => {
+            anyhow::bail!(
+                "bench-linear, bench-kernels and check-fused run on the GPU build (--features cuda)"
+            )
         }
     }
 }
@@ -91,6 +93,7 @@ fn gpu(s: &Settings, cmd: &Command) -> Result<()> {
             race_dim,
             race_steps,
         } => return fused::check(*race_tokens, *race_dim, *race_steps),
+        Command::BenchKernels { iters } => return fused::bench_kernels(*iters),
         _ => {}
     }
     // `--gradient-checkpointing true` recomputes per decoder layer (the trainer, with llama's

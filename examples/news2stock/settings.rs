@@ -82,6 +82,13 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         iters: usize,
     },
+    /// Each step kernel (attention softmax, SwiGLU, RoPE, RMSNorm, the attention op) timed
+    /// alone at the Llama-8B training shape, with the bandwidth it reaches (GPU build).
+    BenchKernels {
+        /// Timed calls per kernel.
+        #[arg(long, default_value_t = 50)]
+        iters: usize,
+    },
     /// GPU correctness of the fused CUDA linear: fused vs composed vs an f64 host reference
     /// (forward and gradients, odd shapes, DoRA, frozen layers; bf16 and f32, with and without
     /// checkpointing), and the stream-ordering race test.

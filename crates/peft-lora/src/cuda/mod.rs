@@ -32,6 +32,7 @@ pub mod device;
 pub mod dropout;
 #[cfg(feature = "fusion")]
 pub mod fusion;
+pub mod kbench;
 pub mod kernels;
 mod layer;
 pub mod lt;
