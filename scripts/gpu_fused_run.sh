@@ -7,7 +7,7 @@
 #   train-noattn (attention / head+CE / RMSNorm ops, PEFT_LORA_FUSED_ATTENTION=0), train-noelem
 #   (SwiGLU and RoPE kernels), train-noadamw (one-kernel AdamW), train-nosoftmax (the attention's
 #   softmax kernels); util (GPU busy share + cubecl kernel profile), prof (Nsight, when present),
-#   pissa (bench-init vs PEFT's init).
+#   pissa (bench-init vs PEFT's init), kernels (bench-kernels: each step kernel alone).
 # Writes logs under $OUT (or /tmp/fused-out), packed into $OUT/logs.tgz at the end.
 D=$1; shift
 OUT=${OUT:-/tmp/fused-out}; mkdir -p "$OUT"
@@ -38,6 +38,8 @@ mkdir -p /tmp/fused-logs
 pack() { cp "$OUT"/*.txt /tmp/fused-logs/ 2>/dev/null; (cd /tmp/fused-logs && tar czf "$OUT/logs.tgz" .); find "$OUT" -name 'mem_*.txt' -delete; }
 for stage in "$@"; do
   case $stage in
+  kernels)
+    timeout 200 $B bench-kernels 2>&1 | grep -v '^{' | tee "$OUT/kernels.txt" ;;
   check)
     CUBECL_AUTOTUNE_LEVEL=minimal timeout 300 $B check-fused 2>&1 | tee "$OUT/check.txt" | tail -60 ;;
   quick)

@@ -1,116 +1,137 @@
-//! The attention softmax as two cubecl kernels, one pass each over the `[rows, t]` scores:
+//! The attention softmax as two cubecl kernels:
 //! - forward `P = softmax(f32(S) + mask)` (f32 inside, `P` written in the scores' dtype);
 //! - backward `dS = scale * P * (dP - sum_j P dP)` (f32 inside).
 //!
 //! Burn's composed softmax makes about eight passes over f32 `[rows, t]` tensors (cast, add the
 //! mask, max, subtract, exp, sum, divide, cast) and its backward as many; these kernels read
-//! their inputs once and write once. One cube of [`THREADS`] threads per row: each thread
-//! strides over the row, then the cube reduces through shared memory.
+//! their inputs twice (the second read mostly from cache) and write once.
+//!
+//! One plane (warp) per row, [`ROWS_PER_CUBE`] rows per cube: the row's reductions are plane
+//! shuffles, with no shared memory or cube barrier. Each unit loads vectors of up to 8 elements
+//! (16 bytes of bf16), the widest that divides the row, so a warp moves 512 bytes per load.
+//! The forward finds the row's maximum and the sum of exponentials in one pass (the running
+//! sum is rescaled when the maximum grows, as in online softmax), then writes `P`.
 
 use burn_cubecl::kernel::into_contiguous;
 use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
-use super::cube_util::{grid, reduce_max, reduce_sum, row_index, THREADS};
+use super::cube_util::{grid, row_index};
 use super::kernels::{empty_as, Raw};
 
+/// Rows per cube (one plane each).
+const ROWS_PER_CUBE: u32 = 8;
+/// Units per plane on NVIDIA GPUs.
+const PLANE: u32 = 32;
+
 #[cube(launch)]
-fn softmax_forward_kernel<E: Float>(
-    scores: &Tensor<E>,
-    mask: &Tensor<f32>,
-    out: &mut Tensor<E>,
+fn softmax_forward_kernel<E: Float, N: Size>(
+    scores: &Tensor<Vector<E, N>>,
+    mask: &Tensor<Vector<f32, N>>,
+    out: &mut Tensor<Vector<E, N>>,
     rows: u32,
-    t: u32,
+    tv: u32,
     s: u32,
     rows_per_mask: u32,
-    #[comptime] threads: u32,
     #[define(E)] _dtype: StorageType,
 ) {
-    let row = row_index();
+    let row = row_index() * CUBE_DIM_Y as usize + UNIT_POS_Y as usize;
     if row >= rows as usize {
         terminate!();
     }
-    let t = t as usize;
+    let n = scores.vector_size();
+    let tv = tv as usize;
     let s = s as usize;
-    let tid = UNIT_POS_X as usize;
-    let base = row * t;
+    let base = row * tv;
     // Rows are [mask batch, heads, s]: query position row % s of mask batch row / rows_per_mask.
-    let mbase = ((row / rows_per_mask as usize) * s + row % s) * t;
-    let mut sh = SharedMemory::<f32>::new(threads as usize);
+    let mbase = ((row / rows_per_mask as usize) * s + row % s) * tv;
 
+    // One pass: this unit's maximum and its sum of exp(v - maximum).
     let mut mx = f32::new(-3.0e38);
-    let mut j = tid;
-    while j < t {
-        let v = f32::cast_from(scores[base + j]) + mask[mbase + j];
-        if v > mx {
-            mx = v;
-        }
-        j += CUBE_DIM_X as usize;
-    }
-    sh[tid] = mx;
-    sync_cube();
-    reduce_max(&mut sh);
-    let row_max = sh[0];
-    sync_cube();
-
     let mut sum = f32::new(0.0);
-    let mut j = tid;
-    while j < t {
-        let v = f32::cast_from(scores[base + j]) + mask[mbase + j];
-        sum += (v - row_max).exp();
+    let mut j = UNIT_POS_X as usize;
+    while j < tv {
+        let v = Vector::<f32, N>::cast_from(scores[base + j]) + mask[mbase + j];
+        let mut vmax = mx;
+        #[unroll]
+        for e in 0..n {
+            if v[e] > vmax {
+                vmax = v[e];
+            }
+        }
+        let ex = (v - Vector::new(vmax)).exp();
+        let mut vsum = f32::new(0.0);
+        #[unroll]
+        for e in 0..n {
+            vsum += ex[e];
+        }
+        sum = sum * (mx - vmax).exp() + vsum;
+        mx = vmax;
         j += CUBE_DIM_X as usize;
     }
-    sh[tid] = sum;
-    sync_cube();
-    reduce_sum(&mut sh);
-    let inv = f32::new(1.0) / sh[0];
+    let row_max = plane_max(mx);
+    let total = plane_sum(sum * (mx - row_max).exp());
+    let inv = Vector::new(f32::new(1.0) / total);
+    let row_max = Vector::new(row_max);
 
-    let mut j = tid;
-    while j < t {
-        let v = f32::cast_from(scores[base + j]) + mask[mbase + j];
-        out[base + j] = E::cast_from((v - row_max).exp() * inv);
+    let mut j = UNIT_POS_X as usize;
+    while j < tv {
+        let v = Vector::<f32, N>::cast_from(scores[base + j]) + mask[mbase + j];
+        out[base + j] = Vector::cast_from((v - row_max).exp() * inv);
         j += CUBE_DIM_X as usize;
     }
 }
 
 #[cube(launch)]
-fn softmax_backward_kernel<E: Float>(
-    probs: &Tensor<E>,
-    dprobs: &Tensor<E>,
-    out: &mut Tensor<E>,
+fn softmax_backward_kernel<E: Float, N: Size>(
+    probs: &Tensor<Vector<E, N>>,
+    dprobs: &Tensor<Vector<E, N>>,
+    out: &mut Tensor<Vector<E, N>>,
     rows: u32,
-    t: u32,
+    tv: u32,
     scale: f32,
-    #[comptime] threads: u32,
     #[define(E)] _dtype: StorageType,
 ) {
-    let row = row_index();
+    let row = row_index() * CUBE_DIM_Y as usize + UNIT_POS_Y as usize;
     if row >= rows as usize {
         terminate!();
     }
-    let t = t as usize;
-    let tid = UNIT_POS_X as usize;
-    let base = row * t;
-    let mut sh = SharedMemory::<f32>::new(threads as usize);
+    let n = probs.vector_size();
+    let tv = tv as usize;
+    let base = row * tv;
 
     let mut dot = f32::new(0.0);
-    let mut j = tid;
-    while j < t {
-        dot += f32::cast_from(probs[base + j]) * f32::cast_from(dprobs[base + j]);
+    let mut j = UNIT_POS_X as usize;
+    while j < tv {
+        let pd = Vector::<f32, N>::cast_from(probs[base + j])
+            * Vector::<f32, N>::cast_from(dprobs[base + j]);
+        #[unroll]
+        for e in 0..n {
+            dot += pd[e];
+        }
         j += CUBE_DIM_X as usize;
     }
-    sh[tid] = dot;
-    sync_cube();
-    reduce_sum(&mut sh);
-    let row_dot = sh[0];
+    let row_dot = Vector::new(plane_sum(dot));
+    let scale = Vector::new(scale);
 
-    let mut j = tid;
-    while j < t {
-        let p = f32::cast_from(probs[base + j]);
-        let dp = f32::cast_from(dprobs[base + j]);
-        out[base + j] = E::cast_from(scale * p * (dp - row_dot));
+    let mut j = UNIT_POS_X as usize;
+    while j < tv {
+        let p = Vector::<f32, N>::cast_from(probs[base + j]);
+        let dp = Vector::<f32, N>::cast_from(dprobs[base + j]);
+        out[base + j] = Vector::cast_from(scale * p * (dp - row_dot));
         j += CUBE_DIM_X as usize;
     }
+}
+
+/// The widest vector (8, 4, 2 or 1 elements) that divides a row of `t`.
+fn vector_size(t: usize) -> usize {
+    [8, 4, 2, 1].into_iter().find(|n| t % n == 0).unwrap_or(1)
+}
+
+/// The grid and cube for `rows` rows, one plane each.
+fn rows_launch(rows: usize) -> (CubeCount, CubeDim) {
+    let cubes = rows.div_ceil(ROWS_PER_CUBE as usize);
+    (grid(cubes), CubeDim::new_2d(PLANE, ROWS_PER_CUBE))
 }
 
 /// `softmax(f32(scores) + mask)` over the last axis, in the scores' dtype. `scores [g, m, t]`
@@ -124,18 +145,20 @@ pub fn forward(scores: Raw, mask: Raw) -> Raw {
     let rows = g * m;
     let out = empty_as(&scores, scores.meta.shape().clone(), scores.dtype);
     let dtype = scores.dtype;
+    let n = vector_size(t);
+    let (count, dim) = rows_launch(rows);
     softmax_forward_kernel::launch::<CudaRuntime>(
         &scores.client.clone(),
-        grid(rows),
-        CubeDim::new_1d(THREADS),
+        count,
+        dim,
+        n,
         scores.into_tensor_arg(),
         mask.into_tensor_arg(),
         out.clone().into_tensor_arg(),
         rows as u32,
-        t as u32,
+        (t / n) as u32,
         s as u32,
         (rows / mb) as u32,
-        THREADS,
         dtype.into(),
     );
     out
@@ -149,17 +172,19 @@ pub fn backward(probs: Raw, dprobs: Raw, scale: f32) -> Raw {
     let rows = g * m;
     let out = empty_as(&probs, probs.meta.shape().clone(), probs.dtype);
     let dtype = probs.dtype;
+    let n = vector_size(t);
+    let (count, dim) = rows_launch(rows);
     softmax_backward_kernel::launch::<CudaRuntime>(
         &probs.client.clone(),
-        grid(rows),
-        CubeDim::new_1d(THREADS),
+        count,
+        dim,
+        n,
         probs.into_tensor_arg(),
         dprobs.into_tensor_arg(),
         out.clone().into_tensor_arg(),
         rows as u32,
-        t as u32,
+        (t / n) as u32,
         scale,
-        THREADS,
         dtype.into(),
     );
     out
