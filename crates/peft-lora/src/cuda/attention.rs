@@ -175,7 +175,7 @@ fn dense(t: Raw, what: &str) -> Result<Raw, String> {
 }
 
 /// `out[i] = alpha op(a[i]) op(b[i])` for every `i < g`: `a [g, ra, ca]`, `b [g, rb, cb]` dense,
-/// `op` a transpose when asked; one cuBLASLt call per group, all enqueued in one device task.
+/// `op` a transpose when asked; one strided-batched cuBLASLt call.
 fn bgemm(a: &Raw, ta: bool, b: &Raw, tb: bool, alpha: f32) -> Result<Raw, String> {
     let dt = dtype_of(a)?;
     if dtype_of(b)? != dt {
@@ -194,32 +194,26 @@ fn bgemm(a: &Raw, ta: bool, b: &Raw, tb: bool, alpha: f32) -> Result<Raw, String
             if tb { "^T" } else { "" }
         ));
     }
-    let eb = a.dtype.size() as u64;
     let out = empty_as(a, Shape::new([g, m, n]), a.dtype);
     let handles = vec![a.handle.clone(), b.handle.clone(), out.handle.clone()];
+    let batch = lt::Batch {
+        count: g,
+        stride_a: ra * ca,
+        stride_b: rb * cb,
+        stride_c: m * n,
+    };
     device::run(&a.device, handles, move |ctx, p| {
-        for i in 0..g as u64 {
-            let oa = Operand {
-                ptr: p[0] + i * (ra * ca) as u64 * eb,
-                rows: ra,
-                cols: ca,
-                ld: ca,
-                trans: ta,
-            };
-            let ob = Operand {
-                ptr: p[1] + i * (rb * cb) as u64 * eb,
-                rows: rb,
-                cols: cb,
-                ld: cb,
-                trans: tb,
-            };
-            let oc = Output {
-                ptr: p[2] + i * (m * n) as u64 * eb,
-                ld: n,
-            };
-            lt::gemm(ctx, dt, oa, ob, oc, alpha, 0.0, None)?;
-        }
-        Ok(())
+        let operand = |ptr, rows, cols, trans| Operand {
+            ptr,
+            rows,
+            cols,
+            ld: cols,
+            trans,
+        };
+        let oa = operand(p[0], ra, ca, ta);
+        let ob = operand(p[1], rb, cb, tb);
+        let oc = Output { ptr: p[2], ld: n };
+        lt::gemm_batched(ctx, dt, oa, ob, oc, alpha, 0.0, None, batch)
     })?;
     Ok(out)
 }

@@ -40,6 +40,8 @@ const DESC_BIAS_POINTER: i32 = 8;
 const EPILOGUE_BIAS: u32 = 4;
 const PREF_MAX_WORKSPACE: i32 = 1;
 const PREF_ALIGN_A: i32 = 5;
+const LAYOUT_BATCH_COUNT: i32 = 5;
+const LAYOUT_STRIDED_BATCH_OFFSET: i32 = 6;
 const OP_N: i32 = 0;
 const OP_T: i32 = 1;
 
@@ -60,6 +62,7 @@ struct Api {
     desc_create: unsafe extern "C" fn(*mut *mut c_void, i32, i32) -> Status,
     desc_set: unsafe extern "C" fn(*mut c_void, i32, *const c_void, usize) -> Status,
     layout_create: unsafe extern "C" fn(*mut *mut c_void, i32, u64, u64, i64) -> Status,
+    layout_set: unsafe extern "C" fn(*mut c_void, i32, *const c_void, usize) -> Status,
     pref_create: unsafe extern "C" fn(*mut *mut c_void) -> Status,
     pref_set: unsafe extern "C" fn(*mut c_void, i32, *const c_void, usize) -> Status,
     pref_destroy: unsafe extern "C" fn(*mut c_void) -> Status,
@@ -138,6 +141,7 @@ fn bind(lib: libloading::Library) -> Result<Api, libloading::Error> {
             desc_create: *lib.get(b"cublasLtMatmulDescCreate\0")?,
             desc_set: *lib.get(b"cublasLtMatmulDescSetAttribute\0")?,
             layout_create: *lib.get(b"cublasLtMatrixLayoutCreate\0")?,
+            layout_set: *lib.get(b"cublasLtMatrixLayoutSetAttribute\0")?,
             pref_create: *lib.get(b"cublasLtMatmulPreferenceCreate\0")?,
             pref_set: *lib.get(b"cublasLtMatmulPreferenceSetAttribute\0")?,
             pref_destroy: *lib.get(b"cublasLtMatmulPreferenceDestroy\0")?,
@@ -202,6 +206,29 @@ pub struct Output {
     pub ld: usize,
 }
 
+/// A strided batch: `count` GEMMs whose operands and outputs sit `stride_*` elements apart.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Batch {
+    /// GEMMs in the batch.
+    pub count: usize,
+    /// Elements between consecutive `a` matrices.
+    pub stride_a: usize,
+    /// Elements between consecutive `b` matrices.
+    pub stride_b: usize,
+    /// Elements between consecutive outputs.
+    pub stride_c: usize,
+}
+
+impl Batch {
+    /// One GEMM.
+    pub const ONE: Batch = Batch {
+        count: 1,
+        stride_a: 0,
+        stride_b: 0,
+        stride_c: 0,
+    };
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 struct Key {
     handle: usize,
@@ -214,6 +241,7 @@ struct Key {
     ldc: usize,
     bias: bool,
     align: [u32; 4],
+    batch: Batch,
 }
 
 struct Plan {
@@ -326,6 +354,32 @@ fn make_plan(ctx: &Ctx, key: &Key) -> Result<Plan, String> {
             (api.layout_create)(&mut lc, dt, key.n as u64, key.m as u64, key.ldc as i64),
             "cublasLtMatrixLayoutCreate(C)",
         )?;
+        if key.batch.count > 1 {
+            let count = key.batch.count as i32;
+            // Lt's A/B/C: our B, our A, C.
+            let strides = [key.batch.stride_b, key.batch.stride_a, key.batch.stride_c];
+            for (layout, stride) in [la, lb, lc].into_iter().zip(strides) {
+                let stride = stride as i64;
+                check(
+                    (api.layout_set)(
+                        layout,
+                        LAYOUT_BATCH_COUNT,
+                        &count as *const i32 as *const c_void,
+                        4,
+                    ),
+                    "cublasLtMatrixLayoutSetAttribute(batch count)",
+                )?;
+                check(
+                    (api.layout_set)(
+                        layout,
+                        LAYOUT_STRIDED_BATCH_OFFSET,
+                        &stride as *const i64 as *const c_void,
+                        8,
+                    ),
+                    "cublasLtMatrixLayoutSetAttribute(batch stride)",
+                )?;
+            }
+        }
         check(
             (api.pref_create)(&mut pref),
             "cublasLtMatmulPreferenceCreate",
@@ -395,6 +449,23 @@ pub fn gemm(
     beta: f32,
     bias: Option<u64>,
 ) -> Result<(), String> {
+    gemm_batched(ctx, dtype, a, b, c, alpha, beta, bias, Batch::ONE)
+}
+
+/// [`gemm`] for each of `batch.count` matrix triples, `stride_*` elements apart from the
+/// first, as one cuBLASLt call.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_batched(
+    ctx: &Ctx,
+    dtype: Dtype,
+    a: Operand,
+    b: Operand,
+    c: Output,
+    alpha: f32,
+    beta: f32,
+    bias: Option<u64>,
+    batch: Batch,
+) -> Result<(), String> {
     let (m, k) = a.logical();
     let (kb, n) = b.logical();
     if k != kb {
@@ -405,6 +476,17 @@ pub fn gemm(
     }
     let api = api()?;
     let eb = elem_bytes(dtype);
+    if batch.count == 0 {
+        return Ok(());
+    }
+    // Every matrix of the batch must meet the alignment the plan is made for.
+    let batch_align = |stride: usize| {
+        if batch.count > 1 {
+            alignment(stride as u64 * eb)
+        } else {
+            256
+        }
+    };
     let key = Key {
         handle: ctx.handle,
         dtype,
@@ -416,11 +498,20 @@ pub fn gemm(
         ldc: c.ld,
         bias: bias.is_some(),
         align: [
-            alignment(a.ptr).min(alignment(a.ld as u64 * eb)),
-            alignment(b.ptr).min(alignment(b.ld as u64 * eb)),
-            alignment(c.ptr).min(alignment(c.ld as u64 * eb)),
-            alignment(c.ptr).min(alignment(c.ld as u64 * eb)),
+            alignment(a.ptr)
+                .min(alignment(a.ld as u64 * eb))
+                .min(batch_align(batch.stride_a)),
+            alignment(b.ptr)
+                .min(alignment(b.ld as u64 * eb))
+                .min(batch_align(batch.stride_b)),
+            alignment(c.ptr)
+                .min(alignment(c.ld as u64 * eb))
+                .min(batch_align(batch.stride_c)),
+            alignment(c.ptr)
+                .min(alignment(c.ld as u64 * eb))
+                .min(batch_align(batch.stride_c)),
         ],
+        batch,
     };
     if k == 0 {
         // Nothing to multiply: only beta * c matters, which callers never rely on here.

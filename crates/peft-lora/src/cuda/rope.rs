@@ -23,13 +23,14 @@ use super::backend::Prim;
 use super::cube_util::{elem_grid, elem_index, THREADS};
 use super::kernels::{empty_as, Raw};
 
-/// One unit per output element `(b, n, s, j)` of `y [b, heads, seq, d]`.
+/// One unit per output vector `(b, n, s, j)` of `y [b, heads, seq, d]`; `d`, `j` and `half`
+/// count vectors of `N` elements (`N` divides `d / 2`, so no vector straddles the halves).
 #[cube(launch)]
-fn rope_forward_kernel<E: Float>(
-    x: &Tensor<E>,
-    cos: &Tensor<E>,
-    sin: &Tensor<E>,
-    out: &mut Tensor<E>,
+fn rope_forward_kernel<E: Float, N: Size>(
+    x: &Tensor<Vector<E, N>>,
+    cos: &Tensor<Vector<E, N>>,
+    sin: &Tensor<Vector<E, N>>,
+    out: &mut Tensor<Vector<E, N>>,
     total: u32,
     heads: u32,
     seq: u32,
@@ -51,22 +52,24 @@ fn rope_forward_kernel<E: Float>(
     let src = ((bi * seq + si) * heads + ni) * d;
     let cs = (bi * seq + si) * d + j;
     let partner = if j < half {
-        -f32::cast_from(x[src + j + half])
+        -Vector::<f32, N>::cast_from(x[src + j + half])
     } else {
-        f32::cast_from(x[src + j - half])
+        Vector::<f32, N>::cast_from(x[src + j - half])
     };
-    let a = E::cast_from(f32::cast_from(x[src + j]) * f32::cast_from(cos[cs]));
-    let r = E::cast_from(partner * f32::cast_from(sin[cs]));
-    out[i] = E::cast_from(f32::cast_from(a) + f32::cast_from(r));
+    let a = Vector::<E, N>::cast_from(
+        Vector::<f32, N>::cast_from(x[src + j]) * Vector::<f32, N>::cast_from(cos[cs]),
+    );
+    let r = Vector::<E, N>::cast_from(partner * Vector::<f32, N>::cast_from(sin[cs]));
+    out[i] = Vector::cast_from(Vector::<f32, N>::cast_from(a) + Vector::<f32, N>::cast_from(r));
 }
 
-/// One unit per input element `(b, s, n, j)` of `dx [b, seq, heads, d]`.
+/// One unit per input vector `(b, s, n, j)` of `dx [b, seq, heads, d]` (vectors as above).
 #[cube(launch)]
-fn rope_backward_kernel<E: Float>(
-    dy: &Tensor<E>,
-    cos: &Tensor<E>,
-    sin: &Tensor<E>,
-    dx: &mut Tensor<E>,
+fn rope_backward_kernel<E: Float, N: Size>(
+    dy: &Tensor<Vector<E, N>>,
+    cos: &Tensor<Vector<E, N>>,
+    sin: &Tensor<Vector<E, N>>,
+    dx: &mut Tensor<Vector<E, N>>,
     total: u32,
     heads: u32,
     seq: u32,
@@ -87,17 +90,23 @@ fn rope_backward_kernel<E: Float>(
     let bi = t / seq;
     let o = ((bi * heads + ni) * seq + si) * d;
     let cs = (bi * seq + si) * d;
-    let a = E::cast_from(f32::cast_from(dy[o + j]) * f32::cast_from(cos[cs + j]));
+    let a = Vector::<E, N>::cast_from(wide::<E, N>(dy[o + j]) * wide::<E, N>(cos[cs + j]));
     let g = if j < half {
-        f32::cast_from(E::cast_from(
-            f32::cast_from(dy[o + j + half]) * f32::cast_from(sin[cs + j + half]),
+        wide::<E, N>(Vector::<E, N>::cast_from(
+            wide::<E, N>(dy[o + j + half]) * wide::<E, N>(sin[cs + j + half]),
         ))
     } else {
-        -f32::cast_from(E::cast_from(
-            f32::cast_from(dy[o + j - half]) * f32::cast_from(sin[cs + j - half]),
+        -wide::<E, N>(Vector::<E, N>::cast_from(
+            wide::<E, N>(dy[o + j - half]) * wide::<E, N>(sin[cs + j - half]),
         ))
     };
-    dx[i] = E::cast_from(f32::cast_from(a) + g);
+    dx[i] = Vector::cast_from(wide::<E, N>(a) + g);
+}
+
+/// A vector widened to f32.
+#[cube]
+fn wide<E: Float, N: Size>(v: Vector<E, N>) -> Vector<f32, N> {
+    Vector::cast_from(v)
 }
 
 fn launch(
@@ -114,15 +123,18 @@ fn launch(
         into_contiguous(sin),
     );
     let out = empty_as(&input, out_shape, input.dtype);
-    let total = b * s * n * d;
+    // `d` is even (checked by the caller): the widest vector that divides `d / 2`.
+    let v = super::swiglu::vector_size(d / 2);
+    let total = b * s * n * d / v;
     let (dtype, client) = (input.dtype, input.client.clone());
-    let args = (total as u32, n as u32, s as u32, d as u32);
+    let args = (total as u32, n as u32, s as u32, (d / v) as u32);
     let (grid, dim) = (elem_grid(total), CubeDim::new_1d(THREADS));
     if forward {
         rope_forward_kernel::launch::<CudaRuntime>(
             &client,
             grid,
             dim,
+            v,
             input.into_tensor_arg(),
             cos.into_tensor_arg(),
             sin.into_tensor_arg(),
@@ -138,6 +150,7 @@ fn launch(
             &client,
             grid,
             dim,
+            v,
             input.into_tensor_arg(),
             cos.into_tensor_arg(),
             sin.into_tensor_arg(),

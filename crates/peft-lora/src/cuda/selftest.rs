@@ -829,7 +829,8 @@ pub fn check_swiglu<B: AutodiffBackend>(
     let opts = (device, dtype);
     let normal = Distribution::Normal(0.0, 2.0);
     let mut checks = Vec::new();
-    for (b, s, i) in [(1, 3, 5), (2, 7, 1000), (2, 64, 1376)] {
+    // 15, 18, 14,000 and 176,128 elements: vectors of 1, 2 and 8.
+    for (b, s, i) in [(1, 3, 5), (1, 3, 6), (2, 7, 1000), (2, 64, 1376)] {
         let gate = Tensor::<B, 3>::random([b, s, i], normal, opts).require_grad();
         let up = Tensor::<B, 3>::random([b, s, i], normal, opts).require_grad();
         let dy = Tensor::<B, 3>::random([b, s, i], normal, opts);
@@ -867,7 +868,14 @@ pub fn check_rope<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Dev
     let opts = (device, dtype);
     let normal = Distribution::Normal(0.0, 1.0);
     let mut checks = Vec::new();
-    for (b, s, n, d) in [(2, 3, 4, 8), (1, 5, 32, 128), (2, 7, 8, 64)] {
+    // Half heads of 3, 6, 4, 64 and 32 elements: vectors of 1, 2, 4 and 8.
+    for (b, s, n, d) in [
+        (1, 2, 3, 6),
+        (1, 3, 2, 12),
+        (2, 3, 4, 8),
+        (1, 5, 32, 128),
+        (2, 7, 8, 64),
+    ] {
         let x = Tensor::<B, 3>::random([b, s, n * d], normal, opts).require_grad();
         let angles = Tensor::<B, 4>::random([b, 1, s, d], Distribution::Uniform(-4.0, 4.0), opts);
         let (cos, sin) = (angles.clone().cos(), angles.sin());
