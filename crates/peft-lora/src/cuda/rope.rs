@@ -51,8 +51,10 @@ fn rope_forward_kernel<E: Float, N: Size>(
     let bi = t / heads;
     let src = ((bi * seq + si) * heads + ni) * d;
     let cs = (bi * seq + si) * d + j;
+    // (`zero - v`: CUDA has no unary minus on cubecl's vector types.)
+    let zero = Vector::new(f32::new(0.0));
     let partner = if j < half {
-        -Vector::<f32, N>::cast_from(x[src + j + half])
+        zero - Vector::<f32, N>::cast_from(x[src + j + half])
     } else {
         Vector::<f32, N>::cast_from(x[src + j - half])
     };
@@ -96,9 +98,10 @@ fn rope_backward_kernel<E: Float, N: Size>(
             wide::<E, N>(dy[o + j + half]) * wide::<E, N>(sin[cs + j + half]),
         ))
     } else {
-        -wide::<E, N>(Vector::<E, N>::cast_from(
-            wide::<E, N>(dy[o + j - half]) * wide::<E, N>(sin[cs + j - half]),
-        ))
+        Vector::new(f32::new(0.0))
+            - wide::<E, N>(Vector::<E, N>::cast_from(
+                wide::<E, N>(dy[o + j - half]) * wide::<E, N>(sin[cs + j - half]),
+            ))
     };
     dx[i] = Vector::cast_from(wide::<E, N>(a) + g);
 }

@@ -40,7 +40,9 @@ fn swiglu_forward_kernel<E: Float, N: Size>(
     }
     let one = Vector::new(f32::new(1.0));
     let g = Vector::<f32, N>::cast_from(gate[i]);
-    let act = Vector::<E, N>::cast_from(g / (one + (-g).exp()));
+    // (`zero - g`: CUDA has no unary minus on cubecl's vector types.)
+    let zero = Vector::new(f32::new(0.0));
+    let act = Vector::<E, N>::cast_from(g / (one + (zero - g).exp()));
     out[i] = Vector::cast_from(Vector::<f32, N>::cast_from(act) * Vector::cast_from(up[i]));
 }
 
@@ -61,7 +63,8 @@ fn swiglu_backward_kernel<E: Float, N: Size>(
     let g = Vector::<f32, N>::cast_from(gate[i]);
     let d = Vector::<f32, N>::cast_from(dy[i]);
     let one = Vector::new(f32::new(1.0));
-    let s = one / (one + (-g).exp());
+    let zero = Vector::new(f32::new(0.0));
+    let s = one / (one + (zero - g).exp());
     let act = Vector::<f32, N>::cast_from(Vector::<E, N>::cast_from(g * s));
     dup[i] = Vector::cast_from(d * act);
     let da = Vector::<f32, N>::cast_from(Vector::<E, N>::cast_from(
