@@ -76,13 +76,13 @@ pub fn bench_linear(quick: bool, composed: bool, iters: usize) -> Result<()> {
 
 /// `news2stock bench-kernels`: one line per kernel, and its JSON.
 pub fn bench_kernels(iters: usize) -> Result<()> {
-    for k in cuda::kbench::bench_kernels(2, 1024, iters) {
+    cuda::kbench::bench_kernels(2, 1024, iters, &mut |k| {
         println!("{:<48} {:>9.1} us {:>8.0} GB/s", k.name, k.micros, k.gbps());
         println!(
             "{}",
             serde_json::json!({"kernel": k.name, "us": k.micros, "bytes": k.bytes, "gbps": k.gbps()})
         );
-    }
+    });
     Ok(())
 }
 
