@@ -275,8 +275,7 @@ fn forward<F: FloatElement, I: IntElement, BT: BoolElement>(
 /// The cubecl softmax kernels ([`super::softmax`]) unless `PEFT_LORA_SOFTMAX_KERNEL=0` (then
 /// Burn's composed tensor ops, for comparison).
 fn softmax_kernel() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("PEFT_LORA_SOFTMAX_KERNEL").map_or(true, |v| v != "0"))
+    super::switch::SOFTMAX.on()
 }
 
 fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(

@@ -41,9 +41,9 @@ pub mod rope;
 pub mod selftest;
 pub mod softmax;
 pub mod swiglu;
+mod switch;
 
 use std::any::{Any, TypeId};
-use std::sync::atomic::{AtomicU8, Ordering as AtomicOrdering};
 
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
@@ -62,46 +62,24 @@ pub use cross_entropy::FusedCrossEntropy;
 pub use device::{cubecl_stream_used, ordering, set_ordering, Ordering};
 pub use kernels::LoraInputs;
 
-/// 0: unset (read `PEFT_LORA_FUSED_ATTENTION`), 1: on, 2: off.
-static ATTENTION: AtomicU8 = AtomicU8::new(0);
-
 /// Switches the fused CUDA attention, head + cross-entropy and RMSNorm ops on or off (process-wide;
 /// default on unless `PEFT_LORA_FUSED_ATTENTION=0`; [`set_enabled`]`(false)` turns them off too).
 pub fn set_attention_enabled(on: bool) {
-    ATTENTION.store(if on { 1 } else { 2 }, AtomicOrdering::SeqCst);
+    switch::STEP_OPS.set(on);
 }
 
 fn step_ops_enabled() -> bool {
-    let on = match ATTENTION.load(AtomicOrdering::SeqCst) {
-        0 => {
-            let on = std::env::var("PEFT_LORA_FUSED_ATTENTION").map_or(true, |v| v != "0");
-            set_attention_enabled(on);
-            on
-        }
-        v => v == 1,
-    };
-    on && enabled()
+    switch::STEP_OPS.on() && enabled()
 }
-
-/// 0: unset (read `PEFT_LORA_FUSED`), 1: on, 2: off.
-static ENABLED: AtomicU8 = AtomicU8::new(0);
 
 /// Switches the fused CUDA path on or off (process-wide; default on unless `PEFT_LORA_FUSED=0`).
 pub fn set_enabled(on: bool) {
-    ENABLED.store(if on { 1 } else { 2 }, AtomicOrdering::SeqCst);
+    switch::FUSED.set(on);
 }
 
 /// Whether the fused CUDA path is on and cuBLASLt loads.
 pub fn enabled() -> bool {
-    let v = match ENABLED.load(AtomicOrdering::SeqCst) {
-        0 => {
-            let on = std::env::var("PEFT_LORA_FUSED").map_or(true, |v| v != "0");
-            set_enabled(on);
-            on
-        }
-        v => v == 1,
-    };
-    if !v {
+    if !switch::FUSED.on() {
         return false;
     }
     match lt::available() {
@@ -414,9 +392,7 @@ pub fn rms_norm<B: Backend>(x: &Tensor<B, 3>, w: &Tensor<B, 1>, eps: f64) -> Opt
 /// Whether the SwiGLU, RoPE and dropout kernels run (on unless
 /// `PEFT_LORA_ELEMENTWISE_KERNELS=0`, for measuring them on and off with the same binary).
 fn elementwise_ops_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("PEFT_LORA_ELEMENTWISE_KERNELS").map_or(true, |v| v != "0"))
-        && step_ops_enabled()
+    switch::ELEMENTWISE.on() && step_ops_enabled()
 }
 
 fn swiglu_impl<T: swiglu::FusedSwiglu>(args: (Tensor<T, 2>, Tensor<T, 2>)) -> Tensor<T, 2> {
@@ -477,8 +453,7 @@ pub fn rope<B: Backend>(
 
 /// `PEFT_LORA_FUSED_ADAMW=0`: the optimizer's kernels off (composed update and norm).
 fn adamw_update_off() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var("PEFT_LORA_FUSED_ADAMW").is_ok_and(|v| v == "0"))
+    !switch::ADAMW.on()
 }
 
 #[allow(clippy::type_complexity)]
