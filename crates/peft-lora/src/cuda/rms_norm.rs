@@ -22,13 +22,16 @@ use super::backend::Prim;
 use super::cube_util::{grid, reduce_sum, row_index, THREADS};
 use super::kernels::{empty_as, Raw};
 
+/// One cube of [`THREADS`] units per row; each unit loads vectors of `N` elements (8 where the
+/// width allows). `hv` counts vectors per row, `h` elements.
 #[cube(launch)]
-fn rms_forward_kernel<E: Float>(
-    x: &Tensor<E>,
-    w: &Tensor<E>,
-    out: &mut Tensor<E>,
+fn rms_forward_kernel<E: Float, N: Size>(
+    x: &Tensor<Vector<E, N>>,
+    w: &Tensor<Vector<E, N>>,
+    out: &mut Tensor<Vector<E, N>>,
     rstd: &mut Tensor<f32>,
     rows: u32,
+    hv: u32,
     h: u32,
     eps: f32,
     #[comptime] threads: u32,
@@ -38,40 +41,49 @@ fn rms_forward_kernel<E: Float>(
     if row >= rows as usize {
         terminate!();
     }
-    let h = h as usize;
+    let n = x.vector_size();
+    let hv = hv as usize;
     let tid = UNIT_POS_X as usize;
-    let base = row * h;
+    let base = row * hv;
     let mut sh = SharedMemory::<f32>::new(threads as usize);
     let mut acc = f32::new(0.0);
     let mut j = tid;
-    while j < h {
-        let v = f32::cast_from(x[base + j]);
-        acc += v * v;
+    while j < hv {
+        let v = Vector::<f32, N>::cast_from(x[base + j]);
+        let sq = v * v;
+        #[unroll]
+        for e in 0..n {
+            acc += sq[e];
+        }
         j += CUBE_DIM_X as usize;
     }
     sh[tid] = acc;
     sync_cube();
     reduce_sum(&mut sh);
-    let r = f32::new(1.0) / (sh[0] / f32::cast_from(h as u32) + eps).sqrt();
+    let r = f32::new(1.0) / (sh[0] / f32::cast_from(h) + eps).sqrt();
     if tid == 0 {
         rstd[row] = r;
     }
+    let rv = Vector::new(r);
     let mut j = tid;
-    while j < h {
-        let normed = E::cast_from(f32::cast_from(x[base + j]) * r);
-        out[base + j] = E::cast_from(f32::cast_from(normed) * f32::cast_from(w[j]));
+    while j < hv {
+        let normed = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(x[base + j]) * rv);
+        out[base + j] = Vector::cast_from(
+            Vector::<f32, N>::cast_from(normed) * Vector::<f32, N>::cast_from(w[j]),
+        );
         j += CUBE_DIM_X as usize;
     }
 }
 
 #[cube(launch)]
-fn rms_backward_kernel<E: Float>(
-    dy: &Tensor<E>,
-    x: &Tensor<E>,
-    w: &Tensor<E>,
+fn rms_backward_kernel<E: Float, N: Size>(
+    dy: &Tensor<Vector<E, N>>,
+    x: &Tensor<Vector<E, N>>,
+    w: &Tensor<Vector<E, N>>,
     rstd: &Tensor<f32>,
-    dx: &mut Tensor<E>,
+    dx: &mut Tensor<Vector<E, N>>,
     rows: u32,
+    hv: u32,
     h: u32,
     #[comptime] threads: u32,
     #[define(E)] _dtype: StorageType,
@@ -80,31 +92,38 @@ fn rms_backward_kernel<E: Float>(
     if row >= rows as usize {
         terminate!();
     }
-    let h = h as usize;
+    let n = x.vector_size();
+    let hv = hv as usize;
     let tid = UNIT_POS_X as usize;
-    let base = row * h;
+    let base = row * hv;
     let r = rstd[row];
     let mut sh = SharedMemory::<f32>::new(threads as usize);
     let mut acc = f32::new(0.0);
     let mut j = tid;
-    while j < h {
-        let g = f32::cast_from(E::cast_from(
-            f32::cast_from(dy[base + j]) * f32::cast_from(w[j]),
+    while j < hv {
+        let g = Vector::<f32, N>::cast_from(Vector::<E, N>::cast_from(
+            Vector::<f32, N>::cast_from(dy[base + j]) * Vector::<f32, N>::cast_from(w[j]),
         ));
-        acc += g * f32::cast_from(x[base + j]);
+        let gx = g * Vector::<f32, N>::cast_from(x[base + j]);
+        #[unroll]
+        for e in 0..n {
+            acc += gx[e];
+        }
         j += CUBE_DIM_X as usize;
     }
     sh[tid] = acc;
     sync_cube();
     reduce_sum(&mut sh);
-    let mean_gx = sh[0] / f32::cast_from(h as u32);
+    let mean_gx = sh[0] / f32::cast_from(h);
+    let rv = Vector::new(r);
+    let cv = Vector::new(r * r * r * mean_gx);
     let mut j = tid;
-    while j < h {
-        let g = f32::cast_from(E::cast_from(
-            f32::cast_from(dy[base + j]) * f32::cast_from(w[j]),
+    while j < hv {
+        let g = Vector::<f32, N>::cast_from(Vector::<E, N>::cast_from(
+            Vector::<f32, N>::cast_from(dy[base + j]) * Vector::<f32, N>::cast_from(w[j]),
         ));
-        let xv = f32::cast_from(x[base + j]);
-        dx[base + j] = E::cast_from(r * g - r * r * r * xv * mean_gx);
+        let xv = Vector::<f32, N>::cast_from(x[base + j]);
+        dx[base + j] = Vector::cast_from(rv * g - cv * xv);
         j += CUBE_DIM_X as usize;
     }
 }
@@ -116,15 +135,18 @@ pub fn forward(x: Raw, w: Raw, eps: f32) -> (Raw, Raw) {
     let y = empty_as(&x, Shape::new([rows, h]), x.dtype);
     let r = empty_as(&x, Shape::new([rows]), DType::F32);
     let dtype = x.dtype;
+    let v = super::swiglu::vector_size(h);
     rms_forward_kernel::launch::<CudaRuntime>(
         &x.client.clone(),
         grid(rows),
         CubeDim::new_1d(THREADS),
+        v,
         x.into_tensor_arg(),
         w.into_tensor_arg(),
         y.clone().into_tensor_arg(),
         r.clone().into_tensor_arg(),
         rows as u32,
+        (h / v) as u32,
         h as u32,
         eps,
         THREADS,
@@ -144,16 +166,19 @@ pub fn backward(dy: Raw, x: Raw, w: Raw, r: Raw) -> Raw {
     let [rows, h] = x.meta.shape().dims::<2>();
     let dx = empty_as(&x, Shape::new([rows, h]), x.dtype);
     let dtype = x.dtype;
+    let v = super::swiglu::vector_size(h);
     rms_backward_kernel::launch::<CudaRuntime>(
         &x.client.clone(),
         grid(rows),
         CubeDim::new_1d(THREADS),
+        v,
         dy.into_tensor_arg(),
         x.into_tensor_arg(),
         w.into_tensor_arg(),
         r.into_tensor_arg(),
         dx.clone().into_tensor_arg(),
         rows as u32,
+        (h / v) as u32,
         h as u32,
         THREADS,
         dtype.into(),

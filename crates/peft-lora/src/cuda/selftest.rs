@@ -780,7 +780,8 @@ pub fn check_rms_norm<B: AutodiffBackend>(
     let opts = (device, dtype);
     let normal = Distribution::Normal(0.0, 1.0);
     let mut checks = Vec::new();
-    for (b, s, h) in [(2, 3, 64), (1, 5, 1000), (3, 7, 4096)] {
+    // Widths of 6, 5 and 64 / 1000 / 4096: vectors of 2, 1 and 8.
+    for (b, s, h) in [(2, 3, 6), (1, 2, 5), (2, 3, 64), (1, 5, 1000), (3, 7, 4096)] {
         let x = Tensor::<B, 3>::random([b, s, h], normal, opts).require_grad();
         let w = Tensor::<B, 1>::random([h], Distribution::Normal(1.0, 0.2), opts);
         let dy = Tensor::<B, 3>::random([b, s, h], normal, opts);
