@@ -480,11 +480,12 @@ pub fn gemm_batched(
         return Ok(());
     }
     // Every matrix of the batch must meet the alignment the plan is made for.
-    let batch_align = |stride: usize| {
+    let align = |ptr: u64, ld: usize, stride: usize| {
+        let a = alignment(ptr).min(alignment(ld as u64 * eb));
         if batch.count > 1 {
-            alignment(stride as u64 * eb)
+            a.min(alignment(stride as u64 * eb))
         } else {
-            256
+            a
         }
     };
     let key = Key {
@@ -498,18 +499,10 @@ pub fn gemm_batched(
         ldc: c.ld,
         bias: bias.is_some(),
         align: [
-            alignment(a.ptr)
-                .min(alignment(a.ld as u64 * eb))
-                .min(batch_align(batch.stride_a)),
-            alignment(b.ptr)
-                .min(alignment(b.ld as u64 * eb))
-                .min(batch_align(batch.stride_b)),
-            alignment(c.ptr)
-                .min(alignment(c.ld as u64 * eb))
-                .min(batch_align(batch.stride_c)),
-            alignment(c.ptr)
-                .min(alignment(c.ld as u64 * eb))
-                .min(batch_align(batch.stride_c)),
+            align(a.ptr, a.ld, batch.stride_a),
+            align(b.ptr, b.ld, batch.stride_b),
+            align(c.ptr, c.ld, batch.stride_c),
+            align(c.ptr, c.ld, batch.stride_c),
         ],
         batch,
     };
