@@ -1,6 +1,6 @@
 //! Pieces the cubecl kernels share ([`super::softmax`], [`super::rms_norm`], [`super::swiglu`],
-//! [`super::rope`]): one cube per row (or per [`THREADS`] elements) on a 2-D grid, and tree
-//! reductions through shared memory.
+//! [`super::rope`]): one cube per row (or per [`THREADS`] elements) on a 2-D grid, tree
+//! reductions through shared memory, and the vector width of their loads.
 
 use cubecl::prelude::*;
 
@@ -49,6 +49,12 @@ pub fn row_index() -> usize {
 pub fn grid(rows: usize) -> CubeCount {
     let x = rows.clamp(1, 65_535);
     CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
+}
+
+/// The widest vector (8, 4, 2 or 1 elements; 8 bf16 = one 16-byte load) that divides `n`: the
+/// vector width of the elementwise and row kernels over rows or runs of `n` elements.
+pub fn vector_size(n: usize) -> usize {
+    [8, 4, 2, 1].into_iter().find(|v| n % v == 0).unwrap_or(1)
 }
 
 /// The element this unit handles in a flat elementwise launch over [`elem_grid`].

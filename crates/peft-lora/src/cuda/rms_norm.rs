@@ -135,7 +135,7 @@ pub fn forward(x: Raw, w: Raw, eps: f32) -> (Raw, Raw) {
     let y = empty_as(&x, Shape::new([rows, h]), x.dtype);
     let r = empty_as(&x, Shape::new([rows]), DType::F32);
     let dtype = x.dtype;
-    let v = super::swiglu::vector_size(h);
+    let v = super::cube_util::vector_size(h);
     rms_forward_kernel::launch::<CudaRuntime>(
         &x.client.clone(),
         grid(rows),
@@ -166,7 +166,7 @@ pub fn backward(dy: Raw, x: Raw, w: Raw, r: Raw) -> Raw {
     let [rows, h] = x.meta.shape().dims::<2>();
     let dx = empty_as(&x, Shape::new([rows, h]), x.dtype);
     let dtype = x.dtype;
-    let v = super::swiglu::vector_size(h);
+    let v = super::cube_util::vector_size(h);
     rms_backward_kernel::launch::<CudaRuntime>(
         &x.client.clone(),
         grid(rows),

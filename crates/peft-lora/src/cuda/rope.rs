@@ -127,7 +127,7 @@ fn launch(
     );
     let out = empty_as(&input, out_shape, input.dtype);
     // `d` is even (checked by the caller): the widest vector that divides `d / 2`.
-    let v = super::swiglu::vector_size(d / 2);
+    let v = super::cube_util::vector_size(d / 2);
     let total = b * s * n * d / v;
     let (dtype, client) = (input.dtype, input.client.clone());
     let args = (total as u32, n as u32, s as u32, (d / v) as u32);

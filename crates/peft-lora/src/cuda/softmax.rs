@@ -16,7 +16,7 @@ use burn_cubecl::kernel::into_contiguous;
 use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
-use super::cube_util::{grid, row_index};
+use super::cube_util::{grid, row_index, vector_size};
 use super::kernels::{empty_as, Raw};
 
 /// Rows per cube (one plane each).
@@ -121,11 +121,6 @@ fn softmax_backward_kernel<E: Float, N: Size>(
         out[base + j] = Vector::cast_from(scale * p * (dp - row_dot));
         j += CUBE_DIM_X as usize;
     }
-}
-
-/// The widest vector (8, 4, 2 or 1 elements) that divides a row of `t`.
-fn vector_size(t: usize) -> usize {
-    [8, 4, 2, 1].into_iter().find(|n| t % n == 0).unwrap_or(1)
 }
 
 /// The grid and cube for `rows` rows, one plane each.

@@ -22,7 +22,7 @@ use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
 use super::backend::Prim;
-use super::cube_util::{elem_grid, elem_index, THREADS};
+use super::cube_util::{elem_grid, elem_index, vector_size, THREADS};
 use super::kernels::{empty_as, Raw};
 
 /// One unit per vector of `N` elements (8 where the size allows: 16-byte bf16 loads).
@@ -71,11 +71,6 @@ fn swiglu_backward_kernel<E: Float, N: Size>(
         d * Vector::<f32, N>::cast_from(up[i]),
     ));
     dgate[i] = Vector::cast_from(da * s * (one + g * (one - s)));
-}
-
-/// The widest vector (8, 4, 2 or 1 elements) that divides `n`.
-pub(crate) fn vector_size(n: usize) -> usize {
-    [8, 4, 2, 1].into_iter().find(|v| n % v == 0).unwrap_or(1)
 }
 
 /// `silu(gate) * up`, elementwise over tensors of one shape.
