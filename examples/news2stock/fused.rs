@@ -76,13 +76,19 @@ pub fn bench_linear(quick: bool, composed: bool, iters: usize) -> Result<()> {
 
 /// `news2stock bench-kernels`: one line per kernel, and its JSON.
 pub fn bench_kernels(iters: usize) -> Result<()> {
-    cuda::kbench::bench_kernels(2, 1024, iters, &mut |k| {
+    let mut emit = |k: cuda::kbench::KernelTime| {
         println!("{:<48} {:>9.1} us {:>8.0} GB/s", k.name, k.micros, k.gbps());
         println!(
             "{}",
             serde_json::json!({"kernel": k.name, "us": k.micros, "bytes": k.bytes, "gbps": k.gbps()})
         );
-    });
+    };
+    // The fused LoRA linear's GEMMs one by one, on the headline shape and the k/v projection.
+    for (d_in, d_out) in [(4096, 4096), (4096, 1024)] {
+        cuda::kbench::bench_lora_parts(4096, d_in, d_out, 16, iters, &mut emit)
+            .map_err(|e| anyhow::anyhow!("LoRA GEMM parts: {e}"))?;
+    }
+    cuda::kbench::bench_kernels(2, 1024, iters, &mut emit);
     Ok(())
 }
 

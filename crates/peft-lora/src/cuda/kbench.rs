@@ -272,3 +272,158 @@ fn flash_planes(num_planes: u8) -> burn_cubecl::kernel::attention::AttentionStra
         },
     )
 }
+
+/// Each cuBLASLt GEMM of the fused LoRA linear (see [`super::kernels`]) timed alone with GPU
+/// events at `n` tokens, `d_in -> d_out`, rank `r`, bf16. The figure is the algorithm the plan
+/// uses (the fastest candidate when [`super::lt`] autotunes, else the heuristic's first); the name
+/// carries the heuristic's first and the fastest candidate's times beside it. `bytes` is what the
+/// skinny GEMMs must move (0 for the big ones, which are compute-bound).
+pub fn bench_lora_parts(
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+    r: usize,
+    iters: usize,
+    emit: &mut dyn FnMut(KernelTime),
+) -> Result<(), String> {
+    use super::lt::{self, Dtype, Operand, Output};
+    let device = Default::default();
+    let normal = Distribution::Normal(0.0, 1.0);
+    let rnd = |rows: usize, cols: usize| {
+        prim(Tensor::<Gpu, 2>::random(
+            [rows, cols],
+            normal,
+            (&device, DType::BF16),
+        ))
+    };
+    let ts = [
+        rnd(n, d_in),
+        rnd(d_in, d_out),
+        rnd(d_in, r),
+        rnd(r, d_out),
+        rnd(n, d_out),
+        rnd(n, d_out),
+        rnd(n, d_in),
+        rnd(n, r),
+        rnd(n, r),
+        rnd(d_in, r),
+        rnd(r, d_out),
+    ];
+    let [x, w, a, b, y, dy, dx, xa, g, da, db] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+    let handles = ts.iter().map(|t| t.handle.clone()).collect();
+    let rows = super::device::run(&ts[0].device, handles, |ctx, p| {
+        let op = |i: usize, rows: usize, cols: usize, trans: bool| Operand {
+            ptr: p[i],
+            rows,
+            cols,
+            ld: cols,
+            trans,
+        };
+        let out = |i: usize, ld: usize| Output { ptr: p[i], ld };
+        let (e, s) = (2.0, 0.5);
+        let parts = [
+            (
+                "y = x W",
+                op(x, n, d_in, false),
+                op(w, d_in, d_out, false),
+                out(y, d_out),
+                1.0,
+                0.0,
+                0.0,
+            ),
+            (
+                "y += x W (beta 1)",
+                op(x, n, d_in, false),
+                op(w, d_in, d_out, false),
+                out(y, d_out),
+                1.0,
+                1.0,
+                0.0,
+            ),
+            (
+                "xa = x A",
+                op(x, n, d_in, false),
+                op(a, d_in, r, false),
+                out(xa, r),
+                1.0,
+                0.0,
+                e * (n * d_in) as f64,
+            ),
+            (
+                "y = s xa B",
+                op(xa, n, r, false),
+                op(b, r, d_out, false),
+                out(y, d_out),
+                s,
+                0.0,
+                e * (n * d_out) as f64,
+            ),
+            (
+                "g = dy B^T",
+                op(dy, n, d_out, false),
+                op(b, r, d_out, true),
+                out(g, r),
+                1.0,
+                0.0,
+                e * (n * d_out) as f64,
+            ),
+            (
+                "dx = s g A^T",
+                op(g, n, r, false),
+                op(a, d_in, r, true),
+                out(dx, d_in),
+                s,
+                0.0,
+                e * (n * d_in) as f64,
+            ),
+            (
+                "dx += dy W^T (beta 1)",
+                op(dy, n, d_out, false),
+                op(w, d_in, d_out, true),
+                out(dx, d_in),
+                1.0,
+                1.0,
+                0.0,
+            ),
+            (
+                "dB = s xa^T dy",
+                op(xa, n, r, true),
+                op(dy, n, d_out, false),
+                out(db, d_out),
+                s,
+                0.0,
+                e * (n * d_out) as f64,
+            ),
+            (
+                "dA = s x^T g",
+                op(x, n, d_in, true),
+                op(g, n, r, false),
+                out(da, r),
+                s,
+                0.0,
+                e * (n * d_in) as f64,
+            ),
+        ];
+        let mut rows = Vec::new();
+        for (name, pa, pb, pc, alpha, beta, bytes) in parts {
+            let (times, chosen) =
+                lt::candidate_times(ctx, Dtype::Bf16, pa, pb, pc, alpha, beta, iters)?;
+            let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
+            rows.push(KernelTime {
+                name: format!(
+                    "lora {d_in}->{d_out} r{r} n{n}: {name} (first {:.1} us, best {:.1} us of {})",
+                    times[0] * 1e3,
+                    best * 1e3,
+                    times.len()
+                ),
+                micros: times[chosen] * 1e3,
+                bytes,
+            });
+        }
+        Ok(rows)
+    })?;
+    for row in rows {
+        emit(row);
+    }
+    Ok(())
+}

@@ -249,8 +249,19 @@ struct Plan {
     a: *mut c_void,
     b: *mut c_void,
     c: *mut c_void,
+    /// The algorithm every call uses: the heuristic's first, or the fastest when tuned.
     algo: Algo,
+    /// The heuristic's candidates, best-ranked first (up to [`CANDIDATES`]).
+    candidates: Vec<Algo>,
 }
+
+/// How many of cuBLASLt's heuristic candidates a plan keeps (and autotuning times).
+const CANDIDATES: usize = 8;
+
+/// Time the heuristic's candidates on the first call of each GEMM shape and keep the fastest
+/// (`PEFT_LORA_GEMM_AUTOTUNE`, on unless `0`): a one-off cost of a few calls per shape.
+pub(crate) static AUTOTUNE: super::switch::Switch =
+    super::switch::Switch::new("PEFT_LORA_GEMM_AUTOTUNE");
 
 // SAFETY: plans are only used under the PLANS mutex, on the device's thread.
 unsafe impl Send for Plan {}
@@ -407,7 +418,7 @@ fn make_plan(ctx: &Ctx, key: &Key) -> Result<Plan, String> {
                 "cublasLtMatmulPreferenceSetAttribute(alignment)",
             )?;
         }
-        let mut result = [Heuristic::default(); 1];
+        let mut result = [Heuristic::default(); CANDIDATES];
         let mut count = 0i32;
         let status = (api.heuristic)(
             ctx.handle as RawHandle,
@@ -417,21 +428,27 @@ fn make_plan(ctx: &Ctx, key: &Key) -> Result<Plan, String> {
             lc,
             lc,
             pref,
-            1,
+            CANDIDATES as i32,
             result.as_mut_ptr(),
             &mut count,
         );
         (api.pref_destroy)(pref);
         check(status, "cublasLtMatmulAlgoGetHeuristic")?;
-        if count < 1 {
+        let candidates: Vec<Algo> = result[..count.max(0) as usize]
+            .iter()
+            .filter(|h| h.state == 0)
+            .map(|h| h.algo)
+            .collect();
+        let Some(&algo) = candidates.first() else {
             return Err(format!("cuBLASLt has no algorithm for {key:?}"));
-        }
+        };
         Ok(Plan {
             desc,
             a: la,
             b: lb,
             c: lc,
-            algo: result[0].algo,
+            algo,
+            candidates,
         })
     }
 }
@@ -466,61 +483,52 @@ pub fn gemm_batched(
     bias: Option<u64>,
     batch: Batch,
 ) -> Result<(), String> {
-    let (m, k) = a.logical();
-    let (kb, n) = b.logical();
-    if k != kb {
-        return Err(format!("gemm inner dimensions differ: {k} vs {kb}"));
-    }
-    if m == 0 || n == 0 {
+    let Some(key) = key_for(ctx, dtype, &a, &b, &c, bias.is_some(), batch)? else {
         return Ok(());
-    }
+    };
     let api = api()?;
-    let eb = elem_bytes(dtype);
-    if batch.count == 0 {
-        return Ok(());
-    }
-    // Every matrix of the batch must meet the alignment the plan is made for.
-    let align = |ptr: u64, ld: usize, stride: usize| {
-        let a = alignment(ptr).min(alignment(ld as u64 * eb));
-        if batch.count > 1 {
-            a.min(alignment(stride as u64 * eb))
-        } else {
-            a
-        }
-    };
-    let key = Key {
-        handle: ctx.handle,
-        dtype,
-        m,
-        n,
-        k,
-        a: (a.rows, a.cols, a.ld, a.trans),
-        b: (b.rows, b.cols, b.ld, b.trans),
-        ldc: c.ld,
-        bias: bias.is_some(),
-        align: [
-            align(a.ptr, a.ld, batch.stride_a),
-            align(b.ptr, b.ld, batch.stride_b),
-            align(c.ptr, c.ld, batch.stride_c),
-            align(c.ptr, c.ld, batch.stride_c),
-        ],
-        batch,
-    };
-    if k == 0 {
-        // Nothing to multiply: only beta * c matters, which callers never rely on here.
-        return Err("gemm with k = 0".into());
-    }
     let mut plans = PLANS
         .get_or_init(Default::default)
         .lock()
         .map_err(|_| "cuBLASLt plan cache poisoned".to_string())?;
     let plan = match plans.entry(key) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(e) => e.insert(make_plan(ctx, &key)?),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            let mut plan = make_plan(ctx, &key)?;
+            if AUTOTUNE.on() && plan.candidates.len() > 1 {
+                plan.algo = tune(ctx, &key, &plan, &a, &b, alpha, beta, bias);
+            }
+            e.insert(plan)
+        }
     };
     let plan = &*plan;
     // SAFETY: the pointers are live device allocations of the described shapes (the caller holds
-    // their handles), the plan matches them, and alpha/beta are host f32 as the scale type says.
+    // their handles) and the plan matches them.
+    unsafe {
+        launch(
+            api, ctx, plan, &plan.algo, a.ptr, b.ptr, c.ptr, alpha, beta, bias,
+        )
+    }
+}
+
+/// One `cublasLtMatmul` of `plan` with `algo`, in place on `c` (C = D).
+///
+/// # Safety
+/// The pointers must be live device allocations of the shapes the plan describes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch(
+    api: &Api,
+    ctx: &Ctx,
+    plan: &Plan,
+    algo: &Algo,
+    a: u64,
+    b: u64,
+    c: u64,
+    alpha: f32,
+    beta: f32,
+    bias: Option<u64>,
+) -> Result<(), String> {
+    // SAFETY: per this function's contract; alpha/beta are host f32 as the scale type says.
     unsafe {
         if let Some(bias) = bias {
             check(
@@ -538,16 +546,16 @@ pub fn gemm_batched(
                 ctx.handle as RawHandle,
                 plan.desc,
                 &alpha as *const f32 as *const c_void,
-                b.ptr as *const c_void,
+                b as *const c_void,
                 plan.a,
-                a.ptr as *const c_void,
+                a as *const c_void,
                 plan.b,
                 &beta as *const f32 as *const c_void,
-                c.ptr as *const c_void,
+                c as *const c_void,
                 plan.c,
-                c.ptr as *mut c_void,
+                c as *mut c_void,
                 plan.c,
-                &plan.algo,
+                algo,
                 ctx.workspace as *mut c_void,
                 ctx.workspace_bytes,
                 ctx.stream as Stream,
@@ -555,4 +563,142 @@ pub fn gemm_batched(
             "cublasLtMatmul",
         )
     }
+}
+
+/// The plan key of a GEMM call, checked; `None` when there is nothing to compute.
+fn key_for(
+    ctx: &Ctx,
+    dtype: Dtype,
+    a: &Operand,
+    b: &Operand,
+    c: &Output,
+    bias: bool,
+    batch: Batch,
+) -> Result<Option<Key>, String> {
+    let (m, k) = a.logical();
+    let (kb, n) = b.logical();
+    if k != kb {
+        return Err(format!("gemm inner dimensions differ: {k} vs {kb}"));
+    }
+    if m == 0 || n == 0 || batch.count == 0 {
+        return Ok(None);
+    }
+    if k == 0 {
+        // Nothing to multiply: only beta * c matters, which callers never rely on here.
+        return Err("gemm with k = 0".into());
+    }
+    let eb = elem_bytes(dtype);
+    // Every matrix of the batch must meet the alignment the plan is made for.
+    let align = |ptr: u64, ld: usize, stride: usize| {
+        let a = alignment(ptr).min(alignment(ld as u64 * eb));
+        if batch.count > 1 {
+            a.min(alignment(stride as u64 * eb))
+        } else {
+            a
+        }
+    };
+    let c_align = align(c.ptr, c.ld, batch.stride_c);
+    Ok(Some(Key {
+        handle: ctx.handle,
+        dtype,
+        m,
+        n,
+        k,
+        a: (a.rows, a.cols, a.ld, a.trans),
+        b: (b.rows, b.cols, b.ld, b.trans),
+        ldc: c.ld,
+        bias,
+        align: [
+            align(a.ptr, a.ld, batch.stride_a),
+            align(b.ptr, b.ld, batch.stride_b),
+            c_align,
+            c_align,
+        ],
+        batch,
+    }))
+}
+
+/// Bytes from the first to the last element of a (batched) output.
+fn output_bytes(key: &Key) -> usize {
+    let last = (key.batch.count - 1) * key.batch.stride_c + (key.m - 1) * key.ldc + key.n;
+    last * elem_bytes(key.dtype) as usize
+}
+
+/// The fastest of `plan`'s candidates on this call's operands, each timed on the GPU writing a
+/// scratch output (the real one may hold the `beta` term). Any failure keeps the heuristic's
+/// first choice: tuning only ever chooses between algorithms that compute the same product.
+#[allow(clippy::too_many_arguments)]
+fn tune(
+    ctx: &Ctx,
+    key: &Key,
+    plan: &Plan,
+    a: &Operand,
+    b: &Operand,
+    alpha: f32,
+    beta: f32,
+    bias: Option<u64>,
+) -> Algo {
+    let Ok(api) = api() else {
+        return plan.algo;
+    };
+    let bytes = output_bytes(key);
+    // SAFETY: a plain device allocation, freed below after the timing has synchronised.
+    let Ok(scratch) = (unsafe { cudarc::driver::result::malloc_sync(bytes) }) else {
+        return plan.algo;
+    };
+    let mut best = (f64::INFINITY, plan.algo);
+    for algo in &plan.candidates {
+        // SAFETY: scratch covers the output's extent; a and b are the caller's live operands.
+        let run = || unsafe {
+            launch(
+                api, ctx, plan, algo, a.ptr, b.ptr, scratch, alpha, beta, bias,
+            )
+        };
+        if let Ok(ms) = super::gpu_timer::time_on_stream(ctx.stream, 3, run) {
+            if ms < best.0 {
+                best = (ms, *algo);
+            }
+        }
+    }
+    // SAFETY: allocated above; the timing synchronised on the stream's last use of it (and a
+    // failed launch enqueued nothing), and cuMemFree waits for the device anyway.
+    unsafe { cudarc::driver::result::free_sync(scratch) }.ok();
+    best.1
+}
+
+/// GPU milliseconds per call of each of the heuristic's candidates for this GEMM (writing `c`
+/// in place, `iters` calls each), and the index of the one the plan uses. For benchmarks.
+#[allow(clippy::too_many_arguments)]
+pub fn candidate_times(
+    ctx: &Ctx,
+    dtype: Dtype,
+    a: Operand,
+    b: Operand,
+    c: Output,
+    alpha: f32,
+    beta: f32,
+    iters: usize,
+) -> Result<(Vec<f64>, usize), String> {
+    gemm(ctx, dtype, a, b, c, alpha, beta, None)?;
+    let key =
+        key_for(ctx, dtype, &a, &b, &c, false, Batch::ONE)?.ok_or("candidate_times: empty GEMM")?;
+    let api = api()?;
+    let plans = PLANS
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| "cuBLASLt plan cache poisoned".to_string())?;
+    let plan = plans.get(&key).ok_or("candidate_times: no plan")?;
+    let mut times = Vec::with_capacity(plan.candidates.len());
+    for algo in &plan.candidates {
+        // SAFETY: the caller's live operands, the plan made for them.
+        let run =
+            || unsafe { launch(api, ctx, plan, algo, a.ptr, b.ptr, c.ptr, alpha, beta, None) };
+        times.push(super::gpu_timer::time_on_stream(ctx.stream, iters, run).unwrap_or(f64::NAN));
+    }
+    let chosen = plan
+        .candidates
+        .iter()
+        .position(|x| x.data == plan.algo.data)
+        .unwrap_or(0);
+    Ok((times, chosen))
 }

@@ -32,6 +32,7 @@ pub mod device;
 pub mod dropout;
 #[cfg(feature = "fusion")]
 pub mod fusion;
+mod gpu_timer;
 pub mod kbench;
 pub mod kernels;
 mod layer;
