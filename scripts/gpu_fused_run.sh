@@ -8,8 +8,8 @@
 #   (SwiGLU and RoPE kernels), train-noadamw (one-kernel AdamW), train-nosoftmax (the attention's
 #   softmax kernels); util (GPU busy share + cubecl kernel profile), prof (Nsight, when present),
 #   pissa (bench-init vs PEFT's init), kernels (bench-kernels: each step kernel alone, and each
-#   GEMM of the fused LoRA linear), quick-notune / train-notune (cuBLASLt autotuning off,
-#   PEFT_LORA_GEMM_AUTOTUNE=0).
+#   GEMM of the fused LoRA linear), quick-tune / train-tune (cuBLASLt autotuning on,
+#   PEFT_LORA_GEMM_AUTOTUNE=1).
 # Writes logs under $OUT (or /tmp/fused-out), packed into $OUT/logs.tgz at the end.
 D=$1; shift
 OUT=${OUT:-/tmp/fused-out}; mkdir -p "$OUT"
@@ -56,10 +56,10 @@ for stage in "$@"; do
       mem "hf-$name" timeout 200 python3 $D/peft_baseline.py --skip-micro --only $name 2>&1 | tee "$OUT/hf_$name.txt" | tail -2
       echo "hf $name peak_used_mib $(peak hf-$name)" | tee -a "$OUT/peaks.txt"
     done ;;
-  quick-notune)
-    PEFT_LORA_GEMM_AUTOTUNE=0 timeout 150 $B bench-linear --quick 2>&1 | grep -v '^{' | tee "$OUT/linear_quick_notune.txt" ;;
-  train-notune)
-    variant notune PEFT_LORA_GEMM_AUTOTUNE=0 qv-nogc all-gc ;;
+  quick-tune)
+    PEFT_LORA_GEMM_AUTOTUNE=1 timeout 150 $B bench-linear --quick 2>&1 | grep -v '^{' | tee "$OUT/linear_quick_tune.txt" ;;
+  train-tune)
+    variant tune PEFT_LORA_GEMM_AUTOTUNE=1 qv-nogc all-gc ;;
   train-noattn)
     variant noattn PEFT_LORA_FUSED_ATTENTION=0 qv-gc qv-nogc ;;
   prof)

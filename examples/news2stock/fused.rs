@@ -103,7 +103,7 @@ pub fn check(race_tokens: usize, race_dim: usize, race_steps: usize) -> Result<(
     type Bf16Ckpt = Autodiff<Gpu, BalancedCheckpointing>;
     let (f32_, bf16_) = (("cuda", DType::F32), ("cuda", DType::BF16));
     let ckpt = ("cuda-ckpt", DType::BF16);
-    let suites: [((&str, DType), Suite); 17] = [
+    let suites: [((&str, DType), Suite); 19] = [
         (f32_, selftest::check_all::<F32>),
         (bf16_, selftest::check_all::<Bf16>),
         (ckpt, selftest::check_all::<Bf16Ckpt>),
@@ -119,6 +119,12 @@ pub fn check(race_tokens: usize, race_dim: usize, race_steps: usize) -> Result<(
         (f32_, selftest::check_rope::<F32>),
         (bf16_, selftest::check_rope::<Bf16>),
         (f32_, selftest::check_adamw::<Cuda<f32>>),
+        (bf16_, |l, _, d| {
+            selftest::check_adamw_master::<Cuda<bf16>>(l, d)
+        }),
+        (bf16_, |l, _, d| {
+            selftest::check_optimizer_master::<Bf16>(l, d)
+        }),
         (f32_, selftest::check_hashed_dropout::<F32>),
         (bf16_, selftest::check_hashed_dropout::<Bf16>),
     ];

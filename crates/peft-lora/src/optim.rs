@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use burn::module::Param;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, FloatDType, Tensor, TensorData};
 
 use crate::error::{Error, Result};
 use crate::model::LoraModel;
@@ -97,6 +97,30 @@ fn key(path: &str, adapter: &str, slot: Slot) -> String {
     format!("{path}.{adapter}.{}", slot.name())
 }
 
+/// A 16-bit float dtype: such parameters get an f32 master copy and f32 moments.
+fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+}
+
+/// `t` in f32 (itself when it already is).
+fn to_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    if t.dtype() == DType::F32 {
+        t
+    } else {
+        t.cast(FloatDType::F32)
+    }
+}
+
+/// `old + g`, in f32 when either is 16-bit (PEFT's f32 adapters accumulate their gradients in
+/// f32; a bf16 running sum would round every micro-batch away into 8 bits).
+fn accumulate<B: Backend>(old: Tensor<B, 2>, g: Tensor<B, 2>) -> Tensor<B, 2> {
+    if is_half(old.dtype()) || is_half(g.dtype()) {
+        to_f32(old) + to_f32(g)
+    } else {
+        old + g
+    }
+}
+
 impl<B: Backend> GradAccumulator<B> {
     /// Adds the adapter gradients of one backward pass.
     pub fn add<AB, M>(&mut self, model: &M, grads: &AB::Gradients)
@@ -111,7 +135,7 @@ impl<B: Backend> GradAccumulator<B> {
                     if let Some(g) = g {
                         let k = key(&path, name, slot);
                         let v = match self.grads.remove(&k) {
-                            Some(old) => old + g,
+                            Some(old) => accumulate(old, g),
                             None => g,
                         };
                         self.grads.insert(k, v);
@@ -146,7 +170,7 @@ impl<B: Backend> GradAccumulator<B> {
 
     fn put(&mut self, k: String, g: Tensor<B, 2>) {
         let v = match self.grads.remove(&k) {
-            Some(old) => old + g,
+            Some(old) => accumulate(old, g),
             None => g,
         };
         self.grads.insert(k, v);
@@ -165,7 +189,7 @@ impl<B: Backend> GradAccumulator<B> {
         let squares = self
             .grads
             .values()
-            .map(|g| g.clone().powf_scalar(2.0).sum());
+            .map(|g| to_f32(g.clone()).powf_scalar(2.0).sum());
         let Some(total) = squares.reduce(|a, b| a + b) else {
             return 0.0;
         };
@@ -186,10 +210,17 @@ struct Hyper {
     bc2: f64,
 }
 
-/// Moments of one tensor.
+/// Moments of one tensor, and the f32 master copy of a 16-bit parameter.
+///
+/// Mixed precision: PEFT casts adapters to f32 on a bf16 model (`autocast_adapter_dtype`), so
+/// its AdamW keeps f32 weights and moments. A bf16 weight cannot take that update (a step of
+/// lr = 2e-4 on a weight of 0.02 is about one bf16 unit in the last place, and smaller ones are
+/// lost), so the rule runs on an f32 master with f32 moments and the parameter the forward uses
+/// is the master rounded to its dtype after every step.
 struct Moments<B: Backend> {
     m: Tensor<B, 2>,
     v: Tensor<B, 2>,
+    master: Option<Tensor<B, 2>>,
 }
 
 /// AdamW / LoRA+ / LoRA-FA over the adapters of a [`LoraModel`].
@@ -330,10 +361,28 @@ impl<B: Backend> LoraOptimizer<B> {
             (OptimizerKind::LoraPlus { weight_decay, .. }, _) => (lr, *weight_decay),
             _ => (lr, c.weight_decay),
         };
-        let st = self.state.entry(k).or_insert_with(|| Moments {
-            m: g.zeros_like(),
-            v: g.zeros_like(),
+        let low = old.dtype();
+        let st = self.state.entry(k).or_insert_with(|| {
+            if is_half(low) {
+                let master = to_f32(old.clone());
+                Moments {
+                    m: master.zeros_like(),
+                    v: master.zeros_like(),
+                    master: Some(master),
+                }
+            } else {
+                Moments {
+                    m: g.zeros_like(),
+                    v: g.zeros_like(),
+                    master: None,
+                }
+            }
         });
+        // With a master the rule runs in f32 on it; the parameter becomes the master rounded.
+        let (old, g) = match &st.master {
+            Some(master) => (master.clone(), to_f32(g)),
+            None => (old, g),
+        };
         // On CUDA: the whole AdamW rule in one kernel instead of ~16 tensor ops.
         #[cfg(feature = "cuda")]
         if self.kind != OptimizerKind::LoraFa {
@@ -345,7 +394,15 @@ impl<B: Backend> LoraOptimizer<B> {
                 eps: c.eps as f32,
                 bias_corrections: (h.bc1 as f32, h.bc2 as f32),
             };
-            if let Some((p, m, v)) = crate::cuda::adamw_update(&old, &g, &st.m, &st.v, step) {
+            if st.master.is_some() {
+                if let Some((master, m, v, p)) =
+                    crate::cuda::adamw_update_master(&old, &g, &st.m, &st.v, step, low)
+                {
+                    (st.m, st.v, st.master) = (m, v, Some(master));
+                    return p;
+                }
+            } else if let Some((p, m, v)) = crate::cuda::adamw_update(&old, &g, &st.m, &st.v, step)
+            {
                 (st.m, st.v) = (m, v);
                 return p;
             }
@@ -353,17 +410,25 @@ impl<B: Backend> LoraOptimizer<B> {
         let g = if h.clip != 1.0 { g * h.clip } else { g };
         st.m = st.m.clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
         st.v = st.v.clone() * c.beta2 + g.powf_scalar(2.0) * (1.0 - c.beta2);
-        if self.kind == OptimizerKind::LoraFa {
+        let updated = if self.kind == OptimizerKind::LoraFa {
             // PEFT's LoraFAOptimizer: eps added to the uncorrected sqrt(v), the bias
             // correction folded into the step size, decay applied after the update.
             let step_size = lr_here * h.bc2.sqrt() / h.bc1;
             let updated = old - st.m.clone() / (st.v.clone().sqrt() + c.eps) * step_size;
-            return updated.clone() - updated * (lr_here * wd);
+            updated.clone() - updated * (lr_here * wd)
+        } else {
+            // torch.optim.AdamW: decoupled decay first, then the bias-corrected step.
+            let denom = (st.v.clone() / h.bc2).sqrt() + c.eps;
+            let update = st.m.clone() / h.bc1 / denom;
+            old * (1.0 - lr_here * wd) - update * lr_here
+        };
+        match &mut st.master {
+            Some(master) => {
+                *master = updated.clone();
+                updated.cast(FloatDType::from(low))
+            }
+            None => updated,
         }
-        // torch.optim.AdamW: decoupled decay first, then the bias-corrected step.
-        let denom = (st.v.clone() / h.bc2).sqrt() + c.eps;
-        let update = st.m.clone() / h.bc1 / denom;
-        old * (1.0 - lr_here * wd) - update * lr_here
     }
 
     /// Optimizer state as host tensors (`<key>.exp_avg`, `<key>.exp_avg_sq`) for checkpoints.
@@ -372,6 +437,9 @@ impl<B: Backend> LoraOptimizer<B> {
         for (k, st) in &self.state {
             out.insert(format!("{k}.exp_avg"), to_host(st.m.clone()));
             out.insert(format!("{k}.exp_avg_sq"), to_host(st.v.clone()));
+            if let Some(master) = &st.master {
+                out.insert(format!("{k}.master"), to_host(master.clone()));
+            }
         }
         out.insert(
             "step".into(),
@@ -402,19 +470,26 @@ impl<B: Backend> LoraOptimizer<B> {
                         path: "optimizer state".into(),
                         message: format!("`{base}.exp_avg_sq` is missing"),
                     })?;
+            // A saved master means a 16-bit parameter: master and moments are f32.
+            let master = tensors.get(&format!("{base}.master"));
             let to2 = |h: &HostTensor| -> Tensor<B, 2> {
                 let (r, c) = match h.shape.as_slice() {
                     [r, c] => (*r, *c),
                     [n] => (1, *n),
                     _ => (1, h.data.len()),
                 };
-                Tensor::from_data(TensorData::new(h.data.clone(), [r, c]), device)
+                let data = TensorData::new(h.data.clone(), [r, c]);
+                match master {
+                    Some(_) => Tensor::from_data(data, (device, DType::F32)),
+                    None => Tensor::from_data(data, device),
+                }
             };
             self.state.insert(
                 base.to_string(),
                 Moments {
                     m: to2(t),
                     v: to2(v),
+                    master: master.map(to2),
                 },
             );
         }

@@ -69,6 +69,47 @@ fn adamw_kernel<E: Float>(
     v_out[i] = E::cast_from(vi);
 }
 
+/// [`adamw_kernel`] on an f32 master copy of a 16-bit parameter (mixed precision, as PEFT keeps
+/// adapters in f32 on a bf16 model): master, moments and gradient in f32, and the parameter the
+/// forward uses written once more, rounded to its dtype `E`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn adamw_master_kernel<E: Float>(
+    p: &Tensor<f32>,
+    g: &Tensor<f32>,
+    m: &Tensor<f32>,
+    v: &Tensor<f32>,
+    p_out: &mut Tensor<f32>,
+    m_out: &mut Tensor<f32>,
+    v_out: &mut Tensor<f32>,
+    low_out: &mut Tensor<E>,
+    n: u32,
+    clip: f32,
+    beta1: f32,
+    beta2: f32,
+    lr: f32,
+    decay: f32,
+    eps: f32,
+    bc1: f32,
+    bc2: f32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let i = elem_index();
+    if i >= n as usize {
+        terminate!();
+    }
+    let one = f32::new(1.0);
+    let gi = g[i] * clip;
+    let mi = beta1 * m[i] + (one - beta1) * gi;
+    let vi = beta2 * v[i] + (one - beta2) * gi * gi;
+    let denom = (vi / bc2).sqrt() + eps;
+    let pi = p[i] * decay - lr * (mi / bc1) / denom;
+    p_out[i] = pi;
+    m_out[i] = mi;
+    v_out[i] = vi;
+    low_out[i] = E::cast_from(pi);
+}
+
 /// `out[slot] = sum(t^2)` in f32, one cube looping over the (small) tensor.
 #[cube(launch)]
 fn sum_squares_kernel<E: Float>(
@@ -158,6 +199,54 @@ pub fn update(p: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw, Raw, Raw) {
     (p2, m2, v2)
 }
 
+/// `(master, m, v, p)` after one update of the f32 `master` of a parameter of dtype `low` with
+/// the f32 gradient `g` and f32 moments: [`update`] in f32, plus the parameter rounded to `low`.
+pub fn update_master(
+    master: Raw,
+    g: Raw,
+    m: Raw,
+    v: Raw,
+    h: AdamWStep,
+    low: DType,
+) -> (Raw, Raw, Raw, Raw) {
+    let (p, g, m, v) = (
+        into_contiguous(master),
+        into_contiguous(g),
+        into_contiguous(m),
+        into_contiguous(v),
+    );
+    let shape = p.meta.shape().clone();
+    let n = shape.num_elements();
+    let out = || empty_as(&p, shape.clone(), DType::F32);
+    let (p2, m2, v2) = (out(), out(), out());
+    let p_low = empty_as(&p, shape.clone(), low);
+    let client = p.client.clone();
+    adamw_master_kernel::launch::<CudaRuntime>(
+        &client,
+        elem_grid(n),
+        CubeDim::new_1d(THREADS),
+        p.into_tensor_arg(),
+        g.into_tensor_arg(),
+        m.into_tensor_arg(),
+        v.into_tensor_arg(),
+        p2.clone().into_tensor_arg(),
+        m2.clone().into_tensor_arg(),
+        v2.clone().into_tensor_arg(),
+        p_low.clone().into_tensor_arg(),
+        n as u32,
+        h.clip,
+        h.betas.0,
+        h.betas.1,
+        h.lr,
+        1.0 - h.lr * h.weight_decay,
+        h.eps,
+        h.bias_corrections.0,
+        h.bias_corrections.1,
+        low.into(),
+    );
+    (p2, m2, v2, p_low)
+}
+
 /// Inner backends with the one-kernel AdamW update (raw cubecl CUDA).
 pub trait FusedAdamW: Backend {
     /// `(p, m, v)` after one update.
@@ -168,6 +257,15 @@ pub trait FusedAdamW: Backend {
         v: Prim<Self>,
         h: AdamWStep,
     ) -> (Prim<Self>, Prim<Self>, Prim<Self>);
+    /// `(master, m, v, p)` after one update of an f32 master copy (see [`update_master`]).
+    fn fused_adamw_master(
+        master: Prim<Self>,
+        g: Prim<Self>,
+        m: Prim<Self>,
+        v: Prim<Self>,
+        h: AdamWStep,
+        low: DType,
+    ) -> (Prim<Self>, Prim<Self>, Prim<Self>, Prim<Self>);
     /// `[n]` f32: the sum of squares of each of the `n` tensors (not empty).
     fn fused_sums_of_squares(ts: Vec<Prim<Self>>) -> Prim<Self>;
 }
@@ -177,6 +275,17 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedAdamW
 {
     fn fused_adamw(p: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw, Raw, Raw) {
         update(p, g, m, v, h)
+    }
+
+    fn fused_adamw_master(
+        master: Raw,
+        g: Raw,
+        m: Raw,
+        v: Raw,
+        h: AdamWStep,
+        low: DType,
+    ) -> (Raw, Raw, Raw, Raw) {
+        update_master(master, g, m, v, h, low)
     }
 
     fn fused_sums_of_squares(ts: Vec<Raw>) -> Raw {

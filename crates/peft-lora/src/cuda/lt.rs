@@ -262,9 +262,11 @@ const TUNE_ROUNDS: usize = 3;
 const TUNE_CALLS: usize = 5;
 
 /// Time the heuristic's candidates on the first call of each GEMM shape and keep the fastest
-/// (`PEFT_LORA_GEMM_AUTOTUNE`, on unless `0`): a one-off cost of a few calls per shape.
+/// (`PEFT_LORA_GEMM_AUTOTUNE=1`; off by default): a one-off cost of up to ~100 ms per shape.
+/// Measured on the H200 (26th/27th leases) it gave no gain on the fused LoRA linear or in 8B
+/// training: the heuristic's first choice was the tuner's choice on the big GEMMs.
 pub(crate) static AUTOTUNE: super::switch::Switch =
-    super::switch::Switch::new("PEFT_LORA_GEMM_AUTOTUNE");
+    super::switch::Switch::opt_in("PEFT_LORA_GEMM_AUTOTUNE");
 
 // SAFETY: plans are only used under the PLANS mutex, on the device's thread.
 unsafe impl Send for Plan {}

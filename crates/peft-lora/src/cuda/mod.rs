@@ -49,7 +49,7 @@ use std::any::{Any, TypeId};
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::CubeBackend;
 #[cfg(feature = "fusion")]
 use burn_fusion::Fusion;
@@ -495,6 +495,47 @@ pub fn adamw_update<B: Backend>(
     }
     let args = (p.clone(), g.clone(), m.clone(), v.clone(), h);
     dispatch_try!(B, adamw_impl(args); Cube<bf16>, Cube<f32>)
+}
+
+#[allow(clippy::type_complexity)]
+fn adamw_master_impl<T: adamw::FusedAdamW>(
+    args: (
+        Tensor<T, 2>,
+        Tensor<T, 2>,
+        Tensor<T, 2>,
+        Tensor<T, 2>,
+        AdamWStep,
+        DType,
+    ),
+) -> (Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>) {
+    let (p, g, m, v, h, low) = args;
+    let (p, m, v, low) = T::fused_adamw_master(prim(p), prim(g), prim(m), prim(v), h, low);
+    (tensor(p), tensor(m), tensor(v), tensor(low))
+}
+
+/// [`adamw_update`] on the f32 master copy of a 16-bit parameter: `Some((master, m, v, p))`
+/// with `p` the new master rounded to `low` (bf16 or f16), in one kernel, when `master`, `g`,
+/// `m` and `v` are f32 of one shape on a raw cubecl CUDA backend and the fused path is on.
+#[allow(clippy::type_complexity)]
+pub fn adamw_update_master<B: Backend>(
+    master: &Tensor<B, 2>,
+    g: &Tensor<B, 2>,
+    m: &Tensor<B, 2>,
+    v: &Tensor<B, 2>,
+    h: AdamWStep,
+    low: DType,
+) -> Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)> {
+    if adamw_update_off() || !supported::<B>() || !enabled() {
+        return None;
+    }
+    let same = [master, g, m, v]
+        .iter()
+        .all(|t| t.dims() == master.dims() && t.dtype() == DType::F32);
+    if !same || !matches!(low, DType::BF16 | DType::F16) || master.dims().contains(&0) {
+        return None;
+    }
+    let args = (master.clone(), g.clone(), m.clone(), v.clone(), h, low);
+    dispatch_try!(B, adamw_master_impl(args); Cube<bf16>, Cube<f32>)
 }
 
 fn sums_of_squares_impl<T: adamw::FusedAdamW>(ts: Vec<Tensor<T, 2>>) -> Tensor<T, 1> {

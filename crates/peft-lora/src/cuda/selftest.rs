@@ -1060,3 +1060,194 @@ pub fn check_hashed_dropout<B: AutodiffBackend>(
         Check::fused(name("dx"), rel_err(&dx, &dxr), tolerance(dtype)),
     ]
 }
+
+/// AdamW on the f32 master of a bf16 parameter (`super::adamw_update_master`): three chained
+/// steps against an f64 host reference (master and moments), the bf16 parameter equal to the
+/// master rounded, and the master keeping steps far below one bf16 unit in the last place.
+pub fn check_adamw_master<B: Backend>(label: &str, device: &B::Device) -> Vec<Check> {
+    let f32s = (device, DType::F32);
+    let (rows, cols) = (4096, 16);
+    let n = rows * cols;
+    // Weights near 1 (a bf16 ulp of 2^-7) and a step size of 1e-5: each step is ~1/800 of a
+    // bf16 ulp, so an update of the bf16 weight itself would leave it unchanged (total step 0,
+    // relative error 1 below); the master must hold every step.
+    let p0 = Tensor::<B, 2>::random([rows, cols], Distribution::Uniform(1.0, 1.5), f32s);
+    let (mut p, mut m, mut v) = (p0.clone(), p0.zeros_like(), p0.zeros_like());
+    let (mut pr, mut mr, mut vr): (Vec<f64>, Vec<f64>, Vec<f64>) = (
+        host(p0.clone()).iter().map(|x| *x as f64).collect(),
+        vec![0.0; n],
+        vec![0.0; n],
+    );
+    let mut low = None;
+    for t in 1..=3 {
+        let g = Tensor::<B, 2>::random([rows, cols], Distribution::Normal(0.0, 1e-3), f32s);
+        let h = super::AdamWStep {
+            clip: 0.7,
+            betas: (0.9, 0.999),
+            lr: 1e-5,
+            weight_decay: 0.01,
+            eps: 1e-8,
+            bias_corrections: (1.0 - 0.9f32.powi(t), 1.0 - 0.999f32.powi(t)),
+        };
+        let Some((p2, m2, v2, l)) = super::adamw_update_master(&p, &g, &m, &v, h, DType::BF16)
+        else {
+            return not_taken::<B>(format!("{label} adamw master"));
+        };
+        let f = |x: f32| x as f64;
+        for (i, gi) in host(g).iter().enumerate() {
+            let gi = f(*gi) * f(h.clip);
+            mr[i] = f(h.betas.0) * mr[i] + (1.0 - f(h.betas.0)) * gi;
+            vr[i] = f(h.betas.1) * vr[i] + (1.0 - f(h.betas.1)) * gi * gi;
+            let denom = (vr[i] / f(h.bias_corrections.1)).sqrt() + f(h.eps);
+            pr[i] = pr[i] * (1.0 - f(h.lr) * f(h.weight_decay))
+                - f(h.lr) * mr[i] / f(h.bias_corrections.0) / denom;
+        }
+        (p, m, v, low) = (p2, m2, v2, Some(l));
+    }
+    let Some(low) = low else {
+        return not_taken::<B>(format!("{label} adamw master"));
+    };
+    let ph0 = host(p0);
+    let name = |what: &str| format!("{label} bf16 adamw master {rows}x{cols} t3 {what}");
+    let (got_p, low_dtype, low_h) = (host(p), low.dtype(), host(low));
+    let narrow = |x: &[f64]| x.iter().map(|v| *v as f32).collect::<Vec<_>>();
+    // The total step against the reference, as in `check_adamw` (3 roundings of p).
+    let step = |a: &[f32]| -> Vec<f32> { a.iter().zip(&ph0).map(|(x, p0)| x - p0).collect() };
+    let (got_step, want_step) = (step(&got_p), step(&narrow(&pr)));
+    let step_max = want_step.iter().fold(0f32, |a, x| a.max(x.abs())) as f64;
+    let step_tol = 1e-4 + 3.0 * 2f64.powi(-23) / step_max.max(1e-30);
+    let rounded: Vec<f32> = got_p
+        .iter()
+        .map(|x| half::bf16::from_f32(*x).to_f32())
+        .collect();
+    vec![
+        Check::fused(
+            name("master - p0"),
+            rel_err(&got_step, &want_step),
+            step_tol,
+        ),
+        Check::fused(name("m"), rel_err(&host(m), &narrow(&mr)), 1e-4),
+        Check::fused(name("v"), rel_err(&host(v), &narrow(&vr)), 1e-4),
+        Check::fused(
+            name("parameter dtype is bf16 (0 = yes)"),
+            f64::from(u8::from(low_dtype != DType::BF16)),
+            0.0,
+        ),
+        Check::fused(
+            name("parameter = master rounded"),
+            rel_err(&low_h, &rounded),
+            0.0,
+        ),
+    ]
+}
+
+/// One adapted layer as a [`crate::LoraModel`], for the optimizer check.
+struct OneLayer<B: Backend>(LoraLinear<B>);
+
+impl<B: Backend> crate::LoraModel<B> for OneLayer<B> {
+    fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
+        vec![("proj".into(), &self.0)]
+    }
+    fn lora_linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
+        vec![("proj".into(), &mut self.0)]
+    }
+}
+
+/// [`crate::LoraOptimizer`] on a bf16 adapter: three AdamW steps with the one-kernel master
+/// update and with the composed one (`PEFT_LORA_FUSED_ADAMW` off) agree on the f32 masters and
+/// the bf16 weights; a fourth step after saving and restoring the state equals one without.
+pub fn check_optimizer_master<B: AutodiffBackend>(label: &str, device: &B::Device) -> Vec<Check> {
+    use crate::{
+        AdamWConfig, GradAccumulator, LoraConfig, LoraOptimizer, OptimizerKind, PeftModel,
+    };
+    let (n, d_in, d_out, r) = (64, 96, 80, 8);
+    let mut peft = PeftModel::new(OneLayer(LoraLinear::<B>::random(
+        d_in, d_out, false, device,
+    )));
+    if peft
+        .add_adapter::<B>("default", &LoraConfig::new(r, 16.0, &["proj"]))
+        .is_err()
+    {
+        return not_taken::<B>(format!("{label} optimizer master: adapter"));
+    }
+    let xs: Vec<Tensor<B, 2>> = (0..4)
+        .map(|_| Tensor::random([n, d_in], Distribution::Normal(0.0, 1.0), device))
+        .collect();
+    let adamw = AdamWConfig {
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    };
+    let run = |fused: bool,
+               steps: &[Tensor<B, 2>],
+               model: &mut OneLayer<B>,
+               opt: &mut LoraOptimizer<B::InnerBackend>| {
+        super::switch::ADAMW.set(fused);
+        for x in steps {
+            let y = model.0.forward(x.clone());
+            let grads = (y.clone() * y).mean().backward();
+            let mut acc = GradAccumulator::default();
+            acc.add::<B, OneLayer<B>>(model, &grads);
+            opt.step::<B, OneLayer<B>>(model, acc, 2e-3, Some(1.0));
+        }
+        super::switch::ADAMW.set(true);
+    };
+    let masters = |opt: &LoraOptimizer<B::InnerBackend>| -> Vec<f32> {
+        opt.state_tensors()
+            .iter()
+            .filter(|(k, _)| k.ends_with(".master"))
+            .flat_map(|(_, t)| t.data.clone())
+            .collect()
+    };
+    let weights = |m: &OneLayer<B>| -> Vec<f32> {
+        let ad = &m.0.adapters[0];
+        let mut w = host(ad.lora_a.val());
+        w.extend(host(ad.lora_b.val()));
+        w
+    };
+    let new_opt = || LoraOptimizer::<B::InnerBackend>::new(OptimizerKind::AdamW, adamw.clone());
+    let (mut fused_m, mut composed_m) = (
+        OneLayer(peft.model.0.clone()),
+        OneLayer(peft.model.0.clone()),
+    );
+    let (mut fused_o, mut composed_o) = (new_opt(), new_opt());
+    run(true, &xs[..3], &mut fused_m, &mut fused_o);
+    run(false, &xs[..3], &mut composed_m, &mut composed_o);
+    let dtype = fused_m.0.adapters[0].lora_a.val().dtype();
+    let (fm, cm) = (masters(&fused_o), masters(&composed_o));
+    let name =
+        |what: &str| format!("{label} {dtype:?} optimizer master {n}x{d_in}->{d_out} r{r} {what}");
+    let mut checks = vec![
+        Check::fused(
+            name("masters kept (one per A and B; 0 = yes)"),
+            f64::from(u8::from(fm.len() != d_in * r + r * d_out)),
+            0.0,
+        ),
+        Check::fused(
+            name("fused vs composed masters, 3 steps"),
+            rel_err(&fm, &cm),
+            1e-4,
+        ),
+        Check::fused(
+            name("fused vs composed bf16 weights, 3 steps"),
+            rel_err(&weights(&fused_m), &weights(&composed_m)),
+            tolerance(dtype),
+        ),
+    ];
+    // Resume: the saved state restored into a fresh optimizer takes the same fourth step.
+    let mut resumed_o = new_opt();
+    let mut resumed_m = OneLayer(fused_m.0.clone());
+    if resumed_o
+        .load_state(&fused_o.state_tensors(), device)
+        .is_err()
+    {
+        return not_taken::<B>(format!("{label} optimizer master: load_state"));
+    }
+    run(true, &xs[3..], &mut fused_m, &mut fused_o);
+    run(true, &xs[3..], &mut resumed_m, &mut resumed_o);
+    checks.push(Check::fused(
+        name("resumed vs uninterrupted master, step 4"),
+        rel_err(&masters(&resumed_o), &masters(&fused_o)),
+        0.0,
+    ));
+    checks
+}

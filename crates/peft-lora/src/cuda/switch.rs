@@ -1,12 +1,14 @@
 //! Process-wide on/off switches for the fused ops, each read from an environment variable on
-//! first use (on unless the variable is `0`) and settable from code, so that one binary can
-//! measure an op on and off.
+//! first use (on unless the variable is `0`; opt-in switches: off unless it is `1`) and settable
+//! from code, so that one binary can measure an op on and off.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// One switch: `env` gives the default, [`Switch::set`] overrides it.
 pub(crate) struct Switch {
     env: &'static str,
+    /// The state when the variable is unset.
+    default_on: bool,
     /// 0: not read yet, 1: on, 2: off.
     state: AtomicU8,
 }
@@ -16,6 +18,16 @@ impl Switch {
     pub(crate) const fn new(env: &'static str) -> Self {
         Switch {
             env,
+            default_on: true,
+            state: AtomicU8::new(0),
+        }
+    }
+
+    /// An opt-in switch: on only when `env` is `1`.
+    pub(crate) const fn opt_in(env: &'static str) -> Self {
+        Switch {
+            env,
+            default_on: false,
             state: AtomicU8::new(0),
         }
     }
@@ -29,7 +41,11 @@ impl Switch {
     pub(crate) fn on(&self) -> bool {
         match self.state.load(Ordering::SeqCst) {
             0 => {
-                let on = std::env::var(self.env).map_or(true, |v| v != "0");
+                let on = match std::env::var(self.env) {
+                    Ok(v) if self.default_on => v != "0",
+                    Ok(v) => v == "1",
+                    Err(_) => self.default_on,
+                };
                 // A concurrent `set` wins over the environment.
                 let _ = self.state.compare_exchange(
                     0,
