@@ -379,9 +379,9 @@ impl<B: Backend> LoraOptimizer<B> {
             }
         });
         // With a master the rule runs in f32 on it; the parameter becomes the master rounded.
-        let (old, g) = match &st.master {
-            Some(master) => (master.clone(), to_f32(g)),
-            None => (old, g),
+        let old = match &st.master {
+            Some(master) => master.clone(),
+            None => old,
         };
         // On CUDA: the whole AdamW rule in one kernel instead of ~16 tensor ops.
         #[cfg(feature = "cuda")]
@@ -407,6 +407,7 @@ impl<B: Backend> LoraOptimizer<B> {
                 return p;
             }
         }
+        let g = if st.master.is_some() { to_f32(g) } else { g };
         let g = if h.clip != 1.0 { g * h.clip } else { g };
         st.m = st.m.clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
         st.v = st.v.clone() * c.beta2 + g.powf_scalar(2.0) * (1.0 - c.beta2);

@@ -71,12 +71,13 @@ fn adamw_kernel<E: Float>(
 
 /// [`adamw_kernel`] on an f32 master copy of a 16-bit parameter (mixed precision, as PEFT keeps
 /// adapters in f32 on a bf16 model): master, moments and gradient in f32, and the parameter the
-/// forward uses written once more, rounded to its dtype `E`.
+/// forward uses written once more in the gradient's dtype `E` (the parameter's own dtype, or f32
+/// for gradients summed over micro-batches, rounded by the caller).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn adamw_master_kernel<E: Float>(
     p: &Tensor<f32>,
-    g: &Tensor<f32>,
+    g: &Tensor<E>,
     m: &Tensor<f32>,
     v: &Tensor<f32>,
     p_out: &mut Tensor<f32>,
@@ -99,7 +100,7 @@ fn adamw_master_kernel<E: Float>(
         terminate!();
     }
     let one = f32::new(1.0);
-    let gi = g[i] * clip;
+    let gi = f32::cast_from(g[i]) * clip;
     let mi = beta1 * m[i] + (one - beta1) * gi;
     let vi = beta2 * v[i] + (one - beta2) * gi * gi;
     let denom = (vi / bc2).sqrt() + eps;
@@ -199,16 +200,9 @@ pub fn update(p: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw, Raw, Raw) {
     (p2, m2, v2)
 }
 
-/// `(master, m, v, p)` after one update of the f32 `master` of a parameter of dtype `low` with
-/// the f32 gradient `g` and f32 moments: [`update`] in f32, plus the parameter rounded to `low`.
-pub fn update_master(
-    master: Raw,
-    g: Raw,
-    m: Raw,
-    v: Raw,
-    h: AdamWStep,
-    low: DType,
-) -> (Raw, Raw, Raw, Raw) {
+/// `(master, m, v, p)` after one update of the f32 `master` with gradient `g` and f32 moments:
+/// [`update`] in f32, plus the new master rounded to `g`'s dtype.
+pub fn update_master(master: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw, Raw, Raw, Raw) {
     let (p, g, m, v) = (
         into_contiguous(master),
         into_contiguous(g),
@@ -219,6 +213,7 @@ pub fn update_master(
     let n = shape.num_elements();
     let out = || empty_as(&p, shape.clone(), DType::F32);
     let (p2, m2, v2) = (out(), out(), out());
+    let low = g.dtype;
     let p_low = empty_as(&p, shape.clone(), low);
     let client = p.client.clone();
     adamw_master_kernel::launch::<CudaRuntime>(
@@ -264,7 +259,6 @@ pub trait FusedAdamW: Backend {
         m: Prim<Self>,
         v: Prim<Self>,
         h: AdamWStep,
-        low: DType,
     ) -> (Prim<Self>, Prim<Self>, Prim<Self>, Prim<Self>);
     /// `[n]` f32: the sum of squares of each of the `n` tensors (not empty).
     fn fused_sums_of_squares(ts: Vec<Prim<Self>>) -> Prim<Self>;
@@ -283,9 +277,8 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedAdamW
         m: Raw,
         v: Raw,
         h: AdamWStep,
-        low: DType,
     ) -> (Raw, Raw, Raw, Raw) {
-        update_master(master, g, m, v, h, low)
+        update_master(master, g, m, v, h)
     }
 
     fn fused_sums_of_squares(ts: Vec<Raw>) -> Raw {

@@ -505,17 +505,17 @@ fn adamw_master_impl<T: adamw::FusedAdamW>(
         Tensor<T, 2>,
         Tensor<T, 2>,
         AdamWStep,
-        DType,
     ),
 ) -> (Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>) {
-    let (p, g, m, v, h, low) = args;
-    let (p, m, v, low) = T::fused_adamw_master(prim(p), prim(g), prim(m), prim(v), h, low);
+    let (p, g, m, v, h) = args;
+    let (p, m, v, low) = T::fused_adamw_master(prim(p), prim(g), prim(m), prim(v), h);
     (tensor(p), tensor(m), tensor(v), tensor(low))
 }
 
 /// [`adamw_update`] on the f32 master copy of a 16-bit parameter: `Some((master, m, v, p))`
-/// with `p` the new master rounded to `low` (bf16 or f16), in one kernel, when `master`, `g`,
-/// `m` and `v` are f32 of one shape on a raw cubecl CUDA backend and the fused path is on.
+/// with `p` the new master rounded to `low` (bf16 or f16), when `master`, `m` and `v` are f32,
+/// `g` is of dtype `low` (one kernel) or f32 (gradients summed in f32; one more cast), all of
+/// one shape, on a raw cubecl CUDA backend with the fused path on.
 #[allow(clippy::type_complexity)]
 pub fn adamw_update_master<B: Backend>(
     master: &Tensor<B, 2>,
@@ -528,14 +528,22 @@ pub fn adamw_update_master<B: Backend>(
     if adamw_update_off() || !supported::<B>() || !enabled() {
         return None;
     }
-    let same = [master, g, m, v]
+    let same = [master, m, v]
         .iter()
         .all(|t| t.dims() == master.dims() && t.dtype() == DType::F32);
-    if !same || !matches!(low, DType::BF16 | DType::F16) || master.dims().contains(&0) {
+    let g_ok = g.dims() == master.dims() && (g.dtype() == low || g.dtype() == DType::F32);
+    if !same || !g_ok || !matches!(low, DType::BF16 | DType::F16) || master.dims().contains(&0) {
         return None;
     }
-    let args = (master.clone(), g.clone(), m.clone(), v.clone(), h, low);
-    dispatch_try!(B, adamw_master_impl(args); Cube<bf16>, Cube<f32>)
+    let args = (master.clone(), g.clone(), m.clone(), v.clone(), h);
+    let (master, m, v, p): (Tensor<B, 2>, _, _, Tensor<B, 2>) =
+        dispatch_try!(B, adamw_master_impl(args); Cube<bf16>, Cube<f32>)?;
+    let p = if p.dtype() == low {
+        p
+    } else {
+        p.cast(burn::tensor::FloatDType::from(low))
+    };
+    Some((master, m, v, p))
 }
 
 fn sums_of_squares_impl<T: adamw::FusedAdamW>(ts: Vec<Tensor<T, 2>>) -> Tensor<T, 1> {

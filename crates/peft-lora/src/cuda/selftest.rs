@@ -1080,7 +1080,13 @@ pub fn check_adamw_master<B: Backend>(label: &str, device: &B::Device) -> Vec<Ch
     );
     let mut low = None;
     for t in 1..=3 {
-        let g = Tensor::<B, 2>::random([rows, cols], Distribution::Normal(0.0, 1e-3), f32s);
+        // bf16 gradients (one kernel), and f32 ones at the last step (summed micro-batches).
+        let g_dtype = if t == 3 { DType::F32 } else { DType::BF16 };
+        let g = Tensor::<B, 2>::random(
+            [rows, cols],
+            Distribution::Normal(0.0, 1e-3),
+            (device, g_dtype),
+        );
         let h = super::AdamWStep {
             clip: 0.7,
             betas: (0.9, 0.999),
@@ -1170,8 +1176,25 @@ pub fn check_optimizer_master<B: AutodiffBackend>(label: &str, device: &B::Devic
     {
         return not_taken::<B>(format!("{label} optimizer master: adapter"));
     }
+    // A bf16 layer, as a model loaded in bf16 has (`random` makes f32 tensors).
+    {
+        use burn::module::Param;
+        use burn::tensor::FloatDType;
+        let layer = &mut peft.model.0;
+        let bf = |t: Tensor<B, 2>| t.detach().cast(FloatDType::BF16);
+        layer.weight = Param::from_tensor(bf(layer.weight.val())).set_require_grad(false);
+        let ad = &mut layer.adapters[0];
+        ad.lora_a = Param::from_tensor(bf(ad.lora_a.val()).require_grad());
+        ad.lora_b = Param::from_tensor(bf(ad.lora_b.val()).require_grad());
+    }
     let xs: Vec<Tensor<B, 2>> = (0..4)
-        .map(|_| Tensor::random([n, d_in], Distribution::Normal(0.0, 1.0), device))
+        .map(|_| {
+            Tensor::random(
+                [n, d_in],
+                Distribution::Normal(0.0, 1.0),
+                (device, DType::BF16),
+            )
+        })
         .collect();
     let adamw = AdamWConfig {
         weight_decay: 0.01,
