@@ -1181,7 +1181,9 @@ pub fn check_optimizer_master<B: AutodiffBackend>(label: &str, device: &B::Devic
         use burn::module::Param;
         use burn::tensor::FloatDType;
         let layer = &mut peft.model.0;
-        let bf = |t: Tensor<B, 2>| t.detach().cast(FloatDType::BF16);
+        // Cast on the inner backend: a cast on the autodiff one is not a leaf, and a parameter
+        // must be.
+        let bf = |t: Tensor<B, 2>| Tensor::<B, 2>::from_inner(t.inner().cast(FloatDType::BF16));
         layer.weight = Param::from_tensor(bf(layer.weight.val())).set_require_grad(false);
         let ad = &mut layer.adapters[0];
         ad.lora_a = Param::from_tensor(bf(ad.lora_a.val()).require_grad());
