@@ -273,6 +273,14 @@ unsafe impl Send for Plan {}
 
 static PLANS: OnceLock<Mutex<HashMap<Key, Plan>>> = OnceLock::new();
 
+/// The plan cache, locked.
+fn plans() -> Result<std::sync::MutexGuard<'static, HashMap<Key, Plan>>, String> {
+    PLANS
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| "cuBLASLt plan cache poisoned".to_string())
+}
+
 /// A cuBLASLt handle with its workspace, bound to one CUDA stream of one context.
 #[derive(Clone, Copy, Debug)]
 pub struct Ctx {
@@ -492,10 +500,7 @@ pub fn gemm_batched(
         return Ok(());
     };
     let api = api()?;
-    let mut plans = PLANS
-        .get_or_init(Default::default)
-        .lock()
-        .map_err(|_| "cuBLASLt plan cache poisoned".to_string())?;
+    let mut plans = plans()?;
     let plan = match plans.entry(key) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
         std::collections::hash_map::Entry::Vacant(e) => {
@@ -656,16 +661,11 @@ fn tune(
     // algorithm 8% slower than the best in the 26th lease).
     let mut times = vec![f64::INFINITY; plan.candidates.len()];
     for _ in 0..TUNE_ROUNDS {
-        for (t, algo) in times.iter_mut().zip(&plan.candidates) {
-            // SAFETY: scratch covers the output's extent; a and b are the caller's live operands.
-            let run = || unsafe {
-                launch(
-                    api, ctx, plan, algo, a.ptr, b.ptr, scratch, alpha, beta, bias,
-                )
-            };
-            if let Ok(ms) = super::gpu_timer::time_on_stream(ctx.stream, TUNE_CALLS, run) {
-                *t = t.min(ms);
-            }
+        let round = time_candidates(
+            api, ctx, plan, a.ptr, b.ptr, scratch, alpha, beta, bias, TUNE_CALLS,
+        );
+        for (t, ms) in times.iter_mut().zip(round) {
+            *t = ms.map_or(*t, |ms| t.min(ms));
         }
     }
     let best =
@@ -685,6 +685,31 @@ fn tune(
     best.1
 }
 
+/// GPU milliseconds per call of each of `plan`'s candidates (`calls` calls each, writing `c` in
+/// place), in order; `None` where a launch failed. Shared by [`tune`] and [`candidate_times`].
+#[allow(clippy::too_many_arguments)]
+fn time_candidates(
+    api: &Api,
+    ctx: &Ctx,
+    plan: &Plan,
+    a: u64,
+    b: u64,
+    c: u64,
+    alpha: f32,
+    beta: f32,
+    bias: Option<u64>,
+    calls: usize,
+) -> Vec<Option<f64>> {
+    plan.candidates
+        .iter()
+        .map(|algo| {
+            // SAFETY: the caller's live operands and output, the plan made for them.
+            let run = || unsafe { launch(api, ctx, plan, algo, a, b, c, alpha, beta, bias) };
+            super::gpu_timer::time_on_stream(ctx.stream, calls, run).ok()
+        })
+        .collect()
+}
+
 /// GPU milliseconds per call of each of the heuristic's candidates for this GEMM (writing `c`
 /// in place, `iters` calls each), and the index of the one the plan uses. For benchmarks.
 #[allow(clippy::too_many_arguments)]
@@ -702,18 +727,14 @@ pub fn candidate_times(
     let key =
         key_for(ctx, dtype, &a, &b, &c, false, Batch::ONE)?.ok_or("candidate_times: empty GEMM")?;
     let api = api()?;
-    let plans = PLANS
-        .get_or_init(Default::default)
-        .lock()
-        .map_err(|_| "cuBLASLt plan cache poisoned".to_string())?;
+    let plans = plans()?;
     let plan = plans.get(&key).ok_or("candidate_times: no plan")?;
-    let mut times = Vec::with_capacity(plan.candidates.len());
-    for algo in &plan.candidates {
-        // SAFETY: the caller's live operands, the plan made for them.
-        let run =
-            || unsafe { launch(api, ctx, plan, algo, a.ptr, b.ptr, c.ptr, alpha, beta, None) };
-        times.push(super::gpu_timer::time_on_stream(ctx.stream, iters, run).unwrap_or(f64::NAN));
-    }
+    let times = time_candidates(
+        api, ctx, plan, a.ptr, b.ptr, c.ptr, alpha, beta, None, iters,
+    )
+    .into_iter()
+    .map(|ms| ms.unwrap_or(f64::NAN))
+    .collect();
     let chosen = plan
         .candidates
         .iter()

@@ -925,6 +925,22 @@ pub fn check_rope<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Dev
     checks
 }
 
+/// `torch.optim.AdamW`'s rule for one element in f64: `(p, m, v)` after a clipped, decayed,
+/// bias-corrected step (the host reference of the AdamW checks).
+fn adamw_reference(p: f64, g: f64, m: f64, v: f64, h: &super::AdamWStep) -> (f64, f64, f64) {
+    let f = |x: f32| x as f64;
+    let g = g * f(h.clip);
+    let m = f(h.betas.0) * m + (1.0 - f(h.betas.0)) * g;
+    let v = f(h.betas.1) * v + (1.0 - f(h.betas.1)) * g * g;
+    let denom = (v / f(h.bias_corrections.1)).sqrt() + f(h.eps);
+    let decayed = p * (1.0 - f(h.lr) * f(h.weight_decay));
+    (
+        decayed - f(h.lr) * m / f(h.bias_corrections.0) / denom,
+        m,
+        v,
+    )
+}
+
 /// The one-kernel AdamW update (`super::adamw_update`) against an f64 host reference of
 /// `torch.optim.AdamW`'s rule: parameter and both moments after a clipped, decayed step; and
 /// the fused sum of squares behind the global gradient norm.
@@ -953,15 +969,10 @@ pub fn check_adamw<B: Backend>(label: &str, dtype: DType, device: &B::Device) ->
         let (ph, gh, mh, vh) = (host(p), host(g), host(m), host(v));
         let n = rows * cols;
         let (mut pr, mut mr, mut vr) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        let f = |x: f32| x as f64;
         for i in 0..n {
-            let gi = f(gh[i]) * f(h.clip);
-            let mi = f(h.betas.0) * f(mh[i]) + (1.0 - f(h.betas.0)) * gi;
-            let vi = f(h.betas.1) * f(vh[i]) + (1.0 - f(h.betas.1)) * gi * gi;
-            let denom = (vi / f(h.bias_corrections.1)).sqrt() + f(h.eps);
-            let decayed = f(ph[i]) * (1.0 - f(h.lr) * f(h.weight_decay));
-            pr[i] = (decayed - f(h.lr) * mi / f(h.bias_corrections.0) / denom) as f32;
-            (mr[i], vr[i]) = (mi as f32, vi as f32);
+            let (pi, mi, vi) =
+                adamw_reference(ph[i] as f64, gh[i] as f64, mh[i] as f64, vh[i] as f64, &h);
+            (pr[i], mr[i], vr[i]) = (pi as f32, mi as f32, vi as f32);
         }
         let want: f64 = gh.iter().chain(&mh).map(|x| (*x as f64).powi(2)).sum();
         checks.push(Check::fused(
@@ -1099,14 +1110,8 @@ pub fn check_adamw_master<B: Backend>(label: &str, device: &B::Device) -> Vec<Ch
         else {
             return not_taken::<B>(format!("{label} adamw master"));
         };
-        let f = |x: f32| x as f64;
         for (i, gi) in host(g).iter().enumerate() {
-            let gi = f(*gi) * f(h.clip);
-            mr[i] = f(h.betas.0) * mr[i] + (1.0 - f(h.betas.0)) * gi;
-            vr[i] = f(h.betas.1) * vr[i] + (1.0 - f(h.betas.1)) * gi * gi;
-            let denom = (vr[i] / f(h.bias_corrections.1)).sqrt() + f(h.eps);
-            pr[i] = pr[i] * (1.0 - f(h.lr) * f(h.weight_decay))
-                - f(h.lr) * mr[i] / f(h.bias_corrections.0) / denom;
+            (pr[i], mr[i], vr[i]) = adamw_reference(pr[i], *gi as f64, mr[i], vr[i], &h);
         }
         (p, m, v, low) = (p2, m2, v2, Some(l));
     }
