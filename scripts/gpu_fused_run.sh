@@ -9,8 +9,7 @@
 #   softmax kernels); util (GPU busy share + cubecl kernel profile), prof (Nsight, when present),
 #   pissa (bench-init vs PEFT's init), kernels (bench-kernels: each step kernel alone, and each
 #   GEMM of the fused LoRA linear), quick-tune / train-tune (cuBLASLt autotuning on,
-#   PEFT_LORA_GEMM_AUTOTUNE=1), quick-overlap / linear-overlap / train-overlap (the fused LoRA
-#   linear's overlapped GEMM schedule, PEFT_LORA_GEMM_OVERLAP=1).
+#   PEFT_LORA_GEMM_AUTOTUNE=1).
 # Writes logs under $OUT (or /tmp/fused-out), packed into $OUT/logs.tgz at the end.
 D=$1; shift
 OUT=${OUT:-/tmp/fused-out}; mkdir -p "$OUT"
@@ -61,12 +60,6 @@ for stage in "$@"; do
     PEFT_LORA_GEMM_AUTOTUNE=1 timeout 150 $B bench-linear --quick 2>&1 | grep -v '^{' | tee "$OUT/linear_quick_tune.txt" ;;
   train-tune)
     variant tune PEFT_LORA_GEMM_AUTOTUNE=1 qv-nogc all-gc ;;
-  quick-overlap)
-    PEFT_LORA_GEMM_OVERLAP=1 timeout 150 $B bench-linear --quick 2>&1 | grep -v '^{' | tee "$OUT/linear_quick_overlap.txt" ;;
-  linear-overlap)
-    PEFT_LORA_GEMM_OVERLAP=1 timeout 300 $B bench-linear 2>&1 | tee "$OUT/linear_overlap.txt" | grep -v '^{' ;;
-  train-overlap)
-    variant overlap PEFT_LORA_GEMM_OVERLAP=1 qv-gc qv-nogc all-gc ;;
   train-noattn)
     variant noattn PEFT_LORA_FUSED_ATTENTION=0 qv-gc qv-nogc ;;
   prof)

@@ -359,7 +359,7 @@ pub fn bench_lora_parts(
                 e * (n * d_out) as f64,
             ),
             (
-                "y += s xa B (beta 1, overlapped schedule)",
+                "y += s xa B (beta 1: a rank-r update of the output)",
                 op(xa, n, r, false),
                 op(b, r, d_out, false),
                 out(y, d_out),
@@ -386,7 +386,7 @@ pub fn bench_lora_parts(
                 e * (n * d_in) as f64,
             ),
             (
-                "dx += s g A^T (beta 1, overlapped schedule)",
+                "dx += s g A^T (beta 1: a rank-r update of the output)",
                 op(g, n, r, false),
                 op(a, d_in, r, true),
                 out(dx, d_in),

@@ -7,11 +7,6 @@
 //! - backward: `g = dy B^T`; `dx = s g A^T`; `dx += dy W^T` (with dropout `dxd = s g A^T` and
 //!   `dx = dy W^T` apart); `dA = s xd^T g` and `dB = s xa^T dy` on a side stream, overlapping
 //!   the `dx` GEMMs. Never `dW`.
-//!
-//! The overlapped schedule ([`super::set_gemm_overlap`], opt-in) moves every rank-r GEMM to the
-//! side stream beside the big one, which then runs with beta = 0; one rank-r GEMM with beta = 1
-//! adds the LoRA term afterwards (`y += s xa B`, `dx += s g A^T`). It trades the skinny GEMMs'
-//! time on the critical path for a read-modify-write of the output.
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
@@ -271,9 +266,9 @@ pub fn lora_forward(inp: LoraInputs) -> Result<(Raw, Raw), String> {
     let bias_o = bias.as_ref().map(|t| binds.out(t));
     let (yo, xao) = (binds.out(&y), binds.out(&xa));
     let s = inp.scale;
-    let overlap = super::gemm_overlap();
     device::run(&device, binds.handles, move |ctx, p| {
         let xa_out = out_at(xao, r, p);
+        lt::gemm(ctx, dt, at(xdo, p), at(ao, p), xa_out, 1.0, 0.0, None)?;
         let xa_op = Operand {
             ptr: xa_out.ptr,
             rows: n,
@@ -281,20 +276,10 @@ pub fn lora_forward(inp: LoraInputs) -> Result<(Raw, Raw), String> {
             ld: r,
             trans: false,
         };
+        // The skinny GEMM writes y (with the bias), the big one accumulates into it (beta = 1):
+        // its read of y hides under its arithmetic, so the LoRA term costs one write of y.
         let y_out = out_at(yo, d_out, p);
         let bias = bias_o.map(|i| p[i]);
-        if overlap {
-            // `xa = xd A` on the side stream beside the big GEMM (memory-bound beside
-            // compute-bound); then one rank-r GEMM adds the LoRA term onto y (beta = 1).
-            let side = device::fork(ctx)?;
-            lt::gemm(&side, dt, at(xdo, p), at(ao, p), xa_out, 1.0, 0.0, None)?;
-            lt::gemm(ctx, dt, at(xo, p), at(wo, p), y_out, 1.0, 0.0, bias)?;
-            device::join(ctx)?;
-            return lt::gemm(ctx, dt, xa_op, at(bo, p), y_out, s, 1.0, None);
-        }
-        lt::gemm(ctx, dt, at(xdo, p), at(ao, p), xa_out, 1.0, 0.0, None)?;
-        // The skinny GEMM writes y (with the bias), the big one accumulates into it (beta = 1),
-        // so the LoRA term costs one write of y and the big GEMM's read of it.
         lt::gemm(ctx, dt, xa_op, at(bo, p), y_out, s, 0.0, bias)?;
         lt::gemm(ctx, dt, at(xo, p), at(wo, p), y_out, 1.0, 1.0, None)
     })?;
@@ -392,7 +377,6 @@ pub fn lora_backward(dy: Raw, saved: LoraSaved, needs: LoraNeeds) -> Result<Lora
     let dao = grads.da.as_ref().map(|t| binds.out(t));
     let dbo = grads.db.as_ref().map(|t| binds.out(t));
     let s = saved.scale;
-    let overlap = super::gemm_overlap();
     device::run(&device, binds.handles, move |ctx, p| {
         let g_op = go.map(|i| Operand {
             ptr: p[i],
@@ -401,43 +385,17 @@ pub fn lora_backward(dy: Raw, saved: LoraSaved, needs: LoraNeeds) -> Result<Lora
             ld: r,
             trans: false,
         });
-        let g_of = || g_op.ok_or("fused LoRA backward: g missing");
-        let (a_op, dy_op) = (at(ao, p), at(dyo, p));
-        if overlap {
-            // Every rank-r GEMM on the side stream beside the big `dx = dy W^T` (beta = 0), then
-            // one rank-r GEMM adds `s g A^T` onto dx (beta = 1).
-            let sc = device::fork(ctx)?;
-            if let Some(i) = go {
-                lt::gemm(&sc, dt, dy_op, at(bo, p), out_at(i, r, p), 1.0, 0.0, None)?;
-            }
-            side_grads(
-                &sc,
+        if let (Some(i), Some(_)) = (go, g_op) {
+            lt::gemm(
+                ctx,
                 dt,
-                (dbo, xao),
-                (dao, xdo),
-                dy_op,
-                g_op,
-                p,
-                s,
-                (r, d_out),
+                at(dyo, p),
+                at(bo, p),
+                out_at(i, r, p),
+                1.0,
+                0.0,
+                None,
             )?;
-            if let Some(i) = dxdo {
-                lt::gemm(&sc, dt, g_of()?, a_op, out_at(i, d_in, p), s, 0.0, None)?;
-            }
-            if let Some(i) = dxo {
-                let dx = out_at(i, d_in, p);
-                lt::gemm(ctx, dt, dy_op, at(wo, p), dx, 1.0, 0.0, None)?;
-                device::join(ctx)?;
-                if !needs.split {
-                    lt::gemm(ctx, dt, g_of()?, a_op, dx, s, 1.0, None)?;
-                }
-            } else {
-                device::join(ctx)?;
-            }
-            return Ok(());
-        }
-        if let Some(i) = go {
-            lt::gemm(ctx, dt, dy_op, at(bo, p), out_at(i, r, p), 1.0, 0.0, None)?;
         }
         // dA and dB overlap the big dx GEMM on a side stream (they only read, and write their
         // own outputs); the main stream waits for them before the op returns.
@@ -447,17 +405,14 @@ pub fn lora_backward(dy: Raw, saved: LoraSaved, needs: LoraNeeds) -> Result<Lora
             None
         };
         if let Some(sc) = &side {
-            side_grads(
-                sc,
-                dt,
-                (dbo, xao),
-                (dao, xdo),
-                dy_op,
-                g_op,
-                p,
-                s,
-                (r, d_out),
-            )?;
+            if let (Some(i), Some(xa)) = (dbo, xao) {
+                let db = out_at(i, d_out, p);
+                lt::gemm(sc, dt, at(xa, p), at(dyo, p), db, s, 0.0, None)?;
+            }
+            if let (Some(i), Some(xd)) = (dao, xdo) {
+                let g = g_op.ok_or("fused LoRA backward: g missing")?;
+                lt::gemm(sc, dt, at(xd, p), g, out_at(i, r, p), s, 0.0, None)?;
+            }
         }
         if let Some(i) = dxo {
             // As in the forward: the skinny GEMM first, the big one accumulating into it.
@@ -465,13 +420,15 @@ pub fn lora_backward(dy: Raw, saved: LoraSaved, needs: LoraNeeds) -> Result<Lora
             let beta = if needs.split {
                 0.0
             } else {
-                lt::gemm(ctx, dt, g_of()?, a_op, dx, s, 0.0, None)?;
+                let g = g_op.ok_or("fused LoRA backward: g missing")?;
+                lt::gemm(ctx, dt, g, at(ao, p), dx, s, 0.0, None)?;
                 1.0
             };
-            lt::gemm(ctx, dt, dy_op, at(wo, p), dx, 1.0, beta, None)?;
+            lt::gemm(ctx, dt, at(dyo, p), at(wo, p), dx, 1.0, beta, None)?;
         }
         if let Some(i) = dxdo {
-            lt::gemm(ctx, dt, g_of()?, a_op, out_at(i, d_in, p), s, 0.0, None)?;
+            let g = g_op.ok_or("fused LoRA backward: g missing")?;
+            lt::gemm(ctx, dt, g, at(ao, p), out_at(i, d_in, p), s, 0.0, None)?;
         }
         if side.is_some() {
             device::join(ctx)?;
@@ -483,27 +440,4 @@ pub fn lora_backward(dy: Raw, saved: LoraSaved, needs: LoraNeeds) -> Result<Lora
         grads.dx = None;
     }
     Ok(grads)
-}
-
-/// `dB = s xa^T dy` and `dA = s xd^T g` (those asked for) on `ctx`'s stream.
-#[allow(clippy::too_many_arguments)]
-fn side_grads(
-    ctx: &lt::Ctx,
-    dt: Dtype,
-    (dbo, xao): (Option<usize>, Option<(usize, Operand)>),
-    (dao, xdo): (Option<usize>, Option<(usize, Operand)>),
-    dy: Operand,
-    g: Option<Operand>,
-    p: &[u64],
-    s: f32,
-    (r, d_out): (usize, usize),
-) -> Result<(), String> {
-    if let (Some(i), Some(xa)) = (dbo, xao) {
-        lt::gemm(ctx, dt, at(xa, p), dy, out_at(i, d_out, p), s, 0.0, None)?;
-    }
-    if let (Some(i), Some(xd)) = (dao, xdo) {
-        let g = g.ok_or("fused LoRA backward: g missing")?;
-        lt::gemm(ctx, dt, at(xd, p), g, out_at(i, r, p), s, 0.0, None)?;
-    }
-    Ok(())
 }

@@ -73,19 +73,6 @@ fn step_ops_enabled() -> bool {
     switch::STEP_OPS.on() && enabled()
 }
 
-/// Chooses the fused LoRA linear's GEMM schedule (process-wide; default from
-/// `PEFT_LORA_GEMM_OVERLAP=1`): `true` runs the rank-r GEMMs on the side stream beside the frozen
-/// GEMM and adds the LoRA term after it; `false` (the default) writes the LoRA term first and lets
-/// the frozen GEMM accumulate onto it. Both compute the same thing.
-pub fn set_gemm_overlap(on: bool) {
-    switch::OVERLAP.set(on);
-}
-
-/// Whether the fused LoRA linear uses the overlapped schedule ([`set_gemm_overlap`]).
-pub fn gemm_overlap() -> bool {
-    switch::OVERLAP.on()
-}
-
 /// Switches the fused CUDA path on or off (process-wide; default on unless `PEFT_LORA_FUSED=0`).
 pub fn set_enabled(on: bool) {
     switch::FUSED.set(on);

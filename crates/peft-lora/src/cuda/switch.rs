@@ -70,7 +70,3 @@ pub(crate) static ELEMENTWISE: Switch = Switch::new("PEFT_LORA_ELEMENTWISE_KERNE
 pub(crate) static ADAMW: Switch = Switch::new("PEFT_LORA_FUSED_ADAMW");
 /// The attention's softmax kernels, else Burn's composed softmax (`PEFT_LORA_SOFTMAX_KERNEL`).
 pub(crate) static SOFTMAX: Switch = Switch::new("PEFT_LORA_SOFTMAX_KERNEL");
-/// The fused LoRA linear's overlapped schedule (`PEFT_LORA_GEMM_OVERLAP`, opt-in): the skinny
-/// GEMMs run on the side stream beside the big beta = 0 GEMM, and one rank-r GEMM with beta = 1
-/// adds the LoRA term afterwards (see [`super::kernels`]).
-pub(crate) static OVERLAP: Switch = Switch::opt_in("PEFT_LORA_GEMM_OVERLAP");
