@@ -34,6 +34,34 @@ pub struct AdamWStep {
     pub bias_corrections: (f32, f32),
 }
 
+/// One element of `torch.optim.AdamW`'s step in f32: `(p, m, v)` after it, for parameter `p`,
+/// gradient `g` (scaled by `clip`) and moments `m`, `v`. `decay` is `1 - lr * weight_decay`;
+/// `bc1`, `bc2` are the bias corrections.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn adamw_step(
+    p: f32,
+    g: f32,
+    m: f32,
+    v: f32,
+    clip: f32,
+    beta1: f32,
+    beta2: f32,
+    lr: f32,
+    decay: f32,
+    eps: f32,
+    bc1: f32,
+    bc2: f32,
+) -> (f32, f32, f32) {
+    let one = f32::new(1.0);
+    let gi = g * clip;
+    let mi = beta1 * m + (one - beta1) * gi;
+    let vi = beta2 * v + (one - beta2) * gi * gi;
+    let denom = (vi / bc2).sqrt() + eps;
+    (p * decay - lr * (mi / bc1) / denom, mi, vi)
+}
+
+/// [`adamw_step`] over a tensor whose parameter, gradient and moments share the dtype `E`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn adamw_kernel<E: Float>(
@@ -59,17 +87,26 @@ fn adamw_kernel<E: Float>(
     if i >= n as usize {
         terminate!();
     }
-    let one = f32::new(1.0);
-    let gi = f32::cast_from(g[i]) * clip;
-    let mi = beta1 * f32::cast_from(m[i]) + (one - beta1) * gi;
-    let vi = beta2 * f32::cast_from(v[i]) + (one - beta2) * gi * gi;
-    let denom = (vi / bc2).sqrt() + eps;
-    p_out[i] = E::cast_from(f32::cast_from(p[i]) * decay - lr * (mi / bc1) / denom);
+    let (pi, mi, vi) = adamw_step(
+        f32::cast_from(p[i]),
+        f32::cast_from(g[i]),
+        f32::cast_from(m[i]),
+        f32::cast_from(v[i]),
+        clip,
+        beta1,
+        beta2,
+        lr,
+        decay,
+        eps,
+        bc1,
+        bc2,
+    );
+    p_out[i] = E::cast_from(pi);
     m_out[i] = E::cast_from(mi);
     v_out[i] = E::cast_from(vi);
 }
 
-/// [`adamw_kernel`] on an f32 master copy of a 16-bit parameter (mixed precision, as PEFT keeps
+/// [`adamw_step`] on an f32 master copy of a 16-bit parameter (mixed precision, as PEFT keeps
 /// adapters in f32 on a bf16 model): master, moments and gradient in f32, and the parameter the
 /// forward uses written once more in the gradient's dtype `E` (the parameter's own dtype, or f32
 /// for gradients summed over micro-batches, rounded by the caller).
@@ -99,12 +136,20 @@ fn adamw_master_kernel<E: Float>(
     if i >= n as usize {
         terminate!();
     }
-    let one = f32::new(1.0);
-    let gi = f32::cast_from(g[i]) * clip;
-    let mi = beta1 * m[i] + (one - beta1) * gi;
-    let vi = beta2 * v[i] + (one - beta2) * gi * gi;
-    let denom = (vi / bc2).sqrt() + eps;
-    let pi = p[i] * decay - lr * (mi / bc1) / denom;
+    let (pi, mi, vi) = adamw_step(
+        p[i],
+        f32::cast_from(g[i]),
+        m[i],
+        v[i],
+        clip,
+        beta1,
+        beta2,
+        lr,
+        decay,
+        eps,
+        bc1,
+        bc2,
+    );
     p_out[i] = pi;
     m_out[i] = mi;
     v_out[i] = vi;

@@ -21,116 +21,65 @@ fn empty_ir<R: FusionRuntime>(like: &FusionTensor<R>, shape: [usize; 2]) -> Tens
     empty_like_ir(like, Shape::new(shape), like.dtype)
 }
 
-fn register<B: FusionBackend, O: Operation<B::FusionRuntime> + 'static>(
+/// A fusion custom operation: `run` fetches the op's inputs from the handle container, runs the
+/// raw cubecl op and registers its outputs (see [`floats`] and [`put`]).
+struct Custom<B, F> {
+    desc: CustomOpIr,
+    run: F,
+    _b: PhantomData<fn() -> B>,
+}
+
+impl<B, F> std::fmt::Debug for Custom<B, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Custom").field("desc", &self.desc).finish()
+    }
+}
+
+impl<B, F> Operation<B::FusionRuntime> for Custom<B, F>
+where
+    B: FusionBackend,
+    F: Fn(&CustomOpIr, &mut Handles<B>) + Send + Sync,
+{
+    fn execute(&self, h: &mut Handles<B>) {
+        (self.run)(&self.desc, h)
+    }
+}
+
+/// Registers the custom op `id` on `inputs` with `outputs` (uninitialised), executed by `run`.
+fn register<B: FusionBackend>(
     id: &'static str,
     inputs: Vec<FusionTensor<B::FusionRuntime>>,
     outputs: Vec<TensorIr>,
-    make: impl FnOnce(CustomOpIr) -> O,
+    run: impl Fn(&CustomOpIr, &mut Handles<B>) + Send + Sync + 'static,
 ) -> Vec<FusionTensor<B::FusionRuntime>> {
     let client = inputs[0].client.clone();
     let streams = OperationStreams::with_inputs(inputs.iter());
     let irs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
     let desc = CustomOpIr::new(id, &irs, &outputs);
-    client.register(streams, OperationIr::Custom(desc.clone()), make(desc))
+    let op = Custom::<B, _> {
+        desc: desc.clone(),
+        run,
+        _b: PhantomData,
+    };
+    client.register(streams, OperationIr::Custom(desc), op)
 }
 
-#[derive(Debug)]
-struct LinearFwd<B> {
-    desc: CustomOpIr,
-    _b: PhantomData<B>,
+/// The float inputs of `desc`, from the first, in order.
+fn floats<B: FusionBackend>(desc: &CustomOpIr, h: &mut Handles<B>) -> Vec<B::FloatTensorPrimitive> {
+    desc.inputs
+        .iter()
+        .map(|t| h.get_float_tensor::<B>(t))
+        .collect()
 }
 
-impl<B: FusionBackend + FusedOps> Operation<B::FusionRuntime> for LinearFwd<B> {
-    fn execute(&self, h: &mut Handles<B>) {
-        let i = &self.desc.inputs;
-        let x = h.get_float_tensor::<B>(&i[0]);
-        let w = h.get_float_tensor::<B>(&i[1]);
-        let bias = i.get(2).map(|t| h.get_float_tensor::<B>(t));
-        let y = B::fused_linear_forward(x, w, bias);
-        h.register_float_tensor::<B>(&self.desc.outputs[0].id, y);
-    }
-}
-
-#[derive(Debug)]
-struct LinearBwd<B> {
-    desc: CustomOpIr,
-    _b: PhantomData<B>,
-}
-
-impl<B: FusionBackend + FusedOps> Operation<B::FusionRuntime> for LinearBwd<B> {
-    fn execute(&self, h: &mut Handles<B>) {
-        let i = &self.desc.inputs;
-        let dy = h.get_float_tensor::<B>(&i[0]);
-        let w = h.get_float_tensor::<B>(&i[1]);
-        let dx = B::fused_linear_backward(dy, w);
-        h.register_float_tensor::<B>(&self.desc.outputs[0].id, dx);
-    }
-}
-
-#[derive(Debug)]
-struct LoraFwd<B> {
-    desc: CustomOpIr,
-    has_xd: bool,
-    has_bias: bool,
-    scale: f32,
-    _b: PhantomData<B>,
-}
-
-impl<B: FusionBackend + FusedOps> Operation<B::FusionRuntime> for LoraFwd<B> {
-    fn execute(&self, h: &mut Handles<B>) {
-        let mut it = self.desc.inputs.iter();
-        let mut next = || h.get_float_tensor::<B>(it.next().expect("input"));
-        let x = next();
-        let xd = self.has_xd.then(&mut next);
-        let w = next();
-        let bias = self.has_bias.then(&mut next);
-        let (a, b) = (next(), next());
-        let (y, xa) = B::fused_lora_forward(LoraInputs {
-            x,
-            xd,
-            w,
-            bias,
-            a,
-            b,
-            scale: self.scale,
-        });
-        h.register_float_tensor::<B>(&self.desc.outputs[0].id, y);
-        h.register_float_tensor::<B>(&self.desc.outputs[1].id, xa);
-    }
-}
-
-#[derive(Debug)]
-struct LoraBwd<B> {
-    desc: CustomOpIr,
-    has_xd: bool,
-    has_xa: bool,
-    needs: LoraNeeds,
-    scale: f32,
-    _b: PhantomData<B>,
-}
-
-impl<B: FusionBackend + FusedOps> Operation<B::FusionRuntime> for LoraBwd<B> {
-    fn execute(&self, h: &mut Handles<B>) {
-        let mut it = self.desc.inputs.iter();
-        let mut next = || h.get_float_tensor::<B>(it.next().expect("input"));
-        let dy = next();
-        let xd = self.has_xd.then(&mut next);
-        let xa = self.has_xa.then(&mut next);
-        let (w, a, b) = (next(), next(), next());
-        let saved = LoraSaved {
-            xd,
-            xa,
-            w,
-            a,
-            b,
-            scale: self.scale,
-        };
-        let g = B::fused_lora_backward(dy, saved, self.needs);
-        let mut outs = self.desc.outputs.iter();
-        for t in [g.dx, g.dxd, g.da, g.db].into_iter().flatten() {
-            let ir = outs.next().expect("output");
-            h.register_float_tensor::<B>(&ir.id, t);
-        }
+/// Registers `results` as the outputs of `desc`, in order.
+fn put<B: FusionBackend>(
+    desc: &CustomOpIr,
+    h: &mut Handles<B>,
+    results: impl IntoIterator<Item = B::FloatTensorPrimitive>,
+) {
+    for (ir, t) in desc.outputs.iter().zip(results) {
+        h.register_float_tensor::<B>(&ir.id, t);
     }
 }
 
@@ -143,22 +92,20 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
         let out = empty_ir(&x, [dims(&x)[0], dims(&w)[1]]);
         let mut inputs = vec![x, w];
         inputs.extend(bias);
-        register::<B, _>("peft_lora_linear_fwd", inputs, vec![out], |desc| {
-            LinearFwd::<B> {
-                desc,
-                _b: PhantomData,
-            }
+        register::<B>("peft_lora_linear_fwd", inputs, vec![out], |d, h| {
+            let mut i = floats::<B>(d, h).into_iter();
+            let (x, w) = (i.next().expect("x"), i.next().expect("w"));
+            put::<B>(d, h, [B::fused_linear_forward(x, w, i.next())]);
         })
         .remove(0)
     }
 
     fn fused_linear_backward(dy: Prim<Self>, w: Prim<Self>) -> Prim<Self> {
         let out = empty_ir(&dy, [dims(&dy)[0], dims(&w)[0]]);
-        register::<B, _>("peft_lora_linear_bwd", vec![dy, w], vec![out], |desc| {
-            LinearBwd::<B> {
-                desc,
-                _b: PhantomData,
-            }
+        register::<B>("peft_lora_linear_bwd", vec![dy, w], vec![out], |d, h| {
+            let mut i = floats::<B>(d, h).into_iter();
+            let (dy, w) = (i.next().expect("dy"), i.next().expect("w"));
+            put::<B>(d, h, [B::fused_linear_backward(dy, w)]);
         })
         .remove(0)
     }
@@ -175,12 +122,25 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
         inputs.push(inp.a);
         inputs.push(inp.b);
         let scale = inp.scale;
-        let mut out = register::<B, _>("peft_lora_fwd", inputs, vec![y, xa], |desc| LoraFwd::<B> {
-            desc,
-            has_xd,
-            has_bias,
-            scale,
-            _b: PhantomData,
+        let mut out = register::<B>("peft_lora_fwd", inputs, vec![y, xa], move |d, h| {
+            let mut i = floats::<B>(d, h).into_iter();
+            let mut next = || i.next().expect("input");
+            let x = next();
+            let xd = has_xd.then(&mut next);
+            let w = next();
+            let bias = has_bias.then(&mut next);
+            let (a, b) = (next(), next());
+            let inputs = LoraInputs {
+                x,
+                xd,
+                w,
+                bias,
+                a,
+                b,
+                scale,
+            };
+            let (y, xa) = B::fused_lora_forward(inputs);
+            put::<B>(d, h, [y, xa]);
         });
         let xa = out.pop().expect("xa");
         let y = out.pop().expect("y");
@@ -212,13 +172,23 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
         inputs.extend(saved.xa);
         inputs.extend([saved.w, saved.a, saved.b]);
         let scale = saved.scale;
-        let mut out = register::<B, _>("peft_lora_bwd", inputs, outputs, |desc| LoraBwd::<B> {
-            desc,
-            has_xd,
-            has_xa,
-            needs,
-            scale,
-            _b: PhantomData,
+        let mut out = register::<B>("peft_lora_bwd", inputs, outputs, move |d, h| {
+            let mut i = floats::<B>(d, h).into_iter();
+            let mut next = || i.next().expect("input");
+            let dy = next();
+            let xd = has_xd.then(&mut next);
+            let xa = has_xa.then(&mut next);
+            let (w, a, b) = (next(), next(), next());
+            let saved = LoraSaved {
+                xd,
+                xa,
+                w,
+                a,
+                b,
+                scale,
+            };
+            let g = B::fused_lora_backward(dy, saved, needs);
+            put::<B>(d, h, [g.dx, g.dxd, g.da, g.db].into_iter().flatten());
         })
         .into_iter();
         LoraGrads {
@@ -248,40 +218,6 @@ fn empty_like_ir<R: FusionRuntime>(
     TensorIr::uninit(like.client.create_empty_handle(), shape, dtype)
 }
 
-#[derive(Debug)]
-struct AttnFwd<B> {
-    desc: CustomOpIr,
-    scale: f32,
-    _b: PhantomData<B>,
-}
-
-impl<B: FusionBackend + AttentionOps> Operation<B::FusionRuntime> for AttnFwd<B> {
-    fn execute(&self, h: &mut Handles<B>) {
-        let i = &self.desc.inputs;
-        let [q, k, v, m] = [0, 1, 2, 3].map(|n| h.get_float_tensor::<B>(&i[n]));
-        let out = B::attention_forward(q, k, v, m, self.scale);
-        h.register_float_tensor::<B>(&self.desc.outputs[0].id, out);
-    }
-}
-
-#[derive(Debug)]
-struct AttnBwd<B> {
-    desc: CustomOpIr,
-    scale: f32,
-    _b: PhantomData<B>,
-}
-
-impl<B: FusionBackend + AttentionOps> Operation<B::FusionRuntime> for AttnBwd<B> {
-    fn execute(&self, h: &mut Handles<B>) {
-        let i = &self.desc.inputs;
-        let [dout, q, k, v, m] = [0, 1, 2, 3, 4].map(|n| h.get_float_tensor::<B>(&i[n]));
-        let grads = B::attention_backward(dout, q, k, v, m, self.scale);
-        for (ir, g) in self.desc.outputs.iter().zip(grads) {
-            h.register_float_tensor::<B>(&ir.id, g);
-        }
-    }
-}
-
 impl<B: FusionBackend + AttentionOps> AttentionOps for Fusion<B> {
     fn attention_forward(
         q: Prim<Self>,
@@ -291,16 +227,11 @@ impl<B: FusionBackend + AttentionOps> AttentionOps for Fusion<B> {
         scale: f32,
     ) -> Prim<Self> {
         let out = empty_like_ir(&q, q.shape.clone(), q.dtype);
-        register::<B, _>(
-            "peft_lora_attention_fwd",
-            vec![q, k, v, mask],
-            vec![out],
-            |desc| AttnFwd::<B> {
-                desc,
-                scale,
-                _b: PhantomData,
-            },
-        )
+        let inputs = vec![q, k, v, mask];
+        register::<B>("peft_lora_attention_fwd", inputs, vec![out], move |d, h| {
+            let [q, k, v, m]: [_; 4] = floats::<B>(d, h).try_into().expect("4 inputs");
+            put::<B>(d, h, [B::attention_forward(q, k, v, m, scale)]);
+        })
         .remove(0)
     }
 
@@ -314,13 +245,15 @@ impl<B: FusionBackend + AttentionOps> AttentionOps for Fusion<B> {
     ) -> [Prim<Self>; 3] {
         let outs = [&q, &k, &v].map(|t| empty_like_ir(t, t.shape.clone(), t.dtype));
         let inputs = vec![dout, q, k, v, mask];
-        let mut g = register::<B, _>("peft_lora_attention_bwd", inputs, outs.to_vec(), |desc| {
-            AttnBwd::<B> {
-                desc,
-                scale,
-                _b: PhantomData,
-            }
-        })
+        let mut g = register::<B>(
+            "peft_lora_attention_bwd",
+            inputs,
+            outs.to_vec(),
+            move |d, h| {
+                let [dout, q, k, v, m]: [_; 5] = floats::<B>(d, h).try_into().expect("5 inputs");
+                put::<B>(d, h, B::attention_backward(dout, q, k, v, m, scale));
+            },
+        )
         .into_iter();
         [(); 3].map(|_| g.next().expect("attention gradient"))
     }
@@ -338,43 +271,6 @@ impl<B: FusionBackend + AttentionOps> FusedAttention for Fusion<B> {
     }
 }
 
-#[derive(Debug)]
-struct CeFwd<B> {
-    desc: CustomOpIr,
-    _b: PhantomData<B>,
-}
-
-impl<B: FusionBackend + CrossEntropyOps> Operation<B::FusionRuntime> for CeFwd<B> {
-    fn execute(&self, h: &mut Handles<B>) {
-        let i = &self.desc.inputs;
-        let hid = h.get_float_tensor::<B>(&i[0]);
-        let w = h.get_float_tensor::<B>(&i[1]);
-        let t = h.get_int_tensor::<B>(&i[2]);
-        let (loss, lse) = B::ce_forward(hid, w, t);
-        h.register_float_tensor::<B>(&self.desc.outputs[0].id, loss);
-        h.register_float_tensor::<B>(&self.desc.outputs[1].id, lse);
-    }
-}
-
-#[derive(Debug)]
-struct CeBwd<B> {
-    desc: CustomOpIr,
-    _b: PhantomData<B>,
-}
-
-impl<B: FusionBackend + CrossEntropyOps> Operation<B::FusionRuntime> for CeBwd<B> {
-    fn execute(&self, h: &mut Handles<B>) {
-        let i = &self.desc.inputs;
-        let d = h.get_float_tensor::<B>(&i[0]);
-        let hid = h.get_float_tensor::<B>(&i[1]);
-        let w = h.get_float_tensor::<B>(&i[2]);
-        let t = h.get_int_tensor::<B>(&i[3]);
-        let lse = h.get_float_tensor::<B>(&i[4]);
-        let dh = B::ce_backward(d, hid, w, t, lse);
-        h.register_float_tensor::<B>(&self.desc.outputs[0].id, dh);
-    }
-}
-
 impl<B: FusionBackend + CrossEntropyOps> CrossEntropyOps for Fusion<B> {
     fn ce_forward(
         h: Prim<Self>,
@@ -385,15 +281,15 @@ impl<B: FusionBackend + CrossEntropyOps> CrossEntropyOps for Fusion<B> {
         let n = h.shape[0];
         let loss = empty_like_ir(&h, Shape::new([1]), DType::F32);
         let lse = empty_like_ir(&h, Shape::new([n]), DType::F32);
-        let mut out = register::<B, _>(
-            "peft_lora_ce_fwd",
-            vec![h, w, targets],
-            vec![loss, lse],
-            |desc| CeFwd::<B> {
-                desc,
-                _b: PhantomData,
-            },
-        );
+        let inputs = vec![h, w, targets];
+        let mut out = register::<B>("peft_lora_ce_fwd", inputs, vec![loss, lse], |d, h| {
+            let i = &d.inputs;
+            let hid = h.get_float_tensor::<B>(&i[0]);
+            let w = h.get_float_tensor::<B>(&i[1]);
+            let t = h.get_int_tensor::<B>(&i[2]);
+            let (loss, lse) = B::ce_forward(hid, w, t);
+            put::<B>(d, h, [loss, lse]);
+        });
         let lse = out.pop().expect("lse");
         (out.pop().expect("loss"), lse)
     }
@@ -406,15 +302,14 @@ impl<B: FusionBackend + CrossEntropyOps> CrossEntropyOps for Fusion<B> {
         lse: Prim<Self>,
     ) -> Prim<Self> {
         let dh = empty_like_ir(&h, h.shape.clone(), h.dtype);
-        register::<B, _>(
-            "peft_lora_ce_bwd",
-            vec![d, h, w, targets, lse],
-            vec![dh],
-            |desc| CeBwd::<B> {
-                desc,
-                _b: PhantomData,
-            },
-        )
+        let inputs = vec![d, h, w, targets, lse];
+        register::<B>("peft_lora_ce_bwd", inputs, vec![dh], |desc, h| {
+            let i = &desc.inputs;
+            let [d, hid, w] = [0, 1, 2].map(|n| h.get_float_tensor::<B>(&i[n]));
+            let t = h.get_int_tensor::<B>(&i[3]);
+            let lse = h.get_float_tensor::<B>(&i[4]);
+            put::<B>(desc, h, [B::ce_backward(d, hid, w, t, lse)]);
+        })
         .remove(0)
     }
 }
