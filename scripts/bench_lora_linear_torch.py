@@ -104,14 +104,14 @@ def bench(tokens, d_in, d_out, r, dora, iters):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="only 4096 tokens, 4096->4096, r 16 (LoRA and DoRA)")
+    ap.add_argument("--quick", action="store_true", help="only 4096 tokens, 4096->4096 and 4096->1024, r 16 (LoRA and DoRA)")
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args()
     import peft
     print(json.dumps(dict(torch=torch.__version__, peft=peft.__version__, gpu=torch.cuda.get_device_name())), flush=True)
     torch.manual_seed(0)
     tokens_list = [4096] if args.quick else [2048, 4096]
-    shapes = [(4096, 4096)] if args.quick else SHAPES
+    shapes = [(4096, 4096), (4096, 1024)] if args.quick else SHAPES
     ranks = [16] if args.quick else [8, 16, 64]
     for tokens in tokens_list:
         for d_in, d_out in shapes:

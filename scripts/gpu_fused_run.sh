@@ -9,7 +9,8 @@
 #   softmax kernels); util (GPU busy share + cubecl kernel profile), prof (Nsight, when present),
 #   pissa (bench-init vs PEFT's init), kernels (bench-kernels: each step kernel alone, and each
 #   GEMM of the fused LoRA linear), quick-tune / train-tune (cuBLASLt autotuning on,
-#   PEFT_LORA_GEMM_AUTOTUNE=1).
+#   PEFT_LORA_GEMM_AUTOTUNE=1), quick-sync / train-sync (each fused op waits for its hand-off to
+#   cubecl's device thread, PEFT_LORA_ASYNC_SUBMIT=0).
 # Writes logs under $OUT (or /tmp/fused-out), packed into $OUT/logs.tgz at the end.
 D=$1; shift
 OUT=${OUT:-/tmp/fused-out}; mkdir -p "$OUT"
@@ -60,6 +61,10 @@ for stage in "$@"; do
     PEFT_LORA_GEMM_AUTOTUNE=1 timeout 150 $B bench-linear --quick 2>&1 | grep -v '^{' | tee "$OUT/linear_quick_tune.txt" ;;
   train-tune)
     variant tune PEFT_LORA_GEMM_AUTOTUNE=1 qv-nogc all-gc ;;
+  quick-sync)
+    PEFT_LORA_ASYNC_SUBMIT=0 timeout 150 $B bench-linear --quick 2>&1 | grep -v '^{' | tee "$OUT/linear_quick_sync.txt" ;;
+  train-sync)
+    variant sync PEFT_LORA_ASYNC_SUBMIT=0 qv-gc qv-nogc all-gc ;;
   train-noattn)
     variant noattn PEFT_LORA_FUSED_ATTENTION=0 qv-gc qv-nogc ;;
   prof)

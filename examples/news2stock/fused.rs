@@ -16,7 +16,7 @@ pub fn bench_linear(quick: bool, composed: bool, iters: usize) -> Result<()> {
     let device = CudaDevice::default();
     let tokens_list: &[usize] = if quick { &[4096] } else { &[2048, 4096] };
     let shapes: &[(usize, usize)] = if quick {
-        &[(4096, 4096)]
+        &[(4096, 4096), (4096, 1024)]
     } else {
         &LLAMA_8B_SHAPES
     };

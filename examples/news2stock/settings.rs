@@ -72,7 +72,7 @@ pub enum Command {
     /// Adapter kernel throughput on the Llama-8B shapes (LoRA and DoRA forward, forward +
     /// backward, merged vs unmerged inference, ratio to the frozen GEMM alone); JSON lines.
     BenchLinear {
-        /// Only the headline shape (4096 tokens, 4096->4096, r 16) and its DoRA twin.
+        /// Only the headline shapes (4096 tokens, 4096->4096 and 4096->1024, r 16), LoRA and DoRA.
         #[arg(long)]
         quick: bool,
         /// Also time the composed (unfused) path on the headline shape.

@@ -202,7 +202,7 @@ fn bgemm(a: &Raw, ta: bool, b: &Raw, tb: bool, alpha: f32) -> Result<Raw, String
         stride_b: rb * cb,
         stride_c: m * n,
     };
-    device::run(&a.device, handles, move |ctx, p| {
+    device::enqueue(&a.device, handles, move |ctx, p| {
         let operand = |ptr, rows, cols, trans| Operand {
             ptr,
             rows,

@@ -182,7 +182,7 @@ fn gemm_rows(
     let ob = out.dtype.size() as u64;
     let (brows, bcols, bld, btrans) = (b.rows, b.cols, b.ld, b.trans);
     let handles = vec![a.handle.clone(), b.t.handle.clone(), out.handle.clone()];
-    device::run(&a.device, handles, move |ctx, p| {
+    device::enqueue(&a.device, handles, move |ctx, p| {
         let oa = Operand {
             ptr: p[0] + (r0 * k) as u64 * eb,
             rows,

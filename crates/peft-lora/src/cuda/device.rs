@@ -1,8 +1,9 @@
 //! Running cuBLASLt work in order with cubecl's own CUDA stream.
 //!
 //! cubecl executes every task of a device on one runner thread, in submission order, and each
-//! caller thread has its own CUDA stream there. A fused op submits one blocking task to that
-//! thread: it resolves the device pointers of its tensors (which also makes their stream wait for
+//! caller thread has its own CUDA stream there. A fused op submits one task to that thread
+//! ([`enqueue`]: queued like Burn's own launches, not waited for; [`run`] when a value must come
+//! back): it resolves the device pointers of its tensors (which also makes their stream wait for
 //! any other stream that wrote them), then enqueues its GEMMs on the caller's cubecl stream. Every
 //! kernel submitted before runs before the GEMMs, every kernel submitted after runs after them,
 //! and a buffer freed afterwards is only reused by later work on the same stream: the ordering is
@@ -250,102 +251,153 @@ pub(crate) fn join(ctx: &lt::Ctx) -> Result<(), String> {
 }
 
 /// Runs `f` on the device's runner thread with the device pointers of `handles` (in order) and a
-/// cuBLASLt context whose stream is ordered with Burn's kernels as [`ordering`] says.
+/// cuBLASLt context whose stream is ordered with Burn's kernels as [`ordering`] says, and waits
+/// for it (`f` may return a value).
 pub(crate) fn run<T: Send>(
     device: &CudaDevice,
     handles: Vec<Handle>,
     f: impl FnOnce(&lt::Ctx, &[u64]) -> Result<T, String> + Send,
 ) -> Result<T, String> {
+    take_deferred()?;
     let id = device.to_id();
-    let key = id.index_id;
     let bindings: Vec<_> = handles.into_iter().map(|h| h.binding()).collect();
     let mode = ordering();
     let dh = DeviceHandle::<Server>::new(id);
-    dh.submit_blocking(move |server: &mut Server| -> Result<T, String> {
-        let sid = StreamId::current();
-        let mut resources = Vec::with_capacity(bindings.len());
-        for b in bindings {
-            resources.push(
-                server
-                    .get_resource(b, sid)
-                    .map_err(|e| format!("cubecl get_resource: {e:?}"))?,
-            );
-        }
-        let ptrs: Vec<u64> = resources.iter().map(|r| r.resource().ptr).collect();
-        let mut states = STATES
-            .get_or_init(Default::default)
-            .lock()
-            .map_err(|_| "fused-op device state poisoned".to_string())?;
-        let state = states.entry(key).or_default();
-        let handle = match state.handle {
-            Some(h) => h,
-            None => {
-                let h = lt::create_handle()?;
-                state.handle = Some(h);
-                h
+    dh.submit_blocking(move |server: &mut Server| on_runner(server, id.index_id, mode, bindings, f))
+        .map_err(|e| format!("cubecl device call: {e:?}"))?
+}
+
+/// [`run`] without waiting: the task is queued behind Burn's kernel launches, as they are, and
+/// the caller goes on (`PEFT_LORA_ASYNC_SUBMIT=0` makes it wait, as [`run`]). An error inside
+/// the task is kept and returned by the next fused op's call, which then panics as a failed op
+/// does (much as CUDA reports an asynchronous error on a later call).
+pub(crate) fn enqueue(
+    device: &CudaDevice,
+    handles: Vec<Handle>,
+    f: impl FnOnce(&lt::Ctx, &[u64]) -> Result<(), String> + Send + 'static,
+) -> Result<(), String> {
+    if !super::switch::ASYNC_SUBMIT.on() {
+        return run(device, handles, f);
+    }
+    take_deferred()?;
+    let id = device.to_id();
+    let bindings: Vec<_> = handles.into_iter().map(|h| h.binding()).collect();
+    let mode = ordering();
+    let dh = DeviceHandle::<Server>::new(id);
+    dh.submit(move |server: &mut Server| {
+        if let Err(e) = on_runner(server, id.index_id, mode, bindings, f) {
+            if let Ok(mut slot) = DEFERRED.lock() {
+                slot.get_or_insert(e);
             }
-        };
-        let stream = match mode {
-            Ordering::Stream => cubecl_stream(server, state, sid),
-            _ => None,
-        };
-        ON_CUBECL_STREAM.store(stream.is_some(), AtomicOrdering::SeqCst);
-        let (stream, host_sync) = match stream {
-            Some(s) => (s, false),
-            None => {
-                if mode == Ordering::Stream && !state.warned {
-                    state.warned = true;
-                    eprintln!(
-                        "peft-lora: cubecl's CUDA stream not found; fused ops synchronise the host instead"
-                    );
+        }
+    });
+    Ok(())
+}
+
+/// The first error of a task queued by [`enqueue`], until a later call reports it.
+static DEFERRED: Mutex<Option<String>> = Mutex::new(None);
+
+fn take_deferred() -> Result<(), String> {
+    let mut slot = DEFERRED
+        .lock()
+        .map_err(|_| "fused-op error slot poisoned".to_string())?;
+    match slot.take() {
+        Some(e) => Err(format!(
+            "an earlier fused op failed on the device thread: {e}"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The body of a fused-op task on the runner thread: resolves the bindings (ordering their
+/// stream after any other that wrote them), picks the stream, runs `f`.
+fn on_runner<T>(
+    server: &mut Server,
+    key: u16,
+    mode: Ordering,
+    bindings: Vec<cubecl_runtime::server::Binding>,
+    f: impl FnOnce(&lt::Ctx, &[u64]) -> Result<T, String>,
+) -> Result<T, String> {
+    let sid = StreamId::current();
+    let mut resources = Vec::with_capacity(bindings.len());
+    for b in bindings {
+        resources.push(
+            server
+                .get_resource(b, sid)
+                .map_err(|e| format!("cubecl get_resource: {e:?}"))?,
+        );
+    }
+    let ptrs: Vec<u64> = resources.iter().map(|r| r.resource().ptr).collect();
+    let mut states = STATES
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| "fused-op device state poisoned".to_string())?;
+    let state = states.entry(key).or_default();
+    let handle = match state.handle {
+        Some(h) => h,
+        None => {
+            let h = lt::create_handle()?;
+            state.handle = Some(h);
+            h
+        }
+    };
+    let stream = match mode {
+        Ordering::Stream => cubecl_stream(server, state, sid),
+        _ => None,
+    };
+    ON_CUBECL_STREAM.store(stream.is_some(), AtomicOrdering::SeqCst);
+    let (stream, host_sync) = match stream {
+        Some(s) => (s, false),
+        None => {
+            if mode == Ordering::Stream && !state.warned {
+                state.warned = true;
+                eprintln!(
+                    "peft-lora: cubecl's CUDA stream not found; fused ops synchronise the host instead"
+                );
+            }
+            let s = match state.private_stream {
+                Some(s) => s,
+                None => {
+                    let s = cudarc::driver::result::stream::create(
+                        cudarc::driver::result::stream::StreamKind::NonBlocking,
+                    )
+                    .map_err(|e| format!("cuStreamCreate: {e:?}"))?
+                        as usize;
+                    state.private_stream = Some(s);
+                    s
                 }
-                let s = match state.private_stream {
-                    Some(s) => s,
-                    None => {
-                        let s = cudarc::driver::result::stream::create(
-                            cudarc::driver::result::stream::StreamKind::NonBlocking,
-                        )
-                        .map_err(|e| format!("cuStreamCreate: {e:?}"))?
-                            as usize;
-                        state.private_stream = Some(s);
-                        s
-                    }
-                };
-                (s, mode != Ordering::UnorderedForTests)
-            }
-        };
-        // Overlap only where the stream orders everything; the fallbacks stay on one stream.
-        let side = if host_sync || mode != Ordering::Stream {
-            None
-        } else {
-            Some(side_for(state, stream)?)
-        };
-        let ctx = lt::Ctx {
-            handle,
-            stream,
-            workspace: workspace(state, stream)?,
-            workspace_bytes: WORKSPACE_BYTES,
-            side,
-        };
-        drop(states);
-        if host_sync {
-            cudarc::driver::result::ctx::synchronize()
-                .map_err(|e| format!("cuCtxSynchronize: {e:?}"))?;
+            };
+            (s, mode != Ordering::UnorderedForTests)
         }
-        let out = f(&ctx, &ptrs)?;
-        if host_sync {
-            // SAFETY: a stream created above, in this context.
-            unsafe {
-                cudarc::driver::result::stream::synchronize(
-                    stream as cudarc::driver::sys::CUstream,
-                )
-            }
-            .map_err(|e| format!("cuStreamSynchronize: {e:?}"))?;
+    };
+    // Overlap only where the stream orders everything; the fallbacks stay on one stream.
+    let side = if host_sync || mode != Ordering::Stream {
+        None
+    } else {
+        Some(side_for(state, stream)?)
+    };
+    let ctx = lt::Ctx {
+        handle,
+        stream,
+        workspace: workspace(state, stream)?,
+        workspace_bytes: WORKSPACE_BYTES,
+        side,
+    };
+    drop(states);
+    if host_sync {
+        cudarc::driver::result::ctx::synchronize()
+            .map_err(|e| format!("cuCtxSynchronize: {e:?}"))?;
+    }
+    let out = f(&ctx, &ptrs)?;
+    if host_sync {
+        // SAFETY: a stream created above, in this context.
+        unsafe {
+            cudarc::driver::result::stream::synchronize(stream as cudarc::driver::sys::CUstream)
         }
-        drop(resources);
-        Ok(out)
-    })
-    .map_err(|e| format!("cubecl device call: {e:?}"))?
+        .map_err(|e| format!("cuStreamSynchronize: {e:?}"))?;
+    }
+    drop(resources);
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -165,7 +165,7 @@ pub fn linear_forward(x: Raw, w: Raw, bias: Option<Raw>) -> Result<Raw, String> 
     let (xo, wo) = (binds.op(&x), binds.op(&w));
     let bo = bias.as_ref().map(|b| binds.out(b));
     let yo = binds.out(&y);
-    device::run(&x.t.device, binds.handles, move |ctx, p| {
+    device::enqueue(&x.t.device, binds.handles, move |ctx, p| {
         let bias = bo.map(|i| p[i]);
         lt::gemm(
             ctx,
@@ -197,7 +197,7 @@ pub fn linear_backward(dy: Raw, w: Raw) -> Result<Raw, String> {
     let mut binds = Binds::default();
     let (go, wo) = (binds.op(&dy), binds.op(&w));
     let xo = binds.out(&dx);
-    device::run(&dy.t.device, binds.handles, move |ctx, p| {
+    device::enqueue(&dy.t.device, binds.handles, move |ctx, p| {
         lt::gemm(
             ctx,
             dt,
@@ -266,7 +266,7 @@ pub fn lora_forward(inp: LoraInputs) -> Result<(Raw, Raw), String> {
     let bias_o = bias.as_ref().map(|t| binds.out(t));
     let (yo, xao) = (binds.out(&y), binds.out(&xa));
     let s = inp.scale;
-    device::run(&device, binds.handles, move |ctx, p| {
+    device::enqueue(&device, binds.handles, move |ctx, p| {
         let xa_out = out_at(xao, r, p);
         lt::gemm(ctx, dt, at(xdo, p), at(ao, p), xa_out, 1.0, 0.0, None)?;
         let xa_op = Operand {
@@ -377,7 +377,7 @@ pub fn lora_backward(dy: Raw, saved: LoraSaved, needs: LoraNeeds) -> Result<Lora
     let dao = grads.da.as_ref().map(|t| binds.out(t));
     let dbo = grads.db.as_ref().map(|t| binds.out(t));
     let s = saved.scale;
-    device::run(&device, binds.handles, move |ctx, p| {
+    device::enqueue(&device, binds.handles, move |ctx, p| {
         let g_op = go.map(|i| Operand {
             ptr: p[i],
             rows: n,
