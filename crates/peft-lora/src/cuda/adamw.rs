@@ -34,16 +34,10 @@ pub struct AdamWStep {
     pub bias_corrections: (f32, f32),
 }
 
-/// One element of `torch.optim.AdamW`'s step in f32: `(p, m, v)` after it, for parameter `p`,
-/// gradient `g` (scaled by `clip`) and moments `m`, `v`. `decay` is `1 - lr * weight_decay`;
-/// `bc1`, `bc2` are the bias corrections.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn adamw_step(
-    p: f32,
-    g: f32,
-    m: f32,
-    v: f32,
+/// [`AdamWStep`] as the kernels take it: `decay` is `1 - lr * weight_decay`, `bc1`/`bc2` the
+/// bias corrections.
+#[derive(CubeLaunch, CubeType)]
+struct Hyper {
     clip: f32,
     beta1: f32,
     beta2: f32,
@@ -52,13 +46,33 @@ fn adamw_step(
     eps: f32,
     bc1: f32,
     bc2: f32,
-) -> (f32, f32, f32) {
+}
+
+impl AdamWStep {
+    fn hyper(&self) -> HyperLaunch<CudaRuntime> {
+        HyperLaunch::new(
+            self.clip,
+            self.betas.0,
+            self.betas.1,
+            self.lr,
+            1.0 - self.lr * self.weight_decay,
+            self.eps,
+            self.bias_corrections.0,
+            self.bias_corrections.1,
+        )
+    }
+}
+
+/// One element of `torch.optim.AdamW`'s step in f32: `(p, m, v)` after it, for parameter `p`,
+/// gradient `g` (scaled by `h.clip`) and moments `m`, `v`.
+#[cube]
+fn adamw_step(p: f32, g: f32, m: f32, v: f32, h: &Hyper) -> (f32, f32, f32) {
     let one = f32::new(1.0);
-    let gi = g * clip;
-    let mi = beta1 * m + (one - beta1) * gi;
-    let vi = beta2 * v + (one - beta2) * gi * gi;
-    let denom = (vi / bc2).sqrt() + eps;
-    (p * decay - lr * (mi / bc1) / denom, mi, vi)
+    let gi = g * h.clip;
+    let mi = h.beta1 * m + (one - h.beta1) * gi;
+    let vi = h.beta2 * v + (one - h.beta2) * gi * gi;
+    let denom = (vi / h.bc2).sqrt() + h.eps;
+    (p * h.decay - h.lr * (mi / h.bc1) / denom, mi, vi)
 }
 
 /// [`adamw_step`] over a tensor whose parameter, gradient and moments share the dtype `E`.
@@ -73,14 +87,7 @@ fn adamw_kernel<E: Float>(
     m_out: &mut Tensor<E>,
     v_out: &mut Tensor<E>,
     n: u32,
-    clip: f32,
-    beta1: f32,
-    beta2: f32,
-    lr: f32,
-    decay: f32,
-    eps: f32,
-    bc1: f32,
-    bc2: f32,
+    h: &Hyper,
     #[define(E)] _dtype: StorageType,
 ) {
     let i = elem_index();
@@ -92,14 +99,7 @@ fn adamw_kernel<E: Float>(
         f32::cast_from(g[i]),
         f32::cast_from(m[i]),
         f32::cast_from(v[i]),
-        clip,
-        beta1,
-        beta2,
-        lr,
-        decay,
-        eps,
-        bc1,
-        bc2,
+        h,
     );
     p_out[i] = E::cast_from(pi);
     m_out[i] = E::cast_from(mi);
@@ -122,34 +122,14 @@ fn adamw_master_kernel<E: Float>(
     v_out: &mut Tensor<f32>,
     low_out: &mut Tensor<E>,
     n: u32,
-    clip: f32,
-    beta1: f32,
-    beta2: f32,
-    lr: f32,
-    decay: f32,
-    eps: f32,
-    bc1: f32,
-    bc2: f32,
+    h: &Hyper,
     #[define(E)] _dtype: StorageType,
 ) {
     let i = elem_index();
     if i >= n as usize {
         terminate!();
     }
-    let (pi, mi, vi) = adamw_step(
-        p[i],
-        f32::cast_from(g[i]),
-        m[i],
-        v[i],
-        clip,
-        beta1,
-        beta2,
-        lr,
-        decay,
-        eps,
-        bc1,
-        bc2,
-    );
+    let (pi, mi, vi) = adamw_step(p[i], f32::cast_from(g[i]), m[i], v[i], h);
     p_out[i] = pi;
     m_out[i] = mi;
     v_out[i] = vi;
@@ -232,14 +212,7 @@ pub fn update(p: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw, Raw, Raw) {
         m2.clone().into_tensor_arg(),
         v2.clone().into_tensor_arg(),
         n as u32,
-        h.clip,
-        h.betas.0,
-        h.betas.1,
-        h.lr,
-        1.0 - h.lr * h.weight_decay,
-        h.eps,
-        h.bias_corrections.0,
-        h.bias_corrections.1,
+        h.hyper(),
         dtype.into(),
     );
     (p2, m2, v2)
@@ -274,14 +247,7 @@ pub fn update_master(master: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw,
         v2.clone().into_tensor_arg(),
         p_low.clone().into_tensor_arg(),
         n as u32,
-        h.clip,
-        h.betas.0,
-        h.betas.1,
-        h.lr,
-        1.0 - h.lr * h.weight_decay,
-        h.eps,
-        h.bias_corrections.0,
-        h.bias_corrections.1,
+        h.hyper(),
         low.into(),
     );
     (p2, m2, v2, p_low)
