@@ -452,9 +452,15 @@ pub fn rope<B: Backend>(
     dispatch_raw!(B, rope_impl(args))
 }
 
-/// `PEFT_LORA_FUSED_ADAMW=0`: the optimizer's kernels off (composed update and norm).
-fn adamw_update_off() -> bool {
-    !switch::ADAMW.on()
+/// Whether the optimizer's kernels (AdamW update, gradient norm) run: `B` is a raw cubecl CUDA
+/// backend, the fused path is on, and `PEFT_LORA_FUSED_ADAMW` is not `0`.
+fn optimizer_kernels<B: Backend>() -> bool {
+    switch::ADAMW.on() && supported::<B>() && enabled()
+}
+
+/// Whether a tensor has no elements (the kernels are not launched on those).
+fn is_empty<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+    t.dims().contains(&0)
 }
 
 #[allow(clippy::type_complexity)]
@@ -484,13 +490,13 @@ pub fn adamw_update<B: Backend>(
     v: &Tensor<B, 2>,
     h: AdamWStep,
 ) -> Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)> {
-    if adamw_update_off() || !supported::<B>() || !enabled() {
+    if !optimizer_kernels::<B>() {
         return None;
     }
     let same = [g, m, v]
         .iter()
         .all(|t| t.dims() == p.dims() && t.dtype() == p.dtype());
-    if !same || p.dims().iter().any(|d| *d == 0) {
+    if !same || is_empty(p) {
         return None;
     }
     let args = (p.clone(), g.clone(), m.clone(), v.clone(), h);
@@ -525,14 +531,14 @@ pub fn adamw_update_master<B: Backend>(
     h: AdamWStep,
     low: DType,
 ) -> Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)> {
-    if adamw_update_off() || !supported::<B>() || !enabled() {
+    if !optimizer_kernels::<B>() {
         return None;
     }
     let same = [master, m, v]
         .iter()
         .all(|t| t.dims() == master.dims() && t.dtype() == DType::F32);
     let g_ok = g.dims() == master.dims() && (g.dtype() == low || g.dtype() == DType::F32);
-    if !same || !g_ok || !matches!(low, DType::BF16 | DType::F16) || master.dims().contains(&0) {
+    if !same || !g_ok || !matches!(low, DType::BF16 | DType::F16) || is_empty(master) {
         return None;
     }
     let args = (master.clone(), g.clone(), m.clone(), v.clone(), h);
@@ -554,10 +560,7 @@ fn sums_of_squares_impl<T: adamw::FusedAdamW>(ts: Vec<Tensor<T, 2>>) -> Tensor<T
 /// per tensor, when `B` is a raw cubecl CUDA backend and the fused path is on (the switch of
 /// [`adamw_update`]); else `None`.
 pub fn sum_of_squares<B: Backend>(ts: &[Tensor<B, 2>]) -> Option<f64> {
-    if ts.is_empty() || adamw_update_off() || !supported::<B>() || !enabled() {
-        return None;
-    }
-    if ts.iter().any(|t| t.dims().iter().any(|d| *d == 0)) {
+    if ts.is_empty() || !optimizer_kernels::<B>() || ts.iter().any(is_empty) {
         return None;
     }
     let sums: Tensor<B, 1> =
@@ -579,7 +582,7 @@ pub fn dropout<B: Backend>(x: &Tensor<B, 2>, p: f64) -> Option<Tensor<B, 2>> {
     if !supported::<B>() || !elementwise_ops_enabled() || !(0.0..1.0).contains(&p) {
         return None;
     }
-    if x.dims().iter().any(|d| *d == 0) || x.dims().iter().product::<usize>() > u32::MAX as usize {
+    if is_empty(x) || x.dims().iter().product::<usize>() > u32::MAX as usize {
         return None;
     }
     if !raw_backend::<B>() {
