@@ -25,7 +25,7 @@ fn main() {
     }
     #[cfg(feature = "cuda")]
     {
-        if !peft_lora::cuda::gpu_present() {
+        if !burn_cuda_ops::gpu_present() {
             println!("no CUDA GPU: GPU shapes skipped");
             return;
         }

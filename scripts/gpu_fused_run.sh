@@ -1,14 +1,17 @@
 #!/bin/bash
 # Runs the fused-linear checks and benchmarks on a GPU box, beside the PyTorch / PEFT anchors.
 # Usage (from the repository root): scripts/gpu_fused_run.sh DIR STAGE...
-#   DIR holds the stripped `news2stock` binary (built with --features cuda) and the anchor scripts
-#   (bench_lora_linear_torch.py, peft_baseline.py, bench_pissa_peft.py). Stages: check, quick,
+#   DIR holds the stripped `news2stock` binary (built with --features cuda), the GPU checks
+#   `gpu_selftest` (burn-cuda-ops) and `gpu_fused` (peft-lora) and the `kernels` bench (built by
+#   `cargo test/bench --no-run --release --features cuda`; see docs/PERFORMANCE.md), and the anchor scripts
+#   copied from scripts/ (bench_lora_linear_torch.py, bench_pissa_peft.py, and peft_baseline.py,
+#   vendored unchanged from ../shared/bench/). Stages: check, quick,
 #   linear, train (ours then HF PEFT's three configs), and ours with one switch off (same binary):
 #   train-noattn (attention / head+CE / RMSNorm ops, PEFT_LORA_FUSED_ATTENTION=0), train-noelem
 #   (SwiGLU and RoPE kernels), train-noadamw (one-kernel AdamW), train-nosoftmax (the attention's
 #   softmax kernels); util (GPU busy share + cubecl kernel profile), prof (Nsight, when present),
-#   pissa (bench-init vs PEFT's init), kernels (bench-kernels: each step kernel alone, and each
-#   GEMM of the fused LoRA linear), quick-tune / train-tune (cuBLASLt autotuning on,
+#   pissa (bench-init vs PEFT's init), kernels (burn-cuda-ops' `kernels` bench: each step kernel
+#   alone, and each GEMM of the fused low-rank linear), quick-tune / train-tune (cuBLASLt autotuning on,
 #   PEFT_LORA_GEMM_AUTOTUNE=1), quick-sync / train-sync (each fused op waits for its hand-off to
 #   cubecl's device thread, PEFT_LORA_ASYNC_SUBMIT=0).
 # Writes logs under $OUT (or /tmp/fused-out), packed into $OUT/logs.tgz at the end.
@@ -42,9 +45,12 @@ pack() { cp "$OUT"/*.txt /tmp/fused-logs/ 2>/dev/null; (cd /tmp/fused-logs && ta
 for stage in "$@"; do
   case $stage in
   kernels)
-    timeout 200 $B bench-kernels 2>&1 | grep -v '^{' | tee "$OUT/kernels.txt" ;;
+    timeout 200 $D/kernels 2>&1 | grep -v '^{' | tee "$OUT/kernels.txt" ;;
   check)
-    CUBECL_AUTOTUNE_LEVEL=minimal timeout 300 $B check-fused 2>&1 | tee "$OUT/check.txt" | tail -60 ;;
+    # burn-cuda-ops' self-test (every op vs an f64 host reference, the race test) and
+    # peft-lora's fused-layer check (LoraLinear fused vs composed vs host, the optimizer).
+    CUBECL_AUTOTUNE_LEVEL=minimal timeout 300 $D/gpu_selftest 2>&1 | tee "$OUT/check.txt" | tail -30
+    CUBECL_AUTOTUNE_LEVEL=minimal timeout 300 $D/gpu_fused 2>&1 | tee "$OUT/check_layer.txt" | tail -30 ;;
   quick)
     timeout 150 $B bench-linear --quick --composed 2>&1 | grep -v '^{' | tee "$OUT/linear_quick.txt"
     timeout 120 python3 $D/bench_lora_linear_torch.py --quick 2>&1 | tee "$OUT/torch_quick.txt" ;;

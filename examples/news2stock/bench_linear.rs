@@ -45,7 +45,7 @@ pub fn time<B: Backend>(
 /// `x W` for a frozen `W`: the fused op on CUDA backends, Burn's matmul elsewhere.
 fn frozen<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
     #[cfg(feature = "cuda")]
-    if let Some(y) = peft_lora::cuda::frozen_linear(x, w, None) {
+    if let Some(y) = burn_cuda_ops::frozen_linear(x, w, None) {
         return y;
     }
     x.clone().matmul(w.clone())
@@ -192,7 +192,7 @@ where
 fn fused_on() -> bool {
     #[cfg(feature = "cuda")]
     {
-        peft_lora::cuda::enabled()
+        burn_cuda_ops::enabled()
     }
     #[cfg(not(feature = "cuda"))]
     {

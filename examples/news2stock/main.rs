@@ -70,10 +70,8 @@ fn dispatch<B: burn::tensor::backend::Backend>(
         Command::BenchInit { method, layers } => {
             bench_init::bench_init::<B>(s, method, *layers, device)
         }
-        Command::BenchLinear { .. } | Command::CheckFused { .. } | Command::BenchKernels { .. } => {
-            anyhow::bail!(
-                "bench-linear, bench-kernels and check-fused run on the GPU build (--features cuda)"
-            )
+        Command::BenchLinear { .. } => {
+            anyhow::bail!("bench-linear runs on the GPU build (--features cuda)")
         }
     }
 }
@@ -88,12 +86,6 @@ fn gpu(s: &Settings, cmd: &Command) -> Result<()> {
             composed,
             iters,
         } => return fused::bench_linear(*quick, *composed, *iters),
-        Command::CheckFused {
-            race_tokens,
-            race_dim,
-            race_steps,
-        } => return fused::check(*race_tokens, *race_dim, *race_steps),
-        Command::BenchKernels { iters } => return fused::bench_kernels(*iters),
         _ => {}
     }
     // `--gradient-checkpointing true` recomputes per decoder layer (the trainer, with llama's

@@ -82,28 +82,6 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         iters: usize,
     },
-    /// Each step kernel (attention softmax, SwiGLU, RoPE, RMSNorm, the attention op) timed
-    /// alone at the Llama-8B training shape, with the bandwidth it reaches (GPU build).
-    BenchKernels {
-        /// Timed calls per kernel.
-        #[arg(long, default_value_t = 50)]
-        iters: usize,
-    },
-    /// GPU correctness of the fused CUDA linear: fused vs composed vs an f64 host reference
-    /// (forward and gradients, odd shapes, DoRA, frozen layers; bf16 and f32, with and without
-    /// checkpointing), and the stream-ordering race test.
-    /// Exits non-zero on any failure.
-    CheckFused {
-        /// Tokens of the race test.
-        #[arg(long, default_value_t = 4096)]
-        race_tokens: usize,
-        /// Width of the race test's layer.
-        #[arg(long, default_value_t = 4096)]
-        race_dim: usize,
-        /// Forward+backward steps in the race chain.
-        #[arg(long, default_value_t = 6)]
-        race_steps: usize,
-    },
     /// Merge the adapter into the base weights and write safetensors that transformers loads.
     Merge {
         /// Output folder.

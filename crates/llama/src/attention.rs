@@ -173,8 +173,7 @@ impl<B: Backend> Attention<B> {
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
         // RoPE fused with the split into heads: one kernel each way on CUDA.
         let rotary = |t: Tensor<B, 3>, n: usize| {
-            #[cfg(feature = "cuda")]
-            if let Some(r) = peft_lora::cuda::rope(&t, n, cos, sin) {
+            if let Some(r) = crate::ops::rope(&t, n, cos, sin) {
                 return r;
             }
             rope::apply(heads(t, n), cos, sin)
@@ -197,10 +196,7 @@ impl<B: Backend> Attention<B> {
         let q = q.reshape([b, nkv, rep * s, hd]);
         let scale = 1.0 / (hd as f64).sqrt();
         // On CUDA: one op with cuBLASLt GEMMs and a recomputing backward (no [s, t] kept).
-        #[cfg(feature = "cuda")]
-        let fused = peft_lora::cuda::attention(&q, &k, &v, mask, scale);
-        #[cfg(not(feature = "cuda"))]
-        let fused = None;
+        let fused = crate::ops::attention(&q, &k, &v, mask, scale);
         let out = fused.unwrap_or_else(|| {
             let scores = q.matmul(k.swap_dims(2, 3)) * scale; // [b, nkv, rep*s, t]
             let scores = scores.reshape([b, nh, s, t]);

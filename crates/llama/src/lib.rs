@@ -27,6 +27,7 @@ pub mod loss;
 pub mod mlp;
 pub mod model;
 pub mod norm;
+mod ops;
 pub mod rope;
 pub mod save;
 pub mod tokenizer;

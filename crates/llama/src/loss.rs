@@ -50,17 +50,16 @@ fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Vec<i64>) -> Tensor<
 
 impl<B: Backend> LlamaForCausalLM<B> {
     /// `cross_entropy(lm_head(hidden), targets)`; on CUDA with a frozen head one op that never
-    /// holds the `[n, vocab]` logits beyond a chunk of rows (`peft_lora::cuda`).
+    /// holds the `[n, vocab]` logits beyond a chunk of rows (`crate::ops`).
     fn head_cross_entropy(&self, hidden: Tensor<B, 2>, targets: Vec<i64>) -> Tensor<B, 1> {
-        #[cfg(feature = "cuda")]
-        if peft_lora::cuda::supported::<B>() {
+        if crate::ops::cross_entropy_supported::<B>() {
             let n = targets.len();
             let w = self.head_weight();
             let t = Tensor::<B, 1, Int>::from_data(
                 TensorData::new(targets.clone(), [n]),
                 &hidden.device(),
             );
-            if let Some(sum) = peft_lora::cuda::linear_cross_entropy(&hidden, &w, &t) {
+            if let Some(sum) = crate::ops::linear_cross_entropy(&hidden, &w, &t) {
                 return sum / n as f64;
             }
         }

@@ -46,9 +46,8 @@ impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &LoraCtx) -> Tensor<B, 3> {
         let gate = self.gate_proj.forward_ctx(x.clone(), ctx);
         let up = self.up_proj.forward_ctx(x, ctx);
-        // On CUDA: one kernel each way (`peft_lora::cuda::swiglu`).
-        #[cfg(feature = "cuda")]
-        if let Some(h) = peft_lora::cuda::swiglu(&gate, &up) {
+        // On CUDA: one kernel each way (`crate::ops::swiglu`).
+        if let Some(h) = crate::ops::swiglu(&gate, &up) {
             return self.down_proj.forward_ctx(h, ctx);
         }
         self.down_proj.forward_ctx(activation::silu(gate) * up, ctx)

@@ -251,8 +251,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
     pub fn lm_head(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.lm_head {
             Some(w) => {
-                #[cfg(feature = "cuda")]
-                if let Some(logits) = peft_lora::cuda::frozen_linear(&hidden, &w.val(), None) {
+                if let Some(logits) = crate::ops::frozen_linear(&hidden, &w.val()) {
                     return logits;
                 }
                 hidden.matmul(w.val())

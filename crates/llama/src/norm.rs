@@ -35,9 +35,8 @@ impl<B: Backend> RmsNorm<B> {
     /// # Shapes
     /// `[batch, seq, hidden]` -> the same.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        // On CUDA: one kernel each way (`peft_lora::cuda::rms_norm`).
-        #[cfg(feature = "cuda")]
-        if let Some(y) = peft_lora::cuda::rms_norm(&x, &self.weight.val(), self.eps) {
+        // On CUDA: one kernel each way (`crate::ops::rms_norm`).
+        if let Some(y) = crate::ops::rms_norm(&x, &self.weight.val(), self.eps) {
             return y;
         }
         let dtype = x.dtype();

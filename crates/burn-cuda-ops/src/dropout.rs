@@ -7,9 +7,9 @@
 //! multiplies twice, and keeps the mask for its backward; this keeps nothing.
 //!
 //! `keep` is `hash(i) >= threshold` with `threshold = round(p 2^32)`, the hash two rounds of
-//! murmur3's 32-bit finaliser keyed by two seed words. The seeds come from
-//! [`crate::layer::next_dropout_seed`] (a per-thread stream that [`crate::seed_dropout`]
-//! restarts), so a recomputed layer (per-layer gradient checkpointing) draws the same masks.
+//! murmur3's 32-bit finaliser keyed by two seed words. The caller supplies the seed (e.g. from a
+//! per-thread stream it can restart, so a recomputed layer under per-layer gradient
+//! checkpointing draws the same masks).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

@@ -1,26 +1,44 @@
-//! The fused adapted linear on NVIDIA GPUs (feature `cuda`).
+//! # burn-cuda-ops
 //!
-//! On Burn's CUDA backend in bf16 or f32 (`burn::backend::Cuda<F>`, which is the raw
+//! Fused GPU ops for Burn's CUDA backend, with their own backward: cuBLASLt GEMMs on cubecl's
+//! CUDA stream and cubecl kernels. The crate knows nothing of adapters or of any model; it offers
+//! tensor-level primitives that return `None` when the backend or the inputs are not ones it
+//! covers, so callers keep a composed fallback:
+//! - [`frozen_linear`]: `x W (+ bias)` for a frozen `W`, backward `dx` only;
+//! - [`low_rank_linear`]: `x W (+ bias) + s (xd A) B` for a frozen `W` and trainable `A`, `B`
+//!   (the low-rank term accumulated into `y` by the GEMM, beta = 1), backward `dx`, `dA`, `dB`,
+//!   keeping only `x` (through Burn's checkpointer, so gradient checkpointing still applies) and
+//!   `xd A`;
+//! - [`attention`] (GQA, additive mask; the backward recomputes the probabilities),
+//!   [`linear_cross_entropy`] (row chunks, no `[tokens, vocab]` logits kept), [`rms_norm`],
+//!   [`swiglu`], [`rope`] (fused with the split into heads), [`dropout`] (masks hashed from a
+//!   seed, never stored);
+//! - the optimizer kernels [`adamw_update`], [`adamw_update_master`] and [`sum_of_squares`].
+//!
+//! They run on Burn's CUDA backend in bf16 or f32 (`burn::backend::Cuda<F>`, the raw
 //! `CubeBackend<CudaRuntime, F, i32, u8>` unless Burn's `fusion` feature is on; with this crate's
 //! `fusion` feature the fusion backend over it too), with or without `Autodiff` (and with
-//! `BalancedCheckpointing`), [`crate::LoraLinear`] runs as one custom op instead of composed
-//! tensor ops:
-//! - forward `y = x W (+ bias) + s (x A) B`, the LoRA term accumulated into `y` by the GEMM
-//!   (beta = 1), all GEMMs in cuBLASLt (bf16/f16/f32 in and out, f32 accumulation);
-//! - backward `dx`, `dA`, `dB` only (never `dW` of the frozen base), keeping only `x` (through
-//!   Burn's checkpointer, so gradient checkpointing still applies) and `x A`;
-//! - frozen layers (no active adapter, merged, disabled) as a cuBLASLt GEMM with a backward
-//!   that gives `dx` only;
-//! - DoRA as the fused LoRA op followed by its per-output scale (the norm stays detached).
+//! `BalancedCheckpointing`). The GEMMs are enqueued on cubecl's own CUDA stream, in order with
+//! Burn's kernels ([`device`]). `libcublasLt.so` is loaded at run time from the loader path;
+//! without it every op returns `None` (a warning is printed once).
 //!
-//! The GEMMs are enqueued on cubecl's own CUDA stream, in order with Burn's kernels
-//! ([`device`]). Other backends, and cases the op does not cover (several adapters at once,
-//! per-row adapter routing, `lora_bias`, DoRA with dropout, trainable base weights) use the
-//! composed path. `libcublasLt.so` is loaded at run time from the loader path; without it the
-//! composed path runs (a warning is printed once).
+//! ## Switches
+//! Process-wide, read from the environment on first use and settable from code so that one
+//! binary can measure an op on and off: `PEFT_LORA_FUSED=0` (or [`set_enabled`]) turns every op
+//! off; `PEFT_LORA_FUSED_ATTENTION=0` ([`set_attention_enabled`]) the attention, head +
+//! cross-entropy and RMSNorm ops; `PEFT_LORA_ELEMENTWISE_KERNELS=0` SwiGLU, RoPE and dropout;
+//! `PEFT_LORA_FUSED_ADAMW=0` ([`set_optimizer_kernels_enabled`]) the optimizer kernels;
+//! `PEFT_LORA_SOFTMAX_KERNEL=0` the attention's softmax kernels; `PEFT_LORA_ASYNC_SUBMIT=0` makes
+//! each op wait for its hand-off to cubecl's device thread; `PEFT_LORA_GEMM_AUTOTUNE=1` times
+//! cuBLASLt's candidate algorithms per GEMM shape. (The names are those the project has always
+//! documented.)
 //!
-//! [`set_enabled`] (or `PEFT_LORA_FUSED=0` in the environment) switches the fused path off, for
-//! comparisons.
+//! ## Checks and benches
+//! `cargo test --release -p burn-cuda-ops --test gpu_selftest` compares every op with an f64 host
+//! reference on the GPU (it says it skipped when no CUDA GPU is present);
+//! `cargo bench -p burn-cuda-ops --bench kernels` times each kernel alone at the Llama-8B shape.
+
+#![warn(missing_docs)]
 
 pub mod adamw;
 pub mod attention;
@@ -33,13 +51,10 @@ pub mod dropout;
 #[cfg(feature = "fusion")]
 pub mod fusion;
 mod gpu_timer;
-pub mod kbench;
 pub mod kernels;
-mod layer;
 pub mod lt;
 pub mod rms_norm;
 pub mod rope;
-pub mod selftest;
 pub mod softmax;
 pub mod swiglu;
 mod switch;
@@ -61,7 +76,7 @@ pub use attention::FusedAttention;
 pub use autodiff::FusedLinear;
 pub use cross_entropy::FusedCrossEntropy;
 pub use device::{cubecl_stream_used, ordering, set_ordering, Ordering};
-pub use kernels::LoraInputs;
+pub use kernels::LowRankInputs;
 
 /// Switches the fused CUDA attention, head + cross-entropy and RMSNorm ops on or off (process-wide;
 /// default on unless `PEFT_LORA_FUSED_ATTENTION=0`; [`set_enabled`]`(false)` turns them off too).
@@ -87,7 +102,7 @@ pub fn enabled() -> bool {
         Ok(()) => true,
         Err(e) => {
             static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| eprintln!("peft-lora: fused CUDA linear off: {e}"));
+            WARNED.call_once(|| eprintln!("burn-cuda-ops: fused CUDA ops off: {e}"));
             false
         }
     }
@@ -193,7 +208,7 @@ fn frozen_impl<T: FusedLinear>(
 }
 
 #[allow(clippy::type_complexity)]
-fn lora_impl<T: FusedLinear>(
+fn low_rank_impl<T: FusedLinear>(
     args: (
         Tensor<T, 2>,
         Option<Tensor<T, 2>>,
@@ -205,7 +220,7 @@ fn lora_impl<T: FusedLinear>(
     ),
 ) -> Tensor<T, 2> {
     let (x, xd, w, bias, a, b, scale) = args;
-    tensor(T::lora_linear(LoraInputs {
+    tensor(T::low_rank_linear(LowRankInputs {
         x: prim(x),
         xd: xd.map(prim),
         w: prim(w),
@@ -244,7 +259,7 @@ pub fn frozen_linear<B: Backend>(
 /// `x W (+ bias) + s (xd A) B` with a frozen `W` (`xd = x` when `None`): the fused op when `B` is
 /// a supported CUDA backend and the path is on, else `None`.
 #[allow(clippy::too_many_arguments)]
-pub fn lora_linear<B: Backend>(
+pub fn low_rank_linear<B: Backend>(
     x: &Tensor<B, 2>,
     xd: Option<&Tensor<B, 2>>,
     w: &Tensor<B, 2>,
@@ -274,7 +289,7 @@ pub fn lora_linear<B: Backend>(
         b.clone(),
         scale as f32,
     );
-    dispatch!(B, lora_impl(args))
+    dispatch!(B, low_rank_impl(args))
 }
 
 fn attention_impl<T: FusedAttention>(
@@ -452,6 +467,12 @@ pub fn rope<B: Backend>(
     dispatch_raw!(B, rope_impl(args))
 }
 
+/// Switches the optimizer kernels ([`adamw_update`], [`adamw_update_master`],
+/// [`sum_of_squares`]) on or off (process-wide; default on unless `PEFT_LORA_FUSED_ADAMW=0`).
+pub fn set_optimizer_kernels_enabled(on: bool) {
+    switch::ADAMW.set(on);
+}
+
 /// Whether the optimizer's kernels (AdamW update, gradient norm) run: `B` is a raw cubecl CUDA
 /// backend, the fused path is on, and `PEFT_LORA_FUSED_ADAMW` is not `0`.
 fn optimizer_kernels<B: Backend>() -> bool {
@@ -574,11 +595,15 @@ fn dropout_impl<T: dropout::FusedDropout>(args: (Tensor<T, 2>, dropout::DropMask
     tensor(T::fused_dropout(prim(x), mask))
 }
 
-/// Inverted dropout with drop probability `p` as one kernel each way, the mask hashed from a
-/// seed of [`crate::layer::next_dropout_seed`] and never stored ([`dropout`]), when `B` is a raw
-/// cubecl CUDA backend (with or without autodiff) and the step ops are on; else `None` (and no
-/// seed is drawn).
-pub fn dropout<B: Backend>(x: &Tensor<B, 2>, p: f64) -> Option<Tensor<B, 2>> {
+/// Inverted dropout with drop probability `p` as one kernel each way, the mask hashed from the
+/// 64-bit seed `seed()` returns and never stored ([`dropout`]), when `B` is a raw cubecl CUDA
+/// backend (with or without autodiff) and the step ops are on; else `None` (and `seed` is not
+/// called, so a caller's seed stream advances only when the kernel runs).
+pub fn dropout<B: Backend>(
+    x: &Tensor<B, 2>,
+    p: f64,
+    seed: impl FnOnce() -> u64,
+) -> Option<Tensor<B, 2>> {
     if !supported::<B>() || !elementwise_ops_enabled() || !(0.0..1.0).contains(&p) {
         return None;
     }
@@ -588,7 +613,7 @@ pub fn dropout<B: Backend>(x: &Tensor<B, 2>, p: f64) -> Option<Tensor<B, 2>> {
     if !raw_backend::<B>() {
         return None;
     }
-    let mask = dropout::DropMask::new(p, crate::layer::next_dropout_seed());
+    let mask = dropout::DropMask::new(p, seed());
     dispatch_raw!(B, dropout_impl((x.clone(), mask)))
 }
 

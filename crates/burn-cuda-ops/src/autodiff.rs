@@ -11,15 +11,15 @@ use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
 use cubecl_cuda::CudaRuntime;
 
 use super::backend::{FusedOps, Prim};
-use super::kernels::{LoraInputs, LoraNeeds, LoraSaved};
+use super::kernels::{LowRankInputs, LowRankNeeds, LowRankSaved};
 
-/// Backends on which `LoraLinear` runs the fused ops (with or without autodiff).
+/// Backends on which the fused linear ops run (with or without autodiff).
 pub trait FusedLinear: Backend {
     /// `y = x W (+ bias)` with a frozen `W`: the backward gives `dx` only.
     fn frozen_linear(x: Prim<Self>, w: Prim<Self>, bias: Option<Prim<Self>>) -> Prim<Self>;
     /// `y = x W (+ bias) + s (xd A) B` (`xd = x` unless given): the backward gives `dx`, `dxd`,
     /// `dA`, `dB`, never `dW`.
-    fn lora_linear(inp: LoraInputs<Prim<Self>>) -> Prim<Self>;
+    fn low_rank_linear(inp: LowRankInputs<Prim<Self>>) -> Prim<Self>;
 }
 
 impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedLinear
@@ -29,8 +29,8 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedLinear
         Self::fused_linear_forward(x, w, bias)
     }
 
-    fn lora_linear(inp: LoraInputs<Prim<Self>>) -> Prim<Self> {
-        Self::fused_lora_forward(inp).0
+    fn low_rank_linear(inp: LowRankInputs<Prim<Self>>) -> Prim<Self> {
+        Self::fused_low_rank_forward(inp).0
     }
 }
 
@@ -49,9 +49,9 @@ impl<B: FusedOps> Backward<B, 1> for FrozenBackward {
     }
 }
 
-/// What the LoRA backward keeps from the forward.
+/// What the low-rank backward keeps from the forward.
 #[derive(Debug, Clone)]
-struct LoraState<T> {
+struct LowRankState<T> {
     /// The adapter input, through the checkpointer (for `dA`).
     xd: Option<NodeId>,
     /// `xa = xd A` (for `dB`).
@@ -63,24 +63,24 @@ struct LoraState<T> {
 }
 
 #[derive(Debug)]
-struct LoraBackward;
+struct LowRankBackward;
 
-impl<B: FusedOps> Backward<B, 3> for LoraBackward {
-    type State = LoraState<Prim<B>>;
+impl<B: FusedOps> Backward<B, 3> for LowRankBackward {
+    type State = LowRankState<Prim<B>>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
         let [px, pa, pb] = ops.parents;
         let dy = grads.consume::<B>(&ops.node);
         let st = ops.state;
         let xd = st.xd.map(|id| ckpt.retrieve_node_output::<Prim<B>>(id));
-        let needs = LoraNeeds {
+        let needs = LowRankNeeds {
             dx: px.is_some(),
             split: false,
             dxd: false,
             da: pa.is_some(),
             db: pb.is_some(),
         };
-        let saved = LoraSaved {
+        let saved = LowRankSaved {
             xd,
             xa: st.xa,
             w: st.w,
@@ -88,7 +88,7 @@ impl<B: FusedOps> Backward<B, 3> for LoraBackward {
             b: st.b,
             scale: st.scale,
         };
-        let g = B::fused_lora_backward(dy, saved, needs);
+        let g = B::fused_low_rank_backward(dy, saved, needs);
         for (node, grad) in [(px, g.dx), (pa, g.da), (pb, g.db)] {
             if let (Some(node), Some(grad)) = (node, grad) {
                 grads.register::<B>(node.id, grad);
@@ -98,24 +98,24 @@ impl<B: FusedOps> Backward<B, 3> for LoraBackward {
 }
 
 #[derive(Debug)]
-struct LoraDropoutBackward;
+struct LowRankDropoutBackward;
 
-impl<B: FusedOps> Backward<B, 4> for LoraDropoutBackward {
-    type State = LoraState<Prim<B>>;
+impl<B: FusedOps> Backward<B, 4> for LowRankDropoutBackward {
+    type State = LowRankState<Prim<B>>;
 
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
         let [px, pxd, pa, pb] = ops.parents;
         let dy = grads.consume::<B>(&ops.node);
         let st = ops.state;
         let xd = st.xd.map(|id| ckpt.retrieve_node_output::<Prim<B>>(id));
-        let needs = LoraNeeds {
+        let needs = LowRankNeeds {
             dx: px.is_some(),
             split: true,
             dxd: pxd.is_some(),
             da: pa.is_some(),
             db: pb.is_some(),
         };
-        let saved = LoraSaved {
+        let saved = LowRankSaved {
             xd,
             xa: st.xa,
             w: st.w,
@@ -123,7 +123,7 @@ impl<B: FusedOps> Backward<B, 4> for LoraDropoutBackward {
             b: st.b,
             scale: st.scale,
         };
-        let g = B::fused_lora_backward(dy, saved, needs);
+        let g = B::fused_low_rank_backward(dy, saved, needs);
         for (node, grad) in [(px, g.dx), (pxd, g.dxd), (pa, g.da), (pb, g.db)] {
             if let (Some(node), Some(grad)) = (node, grad) {
                 grads.register::<B>(node.id, grad);
@@ -150,8 +150,8 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedLinear for Autodiff<B, C> {
         }
     }
 
-    fn lora_linear(inp: LoraInputs<Prim<Self>>) -> Prim<Self> {
-        let LoraInputs {
+    fn low_rank_linear(inp: LowRankInputs<Prim<Self>>) -> Prim<Self> {
+        let LowRankInputs {
             x,
             xd,
             w,
@@ -163,7 +163,7 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedLinear for Autodiff<B, C> {
         let bias = bias.map(|t| t.primitive);
         let (keep_x, keep_xa) = (a.is_tracked(), b.is_tracked());
         let forward = |x: Prim<B>, xd: Option<Prim<B>>| {
-            B::fused_lora_forward(LoraInputs {
+            B::fused_low_rank_forward(LowRankInputs {
                 x,
                 xd,
                 w: w.primitive.clone(),
@@ -173,7 +173,7 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedLinear for Autodiff<B, C> {
                 scale,
             })
         };
-        let state = |xd: Option<NodeId>, xa: Prim<B>| LoraState {
+        let state = |xd: Option<NodeId>, xa: Prim<B>| LowRankState {
             xd,
             xa: keep_xa.then_some(xa),
             w: w.primitive.clone(),
@@ -182,7 +182,7 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedLinear for Autodiff<B, C> {
             scale,
         };
         match xd {
-            None => match LoraBackward
+            None => match LowRankBackward
                 .prepare::<C>([x.node.clone(), a.node.clone(), b.node.clone()])
                 .compute_bound()
                 .stateful()
@@ -194,7 +194,7 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedLinear for Autodiff<B, C> {
                 }
                 OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, None).0),
             },
-            Some(xd) => match LoraDropoutBackward
+            Some(xd) => match LowRankDropoutBackward
                 .prepare::<C>([
                     x.node.clone(),
                     xd.node.clone(),

@@ -12,7 +12,7 @@ use super::attention::{AttentionOps, FusedAttention};
 use super::autodiff::FusedLinear;
 use super::backend::{FusedOps, Prim};
 use super::cross_entropy::{CrossEntropyOps, FusedCrossEntropy, IntPrim};
-use super::kernels::{LoraGrads, LoraInputs, LoraNeeds, LoraSaved};
+use super::kernels::{LowRankGrads, LowRankInputs, LowRankNeeds, LowRankSaved};
 
 type Handles<B> =
     HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
@@ -92,7 +92,7 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
         let out = empty_ir(&x, [dims(&x)[0], dims(&w)[1]]);
         let mut inputs = vec![x, w];
         inputs.extend(bias);
-        register::<B>("peft_lora_linear_fwd", inputs, vec![out], |d, h| {
+        register::<B>("cuda_ops_linear_fwd", inputs, vec![out], |d, h| {
             let mut i = floats::<B>(d, h).into_iter();
             let (x, w) = (i.next().expect("x"), i.next().expect("w"));
             put::<B>(d, h, [B::fused_linear_forward(x, w, i.next())]);
@@ -102,7 +102,7 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
 
     fn fused_linear_backward(dy: Prim<Self>, w: Prim<Self>) -> Prim<Self> {
         let out = empty_ir(&dy, [dims(&dy)[0], dims(&w)[0]]);
-        register::<B>("peft_lora_linear_bwd", vec![dy, w], vec![out], |d, h| {
+        register::<B>("cuda_ops_linear_bwd", vec![dy, w], vec![out], |d, h| {
             let mut i = floats::<B>(d, h).into_iter();
             let (dy, w) = (i.next().expect("dy"), i.next().expect("w"));
             put::<B>(d, h, [B::fused_linear_backward(dy, w)]);
@@ -110,7 +110,7 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
         .remove(0)
     }
 
-    fn fused_lora_forward(inp: LoraInputs<Prim<Self>>) -> (Prim<Self>, Prim<Self>) {
+    fn fused_low_rank_forward(inp: LowRankInputs<Prim<Self>>) -> (Prim<Self>, Prim<Self>) {
         let n = dims(&inp.x)[0];
         let y = empty_ir(&inp.x, [n, dims(&inp.w)[1]]);
         let xa = empty_ir(&inp.x, [n, dims(&inp.a)[1]]);
@@ -122,7 +122,7 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
         inputs.push(inp.a);
         inputs.push(inp.b);
         let scale = inp.scale;
-        let mut out = register::<B>("peft_lora_fwd", inputs, vec![y, xa], move |d, h| {
+        let mut out = register::<B>("cuda_ops_fwd", inputs, vec![y, xa], move |d, h| {
             let mut i = floats::<B>(d, h).into_iter();
             let mut next = || i.next().expect("input");
             let x = next();
@@ -130,7 +130,7 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
             let w = next();
             let bias = has_bias.then(&mut next);
             let (a, b) = (next(), next());
-            let inputs = LoraInputs {
+            let inputs = LowRankInputs {
                 x,
                 xd,
                 w,
@@ -139,7 +139,7 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
                 b,
                 scale,
             };
-            let (y, xa) = B::fused_lora_forward(inputs);
+            let (y, xa) = B::fused_low_rank_forward(inputs);
             put::<B>(d, h, [y, xa]);
         });
         let xa = out.pop().expect("xa");
@@ -147,11 +147,11 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
         (y, xa)
     }
 
-    fn fused_lora_backward(
+    fn fused_low_rank_backward(
         dy: Prim<Self>,
-        saved: LoraSaved<Prim<Self>>,
-        needs: LoraNeeds,
-    ) -> LoraGrads<Prim<Self>> {
+        saved: LowRankSaved<Prim<Self>>,
+        needs: LowRankNeeds,
+    ) -> LowRankGrads<Prim<Self>> {
         let [n, d_out] = dims(&dy);
         let [d_in, r] = dims(&saved.a);
         let need_dxd = needs.split && needs.dxd;
@@ -172,14 +172,14 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
         inputs.extend(saved.xa);
         inputs.extend([saved.w, saved.a, saved.b]);
         let scale = saved.scale;
-        let mut out = register::<B>("peft_lora_bwd", inputs, outputs, move |d, h| {
+        let mut out = register::<B>("cuda_ops_bwd", inputs, outputs, move |d, h| {
             let mut i = floats::<B>(d, h).into_iter();
             let mut next = || i.next().expect("input");
             let dy = next();
             let xd = has_xd.then(&mut next);
             let xa = has_xa.then(&mut next);
             let (w, a, b) = (next(), next(), next());
-            let saved = LoraSaved {
+            let saved = LowRankSaved {
                 xd,
                 xa,
                 w,
@@ -187,11 +187,11 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
                 b,
                 scale,
             };
-            let g = B::fused_lora_backward(dy, saved, needs);
+            let g = B::fused_low_rank_backward(dy, saved, needs);
             put::<B>(d, h, [g.dx, g.dxd, g.da, g.db].into_iter().flatten());
         })
         .into_iter();
-        LoraGrads {
+        LowRankGrads {
             dx: needs.dx.then(|| out.next().expect("dx")),
             dxd: need_dxd.then(|| out.next().expect("dxd")),
             da: needs.da.then(|| out.next().expect("da")),
@@ -205,8 +205,8 @@ impl<B: FusionBackend + FusedOps> FusedLinear for Fusion<B> {
         Self::fused_linear_forward(x, w, bias)
     }
 
-    fn lora_linear(inp: LoraInputs<Prim<Self>>) -> Prim<Self> {
-        Self::fused_lora_forward(inp).0
+    fn low_rank_linear(inp: LowRankInputs<Prim<Self>>) -> Prim<Self> {
+        Self::fused_low_rank_forward(inp).0
     }
 }
 
@@ -228,7 +228,7 @@ impl<B: FusionBackend + AttentionOps> AttentionOps for Fusion<B> {
     ) -> Prim<Self> {
         let out = empty_like_ir(&q, q.shape.clone(), q.dtype);
         let inputs = vec![q, k, v, mask];
-        register::<B>("peft_lora_attention_fwd", inputs, vec![out], move |d, h| {
+        register::<B>("cuda_ops_attention_fwd", inputs, vec![out], move |d, h| {
             let [q, k, v, m]: [_; 4] = floats::<B>(d, h).try_into().expect("4 inputs");
             put::<B>(d, h, [B::attention_forward(q, k, v, m, scale)]);
         })
@@ -246,7 +246,7 @@ impl<B: FusionBackend + AttentionOps> AttentionOps for Fusion<B> {
         let outs = [&q, &k, &v].map(|t| empty_like_ir(t, t.shape.clone(), t.dtype));
         let inputs = vec![dout, q, k, v, mask];
         let mut g = register::<B>(
-            "peft_lora_attention_bwd",
+            "cuda_ops_attention_bwd",
             inputs,
             outs.to_vec(),
             move |d, h| {
@@ -282,7 +282,7 @@ impl<B: FusionBackend + CrossEntropyOps> CrossEntropyOps for Fusion<B> {
         let loss = empty_like_ir(&h, Shape::new([1]), DType::F32);
         let lse = empty_like_ir(&h, Shape::new([n]), DType::F32);
         let inputs = vec![h, w, targets];
-        let mut out = register::<B>("peft_lora_ce_fwd", inputs, vec![loss, lse], |d, h| {
+        let mut out = register::<B>("cuda_ops_ce_fwd", inputs, vec![loss, lse], |d, h| {
             let i = &d.inputs;
             let hid = h.get_float_tensor::<B>(&i[0]);
             let w = h.get_float_tensor::<B>(&i[1]);
@@ -303,7 +303,7 @@ impl<B: FusionBackend + CrossEntropyOps> CrossEntropyOps for Fusion<B> {
     ) -> Prim<Self> {
         let dh = empty_like_ir(&h, h.shape.clone(), h.dtype);
         let inputs = vec![d, h, w, targets, lse];
-        register::<B>("peft_lora_ce_bwd", inputs, vec![dh], |desc, h| {
+        register::<B>("cuda_ops_ce_bwd", inputs, vec![dh], |desc, h| {
             let i = &desc.inputs;
             let [d, hid, w] = [0, 1, 2].map(|n| h.get_float_tensor::<B>(&i[n]));
             let t = h.get_int_tensor::<B>(&i[3]);

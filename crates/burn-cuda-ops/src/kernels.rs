@@ -3,7 +3,7 @@
 //!
 //! Burn layout throughout: `x [n, in]`, `W [in, out]`, `A [in, r]`, `B [r, out]`.
 //! - forward: `xa = xd A`; `y = s xa B (+ bias)`; `y += x W` (beta = 1: the frozen GEMM adds
-//!   itself onto the LoRA term in its epilogue, no extra pass);
+//!   itself onto the low-rank term in its epilogue, no extra pass);
 //! - backward: `g = dy B^T`; `dx = s g A^T`; `dx += dy W^T` (with dropout `dxd = s g A^T` and
 //!   `dx = dy W^T` apart); `dA = s xd^T g` and `dB = s xa^T dy` on a side stream, overlapping
 //!   the `dx` GEMMs. Never `dW`.
@@ -212,8 +212,8 @@ pub fn linear_backward(dy: Raw, w: Raw) -> Result<Raw, String> {
     Ok(dx)
 }
 
-/// The tensors of one LoRA forward.
-pub struct LoraInputs<T = Raw> {
+/// The tensors of one low-rank-update linear forward (`y = x W + s (xd A) B`).
+pub struct LowRankInputs<T = Raw> {
     /// Base input `[n, in]`.
     pub x: T,
     /// The adapter's input when it differs from `x` (dropout), `[n, in]`.
@@ -226,19 +226,19 @@ pub struct LoraInputs<T = Raw> {
     pub a: T,
     /// `B [r, out]`.
     pub b: T,
-    /// The LoRA scaling `s`.
+    /// The scale `s` of the low-rank term.
     pub scale: f32,
 }
 
-/// Shapes `(n, in, out, r)` of a LoRA call, checked.
-fn lora_dims(x: &Raw, w: &Raw, a: &Raw, b: &Raw) -> Result<(usize, usize, usize, usize), String> {
+/// Shapes `(n, in, out, r)` of a low-rank call, checked.
+fn low_rank_dims(x: &Raw, w: &Raw, a: &Raw, b: &Raw) -> Result<(usize, usize, usize, usize), String> {
     let [n, d_in] = dims2(x, "x")?;
     let [w_in, d_out] = dims2(w, "weight")?;
-    let [a_in, r] = dims2(a, "lora_A")?;
-    let [b_r, b_out] = dims2(b, "lora_B")?;
+    let [a_in, r] = dims2(a, "A")?;
+    let [b_r, b_out] = dims2(b, "B")?;
     if w_in != d_in || a_in != d_in || b_r != r || b_out != d_out {
         return Err(format!(
-            "fused LoRA: shapes x {:?}, W {:?}, A {:?}, B {:?} do not fit",
+            "low-rank linear: shapes x {:?}, W {:?}, A {:?}, B {:?} do not fit",
             [n, d_in],
             [w_in, d_out],
             [a_in, r],
@@ -249,9 +249,9 @@ fn lora_dims(x: &Raw, w: &Raw, a: &Raw, b: &Raw) -> Result<(usize, usize, usize,
 }
 
 /// Forward: returns `y = x W (+ bias) + s (xd A) B` and `xa = xd A` (kept for the backward).
-pub fn lora_forward(inp: LoraInputs) -> Result<(Raw, Raw), String> {
+pub fn low_rank_forward(inp: LowRankInputs) -> Result<(Raw, Raw), String> {
     let dt = same_dtype(&[&inp.x, &inp.w, &inp.a, &inp.b])?;
-    let (n, _d_in, d_out, r) = lora_dims(&inp.x, &inp.w, &inp.a, &inp.b)?;
+    let (n, _d_in, d_out, r) = low_rank_dims(&inp.x, &inp.w, &inp.a, &inp.b)?;
     let y = empty(&inp.x, [n, d_out]);
     let xa = empty(&inp.x, [n, r]);
     let device = inp.x.device.clone();
@@ -277,7 +277,7 @@ pub fn lora_forward(inp: LoraInputs) -> Result<(Raw, Raw), String> {
             trans: false,
         };
         // The skinny GEMM writes y (with the bias), the big one accumulates into it (beta = 1):
-        // its read of y hides under its arithmetic, so the LoRA term costs one write of y.
+        // its read of y hides under its arithmetic, so the low-rank term costs one write of y.
         let y_out = out_at(yo, d_out, p);
         let bias = bias_o.map(|i| p[i]);
         lt::gemm(ctx, dt, xa_op, at(bo, p), y_out, s, 0.0, bias)?;
@@ -288,8 +288,8 @@ pub fn lora_forward(inp: LoraInputs) -> Result<(Raw, Raw), String> {
 
 /// What the backward must produce.
 #[derive(Debug, Clone, Copy)]
-pub struct LoraNeeds {
-    /// Gradient of the base input `x` (with the LoRA part added unless `split`).
+pub struct LowRankNeeds {
+    /// Gradient of the base input `x` (with the low-rank part added unless `split`).
     pub dx: bool,
     /// The adapter input is a separate tensor (dropout): its gradient goes to `dxd`.
     pub split: bool,
@@ -301,9 +301,9 @@ pub struct LoraNeeds {
     pub db: bool,
 }
 
-/// The gradients of one LoRA backward (the ones asked for).
+/// The gradients of one low-rank backward (the ones asked for).
 #[derive(Debug)]
-pub struct LoraGrads<T = Raw> {
+pub struct LowRankGrads<T = Raw> {
     /// `dL/dx`.
     pub dx: Option<T>,
     /// `dL/dxd` (dropout case).
@@ -314,8 +314,8 @@ pub struct LoraGrads<T = Raw> {
     pub db: Option<T>,
 }
 
-/// Saved state and parameters for a LoRA backward.
-pub struct LoraSaved<T = Raw> {
+/// Saved state and parameters for a low-rank backward.
+pub struct LowRankSaved<T = Raw> {
     /// The adapter input `xd` (needed for `dA`).
     pub xd: Option<T>,
     /// `xa = xd A` from the forward (needed for `dB`).
@@ -330,22 +330,22 @@ pub struct LoraSaved<T = Raw> {
     pub scale: f32,
 }
 
-/// Backward of [`lora_forward`] for the output gradient `dy [n, out]`.
-pub fn lora_backward(dy: Raw, saved: LoraSaved, needs: LoraNeeds) -> Result<LoraGrads, String> {
+/// Backward of [`low_rank_forward`] for the output gradient `dy [n, out]`.
+pub fn low_rank_backward(dy: Raw, saved: LowRankSaved, needs: LowRankNeeds) -> Result<LowRankGrads, String> {
     let dt = same_dtype(&[&dy, &saved.w, &saved.a, &saved.b])?;
     let [n, d_out] = dims2(&dy, "dy")?;
     let [d_in, _] = dims2(&saved.w, "weight")?;
-    let [_, r] = dims2(&saved.a, "lora_A")?;
+    let [_, r] = dims2(&saved.a, "A")?;
     let need_dxd = needs.split && needs.dxd;
     let need_g = needs.dx && !needs.split || need_dxd || needs.da;
-    let mut grads = LoraGrads {
+    let mut grads = LowRankGrads {
         dx: needs.dx.then(|| empty(&dy, [n, d_in])),
         dxd: need_dxd.then(|| empty(&dy, [n, d_in])),
         da: needs.da.then(|| empty(&dy, [d_in, r])),
         db: needs.db.then(|| empty(&dy, [r, d_out])),
     };
     if needs.da && saved.xd.is_none() || needs.db && saved.xa.is_none() {
-        return Err("fused LoRA backward: missing saved activations".into());
+        return Err("low-rank linear backward: missing saved activations".into());
     }
     let g = need_g.then(|| empty(&dy, [n, r]));
     let device = dy.device.clone();
@@ -410,7 +410,7 @@ pub fn lora_backward(dy: Raw, saved: LoraSaved, needs: LoraNeeds) -> Result<Lora
                 lt::gemm(sc, dt, at(xa, p), at(dyo, p), db, s, 0.0, None)?;
             }
             if let (Some(i), Some(xd)) = (dao, xdo) {
-                let g = g_op.ok_or("fused LoRA backward: g missing")?;
+                let g = g_op.ok_or("low-rank linear backward: g missing")?;
                 lt::gemm(sc, dt, at(xd, p), g, out_at(i, r, p), s, 0.0, None)?;
             }
         }
@@ -420,14 +420,14 @@ pub fn lora_backward(dy: Raw, saved: LoraSaved, needs: LoraNeeds) -> Result<Lora
             let beta = if needs.split {
                 0.0
             } else {
-                let g = g_op.ok_or("fused LoRA backward: g missing")?;
+                let g = g_op.ok_or("low-rank linear backward: g missing")?;
                 lt::gemm(ctx, dt, g, at(ao, p), dx, s, 0.0, None)?;
                 1.0
             };
             lt::gemm(ctx, dt, at(dyo, p), at(wo, p), dx, 1.0, beta, None)?;
         }
         if let Some(i) = dxdo {
-            let g = g_op.ok_or("fused LoRA backward: g missing")?;
+            let g = g_op.ok_or("low-rank linear backward: g missing")?;
             lt::gemm(ctx, dt, g, at(ao, p), out_at(i, d_in, p), s, 0.0, None)?;
         }
         if side.is_some() {

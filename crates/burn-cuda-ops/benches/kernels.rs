@@ -3,7 +3,11 @@
 //! written once), so a kernel can be held against the card's HBM bandwidth, and the attention op
 //! (GEMMs and softmax) forward and forward + backward.
 //!
-//! Used by `news2stock bench-kernels`; the figures go to `docs/PERFORMANCE.md`.
+//! Also each cuBLASLt GEMM of the low-rank linear alone at two projection shapes.
+//!
+//! `cargo bench -p burn-cuda-ops --bench kernels [-- --iters N]` on a machine with a CUDA GPU
+//! (it says so and exits when there is none); one line per kernel, then its JSON. The figures go
+//! to `docs/PERFORMANCE.md`.
 
 use std::time::Instant;
 
@@ -12,7 +16,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor, TensorData};
 use half::bf16;
 
-use super::{prim, rms_norm, rope, softmax, swiglu, CubeCuda};
+use burn::tensor::TensorPrimitive;
+use burn_cuda_ops::{rms_norm, rope, softmax, swiglu, CubeCuda};
 
 type Gpu = CubeCuda<bf16>;
 
@@ -68,7 +73,7 @@ fn causal_mask(s: usize) -> Tensor<Gpu, 4> {
 /// Times every step kernel `iters` times at batch `b` x `s` tokens of Llama-8B (32 heads, 8 KV
 /// heads, head_dim 128, hidden 4096, intermediate 14336), bf16; each figure goes to `emit` as
 /// soon as it is measured.
-pub fn bench_kernels(b: usize, s: usize, iters: usize, emit: &mut dyn FnMut(KernelTime)) {
+fn bench_kernels(b: usize, s: usize, iters: usize, emit: &mut dyn FnMut(KernelTime)) {
     let device = Default::default();
     let (nh, nkv, hd, hidden, inter) = (32, 8, 128, 4096, 14336);
     let opts = (&device, DType::BF16);
@@ -167,7 +172,7 @@ pub fn bench_kernels(b: usize, s: usize, iters: usize, emit: &mut dyn FnMut(Kern
         format!("attention forward q [{b}, {nkv}, {m}, {hd}]"),
         0.0,
         iters,
-        || drop(super::attention(&q4, &k4, &v4, &mask, scale).expect("fused attention")),
+        || drop(burn_cuda_ops::attention(&q4, &k4, &v4, &mask, scale).expect("fused attention")),
     ));
     type Ad = Autodiff<Gpu>;
     let lift = |t: &Tensor<Gpu, 4>| Tensor::<Ad, 4>::from_inner(t.clone()).require_grad();
@@ -178,7 +183,7 @@ pub fn bench_kernels(b: usize, s: usize, iters: usize, emit: &mut dyn FnMut(Kern
         0.0,
         iters,
         || {
-            let o = super::attention(&q, &k, &v, &mask_ad, scale).expect("fused attention");
+            let o = burn_cuda_ops::attention(&q, &k, &v, &mask_ad, scale).expect("fused attention");
             drop(o.sum().backward());
         },
     ));
@@ -204,7 +209,7 @@ fn burn_flash(
     let [b, nkv, m, hd] = q4.dims();
     let s = k4.dims()[2];
     let (rep, nh) = (m / s, m / s * nkv);
-    let ours = super::attention(q4, k4, v4, mask, scale).expect("fused attention");
+    let ours = burn_cuda_ops::attention(q4, k4, v4, mask, scale).expect("fused attention");
     let q = q4.clone().reshape([b, nh, s, hd]);
     let heads = |t: &Tensor<Gpu, 4>| {
         t.clone()
@@ -237,7 +242,7 @@ fn burn_flash(
             )
         };
         let first = match run() {
-            Ok(t) => super::tensor::<Gpu, 4>(t),
+            Ok(t) => tensor::<Gpu, 4>(t),
             Err(e) => {
                 eprintln!("burn attention {label}: {e:?}");
                 continue;
@@ -273,12 +278,12 @@ fn flash_planes(num_planes: u8) -> burn_cubecl::kernel::attention::AttentionStra
     )
 }
 
-/// Each cuBLASLt GEMM of the fused LoRA linear (see [`super::kernels`]) timed alone with GPU
+/// Each cuBLASLt GEMM of the fused low-rank linear (see `burn_cuda_ops::kernels`) timed alone with GPU
 /// events at `n` tokens, `d_in -> d_out`, rank `r`, bf16. The figure is the algorithm the plan
-/// uses (the fastest candidate when [`super::lt`] autotunes, else the heuristic's first); the name
+/// uses (the fastest candidate when `burn_cuda_ops::lt` autotunes, else the heuristic's first); the name
 /// carries the heuristic's first and the fastest candidate's times beside it. `bytes` is what the
 /// skinny GEMMs must move (0 for the big ones, which are compute-bound).
-pub fn bench_lora_parts(
+fn bench_low_rank_parts(
     n: usize,
     d_in: usize,
     d_out: usize,
@@ -286,7 +291,7 @@ pub fn bench_lora_parts(
     iters: usize,
     emit: &mut dyn FnMut(KernelTime),
 ) -> Result<(), String> {
-    use super::lt::{self, Dtype, Operand, Output};
+    use burn_cuda_ops::lt::{self, Dtype, Operand, Output};
     let device = Default::default();
     let normal = Distribution::Normal(0.0, 1.0);
     let rnd = |rows: usize, cols: usize| {
@@ -311,7 +316,7 @@ pub fn bench_lora_parts(
     ];
     let [x, w, a, b, y, dy, dx, xa, g, da, db] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
     let handles = ts.iter().map(|t| t.handle.clone()).collect();
-    let rows = super::device::run(&ts[0].device, handles, |ctx, p| {
+    let rows = burn_cuda_ops::device::run(&ts[0].device, handles, |ctx, p| {
         let op = |i: usize, rows: usize, cols: usize, trans: bool| Operand {
             ptr: p[i],
             rows,
@@ -438,7 +443,7 @@ pub fn bench_lora_parts(
             let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
             rows.push(KernelTime {
                 name: format!(
-                    "lora {d_in}->{d_out} r{r} n{n}: {name} (first {:.1} us, best {:.1} us of {})",
+                    "low-rank {d_in}->{d_out} r{r} n{n}: {name} (first {:.1} us, best {:.1} us of {})",
                     times[0] * 1e3,
                     best * 1e3,
                     times.len()
@@ -453,4 +458,41 @@ pub fn bench_lora_parts(
         emit(row);
     }
     Ok(())
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive {
+    t.into_primitive().tensor()
+}
+
+fn tensor<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+fn main() {
+    if !burn_cuda_ops::gpu_present() {
+        println!("burn-cuda-ops kernels bench: skipped, no CUDA GPU found");
+        return;
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let iters = args
+        .iter()
+        .position(|a| a == "--iters")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let mut emit = |k: KernelTime| {
+        println!("{:<48} {:>9.1} us {:>8.0} GB/s", k.name, k.micros, k.gbps());
+        println!(
+            "{}",
+            serde_json::json!({"kernel": k.name, "us": k.micros, "bytes": k.bytes, "gbps": k.gbps()})
+        );
+    };
+    // The low-rank linear's GEMMs one by one, on the 8B q/o shape and the k/v projection.
+    for (d_in, d_out) in [(4096, 4096), (4096, 1024)] {
+        if let Err(e) = bench_low_rank_parts(4096, d_in, d_out, 16, iters, &mut emit) {
+            eprintln!("low-rank GEMM parts: {e}");
+            std::process::exit(1);
+        }
+    }
+    bench_kernels(2, 1024, iters, &mut emit);
 }

@@ -70,7 +70,7 @@ pub trait CrossEntropyOps: Backend {
 type Cb<F, I, BT> = CubeBackend<CudaRuntime, F, I, BT>;
 
 fn ok<T>(r: Result<T, String>) -> T {
-    r.unwrap_or_else(|e| panic!("peft-lora fused CUDA cross-entropy: {e}"))
+    r.unwrap_or_else(|e| panic!("burn-cuda-ops cross-entropy: {e}"))
 }
 
 impl<F: FloatElement, I: IntElement, BT: BoolElement> CrossEntropyOps for Cb<F, I, BT> {

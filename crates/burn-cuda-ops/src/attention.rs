@@ -68,7 +68,7 @@ pub trait AttentionOps: Backend {
 type Cb<F, I, BT> = CubeBackend<CudaRuntime, F, I, BT>;
 
 fn ok<T>(r: Result<T, String>) -> T {
-    r.unwrap_or_else(|e| panic!("peft-lora fused CUDA attention: {e}"))
+    r.unwrap_or_else(|e| panic!("burn-cuda-ops attention: {e}"))
 }
 
 impl<F: FloatElement, I: IntElement, BT: BoolElement> AttentionOps for Cb<F, I, BT> {

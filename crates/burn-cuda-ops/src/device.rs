@@ -253,7 +253,7 @@ pub(crate) fn join(ctx: &lt::Ctx) -> Result<(), String> {
 /// Runs `f` on the device's runner thread with the device pointers of `handles` (in order) and a
 /// cuBLASLt context whose stream is ordered with Burn's kernels as [`ordering`] says, and waits
 /// for it (`f` may return a value).
-pub(crate) fn run<T: Send>(
+pub fn run<T: Send>(
     device: &CudaDevice,
     handles: Vec<Handle>,
     f: impl FnOnce(&lt::Ctx, &[u64]) -> Result<T, String> + Send,
@@ -352,7 +352,7 @@ fn on_runner<T>(
             if mode == Ordering::Stream && !state.warned {
                 state.warned = true;
                 eprintln!(
-                    "peft-lora: cubecl's CUDA stream not found; fused ops synchronise the host instead"
+                    "burn-cuda-ops: cubecl's CUDA stream not found; fused ops synchronise the host instead"
                 );
             }
             let s = match state.private_stream {

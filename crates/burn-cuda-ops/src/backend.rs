@@ -5,7 +5,7 @@ use burn::tensor::backend::Backend;
 use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
 use cubecl_cuda::CudaRuntime;
 
-use super::kernels::{self, LoraGrads, LoraInputs, LoraNeeds, LoraSaved};
+use super::kernels::{self, LowRankGrads, LowRankInputs, LowRankNeeds, LowRankSaved};
 
 /// A backend's float tensor primitive.
 pub type Prim<B> = <B as burn::tensor::backend::BackendTypes>::FloatTensorPrimitive;
@@ -18,17 +18,17 @@ pub trait FusedOps: Backend {
     /// `dx = dy W^T`.
     fn fused_linear_backward(dy: Prim<Self>, w: Prim<Self>) -> Prim<Self>;
     /// `(y, xa)`: `y = x W (+ bias) + s (xd A) B`, `xa = xd A`.
-    fn fused_lora_forward(inp: LoraInputs<Prim<Self>>) -> (Prim<Self>, Prim<Self>);
+    fn fused_low_rank_forward(inp: LowRankInputs<Prim<Self>>) -> (Prim<Self>, Prim<Self>);
     /// The gradients `needs` asks for, from the output gradient `dy`.
-    fn fused_lora_backward(
+    fn fused_low_rank_backward(
         dy: Prim<Self>,
-        saved: LoraSaved<Prim<Self>>,
-        needs: LoraNeeds,
-    ) -> LoraGrads<Prim<Self>>;
+        saved: LowRankSaved<Prim<Self>>,
+        needs: LowRankNeeds,
+    ) -> LowRankGrads<Prim<Self>>;
 }
 
 fn ok<T>(r: Result<T, String>) -> T {
-    r.unwrap_or_else(|e| panic!("peft-lora fused CUDA op: {e}"))
+    r.unwrap_or_else(|e| panic!("burn-cuda-ops op: {e}"))
 }
 
 impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedOps
@@ -42,15 +42,15 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedOps
         ok(kernels::linear_backward(dy, w))
     }
 
-    fn fused_lora_forward(inp: LoraInputs<Prim<Self>>) -> (Prim<Self>, Prim<Self>) {
-        ok(kernels::lora_forward(inp))
+    fn fused_low_rank_forward(inp: LowRankInputs<Prim<Self>>) -> (Prim<Self>, Prim<Self>) {
+        ok(kernels::low_rank_forward(inp))
     }
 
-    fn fused_lora_backward(
+    fn fused_low_rank_backward(
         dy: Prim<Self>,
-        saved: LoraSaved<Prim<Self>>,
-        needs: LoraNeeds,
-    ) -> LoraGrads<Prim<Self>> {
-        ok(kernels::lora_backward(dy, saved, needs))
+        saved: LowRankSaved<Prim<Self>>,
+        needs: LowRankNeeds,
+    ) -> LowRankGrads<Prim<Self>> {
+        ok(kernels::low_rank_backward(dy, saved, needs))
     }
 }

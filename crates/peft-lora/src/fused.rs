@@ -1,0 +1,52 @@
+//! Op selection: burn-cuda-ops' fused CUDA ops where the `cuda` feature is on and they cover the
+//! backend and the tensors, else `None` (or `false`) so the caller composes Burn tensor ops. The
+//! layer code reaches burn-cuda-ops only through here.
+
+#[cfg(feature = "cuda")]
+pub(crate) use burn_cuda_ops::{dropout, frozen_linear, low_rank_linear, supported};
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) use off::{dropout, frozen_linear, low_rank_linear, supported};
+
+/// The same signatures without the `cuda` feature: nothing is fused.
+#[cfg(not(feature = "cuda"))]
+mod off {
+    use burn::tensor::{backend::Backend, Tensor};
+
+    /// Whether `B` is a backend the fused ops run on: never without the `cuda` feature.
+    pub(crate) fn supported<B: Backend>() -> bool {
+        false
+    }
+
+    /// `x W (+ bias)` as one fused op: never without the `cuda` feature.
+    pub(crate) fn frozen_linear<B: Backend>(
+        _x: &Tensor<B, 2>,
+        _w: &Tensor<B, 2>,
+        _bias: Option<&Tensor<B, 1>>,
+    ) -> Option<Tensor<B, 2>> {
+        None
+    }
+
+    /// `x W (+ bias) + s (xd A) B` as one fused op: never without the `cuda` feature.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn low_rank_linear<B: Backend>(
+        _x: &Tensor<B, 2>,
+        _xd: Option<&Tensor<B, 2>>,
+        _w: &Tensor<B, 2>,
+        _bias: Option<&Tensor<B, 1>>,
+        _a: &Tensor<B, 2>,
+        _b: &Tensor<B, 2>,
+        _scale: f64,
+    ) -> Option<Tensor<B, 2>> {
+        None
+    }
+
+    /// Hashed-mask dropout as one kernel: never without the `cuda` feature (`seed` is not called).
+    pub(crate) fn dropout<B: Backend>(
+        _x: &Tensor<B, 2>,
+        _p: f64,
+        _seed: impl FnOnce() -> u64,
+    ) -> Option<Tensor<B, 2>> {
+        None
+    }
+}

@@ -1,0 +1,560 @@
+//! GPU check of `LoraLinear` on the fused CUDA ops (feature `cuda`): the fused layer against an
+//! f64 host reference and against the composed layer (forward and every gradient, odd shapes,
+//! transposed weights, bias, 3-D inputs, DoRA, dropout, frozen layers), in f32, bf16 and bf16
+//! with gradient checkpointing; and `LoraOptimizer`'s one-kernel f32-master AdamW against the
+//! composed update.
+//!
+//! `cargo test --release -p peft-lora --features cuda --test gpu_fused`. Without a CUDA GPU it
+//! prints that it skipped and passes; on a GPU any failed check makes it exit non-zero.
+
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::cuda::CudaDevice;
+use burn::backend::{Autodiff, Cuda};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Distribution, Tensor};
+use burn_cuda_ops::set_enabled;
+use half::bf16;
+use peft_lora::{AdapterMeta, LoraLinear, VariantKind};
+
+/// One comparison: the largest absolute difference over the largest absolute reference value.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// What was compared.
+    pub name: String,
+    /// Error of the fused op.
+    pub err_fused: f64,
+    /// Error of the composed op against the same reference (context; `NaN` when not computed).
+    pub err_composed: f64,
+    /// Largest accepted `err_fused`.
+    pub tol: f64,
+}
+
+impl Check {
+    /// A check of the fused op alone against a reference (no composed op compared).
+    fn fused(name: String, err_fused: f64, tol: f64) -> Check {
+        Check {
+            name,
+            err_fused,
+            err_composed: f64::NAN,
+            tol,
+        }
+    }
+
+    /// Whether the fused op is within tolerance.
+    fn pass(&self) -> bool {
+        self.err_fused <= self.tol
+    }
+}
+
+/// What a suite reports when its op did not run: a failure on a raw CUDA backend (where it must
+/// run), a visible skip under the fusion backend (where the op is not registered).
+fn not_taken<B: Backend>(name: String) -> Vec<Check> {
+    let raw = burn_cuda_ops::raw_backend::<B>();
+    let why = if raw {
+        ""
+    } else {
+        " (not registered with the fusion backend: skipped)"
+    };
+    let tol = if raw { -1.0 } else { 0.0 };
+    vec![Check::fused(format!("{name}: op not taken{why}"), 0.0, tol)]
+}
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 data")
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "compared tensors differ in size");
+    let (mut d, mut s) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            return f64::INFINITY;
+        }
+        d = d.max((*g as f64 - *w as f64).abs());
+        s = s.max((*w as f64).abs());
+    }
+    if !d.is_finite() {
+        return f64::INFINITY;
+    }
+    d / s.max(1e-30)
+}
+
+/// Row-major `[m, k] x [k, n]` (with optional transposes of the stored operands) in f64.
+fn mm(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool) -> Vec<f32> {
+    let mut c = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0f64;
+            for p in 0..k {
+                let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                acc += av as f64 * bv as f64;
+            }
+            c[i * n + j] = acc as f32;
+        }
+    }
+    c
+}
+
+struct Outputs {
+    y: Vec<f32>,
+    dx: Vec<f32>,
+    grads: Vec<(String, Vec<f32>)>,
+}
+
+/// Forward with `x`, loss `sum(y * g)` (so `dL/dy = g`), backward; everything read back.
+fn run<B: AutodiffBackend>(
+    layer: &LoraLinear<B>,
+    x: &Tensor<B, 3>,
+    g: &Tensor<B, 3>,
+    fused: bool,
+) -> Outputs {
+    set_enabled(fused);
+    B::seed(&x.device(), 20251128);
+    let xg = x.clone().detach().require_grad();
+    let y = layer.forward(xg.clone());
+    let grads = (y.clone() * g.clone()).sum().backward();
+    let mut named = Vec::new();
+    for ad in &layer.adapters {
+        let mut push = |name: &str, t: Option<Tensor<B::InnerBackend, 2>>| {
+            if let Some(t) = t {
+                named.push((format!("d{name}"), host(t)));
+            }
+        };
+        push("A", ad.lora_a.val().grad(&grads));
+        push("B", ad.lora_b.val().grad(&grads));
+        if let Some(m) = &ad.magnitude {
+            if let Some(t) = m.val().grad(&grads) {
+                named.push(("dmagnitude".into(), host(t)));
+            }
+        }
+    }
+    let out = Outputs {
+        y: host(y),
+        dx: host(xg.grad(&grads).expect("x gradient")),
+        grads: named,
+    };
+    set_enabled(true);
+    out
+}
+
+/// The shape and contents of one comparison case.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    /// Batch rows (the input is `[batch, seq, in]`).
+    pub batch: usize,
+    /// Sequence length.
+    pub seq: usize,
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+    /// LoRA rank (0: no adapter, the frozen layer alone).
+    pub r: usize,
+    /// With a base bias.
+    pub bias: bool,
+    /// The base weight is a transposed view (as a PyTorch `[out, in]` weight used in place).
+    pub transposed_weight: bool,
+    /// DoRA instead of LoRA.
+    pub dora: bool,
+    /// Adapter dropout of the layer (the dropout path itself is checked by [`check_dropout`]).
+    pub dropout: f64,
+}
+
+fn layer_for<B: AutodiffBackend>(case: &Case, dtype: DType, device: &B::Device) -> LoraLinear<B> {
+    let opts = (device, dtype);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let scale_w = 1.0 / (case.d_in as f64).sqrt();
+    let w = if case.transposed_weight {
+        Tensor::<B, 2>::random([case.d_out, case.d_in], normal, opts).transpose() * scale_w
+    } else {
+        Tensor::<B, 2>::random([case.d_in, case.d_out], normal, opts) * scale_w
+    };
+    let bias = case
+        .bias
+        .then(|| Tensor::<B, 1>::random([case.d_out], normal, opts) * 0.1);
+    let mut layer = LoraLinear::from_weight(w, bias);
+    if case.r > 0 {
+        let r = case.r;
+        let meta = AdapterMeta {
+            name: "default".into(),
+            r,
+            alpha: 2.0 * r as f64,
+            scaling: 2.0,
+            dropout: case.dropout,
+            variant: if case.dora {
+                VariantKind::Dora
+            } else {
+                VariantKind::Lora
+            },
+            alora_invocation_tokens: None,
+        };
+        let a = Tensor::random([case.d_in, r], normal, opts) * scale_w;
+        let b = Tensor::random([r, case.d_out], normal, opts) * (1.0 / (r as f64).sqrt());
+        let adapter = layer.new_adapter(meta, a, b, false);
+        layer.add_adapter(adapter).expect("fresh layer");
+    }
+    layer
+}
+
+/// The accepted error for the element type the device actually used (Burn may create tensors in
+/// the device's default float type rather than the backend's type parameter).
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 | DType::F64 => 1e-4,
+        _ => 2e-2,
+    }
+}
+
+/// Fused vs host reference and vs composed for one case; the tolerance follows the dtype.
+fn check_case<B: AutodiffBackend>(
+    label: &str,
+    case: Case,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Check> {
+    let opts = (device, dtype);
+    let layer = layer_for::<B>(&case, dtype, device);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let x = Tensor::<B, 3>::random([case.batch, case.seq, case.d_in], normal, opts);
+    let g = Tensor::<B, 3>::random([case.batch, case.seq, case.d_out], normal, opts);
+    let dtype = x.dtype();
+    let tol = tolerance(dtype);
+    let label = format!("{label} {dtype:?}");
+    let fused = run(&layer, &x, &g, true);
+    let composed = run(&layer, &x, &g, false);
+    let name = |what: &str| {
+        format!(
+            "{label} {}x{}x{}->{} r{}{}{}{}{} {what}",
+            case.batch,
+            case.seq,
+            case.d_in,
+            case.d_out,
+            case.r,
+            if case.bias { " bias" } else { "" },
+            if case.transposed_weight {
+                " W^T-view"
+            } else {
+                ""
+            },
+            if case.dora { " dora" } else { "" },
+            if case.dropout > 0.0 { " dropout" } else { "" },
+        )
+    };
+    let mut checks = Vec::new();
+    // Against the composed op the error is the composed op's own in f32: Burn's f32 matmul runs
+    // on the tensor cores at reduced precision (3e-4 to 7e-4 from the f64 reference on an H200,
+    // where the fused op is at 1e-7 to 4e-7).
+    let tol_vs_composed = if dtype == DType::F32 { 2e-3 } else { tol };
+    let mut push = |what: &str, f: &[f32], c: &[f32], reference: Option<&[f32]>| {
+        let (ef, ec, tol) = match reference {
+            Some(r) => (rel_err(f, r), rel_err(c, r), tol),
+            None => (rel_err(f, c), f64::NAN, tol_vs_composed),
+        };
+        checks.push(Check {
+            name: name(what),
+            err_fused: ef,
+            err_composed: ec,
+            tol,
+        });
+    };
+    if case.dora || case.dropout > 0.0 {
+        // DoRA, dropout: against the composed op (itself checked against PEFT on CPU).
+        push("y vs composed", &fused.y, &composed.y, None);
+        push("dx vs composed", &fused.dx, &composed.dx, None);
+        for ((n, f), (_, c)) in fused.grads.iter().zip(&composed.grads) {
+            push(&format!("{n} vs composed"), f, c, None);
+        }
+        return checks;
+    }
+    // Host reference in f64 from the very values the device used.
+    let n = case.batch * case.seq;
+    let (d_in, d_out, r) = (case.d_in, case.d_out, case.r);
+    let xs = host(x.clone());
+    let gs = host(g.clone());
+    let ws = host(layer.weight.val());
+    let mut y = mm(&xs, &ws, n, d_in, d_out, false, false);
+    if let Some(b) = &layer.bias {
+        let bs = host(b.val());
+        for (i, v) in y.iter_mut().enumerate() {
+            *v += bs[i % d_out];
+        }
+    }
+    let mut dx = mm(&gs, &ws, n, d_out, d_in, false, true);
+    let mut refs = Vec::new();
+    if let Some(ad) = layer.adapters.first() {
+        let s = ad.meta.scaling as f32;
+        let a = host(ad.lora_a.val());
+        let b = host(ad.lora_b.val());
+        let xa = mm(&xs, &a, n, d_in, r, false, false);
+        let lora = mm(&xa, &b, n, r, d_out, false, false);
+        y.iter_mut().zip(&lora).for_each(|(v, l)| *v += s * l);
+        let gb = mm(&gs, &b, n, d_out, r, false, true);
+        let gba = mm(&gb, &a, n, r, d_in, false, true);
+        dx.iter_mut().zip(&gba).for_each(|(v, l)| *v += s * l);
+        let da: Vec<f32> = mm(&xs, &gb, d_in, n, r, true, false)
+            .iter()
+            .map(|v| s * v)
+            .collect();
+        let db: Vec<f32> = mm(&xa, &gs, r, n, d_out, true, false)
+            .iter()
+            .map(|v| s * v)
+            .collect();
+        refs.push(("dA".to_string(), da));
+        refs.push(("dB".to_string(), db));
+    }
+    push("y", &fused.y, &composed.y, Some(&y));
+    push("dx", &fused.dx, &composed.dx, Some(&dx));
+    for (name, want) in &refs {
+        let f = fused.grads.iter().find(|(n, _)| n == name);
+        let c = composed.grads.iter().find(|(n, _)| n == name);
+        match (f, c) {
+            (Some((_, f)), Some((_, c))) => push(name, f, c, Some(want)),
+            _ => push(&format!("{name} missing"), &[f32::INFINITY], &[0.0], None),
+        }
+    }
+    checks
+}
+
+/// The standard set of cases (odd and aligned shapes, bias, transposed weight, DoRA, frozen).
+fn cases() -> Vec<Case> {
+    let base = Case {
+        batch: 1,
+        seq: 37,
+        d_in: 53,
+        d_out: 29,
+        r: 5,
+        bias: false,
+        transposed_weight: false,
+        dora: false,
+        dropout: 0.0,
+    };
+    vec![
+        base,
+        Case { bias: true, ..base },
+        Case {
+            transposed_weight: true,
+            ..base
+        },
+        Case {
+            batch: 2,
+            seq: 19,
+            ..base
+        },
+        Case {
+            batch: 1,
+            seq: 1,
+            d_in: 16,
+            d_out: 8,
+            r: 1,
+            ..base
+        },
+        Case { r: 0, ..base },
+        Case {
+            r: 0,
+            bias: true,
+            transposed_weight: true,
+            ..base
+        },
+        Case {
+            batch: 2,
+            seq: 150,
+            d_in: 512,
+            d_out: 384,
+            r: 16,
+            ..base
+        },
+        Case { dora: true, ..base },
+        Case {
+            dora: true,
+            bias: true,
+            batch: 2,
+            seq: 64,
+            d_in: 256,
+            d_out: 192,
+            r: 8,
+            ..base
+        },
+    ]
+}
+
+
+/// Runs every case; returns the checks.
+fn check_all<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Device) -> Vec<Check> {
+    cases()
+        .into_iter()
+        .flat_map(|c| check_case::<B>(label, c, dtype, device))
+        .collect()
+}
+
+/// One adapted layer as a `LoraModel`, for the optimizer check.
+struct OneLayer<B: Backend>(LoraLinear<B>);
+
+impl<B: Backend> peft_lora::LoraModel<B> for OneLayer<B> {
+    fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
+        vec![("proj".into(), &self.0)]
+    }
+    fn lora_linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
+        vec![("proj".into(), &mut self.0)]
+    }
+}
+
+/// `LoraOptimizer` on a bf16 adapter: three AdamW steps with the one-kernel master
+/// update and with the composed one (`PEFT_LORA_FUSED_ADAMW` off) agree on the f32 masters and
+/// the bf16 weights; a fourth step after saving and restoring the state equals one without.
+fn check_optimizer_master<B: AutodiffBackend>(label: &str, device: &B::Device) -> Vec<Check> {
+    use peft_lora::{
+        AdamWConfig, GradAccumulator, LoraConfig, LoraOptimizer, OptimizerKind, PeftModel,
+    };
+    let (n, d_in, d_out, r) = (64, 96, 80, 8);
+    let mut peft = PeftModel::new(OneLayer(LoraLinear::<B>::random(
+        d_in, d_out, false, device,
+    )));
+    if peft
+        .add_adapter::<B>("default", &LoraConfig::new(r, 16.0, &["proj"]))
+        .is_err()
+    {
+        return not_taken::<B>(format!("{label} optimizer master: adapter"));
+    }
+    // A bf16 layer, as a model loaded in bf16 has (`random` makes f32 tensors).
+    {
+        use burn::module::Param;
+        use burn::tensor::FloatDType;
+        let layer = &mut peft.model.0;
+        // Cast on the inner backend: a cast on the autodiff one is not a leaf, and a parameter
+        // must be.
+        let bf = |t: Tensor<B, 2>| Tensor::<B, 2>::from_inner(t.inner().cast(FloatDType::BF16));
+        layer.weight = Param::from_tensor(bf(layer.weight.val())).set_require_grad(false);
+        let ad = &mut layer.adapters[0];
+        ad.lora_a = Param::from_tensor(bf(ad.lora_a.val()).require_grad());
+        ad.lora_b = Param::from_tensor(bf(ad.lora_b.val()).require_grad());
+    }
+    let xs: Vec<Tensor<B, 2>> = (0..4)
+        .map(|_| {
+            Tensor::random(
+                [n, d_in],
+                Distribution::Normal(0.0, 1.0),
+                (device, DType::BF16),
+            )
+        })
+        .collect();
+    let adamw = AdamWConfig {
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    };
+    let run = |fused: bool,
+               steps: &[Tensor<B, 2>],
+               model: &mut OneLayer<B>,
+               opt: &mut LoraOptimizer<B::InnerBackend>| {
+        burn_cuda_ops::set_optimizer_kernels_enabled(fused);
+        for x in steps {
+            let y = model.0.forward(x.clone());
+            let grads = (y.clone() * y).mean().backward();
+            let mut acc = GradAccumulator::default();
+            acc.add::<B, OneLayer<B>>(model, &grads);
+            opt.step::<B, OneLayer<B>>(model, acc, 2e-3, Some(1.0));
+        }
+        burn_cuda_ops::set_optimizer_kernels_enabled(true);
+    };
+    let masters = |opt: &LoraOptimizer<B::InnerBackend>| -> Vec<f32> {
+        opt.state_tensors()
+            .iter()
+            .filter(|(k, _)| k.ends_with(".master"))
+            .flat_map(|(_, t)| t.data.clone())
+            .collect()
+    };
+    let weights = |m: &OneLayer<B>| -> Vec<f32> {
+        let ad = &m.0.adapters[0];
+        let mut w = host(ad.lora_a.val());
+        w.extend(host(ad.lora_b.val()));
+        w
+    };
+    let new_opt = || LoraOptimizer::<B::InnerBackend>::new(OptimizerKind::AdamW, adamw.clone());
+    let (mut fused_m, mut composed_m) = (
+        OneLayer(peft.model.0.clone()),
+        OneLayer(peft.model.0.clone()),
+    );
+    let (mut fused_o, mut composed_o) = (new_opt(), new_opt());
+    run(true, &xs[..3], &mut fused_m, &mut fused_o);
+    run(false, &xs[..3], &mut composed_m, &mut composed_o);
+    let dtype = fused_m.0.adapters[0].lora_a.val().dtype();
+    let (fm, cm) = (masters(&fused_o), masters(&composed_o));
+    let name =
+        |what: &str| format!("{label} {dtype:?} optimizer master {n}x{d_in}->{d_out} r{r} {what}");
+    let mut checks = vec![
+        Check::fused(
+            name("masters kept (one per A and B; 0 = yes)"),
+            f64::from(u8::from(fm.len() != d_in * r + r * d_out)),
+            0.0,
+        ),
+        Check::fused(
+            name("fused vs composed masters, 3 steps"),
+            rel_err(&fm, &cm),
+            1e-4,
+        ),
+        Check::fused(
+            name("fused vs composed bf16 weights, 3 steps"),
+            rel_err(&weights(&fused_m), &weights(&composed_m)),
+            tolerance(dtype),
+        ),
+    ];
+    // Resume: the saved state restored into a fresh optimizer takes the same fourth step.
+    let mut resumed_o = new_opt();
+    let mut resumed_m = OneLayer(fused_m.0.clone());
+    if resumed_o
+        .load_state(&fused_o.state_tensors(), device)
+        .is_err()
+    {
+        return not_taken::<B>(format!("{label} optimizer master: load_state"));
+    }
+    run(true, &xs[3..], &mut fused_m, &mut fused_o);
+    run(true, &xs[3..], &mut resumed_m, &mut resumed_o);
+    checks.push(Check::fused(
+        name("resumed vs uninterrupted master, step 4"),
+        rel_err(&masters(&resumed_o), &masters(&fused_o)),
+        0.0,
+    ));
+    checks
+}
+
+
+type Gpu = Cuda<bf16>;
+
+fn main() {
+    if !burn_cuda_ops::gpu_present() {
+        println!("peft-lora fused-layer GPU check: skipped, no CUDA GPU found (nothing was checked)");
+        return;
+    }
+    let device = CudaDevice::default();
+    // Element types are given explicitly: Burn's default float type is per device, fixed by the
+    // first backend that touches it, whatever the backend's type parameter says.
+    type Suite = fn(&str, DType, &CudaDevice) -> Vec<Check>;
+    type F32 = Autodiff<Cuda<f32>>;
+    type Bf16 = Autodiff<Gpu>;
+    type Bf16Ckpt = Autodiff<Gpu, BalancedCheckpointing>;
+    let suites: [((&str, DType), Suite); 4] = [
+        (("cuda", DType::F32), check_all::<F32>),
+        (("cuda", DType::BF16), check_all::<Bf16>),
+        (("cuda-ckpt", DType::BF16), check_all::<Bf16Ckpt>),
+        (("cuda", DType::BF16), |l, _, d| check_optimizer_master::<Bf16>(l, d)),
+    ];
+    let mut checks = Vec::new();
+    for ((label, dtype), suite) in suites {
+        checks.extend(suite(label, dtype, &device));
+    }
+    let mut failed = 0;
+    for c in &checks {
+        failed += usize::from(!c.pass());
+        println!(
+            "{}",
+            serde_json::json!({"check": c.name, "err_fused": c.err_fused, "err_composed": c.err_composed, "tol": c.tol, "pass": c.pass()})
+        );
+    }
+    println!("peft-lora fused-layer GPU check: {} checks, {failed} failed", checks.len());
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
