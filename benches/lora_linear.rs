@@ -3,9 +3,9 @@
 //!
 //! `cargo bench` runs small shapes on the CPU backend; `cargo bench --features cuda` adds the
 //! Llama-8B shapes on the GPU when one is present (`BENCH_QUICK=1`: the headline shape only).
-//! The same measurements run as `news2stock bench-linear` (one binary to carry to a GPU box).
+//! The same measurements run as `news2stock-dev bench-linear` (one binary to carry to a GPU box).
 
-#[path = "../examples/news2stock/bench_linear.rs"]
+#[path = "../examples/news2stock-dev/bench_linear.rs"]
 #[allow(dead_code)]
 mod bench_linear;
 

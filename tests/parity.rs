@@ -6,13 +6,15 @@
 use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, NdArray};
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 use llama::LlamaForCausalLM;
-use peft_lora::st::SafetensorsFile;
+use peft_lora::SafetensorsFile;
 use peft_lora::{
     AdamWConfig, GradAccumulator, LoraCtx, LoraModel, LoraOptimizer, OptimizerKind, PeftModel,
 };
 use sft_trainer::{Batch, CausalLm};
+use test_support::st::{float, int};
+use test_support::{host, masked, max_rel};
 
 #[path = "parity/eva.rs"]
 mod eva;
@@ -33,7 +35,7 @@ const PEFT_CASES: &[&str] = &[
 ];
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    test_support::fixtures_dir()
 }
 
 fn base_of(case: &str) -> PathBuf {
@@ -50,21 +52,6 @@ fn load_base<BK: Backend>(dir: &Path) -> LlamaForCausalLM<BK> {
     let files =
         llama::resolve(&llama::ModelSource::Local(dir.to_path_buf())).expect("fixture model files");
     LlamaForCausalLM::load(&files, &Default::default()).expect("fixture model loads")
-}
-
-fn int<BK: Backend>(st: &SafetensorsFile, name: &str) -> Tensor<BK, 2, Int> {
-    let (shape, v) = st.read_i64(name).unwrap();
-    Tensor::from_data(
-        TensorData::new(v, [shape[0], shape[1]]),
-        &Default::default(),
-    )
-}
-
-fn float<BK: Backend, const D: usize>(st: &SafetensorsFile, name: &str) -> Tensor<BK, D> {
-    st.read(name)
-        .unwrap()
-        .to_tensor(name, &Default::default())
-        .unwrap()
 }
 
 fn batch<BK: Backend>(st: &SafetensorsFile) -> Batch<BK> {
@@ -85,13 +72,6 @@ fn logits<BK: Backend>(m: &LlamaForCausalLM<BK>, b: &Batch<BK>) -> Tensor<BK, 3>
     )
 }
 
-/// Max |a - b| over max |b|, where `mask` ([batch, seq], 1 = compare) selects rows.
-fn rel_err<BK: Backend, const D: usize>(a: Tensor<BK, D>, b: Tensor<BK, D>) -> f32 {
-    let scale: f32 = b.clone().abs().max().into_scalar().elem();
-    let diff: f32 = (a - b).abs().max().into_scalar().elem();
-    diff / scale.max(1e-12)
-}
-
 trait E {
     fn elem(self) -> f32;
 }
@@ -101,11 +81,6 @@ impl<T: burn::tensor::Element> E for T {
     }
 }
 
-/// Logits of real (unpadded) positions only: padded query rows are implementation-defined.
-fn masked<BK: Backend>(l: Tensor<BK, 3>, mask: &Tensor<BK, 2, Int>) -> Tensor<BK, 3> {
-    l * mask.clone().float().unsqueeze_dim::<3>(2)
-}
-
 #[test]
 fn peft_adapters_match_logits_loss_and_merged_model() {
     for case in PEFT_CASES {
@@ -113,11 +88,11 @@ fn peft_adapters_match_logits_loss_and_merged_model() {
         let exp = SafetensorsFile::open(&dir.join("expected.safetensors")).unwrap();
         let b = batch::<B>(&exp);
         let mut peft = PeftModel::new(load_base::<B>(&base_of(case)));
-        peft.load_adapter::<B>(&dir.join("adapter"), "default")
+        peft.load_adapter(&dir.join("adapter"), "default")
             .unwrap_or_else(|e| panic!("{case}: {e}"));
 
         let l = logits(&peft.model, &b);
-        let err = rel_err(
+        let err = max_rel(
             masked(l, &b.attention_mask),
             masked(float(&exp, "logits"), &b.attention_mask),
         );
@@ -131,17 +106,17 @@ fn peft_adapters_match_logits_loss_and_merged_model() {
 
         // Per-layer merged weights, then the merged model's logits.
         let deltas = SafetensorsFile::open(&dir.join("delta.safetensors")).unwrap();
-        peft.merge::<B>(true).unwrap();
+        peft.merge(true).unwrap();
         for (path, layer) in peft.model.lora_linears() {
             let key = format!("{path}.weight");
             if deltas.contains(&key) {
                 let want: Tensor<B, 2> = float(&deltas, &key);
-                let err = rel_err(layer.weight.val().transpose(), want);
+                let err = max_rel(layer.weight.val().transpose(), want);
                 assert!(err <= 1e-5, "{case}: merged {key} rel err {err}");
             }
         }
         let l = logits(&peft.model, &b);
-        let err = rel_err(
+        let err = max_rel(
             masked(l, &b.attention_mask),
             masked(float(&exp, "merged_logits"), &b.attention_mask),
         );
@@ -156,8 +131,7 @@ fn peft_adapters_match_gradients() {
         let exp = SafetensorsFile::open(&dir.join("expected.safetensors")).unwrap();
         let b = batch::<AD>(&exp);
         let mut peft = PeftModel::new(load_base::<AD>(&base_of(case)));
-        peft.load_adapter::<AD>(&dir.join("adapter"), "default")
-            .unwrap();
+        peft.load_adapter(&dir.join("adapter"), "default").unwrap();
         let grads = peft.model.causal_lm_loss(&b).backward();
         let mut checked = 0;
         for (path, layer) in peft.model.lora_linears() {
@@ -192,7 +166,7 @@ fn peft_adapters_match_gradients() {
                     } else {
                         want.to_tensor(&k, &Default::default()).unwrap()
                     };
-                    let err = rel_err(got, want);
+                    let err = max_rel(got, want);
                     assert!(err <= 1e-3, "{case}: {k} rel err {err}");
                     checked += 1;
                 }
@@ -223,31 +197,25 @@ fn optimizers_take_pefts_steps() {
                 .unwrap();
         let b = batch::<AD>(&exp);
         let mut peft = PeftModel::new(load_base::<AD>(&base_of("lora_qv")));
-        peft.load_adapter::<AD>(&dir.join("adapter"), "default")
-            .unwrap();
+        peft.load_adapter(&dir.join("adapter"), "default").unwrap();
         let cfg = AdamWConfig {
             eps,
             weight_decay: 0.01,
             ..Default::default()
         };
-        let mut opt = LoraOptimizer::<B>::new(opt_kind, cfg);
-        opt.prepare::<AD, _>(&mut peft.model);
+        let mut opt = LoraOptimizer::<AD>::new(opt_kind, cfg);
+        opt.prepare(&mut peft.model);
         for _ in 0..2 {
             let grads = peft.model.causal_lm_loss(&b).backward();
-            let mut acc = GradAccumulator::<B>::default();
-            acc.add::<AD, _>(&peft.model, &grads);
-            opt.step::<AD, _>(&mut peft.model, acc, 1e-3, None);
+            let mut acc = GradAccumulator::<AD>::default();
+            acc.add(&peft.model, &grads);
+            opt.step(&mut peft.model, acc, 1e-3, None);
         }
-        let got = peft_lora::io::adapter_state_dict(&peft.model, "default");
+        let got = peft_lora::adapter_state_dict(&peft.model, "default");
         for (k, t) in got {
             let w = want.read(&k).unwrap();
-            let scale = w.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = t
-                .data
-                .iter()
-                .zip(&w.data)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(diff / scale <= 1e-4, "{kind}: {k} rel err {}", diff / scale);
+            let rel = host::max_rel(&t.data, &w.data);
+            assert!(rel <= 1e-4, "{kind}: {k} rel err {rel}");
         }
     }
 }
@@ -257,10 +225,9 @@ fn saved_adapter_has_pefts_keys_shapes_and_config() {
     for case in PEFT_CASES {
         let dir = fixtures().join("peft").join(case);
         let mut peft = PeftModel::new(load_base::<B>(&base_of(case)));
-        peft.load_adapter::<B>(&dir.join("adapter"), "default")
-            .unwrap();
+        peft.load_adapter(&dir.join("adapter"), "default").unwrap();
         let out = std::env::temp_dir().join(format!("parity-save-{}-{case}", std::process::id()));
-        peft.save_adapter::<B>(&out, "default").unwrap();
+        peft.save_adapter(&out, "default").unwrap();
         let ours = SafetensorsFile::open(&out.join("adapter_model.safetensors")).unwrap();
         let theirs =
             SafetensorsFile::open(&dir.join("adapter").join("adapter_model.safetensors")).unwrap();

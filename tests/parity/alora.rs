@@ -6,11 +6,13 @@ use std::path::PathBuf;
 
 use burn::tensor::{backend::Backend, Tensor};
 use llama::{GenerationConfig, LlamaForCausalLM};
-use peft_lora::st::SafetensorsFile;
+use peft_lora::SafetensorsFile;
 use peft_lora::{Error, LoraCtx, LoraModel, PeftModel};
 use sft_trainer::CausalLm;
 
-use super::{batch, fixtures, float, load_base, masked, rel_err, AD, B, E};
+use super::{batch, fixtures, float, load_base, AD, B, E};
+use test_support::st::i64s;
+use test_support::{masked, max_abs_diff, max_rel};
 
 fn dir() -> PathBuf {
     fixtures().join("alora")
@@ -20,21 +22,17 @@ fn expected() -> SafetensorsFile {
     SafetensorsFile::open(&dir().join("expected.safetensors")).unwrap()
 }
 
-fn model<BK: Backend>() -> PeftModel<LlamaForCausalLM<BK>> {
+fn model<BK: Backend>() -> PeftModel<BK, LlamaForCausalLM<BK>> {
     let mut peft = PeftModel::new(load_base::<BK>(&fixtures().join("llama/tied_gqa_llama3")));
-    peft.load_adapter::<BK>(&dir().join("adapter"), "default")
+    peft.load_adapter(&dir().join("adapter"), "default")
         .unwrap();
     peft
 }
 
-fn host_i64(st: &SafetensorsFile, name: &str) -> (Vec<usize>, Vec<i64>) {
-    st.read_i64(name).unwrap()
-}
-
 /// Unpadded rows of a `[b, s]` id tensor and its mask.
 fn rows(st: &SafetensorsFile, ids: &str, mask: &str) -> Vec<Vec<u32>> {
-    let (shape, ids) = host_i64(st, ids);
-    let (_, mask) = host_i64(st, mask);
+    let (shape, ids) = i64s(st, ids);
+    let (_, mask) = i64s(st, mask);
     ids.chunks(shape[1])
         .zip(mask.chunks(shape[1]))
         .map(|(r, m)| {
@@ -47,16 +45,12 @@ fn rows(st: &SafetensorsFile, ids: &str, mask: &str) -> Vec<Vec<u32>> {
         .collect()
 }
 
-fn max_abs<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
-    (a - b).abs().max().into_scalar().elem()
-}
-
 #[test]
 fn alora_logits_are_the_base_before_the_invocation_and_pefts_after() {
     let exp = expected();
     let b = batch::<B>(&exp);
     let mut peft = model::<B>();
-    let (_, want) = host_i64(&exp, "offsets");
+    let (_, want) = i64s(&exp, "offsets");
     let want: Vec<Option<usize>> = want
         .iter()
         .map(|&o| (o >= 0).then_some(o as usize))
@@ -68,24 +62,24 @@ fn alora_logits_are_the_base_before_the_invocation_and_pefts_after() {
     let logits = peft
         .model
         .forward(b.input_ids.clone(), Some(b.attention_mask.clone()), &ctx);
-    let err = rel_err(
+    let err = max_rel(
         masked(logits.clone(), &b.attention_mask),
         masked(float(&exp, "logits"), &b.attention_mask),
     );
     eprintln!("aLoRA logits vs PEFT: rel err {err:.3e}");
     assert!(err <= 1e-4, "logits rel err {err}");
 
-    peft.set_adapters_disabled::<B>(true).unwrap();
+    peft.set_adapters_disabled(true).unwrap();
     let base = peft
         .model
         .forward(b.input_ids.clone(), Some(b.attention_mask.clone()), &ctx);
-    let base_err = rel_err(
+    let base_err = max_rel(
         masked(base.clone(), &b.attention_mask),
         masked(float(&exp, "base_logits"), &b.attention_mask),
     );
     assert!(base_err <= 1e-4, "base logits rel err {base_err}");
     let [n, s, v] = logits.dims();
-    let (_, mask) = host_i64(&exp, "attention_mask");
+    let (_, mask) = i64s(&exp, "attention_mask");
     for (r, off) in want.iter().enumerate().take(n) {
         let start = s - off.unwrap_or(0);
         // Left padding: compare only real positions.
@@ -95,7 +89,7 @@ fn alora_logits_are_the_base_before_the_invocation_and_pefts_after() {
             .unwrap();
         let row = |t: &Tensor<B, 3>, a: usize, z: usize| t.clone().slice([r..r + 1, a..z, 0..v]);
         if first < start {
-            let d = max_abs(row(&logits, first, start), row(&base, first, start));
+            let d = max_abs_diff(row(&logits, first, start), row(&base, first, start));
             assert_eq!(
                 d, 0.0,
                 "row {r}: positions before the invocation differ from the base"
@@ -107,7 +101,7 @@ fn alora_logits_are_the_base_before_the_invocation_and_pefts_after() {
                 .rposition(|m| *m == 1)
                 .unwrap()
                 + 1;
-            let d = max_abs(row(&logits, start, last), row(&base, start, last));
+            let d = max_abs_diff(row(&logits, start, last), row(&base, start, last));
             assert!(
                 d > 1e-3,
                 "row {r}: the adapter changes nothing after the invocation"
@@ -141,7 +135,7 @@ fn alora_loss_and_gradients_match_peft() {
                 let g = g
                     .unwrap_or_else(|| panic!("no gradient for {k}"))
                     .transpose();
-                let err = rel_err(g, float::<B, 2>(&exp, &k));
+                let err = max_rel(g, float::<B, 2>(&exp, &k));
                 worst = worst.max(err);
                 checked += 1;
             }
@@ -158,7 +152,7 @@ fn alora_generation_matches_pefts_generate_and_reuses_a_base_prefix_cache() {
     let peft = model::<B>();
     let m = &peft.model;
     let prompts = rows(&exp, "gen_input_ids", "gen_attention_mask");
-    let (shape, want_tokens) = host_i64(&exp, "gen_tokens");
+    let (shape, want_tokens) = i64s(&exp, "gen_tokens");
     let steps = shape[1];
     let want_logits: Tensor<B, 3> = float(&exp, "gen_logits");
     let greedy = GenerationConfig::greedy(steps, vec![]);
@@ -177,7 +171,7 @@ fn alora_generation_matches_pefts_generate_and_reuses_a_base_prefix_cache() {
             .clone()
             .slice([0..bsz, step..step + 1, 0..v])
             .reshape([bsz, v]);
-        worst = worst.max(rel_err(l, w));
+        worst = worst.max(max_rel(l, w));
         let next: Vec<Vec<u32>> = (0..bsz)
             .map(|r| vec![want_tokens[r * steps + step] as u32])
             .collect();
@@ -203,13 +197,13 @@ fn alora_generation_matches_pefts_generate_and_reuses_a_base_prefix_cache() {
     let full_state = m.prefill(&[full.clone()], 0, &ctx).unwrap();
     let a = m.next_logits(&reuse).unwrap();
     let b = m.next_logits(&full_state).unwrap();
-    let d = rel_err(a.clone(), b);
+    let d = max_rel(a.clone(), b);
     let v = a.dims()[1];
     let w = want_logits
         .clone()
         .slice([0..1, 0..1, 0..v])
         .reshape([1, v]);
-    let dp = rel_err(a, w);
+    let dp = max_rel(a, w);
     eprintln!("aLoRA after a reused base prefix: vs full aLoRA run {d:.3e}, vs PEFT {dp:.3e}");
     assert!(d <= 1e-5 && dp <= 1e-4, "reused prefix: {d} / {dp}");
     let toks = m.decode(&mut reuse, &greedy, &ctx, &mut |_, _| {}).unwrap();
@@ -226,7 +220,7 @@ fn export_rust_made_adapter(dst: &std::path::Path) {
     let mut cfg = peft_lora::LoraConfig::new(2, 6.0, &["q_proj", "v_proj", "down_proj"]);
     cfg.alora_invocation_tokens = Some(vec![42, 99]);
     cfg.base_model_name_or_path = Some("llama/tied_gqa_llama3".into());
-    peft.add_adapter::<B>("default", &cfg).unwrap();
+    peft.add_adapter("default", &cfg).unwrap();
     for (_, l) in peft.model.lora_linears_mut() {
         for a in &mut l.adapters {
             let b = a.lora_b.val().random_like(Distribution::Normal(0.0, 0.2));
@@ -238,17 +232,17 @@ fn export_rust_made_adapter(dst: &std::path::Path) {
     let logits = peft
         .model
         .forward(b.input_ids, Some(b.attention_mask), &LoraCtx::default());
-    peft.save_adapter::<B>(dst, "default").unwrap();
+    peft.save_adapter(dst, "default").unwrap();
     let mut out = std::collections::BTreeMap::new();
-    out.insert("logits".to_string(), peft_lora::st::to_host(logits));
-    peft_lora::st::write_f32(&dst.join("rust_logits.safetensors"), &out).unwrap();
+    out.insert("logits".to_string(), peft_lora::to_host(logits));
+    peft_lora::write_f32(&dst.join("rust_logits.safetensors"), &out).unwrap();
 }
 
 #[test]
 fn alora_adapter_saves_as_peft_and_refuses_to_merge() {
     let mut peft = model::<B>();
     let out = std::env::temp_dir().join(format!("parity-alora-{}", std::process::id()));
-    peft.save_adapter::<B>(&out, "default").unwrap();
+    peft.save_adapter(&out, "default").unwrap();
     let ours = SafetensorsFile::open(&out.join("adapter_model.safetensors")).unwrap();
     let theirs =
         SafetensorsFile::open(&dir().join("adapter").join("adapter_model.safetensors")).unwrap();
@@ -283,18 +277,18 @@ fn alora_adapter_saves_as_peft_and_refuses_to_merge() {
         .map(|(_, l)| l.weight.val())
         .collect();
     for safe in [false, true] {
-        let err = peft.merge::<B>(safe).unwrap_err();
+        let err = peft.merge(safe).unwrap_err();
         assert!(matches!(err, Error::Merge { .. }), "{err}");
         assert!(err.to_string().contains("aLoRA"), "{err}");
     }
     for ((_, l), w) in peft.model.lora_linears().iter().zip(before) {
         assert_eq!(
-            max_abs(l.weight.val(), w),
+            max_abs_diff(l.weight.val(), w),
             0.0,
             "a refused merge changed a weight"
         );
         assert!(l.state.merged.is_empty());
     }
-    let err = peft.merge_and_unload::<B>(false).unwrap_err();
+    let err = peft.merge_and_unload(false).unwrap_err();
     assert!(err.to_string().contains("cannot be merged"), "{err}");
 }

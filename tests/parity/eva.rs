@@ -3,12 +3,13 @@
 //! rank/alpha patterns, and the same subspaces (principal angles near zero).
 
 use burn::tensor::{Int, Tensor, TensorData};
-use peft_lora::eva::{EvaConfig, EvaLimits};
 use peft_lora::linalg::{qr_thin, svd_top, to_mat};
-use peft_lora::st::SafetensorsFile;
+use peft_lora::EvaLimits;
+use peft_lora::SafetensorsFile;
 use peft_lora::{LoraConfig, LoraCtx, LoraModel, PeftModel};
 
 use super::{fixtures, float, load_base, B};
+use test_support::st::i64s;
 
 struct EvaBatch {
     ids: Tensor<B, 2, Int>,
@@ -18,9 +19,9 @@ struct EvaBatch {
 }
 
 fn batches(st: &SafetensorsFile) -> Vec<EvaBatch> {
-    let (shape, ids) = st.read_i64("input_ids").unwrap();
-    let (_, mask) = st.read_i64("attention_mask").unwrap();
-    let (_, labels) = st.read_i64("labels").unwrap();
+    let (shape, ids) = i64s(st, "input_ids");
+    let (_, mask) = i64s(st, "attention_mask");
+    let (_, labels) = i64s(st, "labels");
     let (n, b, s) = (shape[0], shape[1], shape[2]);
     (0..n)
         .map(|i| {
@@ -56,16 +57,16 @@ fn eva_matches_pefts_ranks_patterns_and_subspaces() {
             .join("llama")
             .join(meta["base"].as_str().unwrap());
         let cfg: LoraConfig = serde_json::from_value(meta["lora_config"].clone()).unwrap();
-        let eva = EvaConfig::from_lora(&cfg).unwrap();
+        let eva = cfg.eva_settings();
         let data = batches(&SafetensorsFile::open(&dir.join("batches.safetensors")).unwrap());
         let exp = SafetensorsFile::open(&dir.join("expected.safetensors")).unwrap();
 
         let mut peft = PeftModel::new(load_base::<B>(&base));
-        peft.add_adapter::<B>("default", &cfg).unwrap();
+        peft.add_adapter("default", &cfg).unwrap();
         let mut seen = Vec::new();
         // Also checks the progress reports.
         let report = peft
-            .eva_init::<B, _, _>(
+            .eva_init(
                 "default",
                 data.iter(),
                 |m, b| {
@@ -143,7 +144,7 @@ fn eva_matches_pefts_ranks_patterns_and_subspaces() {
 
         // Saved: PEFT's keys and shapes.
         let out = std::env::temp_dir().join(format!("parity-eva-{}-{case}", std::process::id()));
-        peft.save_adapter::<B>(&out, "default").unwrap();
+        peft.save_adapter(&out, "default").unwrap();
         let ours = SafetensorsFile::open(&out.join("adapter_model.safetensors")).unwrap();
         let theirs =
             SafetensorsFile::open(&dir.join("adapter").join("adapter_model.safetensors")).unwrap();

@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::tensor::Tensor;
-use peft_lora::st::SafetensorsFile;
+use peft_lora::SafetensorsFile;
 use peft_lora::{LoraConfig, LoraModel, PeftModel};
 
-use super::{batch, fixtures, float, load_base, logits, masked, rel_err, B};
+use super::{batch, fixtures, float, load_base, logits, B};
+use test_support::{masked, max_rel};
 
 const DECOMPOSED: &[&str] = &["pissa", "olora_rslora"];
 
@@ -45,7 +46,7 @@ fn fro(a: Tensor<B, 2>) -> f32 {
 
 fn logits_err(m: &llama::LlamaForCausalLM<B>, c: &Case, key: &str) -> f32 {
     let b = batch::<B>(&c.exp);
-    rel_err(
+    max_rel(
         masked(logits(m, &b), &b.attention_mask),
         masked(float(&c.exp, key), &b.attention_mask),
     )
@@ -56,19 +57,19 @@ fn init_pissa_and_olora_match_peft_residual_delta_and_logits() {
     for name in DECOMPOSED {
         let c = case(name);
         let mut peft = PeftModel::new(load_base::<B>(&c.base));
-        let adapted = peft.add_adapter::<B>("default", &c.config).unwrap();
+        let adapted = peft.add_adapter("default", &c.config).unwrap();
         assert_eq!(adapted.len(), c.meta["modules"].as_object().unwrap().len());
         for (path, layer) in peft.model.lora_linears() {
             if !adapted.contains(&path) {
                 continue;
             }
             let want: Tensor<B, 2> = float(&c.exp, &format!("residual.{path}"));
-            let err = rel_err(layer.weight.val().transpose(), want);
+            let err = max_rel(layer.weight.val().transpose(), want);
             assert!(err <= 1e-4, "{name}: residual {path} rel err {err}");
             // Singular vectors have a sign freedom: compare s * B A, not A and B.
             let want: Tensor<B, 2> = float(&c.exp, &format!("delta.{path}"));
             let delta = layer.adapter("default").unwrap().delta_weight().transpose();
-            let err = rel_err(delta, want);
+            let err = max_rel(delta, want);
             assert!(err <= 1e-4, "{name}: delta {path} rel err {err}");
         }
         let err = logits_err(&peft.model, &c, "logits_base");
@@ -82,7 +83,7 @@ fn init_pissa_niter_is_as_good_as_pefts_randomized_svd() {
     <B as burn::tensor::backend::Backend>::seed(&Default::default(), 0);
     let original = load_base::<B>(&c.base);
     let mut peft = PeftModel::new(load_base::<B>(&c.base));
-    let adapted = peft.add_adapter::<B>("default", &c.config).unwrap();
+    let adapted = peft.add_adapter("default", &c.config).unwrap();
     let before = original.lora_linears();
     for (path, layer) in peft.model.lora_linears() {
         if !adapted.contains(&path) {
@@ -97,7 +98,7 @@ fn init_pissa_niter_is_as_good_as_pefts_randomized_svd() {
             .val();
         let delta = layer.adapter("default").unwrap().delta_weight();
         // Residual + adapter = W exactly (up to f32 rounding).
-        let err = rel_err(layer.weight.val() + delta.clone(), w.clone());
+        let err = max_rel(layer.weight.val() + delta.clone(), w.clone());
         assert!(err <= 1e-5, "{path}: W_res + sBA != W ({err})");
         // The low-rank part approximates W as well as PEFT's svd_lowrank did.
         let ours = fro(w.clone() - delta) / fro(w.clone());
@@ -126,7 +127,7 @@ fn init_trained_and_converted_peft_adapters_load_onto_the_original_base() {
         let c = case(name);
         for form in ["trained", "converted"] {
             let mut peft = PeftModel::new(load_base::<B>(&c.base));
-            peft.load_adapter::<B>(&c.dir.join(form), "default")
+            peft.load_adapter(&c.dir.join(form), "default")
                 .unwrap_or_else(|e| panic!("{name}/{form}: {e}"));
             let err = logits_err(&peft.model, &c, "logits_trained");
             assert!(err <= 1e-4, "{name}/{form}: logits rel err {err}");
@@ -135,7 +136,7 @@ fn init_trained_and_converted_peft_adapters_load_onto_the_original_base() {
 }
 
 /// Sets every adapter's A and B to the tensors of a PEFT adapter file (PyTorch layout).
-fn set_adapter_from(peft: &mut PeftModel<llama::LlamaForCausalLM<B>>, file: &Path) {
+fn set_adapter_from(peft: &mut PeftModel<B, llama::LlamaForCausalLM<B>>, file: &Path) {
     let st = SafetensorsFile::open(file).unwrap();
     for (path, layer) in peft.model.lora_linears_mut() {
         let Some(ad) = layer.adapter_mut("default") else {
@@ -156,10 +157,8 @@ fn init_converted_save_applies_to_the_original_base() {
         let tmp = std::env::temp_dir().join(format!("parity-init-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         let mut peft = PeftModel::new(load_base::<B>(&c.base));
-        peft.add_adapter::<B>("default", &c.config).unwrap();
-        let initial = peft
-            .save_adapter::<B>(&tmp.join("initial"), "default")
-            .unwrap();
+        peft.add_adapter("default", &c.config).unwrap();
+        let initial = peft.save_adapter(&tmp.join("initial"), "default").unwrap();
         // "Train": take PEFT's trained A and B. Our residual equals PEFT's (sign-free), so the
         // model must now be PEFT's trained model.
         set_adapter_from(
@@ -170,10 +169,10 @@ fn init_converted_save_applies_to_the_original_base() {
         assert!(err <= 1e-4, "{name}: trained logits rel err {err}");
 
         let out = peft
-            .save_adapter_converted::<B>(&tmp.join("converted"), "default", &initial)
+            .save_adapter_converted(&tmp.join("converted"), "default", &initial)
             .unwrap();
         let mut fresh = PeftModel::new(load_base::<B>(&c.base));
-        fresh.load_adapter::<B>(&out, "default").unwrap();
+        fresh.load_adapter(&out, "default").unwrap();
         let err = logits_err(&fresh.model, &c, "logits_trained");
         assert!(
             err <= 1e-4,

@@ -8,13 +8,15 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Int, Tensor, TensorData};
 use llama::{GenerationConfig, LlamaForCausalLM};
-use peft_lora::st::SafetensorsFile;
+use peft_lora::SafetensorsFile;
 use peft_lora::{
     AdamWConfig, GradAccumulator, LoraCtx, LoraModel, LoraOptimizer, OptimizerKind, PeftModel,
 };
 use sft_trainer::CausalLm;
 
-use super::{batch, fixtures, float, load_base, logits, masked, rel_err, AD, B, E};
+use super::{batch, fixtures, float, load_base, logits, AD, B, E};
+use test_support::st::i64s;
+use test_support::{host, masked, max_rel};
 
 const REPLICATION: &[&str] = &["replicate_qv", "replicate_reorder"];
 const TOKENS: &[&str] = &["tokens_untied", "tokens_tied"];
@@ -38,9 +40,9 @@ fn expected(case: &str) -> SafetensorsFile {
     SafetensorsFile::open(&case_dir(case).join("expected.safetensors")).unwrap()
 }
 
-fn loaded<BK: burn::tensor::backend::Backend>(case: &str) -> PeftModel<LlamaForCausalLM<BK>> {
+fn loaded<BK: burn::tensor::backend::Backend>(case: &str) -> PeftModel<BK, LlamaForCausalLM<BK>> {
     let mut peft = PeftModel::new(load_base::<BK>(&base(case)));
-    peft.load_adapter::<BK>(&case_dir(case).join("adapter"), "default")
+    peft.load_adapter(&case_dir(case).join("adapter"), "default")
         .unwrap_or_else(|e| panic!("{case}: {e}"));
     peft
 }
@@ -64,10 +66,10 @@ fn storage_ptr(t: Tensor<B, 2>) -> usize {
     }
 }
 
-fn check_logits_and_loss(case: &str, peft: &PeftModel<LlamaForCausalLM<B>>) -> (f32, f32) {
+fn check_logits_and_loss(case: &str, peft: &PeftModel<B, LlamaForCausalLM<B>>) -> (f32, f32) {
     let exp = expected(case);
     let b = batch::<B>(&exp);
-    let err = rel_err(
+    let err = max_rel(
         masked(logits(&peft.model, &b), &b.attention_mask),
         masked(float(&exp, "logits"), &b.attention_mask),
     );
@@ -103,7 +105,7 @@ fn check_gradients(case: &str) -> f32 {
         assert!(table.weight.val().grad(&grads).is_none(), "{case}: {path}");
         for a in &table.adapters {
             got.push((
-                format!("grad.{}", peft_lora::io::token_delta_key(&path)),
+                format!("grad.{}", peft_lora::token_delta_key(&path)),
                 a.delta.val().grad(&grads),
             ));
         }
@@ -118,7 +120,7 @@ fn check_gradients(case: &str) -> f32 {
     for (k, g) in got {
         assert!(want_keys.contains(&k), "{case}: no reference gradient {k}");
         let g = g.unwrap_or_else(|| panic!("{case}: no gradient for {k}"));
-        let err = rel_err(g, host2(&exp, &k));
+        let err = max_rel(g, host2(&exp, &k));
         assert!(err <= 1e-3, "{case}: {k} rel err {err}");
         worst = worst.max(err);
     }
@@ -142,7 +144,7 @@ fn replicated_layers_match_peft_logits_gradients_and_generation() {
             .map(|(p, _)| p)
             .collect();
         assert_eq!(adapted.len() * 2, m["saved_keys"].as_array().unwrap().len());
-        let report = peft.trainable_parameters::<B>();
+        let report = peft.trainable_parameters();
         assert_eq!(
             report.trainable as u64,
             m["nb_params"]["trainable"].as_u64().unwrap()
@@ -157,9 +159,9 @@ fn replicated_layers_match_peft_logits_gradients_and_generation() {
 
         // Greedy generation with the KV cache: one cache slot per new layer position.
         let exp = expected(case);
-        let (ps, pv) = exp.read_i64("gen_prompt_ids").unwrap();
-        let (_, mv) = exp.read_i64("gen_prompt_mask").unwrap();
-        let (gs, gv) = exp.read_i64("gen_greedy_ids").unwrap();
+        let (ps, pv) = i64s(&exp, "gen_prompt_ids");
+        let (_, mv) = i64s(&exp, "gen_prompt_mask");
+        let (gs, gv) = i64s(&exp, "gen_greedy_ids");
         let prompts: Vec<Vec<u32>> = (0..ps[0])
             .map(|r| {
                 (0..ps[1])
@@ -206,13 +208,13 @@ fn replicated_copies_share_frozen_weights_and_refuse_merge() {
     assert_ne!(q1.adapters[0].lora_a.id, q2.adapters[0].lora_a.id);
     let (a1, a2) = (q1.adapters[0].lora_a.val(), q2.adapters[0].lora_a.val());
     assert!(
-        rel_err(a1, a2) > 1e-2,
+        max_rel(a1, a2) > 1e-2,
         "copies must carry different adapters"
     );
 
-    let err = peft.merge::<B>(true).unwrap_err().to_string();
+    let err = peft.merge(true).unwrap_err().to_string();
     assert!(err.contains("layer_replication"), "{err}");
-    let err = peft.merge_and_unload::<B>(false).unwrap_err().to_string();
+    let err = peft.merge_and_unload(false).unwrap_err().to_string();
     assert!(err.contains("replicated"), "{err}");
 }
 
@@ -227,7 +229,7 @@ fn trainable_tokens_match_peft_logits_gradients_and_merge() {
             .map(|v| v.as_u64().unwrap() as usize)
             .collect();
         let mut peft = loaded::<B>(case);
-        let report = peft.trainable_parameters::<B>();
+        let report = peft.trainable_parameters();
         assert_eq!(
             report.trainable as u64,
             m["nb_params"]["trainable"].as_u64().unwrap()
@@ -242,14 +244,14 @@ fn trainable_tokens_match_peft_logits_gradients_and_merge() {
         // Disabled adapters: the base model, whose listed rows differ from the adapter's.
         let exp = expected(case);
         let b = batch::<B>(&exp);
-        peft.set_adapters_disabled::<B>(true).unwrap();
+        peft.set_adapters_disabled(true).unwrap();
         let base_l = logits(&peft.model, &b);
-        assert!(rel_err(base_l, float(&exp, "logits")) > 1e-2, "{case}");
-        peft.set_adapters_disabled::<B>(false).unwrap();
+        assert!(max_rel(base_l, float(&exp, "logits")) > 1e-2, "{case}");
+        peft.set_adapters_disabled(false).unwrap();
 
         // Merge writes the rows into the table (and the tied head); unmerge restores it.
         let before = peft.model.model.embed_tokens.weight.val();
-        peft.merge::<B>(true).unwrap();
+        peft.merge(true).unwrap();
         let idx = Tensor::<B, 1, Int>::from_data(
             TensorData::new(
                 ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
@@ -258,9 +260,9 @@ fn trainable_tokens_match_peft_logits_gradients_and_merge() {
             &Default::default(),
         );
         let rows = peft.model.model.embed_tokens.weight.val().select(0, idx);
-        let rows_err = rel_err(rows, float(&exp, "merged_embed_rows"));
+        let rows_err = max_rel(rows, float(&exp, "merged_embed_rows"));
         assert!(rows_err == 0.0, "{case}: merged rows rel err {rows_err}");
-        let merged_err = rel_err(
+        let merged_err = max_rel(
             masked(logits(&peft.model, &b), &b.attention_mask),
             masked(float(&exp, "merged_logits"), &b.attention_mask),
         );
@@ -268,9 +270,9 @@ fn trainable_tokens_match_peft_logits_gradients_and_merge() {
             merged_err <= 1e-4,
             "{case}: merged logits rel err {merged_err}"
         );
-        peft.unmerge::<B>().unwrap();
+        peft.unmerge().unwrap();
         let restored = peft.model.model.embed_tokens.weight.val();
-        assert_eq!(rel_err(restored, before), 0.0, "{case}: unmerge");
+        assert_eq!(max_rel(restored, before), 0.0, "{case}: unmerge");
         eprintln!(
             "{case}: logits rel err {err:.2e}, loss rel err {loss_err:.2e}, gradients max rel \
              err {grad_err:.2e}, merged logits rel err {merged_err:.2e}"
@@ -293,25 +295,20 @@ fn trainable_tokens_take_torch_adamw_steps() {
             weight_decay: wd,
             ..Default::default()
         };
-        let mut opt = LoraOptimizer::<B>::new(OptimizerKind::AdamW, cfg);
+        let mut opt = LoraOptimizer::<AD>::new(OptimizerKind::AdamW, cfg);
         for _ in 0..m["adamw"]["steps"].as_u64().unwrap() {
             let grads = peft.model.causal_lm_loss(&b).backward();
-            let mut acc = GradAccumulator::<B>::default();
-            acc.add::<AD, _>(&peft.model, &grads);
-            opt.step::<AD, _>(&mut peft.model, acc, lr, None);
+            let mut acc = GradAccumulator::<AD>::default();
+            acc.add(&peft.model, &grads);
+            opt.step(&mut peft.model, acc, lr, None);
         }
-        let got = peft_lora::io::adapter_state_dict(&peft.model, "default");
+        let got = peft_lora::adapter_state_dict(&peft.model, "default");
         let mut worst = 0f32;
         for (k, t) in &got {
             let w = exp.read(&format!("adamw.{k}")).unwrap();
-            let scale = w.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = t
-                .data
-                .iter()
-                .zip(&w.data)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(diff / scale <= 1e-4, "{case}: {k} rel err {}", diff / scale);
-            worst = worst.max(diff / scale);
+            let rel = host::max_rel(&t.data, &w.data);
+            assert!(rel <= 1e-4, "{case}: {k} rel err {rel}");
+            worst = worst.max(rel);
         }
         assert!(got.keys().any(|k| k.ends_with("trainable_tokens_delta")));
         eprintln!("{case}: two AdamW steps, max rel err {worst:.2e}");
@@ -325,7 +322,7 @@ fn structural_adapters_save_as_peft_does() {
         let peft = loaded::<B>(case);
         let out =
             std::env::temp_dir().join(format!("parity-structural-{}-{case}", std::process::id()));
-        peft.save_adapter::<B>(&out, "default").unwrap();
+        peft.save_adapter(&out, "default").unwrap();
         let ours = SafetensorsFile::open(&out.join("adapter_model.safetensors")).unwrap();
         let theirs = SafetensorsFile::open(&dir.join("adapter/adapter_model.safetensors")).unwrap();
         assert_eq!(ours.shapes(), theirs.shapes(), "{case}");
@@ -346,10 +343,10 @@ fn structural_adapters_save_as_peft_does() {
         }
         // Loaded again here: the same replicated stack and rows.
         let mut again = PeftModel::new(load_base::<B>(&base(case)));
-        again.load_adapter::<B>(&out, "default").unwrap();
+        again.load_adapter(&out, "default").unwrap();
         let exp = expected(case);
         let bt = batch::<B>(&exp);
-        let err = rel_err(logits(&again.model, &bt), logits(&peft.model, &bt));
+        let err = max_rel(logits(&again.model, &bt), logits(&peft.model, &bt));
         assert!(err == 0.0, "{case}: reloaded logits rel err {err}");
         if let Ok(export) = std::env::var("RUST_ADAPTER_EXPORT") {
             let dst = Path::new(&export).join(case);

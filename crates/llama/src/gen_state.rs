@@ -11,7 +11,7 @@
 //! ```
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use peft_lora::alora::offsets_for;
+use peft_lora::alora_offsets;
 use peft_lora::LoraCtx;
 
 use crate::attention::KvCache;
@@ -105,7 +105,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             Some(o) => o.clone(),
             None => {
                 let rows: Vec<&[u32]> = padded.iter().map(Vec::as_slice).collect();
-                offsets_for(self, ctx, &rows).unwrap_or_else(|| vec![None; b])
+                alora_offsets(self, ctx, &rows).unwrap_or_else(|| vec![None; b])
             }
         };
         let alora_start = prompts
@@ -200,7 +200,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             .map(|(t, c)| t.iter().chain(c).copied().collect())
             .collect();
         let rows: Vec<&[u32]> = full.iter().map(Vec::as_slice).collect();
-        let whole = offsets_for(self, ctx, &rows).unwrap_or_else(|| vec![None; rows.len()]);
+        let whole = alora_offsets(self, ctx, &rows).unwrap_or_else(|| vec![None; rows.len()]);
         let mut out = Vec::with_capacity(rows.len());
         for (r, o) in whole.into_iter().enumerate() {
             let cached = state.tokens[r].len();

@@ -350,7 +350,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         ctx: &LoraCtx,
     ) -> Option<Vec<Option<usize>>> {
         let [b, s] = input_ids.dims();
-        let inv = peft_lora::alora::row_invocations(self, ctx, b)?;
+        let inv = peft_lora::alora_row_invocations(self, ctx, b)?;
         if s == 0 {
             return Some(vec![None; b]);
         }
@@ -363,7 +363,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         Some(
             ids.chunks(s)
                 .zip(inv)
-                .map(|(row, inv)| inv.and_then(|i| peft_lora::alora::invocation_offset(row, &i)))
+                .map(|(row, inv)| inv.and_then(|i| peft_lora::invocation_offset(row, &i)))
                 .collect(),
         )
     }
@@ -443,7 +443,7 @@ impl<B: Backend> LoraModel<B> for LlamaForCausalLM<B> {
     /// frozen weights (a `Param` clone is a reference-counted handle with the same id); the KV
     /// cache is indexed by the new position, as transformers' renumbered `layer_idx`.
     fn replicate_layers(&mut self, ranges: &[[usize; 2]]) -> peft_lora::Result<()> {
-        let map = peft_lora::replicate::layer_map(ranges, self.model.layers.len())?;
+        let map = peft_lora::layer_map(ranges, self.model.layers.len())?;
         let layers = &self.model.layers;
         let new_layers: Vec<DecoderLayer<B>> = map.iter().map(|&i| layers[i].clone()).collect();
         self.model.layers = new_layers;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use burn::module::Param;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use peft_lora::st::SafetensorsFile;
+use peft_lora::SafetensorsFile;
 
 use crate::error::{Error, Result};
 

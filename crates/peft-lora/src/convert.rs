@@ -12,31 +12,25 @@ use burn::tensor::backend::Backend;
 
 use crate::config::{InitLoraWeights, LoraConfig};
 use crate::error::{Error, Result};
+use crate::host::HostTensor;
 use crate::io::{adapter_dir, adapter_state_dict, WEIGHTS_FILE};
-use crate::model::{LoraModel, PeftModel};
-use crate::st::{write_f32, HostTensor, SafetensorsFile};
+use crate::model::LoraModel;
+use crate::peft::PeftModel;
+use crate::st::{write_f32, SafetensorsFile};
 
-impl<M> PeftModel<M> {
+impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
     /// Saves adapter `name` under `dir` as a plain LoRA adapter for the original base model.
     ///
     /// `initial` is the folder where the same adapter was saved right after its PiSSA / OLoRA
     /// init, before training. As PEFT does, that folder's config is rewritten with
     /// `init_lora_weights = true` (so loading it never decomposes the base again).
-    pub fn save_adapter_converted<B: Backend>(
+    pub fn save_adapter_converted(
         &self,
         dir: &Path,
         name: &str,
         initial: &Path,
-    ) -> Result<PathBuf>
-    where
-        M: LoraModel<B>,
-    {
-        let cfg = self.configs.get(name).ok_or_else(|| {
-            Error::UnknownAdapter(
-                name.into(),
-                self.configs.keys().cloned().collect::<Vec<_>>().join(", "),
-            )
-        })?;
+    ) -> Result<PathBuf> {
+        let cfg = self.configs.get(name).ok_or_else(|| self.unknown(name))?;
         check_convertible(cfg)?;
         let init_file = initial.join(WEIGHTS_FILE);
         let init = SafetensorsFile::open(&init_file)?;
@@ -72,7 +66,7 @@ impl<M> PeftModel<M> {
         }
 
         let mut initial_cfg = LoraConfig::from_file(initial)?;
-        initial_cfg.init_lora_weights = InitLoraWeights::Bool(true);
+        initial_cfg.init_lora_weights = InitLoraWeights::Default;
         initial_cfg.save(initial)?;
 
         let out = adapter_dir(dir, name);
@@ -112,7 +106,7 @@ fn check_convertible(cfg: &LoraConfig) -> Result<()> {
 /// PEFT's config for the converted adapter: init `true`, rank doubled, scaling kept.
 fn converted_config(cfg: &LoraConfig) -> LoraConfig {
     let mut c = cfg.clone();
-    c.init_lora_weights = InitLoraWeights::Bool(true);
+    c.init_lora_weights = InitLoraWeights::Default;
     c.r *= 2;
     c.lora_alpha *= if c.use_rslora { 2f64.sqrt() } else { 2.0 };
     c.rank_pattern.values_mut().for_each(|r| *r *= 2);

@@ -14,6 +14,7 @@ mod off {
     use burn::tensor::{backend::Backend, Tensor};
 
     /// Whether `B` is a backend the fused ops run on: never without the `cuda` feature.
+    #[allow(clippy::extra_unused_type_parameters)]
     pub(crate) fn supported<B: Backend>() -> bool {
         false
     }

@@ -1,40 +1,14 @@
-//! `init_lora_weights`: how A and B start, and (PiSSA, OLoRA) what the frozen base becomes.
+//! The initialisations of `init_lora_weights` ([`InitLoraWeights`]): how A and B start, and
+//! (PiSSA, OLoRA) what the frozen base becomes. LoftQ and EVA have their own modules.
 
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 use faer::Mat;
 
 use crate::config::InitLoraWeights;
 use crate::decompose::{olora, pissa};
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::layer::LoraLinear;
 use crate::linalg::{from_mat, qr_thin, to_mat};
-
-/// A parsed `init_lora_weights` value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InitMethod {
-    /// `true`: A Kaiming-uniform (a = sqrt 5, nn.Linear's default), B = 0: identity at start.
-    Default,
-    /// `false`: A Kaiming-uniform and B random too (debugging: the adapter is not identity).
-    Random,
-    /// `"gaussian"`: A ~ N(0, (1/r)^2), B = 0.
-    Gaussian,
-    /// `"orthogonal"`: A and B from the odd and even rows of a random orthogonal `r x r`
-    /// matrix (so `B A = 0`); r must be even.
-    Orthogonal,
-    /// `"pissa"` (`niter = None`, full SVD) or `"pissa_niter_N"` (randomized SVD, N iterations):
-    /// the top-r singular part of W moves into the adapter.
-    Pissa {
-        /// Subspace iterations of the randomized SVD; `None` = full SVD.
-        niter: Option<usize>,
-    },
-    /// `"olora"`: the first r columns of W's QR move into the adapter.
-    Olora,
-    /// `"eva"`: B = 0 and A as `true` until [`crate::eva`] replaces A from activations.
-    Eva,
-    /// `"loftq"`: the base is quantized to NF4 and A, B start at a rank-r SVD of the
-    /// quantization error; needs the layer, so [`crate::PeftModel::add_adapter`] runs
-    /// [`crate::loftq::init_layer`] instead of [`InitMethod::init`].
-    LoftQ,
-}
 
 /// What an init produces for one layer (Burn layout).
 pub struct LayerInit<B: Backend> {
@@ -46,123 +20,72 @@ pub struct LayerInit<B: Backend> {
     pub residual: Option<Tensor<B, 2>>,
 }
 
-impl InitMethod {
-    /// Parses the config value; unknown or unimplemented methods are a clear error.
-    pub fn parse(v: &InitLoraWeights) -> Result<Self> {
-        let m = match v {
-            InitLoraWeights::Bool(true) => return Ok(InitMethod::Default),
-            InitLoraWeights::Bool(false) => return Ok(InitMethod::Random),
-            InitLoraWeights::Method(m) => m.as_str(),
-        };
-        match m {
-            "gaussian" => Ok(InitMethod::Gaussian),
-            "orthogonal" => Ok(InitMethod::Orthogonal),
-            "pissa" => Ok(InitMethod::Pissa { niter: None }),
-            "olora" => Ok(InitMethod::Olora),
-            "eva" => Ok(InitMethod::Eva),
-            "loftq" => Ok(InitMethod::LoftQ),
-            _ if m.starts_with("pissa_niter_") => {
-                let n = &m["pissa_niter_".len()..];
-                n.parse::<usize>()
-                    .map(|n| InitMethod::Pissa { niter: Some(n) })
-                    .map_err(|_| {
-                        Error::config(
-                            "init_lora_weights",
-                            format!("\"{m}\": expected \"pissa_niter_<number of iterations>\", e.g. \"pissa_niter_16\""),
-                        )
-                    })
+/// Initialises adapter factors for `layer` (rank `r`, `scaling`) as `method` says; PiSSA and
+/// OLoRA read its (dequantized) frozen weight, the others only its shape. LoftQ needs the layer
+/// itself ([`crate::PeftModel::add_adapter`] runs it instead); here it starts as `true` does.
+pub fn init_factors<B: Backend>(
+    layer: &LoraLinear<B>,
+    method: InitLoraWeights,
+    r: usize,
+    scaling: f64,
+    module: &str,
+) -> Result<LayerInit<B>> {
+    let weight = || layer.base_weight();
+    method.check_rank(r, module)?;
+    let (d_in, d_out) = (layer.d_in(), layer.d_out());
+    let device = layer.weight.device();
+    let plain = |(a, b)| LayerInit {
+        a,
+        b,
+        residual: None,
+    };
+    Ok(match method {
+        InitLoraWeights::Pissa { niter } => {
+            let d = pissa(weight(), r, scaling, niter, module)?;
+            LayerInit {
+                a: d.a,
+                b: d.b,
+                residual: Some(d.residual),
             }
-            "corda" | "lora_ga" | "mica" => Err(Error::Unsupported {
-                field: "init_lora_weights".into(),
-                value: format!("\"{m}\""),
-                reason: "this initialisation is not implemented yet".into(),
-            }),
-            _ => Err(Error::config(
-                "init_lora_weights",
-                format!(
-                    "unknown method \"{m}\"; expected true, false, \"gaussian\", \"orthogonal\", \"pissa\", \"pissa_niter_N\", \"olora\", \"eva\" or \"loftq\""
-                ),
-            )),
         }
-    }
-
-    /// Checks what can be checked before touching any layer (orthogonal needs an even rank).
-    pub fn check_rank(self, r: usize, module: &str) -> Result<()> {
-        if self == InitMethod::Orthogonal && r % 2 != 0 {
-            return Err(Error::config(
-                "init_lora_weights",
-                format!("\"orthogonal\" needs an even rank, but `{module}` has r = {r}"),
-            ));
+        InitLoraWeights::Olora => {
+            let d = olora(weight(), r, scaling, module)?;
+            LayerInit {
+                a: d.a,
+                b: d.b,
+                residual: Some(d.residual),
+            }
         }
-        Ok(())
-    }
+        InitLoraWeights::Orthogonal => plain(orthogonal::<B>(d_in, d_out, r, &device)),
+        other => plain(plain_factors::<B>(other, d_in, d_out, r, &device)),
+    })
+}
 
-    /// Initialises adapter factors for `layer` (rank `r`, `scaling`); PiSSA and OLoRA read its
-    /// (dequantized) frozen weight, the others only its shape.
-    pub fn init_layer<B: Backend>(
-        self,
-        layer: &crate::layer::LoraLinear<B>,
-        r: usize,
-        scaling: f64,
-        module: &str,
-    ) -> Result<LayerInit<B>> {
-        let weight = || layer.base_weight();
-        self.check_rank(r, module)?;
-        let (d_in, d_out) = (layer.d_in(), layer.d_out());
-        let device = layer.weight.device();
-        let plain = |(a, b)| LayerInit {
-            a,
-            b,
-            residual: None,
-        };
-        Ok(match self {
-            InitMethod::Pissa { niter } => {
-                let d = pissa(weight(), r, scaling, niter, module)?;
-                LayerInit {
-                    a: d.a,
-                    b: d.b,
-                    residual: Some(d.residual),
-                }
-            }
-            InitMethod::Olora => {
-                let d = olora(weight(), r, scaling, module)?;
-                LayerInit {
-                    a: d.a,
-                    b: d.b,
-                    residual: Some(d.residual),
-                }
-            }
-            InitMethod::Orthogonal => plain(orthogonal::<B>(d_in, d_out, r, &device)),
-            other => plain(other.init::<B>(d_in, d_out, r, &device)),
-        })
-    }
-
-    /// A in Burn layout `[in, r]` and B in Burn layout `[r, out]` for the inits that do not
-    /// look at the base weight (`true`, `false`, `"gaussian"`, `"eva"` before EVA runs).
-    pub fn init<B: Backend>(
-        self,
-        d_in: usize,
-        d_out: usize,
-        r: usize,
-        device: &B::Device,
-    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        // kaiming_uniform_(a=sqrt(5)) on a [r, in] tensor: bound = 1 / sqrt(in).
-        let bound = 1.0 / (d_in as f64).sqrt();
-        let kaiming = || Tensor::random([d_in, r], Distribution::Uniform(-bound, bound), device);
-        match self {
-            InitMethod::Gaussian => (
-                Tensor::random([d_in, r], Distribution::Normal(0.0, 1.0 / r as f64), device),
-                Tensor::zeros([r, d_out], device),
-            ),
-            InitMethod::Random => {
-                let bound_b = 1.0 / (r as f64).sqrt();
-                (
-                    kaiming(),
-                    Tensor::random([r, d_out], Distribution::Uniform(-bound_b, bound_b), device),
-                )
-            }
-            _ => (kaiming(), Tensor::zeros([r, d_out], device)),
+/// A in Burn layout `[in, r]` and B in Burn layout `[r, out]` for the inits that do not
+/// look at the base weight (`true`, `false`, `"gaussian"`, `"eva"` before EVA runs).
+fn plain_factors<B: Backend>(
+    method: InitLoraWeights,
+    d_in: usize,
+    d_out: usize,
+    r: usize,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    // kaiming_uniform_(a=sqrt(5)) on a [r, in] tensor: bound = 1 / sqrt(in).
+    let bound = 1.0 / (d_in as f64).sqrt();
+    let kaiming = || Tensor::random([d_in, r], Distribution::Uniform(-bound, bound), device);
+    match method {
+        InitLoraWeights::Gaussian => (
+            Tensor::random([d_in, r], Distribution::Normal(0.0, 1.0 / r as f64), device),
+            Tensor::zeros([r, d_out], device),
+        ),
+        InitLoraWeights::Random => {
+            let bound_b = 1.0 / (r as f64).sqrt();
+            (
+                kaiming(),
+                Tensor::random([r, d_out], Distribution::Uniform(-bound_b, bound_b), device),
+            )
         }
+        _ => (kaiming(), Tensor::zeros([r, d_out], device)),
     }
 }
 

@@ -12,16 +12,17 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::config::LoraConfig;
+use crate::adapter::{AdapterMeta, VariantKind};
+use crate::add::{add_token_adapters, check_invocation_ids, resolve_token_tables};
+use crate::config::{InitLoraWeights, LoraConfig};
 use crate::error::{Error, Result};
-use crate::init::InitMethod;
-use crate::model::{
-    adapter_meta, add_token_adapters, check_invocation_ids, resolve_token_tables, LoraModel,
-    PeftModel,
-};
-use crate::st::{to_host, write_f32, HostTensor, SafetensorsFile};
+use crate::host::{to_host, HostTensor};
+use crate::init::init_factors;
+use crate::loftq::loftq_init_layer;
+use crate::model::LoraModel;
+use crate::peft::PeftModel;
+use crate::st::{write_f32, SafetensorsFile};
 use crate::target::is_target;
-use crate::variant::VariantKind;
 
 /// File name of the adapter weights.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -33,13 +34,6 @@ pub const TOKEN_DELTA_SUFFIX: &str = "token_adapter.trainable_tokens_delta";
 /// The saved key of the trainable token rows of the table at `path`.
 pub fn token_delta_key(path: &str) -> String {
     format!("{KEY_PREFIX}{path}.{TOKEN_DELTA_SUFFIX}")
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename (no half-written file).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp-write");
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// The folder PEFT uses for adapter `name` under `dir` (`default` at the top, others in a
@@ -86,18 +80,10 @@ pub fn adapter_state_dict<B: Backend, M: LoraModel<B>>(
     out
 }
 
-impl<M> PeftModel<M> {
+impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
     /// Saves adapter `name` in PEFT's format under `dir` (a subfolder for non-default names).
-    pub fn save_adapter<B: Backend>(&self, dir: &Path, name: &str) -> Result<PathBuf>
-    where
-        M: LoraModel<B>,
-    {
-        let cfg = self.configs.get(name).ok_or_else(|| {
-            Error::UnknownAdapter(
-                name.into(),
-                self.configs.keys().cloned().collect::<Vec<_>>().join(", "),
-            )
-        })?;
+    pub fn save_adapter(&self, dir: &Path, name: &str) -> Result<PathBuf> {
+        let cfg = self.configs.get(name).ok_or_else(|| self.unknown(name))?;
         let out = adapter_dir(dir, name);
         cfg.save(&out)?;
         write_f32(
@@ -115,12 +101,9 @@ impl<M> PeftModel<M> {
     /// adapter was trained with; a base already in NF4 is used as it is.
     ///
     /// A `layer_replication` in the config replicates the model's layers first (see
-    /// [`crate::replicate`]); if the file then does not fit, the model keeps the replicated
+    /// [`crate::layer_map`]); if the file then does not fit, the model keeps the replicated
     /// stack, so load the next attempt onto a fresh base.
-    pub fn load_adapter<B: Backend>(&mut self, dir: &Path, name: &str) -> Result<()>
-    where
-        M: LoraModel<B>,
-    {
+    pub fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<()> {
         let cfg = LoraConfig::from_file(dir)?;
         check_invocation_ids(
             &cfg,
@@ -149,7 +132,7 @@ impl<M> PeftModel<M> {
             if !is_target(&cfg, &path)? {
                 continue;
             }
-            let meta = adapter_meta(&cfg, name, &path);
+            let meta = AdapterMeta::from_config(&cfg, name, &path);
             let key = format!("{KEY_PREFIX}{path}");
             let (d_in, d_out) = (layer.d_in(), layer.d_out());
             expected.insert(format!("{key}.lora_A.weight"), vec![meta.r, d_in]);
@@ -197,28 +180,28 @@ impl<M> PeftModel<M> {
         }
 
         let paths: BTreeSet<String> = targets.into_iter().collect();
-        let method = InitMethod::parse(&cfg.init_lora_weights)?;
-        let loftq = match method {
-            InitMethod::LoftQ => Some(crate::loftq::LoftQConfig::from_lora_config(&cfg)?),
-            _ => None,
-        };
+        let method = cfg.init_lora_weights;
+        let loftq = cfg.loftq_settings()?;
         for (path, layer) in self.model.lora_linears_mut() {
             if !paths.contains(&path) {
                 continue;
             }
             let device = layer.weight.device();
             let key = format!("{KEY_PREFIX}{path}");
-            let meta = adapter_meta(&cfg, name, &path);
+            let meta = AdapterMeta::from_config(&cfg, name, &path);
             if let Some(lq) = loftq.as_ref().filter(|_| !layer.is_nf4()) {
                 // As PEFT's from_pretrained: a LoftQ adapter on a full-precision base runs LoftQ
                 // again, which quantizes the base to the Q it was trained on (deterministic);
                 // the computed factors are replaced by the saved ones below.
-                crate::loftq::init_layer(layer, lq, meta.r, &path)?;
+                loftq_init_layer(layer, lq, meta.r, &path)?;
             }
-            if matches!(method, InitMethod::Pissa { .. } | InitMethod::Olora) {
+            if matches!(
+                method,
+                InitLoraWeights::Pissa { .. } | InitLoraWeights::Olora
+            ) {
                 // As PEFT's from_pretrained: the init runs again on the base, so an adapter
                 // trained from PiSSA/OLoRA loads onto the original model and reproduces it.
-                let init = method.init_layer(layer, meta.r, meta.scaling, &path)?;
+                let init = init_factors(layer, method, meta.r, meta.scaling, &path)?;
                 if let Some(residual) = init.residual {
                     layer.set_base_weight(residual);
                 }

@@ -15,10 +15,11 @@
 //!
 //! ## 4-bit base (QLoRA) and LoftQ
 //! [`LoraLinear::quantize_nf4`] (or [`LoraLinear::from_nf4`]) keeps a layer's frozen base in
-//! bitsandbytes' NF4 ([`nf4`]): 4-bit codes plus one f32 scale per 64 values, dequantized on the
-//! fly in the forward; merging dequantizes, adds and quantizes again, as PEFT does on a 4-bit
-//! layer. `init_lora_weights = "loftq"` ([`loftq`]) quantizes the base itself and starts the
-//! adapter at a rank-r SVD of the quantization error.
+//! bitsandbytes' NF4 ([`Nf4Tensor`]): 4-bit codes plus one f32 scale per 64 values, dequantized
+//! on the fly in the forward; merging dequantizes, adds and quantizes again, as PEFT does on a
+//! 4-bit layer. `init_lora_weights = "loftq"` ([`InitLoraWeights::LoftQ`], settings in
+//! [`LoftQConfig`]) quantizes the base itself and starts the adapter at a rank-r SVD of the
+//! quantization error ([`loftq_factors`]).
 //!
 //! ```ignore
 //! impl<B: Backend> LoraModel<B> for MyMlp<B> {
@@ -32,42 +33,72 @@
 //! let mut peft = PeftModel::new(my_mlp);
 //! peft.add_adapter("default", &LoraConfig::new(8, 16.0, &["fc1"]))?;
 //! ```
+//!
+//! ## Layout
+//! Modules depend only downwards, in this order: errors, files and host tensors, safetensors,
+//! linear algebra, NF4, op selection and dropout; the config ([`LoraConfig`] with its typed
+//! sub-configs) and targeting; one adapter ([`LoraAdapter`]) and per-call routing
+//! ([`LoraCtx`]); the variants ([`LoraVariant`]); the layer ([`LoraLinear`]) and token tables;
+//! the model trait ([`LoraModel`]); the initialisations (PiSSA / OLoRA, LoftQ, EVA); the
+//! model-level operations on [`PeftModel`] (add, load / save, merge, weighted combinations,
+//! replication, conversion); the optimizers ([`LoraOptimizer`]).
 
-pub mod alora;
-pub mod config;
-pub mod convert;
-#[cfg(feature = "cuda")]
-pub mod cuda;
-pub mod decompose;
-pub mod error;
-pub mod eva;
-pub mod init;
-pub mod io;
-pub mod layer;
+#![warn(missing_docs)]
+
+mod adapter;
+mod add;
+mod config;
+mod convert;
+mod decompose;
+mod dropout;
+mod error;
+mod eva;
+mod files;
+mod fused;
+mod host;
+mod init;
+mod io;
+mod layer;
 pub mod linalg;
-pub mod loftq;
-pub mod model;
-pub mod nf4;
-pub mod nf4_weight;
-pub mod optim;
-pub mod replicate;
-pub mod st;
-pub mod target;
-pub mod tokens;
-pub mod variant;
-pub mod weighted;
+mod loftq;
+mod merge;
+mod model;
+mod nf4;
+mod nf4_weight;
+mod optim;
+mod peft;
+mod replicate;
+mod routing;
+mod st;
+mod target;
+mod tokens;
+mod variant;
+mod weighted;
 
-pub use config::{BiasMode, InitLoraWeights, LoraConfig, TargetModules, TokenIndices};
-pub use error::{Error, Result};
-pub use layer::{
-    seed_dropout, with_training, AdapterMeta, InputCapture, LayerState, LoraAdapter, LoraCtx,
-    LoraLinear,
+pub use adapter::{AdapterMeta, InputCapture, LayerState, LoraAdapter, VariantKind};
+pub use config::{
+    BiasMode, EvaConfig, InitLoraWeights, LoftQConfig, LoraConfig, OneOrMany, TargetModules,
+    TokenIndices,
 };
-pub use loftq::LoftQConfig;
-pub use model::{LoraModel, PeftModel, TrainableReport};
+pub use dropout::{seed_dropout, with_training};
+pub use error::{Error, Result};
+pub use eva::{EvaLimits, EvaProgress, EvaReport};
+pub use host::{to_host, HostTensor};
+pub use init::{init_factors, LayerInit};
+pub use io::{
+    adapter_dir, adapter_state_dict, token_delta_key, KEY_PREFIX, TOKEN_DELTA_SUFFIX, WEIGHTS_FILE,
+};
+pub use layer::LoraLinear;
+pub use loftq::{loftq_factors, LoftQFactors};
+pub use model::{alora_offsets, alora_row_invocations, LoraModel};
 pub use nf4::{Nf4Tensor, NF4_BLOCKSIZE, NF4_CODE};
 pub use nf4_weight::Nf4Weight;
 pub use optim::{AdamWConfig, GradAccumulator, LoraOptimizer, OptimizerKind};
+pub use peft::{PeftModel, TrainableReport};
+pub use replicate::layer_map;
+pub use routing::{alora_positions, invocation_offset, LoraCtx};
+pub use st::{write_f32, SafetensorsFile};
+pub use target::{is_target, ALL_LINEAR};
 pub use tokens::{TokenAdapter, TrainableTokens};
-pub use variant::{LoraVariant, VariantKind};
+pub use variant::{Base, LoraVariant};
 pub use weighted::Combination;

@@ -1,15 +1,18 @@
-//! Dense decompositions on the host, through [faer](https://docs.rs/faer): thin SVD, thin QR and
-//! PyTorch's randomized `svd_lowrank`.
+//! Dense decompositions on the host, through [faer](https://docs.rs/faer): thin SVD (f32 or f64),
+//! thin QR, pseudo-inverse and PyTorch's randomized `svd_lowrank`. This is the crate's only
+//! linear-algebra library: every SVD, QR and inverse (PiSSA, OLoRA, EVA, LoftQ, the SVD-based
+//! adapter combinations, LoRA-FA's projection) goes through here.
 //!
-//! faer was chosen over nalgebra for these because its blocked, multi-threaded SVD is ~30x
+//! faer was chosen (over nalgebra, used before) because its blocked, multi-threaded SVD is ~30x
 //! faster on Llama-sized matrices (4096 x 4096 in seconds instead of minutes), which is what
 //! PiSSA, OLoRA and EVA decompose.
 
 use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
+use faer::traits::RealField;
 use faer::{Mat, MatRef};
 
 use crate::error::{Error, Result};
-use crate::st::to_host;
+use crate::host::to_host;
 
 /// A Burn matrix copied to the host as an f32 faer matrix.
 pub fn to_mat<B: Backend>(t: Tensor<B, 2>) -> Mat<f32> {
@@ -30,33 +33,57 @@ pub fn from_mat<B: Backend>(m: MatRef<'_, f32>, device: &B::Device) -> Tensor<B,
     Tensor::from_data(TensorData::new(data, [rows, cols]), device)
 }
 
-/// The leading `k` singular triplets: `m ~ u diag(s) v^T`, singular values descending.
+/// The leading `k` singular triplets: `m ~ u diag(s) v^T`, singular values descending. `T` is
+/// `f32` (PiSSA, OLoRA, EVA) or `f64` (LoftQ, adapter combinations).
 #[derive(Debug, Clone)]
-pub struct TruncatedSvd {
+pub struct TruncatedSvd<T = f32> {
     /// Left singular vectors, `[rows, k]`.
-    pub u: Mat<f32>,
+    pub u: Mat<T>,
     /// Singular values, descending.
-    pub s: Vec<f32>,
-    /// Right singular vectors, `[cols, k]`.
-    pub v: Mat<f32>,
+    pub s: Vec<T>,
+    /// Right singular vectors, `[cols, k]` (`Vh^T`: row `j` of `Vh` is column `j` here).
+    pub v: Mat<T>,
 }
 
-/// Full thin SVD of `m`, truncated to the top `k` (`torch.linalg.svd(..., full_matrices=False)`).
-pub fn svd_top(m: MatRef<'_, f32>, k: usize, module: &str) -> Result<TruncatedSvd> {
+/// Full thin SVD of `m`, truncated to the top `k` (`torch.linalg.svd(..., full_matrices=False)`),
+/// in `m`'s precision (`f32` or `f64`).
+pub fn svd_top<T: RealField>(m: MatRef<'_, T>, k: usize, module: &str) -> Result<TruncatedSvd<T>> {
     let svd = m.thin_svd().map_err(|e| Error::LinAlg {
         module: module.into(),
         message: format!("SVD did not converge: {e:?}"),
     })?;
     let s = svd.S().column_vector();
-    // faer returns singular values in non-increasing order; keep the order explicit anyway.
+    // faer returns singular values in non-increasing order; keep the order explicit anyway
+    // (a stable sort, so ties keep faer's order).
     let mut order: Vec<usize> = (0..s.nrows()).collect();
-    order.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
+    order.sort_by(|&a, &b| s[b].partial_cmp(&s[a]).unwrap_or(std::cmp::Ordering::Equal));
     order.truncate(k);
     Ok(TruncatedSvd {
-        u: Mat::from_fn(m.nrows(), order.len(), |i, j| svd.U()[(i, order[j])]),
-        s: order.iter().map(|&i| s[i]).collect(),
-        v: Mat::from_fn(m.ncols(), order.len(), |i, j| svd.V()[(i, order[j])]),
+        u: Mat::from_fn(m.nrows(), order.len(), |i, j| {
+            svd.U()[(i, order[j])].clone()
+        }),
+        s: order.iter().map(|&i| s[i].clone()).collect(),
+        v: Mat::from_fn(m.ncols(), order.len(), |i, j| {
+            svd.V()[(i, order[j])].clone()
+        }),
     })
+}
+
+/// Moore-Penrose pseudo-inverse `V diag(1/s) U^T` of `m` through its thin SVD, singular values
+/// `<= eps` (absolute) counting as zero, as nalgebra's `pseudo_inverse(eps)`. An invertible,
+/// well-separated-from-`eps` matrix gets its inverse. Errors only if the SVD does not converge.
+pub fn pinv(m: MatRef<'_, f64>, eps: f64, module: &str) -> Result<Mat<f64>> {
+    let svd = m.thin_svd().map_err(|e| Error::LinAlg {
+        module: module.into(),
+        message: format!("SVD did not converge: {e:?}"),
+    })?;
+    let s = svd.S().column_vector();
+    let inv: Vec<f64> = (0..s.nrows())
+        .map(|i| if s[i] > eps { 1.0 / s[i] } else { 0.0 })
+        .collect();
+    let v = svd.V();
+    let v_scaled = Mat::<f64>::from_fn(v.nrows(), v.ncols(), |i, j| v[(i, j)] * inv[j]);
+    Ok(&v_scaled * svd.U().transpose())
 }
 
 /// Thin QR: `m = q r` with `q` `[rows, min]` orthonormal and `r` `[min, cols]` upper triangular.

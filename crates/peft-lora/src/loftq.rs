@@ -14,106 +14,14 @@
 //! the adapter starts at `scaling * L R`.
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use nalgebra::DMatrix;
+use faer::Mat;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use serde_json::Value;
 
-use crate::config::LoraConfig;
+use crate::config::LoftQConfig;
 use crate::error::{Error, Result};
 use crate::layer::LoraLinear;
+use crate::linalg::{qr_thin, svd_top, TruncatedSvd};
 use crate::nf4::Nf4Tensor;
-
-/// PEFT's `LoftQConfig`, read from `loftq_config` of a [`LoraConfig`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LoftQConfig {
-    /// Bits of the quantized base; only 4 (NF4) is implemented.
-    pub loftq_bits: u32,
-    /// Alternating quantize / SVD iterations, at least 1.
-    pub loftq_iter: usize,
-}
-
-impl Default for LoftQConfig {
-    fn default() -> Self {
-        LoftQConfig {
-            loftq_bits: 4,
-            loftq_iter: 1,
-        }
-    }
-}
-
-impl LoftQConfig {
-    /// Reads and checks `cfg.loftq_config` (required, as in PEFT, when `init_lora_weights` is
-    /// `"loftq"`; a key left out takes `LoftQConfig`'s default: 4 bits, 1 iteration).
-    pub fn from_lora_config(cfg: &LoraConfig) -> Result<Self> {
-        let example = r#"e.g. {"loftq_bits": 4, "loftq_iter": 1}"#;
-        let map = match cfg.extra.get("loftq_config") {
-            Some(Value::Object(m)) if !m.is_empty() => m,
-            Some(Value::Object(_)) | Some(Value::Null) | None => {
-                return Err(Error::config(
-                    "loftq_config",
-                    format!("must be given when init_lora_weights is \"loftq\" ({example})"),
-                ))
-            }
-            Some(other) => {
-                return Err(Error::config(
-                    "loftq_config",
-                    format!("expected an object ({example}), found {other}"),
-                ))
-            }
-        };
-        let mut out = LoftQConfig::default();
-        for (key, v) in map {
-            let n = v.as_u64().ok_or_else(|| {
-                Error::config(
-                    "loftq_config",
-                    format!("`{key}` must be a non-negative integer, found {v}"),
-                )
-            })?;
-            match key.as_str() {
-                "loftq_bits" => out.loftq_bits = u32::try_from(n).unwrap_or(u32::MAX),
-                "loftq_iter" => out.loftq_iter = usize::try_from(n).unwrap_or(usize::MAX),
-                other => {
-                    return Err(Error::config(
-                        "loftq_config",
-                        format!("unknown key `{other}`; expected loftq_bits and loftq_iter"),
-                    ))
-                }
-            }
-        }
-        out.validate()?;
-        Ok(out)
-    }
-
-    /// Checks the bit width and the iteration count.
-    pub fn validate(&self) -> Result<()> {
-        match self.loftq_bits {
-            4 => {}
-            8 => {
-                return Err(Error::Unsupported {
-                    field: "loftq_config.loftq_bits".into(),
-                    value: "8".into(),
-                    reason: "8-bit LoftQ (bitsandbytes int8) is not implemented; use 4 (NF4)"
-                        .into(),
-                })
-            }
-            b => {
-                return Err(Error::config(
-                    "loftq_config.loftq_bits",
-                    format!(
-                        "{b} bits: PEFT's LoftQ quantizes to 4 (NF4) or 8 bits; this crate to 4"
-                    ),
-                ))
-            }
-        }
-        if self.loftq_iter == 0 {
-            return Err(Error::config(
-                "loftq_config.loftq_iter",
-                "must be at least 1 (each iteration quantizes once and takes one SVD)",
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// What LoftQ produces for one matrix, in PyTorch layout.
 #[derive(Debug, Clone)]
@@ -130,7 +38,7 @@ pub struct LoftQFactors {
 
 /// Matrices with `min(out, in)` up to this get an exact SVD (as PEFT); larger ones a randomized
 /// range finder with power iterations (a full SVD of a 4096 x 14336 matrix takes minutes here).
-pub const EXACT_SVD_MAX_DIM: usize = 1024;
+pub(crate) const EXACT_SVD_MAX_DIM: usize = 1024;
 
 /// LoftQ of one weight `w` (row-major, PyTorch layout `shape = [out, in]`) at rank `r`.
 /// `module` names the layer in errors.
@@ -176,7 +84,7 @@ pub fn loftq_factors(
 
 /// Runs LoftQ on one layer: its base becomes the NF4 `Q` and the returned `(A [in, r],
 /// B [r, out])` (Burn layout) start the adapter.
-pub fn init_layer<B: Backend>(
+pub fn loftq_init_layer<B: Backend>(
     layer: &mut LoraLinear<B>,
     cfg: &LoftQConfig,
     r: usize,
@@ -219,13 +127,7 @@ pub fn init_layer<B: Backend>(
 
 /// `L = U_r sqrt(S_r)` `[m, r]` and `R = sqrt(S_r) Vh_r` `[r, n]` of a row-major `[m, n]` matrix
 /// (PEFT's `_low_rank_decomposition`), both row-major f32.
-pub fn low_rank(
-    a: &[f32],
-    m: usize,
-    n: usize,
-    r: usize,
-    module: &str,
-) -> Result<(Vec<f32>, Vec<f32>)> {
+fn low_rank(a: &[f32], m: usize, n: usize, r: usize, module: &str) -> Result<(Vec<f32>, Vec<f32>)> {
     low_rank_with(a, m, n, r, m.min(n) <= EXACT_SVD_MAX_DIM, module)
 }
 
@@ -237,10 +139,9 @@ fn low_rank_with(
     exact: bool,
     module: &str,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    let (u, s, vt) = if exact {
-        let mat =
-            DMatrix::<f64>::from_row_slice(m, n, &a.iter().map(|v| *v as f64).collect::<Vec<_>>());
-        top_svd(mat, r, module)?
+    let TruncatedSvd { u, s, v } = if exact {
+        let mat = Mat::<f64>::from_fn(m, n, |i, j| a[i * n + j] as f64);
+        svd_top(mat.as_ref(), r, module)?
     } else {
         randomized_svd(a, m, n, r, module)?
     };
@@ -252,62 +153,50 @@ fn low_rank_with(
             l[i * r + k] = (u[(i, k)] * sq) as f32;
         }
         for j in 0..n {
-            rr[k * n + j] = (sq * vt[(k, j)]) as f32;
+            rr[k * n + j] = (sq * v[(j, k)]) as f32;
         }
     }
     Ok((l, rr))
-}
-
-type Svd = (DMatrix<f64>, Vec<f64>, DMatrix<f64>);
-
-/// The top-`r` singular triplets of `mat`, singular values descending.
-fn top_svd(mat: DMatrix<f64>, r: usize, module: &str) -> Result<Svd> {
-    let svd = mat.svd(true, true);
-    let (Some(u), Some(vt)) = (svd.u, svd.v_t) else {
-        return Err(Error::LinAlg {
-            module: module.into(),
-            message: "SVD did not converge".into(),
-        });
-    };
-    let sv = svd.singular_values;
-    let mut order: Vec<usize> = (0..sv.len()).collect();
-    order.sort_by(|&i, &j| {
-        sv[j]
-            .partial_cmp(&sv[i])
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
-    let order = &order[..r.min(order.len())];
-    let u_r = DMatrix::from_fn(u.nrows(), order.len(), |i, k| u[(i, order[k])]);
-    let vt_r = DMatrix::from_fn(order.len(), vt.ncols(), |k, j| vt[(order[k], j)]);
-    let s_r = order.iter().map(|&k| sv[k]).collect();
-    Ok((u_r, s_r, vt_r))
 }
 
 /// Power iterations of the randomized range finder (Halko, Martinsson & Tropp 2011, alg. 4.4).
 const POWER_ITERS: usize = 4;
 
 /// Top-`r` SVD from a randomized range finder with oversampling and power iterations.
-fn randomized_svd(a: &[f32], m: usize, n: usize, r: usize, module: &str) -> Result<Svd> {
+fn randomized_svd(
+    a: &[f32],
+    m: usize,
+    n: usize,
+    r: usize,
+    module: &str,
+) -> Result<TruncatedSvd<f64>> {
     let k = (2 * r).max(r + 8).min(m.min(n));
-    let mat = DMatrix::<f32>::from_row_slice(m, n, a);
-    let mut rng = StdRng::seed_from_u64(0x10f7_0);
-    let omega = DMatrix::<f32>::from_fn(n, k, |_, _| rng.random_range(-1.0f32..1.0));
-    let mut q = (&mat * omega).qr().q();
+    let mat = Mat::<f32>::from_fn(m, n, |i, j| a[i * n + j]);
+    let mut rng = StdRng::seed_from_u64(0x0001_0f70);
+    // The sketch is drawn column by column (the order the generator has always been used in).
+    let draws: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let omega = Mat::<f32>::from_fn(n, k, |i, j| draws[j * n + i]);
+    let mut q = qr_thin((&mat * &omega).as_ref()).0;
     for _ in 0..POWER_ITERS {
-        let z = (mat.tr_mul(&q)).qr().q();
-        q = (&mat * z).qr().q();
+        let z = qr_thin((mat.transpose() * &q).as_ref()).0;
+        q = qr_thin((&mat * &z).as_ref()).0;
     }
-    let small = q.tr_mul(&mat); // [k, n]
-    let (ub, s, vt) = top_svd(small.cast::<f64>(), r, module)?;
-    let u = q.cast::<f64>() * ub;
-    Ok((u, s, vt))
+    let small = q.transpose() * &mat; // [k, n]
+    let small = Mat::<f64>::from_fn(small.nrows(), n, |i, j| small[(i, j)] as f64);
+    let svd = svd_top(small.as_ref(), r, module)?;
+    let q = Mat::<f64>::from_fn(m, q.ncols(), |i, j| q[(i, j)] as f64);
+    Ok(TruncatedSvd {
+        u: &q * &svd.u,
+        s: svd.s,
+        v: svd.v,
+    })
 }
 
-/// Row-major `[m, k] x [k, n]`.
+/// Row-major `[m, k] x [k, n]`, in f64.
 fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    let am = DMatrix::<f64>::from_row_slice(m, k, &a.iter().map(|v| *v as f64).collect::<Vec<_>>());
-    let bm = DMatrix::<f64>::from_row_slice(k, n, &b.iter().map(|v| *v as f64).collect::<Vec<_>>());
-    let c = am * bm;
+    let am = Mat::<f64>::from_fn(m, k, |i, j| a[i * k + j] as f64);
+    let bm = Mat::<f64>::from_fn(k, n, |i, j| b[i * n + j] as f64);
+    let c = &am * &bm;
     let mut out = Vec::with_capacity(m * n);
     for i in 0..m {
         for j in 0..n {
@@ -328,7 +217,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         let mut a = vec![0f32; m * n];
         for k in 0..12 {
-            let sigma = 2f32.powi(-(k as i32));
+            let sigma = 2f32.powi(-k);
             let u: Vec<f32> = (0..m).map(|_| rng.random_range(-1.0..1.0)).collect();
             let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
             for i in 0..m {

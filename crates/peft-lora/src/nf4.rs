@@ -11,6 +11,7 @@
 //! does not use it, and it saves only 0.37 bits per weight.
 
 /// The 16 NF4 code values (bitsandbytes' `get_4bit_type("nf4")`), sorted.
+#[allow(clippy::excessive_precision)] // the digits bitsandbytes lists; each rounds to its f32
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
@@ -123,7 +124,7 @@ impl Nf4Tensor {
     /// The code index (0..16) of value `i` (row-major).
     pub fn code(&self, i: usize) -> u8 {
         let byte = self.packed[i / 2];
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             byte >> 4
         } else {
             byte & 0x0f

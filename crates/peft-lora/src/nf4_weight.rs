@@ -6,8 +6,6 @@ use burn::tensor::{
     backend::Backend, get_device_settings, DType, ElementConversion, Int, Tensor, TensorData,
 };
 
-use crate::error::{Error, Result};
-use crate::layer::{LayerState, LoraLinear};
 use crate::nf4::{Nf4Tensor, NF4_CODE};
 
 /// An NF4 weight on the device. Memory: `ceil(n / 2)` bytes of codes (a `u8` int tensor) and
@@ -121,68 +119,6 @@ impl<B: Backend> Nf4Weight<B> {
         let (p, a) = (self.packed.val(), self.absmax.val());
         p.dtype().size() * p.dims()[0] + a.dtype().size() * a.dims()[0]
     }
-}
-
-impl<B: Backend> LoraLinear<B> {
-    /// A frozen layer whose base is an NF4 matrix (PyTorch layout `[out, in]`), with an optional
-    /// bias `[out]`.
-    pub fn from_nf4(q: &Nf4Tensor, bias: Option<Tensor<B, 1>>, device: &B::Device) -> Self {
-        LoraLinear {
-            weight: placeholder(device),
-            bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
-            nf4: Some(Nf4Weight::from_host(q, device)),
-            adapters: Vec::new(),
-            state: LayerState::default(),
-        }
-    }
-
-    /// Whether the frozen base is stored in NF4.
-    pub fn is_nf4(&self) -> bool {
-        self.nf4.is_some()
-    }
-
-    /// Stores the frozen base in NF4 (bitsandbytes' `load_in_4bit`), dropping the dense weight.
-    /// A no-op when it already is; refused while adapters are merged into the weight.
-    pub fn quantize_nf4(&mut self, module: &str) -> Result<()> {
-        if self.nf4.is_some() {
-            return Ok(());
-        }
-        if let Some(name) = self.state.merged.first() {
-            return Err(Error::Merge {
-                adapter: name.clone(),
-                module: module.into(),
-                reason: "unmerge before quantizing the base to NF4".into(),
-            });
-        }
-        let q = quantize_burn(self.weight.val());
-        self.set_nf4_base(&q);
-        Ok(())
-    }
-
-    /// Makes `q` (PyTorch layout `[out, in]`) the frozen base, dropping the dense weight.
-    pub fn set_nf4_base(&mut self, q: &Nf4Tensor) {
-        let device = self.weight.device();
-        self.nf4 = Some(Nf4Weight::from_host(q, &device));
-        self.weight = placeholder(&device);
-    }
-
-    /// Replaces the frozen base with `w` (Burn layout `[in, out]`), requantizing to NF4 when the
-    /// base is stored in NF4 (as PEFT merges into a bitsandbytes 4-bit layer: dequantize, add,
-    /// quantize again, which rounds).
-    pub(crate) fn set_base_weight(&mut self, w: Tensor<B, 2>) {
-        let device = w.device();
-        if self.nf4.is_some() {
-            self.nf4 = Some(Nf4Weight::from_host(&quantize_burn(w), &device));
-        } else {
-            self.weight = Param::from_tensor(w.detach()).set_require_grad(false);
-        }
-    }
-}
-
-/// The `weight` of an NF4 layer: a 1x1 zero, so that any code still reading `weight` directly
-/// fails on a shape mismatch instead of computing with a stale dense matrix.
-fn placeholder<B: Backend>(device: &B::Device) -> Param<Tensor<B, 2>> {
-    Param::from_tensor(Tensor::zeros([1, 1], device)).set_require_grad(false)
 }
 
 /// Quantizes a Burn-layout `[in, out]` weight in PyTorch's `[out, in]` order (bitsandbytes'

@@ -11,8 +11,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, FloatDType, Tensor, TensorData};
 
 use crate::error::{Error, Result};
+use crate::host::{to_host, HostTensor};
+use crate::linalg::pinv;
 use crate::model::LoraModel;
-use crate::st::{to_host, HostTensor};
 
 /// Which update rule.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -80,12 +81,16 @@ impl Slot {
     }
 }
 
-/// Accumulated gradients of one or more micro-batches, keyed by `path.adapter.slot`.
-pub struct GradAccumulator<B: Backend> {
-    grads: BTreeMap<String, Tensor<B, 2>>,
+/// The backend an autodiff backend `AB` differentiates (where gradients and optimizer state live).
+type Inner<AB> = <AB as AutodiffBackend>::InnerBackend;
+
+/// Accumulated gradients of one or more micro-batches of a model on the autodiff backend `AB`,
+/// keyed by `path.adapter.slot`.
+pub struct GradAccumulator<AB: AutodiffBackend> {
+    grads: BTreeMap<String, Tensor<Inner<AB>, 2>>,
 }
 
-impl<B: Backend> Default for GradAccumulator<B> {
+impl<AB: AutodiffBackend> Default for GradAccumulator<AB> {
     fn default() -> Self {
         GradAccumulator {
             grads: BTreeMap::new(),
@@ -121,17 +126,13 @@ fn accumulate<B: Backend>(old: Tensor<B, 2>, g: Tensor<B, 2>) -> Tensor<B, 2> {
     }
 }
 
-impl<B: Backend> GradAccumulator<B> {
+impl<AB: AutodiffBackend> GradAccumulator<AB> {
     /// Adds the adapter gradients of one backward pass.
-    pub fn add<AB, M>(&mut self, model: &M, grads: &AB::Gradients)
-    where
-        AB: AutodiffBackend<InnerBackend = B>,
-        M: LoraModel<AB>,
-    {
+    pub fn add<M: LoraModel<AB>>(&mut self, model: &M, grads: &AB::Gradients) {
         for (path, layer) in model.lora_linears() {
             for ad in &layer.adapters {
                 let name = ad.name();
-                let mut put = |slot: Slot, g: Option<Tensor<B, 2>>| {
+                let mut put = |slot: Slot, g: Option<Tensor<Inner<AB>, 2>>| {
                     if let Some(g) = g {
                         let k = key(&path, name, slot);
                         let v = match self.grads.remove(&k) {
@@ -168,7 +169,7 @@ impl<B: Backend> GradAccumulator<B> {
         }
     }
 
-    fn put(&mut self, k: String, g: Tensor<B, 2>) {
+    fn put(&mut self, k: String, g: Tensor<Inner<AB>, 2>) {
         let v = match self.grads.remove(&k) {
             Some(old) => accumulate(old, g),
             None => g,
@@ -181,8 +182,8 @@ impl<B: Backend> GradAccumulator<B> {
         // On CUDA: one kernel per tensor instead of three.
         #[cfg(feature = "cuda")]
         {
-            let ts: Vec<Tensor<B, 2>> = self.grads.values().cloned().collect();
-            if let Some(sum) = crate::cuda::sum_of_squares(&ts) {
+            let ts: Vec<Tensor<Inner<AB>, 2>> = self.grads.values().cloned().collect();
+            if let Some(sum) = burn_cuda_ops::sum_of_squares(&ts) {
                 return sum.sqrt();
             }
         }
@@ -223,18 +224,18 @@ struct Moments<B: Backend> {
     master: Option<Tensor<B, 2>>,
 }
 
-/// AdamW / LoRA+ / LoRA-FA over the adapters of a [`LoraModel`].
-pub struct LoraOptimizer<B: Backend> {
+/// AdamW / LoRA+ / LoRA-FA over the adapters of a [`LoraModel`] on the autodiff backend `AB`.
+pub struct LoraOptimizer<AB: AutodiffBackend> {
     /// Update rule.
     pub kind: OptimizerKind,
     /// Hyper-parameters.
     pub adamw: AdamWConfig,
     /// Steps taken (for bias correction).
     pub step: u64,
-    state: BTreeMap<String, Moments<B>>,
+    state: BTreeMap<String, Moments<Inner<AB>>>,
 }
 
-impl<B: Backend> LoraOptimizer<B> {
+impl<AB: AutodiffBackend> LoraOptimizer<AB> {
     /// A fresh optimizer.
     pub fn new(kind: OptimizerKind, adamw: AdamWConfig) -> Self {
         LoraOptimizer {
@@ -246,11 +247,7 @@ impl<B: Backend> LoraOptimizer<B> {
     }
 
     /// Prepares a model for this optimizer: LoRA-FA freezes every A.
-    pub fn prepare<AB, M>(&self, model: &mut M)
-    where
-        AB: AutodiffBackend<InnerBackend = B>,
-        M: LoraModel<AB>,
-    {
+    pub fn prepare<M: LoraModel<AB>>(&self, model: &mut M) {
         if self.kind == OptimizerKind::LoraFa {
             for (_, layer) in model.lora_linears_mut() {
                 for ad in &mut layer.adapters {
@@ -264,17 +261,13 @@ impl<B: Backend> LoraOptimizer<B> {
     /// One update with the accumulated gradients (already averaged by the caller), clipped to
     /// `max_grad_norm` if given. Returns the gradient norm before clipping; when it is not
     /// finite nothing is updated.
-    pub fn step<AB, M>(
+    pub fn step<M: LoraModel<AB>>(
         &mut self,
         model: &mut M,
-        mut acc: GradAccumulator<B>,
+        mut acc: GradAccumulator<AB>,
         lr: f64,
         max_grad_norm: Option<f64>,
-    ) -> f64
-    where
-        AB: AutodiffBackend<InnerBackend = B>,
-        M: LoraModel<AB>,
-    {
+    ) -> f64 {
         let norm = acc.global_norm();
         if !norm.is_finite() {
             // Leave the weights and the state untouched; the caller reports the step.
@@ -297,15 +290,16 @@ impl<B: Backend> LoraOptimizer<B> {
                 let name = ad.meta.name.clone();
                 let scaling = ad.meta.scaling;
                 let a_inner = ad.lora_a.val().inner();
-                let mut next = |slot: Slot, old: Tensor<B, 2>| -> Option<Tensor<B, 2>> {
-                    let k = key(&path, &name, slot);
-                    let mut g = acc.grads.remove(&k)?;
-                    if self.kind == OptimizerKind::LoraFa && slot == Slot::B {
-                        // Linear in g, so projecting before the clip equals projecting after.
-                        g = lora_fa_project(g, &a_inner, scaling);
-                    }
-                    Some(self.update(k, slot, g, old, &h))
-                };
+                let mut next =
+                    |slot: Slot, old: Tensor<Inner<AB>, 2>| -> Option<Tensor<Inner<AB>, 2>> {
+                        let k = key(&path, &name, slot);
+                        let mut g = acc.grads.remove(&k)?;
+                        if self.kind == OptimizerKind::LoraFa && slot == Slot::B {
+                            // Linear in g, so projecting before the clip equals projecting after.
+                            g = lora_fa_project(g, &a_inner, scaling);
+                        }
+                        Some(self.update(k, slot, g, old, &h))
+                    };
                 if let Some(n) = next(Slot::A, ad.lora_a.val().inner()) {
                     ad.lora_a = trainable(n);
                 }
@@ -342,10 +336,10 @@ impl<B: Backend> LoraOptimizer<B> {
         &mut self,
         k: String,
         slot: Slot,
-        g: Tensor<B, 2>,
-        old: Tensor<B, 2>,
+        g: Tensor<Inner<AB>, 2>,
+        old: Tensor<Inner<AB>, 2>,
         h: &Hyper,
-    ) -> Tensor<B, 2> {
+    ) -> Tensor<Inner<AB>, 2> {
         let c = self.adamw.clone();
         let lr = h.lr;
         let (lr_here, wd) = match (&self.kind, slot) {
@@ -386,7 +380,7 @@ impl<B: Backend> LoraOptimizer<B> {
         // On CUDA: the whole AdamW rule in one kernel instead of ~16 tensor ops.
         #[cfg(feature = "cuda")]
         if self.kind != OptimizerKind::LoraFa {
-            let step = crate::cuda::AdamWStep {
+            let step = burn_cuda_ops::AdamWStep {
                 clip: h.clip as f32,
                 betas: (c.beta1 as f32, c.beta2 as f32),
                 lr: lr_here as f32,
@@ -396,12 +390,13 @@ impl<B: Backend> LoraOptimizer<B> {
             };
             if st.master.is_some() {
                 if let Some((master, m, v, p)) =
-                    crate::cuda::adamw_update_master(&old, &g, &st.m, &st.v, step, low)
+                    burn_cuda_ops::adamw_update_master(&old, &g, &st.m, &st.v, step, low)
                 {
                     (st.m, st.v, st.master) = (m, v, Some(master));
                     return p;
                 }
-            } else if let Some((p, m, v)) = crate::cuda::adamw_update(&old, &g, &st.m, &st.v, step)
+            } else if let Some((p, m, v)) =
+                burn_cuda_ops::adamw_update(&old, &g, &st.m, &st.v, step)
             {
                 (st.m, st.v) = (m, v);
                 return p;
@@ -456,7 +451,7 @@ impl<B: Backend> LoraOptimizer<B> {
     pub fn load_state(
         &mut self,
         tensors: &BTreeMap<String, HostTensor>,
-        device: &B::Device,
+        device: &AB::Device,
     ) -> Result<()> {
         self.state.clear();
         self.step = tensors.get("step").map(|t| t.data[0] as u64).unwrap_or(0);
@@ -473,7 +468,7 @@ impl<B: Backend> LoraOptimizer<B> {
                     })?;
             // A saved master means a 16-bit parameter: master and moments are f32.
             let master = tensors.get(&format!("{base}.master"));
-            let to2 = |h: &HostTensor| -> Tensor<B, 2> {
+            let to2 = |h: &HostTensor| -> Tensor<Inner<AB>, 2> {
                 let (r, c) = match h.shape.as_slice() {
                     [r, c] => (*r, *c),
                     [n] => (1, *n),
@@ -504,17 +499,10 @@ fn lora_fa_project<B: Backend>(g_b: Tensor<B, 2>, a: &Tensor<B, 2>, scaling: f64
     let r = a.dims()[1];
     let ata = a.clone().transpose().matmul(a.clone());
     let host: Vec<f32> = ata.into_data().convert::<f32>().to_vec().expect("f32");
-    let mut m = nalgebra::DMatrix::<f64>::from_row_slice(
-        r,
-        r,
-        &host.iter().map(|v| *v as f64).collect::<Vec<_>>(),
-    );
-    for i in 0..r {
-        m[(i, i)] += 1e-8;
-    }
-    let pinv = m
-        .pseudo_inverse(1e-12)
-        .unwrap_or_else(|_| nalgebra::DMatrix::identity(r, r));
+    let m = faer::Mat::<f64>::from_fn(r, r, |i, j| {
+        host[i * r + j] as f64 + if i == j { 1e-8 } else { 0.0 }
+    });
+    let pinv = pinv(m.as_ref(), 1e-12, "lora_fa").unwrap_or_else(|_| faer::Mat::identity(r, r));
     let flat: Vec<f32> = (0..r)
         .flat_map(|i| (0..r).map(move |j| (i, j)))
         .map(|(i, j)| pinv[(i, j)] as f32)

@@ -7,43 +7,21 @@
 //! adapters are added after the copy. Merging is refused: an adapter merged into a shared weight
 //! would change every copy.
 
-use crate::config::LoraConfig;
+use burn::tensor::backend::Backend;
+
+use crate::config::{check_replication_ranges, LoraConfig, REPLICATION_FIELD as FIELD};
 use crate::error::{Error, Result};
-use crate::model::{LoraModel, PeftModel};
-
-/// The field name used in every error of this module.
-pub const FIELD: &str = "layer_replication";
-
-/// Checks the ranges without knowing the model: a non-empty list of `[start, end)` with
-/// `start < end`.
-pub fn check_ranges(ranges: &[[usize; 2]]) -> Result<()> {
-    if ranges.is_empty() {
-        return Err(Error::config(
-            FIELD,
-            "is an empty list; give [start, end) layer ranges, or null for no replication",
-        ));
-    }
-    for [start, end] in ranges {
-        if start >= end {
-            return Err(Error::config(
-                FIELD,
-                format!(
-                    "range [{start}, {end}] is empty: start must be below end (end is exclusive)"
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
+use crate::model::LoraModel;
+use crate::peft::PeftModel;
 
 /// The original index of every layer after replication, for a stack of `n_layers`.
 ///
 /// ```
-/// # use peft_lora::replicate::layer_map;
+/// # use peft_lora::layer_map;
 /// assert_eq!(layer_map(&[[0, 4], [2, 5]], 5).unwrap(), vec![0, 1, 2, 3, 2, 3, 4]);
 /// ```
 pub fn layer_map(ranges: &[[usize; 2]], n_layers: usize) -> Result<Vec<usize>> {
-    check_ranges(ranges)?;
+    check_replication_ranges(ranges)?;
     let mut out = Vec::new();
     for [start, end] in ranges {
         if *end > n_layers {
@@ -60,24 +38,18 @@ pub fn layer_map(ranges: &[[usize; 2]], n_layers: usize) -> Result<Vec<usize>> {
     Ok(out)
 }
 
-impl<M> PeftModel<M> {
+impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
     /// Applies `cfg.layer_replication` before an adapter is added or loaded.
     ///
     /// A model is replicated once: a later adapter with the same ranges reuses the replicated
     /// stack (PEFT would replicate the already replicated stack again and copy the earlier
     /// adapter's weights into the new layers); different ranges, or replication after other
     /// adapters exist, are refused.
-    pub(crate) fn prepare_replication<B: burn::tensor::backend::Backend>(
-        &mut self,
-        cfg: &LoraConfig,
-    ) -> Result<()>
-    where
-        M: LoraModel<B>,
-    {
+    pub(crate) fn prepare_replication(&mut self, cfg: &LoraConfig) -> Result<()> {
         let Some(ranges) = &cfg.layer_replication else {
             return Ok(());
         };
-        check_ranges(ranges)?;
+        check_replication_ranges(ranges)?;
         match &self.replicated {
             Some(done) if done == ranges => Ok(()),
             Some(done) => Err(Error::config(

@@ -11,8 +11,8 @@
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor, TensorData};
 
+use crate::adapter::LayerState;
 use crate::error::{Error, Result};
-use crate::layer::LayerState;
 
 /// One adapter's trainable rows of one table.
 #[derive(Module, Debug)]

@@ -3,10 +3,11 @@
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
+use crate::adapter::{AdapterMeta, VariantKind};
 use crate::error::{Error, Result};
-use crate::layer::AdapterMeta;
-use crate::model::{LoraModel, PeftModel};
-use crate::variant::VariantKind;
+use crate::linalg::svd_top;
+use crate::model::LoraModel;
+use crate::peft::PeftModel;
 
 /// How adapters are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,21 +23,18 @@ pub enum Combination {
     },
 }
 
-impl<M> PeftModel<M> {
+impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
     /// Adds adapter `name` combining `adapters` with `weights` (PEFT's `add_weighted_adapter`).
     /// The new adapter has scaling 1 (alpha = r); DoRA adapters cannot be combined. aLoRA
     /// adapters combine only with aLoRA adapters of the same invocation sequence, and the result
     /// is aLoRA with that sequence (PEFT silently takes the first adapter's sequence).
-    pub fn add_weighted_adapter<B: Backend>(
+    pub fn add_weighted_adapter(
         &mut self,
         adapters: &[&str],
         weights: &[f64],
         name: &str,
         combination: Combination,
-    ) -> Result<()>
-    where
-        M: LoraModel<B>,
-    {
+    ) -> Result<()> {
         if adapters.is_empty() || adapters.len() != weights.len() {
             return Err(Error::config(
                 "add_weighted_adapter",
@@ -47,12 +45,7 @@ impl<M> PeftModel<M> {
             return Err(Error::DuplicateAdapter(name.into()));
         }
         for a in adapters {
-            let cfg = self.configs.get(*a).ok_or_else(|| {
-                Error::UnknownAdapter(
-                    a.to_string(),
-                    self.configs.keys().cloned().collect::<Vec<_>>().join(", "),
-                )
-            })?;
+            let cfg = self.configs.get(*a).ok_or_else(|| self.unknown(a))?;
             if cfg.use_dora {
                 return Err(Error::config(
                     "add_weighted_adapter",
@@ -166,40 +159,20 @@ fn svd_factors<B: Backend>(
     let [d_in, d_out] = delta.dims();
     let device = delta.device();
     let host: Vec<f32> = delta.into_data().convert::<f32>().to_vec().expect("f32");
-    let m = nalgebra::DMatrix::<f64>::from_row_slice(
-        d_in,
-        d_out,
-        &host.iter().map(|v| *v as f64).collect::<Vec<_>>(),
-    );
-    let svd = m.svd(true, true);
-    let (u, vt) = match (svd.u, svd.v_t) {
-        (Some(u), Some(vt)) => (u, vt),
-        _ => {
-            return Err(Error::LinAlg {
-                module: module.into(),
-                message: "SVD did not converge".into(),
-            })
-        }
-    };
-    let r = r.min(svd.singular_values.len());
-    // nalgebra does not sort singular values: order them.
-    let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
-    order.sort_by(|&i, &j| {
-        svd.singular_values[j]
-            .partial_cmp(&svd.singular_values[i])
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
-    let keep = &order[..r];
+    let m = faer::Mat::<f64>::from_fn(d_in, d_out, |i, j| host[i * d_out + j] as f64);
+    // The top `r` triplets, singular values descending (as torch.linalg.svd).
+    let svd = svd_top(m.as_ref(), r, module)?;
+    let r = svd.s.len();
     let mut a = Vec::with_capacity(d_in * r);
     for row in 0..d_in {
-        for &k in keep {
-            a.push((u[(row, k)] * svd.singular_values[k]) as f32);
+        for k in 0..r {
+            a.push((svd.u[(row, k)] * svd.s[k]) as f32);
         }
     }
     let mut b = Vec::with_capacity(r * d_out);
-    for &k in keep {
+    for k in 0..r {
         for col in 0..d_out {
-            b.push(vt[(k, col)] as f32);
+            b.push(svd.v[(col, k)] as f32);
         }
     }
     Ok((

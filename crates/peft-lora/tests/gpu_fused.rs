@@ -402,9 +402,9 @@ impl<B: Backend> peft_lora::LoraModel<B> for OneLayer<B> {
     }
 }
 
-/// `LoraOptimizer` on a bf16 adapter: three AdamW steps with the one-kernel master
-/// update and with the composed one (`PEFT_LORA_FUSED_ADAMW` off) agree on the f32 masters and
-/// the bf16 weights; a fourth step after saving and restoring the state equals one without.
+/// `LoraOptimizer` on a bf16 adapter: each of three AdamW steps with the one-kernel master
+/// update and with the composed one (`PEFT_LORA_FUSED_ADAMW` off), taken from the same state,
+/// agree on the f32 masters and the bf16 weights; a fourth step after saving and restoring the state equals one without.
 fn check_optimizer_master<B: AutodiffBackend>(label: &str, device: &B::Device) -> Vec<Check> {
     use peft_lora::{
         AdamWConfig, GradAccumulator, LoraConfig, LoraOptimizer, OptimizerKind, PeftModel,
@@ -414,7 +414,7 @@ fn check_optimizer_master<B: AutodiffBackend>(label: &str, device: &B::Device) -
         d_in, d_out, false, device,
     )));
     if peft
-        .add_adapter::<B>("default", &LoraConfig::new(r, 16.0, &["proj"]))
+        .add_adapter("default", &LoraConfig::new(r, 16.0, &["proj"]))
         .is_err()
     {
         return not_taken::<B>(format!("{label} optimizer master: adapter"));
@@ -448,18 +448,18 @@ fn check_optimizer_master<B: AutodiffBackend>(label: &str, device: &B::Device) -
     let run = |fused: bool,
                steps: &[Tensor<B, 2>],
                model: &mut OneLayer<B>,
-               opt: &mut LoraOptimizer<B::InnerBackend>| {
+               opt: &mut LoraOptimizer<B>| {
         burn_cuda_ops::set_optimizer_kernels_enabled(fused);
         for x in steps {
             let y = model.0.forward(x.clone());
             let grads = (y.clone() * y).mean().backward();
             let mut acc = GradAccumulator::default();
-            acc.add::<B, OneLayer<B>>(model, &grads);
-            opt.step::<B, OneLayer<B>>(model, acc, 2e-3, Some(1.0));
+            acc.add(model, &grads);
+            opt.step(model, acc, 2e-3, Some(1.0));
         }
         burn_cuda_ops::set_optimizer_kernels_enabled(true);
     };
-    let masters = |opt: &LoraOptimizer<B::InnerBackend>| -> Vec<f32> {
+    let masters = |opt: &LoraOptimizer<B>| -> Vec<f32> {
         opt.state_tensors()
             .iter()
             .filter(|(k, _)| k.ends_with(".master"))
@@ -472,32 +472,46 @@ fn check_optimizer_master<B: AutodiffBackend>(label: &str, device: &B::Device) -
         w.extend(host(ad.lora_b.val()));
         w
     };
-    let new_opt = || LoraOptimizer::<B::InnerBackend>::new(OptimizerKind::AdamW, adamw.clone());
-    let (mut fused_m, mut composed_m) = (
-        OneLayer(peft.model.0.clone()),
-        OneLayer(peft.model.0.clone()),
-    );
-    let (mut fused_o, mut composed_o) = (new_opt(), new_opt());
-    run(true, &xs[..3], &mut fused_m, &mut fused_o);
-    run(false, &xs[..3], &mut composed_m, &mut composed_o);
+    let new_opt = || LoraOptimizer::<B>::new(OptimizerKind::AdamW, adamw.clone());
+    // Each step taken by both updates from the same state (the composed side re-synced to the
+    // fused one before every step): chaining three steps instead lets one master that lands on
+    // the other side of a bf16 rounding boundary change the next forward, and the two runs then
+    // drift apart by a bf16 unit of the weights (seen on some seeds), which says nothing about
+    // the kernel.
+    let mut fused_m = OneLayer(peft.model.0.clone());
+    let mut fused_o = new_opt();
+    let (mut err_masters, mut err_weights) = (0f64, 0f64);
+    let mut kept_ok = true;
+    for i in 0..3 {
+        let mut composed_m = OneLayer(fused_m.0.clone());
+        let mut composed_o = new_opt();
+        if i > 0 && composed_o.load_state(&fused_o.state_tensors(), device).is_err() {
+            return not_taken::<B>(format!("{label} optimizer master: load_state"));
+        }
+        run(true, &xs[i..i + 1], &mut fused_m, &mut fused_o);
+        run(false, &xs[i..i + 1], &mut composed_m, &mut composed_o);
+        let (fm, cm) = (masters(&fused_o), masters(&composed_o));
+        kept_ok &= fm.len() == d_in * r + r * d_out;
+        err_masters = err_masters.max(rel_err(&fm, &cm));
+        err_weights = err_weights.max(rel_err(&weights(&fused_m), &weights(&composed_m)));
+    }
     let dtype = fused_m.0.adapters[0].lora_a.val().dtype();
-    let (fm, cm) = (masters(&fused_o), masters(&composed_o));
     let name =
         |what: &str| format!("{label} {dtype:?} optimizer master {n}x{d_in}->{d_out} r{r} {what}");
     let mut checks = vec![
         Check::fused(
             name("masters kept (one per A and B; 0 = yes)"),
-            f64::from(u8::from(fm.len() != d_in * r + r * d_out)),
+            f64::from(u8::from(!kept_ok)),
             0.0,
         ),
         Check::fused(
-            name("fused vs composed masters, 3 steps"),
-            rel_err(&fm, &cm),
+            name("fused vs composed masters, each of 3 steps from the same state"),
+            err_masters,
             1e-4,
         ),
         Check::fused(
-            name("fused vs composed bf16 weights, 3 steps"),
-            rel_err(&weights(&fused_m), &weights(&composed_m)),
+            name("fused vs composed bf16 weights, each of 3 steps from the same state"),
+            err_weights,
             tolerance(dtype),
         ),
     ];
@@ -535,15 +549,20 @@ fn main() {
     type F32 = Autodiff<Cuda<f32>>;
     type Bf16 = Autodiff<Gpu>;
     type Bf16Ckpt = Autodiff<Gpu, BalancedCheckpointing>;
-    let suites: [((&str, DType), Suite); 4] = [
+    let suites: [((&str, DType), Suite); 3] = [
         (("cuda", DType::F32), check_all::<F32>),
         (("cuda", DType::BF16), check_all::<Bf16>),
         (("cuda-ckpt", DType::BF16), check_all::<Bf16Ckpt>),
-        (("cuda", DType::BF16), |l, _, d| check_optimizer_master::<Bf16>(l, d)),
     ];
     let mut checks = Vec::new();
     for ((label, dtype), suite) in suites {
         checks.extend(suite(label, dtype, &device));
+    }
+    // The optimizer check on several seeded draws, so its result does not depend on what the
+    // suites before it drew.
+    for seed in [1u64, 2, 3, 4] {
+        <Bf16 as Backend>::seed(&device, seed);
+        checks.extend(check_optimizer_master::<Bf16>(&format!("cuda seed {seed}"), &device));
     }
     let mut failed = 0;
     for c in &checks {

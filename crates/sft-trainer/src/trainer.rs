@@ -7,8 +7,8 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ElementConversion;
-use peft_lora::io::adapter_dir;
-use peft_lora::st::{write_f32, SafetensorsFile};
+use peft_lora::adapter_dir;
+use peft_lora::{write_f32, SafetensorsFile};
 use peft_lora::{GradAccumulator, LoraOptimizer, PeftModel};
 
 use crate::checkpoint::{self, TrainerState};
@@ -65,7 +65,7 @@ pub fn evaluate<B: Backend, M: CausalLm<B>>(
 /// from the newest checkpoint in `cfg.output_dir` (and reaches what an uninterrupted run with the
 /// same seed reaches).
 pub fn train<AB, M>(
-    peft: &mut PeftModel<M>,
+    peft: &mut PeftModel<AB, M>,
     adapter: &str,
     train: &[Sample],
     eval: &[Sample],
@@ -110,7 +110,7 @@ where
         total_steps: total,
     };
     let clip = (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm);
-    let mut opt = LoraOptimizer::<AB::InnerBackend>::new(cfg.optimizer.clone(), cfg.adamw.clone());
+    let mut opt = LoraOptimizer::<AB>::new(cfg.optimizer.clone(), cfg.adamw.clone());
     let mut state = TrainerState {
         global_step: 0,
         epoch: 0,
@@ -124,8 +124,8 @@ where
     if resume {
         if let Some(ck) = checkpoint::latest(&out) {
             state = checkpoint::read_state(&ck)?;
-            peft.delete_adapter::<AB>(adapter)?;
-            peft.load_adapter::<AB>(&adapter_dir(&ck, adapter), adapter)?;
+            peft.delete_adapter(adapter)?;
+            peft.load_adapter(&adapter_dir(&ck, adapter), adapter)?;
             let opt_file = SafetensorsFile::open(&ck.join("optimizer.safetensors"))?;
             let tensors = opt_file
                 .shapes()
@@ -141,7 +141,7 @@ where
     } else {
         let _ = std::fs::remove_file(metrics.path());
     }
-    opt.prepare::<AB, M>(&mut peft.model);
+    opt.prepare(&mut peft.model);
     // Pages the memory pool kept from loading or building the model (temporaries of other
     // sizes than training uses) go back to the device before the first step.
     AB::memory_cleanup(device);
@@ -167,7 +167,7 @@ where
         let step_seed = cfg.seed.wrapping_mul(7919).wrapping_add(state.global_step);
         AB::seed(device, step_seed);
         peft_lora::seed_dropout(step_seed);
-        let mut acc = GradAccumulator::<AB::InnerBackend>::default();
+        let mut acc = GradAccumulator::<AB>::default();
         let mut step_loss = 0.0;
         for _ in 0..accum {
             if state.batches_in_epoch >= batches.len() {
@@ -184,9 +184,7 @@ where
             let scale = 1.0 / accum as f64;
             let checkpointed = if cfg.gradient_checkpointing {
                 let model = &peft.model;
-                model.causal_lm_backward_checkpointed(&batch, scale, &mut |g| {
-                    acc.add::<AB, M>(model, g)
-                })
+                model.causal_lm_backward_checkpointed(&batch, scale, &mut |g| acc.add(model, g))
             } else {
                 None
             };
@@ -199,7 +197,7 @@ where
                     let grads = (loss.clone() * scale).backward();
                     let value: f64 = loss.into_scalar().elem::<f64>();
                     if value.is_finite() {
-                        acc.add::<AB, M>(&peft.model, &grads);
+                        acc.add(&peft.model, &grads);
                     }
                     value
                 }
@@ -212,7 +210,7 @@ where
             run_tokens += batch.n_tokens;
         }
         let lr = schedule.lr_at(state.global_step);
-        let norm = opt.step::<AB, M>(&mut peft.model, acc, lr, clip);
+        let norm = opt.step(&mut peft.model, acc, lr, clip);
         if !norm.is_finite() {
             return Err(non_finite(
                 "gradient norm",
@@ -284,7 +282,7 @@ where
         }
         if do_save {
             checkpoint::write(&out, &state, cfg.save_total_limit, |dir| {
-                peft.save_adapter::<AB>(dir, adapter)?;
+                peft.save_adapter(dir, adapter)?;
                 write_f32(&dir.join("optimizer.safetensors"), &opt.state_tensors())?;
                 Ok(())
             })?;
@@ -297,7 +295,7 @@ where
     }
     let step_secs = (run_start.elapsed() - off_clock).as_secs_f64().max(1e-9);
     bar.finish_and_clear();
-    let final_dir = peft.save_adapter::<AB>(&out, adapter)?;
+    let final_dir = peft.save_adapter(&out, adapter)?;
     plot_loss(&read_metrics(metrics.path())?, &out.join("loss.png"))?;
     Ok(TrainSummary {
         global_step: state.global_step,

@@ -7,6 +7,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
 use peft_lora::{LoraConfig, LoraLinear, LoraModel, OptimizerKind, PeftModel};
 use sft_trainer::{train, Batch, CausalLm, Error, Sample, ScheduleKind, TrainConfig};
+use test_support::host;
 
 type AD = Autodiff<NdArray<f32>>;
 const VOCAB: usize = 16;
@@ -105,9 +106,9 @@ fn data(n: usize) -> Vec<Sample> {
         .collect()
 }
 
-fn peft(device: &burn::tensor::Device<AD>) -> PeftModel<ToyLm<AD>> {
+fn peft(device: &burn::tensor::Device<AD>) -> PeftModel<AD, ToyLm<AD>> {
     let mut p = PeftModel::new(ToyLm::<AD>::new(device));
-    p.add_adapter::<AD>("default", &LoraConfig::new(4, 8.0, &["mix", "head"]))
+    p.add_adapter("default", &LoraConfig::new(4, 8.0, &["mix", "head"]))
         .unwrap();
     for (i, (_, layer)) in p.model.lora_linears_mut().into_iter().enumerate() {
         let a = &mut layer.adapters[0];
@@ -138,7 +139,7 @@ fn cfg(dir: &str, max_steps: u64) -> TrainConfig {
     }
 }
 
-fn adapter_values(p: &PeftModel<ToyLm<AD>>) -> Vec<f32> {
+fn adapter_values(p: &PeftModel<AD, ToyLm<AD>>) -> Vec<f32> {
     p.model
         .lora_linears()
         .iter()
@@ -222,11 +223,7 @@ fn killed_run_resumes_to_the_same_result() {
     std::fs::create_dir_all(part_cfg.output_dir.join(".tmp-checkpoint-12")).unwrap();
 
     let (a, b) = (adapter_values(&full), adapter_values(&part));
-    let max_diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let max_diff = host::max_abs_diff(&a, &b);
     assert!(max_diff < 1e-6, "two identical runs differ by {max_diff}");
     let mut resumed = peft(&device);
     let s = train::<AD, _>(
@@ -241,11 +238,7 @@ fn killed_run_resumes_to_the_same_result() {
     .unwrap();
     assert_eq!(s.resumed_from, Some(10));
     let (a, b) = (adapter_values(&full), adapter_values(&resumed));
-    let max_diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let max_diff = host::max_abs_diff(&a, &b);
     assert!(max_diff < 1e-5, "resumed run differs by {max_diff}");
 }
 
@@ -331,7 +324,7 @@ fn gradient_checkpointing_trains_a_llama_like_the_plain_backward() {
         llama::LlamaForCausalLM::<AD>::random_seeded(&llama::LlamaConfig::tiny(VOCAB), &device, 77);
     let run = |gc: bool| {
         let mut p = PeftModel::new(base.clone());
-        p.add_adapter::<AD>(
+        p.add_adapter(
             "default",
             &LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "down_proj"]),
         )
@@ -372,11 +365,8 @@ fn gradient_checkpointing_trains_a_llama_like_the_plain_backward() {
         (loss_plain - loss_gc).abs() <= 1e-5 * loss_plain.abs(),
         "{loss_plain} vs {loss_gc}"
     );
-    let scale = plain.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let err = plain
-        .iter()
-        .zip(&gc)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let scale = host::max_abs(&plain);
+    let err = host::max_abs_diff(&plain, &gc);
     assert!(
         err <= 1e-5 * scale,
         "adapters differ by {err} (scale {scale})"

@@ -1,10 +1,11 @@
-//! aLoRA (activated LoRA): which positions of each row an aLoRA adapter acts on.
+//! Per-call routing: which batch rows run which adapter ([`LoraCtx`]), and which positions an
+//! aLoRA (activated LoRA) adapter acts on.
 //!
-//! PEFT's semantics (`calculate_alora_offsets`, `ALoraLinearVariant.forward`, 0.21):
+//! PEFT's aLoRA semantics (`calculate_alora_offsets`, `ALoraLinearVariant.forward`, 0.21):
 //! - a row's *offset* is `seq_len - start` of the **last full** occurrence of the invocation
 //!   sequence in its token ids (padding included, as PEFT counts it), so the invocation tokens
 //!   themselves get the adapter; a row without the sequence has no offset and runs as the base
-//!   model (PEFT does so silently; here too, see [`offsets_for`] to check beforehand);
+//!   model (PEFT does so silently; here too, see [`crate::alora_offsets`] to check beforehand);
 //! - in a call over `T` new tokens, the last `min(offset, T)` positions of the row get the
 //!   adapter. With a KV cache the offsets of the prompt are reused for every decode step
 //!   (`T = 1`), so every generated token of a row that found its invocation is adapted;
@@ -13,12 +14,48 @@
 //! The model computes the offsets from its `input_ids` (the Llama crate does it in its forward
 //! and in generation) and passes them in [`LoraCtx::alora_offsets`].
 
-use std::collections::BTreeMap;
+/// Per-call routing: mixed-adapter batches and aLoRA offsets.
+#[derive(Debug, Clone, Default)]
+pub struct LoraCtx {
+    /// One entry per batch row: the adapter that row uses (`None` = the base model). When the
+    /// whole field is `None`, every row uses the layer's active adapters.
+    pub row_adapters: Option<Vec<Option<String>>>,
+    /// aLoRA: one entry per batch row, the number of trailing positions of the row's input in
+    /// this call that get an aLoRA adapter (clipped to the call's length; `None` = none, the row
+    /// runs as the base). When the whole field is `None` aLoRA adapters act nowhere; models fill
+    /// it from their token ids with [`crate::alora_offsets`] (PEFT's `alora_offsets`).
+    /// Plain LoRA and DoRA adapters ignore it.
+    pub alora_offsets: Option<Vec<Option<usize>>>,
+}
 
-use burn::tensor::backend::Backend;
+/// The batch rows an adapter runs on in one call.
+pub(crate) enum RowsOn {
+    /// None: the adapter does not run.
+    Skip,
+    /// Every row.
+    All,
+    /// The rows marked `true`.
+    Rows(Vec<bool>),
+}
 
-use crate::layer::LoraCtx;
-use crate::model::LoraModel;
+impl LoraCtx {
+    /// The rows adapter `name` runs on: every row when it is `active` and the call does not
+    /// route rows, else the rows routed to it.
+    pub(crate) fn rows_on(&self, name: &str, active: bool) -> RowsOn {
+        match &self.row_adapters {
+            None if active => RowsOn::All,
+            None => RowsOn::Skip,
+            Some(rows) => {
+                let on: Vec<bool> = rows.iter().map(|r| r.as_deref() == Some(name)).collect();
+                if on.iter().any(|o| *o) {
+                    RowsOn::Rows(on)
+                } else {
+                    RowsOn::Skip
+                }
+            }
+        }
+    }
+}
 
 /// Offset of the last full occurrence of `invocation` in `row`: `row.len() - start`, the number
 /// of trailing positions that get the adapter, invocation included (`>= invocation.len()`).
@@ -44,7 +81,7 @@ pub fn invocation_offset<T: Copy + Into<i64>>(row: &[T], invocation: &[u32]) -> 
 ///
 /// # Panics
 /// When `offsets` does not have one entry per batch row (a programming error of the caller).
-pub fn positions(offsets: Option<&[Option<usize>]>, batch: usize, seq: usize) -> Vec<usize> {
+pub fn alora_positions(offsets: Option<&[Option<usize>]>, batch: usize, seq: usize) -> Vec<usize> {
     let Some(offsets) = offsets else {
         return Vec::new();
     };
@@ -60,65 +97,6 @@ pub fn positions(offsets: Option<&[Option<usize>]>, batch: usize, seq: usize) ->
         out.extend(r * seq + seq - k..(r + 1) * seq);
     }
     out
-}
-
-/// The invocation sequence of the aLoRA adapter each of `batch` rows runs in this call, as
-/// PEFT resolves it: the row's adapter in `ctx.row_adapters`, else the first active aLoRA
-/// adapter. `None` when no row runs an aLoRA adapter (then there is nothing to compute).
-pub fn row_invocations<B: Backend, M: LoraModel<B>>(
-    model: &M,
-    ctx: &LoraCtx,
-    batch: usize,
-) -> Option<Vec<Option<Vec<u32>>>> {
-    let mut by_name: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    let mut active: Option<Vec<u32>> = None;
-    for (_, layer) in model.lora_linears() {
-        if layer.state.disabled {
-            continue;
-        }
-        for a in &layer.adapters {
-            if let Some(inv) = &a.meta.alora_invocation_tokens {
-                by_name
-                    .entry(a.meta.name.clone())
-                    .or_insert_with(|| inv.clone());
-            }
-        }
-        if active.is_none() {
-            active = layer
-                .state
-                .active
-                .iter()
-                .find_map(|n| layer.adapter(n)?.meta.alora_invocation_tokens.clone());
-        }
-    }
-    if by_name.is_empty() {
-        return None;
-    }
-    let rows: Vec<Option<Vec<u32>>> = match &ctx.row_adapters {
-        None => vec![active; batch],
-        Some(rows) => rows
-            .iter()
-            .map(|r| r.as_ref().and_then(|n| by_name.get(n).cloned()))
-            .collect(),
-    };
-    rows.iter().any(Option::is_some).then_some(rows)
-}
-
-/// PEFT's `calculate_alora_offsets` for the token ids `rows` of one call (padding included):
-/// per row the offset of its adapter's invocation, `None` where the row has no aLoRA adapter
-/// or no invocation. The whole result is `None` when no row runs an aLoRA adapter.
-pub fn offsets_for<B: Backend, M: LoraModel<B>, T: Copy + Into<i64>>(
-    model: &M,
-    ctx: &LoraCtx,
-    rows: &[&[T]],
-) -> Option<Vec<Option<usize>>> {
-    let inv = row_invocations(model, ctx, rows.len())?;
-    Some(
-        rows.iter()
-            .zip(inv)
-            .map(|(row, inv)| inv.and_then(|i| invocation_offset(row, &i)))
-            .collect(),
-    )
 }
 
 #[cfg(test)]
@@ -140,10 +118,10 @@ mod tests {
 
     #[test]
     fn positions_are_the_clipped_tails() {
-        let p = positions(Some(&[Some(2), None, Some(9)]), 3, 4);
+        let p = alora_positions(Some(&[Some(2), None, Some(9)]), 3, 4);
         assert_eq!(p, vec![2, 3, 8, 9, 10, 11]);
-        assert!(positions(None, 3, 4).is_empty());
+        assert!(alora_positions(None, 3, 4).is_empty());
         // Decode step (seq 1): every row with an offset.
-        assert_eq!(positions(Some(&[Some(3), None]), 2, 1), vec![0]);
+        assert_eq!(alora_positions(Some(&[Some(3), None]), 2, 1), vec![0]);
     }
 }

@@ -1,0 +1,171 @@
+//! The forward of [`LoraLinear`]: the fused path when one adapter (or none) is live and its
+//! variant takes it, else the composed path through every live adapter's variant.
+
+use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use super::LoraLinear;
+use crate::adapter::LoraAdapter;
+use crate::dropout::dropout;
+use crate::fused;
+use crate::host::to_host;
+use crate::routing::{LoraCtx, RowsOn};
+use crate::variant::{variant_of, Base, LoraVariant};
+
+impl<B: Backend> LoraLinear<B> {
+    /// Forward with the active adapters.
+    ///
+    /// # Shapes
+    /// - x: `[..., in]` -> `[..., out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.forward_ctx(x, &LoraCtx::default())
+    }
+
+    /// Forward with per-call routing: `ctx.row_adapters[i]` names the adapter of batch row `i`
+    /// (or `None` for the base), and `ctx.alora_offsets` selects the positions aLoRA adapters
+    /// act on (see [`LoraCtx`]).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, in]` (or `[batch, in]`, one position per row) -> `[.., out]`
+    pub fn forward_ctx<const D: usize>(&self, x: Tensor<B, D>, ctx: &LoraCtx) -> Tensor<B, D> {
+        let dims = x.dims();
+        let d_in = dims[D - 1];
+        let n: usize = dims[..D - 1].iter().product();
+        let x2: Tensor<B, 2> = x.reshape([n, d_in]);
+        if let Some(capture) = &self.state.capture {
+            capture.push(to_host(x2.clone()));
+        }
+        let mut out_dims = dims;
+        out_dims[D - 1] = self.d_out();
+        if let Some(out) = self.forward_fused(&x2, ctx) {
+            return out.reshape(out_dims);
+        }
+        let weight = match &self.nf4 {
+            // Dequantized on the fly into the input's dtype; only the 4-bit codes stay resident.
+            Some(q) => q.dequantize().cast(x2.dtype()),
+            None => self.weight.val(),
+        };
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let base_out = match &bias {
+            Some(b) => x2.clone().matmul(weight.clone()) + b.clone().unsqueeze_dim::<2>(0),
+            None => x2.clone().matmul(weight.clone()),
+        };
+        let mut out = base_out.clone();
+        if !self.state.disabled && !self.adapters.is_empty() {
+            let base = Base {
+                weight: &weight,
+                bias: bias.as_ref(),
+            };
+            let batch = if D >= 2 { dims[0] } else { 1 };
+            let seq = n / batch.max(1);
+            for adapter in &self.adapters {
+                let name = &adapter.meta.name;
+                if self.state.merged.contains(name) {
+                    continue;
+                }
+                // Which batch rows run this adapter (`None` = all).
+                let rows_on = match ctx.rows_on(name, self.state.active.contains(name)) {
+                    RowsOn::Skip => continue,
+                    RowsOn::All => None,
+                    RowsOn::Rows(on) => Some(on),
+                };
+                let variant = variant_of::<B>(adapter.meta.variant);
+                out = match variant.positions(ctx, batch, seq) {
+                    None => {
+                        let xd = dropout(x2.clone(), adapter.meta.dropout);
+                        let updated = variant.forward(adapter, &base, xd, &base_out, out.clone());
+                        match rows_on {
+                            None => updated,
+                            Some(on) => {
+                                let mask: Vec<f32> = on
+                                    .iter()
+                                    .flat_map(|o| std::iter::repeat_n(f32::from(u8::from(*o)), seq))
+                                    .collect();
+                                let m = Tensor::<B, 1>::from_floats(mask.as_slice(), &x2.device())
+                                    .unsqueeze_dim::<2>(1);
+                                out.clone() + (updated - out) * m
+                            }
+                        }
+                    }
+                    Some(mut pos) => {
+                        if let Some(on) = &rows_on {
+                            pos.retain(|p| on[p / seq]);
+                        }
+                        self.forward_at(adapter, variant, &base, &x2, &base_out, out, &pos)
+                    }
+                };
+            }
+        }
+        out.reshape(out_dims)
+    }
+
+    /// The fused path (burn-cuda-ops, feature `cuda`): the frozen op when no adapter is live,
+    /// the single live adapter's [`LoraVariant::forward_fused`] when one is; `None` (the
+    /// composed forward then runs) for an NF4 base, another backend, several live adapters,
+    /// per-row routing, `lora_bias`, or a variant that declines.
+    fn forward_fused(&self, x: &Tensor<B, 2>, ctx: &LoraCtx) -> Option<Tensor<B, 2>> {
+        if self.nf4.is_some() || !fused::supported::<B>() {
+            return None;
+        }
+        let weight = self.weight.val();
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let base = Base {
+            weight: &weight,
+            bias: bias.as_ref(),
+        };
+        let adapters: Vec<&LoraAdapter<B>> = if self.state.disabled {
+            Vec::new()
+        } else {
+            let unmerged: Vec<&LoraAdapter<B>> = self
+                .adapters
+                .iter()
+                .filter(|a| !self.state.merged.contains(&a.meta.name))
+                .collect();
+            if ctx.row_adapters.is_some() && !unmerged.is_empty() {
+                return None;
+            }
+            unmerged
+                .into_iter()
+                .filter(|a| self.state.active.contains(&a.meta.name))
+                .collect()
+        };
+        let adapter = match adapters.as_slice() {
+            [] => return base.linear(x),
+            [one] => *one,
+            _ => return None,
+        };
+        if adapter.lora_b_bias.is_some() {
+            return None;
+        }
+        variant_of::<B>(adapter.meta.variant).forward_fused(adapter, &base, x)
+    }
+
+    /// Adds `adapter`'s term at the flat positions `pos` of `out` only (aLoRA): the other rows
+    /// stay exactly as they are, and the adapter is computed on the selected rows alone.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_at(
+        &self,
+        adapter: &LoraAdapter<B>,
+        variant: &dyn LoraVariant<B>,
+        base: &Base<'_, B>,
+        x2: &Tensor<B, 2>,
+        base_out: &Tensor<B, 2>,
+        out: Tensor<B, 2>,
+        pos: &[usize],
+    ) -> Tensor<B, 2> {
+        let n = x2.dims()[0];
+        if pos.is_empty() {
+            return out;
+        }
+        if pos.len() == n {
+            let xd = dropout(x2.clone(), adapter.meta.dropout);
+            return variant.forward(adapter, base, xd, base_out, out);
+        }
+        let idx: Vec<i64> = pos.iter().map(|&p| p as i64).collect();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [pos.len()]), &x2.device());
+        let xs = dropout(x2.clone().select(0, idx.clone()), adapter.meta.dropout);
+        let bs = base_out.clone().select(0, idx.clone());
+        // The variant adds its term to a zero result, so `out + term` is exact at those rows.
+        let term = variant.forward(adapter, base, xs, &bs, bs.zeros_like());
+        out.select_assign(0, idx, term, IndexingUpdateOp::Add)
+    }
+}

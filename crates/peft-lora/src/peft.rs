@@ -1,0 +1,235 @@
+//! [`PeftModel`]: a model plus the configs of the adapters injected into it, and the
+//! operations that need nothing but those (switch, delete, disable, count, EVA). Adding,
+//! loading, saving, merging, combining, replicating and converting live in their own modules.
+
+use std::collections::{BTreeMap, HashSet};
+use std::marker::PhantomData;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::config::{LoraConfig, TargetModules};
+use crate::error::{Error, Result};
+use crate::eva::{self, EvaLimits, EvaProgress, EvaReport};
+use crate::model::LoraModel;
+
+/// A model plus the configs of the adapters injected into it (PEFT's `PeftModel`). `B` is the
+/// model's backend, so no call names it.
+#[derive(Debug)]
+pub struct PeftModel<B: Backend, M: LoraModel<B>> {
+    /// The model (train it, run it; its adapters live inside its layers).
+    pub model: M,
+    /// Config of each adapter, by name.
+    pub configs: BTreeMap<String, LoraConfig>,
+    /// Adapters in use.
+    pub active: Vec<String>,
+    /// The `layer_replication` applied to the model, if any (merging is refused then).
+    pub replicated: Option<Vec<[usize; 2]>>,
+    backend: PhantomData<B>,
+}
+
+/// What [`PeftModel::print_trainable_parameters`] reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainableReport {
+    /// Trainable (adapter) parameters.
+    pub trainable: usize,
+    /// All parameters, frozen ones included.
+    pub total: usize,
+}
+
+impl std::fmt::Display for TrainableReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "trainable params: {} || all params: {} || trainable%: {:.4}",
+            group(self.trainable),
+            group(self.total),
+            100.0 * self.trainable as f64 / self.total.max(1) as f64
+        )
+    }
+}
+
+fn group(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
+    /// Wraps a model that has no adapters yet.
+    pub fn new(model: M) -> Self {
+        PeftModel {
+            model,
+            configs: BTreeMap::new(),
+            active: Vec::new(),
+            replicated: None,
+            backend: PhantomData,
+        }
+    }
+
+    /// Makes `names` the adapters that run (PEFT's `set_adapter`, several allowed).
+    pub fn set_active(&mut self, names: &[&str]) -> Result<()> {
+        for n in names {
+            if !self.configs.contains_key(*n) {
+                return Err(self.unknown(n));
+            }
+        }
+        let owned: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        for (path, table) in self.model.token_tables_mut() {
+            table.set_active(&owned, &path)?;
+        }
+        for (_, layer) in self.model.lora_linears_mut() {
+            layer.set_active(&owned);
+        }
+        self.active = owned;
+        Ok(())
+    }
+
+    /// Deletes adapter `name` everywhere.
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        if self.configs.remove(name).is_none() {
+            return Err(self.unknown(name));
+        }
+        for (_, layer) in self.model.lora_linears_mut() {
+            if layer.adapter(name).is_some() {
+                layer.delete_adapter(name)?;
+            }
+        }
+        for (_, table) in self.model.token_tables_mut() {
+            table.delete_adapter(name);
+        }
+        self.active.retain(|a| a != name);
+        Ok(())
+    }
+
+    /// Disables every adapter (the model computes exactly the base) or enables them again.
+    pub fn set_adapters_disabled(&mut self, disabled: bool) -> Result<()> {
+        for (_, layer) in self.model.lora_linears_mut() {
+            layer.set_disabled(disabled)?;
+        }
+        for (_, table) in self.model.token_tables_mut() {
+            table.set_disabled(disabled);
+        }
+        Ok(())
+    }
+
+    /// Trainable (adapter and token-row) and total parameter counts; a parameter shared by
+    /// replicated layers counts once, as in PEFT.
+    pub fn trainable_parameters(&self) -> TrainableReport
+    where
+        M: Module<B>,
+    {
+        let lora: usize = self
+            .model
+            .lora_linears()
+            .iter()
+            .map(|(_, l)| l.adapter_param_count())
+            .sum();
+        let tokens: usize = self
+            .model
+            .token_tables()
+            .iter()
+            .map(|(_, t)| t.adapter_param_count())
+            .sum();
+        let mut unique = UniqueParams::default();
+        self.model.visit(&mut unique);
+        TrainableReport {
+            trainable: lora + tokens,
+            total: unique.count,
+        }
+    }
+
+    /// PEFT's `print_trainable_parameters` line.
+    pub fn print_trainable_parameters(&self)
+    where
+        M: Module<B>,
+    {
+        println!("{}", self.trainable_parameters());
+    }
+
+    /// Runs EVA for adapter `name` (added with `init_lora_weights = "eva"`), with the settings
+    /// of its config's `eva_config`.
+    ///
+    /// `batches` is cycled until every layer's components converge; `forward` runs the model
+    /// on one batch (adapters are disabled meanwhile); `mask` gives the flattened tokens of a
+    /// batch that feed the SVD (see [`crate::EvaConfig::token_mask`]); `progress` is called
+    /// after every batch. The new ranks, alphas and targets are written into the config.
+    pub fn eva_init<T, I>(
+        &mut self,
+        name: &str,
+        batches: I,
+        forward: impl FnMut(&M, &T),
+        mask: impl FnMut(&T) -> Vec<bool>,
+        progress: impl FnMut(EvaProgress),
+        limits: EvaLimits,
+    ) -> Result<EvaReport>
+    where
+        I: Iterator<Item = T> + Clone,
+    {
+        let cfg = self
+            .configs
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.unknown(name))?;
+        let out = eva::run(
+            &mut self.model,
+            name,
+            &cfg,
+            &self.active,
+            batches,
+            forward,
+            mask,
+            progress,
+            limits,
+        )?;
+        let c = self.configs.get_mut(name).expect("checked above");
+        c.rank_pattern = out.rank_pattern;
+        c.alpha_pattern = out.alpha_pattern;
+        c.target_modules = Some(TargetModules::List(out.targets));
+        c.layers_to_transform = None;
+        c.layers_pattern = None;
+        c.exclude_modules = None;
+        Ok(out.report)
+    }
+
+    /// The error for an adapter name this model does not have.
+    pub(crate) fn unknown(&self, name: &str) -> Error {
+        Error::UnknownAdapter(
+            name.into(),
+            self.configs.keys().cloned().collect::<Vec<_>>().join(", "),
+        )
+    }
+}
+
+/// Counts parameter elements once per parameter id (replicated layers share theirs).
+#[derive(Default)]
+struct UniqueParams {
+    seen: HashSet<ParamId>,
+    count: usize,
+}
+
+impl<B: Backend> ModuleVisitor<B> for UniqueParams {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.seen.insert(param.id) {
+            self.count += param.lazy_shape().num_elements();
+        }
+    }
+}
+
+/// Drops every adapter of every layer and table.
+pub(crate) fn clear_adapters<B: Backend, M: LoraModel<B>>(model: &mut M) {
+    for (_, layer) in model.lora_linears_mut() {
+        layer.adapters.clear();
+        layer.state = Default::default();
+    }
+    for (_, table) in model.token_tables_mut() {
+        table.adapters.clear();
+        table.state = Default::default();
+    }
+}

@@ -1,0 +1,54 @@
+//! Plain LoRA (and rsLoRA, which differs only in scaling): `y = x W + b + s (x A) B`.
+
+use burn::tensor::{backend::Backend, Tensor};
+
+use super::{Base, LoraVariant};
+use crate::adapter::LoraAdapter;
+use crate::dropout::{dropout, training};
+
+/// Plain LoRA (and rsLoRA, which differs only in scaling).
+pub struct PlainLora;
+
+impl<B: Backend> LoraVariant<B> for PlainLora {
+    fn forward(
+        &self,
+        adapter: &LoraAdapter<B>,
+        _base: &Base<'_, B>,
+        x: Tensor<B, 2>,
+        _base_out: &Tensor<B, 2>,
+        result: Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
+        result + adapter.lora_term(x)
+    }
+
+    /// One fused op; with training dropout the dropped-out input feeds A only (hashed masks).
+    fn forward_fused(
+        &self,
+        adapter: &LoraAdapter<B>,
+        base: &Base<'_, B>,
+        x: &Tensor<B, 2>,
+    ) -> Option<Tensor<B, 2>> {
+        let p = adapter.meta.dropout;
+        let train_dropout = p > 0.0 && training::<B>(&x.device());
+        let (a, b) = (adapter.lora_a.val(), adapter.lora_b.val());
+        let xd = train_dropout.then(|| dropout(x.clone(), p));
+        base.low_rank_linear(x, xd.as_ref(), &a, &b, adapter.meta.scaling)
+    }
+
+    fn merge(
+        &self,
+        adapter: &LoraAdapter<B>,
+        weight: Tensor<B, 2>,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
+        (weight + adapter.delta_weight_nograd(), None)
+    }
+
+    fn unmerge(
+        &self,
+        adapter: &LoraAdapter<B>,
+        weight: Tensor<B, 2>,
+        _kept: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, 2> {
+        weight - adapter.delta_weight_nograd()
+    }
+}
