@@ -223,7 +223,8 @@ fn burn_flash(
         softcap: None,
         is_causal: true,
     };
-    let strategies: [(&str, fn() -> AttentionStrategy); 4] = [
+    type Strategy = (&'static str, fn() -> AttentionStrategy);
+    let strategies: [Strategy; 4] = [
         ("fallback", || AttentionStrategy::Fallback),
         ("flash unit", || AttentionStrategy::FlashUnit),
         ("flash accelerated, 4 planes", || flash_planes(4)),
@@ -237,7 +238,7 @@ fn burn_flash(
                 prim(v.clone()),
                 None,
                 None,
-                options.clone(),
+                options,
                 strategy(),
             )
         };

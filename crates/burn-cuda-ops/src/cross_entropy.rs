@@ -209,6 +209,8 @@ fn chunk_rows(vocab: usize, hidden: usize) -> usize {
     (CHUNK_ELEMS.load(AtomicOrdering::SeqCst) / vocab.max(hidden)).max(1)
 }
 
+// `slice([a..b])` is Burn's one range for the one sliced axis, not a vec of one range.
+#[allow(clippy::single_range_in_vec_init)]
 fn forward<F: FloatElement, I: IntElement, BT: BoolElement>(
     h: Raw,
     w: Raw,
@@ -242,6 +244,8 @@ fn forward<F: FloatElement, I: IntElement, BT: BoolElement>(
     Ok((prim(total), prim(lse)))
 }
 
+// `slice([a..b])` is Burn's one range for the one sliced axis, not a vec of one range.
+#[allow(clippy::single_range_in_vec_init)]
 fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
     d: Raw,
     h: Raw,

@@ -54,7 +54,10 @@ pub fn grid(rows: usize) -> CubeCount {
 /// The widest vector (8, 4, 2 or 1 elements; 8 bf16 = one 16-byte load) that divides `n`: the
 /// vector width of the elementwise and row kernels over rows or runs of `n` elements.
 pub fn vector_size(n: usize) -> usize {
-    [8, 4, 2, 1].into_iter().find(|v| n % v == 0).unwrap_or(1)
+    [8, 4, 2, 1]
+        .into_iter()
+        .find(|v| n.is_multiple_of(*v))
+        .unwrap_or(1)
 }
 
 /// The element this unit handles in a flat elementwise launch over [`elem_grid`].

@@ -231,7 +231,12 @@ pub struct LowRankInputs<T = Raw> {
 }
 
 /// Shapes `(n, in, out, r)` of a low-rank call, checked.
-fn low_rank_dims(x: &Raw, w: &Raw, a: &Raw, b: &Raw) -> Result<(usize, usize, usize, usize), String> {
+fn low_rank_dims(
+    x: &Raw,
+    w: &Raw,
+    a: &Raw,
+    b: &Raw,
+) -> Result<(usize, usize, usize, usize), String> {
     let [n, d_in] = dims2(x, "x")?;
     let [w_in, d_out] = dims2(w, "weight")?;
     let [a_in, r] = dims2(a, "A")?;
@@ -331,7 +336,11 @@ pub struct LowRankSaved<T = Raw> {
 }
 
 /// Backward of [`low_rank_forward`] for the output gradient `dy [n, out]`.
-pub fn low_rank_backward(dy: Raw, saved: LowRankSaved, needs: LowRankNeeds) -> Result<LowRankGrads, String> {
+pub fn low_rank_backward(
+    dy: Raw,
+    saved: LowRankSaved,
+    needs: LowRankNeeds,
+) -> Result<LowRankGrads, String> {
     let dt = same_dtype(&[&dy, &saved.w, &saved.a, &saved.b])?;
     let [n, d_out] = dims2(&dy, "dy")?;
     let [d_in, _] = dims2(&saved.w, "weight")?;

@@ -459,7 +459,7 @@ pub fn rope<B: Backend>(
     let d = hd / heads;
     let dtype = x.dtype();
     let fits = |t: &Tensor<B, 4>| t.dims() == [b, 1, s, d] && t.dtype() == dtype;
-    if d % 2 != 0 || b * s * d == 0 || !fits(cos) || !fits(sin) {
+    if !d.is_multiple_of(2) || b * s * d == 0 || !fits(cos) || !fits(sin) {
         return None;
     }
     let table = |t: &Tensor<B, 4>| t.clone().detach().reshape([b, s, d]);

@@ -31,11 +31,11 @@ fn swiglu_forward_kernel<E: Float, N: Size>(
     gate: &Tensor<Vector<E, N>>,
     up: &Tensor<Vector<E, N>>,
     out: &mut Tensor<Vector<E, N>>,
-    n: u32,
+    len: u32,
     #[define(E)] _dtype: StorageType,
 ) {
     let i = elem_index();
-    if i >= n as usize {
+    if i >= len as usize {
         terminate!();
     }
     let one = Vector::new(f32::new(1.0));
@@ -53,11 +53,11 @@ fn swiglu_backward_kernel<E: Float, N: Size>(
     up: &Tensor<Vector<E, N>>,
     dgate: &mut Tensor<Vector<E, N>>,
     dup: &mut Tensor<Vector<E, N>>,
-    n: u32,
+    len: u32,
     #[define(E)] _dtype: StorageType,
 ) {
     let i = elem_index();
-    if i >= n as usize {
+    if i >= len as usize {
         terminate!();
     }
     let g = Vector::<f32, N>::cast_from(gate[i]);

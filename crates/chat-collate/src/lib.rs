@@ -38,6 +38,7 @@ mod jinja;
 mod load;
 mod message;
 pub mod news2stock;
+mod news2stock_parquet;
 mod packing;
 mod padding;
 mod parquet_io;
@@ -58,9 +59,9 @@ pub use encoded::{EncodeOutcome, EncodeReport, Encoded, SkipReason, IGNORE_INDEX
 pub use error::{Error, Result, RowIssue, RowLocation};
 pub use load::{load_chat_jsonl, load_chat_jsonl_with, BadRowPolicy, LoadReport};
 pub use message::{Conversation, Message, ASSISTANT};
+pub use news2stock_parquet::{write_news_parquet, AssistantColumn};
 pub use packing::{pack, padding_fraction};
 pub use padding::{pad_batch, pad_prompts, PadConfig, PaddedBatch, PaddingSide, TrainBatch};
-pub use parquet_io::{write_news_parquet, AssistantColumn};
 pub use special::{
     SpecialIds, BEGIN_OF_TEXT, END_HEADER, END_OF_TEXT, EOT, FINETUNE_RIGHT_PAD, START_HEADER,
 };

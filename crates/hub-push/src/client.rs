@@ -73,7 +73,7 @@ impl HubClient {
     /// When the repository exists already (HTTP 409) this is fine with `exist_ok`, and
     /// [`HubError::AlreadyExists`] otherwise.
     pub fn create_repo(&self, repo_id: &str, private: bool, exist_ok: bool) -> Result<String> {
-        crate::upload::validate_repo_id(repo_id)?;
+        validate_repo_id(repo_id)?;
         let (organization, name) = match repo_id.split_once('/') {
             Some((org, name)) => (Some(org), name),
             None => (None, repo_id),
@@ -286,6 +286,26 @@ pub(crate) fn origin(url: &str) -> &str {
     match url[after_scheme..].find(['/', '?', '#']) {
         Some(end) => &url[..after_scheme + end],
         None => url,
+    }
+}
+
+/// `name` or `namespace/name`, no blanks, no empty or dot segments.
+pub(crate) fn validate_repo_id(repo_id: &str) -> Result<()> {
+    let parts: Vec<&str> = repo_id.split('/').collect();
+    let ok = parts.len() <= 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && *p != "."
+                && *p != ".."
+                && !p.chars().any(|c| c.is_whitespace() || c == '\\')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(HubError::InvalidArgument {
+            argument: "repo_id",
+            problem: format!("{repo_id:?}; expected \"name\" or \"namespace/name\""),
+        })
     }
 }
 

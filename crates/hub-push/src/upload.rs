@@ -5,7 +5,7 @@ use std::path::Path;
 
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
-use crate::client::HubClient;
+use crate::client::{validate_repo_id, HubClient};
 use crate::commit::{ndjson_body, send_commit, CommitInfo, CommittedFile};
 use crate::error::{HubError, Result};
 use crate::files::{hex, read_folder, FileSource, FolderOptions, PreparedFile};
@@ -128,26 +128,6 @@ impl HubClient {
             ));
         }
         self.upload_files(repo_id, revision, &files, commit_message)
-    }
-}
-
-/// `name` or `namespace/name`, no blanks, no empty or dot segments.
-pub(crate) fn validate_repo_id(repo_id: &str) -> Result<()> {
-    let parts: Vec<&str> = repo_id.split('/').collect();
-    let ok = parts.len() <= 2
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && *p != "."
-                && *p != ".."
-                && !p.chars().any(|c| c.is_whitespace() || c == '\\')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(
-            "repo_id",
-            format!("{repo_id:?}; expected \"name\" or \"namespace/name\""),
-        ))
     }
 }
 

@@ -381,7 +381,6 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-
 /// Runs every case; returns the checks.
 fn check_all<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Device) -> Vec<Check> {
     cases()
@@ -485,7 +484,11 @@ fn check_optimizer_master<B: AutodiffBackend>(label: &str, device: &B::Device) -
     for i in 0..3 {
         let mut composed_m = OneLayer(fused_m.0.clone());
         let mut composed_o = new_opt();
-        if i > 0 && composed_o.load_state(&fused_o.state_tensors(), device).is_err() {
+        if i > 0
+            && composed_o
+                .load_state(&fused_o.state_tensors(), device)
+                .is_err()
+        {
             return not_taken::<B>(format!("{label} optimizer master: load_state"));
         }
         run(true, &xs[i..i + 1], &mut fused_m, &mut fused_o);
@@ -534,12 +537,13 @@ fn check_optimizer_master<B: AutodiffBackend>(label: &str, device: &B::Device) -
     checks
 }
 
-
 type Gpu = Cuda<bf16>;
 
 fn main() {
     if !burn_cuda_ops::gpu_present() {
-        println!("peft-lora fused-layer GPU check: skipped, no CUDA GPU found (nothing was checked)");
+        println!(
+            "peft-lora fused-layer GPU check: skipped, no CUDA GPU found (nothing was checked)"
+        );
         return;
     }
     let device = CudaDevice::default();
@@ -562,7 +566,10 @@ fn main() {
     // suites before it drew.
     for seed in [1u64, 2, 3, 4] {
         <Bf16 as Backend>::seed(&device, seed);
-        checks.extend(check_optimizer_master::<Bf16>(&format!("cuda seed {seed}"), &device));
+        checks.extend(check_optimizer_master::<Bf16>(
+            &format!("cuda seed {seed}"),
+            &device,
+        ));
     }
     let mut failed = 0;
     for c in &checks {
@@ -572,7 +579,10 @@ fn main() {
             serde_json::json!({"check": c.name, "err_fused": c.err_fused, "err_composed": c.err_composed, "tol": c.tol, "pass": c.pass()})
         );
     }
-    println!("peft-lora fused-layer GPU check: {} checks, {failed} failed", checks.len());
+    println!(
+        "peft-lora fused-layer GPU check: {} checks, {failed} failed",
+        checks.len()
+    );
     if failed > 0 {
         std::process::exit(1);
     }
