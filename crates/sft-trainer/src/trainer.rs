@@ -227,7 +227,7 @@ where
 
         let step = state.global_step;
         let is_last = step == total;
-        if step % cfg.logging_steps.max(1) == 0 || is_last {
+        if step.is_multiple_of(cfg.logging_steps.max(1)) || is_last {
             let secs = win_start.elapsed().as_secs_f64().max(1e-9);
             let mean = win_loss / win_n.max(1) as f64;
             first_loss.get_or_insert(mean);
@@ -250,9 +250,9 @@ where
             (win_loss, win_n, win_tokens) = (0.0, 0, 0);
             win_start = Instant::now();
         }
-        let do_eval =
-            !eval.is_empty() && ((cfg.eval_steps > 0 && step % cfg.eval_steps == 0) || is_last);
-        let do_save = (cfg.save_steps > 0 && step % cfg.save_steps == 0) || is_last;
+        let do_eval = !eval.is_empty()
+            && ((cfg.eval_steps > 0 && step.is_multiple_of(cfg.eval_steps)) || is_last);
+        let do_save = (cfg.save_steps > 0 && step.is_multiple_of(cfg.save_steps)) || is_last;
         // Evaluation and checkpoint writes stay off the throughput clocks: the device finishes
         // the step's queued work first, then the pause is timed and left out.
         let paused = (do_eval || do_save).then(|| {
