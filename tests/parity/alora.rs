@@ -194,7 +194,7 @@ fn alora_generation_matches_pefts_generate_and_reuses_a_base_prefix_cache() {
     let mut reuse = m.prefill(&[prefix], 0, &base_only).unwrap();
     m.extend(&mut reuse, &[inv], &ctx).unwrap();
     assert_eq!(reuse.alora_start, vec![Some(full.len() - 3)]);
-    let full_state = m.prefill(std::slice::from_ref(&full), 0, &ctx).unwrap();
+    let full_state = m.prefill(std::slice::from_ref(full), 0, &ctx).unwrap();
     let a = m.next_logits(&reuse).unwrap();
     let b = m.next_logits(&full_state).unwrap();
     let d = max_rel(a.clone(), b);
