@@ -1,4 +1,4 @@
-"""Anchor for `news2stock bench-linear` / `cargo bench --bench lora_linear`: the adapted linear in
+"""Anchor for `news2stock-dev bench-linear` / `cargo bench --bench lora_linear`: the adapted linear in
 PyTorch on the same Llama-8B shapes, bf16, on the GPU.
 
 For each shape it times, as the Rust bench does (3 warm-up runs, `iters` runs, one synchronise,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Anchor for `news2stock bench-init`: time of PEFT's PiSSA / OLoRA init on the Llama-3.1-8B
+"""Anchor for `news2stock-dev bench-init`: time of PEFT's PiSSA / OLoRA init on the Llama-3.1-8B
 shape's q_proj (4096 -> 4096) and v_proj (4096 -> 1024) of every layer, random weights.
 
 PEFT decomposes on the weight's own device (torch.linalg.svd / qr in f32), so this is timed with

@@ -1,4 +1,4 @@
-"""Anchor for `news2stock bench-model`: transformers on the Llama-3.1-8B shape, random bf16
+"""Anchor for `news2stock-dev bench-model`: transformers on the Llama-3.1-8B shape, random bf16
 weights, on CUDA: random-init time, forward time (batch 1 x 1024), greedy decode tokens/s
 (prompt 32, 64 new tokens). Prints one JSON line.
 

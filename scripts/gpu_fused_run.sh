@@ -1,7 +1,8 @@
 #!/bin/bash
 # Runs the fused-linear checks and benchmarks on a GPU box, beside the PyTorch / PEFT anchors.
 # Usage (from the repository root): scripts/gpu_fused_run.sh DIR STAGE...
-#   DIR holds the stripped `news2stock` binary (built with --features cuda), the GPU checks
+#   DIR holds the stripped `news2stock-dev` binary (the developer tools of the news2stock example:
+#   `cargo build --release --features cuda --example news2stock-dev`), the GPU checks
 #   `gpu_selftest` (burn-cuda-ops) and `gpu_fused` (peft-lora) and the `kernels` bench (built by
 #   `cargo test/bench --no-run --release --features cuda`; see docs/PERFORMANCE.md), and the anchor scripts
 #   copied from scripts/ (bench_lora_linear_torch.py, bench_pissa_peft.py, and peft_baseline.py,
@@ -19,7 +20,7 @@ D=$1; shift
 OUT=${OUT:-/tmp/fused-out}; mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda-13.0/lib64:$LD_LIBRARY_PATH
 export PYTHONUNBUFFERED=1
-B=$D/news2stock
+B=$D/news2stock-dev
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 mem() { # peak of nvidia-smi's memory.used while "$@" runs
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/mem_$1.txt" & local p=$!

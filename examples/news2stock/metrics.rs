@@ -106,6 +106,18 @@ impl Scores {
         )
     }
 
+    /// The figures of [`Scores::row`] as JSON (`eval_results.json`): fractions in [0, 1].
+    pub fn to_json(&self, name: &str) -> Value {
+        let n = self.n.max(1) as f64;
+        serde_json::json!({
+            "model": name,
+            "json_ok": self.parsed as f64 / n,
+            "related_accuracy": self.related_correct as f64 / n,
+            "f1_positive": Self::f1(self.pos),
+            "f1_negative": Self::f1(self.neg),
+        })
+    }
+
     /// The table header.
     pub fn header() -> &'static str {
         "| model    | JSON ok | related acc | F1 pos | F1 neg |\n|----------|--------|--------|--------|--------|"

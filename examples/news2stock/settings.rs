@@ -1,337 +1,371 @@
-//! Every setting of the job, as command-line flags or a JSON config file (`--config`); flags
-//! given on the command line win over the file.
+//! The settings of a run, resolved from (lowest priority first) the defaults, `--demo`'s
+//! defaults, the saved run of the adapter being loaded, a `--config` file, and the flags given
+//! on the command line; and the LoRA and trainer configs they describe.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use peft_lora::{LoraConfig, OptimizerKind, TargetModules};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use sft_trainer::{ScheduleKind, TrainConfig};
 
-/// Fine-tune Llama-VARCO-8B-Instruct on Korean economic news (news2stock) with LoRA, evaluate
-/// it, and run inference.
-#[derive(Parser, Debug)]
-#[command(name = "news2stock", version, about)]
-pub struct Cli {
-    /// What to do (default: train).
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    /// The settings.
-    #[command(flatten)]
-    pub settings: Settings,
-}
+use crate::cli::{
+    AdapterArgs, DataArgs, GenerationArgs, HubArgs, LoraArgs, LrSchedulerType, ModelArgs, Optim,
+    ScoreArgs, TemplateArgs, TrainingArgs, DEFAULT_DATASET, DEFAULT_MODEL, DEMO_DATASET,
+    DEMO_MODEL,
+};
 
-/// Subcommands.
-#[derive(Subcommand, Debug, Clone)]
-pub enum Command {
-    /// Fine-tune (the default).
-    Train,
-    /// Generate on the test split with the base model and with the adapter; print a table.
-    Eval,
-    /// Analyse one news text (from --input or stdin) with the adapter applied at run time.
-    Infer {
-        /// A file holding the news text; stdin when absent.
-        #[arg(long)]
-        input: Option<PathBuf>,
-    },
-    /// Training throughput on the Llama-3.1-8B shape with random weights and random tokens
-    /// (the same setup as `peft_baseline.py`): warm-up steps, then timed steps.
-    BenchTrain {
-        /// Tokens per sequence.
-        #[arg(long, default_value_t = 1024)]
-        seq: usize,
-        /// Timed optimizer steps.
-        #[arg(long, default_value_t = 8)]
-        steps: u64,
-        /// Untimed warm-up steps (autotuning, compilation).
-        #[arg(long, default_value_t = 2)]
-        warmup: u64,
-        /// Use a tiny model instead of the 8B shape (to check the command on CPU).
-        #[arg(long)]
-        tiny: bool,
-    },
-    /// Model checks and timings: CPU-f32 fixture parity of this backend, then (unless
-    /// `--skip-8b`) random-init time, forward time (batch 1 x 1024) and greedy decode tokens/s
-    /// on the Llama-3.1-8B shape.
-    BenchModel {
-        /// A fixture folder (`fixtures/llama/<case>`) to compare logits with.
-        #[arg(long)]
-        fixture: Option<PathBuf>,
-        /// Skip the 8B timings.
-        #[arg(long)]
-        skip_8b: bool,
-    },
-    /// Time a weight-decomposing init (pissa, pissa_niter_N, olora) on the 8B shape's q_proj and
-    /// v_proj of every layer (random weights; the decomposition runs on the CPU).
-    BenchInit {
-        /// pissa, pissa_niter_N or olora.
-        #[arg(long, default_value = "pissa")]
-        method: String,
-        /// Decoder layers (32 in Llama-3.1-8B).
-        #[arg(long, default_value_t = 32)]
-        layers: usize,
-    },
-    /// Adapter kernel throughput on the Llama-8B shapes (LoRA and DoRA forward, forward +
-    /// backward, merged vs unmerged inference, ratio to the frozen GEMM alone); JSON lines.
-    BenchLinear {
-        /// Only the headline shapes (4096 tokens, 4096->4096 and 4096->1024, r 16), LoRA and DoRA.
-        #[arg(long)]
-        quick: bool,
-        /// Also time the composed (unfused) path on the headline shape.
-        #[arg(long)]
-        composed: bool,
-        /// Timed iterations per figure.
-        #[arg(long, default_value_t = 20)]
-        iters: usize,
-    },
-    /// Merge the adapter into the base weights and write safetensors that transformers loads.
-    Merge {
-        /// Output folder.
-        #[arg(long)]
-        out: PathBuf,
-        /// Store bf16 (default) or f32.
-        #[arg(long, default_value = "bf16")]
-        dtype: String,
-    },
-}
+/// The file a training run writes its settings to, beside the adapter.
+pub const SETTINGS_FILE: &str = "job_settings.json";
 
-/// Job settings (names mirror the tutorial's TrainingArguments / LoraConfig).
-#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+/// Every setting of a run, one flat JSON object when saved (`job_settings.json`) or read
+/// (`--config`): keys are the flag names with `_` for `-`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Settings {
-    /// A JSON file with any of these settings (flags given on the command line win).
-    #[arg(long)]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-    /// The embedded default: a tiny Llama, the project's tokenizer, the bundled synthetic
-    /// sample, on CPU, in about two minutes.
-    #[arg(long)]
+    /// `--demo` was given (recorded in `job_settings.json`; never read from a file).
     pub demo: bool,
-    /// Base model: a Hub id (`org/name[@revision]`) or a local folder.
-    #[arg(long, default_value = "NCSOFT/Llama-VARCO-8B-Instruct")]
-    pub model: String,
-    /// Dataset: a Hub dataset id, or a local .parquet / .jsonl file.
-    #[arg(long, default_value = "capybaraOh/naver-economy-news2stock")]
-    pub dataset: String,
-    /// Use random weights of the model's shape instead of downloading them (benchmarks).
-    #[arg(long)]
-    pub random_weights: bool,
-    /// Keep the frozen base's decoder linears in NF4 (QLoRA, bitsandbytes' `load_in_4bit`):
-    /// about 6 GB instead of 16 GB for the 8B model.
-    #[arg(long)]
-    pub load_in_4bit: bool,
-    /// Output folder (checkpoints, metrics, plot, adapter).
-    #[arg(long, default_value = "runs/news2stock")]
-    pub output_dir: PathBuf,
-    /// Adapter folder for eval / infer / merge (default: the output folder).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    /// Continue from the newest checkpoint in the output folder.
-    #[arg(long)]
-    pub resume: bool,
-    /// Epochs.
-    #[arg(long, default_value_t = 3.0)]
-    pub epochs: f64,
-    /// Stop after this many optimizer steps (0 = use epochs).
-    #[arg(long, default_value_t = 0)]
-    pub max_steps: u64,
-    /// Sequences per micro-batch.
-    #[arg(long, default_value_t = 2)]
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 2)]
-    pub grad_accum: usize,
-    /// Learning rate.
-    #[arg(long, default_value_t = 1e-4)]
-    pub lr: f64,
-    /// Schedule: constant, constant_with_warmup, linear, cosine.
-    #[arg(long, default_value = "constant")]
-    pub lr_scheduler: String,
-    /// Warmup fraction (HF's `constant` ignores it, as here).
-    #[arg(long, default_value_t = 0.03)]
-    pub warmup_ratio: f64,
-    /// Global gradient-norm clipping (0 = off).
-    #[arg(long, default_value_t = 0.3)]
-    pub max_grad_norm: f64,
-    /// AdamW weight decay.
-    #[arg(long, default_value_t = 0.0)]
-    pub weight_decay: f64,
-    /// Optimizer: adamw, loraplus, lorafa.
-    #[arg(long, default_value = "adamw")]
-    pub optimizer: String,
-    /// LoRA+ learning-rate ratio of B to A.
-    #[arg(long, default_value_t = 16.0)]
-    pub loraplus_ratio: f64,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
-    pub lora_r: usize,
-    /// LoRA alpha.
-    #[arg(long, default_value_t = 32.0)]
-    pub lora_alpha: f64,
-    /// LoRA dropout.
-    #[arg(long, default_value_t = 0.1)]
-    pub lora_dropout: f64,
-    /// Comma-separated target modules, or `all-linear`.
-    #[arg(long, default_value = "q_proj,v_proj")]
-    pub target_modules: String,
-    /// rsLoRA scaling.
-    #[arg(long)]
-    pub use_rslora: bool,
-    /// DoRA.
-    #[arg(long)]
-    pub use_dora: bool,
-    /// `init_lora_weights`: true, false, gaussian, orthogonal, pissa, pissa_niter_N, olora, eva
-    /// (eva runs on the training batches before the first step).
-    #[arg(long, default_value = "true")]
-    pub init_lora_weights: String,
-    /// Longest training sample in tokens (longer ones are skipped and counted).
-    #[arg(long, default_value_t = 2048)]
-    pub max_length: usize,
-    /// Chat format: llama3 (every answer labelled) or tutorial (the tutorial's exact format).
-    #[arg(long, default_value = "llama3")]
-    pub chat_format: String,
-    /// Log every N optimizer steps.
-    #[arg(long, default_value_t = 10)]
-    pub logging_steps: u64,
-    /// Checkpoint every N optimizer steps.
-    #[arg(long, default_value_t = 100)]
-    pub save_steps: u64,
-    /// Evaluation loss every N optimizer steps (0 = at the end).
-    #[arg(long, default_value_t = 0)]
-    pub eval_steps: u64,
-    /// Checkpoints kept.
-    #[arg(long, default_value_t = 3)]
-    pub save_total_limit: usize,
-    /// Seed.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    /// Recompute each decoder layer in the backward (saves memory; off in `--demo`).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub gradient_checkpointing: bool,
-    /// Test samples generated by `eval` (0 = all).
-    #[arg(long, default_value_t = 20)]
-    pub eval_samples: usize,
-    /// New tokens at most per generation.
-    #[arg(long, default_value_t = 512)]
-    pub max_new_tokens: usize,
+    /// Base model.
+    #[serde(flatten)]
+    pub model: ModelArgs,
+    /// Dataset and sequence length.
+    #[serde(flatten)]
+    pub data: DataArgs,
+    /// Chat format.
+    #[serde(flatten)]
+    pub template: TemplateArgs,
+    /// LoRA.
+    #[serde(flatten)]
+    pub lora: LoraArgs,
+    /// Training.
+    #[serde(flatten)]
+    pub training: TrainingArgs,
+    /// Generation.
+    #[serde(flatten)]
+    pub generation: GenerationArgs,
+    /// The eval table.
+    #[serde(flatten)]
+    pub score: ScoreArgs,
+    /// Pushing after training.
+    #[serde(flatten)]
+    pub hub: HubArgs,
+    /// Adapter folder of eval / infer / merge.
+    #[serde(flatten)]
+    pub adapter: AdapterArgs,
+    /// The job runs on the CPU backend (decided from the command, not a setting).
+    #[serde(skip)]
+    pub on_cpu: bool,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Cli::parse_from(["news2stock"]).settings
+/// The inputs of [`resolve`] other than the command line.
+#[derive(Debug, Default)]
+pub struct Sources<'a> {
+    /// `--demo`: its defaults replace the tutorial's.
+    pub demo: bool,
+    /// `--config FILE`.
+    pub config: Option<&'a Path>,
+    /// What [`saved_run`] read from the adapter folder.
+    pub saved_run: Option<Map<String, Value>>,
+}
+
+/// Resolved settings, and which of them were chosen rather than defaulted.
+#[derive(Debug)]
+pub struct Resolved {
+    /// The settings.
+    pub settings: Settings,
+    /// Keys set on the command line, in the config file or by the saved run.
+    pub explicit: BTreeSet<String>,
+}
+
+/// The demo's defaults: tiny, CPU, bundled data, a loss that visibly falls in minutes.
+fn demo_defaults() -> Map<String, Value> {
+    let v = json!({
+        "model": DEMO_MODEL, "dataset": DEMO_DATASET, "output_dir": "runs/demo",
+        "num_train_epochs": 20.0, "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1, "learning_rate": 5e-3, "lr_scheduler_type": "cosine",
+        "max_grad_norm": 1.0, "lora_r": 16, "lora_dropout": 0.0, "gradient_checkpointing": false,
+        "target_modules": "all-linear", "max_seq_length": 512, "logging_steps": 10,
+        "save_steps": 50, "eval_steps": 50, "eval_samples": 3, "max_new_tokens": 48,
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("a JSON object literal"),
+    }
+}
+
+/// The settings of the run that trained an adapter which eval / infer / merge take over: they
+/// describe the base model and its inputs.
+const RUN_KEYS: &[&str] = &[
+    "model",
+    "load_in_4bit",
+    "random_weights",
+    "seed",
+    "dataset",
+    "max_seq_length",
+    "chat_format",
+    "max_new_tokens",
+    "eval_samples",
+];
+
+/// Every settings group as one clap command: the names and aliases of all settings.
+fn settings_command() -> clap::Command {
+    let mut c = clap::Command::new("settings");
+    c = ModelArgs::augment_args(c);
+    c = DataArgs::augment_args(c);
+    c = TemplateArgs::augment_args(c);
+    c = LoraArgs::augment_args(c);
+    c = TrainingArgs::augment_args(c);
+    c = GenerationArgs::augment_args(c);
+    c = ScoreArgs::augment_args(c);
+    c = HubArgs::augment_args(c);
+    AdapterArgs::augment_args(c)
+}
+
+/// The settings key a file key names: a key itself, a flag name (`-` or `_`), or one of its
+/// aliases (`lr`, `epochs`, `batch_size`, ...).
+pub fn canonical_key(key: &str) -> Option<String> {
+    let key = key.replace('-', "_");
+    settings_command().get_arguments().find_map(|arg| {
+        let id = arg.get_id().as_str();
+        let is_alias = arg
+            .get_all_aliases()
+            .unwrap_or_default()
+            .iter()
+            .any(|a| a.replace('-', "_") == key);
+        (id == key || is_alias).then(|| id.to_string())
+    })
+}
+
+fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    match serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))? {
+        Value::Object(m) => Ok(m),
+        _ => bail!("{}: expected a JSON object of settings", path.display()),
+    }
+}
+
+/// Reads `--config FILE`: every key must name a setting, every value must have its type.
+fn read_config(path: &Path) -> Result<Map<String, Value>> {
+    let file = read_json_object(path).with_context(|| format!("config file {}", path.display()))?;
+    let defaults = serde_json::to_value(Settings::default())?;
+    let mut out = Map::new();
+    for (key, value) in file {
+        let Some(k) = canonical_key(&key) else {
+            bail!(
+                "config file {}: unknown setting `{key}` (the names are the flags', with _ for -; see --help)",
+                path.display()
+            );
+        };
+        let mut probe = defaults.clone();
+        probe[&k] = value.clone();
+        serde_json::from_value::<Settings>(probe)
+            .map_err(|e| anyhow!("config file {}: `{key}`: {e}", path.display()))?;
+        out.insert(k, value);
+    }
+    Ok(out)
+}
+
+/// The saved run of the adapter in `dir` (its `job_settings.json`, limited to the settings that
+/// describe the base model and its inputs), else the base model its `adapter_config.json` names.
+/// `None` when the folder has neither.
+pub fn saved_run(dir: &Path) -> Result<Option<Map<String, Value>>> {
+    let settings_file = dir.join(SETTINGS_FILE);
+    if settings_file.is_file() {
+        let saved = read_json_object(&settings_file)?;
+        let mut out = Map::new();
+        for (key, value) in &saved {
+            if let Some(k) = canonical_key(key).filter(|k| RUN_KEYS.contains(&k.as_str())) {
+                out.insert(k, value.clone());
+            }
+        }
+        // Demo runs saved before the demo's model and dataset had names recorded the
+        // tutorial's defaults beside `"demo": true`.
+        if saved.get("demo") == Some(&Value::Bool(true)) {
+            for (k, tutorial, demo) in [
+                ("model", DEFAULT_MODEL, DEMO_MODEL),
+                ("dataset", DEFAULT_DATASET, DEMO_DATASET),
+            ] {
+                if out.get(k).and_then(Value::as_str) == Some(tutorial) {
+                    out.insert(k.into(), demo.into());
+                }
+            }
+        }
+        return Ok(Some(out));
+    }
+    let config_file = dir.join("adapter_config.json");
+    if config_file.is_file() {
+        let config = read_json_object(&config_file)?;
+        if let Some(base) = config
+            .get("base_model_name_or_path")
+            .and_then(Value::as_str)
+            .filter(|b| !b.is_empty())
+        {
+            return Ok(Some(Map::from_iter([("model".into(), base.into())])));
+        }
+    }
+    Ok(None)
+}
+
+/// Resolves the settings: defaults < `--demo` < saved run < `--config` < command line.
+/// `command_line` holds the flags of the subcommand's groups (defaults included), `given` the
+/// ids of those the user typed.
+pub fn resolve(
+    command_line: &Map<String, Value>,
+    given: &BTreeSet<String>,
+    sources: &Sources<'_>,
+) -> Result<Resolved> {
+    let mut merged = match serde_json::to_value(Settings::default())? {
+        Value::Object(m) => m,
+        _ => unreachable!("settings serialise to an object"),
+    };
+    let mut explicit = BTreeSet::new();
+    if sources.demo {
+        merged.extend(demo_defaults());
+    }
+    if let Some(saved) = &sources.saved_run {
+        for (k, v) in saved {
+            merged.insert(k.clone(), v.clone());
+            explicit.insert(k.clone());
+        }
+    }
+    if let Some(path) = sources.config {
+        for (k, v) in read_config(path)? {
+            merged.insert(k.clone(), v);
+            explicit.insert(k);
+        }
+    }
+    for (k, v) in command_line {
+        if given.contains(k) {
+            merged.insert(k.clone(), v.clone());
+            explicit.insert(k.clone());
+        }
+    }
+    merged.insert("demo".into(), sources.demo.into());
+    let settings: Settings = serde_json::from_value(Value::Object(merged))
+        .context("the settings do not fit together")?;
+    settings.validate()?;
+    Ok(Resolved { settings, explicit })
+}
+
+/// `value` as a JSON object (a settings group).
+pub fn to_map(value: &impl Serialize) -> Map<String, Value> {
+    match serde_json::to_value(value) {
+        Ok(Value::Object(m)) => m,
+        _ => unreachable!("settings groups serialise to objects"),
     }
 }
 
 impl Settings {
-    /// Applies a JSON config file: its values replace the defaults, but not flags the user gave.
-    pub fn merge_file(self, matches: &clap::ArgMatches) -> anyhow::Result<Self> {
-        let Some(path) = self.config.clone() else {
-            return Ok(self);
-        };
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
-        let file: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
-        let mut current = serde_json::to_value(&self)?;
-        let obj = current
-            .as_object_mut()
-            .expect("settings serialise to an object");
-        for (k, v) in file {
-            if !obj.contains_key(&k) {
-                anyhow::bail!("config file {}: unknown setting `{k}` (see --help for the names, with _ for -)", path.display());
-            }
-            let from_cli = matches.value_source(&k) == Some(clap::parser::ValueSource::CommandLine);
-            if !from_cli {
-                obj.insert(k, v);
-            }
-        }
-        let mut merged: Settings = serde_json::from_value(current)
-            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
-        merged.config = Some(path);
-        Ok(merged)
+    /// The adapter folder eval / infer / merge load: `--adapter`, else the output folder.
+    pub fn adapter_dir(&self) -> PathBuf {
+        self.adapter
+            .adapter
+            .clone()
+            .unwrap_or_else(|| self.training.output_dir.clone())
     }
 
-    /// The demo's settings: tiny, CPU, bundled data, a loss that visibly falls in minutes.
-    pub fn demo_defaults(mut self, matches: &clap::ArgMatches) -> Self {
-        let given =
-            |k: &str| matches.value_source(k) == Some(clap::parser::ValueSource::CommandLine);
-        let mut set = |k: &str, f: &mut dyn FnMut(&mut Settings)| {
-            if !given(k) {
-                f(&mut self)
-            }
-        };
-        set("output_dir", &mut |s| s.output_dir = "runs/demo".into());
-        set("epochs", &mut |s| s.epochs = 20.0);
-        set("batch_size", &mut |s| s.batch_size = 4);
-        set("grad_accum", &mut |s| s.grad_accum = 1);
-        set("lr", &mut |s| s.lr = 5e-3);
-        set("lr_scheduler", &mut |s| s.lr_scheduler = "cosine".into());
-        set("max_grad_norm", &mut |s| s.max_grad_norm = 1.0);
-        set("lora_r", &mut |s| s.lora_r = 16);
-        set("lora_dropout", &mut |s| s.lora_dropout = 0.0);
-        set("gradient_checkpointing", &mut |s| {
-            s.gradient_checkpointing = false
-        });
-        set("target_modules", &mut |s| {
-            s.target_modules = "all-linear".into()
-        });
-        set("max_length", &mut |s| s.max_length = 512);
-        set("logging_steps", &mut |s| s.logging_steps = 10);
-        set("save_steps", &mut |s| s.save_steps = 50);
-        set("eval_steps", &mut |s| s.eval_steps = 50);
-        set("eval_samples", &mut |s| s.eval_samples = 3);
-        set("max_new_tokens", &mut |s| s.max_new_tokens = 48);
-        self
-    }
-
-    /// `--init-lora-weights` as the config value (`true` / `false` are booleans).
-    pub fn init_lora_weights(&self) -> peft_lora::InitLoraWeights {
-        match self.init_lora_weights.as_str() {
-            "true" => peft_lora::InitLoraWeights::Bool(true),
-            "false" => peft_lora::InitLoraWeights::Bool(false),
-            m => peft_lora::InitLoraWeights::Method(m.into()),
+    /// Checks values that clap cannot (those from a config file), before any long work.
+    pub fn validate(&self) -> Result<()> {
+        self.lora
+            .init_lora_weights
+            .parse::<peft_lora::InitLoraWeights>()
+            .map_err(|e| anyhow!("--init-lora-weights: {e}"))?;
+        if self.lora.lora_r == 0 {
+            bail!("--lora-r 0: the rank must be at least 1");
         }
-    }
-
-    /// Checks values that clap cannot (before any long work).
-    pub fn validate(&self) -> anyhow::Result<()> {
-        let one_of = |name: &str, v: &str, allowed: &[&str]| -> anyhow::Result<()> {
-            if allowed.contains(&v) {
-                Ok(())
-            } else {
-                anyhow::bail!(
-                    "--{} {v:?}: expected one of {}",
-                    name.replace('_', "-"),
-                    allowed.join(", ")
-                )
-            }
-        };
-        one_of(
-            "optimizer",
-            &self.optimizer,
-            &["adamw", "loraplus", "lorafa"],
-        )?;
-        one_of("chat_format", &self.chat_format, &["llama3", "tutorial"])?;
-        one_of(
-            "lr_scheduler",
-            &self.lr_scheduler,
-            &["constant", "constant_with_warmup", "linear", "cosine"],
-        )?;
-        peft_lora::init::InitMethod::parse(&self.init_lora_weights())
-            .map_err(|e| anyhow::anyhow!("--init-lora-weights: {e}"))?;
-        if self.lora_r == 0 {
-            anyhow::bail!("--lora-r 0: the rank must be at least 1");
-        }
-        if !(0.0..1.0).contains(&self.lora_dropout) {
-            anyhow::bail!(
+        if !(0.0..1.0).contains(&self.lora.lora_dropout) {
+            bail!(
                 "--lora-dropout {}: expected a probability in [0, 1)",
-                self.lora_dropout
+                self.lora.lora_dropout
             );
         }
-        if self.max_length < 16 {
-            anyhow::bail!(
-                "--max-length {}: expected at least 16 tokens",
-                self.max_length
+        if self.data.max_seq_length < 16 {
+            bail!(
+                "--max-seq-length {}: expected at least 16 tokens",
+                self.data.max_seq_length
             );
+        }
+        if self.training.per_device_train_batch_size == 0
+            || self.training.gradient_accumulation_steps == 0
+        {
+            bail!("--per-device-train-batch-size and --gradient-accumulation-steps must be at least 1");
         }
         Ok(())
+    }
+
+    /// The LoRA config the settings describe.
+    pub fn lora_config(&self) -> Result<LoraConfig> {
+        let l = &self.lora;
+        let targets = if l.target_modules == "all-linear" {
+            TargetModules::Regex("all-linear".into())
+        } else {
+            TargetModules::List(
+                l.target_modules
+                    .split(',')
+                    .map(|t| t.trim().to_string())
+                    .collect(),
+            )
+        };
+        Ok(LoraConfig {
+            r: l.lora_r,
+            lora_alpha: l.lora_alpha,
+            lora_dropout: l.lora_dropout,
+            target_modules: Some(targets),
+            use_rslora: l.use_rslora,
+            use_dora: l.use_dora,
+            init_lora_weights: l.init_lora_weights.parse()?,
+            task_type: Some("CAUSAL_LM".into()),
+            base_model_name_or_path: Some(self.model.model.clone()),
+            ..Default::default()
+        })
+    }
+
+    /// The trainer config the settings describe (`pad_id` from the tokenizer).
+    pub fn train_config(&self, pad_id: u32) -> TrainConfig {
+        let t = &self.training;
+        TrainConfig {
+            output_dir: t.output_dir.clone(),
+            learning_rate: t.learning_rate,
+            adamw: peft_lora::AdamWConfig {
+                weight_decay: t.weight_decay,
+                eps: if t.optim == Optim::Lorafa { 1e-6 } else { 1e-8 },
+                ..Default::default()
+            },
+            optimizer: match t.optim {
+                Optim::Loraplus => OptimizerKind::LoraPlus {
+                    lr_ratio: t.loraplus_lr_ratio,
+                    weight_decay: t.weight_decay,
+                },
+                Optim::Lorafa => OptimizerKind::LoraFa,
+                Optim::Adamw => OptimizerKind::AdamW,
+            },
+            lr_scheduler_type: match t.lr_scheduler_type {
+                LrSchedulerType::Constant => ScheduleKind::Constant,
+                LrSchedulerType::ConstantWithWarmup => ScheduleKind::ConstantWithWarmup,
+                LrSchedulerType::Linear => ScheduleKind::Linear,
+                LrSchedulerType::Cosine => ScheduleKind::Cosine,
+            },
+            warmup_ratio: t.warmup_ratio,
+            warmup_steps: 0,
+            per_device_train_batch_size: t.per_device_train_batch_size,
+            gradient_accumulation_steps: t.gradient_accumulation_steps,
+            max_grad_norm: t.max_grad_norm,
+            num_train_epochs: t.num_train_epochs,
+            max_steps: t.max_steps,
+            seed: t.seed,
+            logging_steps: t.logging_steps,
+            eval_steps: t.eval_steps,
+            save_steps: t.save_steps,
+            save_total_limit: t.save_total_limit,
+            per_device_eval_batch_size: t.per_device_train_batch_size,
+            pad_token_id: pad_id,
+            gradient_checkpointing: t.gradient_checkpointing,
+            bf16: !self.on_cpu && cfg!(feature = "cuda"),
+            progress_bar: true,
+        }
     }
 }

@@ -47,3 +47,11 @@ pub use preupload::UploadMode;
 
 /// The branch uploads go to when none is given.
 pub const DEFAULT_REVISION: &str = "main";
+
+/// A fake Hub on 127.0.0.1 for tests of code that pushes (this crate's own test fake, shared):
+/// repo creation, preupload, Git LFS batch + upload + verify, the NDJSON commit, downloads.
+/// Test support only, behind the `fake-hub` feature.
+#[cfg(feature = "fake-hub")]
+#[allow(missing_docs)]
+#[path = "../tests/common/mod.rs"]
+pub mod fake_hub;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use burn::tensor::{backend::Backend, Distribution, Tensor};
-use peft_lora::init::InitMethod;
+use peft_lora::InitLoraWeights;
 
 use crate::settings::Settings;
 
@@ -17,12 +17,12 @@ pub fn bench_init<B: Backend>(
     layers: usize,
     device: &B::Device,
 ) -> Result<()> {
-    let m = InitMethod::parse(&peft_lora::InitLoraWeights::Method(method.into()))?;
-    let scaling = s.lora_alpha / s.lora_r as f64;
+    let m: InitLoraWeights = method.parse()?;
+    let scaling = s.lora.lora_alpha / s.lora.lora_r as f64;
     let shapes = [("q_proj", 4096, 4096), ("v_proj", 4096, 1024)];
     println!(
         "bench-init: {method}, r {}, {layers} layers x q_proj 4096x4096 + v_proj 4096x1024, threads {}",
-        s.lora_r,
+        s.lora.lora_r,
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     let start = Instant::now();
@@ -33,9 +33,10 @@ pub fn bench_init<B: Backend>(
                 Tensor::<B, 2>::random([*d_in, *d_out], Distribution::Normal(0.0, 0.02), device);
             let t = Instant::now();
             let lin = peft_lora::LoraLinear::from_weight(w, None);
-            let init = m.init_layer(
+            let init = peft_lora::init_factors(
                 &lin,
-                s.lora_r,
+                m,
+                s.lora.lora_r,
                 scaling,
                 &format!("model.layers.{layer}.self_attn.{name}"),
             )?;

@@ -4,13 +4,13 @@
 use anyhow::Result;
 use burn::backend::cuda::CudaDevice;
 use burn::backend::Cuda;
-use half::bf16;
 use burn_cuda_ops as cuda;
+use half::bf16;
 
 use crate::bench_linear::{bench_shape, LLAMA_8B_SHAPES};
 
 type Gpu = Cuda<bf16>;
-/// `news2stock bench-linear`.
+/// `news2stock-dev bench-linear`.
 pub fn bench_linear(quick: bool, composed: bool, iters: usize) -> Result<()> {
     let device = CudaDevice::default();
     let tokens_list: &[usize] = if quick { &[4096] } else { &[2048, 4096] };

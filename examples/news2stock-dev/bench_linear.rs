@@ -1,5 +1,5 @@
 //! Adapter kernel throughput (shared by `cargo bench --bench lora_linear` and
-//! `news2stock bench-linear`): the adapted linear's forward, forward + backward, and merged vs
+//! `news2stock-dev bench-linear`): the adapted linear's forward, forward + backward, and merged vs
 //! unmerged inference, with the time ratio to the frozen GEMM alone (the LoRA overhead).
 //!
 //! Timing: `warmup` untimed runs, then `iters` runs and one device synchronisation; the mean
@@ -130,8 +130,7 @@ where
     let mut peft = PeftModel::new(One(base));
     let mut cfg = LoraConfig::new(r, 2.0 * r as f64, &["proj"]);
     cfg.use_dora = dora;
-    peft.add_adapter::<Autodiff<B>>("default", &cfg)
-        .expect("adapter");
+    peft.add_adapter("default", &cfg).expect("adapter");
     // B starts at zero; make it non-zero so nothing is skipped.
     {
         let ad = &mut peft.model.0.adapters[0];
@@ -166,7 +165,7 @@ where
     });
     let mut merged = PeftModel::new(One(inner_layer.clone()));
     merged.configs = peft.configs.clone();
-    merged.merge::<B>(false).expect("merge");
+    merged.merge(false).expect("merge");
     let fwd_merged = time::<B>(device, warmup, iters, || {
         let _ = merged.model.0.forward(xi.clone());
     });

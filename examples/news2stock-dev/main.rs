@@ -1,0 +1,179 @@
+//! `news2stock-dev`: the developer tools of the news2stock example, kept out of the user CLI:
+//! training throughput, model timings, adapter-init timings and adapter-kernel throughput on the
+//! Llama-3.1-8B shape (random weights), each printing the lines `scripts/gpu_fused_run.sh` and
+//! the anchors in `scripts/` compare. LoRA and training flags go before or after the tool's
+//! name: `news2stock-dev --lora-r 8 bench-train --steps 6` and
+//! `news2stock-dev bench-train --steps 6 --lora-r 8` are the same.
+
+#[path = "../news2stock/cli.rs"]
+#[allow(dead_code)]
+mod cli;
+#[path = "../news2stock/settings.rs"]
+#[allow(dead_code)]
+mod settings;
+
+mod bench_init;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod bench_linear;
+mod bench_train;
+#[cfg(feature = "cuda")]
+mod fused;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use burn::tensor::backend::Backend;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use cli::{LoraArgs, TrainingArgs};
+use settings::Settings;
+
+type Cpu = burn::backend::NdArray<f32>;
+
+/// Developer tools of news2stock: benchmarks of the training step, the model, the adapter
+/// inits and the adapter kernels.
+#[derive(Parser, Debug)]
+#[command(name = "news2stock-dev", version)]
+struct DevCli {
+    /// The tool.
+    #[command(subcommand)]
+    tool: Tool,
+    /// LoRA settings (bench-train, bench-init).
+    #[command(flatten, next_help_heading = "LoRA")]
+    lora: LoraArgs,
+    /// Training settings (bench-train).
+    #[command(flatten, next_help_heading = "Training")]
+    training: TrainingArgs,
+}
+
+/// The tools (their names are the command names the GPU scripts call).
+#[derive(Subcommand, Debug, Clone)]
+#[allow(clippy::enum_variant_names)]
+enum Tool {
+    /// Training throughput on the Llama-3.1-8B shape with random weights and random tokens
+    /// (the same setup as `peft_baseline.py`): warm-up steps, then timed steps.
+    BenchTrain {
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 1024)]
+        seq: usize,
+        /// Timed optimizer steps.
+        #[arg(long, default_value_t = 8)]
+        steps: u64,
+        /// Untimed warm-up steps (autotuning, compilation).
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        /// Use a tiny model instead of the 8B shape (to check the command on CPU).
+        #[arg(long)]
+        tiny: bool,
+    },
+    /// Model checks and timings: CPU-f32 fixture parity of this backend, then (unless
+    /// `--skip-8b`) random-init time, forward time (batch 1 x 1024) and greedy decode tokens/s
+    /// on the Llama-3.1-8B shape.
+    BenchModel {
+        /// A fixture folder (`fixtures/llama/<case>`) to compare logits with.
+        #[arg(long)]
+        fixture: Option<PathBuf>,
+        /// Skip the 8B timings.
+        #[arg(long)]
+        skip_8b: bool,
+    },
+    /// Time a weight-decomposing init (pissa, pissa_niter_N, olora) on the 8B shape's q_proj and
+    /// v_proj of every layer (random weights; the decomposition runs on the CPU).
+    BenchInit {
+        /// pissa, pissa_niter_N or olora.
+        #[arg(long, default_value = "pissa")]
+        method: String,
+        /// Decoder layers (32 in Llama-3.1-8B).
+        #[arg(long, default_value_t = 32)]
+        layers: usize,
+    },
+    /// Adapter kernel throughput on the Llama-8B shapes (LoRA and DoRA forward, forward +
+    /// backward, merged vs unmerged inference, ratio to the frozen GEMM alone); JSON lines.
+    BenchLinear {
+        /// Only the headline shapes (4096 tokens, 4096->4096 and 4096->1024, r 16), LoRA and DoRA.
+        #[arg(long)]
+        quick: bool,
+        /// Also time the composed (unfused) path on the headline shape.
+        #[arg(long)]
+        composed: bool,
+        /// Timed iterations per figure.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+    },
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    // The settings flags are global: accepted before and after the tool's name (the GPU
+    // scripts put them before).
+    let matches = DevCli::command().mut_args(|a| a.global(true)).get_matches();
+    let cli = DevCli::from_arg_matches(&matches)?;
+    let cpu = matches!(
+        cli.tool,
+        Tool::BenchTrain { tiny: true, .. }
+            | Tool::BenchModel { skip_8b: true, .. }
+            | Tool::BenchInit { .. }
+    ) && !cfg!(feature = "cuda");
+    let s = Settings {
+        lora: cli.lora,
+        training: cli.training,
+        on_cpu: cpu,
+        ..Default::default()
+    };
+    s.validate()?;
+    if cpu {
+        return dispatch::<Cpu>(&s, &cli.tool, &Default::default());
+    }
+    gpu(&s, &cli.tool)
+}
+
+fn dispatch<B: Backend>(s: &Settings, tool: &Tool, device: &B::Device) -> Result<()> {
+    match tool {
+        Tool::BenchTrain {
+            seq,
+            steps,
+            warmup,
+            tiny,
+        } => bench_train::bench_train::<burn::backend::Autodiff<B>>(
+            s, *seq, *steps, *warmup, *tiny, device,
+        ),
+        Tool::BenchModel { fixture, skip_8b } => {
+            bench_train::bench_model::<B>(fixture.as_deref(), *skip_8b, device)
+        }
+        Tool::BenchInit { method, layers } => {
+            bench_init::bench_init::<B>(s, method, *layers, device)
+        }
+        Tool::BenchLinear { .. } => {
+            anyhow::bail!("bench-linear runs on the GPU build (--features cuda)")
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu(s: &Settings, tool: &Tool) -> Result<()> {
+    type Gpu = burn::backend::Cuda<half::bf16>;
+    let device = burn::backend::cuda::CudaDevice::default();
+    if let Tool::BenchLinear {
+        quick,
+        composed,
+        iters,
+    } = tool
+    {
+        return fused::bench_linear(*quick, *composed, *iters);
+    }
+    dispatch::<Gpu>(s, tool, &device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu(_s: &Settings, _tool: &Tool) -> Result<()> {
+    anyhow::bail!(
+        "this build has no GPU backend; the developer tools run on an NVIDIA GPU: cargo run --release --features cuda --example news2stock-dev -- TOOL\n\
+         (bench-train --tiny, bench-model --skip-8b and bench-init also run on the CPU build)"
+    )
+}
