@@ -134,6 +134,8 @@ pub struct LayerState {
     pub merged: Vec<String>,
     /// A forward hook (EVA): when set, every forward copies its input `[n, in]` here.
     pub capture: Option<InputCapture>,
+    /// The layer's module path, when known ([`crate::PeftModel`] sets it), for error messages.
+    pub module: Option<String>,
 }
 
 /// Collects the inputs a layer sees (PyTorch's forward hook, as EVA uses it).

@@ -15,8 +15,12 @@ use crate::peft::PeftModel;
 use crate::target::is_target;
 
 impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
-    /// Adds adapter `name` as `cfg` describes (targets, ranks, init) and makes it the active one.
-    /// Returns the module paths that got it.
+    /// Adds adapter `name` as `cfg` describes (targets, ranks, init). Returns the module paths
+    /// that got it.
+    ///
+    /// As PEFT's `add_adapter`, this does not change which adapters run: the first adapter of a
+    /// model without adapters becomes active (as PEFT's constructor makes `"default"` active),
+    /// any later one stays inactive on every layer until [`PeftModel::set_active`] names it.
     pub fn add_adapter(&mut self, name: &str, cfg: &LoraConfig) -> Result<Vec<String>> {
         cfg.validate()?;
         check_invocation_ids(cfg, self.model.vocab_size(), "<in memory>")?;
@@ -59,7 +63,6 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
             }
             let adapter = layer.new_adapter(meta, init.a, init.b, cfg.lora_bias);
             layer.add_adapter(adapter)?;
-            layer.set_active(&[name.to_string()]);
             adapted.push(path);
         }
         if adapted.is_empty() {
@@ -71,7 +74,7 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
         }
         add_token_adapters(&mut self.model, name, &tokens, |_, _| Ok(None))?;
         self.configs.insert(name.into(), cfg.clone());
-        self.active = vec![name.into()];
+        self.keep_active_after_add(name)?;
         Ok(adapted)
     }
 }
@@ -169,7 +172,6 @@ pub(crate) fn add_token_adapters<B: Backend, M: LoraModel<B>>(
         if let Some((_, ids)) = targets.iter().find(|(p, _)| *p == path) {
             let r = rows(&path, &table.weight.device())?;
             table.add_adapter(name, ids, r, &path)?;
-            table.set_active(&[name.to_string()], &path)?;
         }
     }
     Ok(())

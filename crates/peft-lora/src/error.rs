@@ -80,6 +80,18 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A layer got an input whose last dimension is not its `in_features`.
+    #[error(
+        "LoraLinear `{module}`: the input's last dimension is {found}, but the layer's in_features is {in_features}"
+    )]
+    InputWidth {
+        /// The module path (`<unnamed>` for a layer no [`crate::PeftModel`] has named).
+        module: String,
+        /// The layer's input features.
+        in_features: usize,
+        /// The input's last dimension.
+        found: usize,
+    },
     /// A numerical routine (SVD, QR) failed.
     #[error("linear algebra failed for `{module}`: {message}")]
     LinAlg {

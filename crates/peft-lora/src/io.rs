@@ -93,8 +93,12 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
         Ok(out)
     }
 
-    /// Loads a PEFT adapter folder as adapter `name` and makes it active. Every missing key,
-    /// unexpected key and shape mismatch is reported by name in one error.
+    /// Loads a PEFT adapter folder as adapter `name`. Every missing key, unexpected key and shape
+    /// mismatch is reported by name in one error.
+    ///
+    /// As PEFT's `load_adapter`, this does not change which adapters run: the first adapter of a
+    /// model without adapters becomes active (as `PeftModel.from_pretrained` does), any later
+    /// one stays inactive on every layer until [`PeftModel::set_active`] names it.
     ///
     /// A LoftQ adapter (`init_lora_weights = "loftq"`) loaded onto a full-precision base runs
     /// LoftQ on each adapted layer first, as PEFT does, so the base becomes the NF4 `Q` the
@@ -226,14 +230,12 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
                 adapter.magnitude = Some(Param::from_tensor(m));
             }
             layer.add_adapter(adapter)?;
-            layer.set_active(&[name.to_string()]);
         }
         add_token_adapters(&mut self.model, name, &token_targets, |path, device| {
             let key = token_delta_key(path);
             Ok(Some(file.read(&key)?.to_tensor(&key, device)?))
         })?;
         self.configs.insert(name.into(), cfg);
-        self.active = vec![name.into()];
-        Ok(())
+        self.keep_active_after_add(name)
     }
 }

@@ -5,13 +5,21 @@
 //! `adapter_config.json` + `adapter_model.safetensors` format in both directions.
 //!
 //! ## Adapting your own model
-//! 1. Build each linear layer you may want to adapt as a [`LoraLinear`] (from its frozen weight).
+//! 1. Build each linear layer you may want to adapt as a [`LoraLinear`]: from a Burn
+//!    `nn::Linear` (`LoraLinear::from(linear)`, same weight and bias), from a
+//!    [`LoraLinearConfig`] (Burn's `LinearConfig` with the same fields and init), or from its
+//!    frozen weight ([`LoraLinear::from_weight`]).
 //! 2. Implement [`LoraModel`] by listing those layers with their Hugging Face module paths.
 //! 3. Optionally expose the input embedding as a [`TrainableTokens`] through
 //!    [`LoraModel::token_tables`] (`trainable_token_indices`) and implement
 //!    [`LoraModel::replicate_layers`] (`layer_replication`).
 //! 4. Wrap the model in a [`PeftModel`] and call [`PeftModel::add_adapter`] with a
 //!    [`LoraConfig`], or [`PeftModel::load_adapter`] with a folder saved by Python PEFT.
+//!
+//! Which adapters run follows PEFT: the first adapter added to (or loaded into) a model becomes
+//! active; later ones do not until [`PeftModel::set_active`] names them, which applies to every
+//! layer (a layer without the adapter runs its base); deleting the active adapter activates the
+//! first remaining one by name; [`PeftModel::with_adapters_disabled`] runs the base.
 //!
 //! ## 4-bit base (QLoRA) and LoftQ
 //! [`LoraLinear::quantize_nf4`] (or [`LoraLinear::from_nf4`]) keeps a layer's frozen base in
@@ -88,7 +96,7 @@ pub use init::{init_factors, LayerInit};
 pub use io::{
     adapter_dir, adapter_state_dict, token_delta_key, KEY_PREFIX, TOKEN_DELTA_SUFFIX, WEIGHTS_FILE,
 };
-pub use layer::LoraLinear;
+pub use layer::{LoraLinear, LoraLinearConfig};
 pub use loftq::{loftq_factors, LoftQFactors};
 pub use model::{alora_offsets, alora_row_invocations, LoraModel};
 pub use nf4::{Nf4Tensor, NF4_BLOCKSIZE, NF4_CODE};

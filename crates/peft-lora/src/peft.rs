@@ -63,7 +63,8 @@ fn group(n: usize) -> String {
 
 impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
     /// Wraps a model that has no adapters yet.
-    pub fn new(model: M) -> Self {
+    pub fn new(mut model: M) -> Self {
+        name_layers(&mut model);
         PeftModel {
             model,
             configs: BTreeMap::new(),
@@ -73,7 +74,11 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
         }
     }
 
-    /// Makes `names` the adapters that run (PEFT's `set_adapter`, several allowed).
+    /// Makes `names` the adapters that run (PEFT's `set_adapter`, several allowed), on every
+    /// layer and token table: a layer that has none of them runs its frozen base. As in PEFT,
+    /// adapters merged into the weights are unmerged first, so the model then computes exactly
+    /// `names`. An empty list runs the base everywhere. Unknown names are refused before
+    /// anything changes.
     pub fn set_active(&mut self, names: &[&str]) -> Result<()> {
         for n in names {
             if !self.configs.contains_key(*n) {
@@ -81,17 +86,46 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
             }
         }
         let owned: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        self.activate(owned, true)
+    }
+
+    /// Applies the model-level active list `names` to every layer and token table (checks
+    /// first, so a refused list changes nothing), unmerging merged adapters first when
+    /// `unmerge` is set (PEFT's `set_adapter`).
+    pub(crate) fn activate(&mut self, names: Vec<String>, unmerge: bool) -> Result<()> {
+        for (path, table) in self.model.token_tables() {
+            table.check_active(&names, &path)?;
+        }
+        if unmerge {
+            self.unmerge()?;
+        }
         for (path, table) in self.model.token_tables_mut() {
-            table.set_active(&owned, &path)?;
+            table.set_active(&names, &path)?;
         }
-        for (_, layer) in self.model.lora_linears_mut() {
-            layer.set_active(&owned);
+        for (path, layer) in self.model.lora_linears_mut() {
+            layer.set_active(&names);
+            layer.state.module = Some(path);
         }
-        self.active = owned;
+        self.active = names;
         Ok(())
     }
 
-    /// Deletes adapter `name` everywhere.
+    /// After adding or loading adapter `name`: the active set stays what it was (PEFT's
+    /// `add_adapter` / `load_adapter` never change it), except that the first adapter of a
+    /// model without adapters becomes active, as PEFT's constructor makes `"default"` active.
+    pub(crate) fn keep_active_after_add(&mut self, name: &str) -> Result<()> {
+        let names = if self.configs.len() == 1 {
+            vec![name.to_string()]
+        } else {
+            self.active.clone()
+        };
+        self.activate(names, true)
+    }
+
+    /// Deletes adapter `name` everywhere. When it was active, the other active adapters stay
+    /// active; when it was the only active one, the first remaining adapter by name becomes
+    /// active (PEFT's `delete_adapter`, which picks `sorted(remaining)[0]`), or none when no
+    /// adapter remains. Every layer follows the model-level choice.
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
         if self.configs.remove(name).is_none() {
             return Err(self.unknown(name));
@@ -104,11 +138,20 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
         for (_, table) in self.model.token_tables_mut() {
             table.delete_adapter(name);
         }
-        self.active.retain(|a| a != name);
-        Ok(())
+        let mut active = self.active.clone();
+        if active.iter().any(|a| a == name) {
+            active.retain(|a| a != name);
+            if active.is_empty() {
+                // `configs` is a BTreeMap: its first key is PEFT's `sorted(remaining)[0]`.
+                active.extend(self.configs.keys().next().cloned());
+            }
+        }
+        self.activate(active, false)
     }
 
     /// Disables every adapter (the model computes exactly the base) or enables them again.
+    /// Merged adapters are unmerged on disabling. See [`Self::with_adapters_disabled`] for
+    /// PEFT's `with model.disable_adapter():`.
     pub fn set_adapters_disabled(&mut self, disabled: bool) -> Result<()> {
         for (_, layer) in self.model.lora_linears_mut() {
             layer.set_disabled(disabled)?;
@@ -117,6 +160,26 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
             table.set_disabled(disabled);
         }
         Ok(())
+    }
+
+    /// Runs `f` on the model with every adapter disabled, then enables them again (PEFT's
+    /// `with model.disable_adapter():`): inside, the model computes exactly its base. The
+    /// active set is unchanged; merged adapters are unmerged (as on disabling); afterwards the
+    /// adapters are enabled again (or stay disabled if they were before).
+    ///
+    /// ```ignore
+    /// let base_logits = peft.with_adapters_disabled(|m| m.forward(x.clone()))?;
+    /// ```
+    pub fn with_adapters_disabled<R>(&mut self, f: impl FnOnce(&M) -> R) -> Result<R> {
+        let was_disabled = self
+            .model
+            .lora_linears()
+            .iter()
+            .any(|(_, l)| l.state.disabled);
+        self.set_adapters_disabled(true)?;
+        let out = f(&self.model);
+        self.set_adapters_disabled(was_disabled)?;
+        Ok(out)
     }
 
     /// Trainable (adapter and token-row) and total parameter counts; a parameter shared by
@@ -222,11 +285,20 @@ impl<B: Backend> ModuleVisitor<B> for UniqueParams {
     }
 }
 
+/// Records each layer's module path in its state (for error messages).
+fn name_layers<B: Backend, M: LoraModel<B>>(model: &mut M) {
+    for (path, layer) in model.lora_linears_mut() {
+        layer.state.module = Some(path);
+    }
+}
+
 /// Drops every adapter of every layer and table.
 pub(crate) fn clear_adapters<B: Backend, M: LoraModel<B>>(model: &mut M) {
     for (_, layer) in model.lora_linears_mut() {
         layer.adapters.clear();
+        let module = layer.state.module.take();
         layer.state = Default::default();
+        layer.state.module = module;
     }
     for (_, table) in model.token_tables_mut() {
         table.adapters.clear();

@@ -157,14 +157,19 @@ impl<B: Backend> TrainableTokens<B> {
     /// Sets which adapters run; names without rows here are ignored. Two active adapters may not
     /// list the same id (PEFT refuses overlapping tokens too).
     pub fn set_active(&mut self, names: &[String], path: &str) -> Result<()> {
+        self.state.active = self.check_active(names, path)?;
+        Ok(())
+    }
+
+    /// The adapters of `names` this table has, refused when two of them list the same id.
+    pub(crate) fn check_active(&self, names: &[String], path: &str) -> Result<Vec<String>> {
         let here: Vec<String> = names
             .iter()
             .filter(|n| self.adapter(n).is_some())
             .cloned()
             .collect();
         self.check_disjoint(&here, path)?;
-        self.state.active = here;
-        Ok(())
+        Ok(here)
     }
 
     fn check_disjoint(&self, names: &[String], path: &str) -> Result<()> {

@@ -142,11 +142,7 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
         cfg.trainable_token_indices = None;
         self.configs.insert(name.into(), cfg);
         // The new adapter is added, not activated (as in PEFT): keep the active set.
-        let active = self.active.clone();
-        for (_, layer) in self.model.lora_linears_mut() {
-            layer.set_active(&active);
-        }
-        Ok(())
+        self.activate(self.active.clone(), false)
     }
 }
 

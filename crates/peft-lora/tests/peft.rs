@@ -146,7 +146,9 @@ fn several_adapters_switch_delete_and_mixed_batches() {
     peft.add_adapter("a", &config(&["up"])).unwrap();
     peft.add_adapter("b", &config(&["up", "down"])).unwrap();
     perturb(&mut peft);
-    assert_eq!(peft.active, vec!["b"]);
+    // Adding does not activate (PEFT): "a", the first adapter, still runs.
+    assert_eq!(peft.active, vec!["a"]);
+    peft.set_active(&["b"]).unwrap();
     let yb = peft.model.forward(x.clone());
     peft.set_active(&["a"]).unwrap();
     let ya = peft.model.forward(x.clone());

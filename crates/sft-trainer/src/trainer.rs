@@ -124,8 +124,12 @@ where
     if resume {
         if let Some(ck) = checkpoint::latest(&out) {
             state = checkpoint::read_state(&ck)?;
+            // Replace the adapter's weights with the checkpoint's; loading does not activate
+            // (as in PEFT), so the active set is restored as it was.
+            let active = peft.active.clone();
             peft.delete_adapter(adapter)?;
             peft.load_adapter(&adapter_dir(&ck, adapter), adapter)?;
+            peft.set_active(&active.iter().map(String::as_str).collect::<Vec<_>>())?;
             let opt_file = SafetensorsFile::open(&ck.join("optimizer.safetensors"))?;
             let tensors = opt_file
                 .shapes()

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{EvaConfig, InitLoraWeights, LoftQConfig};
+use super::{EvaConfig, InitLoraWeights, LoftQConfig, LoraConfig};
 use crate::error::Error;
 
 /// Writes integral floats as integers, as Python writes `lora_alpha=16`.
@@ -115,10 +115,20 @@ pub(super) fn sort_keys(v: Value) -> Value {
     }
 }
 
-/// The field a serde error is about: its message's first backticked token.
-pub(super) fn field_of_serde_error(e: &serde_json::Error) -> String {
-    // serde's messages quote the field: "invalid type: ... for key `r`" is not standard, so fall
-    // back to the whole message's first backticked token.
+/// The field a serde error of the JSON `text` is about. serde does not say (the config's
+/// catch-all `#[serde(flatten)]` drops the key from its messages, e.g. `"r": "8"` gives
+/// "invalid type: string \"8\", expected usize"), so each top-level key is deserialised alone
+/// and the first that fails is the field; otherwise the message's first backticked token (our
+/// own field errors quote it), else `<json>` (a syntax error, a non-object).
+pub(super) fn field_of_serde_error(text: &str, e: &serde_json::Error) -> String {
+    if let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(text) {
+        for (k, v) in &obj {
+            let alone = Value::Object([(k.clone(), v.clone())].into_iter().collect());
+            if serde_json::from_value::<LoraConfig>(alone).is_err() {
+                return k.clone();
+            }
+        }
+    }
     let msg = e.to_string();
     msg.split('`').nth(1).unwrap_or("<json>").to_string()
 }

@@ -220,7 +220,7 @@ impl LoraConfig {
                 .map(at_origin)
                 .unwrap_or_else(|| Error::Config {
                     path: origin.into(),
-                    field: json::field_of_serde_error(&e),
+                    field: json::field_of_serde_error(text, &e),
                     message: e.to_string(),
                 })
         })?;

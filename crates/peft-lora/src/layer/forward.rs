@@ -6,6 +6,7 @@ use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
 use super::LoraLinear;
 use crate::adapter::LoraAdapter;
 use crate::dropout::dropout;
+use crate::error::{Error, Result};
 use crate::fused;
 use crate::host::to_host;
 use crate::routing::{LoraCtx, RowsOn};
@@ -16,8 +17,48 @@ impl<B: Backend> LoraLinear<B> {
     ///
     /// # Shapes
     /// - x: `[..., in]` -> `[..., out]`
+    ///
+    /// # Panics
+    /// When the input's last dimension is not the layer's `in_features` (a programmer error),
+    /// with a message naming the layer's path (when a [`crate::PeftModel`] has named it), its
+    /// `in_features` and the input's width. [`Self::try_forward`] returns that as an error.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         self.forward_ctx(x, &LoraCtx::default())
+    }
+
+    /// [`Self::forward`], with a wrong input width as [`Error::InputWidth`] instead of a panic.
+    pub fn try_forward<const D: usize>(&self, x: Tensor<B, D>) -> Result<Tensor<B, D>> {
+        self.check_input(&x.dims())?;
+        Ok(self.forward(x))
+    }
+
+    /// [`Self::forward_ctx`], with a wrong input width as [`Error::InputWidth`] instead of a
+    /// panic.
+    pub fn try_forward_ctx<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        ctx: &LoraCtx,
+    ) -> Result<Tensor<B, D>> {
+        self.check_input(&x.dims())?;
+        Ok(self.forward_ctx(x, ctx))
+    }
+
+    /// Refuses an input whose last dimension is not `in_features`.
+    pub fn check_input(&self, dims: &[usize]) -> Result<()> {
+        let found = dims.last().copied().unwrap_or(0);
+        let in_features = self.d_in();
+        if found != in_features {
+            return Err(Error::InputWidth {
+                module: self
+                    .state
+                    .module
+                    .clone()
+                    .unwrap_or_else(|| "<unnamed>".into()),
+                in_features,
+                found,
+            });
+        }
+        Ok(())
     }
 
     /// Forward with per-call routing: `ctx.row_adapters[i]` names the adapter of batch row `i`
@@ -26,8 +67,14 @@ impl<B: Backend> LoraLinear<B> {
     ///
     /// # Shapes
     /// - x: `[batch, seq, in]` (or `[batch, in]`, one position per row) -> `[.., out]`
+    ///
+    /// # Panics
+    /// As [`Self::forward`], on a wrong input width ([`Self::try_forward_ctx`] returns it).
     pub fn forward_ctx<const D: usize>(&self, x: Tensor<B, D>, ctx: &LoraCtx) -> Tensor<B, D> {
         let dims = x.dims();
+        if let Err(e) = self.check_input(&dims) {
+            panic!("{e}");
+        }
         let d_in = dims[D - 1];
         let n: usize = dims[..D - 1].iter().product();
         let x2: Tensor<B, 2> = x.reshape([n, d_in]);

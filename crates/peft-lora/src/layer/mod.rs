@@ -1,7 +1,10 @@
 //! The adapted linear layer: a frozen base `y = x W + b` (dense, or NF4 for QLoRA) plus any
 //! number of named adapters, merged into the base or not.
 
+mod adopt;
 mod forward;
+
+pub use adopt::LoraLinearConfig;
 
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
@@ -88,7 +91,11 @@ impl<B: Backend> LoraLinear<B> {
         self.adapters.iter_mut().find(|a| a.meta.name == name)
     }
 
-    /// Adds an adapter with given tensors (Burn layout) and makes it active.
+    /// Adds an adapter with given tensors (Burn layout) and makes it active on this layer.
+    ///
+    /// This is the layer-level primitive; [`crate::PeftModel::add_adapter`] and
+    /// [`crate::PeftModel::load_adapter`] then apply the model's active set to every layer, so
+    /// through them a new adapter does not become active (as in PEFT).
     pub fn add_adapter(&mut self, adapter: LoraAdapter<B>) -> Result<()> {
         if self.adapter(&adapter.meta.name).is_some() {
             return Err(Error::DuplicateAdapter(adapter.meta.name.clone()));
