@@ -38,6 +38,8 @@ pub fn masked<B: Backend>(t: Tensor<B, 3>, mask: &Tensor<B, 2, Int>) -> Tensor<B
     t * mask.clone().float().unsqueeze_dim::<3>(2)
 }
 
+pub mod check;
+
 /// The same measures on host values (row-major `f32` slices).
 pub mod host {
     use super::REL_FLOOR;
