@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Reference fixtures for PEFT's structural LoRA features: `layer_replication` and
-`trainable_token_indices`.
+"""Reference fixtures for PEFT's structural LoRA features: `layer_replication`,
+`trainable_token_indices` and `modules_to_save`.
 
 Writes fixtures/structural/<case>/:
 
@@ -10,6 +10,7 @@ Writes fixtures/structural/<case>/:
   expected.safetensors      input_ids, attention_mask, labels, logits, loss, grad.<saved key> of every
                             trainable tensor, and per case:
                               replication: gen_prompt_ids, gen_prompt_mask, gen_greedy_ids (KV cache)
+                              save (modules_to_save): merged_logits (merge_and_unload)
                               tokens: merged_logits, merged_embed_rows ([n, dim] rows of the merged
                                       embedding), adamw.<saved key> after two torch AdamW steps
 
@@ -74,6 +75,21 @@ CASES = {
         lora=dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         tokens="dict",
     ),
+    # modules_to_save: a trainable copy of the untied head, saved whole in the adapter.
+    "save_lm_head": dict(
+        base="untied_mha",
+        seed=3005,
+        lora=dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+        save=True,
+    ),
+    # modules_to_save on an embedding (untied model), with LoRA on the MLP.
+    "save_embed": dict(
+        base="untied_mha",
+        seed=3006,
+        lora=dict(r=2, lora_alpha=4, target_modules=["gate_proj", "down_proj"],
+                  modules_to_save=["embed_tokens"]),
+        save=True,
+    ),
 }
 
 
@@ -87,7 +103,8 @@ def pick_tokens(ids, mask, vocab, seed):
 
 
 def saved_key(pname):
-    k = pname.replace(f".{mf.ADAPTER_NAME}.", ".")
+    k = pname.replace(f".modules_to_save.{mf.ADAPTER_NAME}.", ".")
+    k = k.replace(f".{mf.ADAPTER_NAME}.", ".")
     if k.endswith(f".{mf.ADAPTER_NAME}"):
         k = k[: -len(mf.ADAPTER_NAME) - 1]
     return k
@@ -130,6 +147,10 @@ def build(name, spec, root):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             elif "trainable_tokens_delta" in pname:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            elif ".modules_to_save." in pname:
+                # The trainable copy moves away from the frozen original, so a loader that
+                # kept the original would fail.
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
             else:
                 raise RuntimeError(f"unexpected trainable parameter {pname}")
 
@@ -183,6 +204,20 @@ def build(name, spec, root):
         for k, v in get_peft_model_state_dict(opt_model).items():
             exp["adamw." + k] = v.detach().float().clone()
 
+    if spec.get("save"):
+        # The copy is what runs, the original stays frozen, and merge_and_unload keeps the copy.
+        for pname, p in model.named_parameters():
+            if ".original_module." in pname:
+                assert not p.requires_grad and p.grad is None, pname
+        merged = copy.deepcopy(model).merge_and_unload()
+        with torch.no_grad():
+            exp["merged_logits"] = merged(input_ids=ids, attention_mask=mask).logits.float()
+        assert mf.rel_err(exp["merged_logits"], exp["logits"]) < 1e-5
+        # The saved module keys, as PEFT writes them (no wrapper, no adapter name).
+        wrapped = spec["lora"]["modules_to_save"][0]
+        keys = [k for k in saved if wrapped in k]
+        assert keys and all("modules_to_save" not in k for k in keys), keys
+
     if spec.get("generate"):
         gids, gmask = mf.make_gen_inputs(base_seed, vocab)
         with torch.no_grad(), warnings.catch_warnings():
@@ -214,11 +249,13 @@ def build(name, spec, root):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fixtures", default="fixtures")
+    ap.add_argument("--only", nargs="*", help="build only these cases (default: all)")
     args = ap.parse_args()
     mf.setup_determinism()
     root = Path(args.fixtures)
     for name, spec in CASES.items():
-        build(name, spec, root)
+        if not args.only or name in args.only:
+            build(name, spec, root)
     mf.log(f"wrote {root / 'structural'} ({mf.dir_size(root / 'structural') / 1e6:.2f} MB)")
 
 
