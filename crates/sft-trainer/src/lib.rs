@@ -8,6 +8,7 @@
 //! The trainer knows models only through [`CausalLm`]: a [`peft_lora::LoraModel`] that computes
 //! a causal-LM loss on a [`Batch`].
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -11,6 +11,7 @@ use peft_lora::adapter_dir;
 use peft_lora::{write_f32, SafetensorsFile};
 use peft_lora::{GradAccumulator, LoraOptimizer, PeftModel};
 
+use crate::alloc::ExactAlloc;
 use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
 use crate::data::{epoch_batches, make_batch, Sample};
@@ -166,6 +167,7 @@ where
 
     // The order of the current epoch, shuffled once per epoch (a resume rebuilds it from the seed).
     let mut batches = epoch_batches(train.len(), bs, cfg.seed, state.epoch);
+    let mut exact = ExactAlloc::from_env();
     while state.global_step < total {
         // Dropout draws depend only on the seed and the step: a resumed run draws the same.
         let step_seed = cfg.seed.wrapping_mul(7919).wrapping_add(state.global_step);
@@ -186,26 +188,29 @@ where
             state.batches_in_epoch += 1;
             let batch = make_batch::<AB>(&refs, cfg.pad_token_id, device);
             let scale = 1.0 / accum as f64;
-            let checkpointed = if cfg.gradient_checkpointing {
-                let model = &peft.model;
-                model.causal_lm_backward_checkpointed(&batch, scale, &mut |g| acc.add(model, g))
-            } else {
-                None
-            };
-            let value = match checkpointed {
-                Some(value) => value,
-                None => {
-                    let loss = peft.model.causal_lm_loss(&batch);
-                    // The backward is queued before the loss is read, so the device does not
-                    // wait for the host in between; a non-finite loss stops the run below.
-                    let grads = (loss.clone() * scale).backward();
-                    let value: f64 = loss.into_scalar().elem::<f64>();
-                    if value.is_finite() {
-                        acc.add(&peft.model, &grads);
+            exact.before_batch::<AB>(batch.input_ids.dims(), device);
+            let value = exact.run::<AB, _>(device, || {
+                let checkpointed = if cfg.gradient_checkpointing {
+                    let model = &peft.model;
+                    model.causal_lm_backward_checkpointed(&batch, scale, &mut |g| acc.add(model, g))
+                } else {
+                    None
+                };
+                match checkpointed {
+                    Some(value) => value,
+                    None => {
+                        let loss = peft.model.causal_lm_loss(&batch);
+                        // The backward is queued before the loss is read, so the device does not
+                        // wait for the host in between; a non-finite loss stops the run below.
+                        let grads = (loss.clone() * scale).backward();
+                        let value: f64 = loss.into_scalar().elem::<f64>();
+                        if value.is_finite() {
+                            acc.add(&peft.model, &grads);
+                        }
+                        value
                     }
-                    value
                 }
-            };
+            });
             if !value.is_finite() {
                 return Err(non_finite("loss", state.global_step + 1, value, &out));
             }
@@ -214,7 +219,7 @@ where
             run_tokens += batch.n_tokens;
         }
         let lr = schedule.lr_at(state.global_step);
-        let norm = opt.step(&mut peft.model, acc, lr, clip);
+        let norm = exact.run::<AB, _>(device, || opt.step(&mut peft.model, acc, lr, clip));
         if !norm.is_finite() {
             return Err(non_finite(
                 "gradient norm",
