@@ -49,10 +49,11 @@ fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Vec<i64>) -> Tensor<
 }
 
 impl<B: Backend> LlamaForCausalLM<B> {
-    /// `cross_entropy(lm_head(hidden), targets)`; on CUDA with a frozen head one op that never
+    /// `cross_entropy(lm_head(hidden), targets)`; on CUDA with a frozen head (no live
+    /// `modules_to_save` copy) one op that never
     /// holds the `[n, vocab]` logits beyond a chunk of rows (`crate::ops`).
     fn head_cross_entropy(&self, hidden: Tensor<B, 2>, targets: Vec<i64>) -> Tensor<B, 1> {
-        if crate::ops::cross_entropy_supported::<B>() {
+        if crate::ops::cross_entropy_supported::<B>() && !self.head_trains() {
             let n = targets.len();
             let w = self.head_weight();
             let t = Tensor::<B, 1, Int>::from_data(

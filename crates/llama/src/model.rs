@@ -2,7 +2,7 @@
 //! (`model.layers.0.self_attn.q_proj.weight`), so loading walks the checkpoint by path and
 //! `peft-lora` sees HF module paths.
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::tensor::{backend::Backend, Distribution, Int, Tensor};
 use peft_lora::{LoraCtx, LoraLinear, LoraModel, TrainableTokens};
 
@@ -81,9 +81,10 @@ pub struct LlamaModel<B: Backend> {
 pub struct LlamaForCausalLM<B: Backend> {
     /// The decoder.
     pub model: LlamaModel<B>,
-    /// Output head in Burn layout `[hidden, vocab]` (frozen; never a LoRA target); `None` when
-    /// tied to the embedding.
-    pub lm_head: Option<Param<Tensor<B, 2>>>,
+    /// Output head, weight in Burn layout `[hidden, vocab]`, no bias (frozen; never a LoRA
+    /// target, but `modules_to_save = ["lm_head"]` trains a copy of it); `None` when tied to
+    /// the embedding.
+    pub lm_head: Option<LoraLinear<B>>,
     /// Resolved config.
     #[module(skip)]
     pub config: LlamaConfig,
@@ -175,7 +176,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             None
         } else {
             let w = vb.pp("lm_head").linear_weight(h, cfg.vocab_size)?;
-            Some(Param::from_tensor(w).set_require_grad(false))
+            Some(LoraLinear::from_weight(w, None))
         };
         Ok(LlamaForCausalLM {
             model: LlamaModel {
@@ -208,7 +209,6 @@ impl<B: Backend> LlamaForCausalLM<B> {
 
     fn build_random(cfg: &LlamaConfig, device: &B::Device) -> Self {
         let h = cfg.hidden_size;
-        let frozen = |t: Tensor<B, 2>| Param::from_tensor(t).set_require_grad(false);
         let normal =
             |shape: [usize; 2]| Tensor::random(shape, Distribution::Normal(0.0, 0.02), device);
         let embed_tokens = Embedding::from_weight(normal([cfg.vocab_size, h]));
@@ -226,7 +226,8 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 layers,
                 norm: RmsNorm::ones(h, cfg.rms_norm_eps, device),
             },
-            lm_head: (!cfg.tie_word_embeddings).then(|| frozen(normal([h, cfg.vocab_size]))),
+            lm_head: (!cfg.tie_word_embeddings)
+                .then(|| LoraLinear::from_weight(normal([h, cfg.vocab_size]), None)),
             inv_freq: rope::inv_freq(cfg),
             config: cfg.clone(),
         }
@@ -237,12 +238,22 @@ impl<B: Backend> LlamaForCausalLM<B> {
         self.model.embed_tokens.weight.device()
     }
 
-    /// The head weight in Burn layout `[hidden, vocab]` (the embedding's transpose when tied,
-    /// with any trainable token rows written in; that copies the table).
+    /// The head weight in Burn layout `[hidden, vocab]`: the trained `modules_to_save` copy
+    /// when one runs, else the frozen head (the embedding's transpose when tied, with any
+    /// trainable token rows written in; that copies the table).
     pub fn head_weight(&self) -> Tensor<B, 2> {
         match &self.lm_head {
-            Some(w) => w.val(),
+            Some(head) => head.live_weight(),
             None => self.model.embed_tokens.weight_view().transpose(),
+        }
+    }
+
+    /// Whether the head's weight itself trains (a live `modules_to_save` copy of `lm_head`, or
+    /// of a tied embedding): the fused frozen-head ops do not apply then.
+    pub fn head_trains(&self) -> bool {
+        match &self.lm_head {
+            Some(head) => head.saved.live().is_some(),
+            None => self.model.embed_tokens.saved.live().is_some(),
         }
     }
 
@@ -250,11 +261,13 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// embedding's trainable token rows.
     pub fn lm_head(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.lm_head {
-            Some(w) => {
-                if let Some(logits) = crate::ops::frozen_linear(&hidden, &w.val()) {
+            Some(head) if head.saved.live().is_some() => hidden.matmul(head.live_weight()),
+            Some(head) => {
+                let w = head.weight.val();
+                if let Some(logits) = crate::ops::frozen_linear(&hidden, &w) {
                     return logits;
                 }
-                hidden.matmul(w.val())
+                hidden.matmul(w)
             }
             None => self.model.embed_tokens.project(hidden),
         }
@@ -428,6 +441,20 @@ impl<B: Backend> LoraModel<B> for LlamaForCausalLM<B> {
             out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
         }
         out
+    }
+
+    fn head_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
+        self.lm_head
+            .iter()
+            .map(|h| ("lm_head".to_string(), h))
+            .collect()
+    }
+
+    fn head_linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
+        self.lm_head
+            .iter_mut()
+            .map(|h| ("lm_head".to_string(), h))
+            .collect()
     }
 
     fn token_tables(&self) -> Vec<(String, &TrainableTokens<B>)> {

@@ -108,7 +108,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
             ),
         ];
         if let Some(h) = &self.lm_head {
-            out.push(("lm_head.weight".into(), Src::Two(h.val().transpose())));
+            out.push((
+                "lm_head.weight".into(),
+                Src::Two(h.base_weight().transpose()),
+            ));
         }
         for (i, l) in self.model.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");

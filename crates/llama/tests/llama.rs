@@ -449,7 +449,14 @@ fn loss_semantics_and_frozen_weights_get_no_gradient() {
     let grads = loss.backward();
     let layer = &m.model.layers[0];
     assert!(m.model.embed_tokens.weight.val().grad(&grads).is_none());
-    assert!(m.lm_head.as_ref().unwrap().val().grad(&grads).is_none());
+    assert!(m
+        .lm_head
+        .as_ref()
+        .unwrap()
+        .weight
+        .val()
+        .grad(&grads)
+        .is_none());
     assert!(m.model.norm.weight.val().grad(&grads).is_none());
     assert!(layer.input_layernorm.weight.val().grad(&grads).is_none());
     assert!(layer.self_attn.q_proj.weight.val().grad(&grads).is_none());

@@ -11,12 +11,14 @@ use crate::error::{Error, Result};
 use crate::init::{init_factors, LayerInit};
 use crate::loftq::loftq_init_layer;
 use crate::model::LoraModel;
+use crate::modules_to_save;
 use crate::peft::PeftModel;
 use crate::target::is_target;
 
 impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
-    /// Adds adapter `name` as `cfg` describes (targets, ranks, init). Returns the module paths
-    /// that got it.
+    /// Adds adapter `name` as `cfg` describes (targets, ranks, init, trainable token rows, and
+    /// a trainable copy of each `modules_to_save` module). Returns the module paths that got a
+    /// LoRA adapter.
     ///
     /// As PEFT's `add_adapter`, this does not change which adapters run: the first adapter of a
     /// model without adapters becomes active (as PEFT's constructor makes `"default"` active),
@@ -29,6 +31,7 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
         }
         let method = cfg.init_lora_weights;
         let tokens = resolve_token_tables(&self.model, cfg)?;
+        let saved_paths = modules_to_save::resolve(&self.model, cfg)?;
         self.prepare_replication(cfg)?;
         // Check every target first so a bad rank leaves the model untouched.
         for (path, _) in self.model.lora_linears() {
@@ -73,6 +76,7 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
             ));
         }
         add_token_adapters(&mut self.model, name, &tokens, |_, _| Ok(None))?;
+        modules_to_save::add_copies(&mut self.model, name, &saved_paths, |_, _, _| Ok(None))?;
         self.configs.insert(name.into(), cfg.clone());
         self.keep_active_after_add(name)?;
         Ok(adapted)

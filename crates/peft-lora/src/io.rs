@@ -3,7 +3,9 @@
 //! Keys are `base_model.model.<module path>.lora_A.weight` `[r, in]`, `...lora_B.weight`
 //! `[out, r]`, `...lora_B.bias` `[out]`, `...lora_magnitude_vector` `[out]`, and for trainable
 //! tokens `base_model.model.<embedding path>.token_adapter.trainable_tokens_delta` `[n, dim]`
-//! (the replacement rows; a tied head saves nothing of its own). Burn keeps A and B transposed
+//! (the replacement rows; a tied head saves nothing of its own), and for `modules_to_save`
+//! `base_model.model.<path>.weight` / `.bias` (the whole trained copy). Burn keeps A, B and a
+//! linear's weight transposed
 //! (`[in, r]`, `[r, out]`); the transpose happens here and nowhere else.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,23 +20,16 @@ use crate::config::{InitLoraWeights, LoraConfig};
 use crate::error::{Error, Result};
 use crate::host::{to_host, HostTensor};
 use crate::init::init_factors;
+use crate::keys::{token_delta_key, KEY_PREFIX};
 use crate::loftq::loftq_init_layer;
 use crate::model::LoraModel;
+use crate::modules_to_save;
 use crate::peft::PeftModel;
 use crate::st::{write_f32, SafetensorsFile};
 use crate::target::is_target;
 
 /// File name of the adapter weights.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
-/// Prefix PEFT puts before module paths.
-pub const KEY_PREFIX: &str = "base_model.model.";
-/// Suffix of a table's trainable token rows after its module path.
-pub const TOKEN_DELTA_SUFFIX: &str = "token_adapter.trainable_tokens_delta";
-
-/// The saved key of the trainable token rows of the table at `path`.
-pub fn token_delta_key(path: &str) -> String {
-    format!("{KEY_PREFIX}{path}.{TOKEN_DELTA_SUFFIX}")
-}
 
 /// The folder PEFT uses for adapter `name` under `dir` (`default` at the top, others in a
 /// subfolder).
@@ -77,6 +72,7 @@ pub fn adapter_state_dict<B: Backend, M: LoraModel<B>>(
             out.insert(token_delta_key(&path), to_host(a.delta.val()));
         }
     }
+    modules_to_save::state_dict(model, name, &mut out);
     out
 }
 
@@ -127,6 +123,7 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
         let file = SafetensorsFile::open(&file_path)?;
         let in_file = file.shapes();
         let token_targets = resolve_token_tables(&self.model, &cfg)?;
+        let saved_paths = modules_to_save::resolve(&self.model, &cfg)?;
         self.prepare_replication(&cfg)?;
 
         // What the config implies for this model.
@@ -154,6 +151,7 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
                 expected.insert(token_delta_key(&path), vec![ids.len(), table.dim()]);
             }
         }
+        expected.extend(modules_to_save::expected_keys(&self.model, &saved_paths));
         let mut problems = Vec::new();
         let file_keys: BTreeSet<&String> = in_file.keys().collect();
         for (k, shape) in &expected {
@@ -234,6 +232,9 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
         add_token_adapters(&mut self.model, name, &token_targets, |path, device| {
             let key = token_delta_key(path);
             Ok(Some(file.read(&key)?.to_tensor(&key, device)?))
+        })?;
+        modules_to_save::add_copies(&mut self.model, name, &saved_paths, |path, device, bias| {
+            modules_to_save::read_copy(path, device, bias, |k| file.read(k)).map(Some)
         })?;
         self.configs.insert(name.into(), cfg);
         self.keep_active_after_add(name)

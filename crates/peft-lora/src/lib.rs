@@ -13,7 +13,10 @@
 //! 3. Optionally expose the input embedding as a [`TrainableTokens`] through
 //!    [`LoraModel::token_tables`] (`trainable_token_indices`) and implement
 //!    [`LoraModel::replicate_layers`] (`layer_replication`).
-//! 4. Wrap the model in a [`PeftModel`] and call [`PeftModel::add_adapter`] with a
+//! 4. Optionally list an output head in [`LoraModel::head_linears`]: `modules_to_save` can
+//!    then train a copy of it (as it can any listed linear or token table), saved with the
+//!    adapter under PEFT's keys.
+//! 5. Wrap the model in a [`PeftModel`] and call [`PeftModel::add_adapter`] with a
 //!    [`LoraConfig`], or [`PeftModel::load_adapter`] with a folder saved by Python PEFT.
 //!
 //! Which adapters run follows PEFT: the first adapter added to (or loaded into) a model becomes
@@ -43,13 +46,13 @@
 //! ```
 //!
 //! ## Layout
-//! Modules depend only downwards, in this order: errors, files and host tensors, safetensors,
-//! linear algebra, NF4, op selection and dropout; the config ([`LoraConfig`] with its typed
-//! sub-configs) and targeting; one adapter ([`LoraAdapter`]) and per-call routing
-//! ([`LoraCtx`]); the variants ([`LoraVariant`]); the layer ([`LoraLinear`]) and token tables;
+//! Modules depend only downwards, in this order: errors, files, host tensors and key names,
+//! safetensors, linear algebra, NF4, op selection and dropout; the config ([`LoraConfig`] with
+//! its typed sub-configs) and targeting; one adapter ([`LoraAdapter`]), one module's
+//! `modules_to_save` copies ([`SavedCopies`]) and per-call routing ([`LoraCtx`]); the variants ([`LoraVariant`]); the layer ([`LoraLinear`]) and token tables;
 //! the model trait ([`LoraModel`]); the initialisations (PiSSA / OLoRA, LoftQ, EVA); the
-//! model-level operations on [`PeftModel`] (add, load / save, merge, weighted combinations,
-//! replication, conversion); the optimizers ([`LoraOptimizer`]).
+//! model-level operations on [`PeftModel`] (`modules_to_save`, add, load / save, merge,
+//! weighted combinations, replication, conversion); the optimizers ([`LoraOptimizer`]).
 
 #![warn(missing_docs)]
 
@@ -66,17 +69,20 @@ mod fused;
 mod host;
 mod init;
 mod io;
+mod keys;
 mod layer;
 pub mod linalg;
 mod loftq;
 mod merge;
 mod model;
+mod modules_to_save;
 mod nf4;
 mod nf4_weight;
 mod optim;
 mod peft;
 mod replicate;
 mod routing;
+mod saved;
 mod st;
 mod target;
 mod tokens;
@@ -93,9 +99,8 @@ pub use error::{Error, Result};
 pub use eva::{EvaLimits, EvaProgress, EvaReport};
 pub use host::{to_host, HostTensor};
 pub use init::{init_factors, LayerInit};
-pub use io::{
-    adapter_dir, adapter_state_dict, token_delta_key, KEY_PREFIX, TOKEN_DELTA_SUFFIX, WEIGHTS_FILE,
-};
+pub use io::{adapter_dir, adapter_state_dict, WEIGHTS_FILE};
+pub use keys::{saved_module_keys, token_delta_key, KEY_PREFIX, TOKEN_DELTA_SUFFIX};
 pub use layer::{LoraLinear, LoraLinearConfig};
 pub use loftq::{loftq_factors, LoftQFactors};
 pub use model::{alora_offsets, alora_row_invocations, LoraModel};
@@ -105,8 +110,9 @@ pub use optim::{AdamWConfig, GradAccumulator, LoraOptimizer, OptimizerKind};
 pub use peft::{PeftModel, TrainableReport};
 pub use replicate::layer_map;
 pub use routing::{alora_positions, invocation_offset, LoraCtx};
+pub use saved::{SaveableModule, SavedCopies, SavedCopy};
 pub use st::{write_f32, SafetensorsFile};
-pub use target::{is_target, ALL_LINEAR};
+pub use target::{is_saved_module, is_target, ALL_LINEAR};
 pub use tokens::{TokenAdapter, TrainableTokens};
 pub use variant::{Base, LoraVariant};
 pub use weighted::Combination;

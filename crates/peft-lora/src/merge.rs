@@ -1,10 +1,11 @@
 //! Merging adapters into the frozen weights and taking them out again (PEFT's `merge`,
-//! `unmerge`, `merge_and_unload`, `unload`).
+//! `unmerge`, `merge_and_unload`, `unload`), and what becomes of `modules_to_save` copies.
 
 use burn::tensor::backend::Backend;
 
 use crate::error::{Error, Result};
 use crate::model::LoraModel;
+use crate::modules_to_save::keep_live_copies;
 use crate::peft::{clear_adapters, PeftModel};
 
 impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
@@ -55,16 +56,21 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
     }
 
     /// Merges the active adapters and drops all adapters: a plain model with updated weights.
+    ///
+    /// A `modules_to_save` module keeps the trained copy that runs (the active adapter's) as
+    /// its frozen weights, as PEFT's `merge_and_unload` keeps `modules_to_save[active]`.
     pub fn merge_and_unload(mut self, safe: bool) -> Result<M> {
         self.merge(safe)?;
-        clear_adapters(&mut self.model);
+        keep_live_copies(&mut self.model)?;
+        clear_adapters(&mut self.model)?;
         Ok(self.model)
     }
 
-    /// Drops all adapters without merging: the original model.
+    /// Drops all adapters without merging: the original model (`modules_to_save` modules get
+    /// their frozen originals back).
     pub fn unload(mut self) -> Result<M> {
         self.unmerge()?;
-        clear_adapters(&mut self.model);
+        clear_adapters(&mut self.model)?;
         Ok(self.model)
     }
 }

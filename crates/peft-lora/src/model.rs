@@ -14,15 +14,29 @@ use crate::tokens::TrainableTokens;
 /// A model whose linear layers are [`LoraLinear`]s, listed by their Hugging Face module path
 /// (`model.layers.0.self_attn.q_proj`). This is all a model implements to get the LoRA family.
 ///
-/// The output head must not be listed (PEFT's `"all-linear"` never adapts it).
+/// The output head must not be listed (PEFT's `"all-linear"` never adapts it): list it in
+/// [`LoraModel::head_linears`] so that `modules_to_save` can train it.
 pub trait LoraModel<B: Backend> {
     /// Every adaptable linear with its dotted module path, in a stable order.
     fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)>;
     /// The same, mutably.
     fn lora_linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)>;
 
+    /// Linear layers that are never LoRA targets but that `modules_to_save` can name, with
+    /// their module paths: an output head (PEFT's `"all-linear"` never adapts it). None by
+    /// default.
+    fn head_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
+        Vec::new()
+    }
+
+    /// The same, mutably.
+    fn head_linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
+        Vec::new()
+    }
+
     /// Embedding tables whose rows can train (`trainable_token_indices`), with their module
-    /// paths; the input embedding first (a plain list of ids targets it). None by default.
+    /// paths; the input embedding first (a plain list of ids targets it). `modules_to_save`
+    /// can name them too (the whole table trains). None by default.
     fn token_tables(&self) -> Vec<(String, &TrainableTokens<B>)> {
         Vec::new()
     }

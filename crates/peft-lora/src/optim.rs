@@ -1,8 +1,8 @@
 //! Optimizers for adapters: AdamW, LoRA+ and LoRA-FA (PEFT's `create_loraplus_optimizer` and
 //! `LoraFAOptimizer`), with gradient accumulation, global-norm clipping and savable state.
 //!
-//! They walk the model through [`LoraModel`], so only adapter tensors (and trainable token rows)
-//! are ever touched; the frozen base has no gradient and no optimizer state.
+//! They walk the model through [`LoraModel`], so only adapter tensors (and trainable token rows
+//! and `modules_to_save` copies) are ever touched; the frozen base has no gradient and no optimizer state.
 
 use std::collections::BTreeMap;
 
@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::host::{to_host, HostTensor};
 use crate::linalg::pinv;
 use crate::model::LoraModel;
+use crate::modules_to_save::{for_each_saveable_mut, saveable};
 
 /// Which update rule.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -67,6 +68,8 @@ enum Slot {
     BBias,
     Magnitude,
     TokenDelta,
+    SavedWeight,
+    SavedBias,
 }
 
 impl Slot {
@@ -77,6 +80,8 @@ impl Slot {
             Slot::BBias => "lora_B_bias",
             Slot::Magnitude => "lora_magnitude_vector",
             Slot::TokenDelta => "trainable_tokens_delta",
+            Slot::SavedWeight => "modules_to_save.weight",
+            Slot::SavedBias => "modules_to_save.bias",
         }
     }
 }
@@ -164,6 +169,16 @@ impl<AB: AutodiffBackend> GradAccumulator<AB> {
             for ad in &table.adapters {
                 if let Some(g) = ad.delta.val().grad(grads) {
                     self.put(key(&path, &ad.name, Slot::TokenDelta), g);
+                }
+            }
+        }
+        for (path, module) in saveable(model) {
+            for copy in &module.saved().copies {
+                if let Some(g) = copy.weight.val().grad(grads) {
+                    self.put(key(&path, &copy.name, Slot::SavedWeight), g);
+                }
+                if let Some(g) = copy.bias.as_ref().and_then(|b| b.val().grad(grads)) {
+                    self.put(key(&path, &copy.name, Slot::SavedBias), g.unsqueeze_dim(0));
                 }
             }
         }
@@ -327,6 +342,22 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
                 }
             }
         }
+        let _ = for_each_saveable_mut(model, |path, module| {
+            for copy in &mut module.saved_mut().copies {
+                let k = key(path, &copy.name, Slot::SavedWeight);
+                if let Some(g) = acc.grads.remove(&k) {
+                    let n = self.update(k, Slot::SavedWeight, g, copy.weight.val().inner(), &h);
+                    copy.weight = trainable(n);
+                }
+                let k = key(path, &copy.name, Slot::SavedBias);
+                if let (Some(g), Some(b)) = (acc.grads.remove(&k), &copy.bias) {
+                    let old = b.val().inner().unsqueeze_dim(0);
+                    let n = self.update(k, Slot::SavedBias, g, old, &h);
+                    copy.bias = Some(trainable(n.squeeze_dim(0)));
+                }
+            }
+            Ok(())
+        });
         norm
     }
 
@@ -350,8 +381,12 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
                 },
                 Slot::B | Slot::Magnitude,
             ) => (lr * lr_ratio, *weight_decay),
-            (OptimizerKind::LoraPlus { lr_ratio, .. }, Slot::BBias) => (lr * lr_ratio, 0.0),
-            // Token rows are 2-D and not lora_B: PEFT puts them in LoRA+'s group A.
+            // 1-D tensors go to LoRA+'s group B; biases are never decayed there.
+            (OptimizerKind::LoraPlus { lr_ratio, .. }, Slot::BBias | Slot::SavedBias) => {
+                (lr * lr_ratio, 0.0)
+            }
+            // Token rows and saved weights are 2-D and not lora_B: PEFT puts them in LoRA+'s
+            // group A.
             (OptimizerKind::LoraPlus { weight_decay, .. }, _) => (lr, *weight_decay),
             _ => (lr, c.weight_decay),
         };

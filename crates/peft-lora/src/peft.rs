@@ -12,6 +12,7 @@ use crate::config::{LoraConfig, TargetModules};
 use crate::error::{Error, Result};
 use crate::eva::{self, EvaLimits, EvaProgress, EvaReport};
 use crate::model::LoraModel;
+use crate::modules_to_save::{drop_copies, for_each_saveable_mut, saveable};
 
 /// A model plus the configs of the adapters injected into it (PEFT's `PeftModel`). `B` is the
 /// model's backend, so no call names it.
@@ -96,6 +97,9 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
         for (path, table) in self.model.token_tables() {
             table.check_active(&names, &path)?;
         }
+        for (path, module) in saveable(&self.model) {
+            module.saved().check_active(&names, &path)?;
+        }
         if unmerge {
             self.unmerge()?;
         }
@@ -106,6 +110,9 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
             layer.set_active(&names);
             layer.state.module = Some(path);
         }
+        for_each_saveable_mut(&mut self.model, |path, module| {
+            module.saved_mut().set_active(&names, path)
+        })?;
         self.active = names;
         Ok(())
     }
@@ -138,6 +145,10 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
         for (_, table) in self.model.token_tables_mut() {
             table.delete_adapter(name);
         }
+        for_each_saveable_mut(&mut self.model, |_, module| {
+            module.saved_mut().delete(name);
+            Ok(())
+        })?;
         let mut active = self.active.clone();
         if active.iter().any(|a| a == name) {
             active.retain(|a| a != name);
@@ -159,7 +170,10 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
         for (_, table) in self.model.token_tables_mut() {
             table.set_disabled(disabled);
         }
-        Ok(())
+        for_each_saveable_mut(&mut self.model, |_, module| {
+            module.saved_mut().disabled = disabled;
+            Ok(())
+        })
     }
 
     /// Runs `f` on the model with every adapter disabled, then enables them again (PEFT's
@@ -182,7 +196,8 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
         Ok(out)
     }
 
-    /// Trainable (adapter and token-row) and total parameter counts; a parameter shared by
+    /// Trainable (adapter, token-row and `modules_to_save` copy) and total parameter counts
+    /// (the copies count in both, as in PEFT); a parameter shared by
     /// replicated layers counts once, as in PEFT.
     pub fn trainable_parameters(&self) -> TrainableReport
     where
@@ -200,10 +215,14 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
             .iter()
             .map(|(_, t)| t.adapter_param_count())
             .sum();
+        let saved: usize = saveable(&self.model)
+            .iter()
+            .map(|(_, m)| m.saved().param_count())
+            .sum();
         let mut unique = UniqueParams::default();
         self.model.visit(&mut unique);
         TrainableReport {
-            trainable: lora + tokens,
+            trainable: lora + tokens + saved,
             total: unique.count,
         }
     }
@@ -292,8 +311,9 @@ fn name_layers<B: Backend, M: LoraModel<B>>(model: &mut M) {
     }
 }
 
-/// Drops every adapter of every layer and table.
-pub(crate) fn clear_adapters<B: Backend, M: LoraModel<B>>(model: &mut M) {
+/// Drops every adapter of every layer and table, and every `modules_to_save` copy (call
+/// [`crate::modules_to_save::keep_live_copies`] first to keep the running ones).
+pub(crate) fn clear_adapters<B: Backend, M: LoraModel<B>>(model: &mut M) -> Result<()> {
     for (_, layer) in model.lora_linears_mut() {
         layer.adapters.clear();
         let module = layer.state.module.take();
@@ -304,4 +324,5 @@ pub(crate) fn clear_adapters<B: Backend, M: LoraModel<B>>(model: &mut M) {
         table.adapters.clear();
         table.state = Default::default();
     }
+    drop_copies(model)
 }

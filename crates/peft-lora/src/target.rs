@@ -40,8 +40,20 @@ fn layer_index(key: &str, patterns: Option<Vec<String>>) -> Option<usize> {
     })
 }
 
-/// Whether the module at dotted path `key` gets this config's adapter.
+/// Whether the module at dotted path `key` is one of `modules_to_save` (PEFT's
+/// `key.endswith(name)` for any listed name: a plain string suffix, as PEFT checks it).
+pub fn is_saved_module(cfg: &LoraConfig, key: &str) -> bool {
+    cfg.modules_to_save
+        .as_ref()
+        .is_some_and(|names| names.iter().any(|n| key.ends_with(n.as_str())))
+}
+
+/// Whether the module at dotted path `key` gets this config's adapter. A module of
+/// `modules_to_save` never does (PEFT wraps it whole instead of injecting LoRA).
 pub fn is_target(cfg: &LoraConfig, key: &str) -> Result<bool> {
+    if is_saved_module(cfg, key) {
+        return Ok(false);
+    }
     if let Some(ex) = &cfg.exclude_modules {
         if matches(ex, key, "exclude_modules")? {
             return Ok(false);

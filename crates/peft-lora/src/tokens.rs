@@ -13,6 +13,7 @@ use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor, TensorData}
 
 use crate::adapter::LayerState;
 use crate::error::{Error, Result};
+use crate::saved::{SaveableModule, SavedCopies};
 
 /// One adapter's trainable rows of one table.
 #[derive(Module, Debug)]
@@ -52,6 +53,8 @@ pub struct TrainableTokens<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     /// Token adapters, in insertion order.
     pub adapters: Vec<TokenAdapter<B>>,
+    /// Trainable whole copies of the table (`modules_to_save`), one per adapter listing it.
+    pub saved: SavedCopies<B>,
     /// Active / disabled / merged adapters.
     #[module(skip)]
     pub state: LayerState,
@@ -63,7 +66,16 @@ impl<B: Backend> TrainableTokens<B> {
         TrainableTokens {
             weight: Param::from_tensor(weight).set_require_grad(false),
             adapters: Vec::new(),
+            saved: SavedCopies::default(),
             state: LayerState::default(),
+        }
+    }
+
+    /// The table lookups read: the live `modules_to_save` copy when one runs, else `weight`.
+    pub fn live_weight(&self) -> Tensor<B, 2> {
+        match self.saved.live() {
+            Some(c) => c.weight.val(),
+            None => self.weight.val(),
         }
     }
 
@@ -206,7 +218,9 @@ impl<B: Backend> TrainableTokens<B> {
     /// Whether the lookup's output depends on a tensor that requires a gradient (a live
     /// adapter's rows, or an unfrozen table).
     pub fn trains(&self) -> bool {
-        self.weight.is_require_grad() || self.live().any(|a| a.delta.is_require_grad())
+        self.weight.is_require_grad()
+            || self.saved.live().is_some()
+            || self.live().any(|a| a.delta.is_require_grad())
     }
 
     /// Adapters that replace rows in the forward: active, not merged, not disabled.
@@ -225,7 +239,7 @@ impl<B: Backend> TrainableTokens<B> {
         let [b, s] = ids.dims();
         let dim = self.dim();
         let flat = ids.reshape([b * s]);
-        let mut x = self.weight.val().select(0, flat.clone());
+        let mut x = self.live_weight().select(0, flat.clone());
         for a in self.live() {
             let n = a.indices.len() as i64;
             let slots = a.slot_of.clone().select(0, flat.clone());
@@ -247,7 +261,7 @@ impl<B: Backend> TrainableTokens<B> {
     pub fn project(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let n_rows = x.dims()[0];
         let vocab = self.vocab();
-        let mut logits = x.clone().matmul(self.weight.val().transpose());
+        let mut logits = x.clone().matmul(self.live_weight().transpose());
         for a in self.live() {
             let n = a.indices.len() as i64;
             // [n_rows, n] logits against the listed rows, spread to their columns.
@@ -266,7 +280,7 @@ impl<B: Backend> TrainableTokens<B> {
     /// The table with every live adapter's rows written in (PEFT's `get_merged_weights`),
     /// `[vocab, dim]`. Copies the table; the forward passes do not need it.
     pub fn weight_view(&self) -> Tensor<B, 2> {
-        let mut w = self.weight.val();
+        let mut w = self.live_weight();
         for a in self.live() {
             w = replace_rows(w, a, a.delta.val());
         }
@@ -323,6 +337,30 @@ impl<B: Backend> TrainableTokens<B> {
             .iter()
             .map(|a| a.delta.shape().num_elements())
             .sum()
+    }
+}
+
+/// An embedding as a `modules_to_save` module: the whole table trains as a copy per adapter
+/// (saved as `<path>.weight`, `[vocab, dim]` as PyTorch stores it).
+impl<B: Backend> SaveableModule<B> for TrainableTokens<B> {
+    fn saved(&self) -> &SavedCopies<B> {
+        &self.saved
+    }
+
+    fn saved_mut(&mut self) -> &mut SavedCopies<B> {
+        &mut self.saved
+    }
+
+    fn original(&self) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
+        (self.weight.val(), None)
+    }
+
+    fn transposed_in_file(&self) -> bool {
+        false
+    }
+
+    fn replace_original(&mut self, weight: Tensor<B, 2>, _bias: Option<Tensor<B, 1>>) {
+        self.weight = Param::from_tensor(weight.detach()).set_require_grad(false);
     }
 }
 

@@ -314,7 +314,7 @@ fn bad_configs_are_clear_errors() {
     assert!(bad(r#"{"peft_type": "IA3"}"#).contains("LORA"));
     assert!(bad(r#"{"lora_dropout": 1.5}"#).contains("lora_dropout"));
     assert!(bad(r#"{"bias": "all"}"#).contains("bias"));
-    assert!(bad(r#"{"modules_to_save": ["lm_head"]}"#).contains("modules_to_save"));
+    assert!(bad(r#"{"modules_to_save": [""]}"#).contains("modules_to_save"));
     let device = Default::default();
     let mut peft = PeftModel::new(Toy::<B>::new(&device));
     let err = peft

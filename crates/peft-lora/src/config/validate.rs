@@ -76,12 +76,13 @@ impl LoraConfig {
                 reason: "training base biases is not implemented yet; use \"none\"".into(),
             });
         }
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(Error::Unsupported {
-                field: "modules_to_save".into(),
-                value: format!("{:?}", self.modules_to_save),
-                reason: "fully trained extra modules are not implemented yet".into(),
-            });
+        if let Some(names) = &self.modules_to_save {
+            if names.iter().any(|n| n.is_empty()) {
+                return Err(Error::config(
+                    "modules_to_save",
+                    "lists an empty module name (it would match every module)",
+                ));
+            }
         }
         for (k, r) in &self.rank_pattern {
             if *r == 0 {

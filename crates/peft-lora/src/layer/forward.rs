@@ -86,12 +86,14 @@ impl<B: Backend> LoraLinear<B> {
         if let Some(out) = self.forward_fused(&x2, ctx) {
             return out.reshape(out_dims);
         }
-        let weight = match &self.nf4 {
+        let weight = match (self.saved.live(), &self.nf4) {
+            // A `modules_to_save` copy replaces the whole base and trains.
+            (Some(copy), _) => copy.weight.val(),
             // Dequantized on the fly into the input's dtype; only the 4-bit codes stay resident.
-            Some(q) => q.dequantize().cast(x2.dtype()),
-            None => self.weight.val(),
+            (None, Some(q)) => q.dequantize().cast(x2.dtype()),
+            (None, None) => self.weight.val(),
         };
-        let bias = self.bias.as_ref().map(|b| b.val());
+        let bias = self.live_bias();
         let base_out = match &bias {
             Some(b) => x2.clone().matmul(weight.clone()) + b.clone().unsqueeze_dim::<2>(0),
             None => x2.clone().matmul(weight.clone()),
@@ -148,9 +150,10 @@ impl<B: Backend> LoraLinear<B> {
     /// The fused path (burn-cuda-ops, feature `cuda`): the frozen op when no adapter is live,
     /// the single live adapter's [`LoraVariant::forward_fused`] when one is; `None` (the
     /// composed forward then runs) for an NF4 base, another backend, several live adapters,
-    /// per-row routing, `lora_bias`, or a variant that declines.
+    /// per-row routing, `lora_bias`, a live `modules_to_save` copy (the fused ops never compute
+    /// the base's gradient), or a variant that declines.
     fn forward_fused(&self, x: &Tensor<B, 2>, ctx: &LoraCtx) -> Option<Tensor<B, 2>> {
-        if self.nf4.is_some() || !fused::supported::<B>() {
+        if self.nf4.is_some() || self.saved.live().is_some() || !fused::supported::<B>() {
             return None;
         }
         let weight = self.weight.val();

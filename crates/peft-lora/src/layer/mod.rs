@@ -3,6 +3,7 @@
 
 mod adopt;
 mod forward;
+mod saved;
 
 pub use adopt::LoraLinearConfig;
 
@@ -13,6 +14,7 @@ use crate::adapter::{AdapterMeta, LayerState, LoraAdapter, VariantKind};
 use crate::error::{Error, Result};
 use crate::nf4::Nf4Tensor;
 use crate::nf4_weight::{quantize_burn, Nf4Weight};
+use crate::saved::SavedCopies;
 use crate::variant::{variant_of, Dora};
 
 /// A linear layer with a frozen base and named LoRA adapters.
@@ -30,6 +32,8 @@ pub struct LoraLinear<B: Backend> {
     pub nf4: Option<Nf4Weight<B>>,
     /// The adapters, in insertion order.
     pub adapters: Vec<LoraAdapter<B>>,
+    /// Trainable whole copies of the base (`modules_to_save`), one per adapter listing it.
+    pub saved: SavedCopies<B>,
     /// Active / disabled / merged.
     #[module(skip)]
     pub state: LayerState,
@@ -43,6 +47,7 @@ impl<B: Backend> LoraLinear<B> {
             bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
             nf4: None,
             adapters: Vec::new(),
+            saved: SavedCopies::default(),
             state: LayerState::default(),
         }
     }
@@ -70,6 +75,24 @@ impl<B: Backend> LoraLinear<B> {
         match &self.nf4 {
             Some(q) => q.d_out,
             None => self.weight.dims()[1],
+        }
+    }
+
+    /// The weight the forward uses as its base `[in, out]`: the live `modules_to_save` copy
+    /// when one runs, else [`Self::base_weight`].
+    pub fn live_weight(&self) -> Tensor<B, 2> {
+        match self.saved.live() {
+            Some(c) => c.weight.val(),
+            None => self.base_weight(),
+        }
+    }
+
+    /// The bias the forward uses: the live `modules_to_save` copy's when one runs, else the
+    /// frozen `bias`.
+    pub fn live_bias(&self) -> Option<Tensor<B, 1>> {
+        match self.saved.live() {
+            Some(c) => c.bias.as_ref().map(|b| b.val()),
+            None => self.bias.as_ref().map(|b| b.val()),
         }
     }
 
@@ -281,6 +304,7 @@ impl<B: Backend> LoraLinear<B> {
             bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
             nf4: Some(Nf4Weight::from_host(q, device)),
             adapters: Vec::new(),
+            saved: SavedCopies::default(),
             state: LayerState::default(),
         }
     }
