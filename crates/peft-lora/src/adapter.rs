@@ -136,6 +136,10 @@ pub struct LayerState {
     pub capture: Option<InputCapture>,
     /// The layer's module path, when known ([`crate::PeftModel`] sets it), for error messages.
     pub module: Option<String>,
+    /// Train / eval mode, which decides LoRA dropout: `Some(true)` applies it, `Some(false)`
+    /// never does, `None` (the default) applies it on autodiff backends only.
+    /// [`crate::PeftModel::set_training`] sets it on every layer.
+    pub training: Option<bool>,
 }
 
 /// Collects the inputs a layer sees (PyTorch's forward hook, as EVA uses it).

@@ -7,9 +7,21 @@ use crate::fused;
 
 thread_local! {
     static FORCED_TRAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The explicit mode of the layer whose forward runs on this thread (`None`: automatic).
+    static LAYER_MODE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
-/// Runs `f` in training mode on any backend: LoRA dropout applies even where autodiff is off.
+/// Runs `f` (one layer's forward) in the layer's explicit mode: `Some(true)` training,
+/// `Some(false)` evaluation, `None` automatic (see [`training`]).
+pub(crate) fn in_mode<R>(mode: Option<bool>, f: impl FnOnce() -> R) -> R {
+    let before = LAYER_MODE.with(|c| c.replace(mode));
+    let out = f();
+    LAYER_MODE.with(|c| c.set(before));
+    out
+}
+
+/// Runs `f` in training mode on any backend: LoRA dropout applies even where autodiff is off,
+/// and in layers set to evaluation (`PeftModel::eval`).
 /// Per-layer gradient checkpointing runs a layer's forward on the inner (non-autodiff) backend
 /// and again under autodiff in the backward; with the same random seed both draw the same
 /// dropout masks, so the recomputed layer is the one whose output was used.
@@ -20,9 +32,15 @@ pub fn with_training<R>(f: impl FnOnce() -> R) -> R {
     out
 }
 
-/// Training mode: an autodiff backend, or inside [`with_training`].
+/// Training mode (LoRA dropout on): inside [`with_training`]; else the layer's explicit mode
+/// (`PeftModel::train` / `PeftModel::eval`); else automatic: on an autodiff backend.
 pub(crate) fn training<B: Backend>(device: &B::Device) -> bool {
-    B::ad_enabled(device) || FORCED_TRAINING.with(|c| c.get())
+    if FORCED_TRAINING.with(|c| c.get()) {
+        return true;
+    }
+    LAYER_MODE
+        .with(|c| c.get())
+        .unwrap_or_else(|| B::ad_enabled(device))
 }
 
 thread_local! {

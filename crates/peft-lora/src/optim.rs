@@ -239,7 +239,53 @@ struct Moments<B: Backend> {
     master: Option<Tensor<B, 2>>,
 }
 
-/// AdamW / LoRA+ / LoRA-FA over the adapters of a [`LoraModel`] on the autodiff backend `AB`.
+/// AdamW / LoRA+ / LoRA-FA over the adapters of a [`LoraModel`] on the autodiff backend `AB`
+/// (the model's own backend: nothing names it, it follows from the model).
+///
+/// A training loop of your own: the loss's `backward()`, then one [`Self::step_grads`] (or,
+/// with gradient accumulation, a [`GradAccumulator`] fed by every micro-batch and one
+/// [`Self::step`]). [`crate::PeftModel::train`] / [`crate::PeftModel::eval`] switch LoRA
+/// dropout on and off.
+///
+/// ```
+/// use burn::backend::{Autodiff, NdArray};
+/// use burn::module::Module;
+/// use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
+/// use peft_lora::{AdamWConfig, LoraConfig, LoraLinear, LoraModel, LoraOptimizer, OptimizerKind, PeftModel};
+///
+/// #[derive(Module, Debug)]
+/// struct Net<B: Backend> {
+///     fc: LoraLinear<B>,
+/// }
+/// impl<B: Backend> LoraModel<B> for Net<B> {
+///     fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
+///         vec![("fc".into(), &self.fc)]
+///     }
+///     fn lora_linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
+///         vec![("fc".into(), &mut self.fc)]
+///     }
+/// }
+///
+/// # fn main() -> peft_lora::Result<()> {
+/// let device = Default::default();
+/// let net = Net::<Autodiff<NdArray>> { fc: LoraLinear::random(4, 1, true, &device) };
+/// let mut peft = PeftModel::new(net);
+/// peft.add_adapter("default", &LoraConfig::new(2, 4.0, &["fc"]))?;
+/// let x: Tensor<_, 2> = Tensor::random([16, 4], Distribution::Normal(0.0, 1.0), &device);
+/// let y = x.clone().sum_dim(1); // learn a sum
+/// let mut opt = LoraOptimizer::new(OptimizerKind::AdamW, AdamWConfig::default());
+/// peft.train();
+/// let mut losses = Vec::new();
+/// for _ in 0..30 {
+///     let loss = (peft.model.fc.forward(x.clone()) - y.clone()).powi_scalar(2).mean();
+///     losses.push(loss.clone().into_scalar().elem::<f32>());
+///     opt.step_grads(&mut peft.model, &loss.backward(), 5e-2);
+/// }
+/// peft.eval();
+/// assert!(losses[29] < losses[0]);
+/// # Ok(())
+/// # }
+/// ```
 pub struct LoraOptimizer<AB: AutodiffBackend> {
     /// Update rule.
     pub kind: OptimizerKind,
@@ -271,6 +317,19 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
                 }
             }
         }
+    }
+
+    /// One update from the gradients of one backward pass (no accumulation, no clipping):
+    /// [`Self::step`] with a [`GradAccumulator`] holding `grads`. Returns the gradient norm.
+    pub fn step_grads<M: LoraModel<AB>>(
+        &mut self,
+        model: &mut M,
+        grads: &AB::Gradients,
+        lr: f64,
+    ) -> f64 {
+        let mut acc = GradAccumulator::default();
+        acc.add(model, grads);
+        self.step(model, acc, lr, None)
     }
 
     /// One update with the accumulated gradients (already averaged by the caller), clipped to

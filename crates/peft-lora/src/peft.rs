@@ -8,6 +8,7 @@ use std::marker::PhantomData;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{backend::Backend, Tensor};
 
+use crate::adapter::LayerState;
 use crate::config::{LoraConfig, TargetModules};
 use crate::error::{Error, Result};
 use crate::eva::{self, EvaLimits, EvaProgress, EvaReport};
@@ -127,6 +128,29 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
             self.active.clone()
         };
         self.activate(names, true)
+    }
+
+    /// Train (`true`) or evaluation (`false`) mode on every layer, PyTorch's `model.train()` /
+    /// `model.eval()`: it decides whether LoRA dropout applies, on any backend (autodiff or
+    /// not). Until it is called, dropout applies on autodiff backends only.
+    pub fn set_training(&mut self, training: bool) {
+        for (_, layer) in self.model.lora_linears_mut() {
+            layer.state.training = Some(training);
+        }
+        for (_, layer) in self.model.head_linears_mut() {
+            layer.state.training = Some(training);
+        }
+    }
+
+    /// Training mode on every layer (LoRA dropout applies): `set_training(true)`.
+    pub fn train(&mut self) {
+        self.set_training(true);
+    }
+
+    /// Evaluation mode on every layer (no LoRA dropout, also on an autodiff backend):
+    /// `set_training(false)`.
+    pub fn eval(&mut self) {
+        self.set_training(false);
     }
 
     /// Deletes adapter `name` everywhere. When it was active, the other active adapters stay
@@ -316,9 +340,11 @@ fn name_layers<B: Backend, M: LoraModel<B>>(model: &mut M) {
 pub(crate) fn clear_adapters<B: Backend, M: LoraModel<B>>(model: &mut M) -> Result<()> {
     for (_, layer) in model.lora_linears_mut() {
         layer.adapters.clear();
-        let module = layer.state.module.take();
-        layer.state = Default::default();
-        layer.state.module = module;
+        layer.state = LayerState {
+            module: layer.state.module.take(),
+            training: layer.state.training,
+            ..Default::default()
+        };
     }
     for (_, table) in model.token_tables_mut() {
         table.adapters.clear();

@@ -5,7 +5,7 @@ use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::LoraLinear;
 use crate::adapter::LoraAdapter;
-use crate::dropout::dropout;
+use crate::dropout::{dropout, in_mode};
 use crate::error::{Error, Result};
 use crate::fused;
 use crate::host::to_host;
@@ -71,6 +71,11 @@ impl<B: Backend> LoraLinear<B> {
     /// # Panics
     /// As [`Self::forward`], on a wrong input width ([`Self::try_forward_ctx`] returns it).
     pub fn forward_ctx<const D: usize>(&self, x: Tensor<B, D>, ctx: &LoraCtx) -> Tensor<B, D> {
+        in_mode(self.state.training, || self.forward_in_mode(x, ctx))
+    }
+
+    /// [`Self::forward_ctx`] in the layer's train / eval mode.
+    fn forward_in_mode<const D: usize>(&self, x: Tensor<B, D>, ctx: &LoraCtx) -> Tensor<B, D> {
         let dims = x.dims();
         if let Err(e) = self.check_input(&dims) {
             panic!("{e}");
