@@ -7,6 +7,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::tensor::backend::Backend;
+use burn::tensor::TensorMetadata;
 use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
 use cubecl_cuda::CudaRuntime;
 
@@ -20,6 +21,13 @@ pub trait FusedLinear: Backend {
     /// `y = x W (+ bias) + s (xd A) B` (`xd = x` unless given): the backward gives `dx`, `dxd`,
     /// `dA`, `dB`, never `dW`.
     fn low_rank_linear(inp: LowRankInputs<Prim<Self>>) -> Prim<Self>;
+    /// `z = y * g` with `g` of shape `[1, out]` broadcast over the rows of `y` (`[rows, out]`).
+    /// Under autodiff the backward sums `dz * y` over the rows with one `[1, rows] x [rows, out]`
+    /// GEMM, where Burn's broadcast backward reduces the strided row axis (1-2 ms at 4096 x 4096
+    /// on an H100).
+    fn col_scale(y: Prim<Self>, g: Prim<Self>) -> Prim<Self> {
+        Self::float_mul(y, g)
+    }
 }
 
 impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedLinear
@@ -31,6 +39,33 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedLinear
 
     fn low_rank_linear(inp: LowRankInputs<Prim<Self>>) -> Prim<Self> {
         Self::fused_low_rank_forward(inp).0
+    }
+}
+
+#[derive(Debug)]
+struct ColScaleBackward;
+
+impl<B: FusedOps> Backward<B, 2> for ColScaleBackward {
+    /// `y` when `g` needs a gradient, `g` when `y` does.
+    type State = (Option<Prim<B>>, Option<Prim<B>>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [py, pg] = ops.parents;
+        let dz = grads.consume::<B>(&ops.node);
+        let (y, g) = ops.state;
+        if let (Some(node), Some(y)) = (pg, y) {
+            let prod = B::float_mul(dz.clone(), y);
+            let rows = prod.shape()[0];
+            let ones = B::float_ones(
+                [1, rows].into(),
+                &B::float_device(&prod),
+                prod.dtype().into(),
+            );
+            grads.register::<B>(node.id, B::fused_linear_forward(ones, prod, None));
+        }
+        if let (Some(node), Some(g)) = (py, g) {
+            grads.register::<B>(node.id, B::float_mul(dz, g));
+        }
     }
 }
 
@@ -133,6 +168,21 @@ impl<B: FusedOps> Backward<B, 4> for LowRankDropoutBackward {
 }
 
 impl<B: FusedOps, C: CheckpointStrategy> FusedLinear for Autodiff<B, C> {
+    fn col_scale(y: Prim<Self>, g: Prim<Self>) -> Prim<Self> {
+        let keep_y = g.is_tracked().then(|| y.primitive.clone());
+        let keep_g = y.is_tracked().then(|| g.primitive.clone());
+        match ColScaleBackward
+            .prepare::<C>([y.node.clone(), g.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                prep.finish((keep_y, keep_g), B::float_mul(y.primitive, g.primitive))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::float_mul(y.primitive, g.primitive)),
+        }
+    }
+
     fn frozen_linear(x: Prim<Self>, w: Prim<Self>, bias: Option<Prim<Self>>) -> Prim<Self> {
         let bias = bias.map(|b| b.primitive);
         match FrozenBackward

@@ -207,6 +207,10 @@ fn frozen_impl<T: FusedLinear>(
     tensor(T::frozen_linear(prim(x), prim(w), bias.map(prim)))
 }
 
+fn col_scale_impl<T: FusedLinear>(y: Tensor<T, 2>, g: Tensor<T, 2>) -> Tensor<T, 2> {
+    tensor(T::col_scale(prim(y), prim(g)))
+}
+
 #[allow(clippy::type_complexity)]
 fn low_rank_impl<T: FusedLinear>(
     args: (
@@ -254,6 +258,19 @@ pub fn frozen_linear<B: Backend>(
         return None;
     }
     dispatch!(B, frozen_impl(x.clone(), w.clone(), bias.cloned()))
+}
+
+/// `y * g` with `g` of shape `[1, out]` broadcast over the rows of `y` (`[rows, out]`), whose
+/// backward sums `dz * y` over the rows with one GEMM (see [`FusedLinear::col_scale`]). `None`
+/// where the fused ops do not run (another backend, the switch off, mixed dtypes, other shapes).
+pub fn col_scale<B: Backend>(y: &Tensor<B, 2>, g: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    if !supported::<B>() || !enabled() || !usable(&[y, g]) {
+        return None;
+    }
+    if g.dims() != [1, y.dims()[1]] {
+        return None;
+    }
+    dispatch!(B, col_scale_impl(y.clone(), g.clone()))
 }
 
 /// `x W (+ bias) + s (xd A) B` with a frozen `W` (`xd = x` when `None`): the fused op when `B` is

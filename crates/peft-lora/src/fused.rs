@@ -3,10 +3,10 @@
 //! layer code reaches burn-cuda-ops only through here.
 
 #[cfg(feature = "cuda")]
-pub(crate) use burn_cuda_ops::{dropout, frozen_linear, low_rank_linear, supported};
+pub(crate) use burn_cuda_ops::{col_scale, dropout, frozen_linear, low_rank_linear, supported};
 
 #[cfg(not(feature = "cuda"))]
-pub(crate) use off::{dropout, frozen_linear, low_rank_linear, supported};
+pub(crate) use off::{col_scale, dropout, frozen_linear, low_rank_linear, supported};
 
 /// The same signatures without the `cuda` feature: nothing is fused.
 #[cfg(not(feature = "cuda"))]
@@ -38,6 +38,14 @@ mod off {
         _a: &Tensor<B, 2>,
         _b: &Tensor<B, 2>,
         _scale: f64,
+    ) -> Option<Tensor<B, 2>> {
+        None
+    }
+
+    /// `y * g` (`g`: `[1, out]`) with a GEMM-reduced backward: never without the `cuda` feature.
+    pub(crate) fn col_scale<B: Backend>(
+        _y: &Tensor<B, 2>,
+        _g: &Tensor<B, 2>,
     ) -> Option<Tensor<B, 2>> {
         None
     }
