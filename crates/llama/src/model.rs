@@ -381,10 +381,24 @@ impl<B: Backend> LlamaForCausalLM<B> {
         )
     }
 
-    /// Logits `[batch, seq, vocab]` (positions `0..seq` for every row, as HF's plain forward).
+    /// Logits `[batch, seq, vocab]` with the active adapters on every row: the common case,
+    /// [`Self::forward`] without routing (aLoRA offsets are computed from `input_ids`).
     ///
-    /// `ctx` routes batch rows to adapters (mixed-adapter batches); `LoraCtx::default()` uses
-    /// the active adapters everywhere.
+    /// # Shapes
+    /// input_ids `[batch, seq]`, attention_mask `[batch, seq]` -> `[batch, seq, vocab]`
+    pub fn logits(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
+        self.forward(input_ids, attention_mask, &LoraCtx::default())
+    }
+
+    /// Logits `[batch, seq, vocab]` (positions `0..seq` for every row, as HF's plain forward),
+    /// with explicit routing.
+    ///
+    /// `ctx` routes batch rows to adapters (mixed-adapter batches) and may carry aLoRA offsets;
+    /// `LoraCtx::default()` uses the active adapters everywhere (that is [`Self::logits`]).
     pub fn forward(
         &self,
         input_ids: Tensor<B, 2, Int>,
@@ -480,5 +494,10 @@ impl<B: Backend> LoraModel<B> for LlamaForCausalLM<B> {
 
     fn vocab_size(&self) -> Option<usize> {
         Some(self.config.vocab_size)
+    }
+
+    /// The forward computes the offsets from `input_ids` (generation from the prompt).
+    fn supports_alora(&self) -> bool {
+        true
     }
 }

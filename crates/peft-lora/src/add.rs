@@ -25,7 +25,7 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
     /// any later one stays inactive on every layer until [`PeftModel::set_active`] names it.
     pub fn add_adapter(&mut self, name: &str, cfg: &LoraConfig) -> Result<Vec<String>> {
         cfg.validate()?;
-        check_invocation_ids(cfg, self.model.vocab_size(), "<in memory>")?;
+        check_alora(cfg, &self.model, "<in memory>")?;
         if self.configs.contains_key(name) {
             return Err(Error::DuplicateAdapter(name.into()));
         }
@@ -181,12 +181,31 @@ pub(crate) fn add_token_adapters<B: Backend, M: LoraModel<B>>(
     Ok(())
 }
 
-/// aLoRA invocation ids must be tokens of the model's vocabulary (when it has one).
-pub(crate) fn check_invocation_ids(
+/// An aLoRA adapter needs a model that supplies aLoRA offsets ([`LoraModel::supports_alora`]),
+/// and its invocation ids must be tokens of the model's vocabulary (when it has one).
+pub(crate) fn check_alora<B: Backend, M: LoraModel<B>>(
     cfg: &LoraConfig,
-    vocab: Option<usize>,
+    model: &M,
     origin: &str,
 ) -> Result<()> {
+    if let Some(tokens) = &cfg.alora_invocation_tokens {
+        if !model.supports_alora() {
+            return Err(Error::Unsupported {
+                field: "alora_invocation_tokens".into(),
+                value: format!("{tokens:?}"),
+                reason: format!(
+                    "{origin}: this model does not compute aLoRA offsets, so the adapter would \
+                     never run; a model that passes LoraCtx::alora_offsets to its layers' \
+                     forward_ctx says so with LoraModel::supports_alora"
+                ),
+            });
+        }
+    }
+    check_invocation_ids(cfg, model.vocab_size(), origin)
+}
+
+/// aLoRA invocation ids must be tokens of the model's vocabulary (when it has one).
+fn check_invocation_ids(cfg: &LoraConfig, vocab: Option<usize>, origin: &str) -> Result<()> {
     if let (Some(tokens), Some(vocab)) = (&cfg.alora_invocation_tokens, vocab) {
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(Error::Config {

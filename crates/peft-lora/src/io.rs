@@ -15,7 +15,7 @@ use burn::module::Param;
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::adapter::{AdapterMeta, VariantKind};
-use crate::add::{add_token_adapters, check_invocation_ids, resolve_token_tables};
+use crate::add::{add_token_adapters, check_alora, resolve_token_tables};
 use crate::config::{InitLoraWeights, LoraConfig};
 use crate::error::{Error, Result};
 use crate::host::{to_host, HostTensor};
@@ -105,9 +105,9 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
     /// stack, so load the next attempt onto a fresh base.
     pub fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<()> {
         let cfg = LoraConfig::from_file(dir)?;
-        check_invocation_ids(
+        check_alora(
             &cfg,
-            self.model.vocab_size(),
+            &self.model,
             &dir.join("adapter_config.json").display().to_string(),
         )?;
         if self.configs.contains_key(name) {

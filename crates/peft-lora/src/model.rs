@@ -57,6 +57,15 @@ pub trait LoraModel<B: Backend> {
         })
     }
 
+    /// Whether the model computes aLoRA offsets (PEFT's `alora_offsets`, from its token ids with
+    /// [`alora_offsets`]) and passes them to its layers through
+    /// [`LoraLinear::forward_ctx`]. An aLoRA adapter (`alora_invocation_tokens`) is refused by a
+    /// model that does not (the default): with a plain [`LoraLinear::forward`] it would never
+    /// run.
+    fn supports_alora(&self) -> bool {
+        false
+    }
+
     /// Size of the token vocabulary, when the model has one: aLoRA invocation token ids are
     /// checked against it when an adapter is added or loaded.
     fn vocab_size(&self) -> Option<usize> {

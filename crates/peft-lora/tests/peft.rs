@@ -35,6 +35,38 @@ impl<B: Backend> Toy<B> {
     }
 }
 
+/// [`Toy`]'s layers without aLoRA offsets (the default `supports_alora`).
+#[derive(Module, Debug)]
+struct Plain<B: Backend> {
+    up: LoraLinear<B>,
+    down: LoraLinear<B>,
+}
+
+impl<B: Backend> Plain<B> {
+    fn new(device: &B::Device) -> Self {
+        let t = Toy::new(device);
+        Plain {
+            up: t.up,
+            down: t.down,
+        }
+    }
+}
+
+impl<B: Backend> LoraModel<B> for Plain<B> {
+    fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
+        vec![
+            ("model.mlp.up".into(), &self.up),
+            ("model.mlp.down".into(), &self.down),
+        ]
+    }
+    fn lora_linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
+        vec![
+            ("model.mlp.up".into(), &mut self.up),
+            ("model.mlp.down".into(), &mut self.down),
+        ]
+    }
+}
+
 impl<B: Backend> LoraModel<B> for Toy<B> {
     fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
         vec![
@@ -47,6 +79,10 @@ impl<B: Backend> LoraModel<B> for Toy<B> {
             ("model.mlp.up".into(), &mut self.up),
             ("model.mlp.down".into(), &mut self.down),
         ]
+    }
+    /// The aLoRA tests pass the offsets through `forward_ctx` themselves.
+    fn supports_alora(&self) -> bool {
+        true
     }
 }
 
@@ -1158,6 +1194,26 @@ fn alora_configs_are_validated_and_combine_only_alike() {
             .alora_invocation_tokens
             .is_none()
     );
+    // A model that does not supply aLoRA offsets refuses an aLoRA adapter, added or loaded,
+    // instead of never running it.
+    let device = Default::default();
+    let mut stack = PeftModel::new(Stack::<B>::new(&device));
+    let mut al = LoraConfig::new(2, 4.0, &["proj"]);
+    al.alora_invocation_tokens = Some(vec![3]);
+    let err = stack.add_adapter("al", &al).unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    assert!(err.to_string().contains("supports_alora"), "{err}");
+    assert!(stack.configs.is_empty());
+    let mut toy = PeftModel::new(Toy::<B>::new(&device));
+    let mut al = config(&["up"]);
+    al.alora_invocation_tokens = Some(vec![3]);
+    toy.add_adapter("default", &al).unwrap();
+    let dir = fresh_temp_dir("peft-lora-test", "alora-guard");
+    toy.save_adapter(&dir, "default").unwrap();
+    let mut plain = PeftModel::new(Plain::<B>::new(&device));
+    let err = plain.load_adapter(&dir, "default").unwrap_err();
+    assert!(err.to_string().contains("supports_alora"), "{err}");
+
     // An empty list built in code is refused by add_adapter too.
     let device = Default::default();
     let mut peft = PeftModel::new(Toy::<B>::new(&device));

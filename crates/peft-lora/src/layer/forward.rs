@@ -13,7 +13,10 @@ use crate::routing::{LoraCtx, RowsOn};
 use crate::variant::{variant_of, Base, LoraVariant};
 
 impl<B: Backend> LoraLinear<B> {
-    /// Forward with the active adapters.
+    /// Forward with the active adapters on every row: the common case. Routing (per-row
+    /// adapters, aLoRA offsets) goes through [`Self::forward_ctx`]; here an aLoRA adapter has no
+    /// offsets and adds nothing, which is why [`crate::PeftModel`] refuses aLoRA adapters on a
+    /// model whose [`crate::LoraModel::supports_alora`] is false.
     ///
     /// # Shapes
     /// - x: `[..., in]` -> `[..., out]`
