@@ -376,6 +376,10 @@ pub struct ScoreArgs {
     /// Test samples generated and scored (0: all).
     #[arg(long, default_value_t = 20)]
     pub eval_samples: usize,
+    /// Test prompts per generation batch; each runs twice in the batch (base and adapter
+    /// rows side by side), so a batch holds twice as many rows.
+    #[arg(long, default_value_t = 16)]
+    pub eval_batch_size: usize,
 }
 
 /// Pushing the trained adapter.

@@ -6,22 +6,19 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use chat_collate::news2stock::{self, NewsRow};
-use chat_collate::{ChatCollator, Message};
+use chat_collate::news2stock;
+use chat_collate::Message;
 use llama::{GenerationConfig, LlamaConfig, LlamaForCausalLM};
 use peft_lora::{LoraCtx, PeftModel};
 use sft_trainer::Sample;
 
 use crate::cli::{SaveDtype, DEMO_MODEL};
+use crate::evaluate::evaluate_model;
 use crate::load::{collator, encode, load_model, load_rows, model_source, Loaded};
-use crate::metrics::{parse_answer, Scores};
 use crate::settings::{Settings, SETTINGS_FILE};
 
 /// The system prompt used for inference on new text (the tutorial's instruction, in Korean).
 pub const SYSTEM_PROMPT: &str = "당신은 경제 뉴스 분석가입니다. 주어진 뉴스를 요약(summary)하고, 뉴스가 상장 종목과 관련이 있으면 stock_related를 true로 하여 긍정적 영향을 받는 종목(positive_stocks), 키워드(positive_keywords), 이유(positive_reasons)와 부정적 영향을 받는 종목(negative_stocks), 키워드(negative_keywords), 이유(negative_reasons)를 JSON으로 작성하세요. 해당 사항이 없으면 문자열은 '', 목록은 []로 두세요.";
-
-/// Where `eval` (and the demo's training) write the score table as JSON.
-pub const EVAL_RESULTS_FILE: &str = "eval_results.json";
 
 /// Trains, then shows one generation with the adapter (and, in the demo, the eval table).
 pub fn train<AB: AutodiffBackend>(s: &Settings, device: &AB::Device) -> Result<()> {
@@ -133,95 +130,6 @@ fn load_with_adapter<B: Backend>(
         )
     })?;
     Ok((peft, loaded))
-}
-
-fn generate_texts<B: Backend>(
-    model: &LlamaForCausalLM<B>,
-    prompts: &[Vec<u32>],
-    tok: &tokenizers::Tokenizer,
-    gen: &GenerationConfig,
-) -> Result<Vec<String>> {
-    let mut texts = Vec::new();
-    for chunk in prompts.chunks(4) {
-        for ids in model.generate(chunk, gen, &LoraCtx::default(), &mut |_, _| {})? {
-            texts.push(tok.decode(&ids, true).unwrap_or_default());
-        }
-    }
-    Ok(texts)
-}
-
-/// Base vs adapter on the test split: a score table and three side-by-side examples, printed
-/// and written to `out` (`eval.md`, `eval_results.json`).
-#[allow(clippy::too_many_arguments)]
-pub fn evaluate_model<B: Backend>(
-    s: &Settings,
-    peft: &mut PeftLlama<B>,
-    tok: &tokenizers::Tokenizer,
-    stop_ids: &[u32],
-    pad_id: u32,
-    c: &ChatCollator,
-    test: &[NewsRow],
-    out: &Path,
-) -> Result<()> {
-    let n = if s.score.eval_samples == 0 {
-        test.len()
-    } else {
-        s.score.eval_samples.min(test.len())
-    };
-    let rows = &test[..n];
-    let prompts: Vec<Vec<u32>> = rows
-        .iter()
-        .map(|r| c.prompt_ids(&news2stock::prompt_messages(r)))
-        .collect::<chat_collate::Result<_>>()?;
-    let gen = GenerationConfig {
-        max_new_tokens: s.generation.max_new_tokens,
-        stop_ids: stop_ids.to_vec(),
-        pad_id,
-        ..Default::default()
-    };
-    peft.set_adapters_disabled(true)?;
-    let base = generate_texts(&peft.model, &prompts, tok, &gen)?;
-    peft.set_adapters_disabled(false)?;
-    let tuned = generate_texts(&peft.model, &prompts, tok, &gen)?;
-    let (mut sb, mut st) = (Scores::default(), Scores::default());
-    for (i, r) in rows.iter().enumerate() {
-        let reference = parse_answer(&r.assistant).unwrap_or(serde_json::Value::Null);
-        sb.add(&base[i], &reference);
-        st.add(&tuned[i], &reference);
-    }
-    let table = format!(
-        "{}\n{}\n{}\n",
-        Scores::header(),
-        sb.row("base"),
-        st.row("adapter")
-    );
-    println!("evaluation on {n} test samples:\n{table}");
-    let mut report = table.clone();
-    for (i, r) in rows.iter().take(3).enumerate() {
-        let ex = format!(
-            "\n### example {}\nnews: {}\nreference: {}\nbase: {}\nadapter: {}\n",
-            i + 1,
-            r.user.chars().take(200).collect::<String>(),
-            r.assistant,
-            base[i],
-            tuned[i]
-        );
-        println!("{ex}");
-        report.push_str(&ex);
-    }
-    std::fs::create_dir_all(out)?;
-    std::fs::write(out.join("eval.md"), report)?;
-    let results = serde_json::json!({
-        "dataset": s.data.dataset,
-        "split": "test (first 20%)",
-        "samples": n,
-        "results": [sb.to_json("base"), st.to_json("adapter")],
-    });
-    std::fs::write(
-        out.join(EVAL_RESULTS_FILE),
-        serde_json::to_string_pretty(&results)?,
-    )?;
-    Ok(())
 }
 
 /// `eval`: load base + adapter and score both on the test split; the results go beside the

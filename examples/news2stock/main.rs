@@ -5,6 +5,7 @@
 
 mod app;
 mod cli;
+mod evaluate;
 mod job;
 mod load;
 mod metrics;

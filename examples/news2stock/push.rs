@@ -9,7 +9,7 @@ use hub_push::{CommitInfo, FileSource, HubClient};
 use serde_json::{Map, Value};
 
 use crate::cli::PushArgs;
-use crate::job::EVAL_RESULTS_FILE;
+use crate::evaluate::EVAL_RESULTS_FILE;
 use crate::model_card::{model_card, CardInputs};
 use crate::settings::SETTINGS_FILE;
 

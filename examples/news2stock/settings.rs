@@ -283,6 +283,9 @@ impl Settings {
                 self.lora.lora_dropout
             );
         }
+        if self.score.eval_batch_size == 0 {
+            bail!("--eval-batch-size 0: expected at least 1 prompt per generation batch");
+        }
         if self.data.max_seq_length < 16 {
             bail!(
                 "--max-seq-length {}: expected at least 16 tokens",
