@@ -3,7 +3,7 @@
 
 use burn::module::Module;
 use burn::tensor::{activation, backend::Backend, Bool, DType, FloatDType, Int, Tensor};
-use peft_lora::{LoraCtx, LoraLinear};
+use peft_lora::{LoraCtx, LoraLinear, LoraModel};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
@@ -59,7 +59,7 @@ pub fn additive_mask<B: Backend>(
 }
 
 /// Self-attention with grouped KV heads (`model.layers.N.self_attn`).
-#[derive(Module, Debug)]
+#[derive(Module, Debug, LoraModel)]
 pub struct Attention<B: Backend> {
     /// Query projection `[hidden, heads * head_dim]`.
     pub q_proj: LoraLinear<B>,

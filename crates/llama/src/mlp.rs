@@ -2,7 +2,7 @@
 
 use burn::module::Module;
 use burn::tensor::{activation, backend::Backend, Tensor};
-use peft_lora::{LoraCtx, LoraLinear};
+use peft_lora::{LoraCtx, LoraLinear, LoraModel};
 
 use crate::attention::{load_linear, random_linear};
 use crate::config::LlamaConfig;
@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::weights::VarBuilder;
 
 /// `down_proj(silu(gate_proj(x)) * up_proj(x))`.
-#[derive(Module, Debug)]
+#[derive(Module, Debug, LoraModel)]
 pub struct Mlp<B: Backend> {
     /// Gate projection `[hidden, intermediate]`.
     pub gate_proj: LoraLinear<B>,

@@ -4,7 +4,7 @@
 
 use burn::module::Module;
 use burn::tensor::{backend::Backend, Distribution, Int, Tensor};
-use peft_lora::{LoraCtx, LoraLinear, LoraModel, TrainableTokens};
+use peft_lora::{LoraCtx, LoraLinear, LoraModel, LoraModelHooks, TrainableTokens};
 
 use crate::attention::{additive_mask, Attention, KvCache};
 use crate::config::LlamaConfig;
@@ -33,7 +33,7 @@ pub(crate) struct Prologue<B: Backend> {
 }
 
 /// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
-#[derive(Module, Debug)]
+#[derive(Module, Debug, LoraModel)]
 pub struct DecoderLayer<B: Backend> {
     /// Attention.
     pub self_attn: Attention<B>,
@@ -66,7 +66,7 @@ impl<B: Backend> DecoderLayer<B> {
 }
 
 /// The decoder stack (`model.*`).
-#[derive(Module, Debug)]
+#[derive(Module, Debug, LoraModel)]
 pub struct LlamaModel<B: Backend> {
     /// Token embeddings.
     pub embed_tokens: Embedding<B>,
@@ -76,14 +76,17 @@ pub struct LlamaModel<B: Backend> {
     pub norm: RmsNorm<B>,
 }
 
-/// Llama with its language-model head.
-#[derive(Module, Debug)]
+/// Llama with its language-model head. Its LoRA layers are found by their field names
+/// (`#[derive(LoraModel)]`), which are Hugging Face's module paths.
+#[derive(Module, Debug, LoraModel)]
+#[lora_model(hooks)]
 pub struct LlamaForCausalLM<B: Backend> {
     /// The decoder.
     pub model: LlamaModel<B>,
     /// Output head, weight in Burn layout `[hidden, vocab]`, no bias (frozen; never a LoRA
     /// target, but `modules_to_save = ["lm_head"]` trains a copy of it); `None` when tied to
     /// the embedding.
+    #[lora(head)]
     pub lm_head: Option<LoraLinear<B>>,
     /// Resolved config.
     #[module(skip)]
@@ -424,61 +427,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
     }
 }
 
-impl<B: Backend> LoraModel<B> for LlamaForCausalLM<B> {
-    fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
-        let mut out = Vec::with_capacity(self.model.layers.len() * 7);
-        for (i, l) in self.model.layers.iter().enumerate() {
-            let (a, m) = (&l.self_attn, &l.mlp);
-            let p = format!("model.layers.{i}");
-            out.push((format!("{p}.self_attn.q_proj"), &a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &a.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &a.o_proj));
-            out.push((format!("{p}.mlp.gate_proj"), &m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &m.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &m.down_proj));
-        }
-        out
-    }
-
-    fn lora_linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
-        let mut out = Vec::with_capacity(self.model.layers.len() * 7);
-        for (i, l) in self.model.layers.iter_mut().enumerate() {
-            let (a, m) = (&mut l.self_attn, &mut l.mlp);
-            let p = format!("model.layers.{i}");
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
-        }
-        out
-    }
-
-    fn head_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
-        self.lm_head
-            .iter()
-            .map(|h| ("lm_head".to_string(), h))
-            .collect()
-    }
-
-    fn head_linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
-        self.lm_head
-            .iter_mut()
-            .map(|h| ("lm_head".to_string(), h))
-            .collect()
-    }
-
-    fn token_tables(&self) -> Vec<(String, &TrainableTokens<B>)> {
-        vec![("model.embed_tokens".into(), &self.model.embed_tokens)]
-    }
-
-    fn token_tables_mut(&mut self) -> Vec<(String, &mut TrainableTokens<B>)> {
-        vec![("model.embed_tokens".into(), &mut self.model.embed_tokens)]
-    }
-
+impl<B: Backend> LoraModelHooks<B> for LlamaForCausalLM<B> {
     /// PEFT's `replicate_layers`: `model.layers` becomes the listed ranges of the current layers,
     /// numbered `0..` in the new order, and `config.num_layers` follows. The copies share the
     /// frozen weights (a `Param` clone is a reference-counted handle with the same id); the KV

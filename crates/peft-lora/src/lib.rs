@@ -61,6 +61,7 @@ mod add;
 mod config;
 mod convert;
 mod decompose;
+mod discover;
 mod dropout;
 mod error;
 mod eva;
@@ -94,6 +95,7 @@ pub use config::{
     BiasMode, EvaConfig, InitLoraWeights, LoftQConfig, LoraConfig, OneOrMany, TargetModules,
     TokenIndices,
 };
+pub use discover::{__derive, Found, FoundMut, LoraModelHooks, LoraModules};
 pub use dropout::{seed_dropout, with_training};
 pub use error::{Error, Result};
 pub use eva::{EvaLimits, EvaProgress, EvaReport};
@@ -108,6 +110,8 @@ pub use nf4::{Nf4Tensor, NF4_BLOCKSIZE, NF4_CODE};
 pub use nf4_weight::Nf4Weight;
 pub use optim::{AdamWConfig, GradAccumulator, LoraOptimizer, OptimizerKind};
 pub use peft::{PeftModel, TrainableReport};
+/// `#[derive(LoraModel)]`: see the trait [`LoraModel`].
+pub use peft_lora_derive::LoraModel;
 pub use replicate::layer_map;
 pub use routing::{alora_positions, invocation_offset, LoraCtx};
 pub use saved::{SaveableModule, SavedCopies, SavedCopy};

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use burn::tensor::backend::Backend;
 
-use crate::config::REPLICATION_FIELD;
-use crate::error::{Error, Result};
+use crate::discover::refuse_replication;
+use crate::error::Result;
 use crate::layer::LoraLinear;
 use crate::routing::{invocation_offset, LoraCtx};
 use crate::tokens::TrainableTokens;
@@ -50,11 +50,7 @@ pub trait LoraModel<B: Backend> {
     /// (`layer_replication`; see [`crate::layer_map`]), sharing the frozen weights of copies and
     /// renumbering the layer paths. Called before any adapter exists. The default refuses.
     fn replicate_layers(&mut self, ranges: &[[usize; 2]]) -> Result<()> {
-        Err(Error::Unsupported {
-            field: REPLICATION_FIELD.into(),
-            value: format!("{ranges:?}"),
-            reason: "this model does not implement LoraModel::replicate_layers".into(),
-        })
+        Err(refuse_replication(ranges))
     }
 
     /// Whether the model computes aLoRA offsets (PEFT's `alora_offsets`, from its token ids with

@@ -253,17 +253,9 @@ struct Moments<B: Backend> {
 /// use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
 /// use peft_lora::{AdamWConfig, LoraConfig, LoraLinear, LoraModel, LoraOptimizer, OptimizerKind, PeftModel};
 ///
-/// #[derive(Module, Debug)]
+/// #[derive(Module, Debug, LoraModel)]
 /// struct Net<B: Backend> {
 ///     fc: LoraLinear<B>,
-/// }
-/// impl<B: Backend> LoraModel<B> for Net<B> {
-///     fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
-///         vec![("fc".into(), &self.fc)]
-///     }
-///     fn lora_linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
-///         vec![("fc".into(), &mut self.fc)]
-///     }
 /// }
 ///
 /// # fn main() -> peft_lora::Result<()> {

@@ -8,18 +8,9 @@ use burn::tensor::{backend::Backend, Distribution, Tensor};
 use peft_lora::{LoraConfig, LoraLinear, LoraModel, PeftModel};
 use test_support::max_abs_diff;
 
-#[derive(Module, Debug)]
+#[derive(Module, Debug, LoraModel)]
 struct Net<B: Backend> {
     fc: LoraLinear<B>,
-}
-
-impl<B: Backend> LoraModel<B> for Net<B> {
-    fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
-        vec![("fc".into(), &self.fc)]
-    }
-    fn lora_linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
-        vec![("fc".into(), &mut self.fc)]
-    }
 }
 
 /// A model with a dropout-0.5 adapter whose B is non-zero, and an input.

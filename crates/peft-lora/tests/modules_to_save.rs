@@ -16,8 +16,8 @@ use test_support::{fresh_temp_dir, max_abs_diff};
 type B = NdArray<f32>;
 type AD = Autodiff<B>;
 
-/// Embedding -> fc -> head.
-#[derive(Module, Debug)]
+/// Embedding -> fc -> head (paths `embed`, `fc`, `head`).
+#[derive(Module, Debug, LoraModel)]
 struct Clf<B: Backend> {
     embed: TrainableTokens<B>,
     fc: LoraLinear<B>,
@@ -39,21 +39,6 @@ impl<B: Backend> Clf<B> {
     fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         self.head
             .forward(self.fc.forward(self.embed.forward(ids)).tanh())
-    }
-}
-
-impl<B: Backend> LoraModel<B> for Clf<B> {
-    fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
-        vec![("fc".into(), &self.fc), ("head".into(), &self.head)]
-    }
-    fn lora_linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
-        vec![("fc".into(), &mut self.fc), ("head".into(), &mut self.head)]
-    }
-    fn token_tables(&self) -> Vec<(String, &TrainableTokens<B>)> {
-        vec![("embed".into(), &self.embed)]
-    }
-    fn token_tables_mut(&mut self) -> Vec<(String, &mut TrainableTokens<B>)> {
-        vec![("embed".into(), &mut self.embed)]
     }
 }
 
