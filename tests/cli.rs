@@ -8,6 +8,8 @@
 mod app;
 #[path = "../examples/news2stock/cli.rs"]
 mod cli;
+#[path = "../examples/news2stock/evaluate.rs"]
+mod evaluate;
 #[path = "../examples/news2stock/job.rs"]
 mod job;
 #[path = "../examples/news2stock/load.rs"]

@@ -138,11 +138,33 @@ fn demo_train_infer_eval_and_push_through_the_command_line() {
         "--adapter",
         o,
         "--eval-samples",
+        "2",
+        "--eval-batch-size",
         "1",
         "--max-new-tokens",
         "4",
     ])
     .unwrap();
+    // eval: one JSON line per sample with both sides, and the generation figures.
+    let lines = std::fs::read_to_string(out.join("eval_samples.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["index"], i);
+        assert!(
+            l["base"]["text"].is_string() && l["adapter"]["text"].is_string(),
+            "{l}"
+        );
+    }
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval_results.json")).unwrap())
+            .unwrap();
+    assert_eq!(results["generation"]["rows"], 4);
+    assert_eq!(results["generation"]["batch_rows"], 2);
+    assert!(results["generation"]["new_tokens"].as_u64().unwrap() > 0);
 
     let files = [
         "adapter_config.json",
