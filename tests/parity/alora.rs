@@ -219,6 +219,7 @@ fn export_rust_made_adapter(dst: &std::path::Path) {
     let mut peft = PeftModel::new(load_base::<B>(&fixtures().join("llama/tied_gqa_llama3")));
     let mut cfg = peft_lora::LoraConfig::new(2, 6.0, &["q_proj", "v_proj", "down_proj"]);
     cfg.alora_invocation_tokens = Some(vec![42, 99]);
+    cfg.task_type = Some("CAUSAL_LM".into());
     cfg.base_model_name_or_path = Some("llama/tied_gqa_llama3".into());
     peft.add_adapter("default", &cfg).unwrap();
     for (_, l) in peft.model.lora_linears_mut() {

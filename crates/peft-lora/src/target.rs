@@ -2,11 +2,9 @@
 
 use regex::Regex;
 
+pub use crate::config::ALL_LINEAR;
 use crate::config::{LoraConfig, TargetModules};
 use crate::error::{Error, Result};
-
-/// `"all-linear"`: every adaptable linear layer (the model never exposes its output head).
-pub const ALL_LINEAR: &str = "all-linear";
 
 fn full_regex(pattern: &str, field: &str) -> Result<Regex> {
     Regex::new(&format!("^(?:{pattern})$"))

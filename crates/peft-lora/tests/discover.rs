@@ -137,7 +137,11 @@ fn a_derived_model_adapts_saves_and_loads() {
     let device = Default::default();
     let mut peft = PeftModel::new(Net::<B>::new(&device));
     let mut cfg = LoraConfig::new(2, 4.0, &["all-linear"]);
-    cfg.target_modules = Some(peft_lora::TargetModules::Regex("all-linear".into()));
+    assert_eq!(
+        cfg.target_modules,
+        Some(peft_lora::TargetModules::Regex("all-linear".into()))
+    );
+    assert_eq!(cfg.task_type, None);
     cfg.modules_to_save = Some(vec!["head".into()]);
     let adapted = peft.add_adapter("default", &cfg).unwrap();
     // "all-linear" never adapts a head; modules_to_save trains a copy of it.

@@ -29,6 +29,10 @@ pub use init::InitLoraWeights;
 pub use loftq::LoftQConfig;
 pub(crate) use validate::{check_replication_ranges, REPLICATION_FIELD};
 
+/// `"all-linear"`: every adaptable linear layer (the model never exposes its output head as
+/// one).
+pub const ALL_LINEAR: &str = "all-linear";
+
 /// `target_modules` / `exclude_modules`: a list of names (exact or `.`-suffix) or one regex.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -190,15 +194,19 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
-    /// A config with the given rank, alpha and target module names, everything else default.
+    /// A config with the given rank, alpha and target module names, everything else PEFT's
+    /// default (`task_type` is unset: set it for the model, e.g. `"CAUSAL_LM"`). A single
+    /// `"all-linear"` means PEFT's string `target_modules = "all-linear"` (every linear but the
+    /// output head), not a module of that name.
     pub fn new(r: usize, lora_alpha: f64, targets: &[&str]) -> Self {
+        let target_modules = match targets {
+            [one] if *one == ALL_LINEAR => TargetModules::Regex(one.to_string()),
+            _ => TargetModules::List(targets.iter().map(|s| s.to_string()).collect()),
+        };
         LoraConfig {
             r,
             lora_alpha,
-            target_modules: Some(TargetModules::List(
-                targets.iter().map(|s| s.to_string()).collect(),
-            )),
-            task_type: Some("CAUSAL_LM".into()),
+            target_modules: Some(target_modules),
             ..Default::default()
         }
     }
