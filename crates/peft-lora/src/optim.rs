@@ -2,7 +2,8 @@
 //! `LoraFAOptimizer`), with gradient accumulation, global-norm clipping and savable state.
 //!
 //! They walk the model through [`LoraModel`], so only adapter tensors (and trainable token rows
-//! and `modules_to_save` copies) are ever touched; the frozen base has no gradient and no optimizer state.
+//! and `modules_to_save` copies) are ever touched; the frozen base has no gradient and no
+//! optimizer state.
 
 use std::collections::BTreeMap;
 
@@ -251,7 +252,8 @@ struct Moments<B: Backend> {
 /// use burn::backend::{Autodiff, NdArray};
 /// use burn::module::Module;
 /// use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
-/// use peft_lora::{AdamWConfig, LoraConfig, LoraLinear, LoraModel, LoraOptimizer, OptimizerKind, PeftModel};
+/// use peft_lora::{AdamWConfig, LoraConfig, LoraLinear, LoraModel};
+/// use peft_lora::{LoraOptimizer, OptimizerKind, PeftModel};
 ///
 /// #[derive(Module, Debug, LoraModel)]
 /// struct Net<B: Backend> {
