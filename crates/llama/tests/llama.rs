@@ -1327,6 +1327,76 @@ fn per_layer_checkpointing_gives_the_plain_loss_and_gradients() {
     }
 }
 
+/// `modules_to_save = ["lm_head", "embed_tokens"]`: the copies (not the frozen originals) get
+/// gradients, through the composed head (the fused frozen-head ops would give the head none),
+/// and per-layer checkpointing gives them the plain backward's gradients.
+#[test]
+fn modules_to_save_copies_train_with_and_without_checkpointing() {
+    type Ad = Autodiff<B>;
+    let mut lc = LlamaConfig::tiny(50);
+    lc.tie_word_embeddings = false;
+    let mut peft = PeftModel::new(LlamaForCausalLM::<Ad>::random_seeded(&lc, &dev(), 33));
+    let mut cfg = LoraConfig::new(4, 8.0, &["q_proj", "v_proj"]);
+    cfg.modules_to_save = Some(vec!["lm_head".into(), "embed_tokens".into()]);
+    peft.add_adapter("default", &cfg).unwrap();
+    let m = &peft.model;
+    assert!(m.head_trains());
+    let copies = |g: &AdGrads, acc: &mut std::collections::BTreeMap<String, Vec<f32>>| {
+        let mut put = |name: String, t: Option<Tensor<B, 2>>| {
+            if let Some(t) = t {
+                let v = t.into_data().to_vec::<f32>().unwrap();
+                let e = acc.entry(name).or_insert_with(|| vec![0.0; v.len()]);
+                e.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+            }
+        };
+        for (path, h) in m.head_linears() {
+            assert!(
+                h.weight.val().grad(g).is_none(),
+                "{path}: the original trains"
+            );
+            put(path, h.saved.get("default").unwrap().weight.val().grad(g));
+        }
+        for (path, t) in m.token_tables() {
+            assert!(
+                t.weight.val().grad(g).is_none(),
+                "{path}: the original trains"
+            );
+            put(path, t.saved.get("default").unwrap().weight.val().grad(g));
+        }
+    };
+    let t = |v: Vec<i64>| Tensor::<Ad, 2, Int>::from_data(TensorData::new(v, [2, 6]), &dev());
+    let ids = t(vec![1, 3, 7, 9, 12, 5, 4, 7, 7, 2, 0, 0]);
+    let mask = t(vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]);
+    let labels = t(vec![-100, -100, 7, 9, 12, 5, -100, 7, 7, 2, -100, -100]);
+    let plain = m.loss(
+        ids.clone(),
+        Some(mask.clone()),
+        labels.clone(),
+        LossOptions::default(),
+        &LoraCtx::default(),
+    );
+    let mut want = std::collections::BTreeMap::new();
+    copies(&plain.backward(), &mut want);
+    let mut got = std::collections::BTreeMap::new();
+    m.backward_checkpointed(
+        ids,
+        Some(mask),
+        labels,
+        LossOptions::default(),
+        &LoraCtx::default(),
+        1.0,
+        |g| copies(g, &mut got),
+    );
+    let names: Vec<&String> = want.keys().collect();
+    assert_eq!(names, vec!["lm_head", "model.embed_tokens"]);
+    for ((name, w), (_, g)) in want.iter().zip(&got) {
+        assert!(w.iter().any(|x| *x != 0.0), "{name}: no gradient");
+        let err = test_support::host::max_abs_diff(w, g);
+        let scale = test_support::host::max_abs(w);
+        assert!(err <= 1e-5 * scale, "{name}: {err} (scale {scale})");
+    }
+}
+
 /// With LoRA dropout, the unrecorded forward and the recomputation of each checkpointed layer
 /// draw the same masks: the gradient equals the central difference of the loss the forward
 /// returned (with the masks fixed by restarting the seed sequence), and another seed gives
