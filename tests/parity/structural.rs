@@ -1,7 +1,8 @@
-//! `layer_replication` and `trainable_token_indices` against Python PEFT
+//! `layer_replication`, `trainable_token_indices` and `modules_to_save` against Python PEFT
 //! (`scripts/fixtures_structural.py`, fixtures under `fixtures/structural/`): PEFT-saved adapters
 //! load here with PEFT's logits, loss, gradients, cached generation, parameter counts, merged
-//! model and AdamW steps, and adapters saved here have PEFT's keys, shapes, values and config
+//! model (which keeps the trained copy of a `modules_to_save` module) and AdamW steps, and
+//! adapters saved here have PEFT's keys, shapes, values and config
 //! (`scripts/check_rust_adapters.py --suite structural` loads them in Python).
 
 use std::path::{Path, PathBuf};
@@ -20,14 +21,22 @@ use test_support::{host, masked, max_rel};
 
 const REPLICATION: &[&str] = &["replicate_qv", "replicate_reorder"];
 const TOKENS: &[&str] = &["tokens_untied", "tokens_tied"];
+/// `modules_to_save`: the untied head, and the input embedding.
+const SAVED: &[&str] = &["save_lm_head", "save_embed"];
 
 fn case_dir(case: &str) -> PathBuf {
     fixtures().join("structural").join(case)
 }
 
 fn meta(case: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(case_dir(case).join("meta.json")).unwrap())
-        .unwrap()
+    let path = case_dir(case).join("meta.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (made by scripts/fixtures_structural.py --only {case})",
+            path.display()
+        )
+    });
+    serde_json::from_str(&text).unwrap()
 }
 
 fn base(case: &str) -> PathBuf {
@@ -101,13 +110,26 @@ fn check_gradients(case: &str) -> f32 {
         }
     }
     for (path, table) in peft.model.token_tables() {
-        // Only the listed rows train: the frozen table has no gradient at all.
+        // Only the listed rows (or the copy) train: the frozen table has no gradient at all.
         assert!(table.weight.val().grad(&grads).is_none(), "{case}: {path}");
         for a in &table.adapters {
             got.push((
                 format!("grad.{}", peft_lora::token_delta_key(&path)),
                 a.delta.val().grad(&grads),
             ));
+        }
+        for c in &table.saved.copies {
+            let (key, _) = peft_lora::saved_module_keys(&path);
+            got.push((format!("grad.{key}"), c.weight.val().grad(&grads)));
+        }
+    }
+    for (path, head) in peft.model.head_linears() {
+        // The original head stays frozen; its copy trains (PyTorch layout `[out, in]`).
+        assert!(head.weight.val().grad(&grads).is_none(), "{case}: {path}");
+        for c in &head.saved.copies {
+            let (key, _) = peft_lora::saved_module_keys(&path);
+            let g = c.weight.val().grad(&grads).map(|g| g.transpose());
+            got.push((format!("grad.{key}"), g));
         }
     }
     let want_keys: Vec<String> = exp
@@ -316,8 +338,79 @@ fn trainable_tokens_take_torch_adamw_steps() {
 }
 
 #[test]
+fn modules_to_save_match_peft_logits_gradients_and_merge() {
+    for case in SAVED {
+        let m = meta(case);
+        let mut peft = loaded::<B>(case);
+        let report = peft.trainable_parameters();
+        assert_eq!(
+            report.trainable as u64,
+            m["nb_params"]["trainable"].as_u64().unwrap(),
+            "{case}: trainable parameters"
+        );
+        assert_eq!(
+            report.total as u64,
+            m["nb_params"]["total"].as_u64().unwrap(),
+            "{case}: all parameters"
+        );
+        let saved: Vec<String> = peft_lora::adapter_state_dict(&peft.model, "default")
+            .into_keys()
+            .collect();
+        let want: Vec<String> = m["saved_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(saved, want, "{case}: saved keys");
+        let (err, loss_err) = check_logits_and_loss(case, &peft);
+        let grad_err = check_gradients(case);
+
+        // Disabled adapters: the frozen original runs, not the copy.
+        let exp = expected(case);
+        let b = batch::<B>(&exp);
+        peft.set_adapters_disabled(true).unwrap();
+        let base_l = logits(&peft.model, &b);
+        assert!(max_rel(base_l, float(&exp, "logits")) > 1e-2, "{case}");
+        peft.set_adapters_disabled(false).unwrap();
+
+        // merge_and_unload keeps the copy as the module's weights.
+        let merged = peft.merge_and_unload(true).unwrap();
+        let merged_err = max_rel(
+            masked(logits(&merged, &b), &b.attention_mask),
+            masked(float(&exp, "merged_logits"), &b.attention_mask),
+        );
+        assert!(
+            merged_err <= 1e-4,
+            "{case}: merged logits rel err {merged_err}"
+        );
+        assert!(merged.lm_head.iter().all(|h| h.saved.copies.is_empty()));
+        assert!(merged.model.embed_tokens.saved.copies.is_empty());
+        eprintln!(
+            "{case}: logits rel err {err:.2e}, loss rel err {loss_err:.2e}, gradients max rel \
+             err {grad_err:.2e}, merged logits rel err {merged_err:.2e}"
+        );
+    }
+}
+
+#[test]
 fn structural_adapters_save_as_peft_does() {
     for case in REPLICATION.iter().chain(TOKENS) {
+        check_saved_as_peft(case);
+    }
+}
+
+#[test]
+fn modules_to_save_adapters_save_as_peft_does() {
+    for case in SAVED {
+        check_saved_as_peft(case);
+    }
+}
+
+/// Saved here: PEFT's keys, shapes, values and config; loaded again here, the same logits;
+/// exported for `scripts/check_rust_adapters.py` when `RUST_ADAPTER_EXPORT` is set.
+fn check_saved_as_peft(case: &str) {
+    {
         let dir = case_dir(case);
         let peft = loaded::<B>(case);
         let out =
