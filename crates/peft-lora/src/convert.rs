@@ -37,6 +37,16 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
         let mut tensors = BTreeMap::new();
         let mut problems = Vec::new();
         for (key, now) in adapter_state_dict(&self.model, name) {
+            let (is_a, is_b) = (
+                key.ends_with("lora_A.weight"),
+                key.ends_with("lora_B.weight"),
+            );
+            if !is_a && !is_b {
+                // Whole saved modules (`modules_to_save`) and other tensors are not factors of
+                // the update: PEFT writes them as they are.
+                tensors.insert(key, now);
+                continue;
+            }
             let before = match init.read(&key) {
                 Ok(t) if t.shape == now.shape => t,
                 Ok(t) => {
@@ -51,7 +61,7 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
                     continue;
                 }
             };
-            let joined = if key.ends_with("lora_A.weight") {
+            let joined = if is_a {
                 stack_rows(&now, &before)
             } else {
                 stack_cols_negated(&now, &before)

@@ -7,6 +7,7 @@ use crate::adapter::{AdapterMeta, VariantKind};
 use crate::error::{Error, Result};
 use crate::linalg::svd_top;
 use crate::model::LoraModel;
+use crate::modules_to_save::{self, saveable};
 use crate::peft::PeftModel;
 
 /// How adapters are combined.
@@ -61,6 +62,23 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
                     format!(
                         "adapter `{a}` has alora_invocation_tokens {:?} but `{}` has {:?}; aLoRA adapters combine only with aLoRA adapters of the same invocation sequence",
                         self.configs[*a].alora_invocation_tokens, adapters[0], invocation
+                    ),
+                ));
+            }
+        }
+        // As PEFT: a module that several of them train whole (`modules_to_save`) has no
+        // defined combination.
+        for (path, module) in saveable(&self.model) {
+            let with_copy: Vec<&&str> = adapters
+                .iter()
+                .filter(|a| module.saved().get(a).is_some())
+                .collect();
+            if with_copy.len() > 1 {
+                return Err(Error::config(
+                    "add_weighted_adapter",
+                    format!(
+                        "adapters {with_copy:?} all train `{path}` whole (modules_to_save); \
+                         such modules cannot be combined"
                     ),
                 ));
             }
@@ -140,6 +158,10 @@ impl<B: Backend, M: LoraModel<B>> PeftModel<B, M> {
         cfg.use_rslora = false;
         // The combination holds LoRA factors only: no trainable token rows of its own.
         cfg.trainable_token_indices = None;
+        // As PEFT's injection of the new adapter: its own copy of each `modules_to_save`
+        // module, taken from the frozen original.
+        let saved_paths = modules_to_save::resolve(&self.model, &cfg)?;
+        modules_to_save::add_copies(&mut self.model, name, &saved_paths, |_, _, _| Ok(None))?;
         self.configs.insert(name.into(), cfg);
         // The new adapter is added, not activated (as in PEFT): keep the active set.
         self.activate(self.active.clone(), false)

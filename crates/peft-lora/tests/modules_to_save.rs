@@ -252,3 +252,56 @@ fn the_optimizer_steps_the_copy_and_leaves_the_original() {
     assert!(state.contains_key("head.default.modules_to_save.weight.exp_avg"));
     assert!(state.contains_key("head.default.modules_to_save.bias.exp_avg"));
 }
+
+#[test]
+fn weighted_adapters_take_a_fresh_copy_and_refuse_two_trained_ones() {
+    use peft_lora::Combination;
+    let device = Default::default();
+    let mut peft = PeftModel::new(Clf::<B>::new(&device));
+    peft.add_adapter("a", &cfg(&["head"])).unwrap();
+    peft.add_adapter("plain", &LoraConfig::new(2, 4.0, &["fc"]))
+        .unwrap();
+    perturb_copies(&mut peft, "a");
+    // One of them trains the head: the combination gets its own copy of the original (as
+    // PEFT injects the new adapter with the first adapter's modules_to_save).
+    peft.add_weighted_adapter(&["a", "plain"], &[0.5, 0.5], "ab", Combination::Cat)
+        .unwrap();
+    let copy = peft.model.head.saved.get("ab").unwrap().weight.val();
+    assert_eq!(max_abs_diff(copy, peft.model.head.weight.val()), 0.0);
+    // Two of them train it: refused, nothing added.
+    peft.add_adapter("b", &cfg(&["head"])).unwrap();
+    let err = peft
+        .add_weighted_adapter(&["a", "b"], &[0.5, 0.5], "c", Combination::Cat)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`head`") && err.contains("modules_to_save"),
+        "{err}"
+    );
+    assert!(!peft.configs.contains_key("c") && peft.model.fc.adapter("c").is_none());
+}
+
+#[test]
+fn a_converted_pissa_adapter_keeps_the_trained_copy_as_it_is() {
+    let device = Default::default();
+    let mut peft = PeftModel::new(Clf::<B>::new(&device));
+    let mut c = cfg(&["head"]);
+    c.init_lora_weights = peft_lora::InitLoraWeights::Pissa { niter: None };
+    peft.add_adapter("default", &c).unwrap();
+    let initial = fresh_temp_dir("peft-lora-mts", "pissa-initial");
+    peft.save_adapter(&initial, "default").unwrap();
+    perturb_copies(&mut peft, "default");
+    let out = fresh_temp_dir("peft-lora-mts", "pissa-converted");
+    let dir = peft
+        .save_adapter_converted(&out, "default", &initial)
+        .unwrap();
+    let st = SafetensorsFile::open(&dir.join("adapter_model.safetensors")).unwrap();
+    let saved = st.read("base_model.model.head.weight").unwrap();
+    let copy = peft.model.head.saved.get("default").unwrap().weight.val();
+    assert_eq!(
+        saved.data,
+        copy.transpose().into_data().to_vec::<f32>().unwrap()
+    );
+    // The LoRA factors are converted (rank doubled).
+    assert_eq!(st.shapes()["base_model.model.fc.lora_A.weight"], vec![4, 5]);
+}
