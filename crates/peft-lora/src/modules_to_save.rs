@@ -68,7 +68,10 @@ pub(crate) fn resolve<B: Backend, M: LoraModel<B>>(
         .cloned()
         .collect();
     if hits.is_empty() {
-        let known: Vec<&str> = all.iter().map(|(p, _)| p.as_str()).take(8).collect();
+        // Heads and tables first: they are what modules_to_save usually names.
+        let mut known: Vec<String> = model.head_linears().into_iter().map(|(p, _)| p).collect();
+        known.extend(model.token_tables().into_iter().map(|(p, _)| p));
+        known.extend(model.lora_linears().into_iter().map(|(p, _)| p).take(4));
         return Err(Error::config(
             MODULES_TO_SAVE,
             format!(

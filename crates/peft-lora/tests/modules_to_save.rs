@@ -227,6 +227,7 @@ fn modules_to_save_errors_name_the_field() {
         .unwrap_err();
     assert!(matches!(err, Error::Config { .. }), "{err}");
     assert!(err.to_string().contains("modules_to_save"), "{err}");
+    assert!(err.to_string().contains("embed, fc, head"), "{err}");
     assert!(peft.configs.is_empty() && peft.model.head.saved.copies.is_empty());
 }
 
