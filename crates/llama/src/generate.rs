@@ -185,30 +185,57 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
         let mut done = vec![false; b];
         for _ in 0..cfg.max_new_tokens {
-            let mut logits: Vec<f32> = self
-                .lm_head(state.last_hidden.clone())
-                .into_data()
-                .convert::<f32>()
-                .into_vec()
-                .map_err(|e| Error::Data(format!("logits: {e:?}")))?;
+            let logits = self.lm_head(state.last_hidden.clone());
+            // Greedy without stop-id suppression picks on the device: only the ids come back,
+            // not the `[batch, vocab]` logits. Sampling and suppression read the logits.
+            let suppress = !cfg.stop_ids.is_empty()
+                && out
+                    .iter()
+                    .zip(&done)
+                    .any(|(o, d)| !d && o.len() < cfg.min_new_tokens);
+            let picks: Vec<u32> = if cfg.do_sample || suppress {
+                let mut logits: Vec<f32> = logits
+                    .into_data()
+                    .convert::<f32>()
+                    .into_vec()
+                    .map_err(|e| Error::Data(format!("logits: {e:?}")))?;
+                let mut picks = Vec::with_capacity(b);
+                for (r, row) in logits.chunks_exact_mut(vocab).enumerate() {
+                    if done[r] {
+                        picks.push(cfg.pad_id);
+                        continue;
+                    }
+                    if out[r].len() < cfg.min_new_tokens {
+                        for &id in &cfg.stop_ids {
+                            if let Some(l) = row.get_mut(id as usize) {
+                                *l = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                    picks.push(if cfg.do_sample {
+                        sample(row, cfg, &mut rng)
+                    } else {
+                        argmax(row) as u32
+                    });
+                }
+                picks
+            } else {
+                logits
+                    .argmax(1)
+                    .into_data()
+                    .convert::<i64>()
+                    .into_vec::<i64>()
+                    .map_err(|e| Error::Data(format!("token ids: {e:?}")))?
+                    .into_iter()
+                    .map(|t| t as u32)
+                    .collect()
+            };
             let mut step = Vec::with_capacity(b);
-            for (r, row) in logits.chunks_exact_mut(vocab).enumerate() {
+            for (r, &tok) in picks.iter().enumerate() {
                 if done[r] {
                     step.push(cfg.pad_id);
                     continue;
                 }
-                if out[r].len() < cfg.min_new_tokens {
-                    for &id in &cfg.stop_ids {
-                        if let Some(l) = row.get_mut(id as usize) {
-                            *l = f32::NEG_INFINITY;
-                        }
-                    }
-                }
-                let tok = if cfg.do_sample {
-                    sample(row, cfg, &mut rng)
-                } else {
-                    argmax(row) as u32
-                };
                 out[r].push(tok);
                 on_token(r, tok);
                 done[r] = cfg.stop_ids.contains(&tok);
