@@ -14,8 +14,44 @@ use crate::tokens::TrainableTokens;
 /// A model whose linear layers are [`LoraLinear`]s, listed by their Hugging Face module path
 /// (`model.layers.0.self_attn.q_proj`). This is all a model implements to get the LoRA family.
 ///
-/// The output head must not be listed (PEFT's `"all-linear"` never adapts it): list it in
-/// [`LoraModel::head_linears`] so that `modules_to_save` can train it.
+/// Derive it: `#[derive(Module, Debug, LoraModel)]` on the model and on every struct on the
+/// way to its layers finds each [`LoraLinear`] and [`TrainableTokens`] field by the path Burn
+/// records for it (field names joined by `.`, a `Vec` element's index, nothing for an
+/// `Option`; other fields are skipped), so no path is typed by hand. Field attributes:
+/// `#[lora(head)]` (the field's linears are heads, see [`LoraModel::head_linears`]),
+/// `#[lora(skip)]`; Burn's `#[module(skip)]` fields are skipped too. The struct attribute
+/// `#[lora_model(hooks)]` takes [`LoraModel::replicate_layers`], [`LoraModel::vocab_size`] and
+/// [`LoraModel::supports_alora`] from the model's [`crate::LoraModelHooks`] impl.
+///
+/// ```
+/// use burn::module::Module;
+/// use burn::tensor::backend::Backend;
+/// use peft_lora::{LoraLinear, LoraModel};
+///
+/// #[derive(Module, Debug, LoraModel)]
+/// struct Encoder<B: Backend> {
+///     fc1: LoraLinear<B>,
+///     fc2: LoraLinear<B>,
+/// }
+///
+/// #[derive(Module, Debug, LoraModel)]
+/// struct Classifier<B: Backend> {
+///     encoder: Encoder<B>,
+///     #[lora(head)]
+///     head: LoraLinear<B>,
+/// }
+///
+/// let device = Default::default();
+/// let lin = |i, o| LoraLinear::<burn::backend::NdArray>::random(i, o, true, &device);
+/// let m = Classifier { encoder: Encoder { fc1: lin(4, 8), fc2: lin(8, 8) }, head: lin(8, 2) };
+/// let paths: Vec<String> = m.lora_linears().into_iter().map(|(p, _)| p).collect();
+/// assert_eq!(paths, ["encoder.fc1", "encoder.fc2"]);
+/// assert_eq!(m.head_linears()[0].0, "head");
+/// ```
+///
+/// Implemented by hand, the output head must not be listed in [`LoraModel::lora_linears`]
+/// (PEFT's `"all-linear"` never adapts it): list it in [`LoraModel::head_linears`] so that
+/// `modules_to_save` can train it.
 pub trait LoraModel<B: Backend> {
     /// Every adaptable linear with its dotted module path, in a stable order.
     fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)>;
