@@ -76,7 +76,10 @@ fn path(p: &Path) -> &str {
 /// The first `n` rows of the bundled sample as a JSONL file.
 fn sample_jsonl(dir: &Path, n: usize) -> PathBuf {
     // The copy compiled into chat-collate: independent of where that crate was built.
-    let lines: Vec<&str> = chat_collate::news2stock::SAMPLE_JSONL.lines().take(n).collect();
+    let lines: Vec<&str> = chat_collate::news2stock::SAMPLE_JSONL
+        .lines()
+        .take(n)
+        .collect();
     let file = dir.join("news.jsonl");
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
     file
