@@ -323,6 +323,10 @@ fn config_file_fills_settings_and_flags_win() {
         resolve(&["train", "--config", path(&file)]).unwrap_err()
     );
     assert!(e.contains("lr_scheduler_type"), "{e}");
+    let e = resolve(&["eval", "--demo", "--eval-batch-size", "0"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--eval-batch-size 0"), "{e}");
 }
 
 #[test]
