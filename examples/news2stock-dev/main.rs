@@ -1,5 +1,5 @@
 //! `news2stock-dev`: the developer tools of the news2stock example, kept out of the user CLI:
-//! training throughput, model timings, adapter-init timings and adapter-kernel throughput on the
+//! training throughput, model timings, batched generation, adapter-init timings and adapter-kernel throughput on the
 //! Llama-3.1-8B shape (random weights), each printing the lines `scripts/gpu_fused_run.sh` and
 //! the anchors in `scripts/` compare. LoRA and training flags go before or after the tool's
 //! name: `news2stock-dev --lora-r 8 bench-train --steps 6` and
@@ -12,6 +12,7 @@ mod cli;
 #[allow(dead_code)]
 mod settings;
 
+mod bench_generate;
 mod bench_init;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod bench_linear;
@@ -77,6 +78,22 @@ enum Tool {
         #[arg(long)]
         skip_8b: bool,
     },
+    /// Batched greedy generation on the Llama-3.1-8B shape (random weights): prompt ~600
+    /// tokens, 256 new tokens per row, one JSON line per batch size.
+    BenchGenerate {
+        /// Batch sizes (rows), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+        batch: Vec<usize>,
+        /// Prompt tokens per row.
+        #[arg(long, default_value_t = 600)]
+        prompt_len: usize,
+        /// New tokens per row (no stop ids: every row generates all of them).
+        #[arg(long, default_value_t = 256)]
+        new_tokens: usize,
+        /// Use a tiny model instead of the 8B shape (to check the command on CPU).
+        #[arg(long)]
+        tiny: bool,
+    },
     /// Time a weight-decomposing init (pissa, pissa_niter_N, olora) on the 8B shape's q_proj and
     /// v_proj of every layer (random weights; the decomposition runs on the CPU).
     BenchInit {
@@ -119,6 +136,7 @@ fn run() -> Result<()> {
         Tool::BenchTrain { tiny: true, .. }
             | Tool::BenchModel { skip_8b: true, .. }
             | Tool::BenchInit { .. }
+            | Tool::BenchGenerate { tiny: true, .. }
     ) && !cfg!(feature = "cuda");
     let s = Settings {
         lora: cli.lora,
@@ -149,6 +167,12 @@ fn dispatch<B: Backend>(s: &Settings, tool: &Tool, device: &B::Device) -> Result
         Tool::BenchInit { method, layers } => {
             bench_init::bench_init::<B>(s, method, *layers, device)
         }
+        Tool::BenchGenerate {
+            batch,
+            prompt_len,
+            new_tokens,
+            tiny,
+        } => bench_generate::bench_generate::<B>(batch, *prompt_len, *new_tokens, *tiny, device),
         Tool::BenchLinear { .. } => {
             anyhow::bail!("bench-linear runs on the GPU build (--features cuda)")
         }
