@@ -230,27 +230,25 @@ pub fn model_card(inputs: &CardInputs<'_>) -> String {
     out
 }
 
+/// Tests' reader of a card's YAML front matter (the subset `model_card` writes), shared by this
+/// module's tests and the push tests, which include this file.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn obj(v: Value) -> Map<String, Value> {
-        match v {
-            Value::Object(m) => m,
-            _ => panic!("object"),
-        }
-    }
-
-    /// The front matter as `key -> values` (scalars as one value, lists item by item), each a
-    /// YAML scalar parsed back (double-quoted ones through JSON).
-    fn front_matter(card: &str) -> Vec<(String, Vec<String>)> {
-        let body = card.strip_prefix("---\n").expect("starts with ---");
-        let (yaml, _) = body.split_once("\n---\n").expect("ends with ---");
+pub mod front_matter {
+    /// The front matter of a card as `(key, values)`: `key: scalar` or `key:` followed by `- item`
+    /// lines; double-quoted scalars parsed back through JSON (their syntax is JSON's).
+    pub fn parse(card: &str) -> Vec<(String, Vec<String>)> {
+        let body = card
+            .strip_prefix("---\n")
+            .expect("front matter opens the card");
+        let (yaml, _) = body.split_once("\n---\n").expect("front matter is closed");
         let scalar = |s: &str| -> String {
             if s.starts_with('"') {
-                serde_json::from_str(s).expect("double-quoted scalar")
+                serde_json::from_str(s).expect("a double-quoted YAML scalar")
             } else {
+                assert!(
+                    !s.contains(": ") && !s.starts_with(['[', '{', '\'']),
+                    "plain scalar {s:?}"
+                );
                 s.to_string()
             }
         };
@@ -263,9 +261,13 @@ mod tests {
                     .push(scalar(item));
             } else {
                 let (k, v) = line.split_once(':').expect("key: value");
+                assert!(
+                    k.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                    "key {k:?}"
+                );
                 let v = v.trim();
                 out.push((
-                    k.to_string(),
+                    k.into(),
                     if v.is_empty() {
                         vec![]
                     } else {
@@ -277,8 +279,22 @@ mod tests {
         out
     }
 
-    fn get<'a>(fm: &'a [(String, Vec<String>)], key: &str) -> Option<&'a [String]> {
+    /// The values of `key`, if the front matter has it.
+    pub fn get<'a>(fm: &'a [(String, Vec<String>)], key: &str) -> Option<&'a [String]> {
         fm.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_slice())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => panic!("object"),
+        }
     }
 
     #[test]
@@ -299,14 +315,17 @@ mod tests {
             metrics_jsonl: Some(metrics),
             eval_results: Some(&eval),
         });
-        let fm = front_matter(&card);
+        let fm = front_matter::parse(&card);
         assert_eq!(
-            get(&fm, "base_model").unwrap(),
+            front_matter::get(&fm, "base_model").unwrap(),
             ["NCSOFT/Llama-VARCO-8B-Instruct"]
         );
-        assert_eq!(get(&fm, "library_name").unwrap(), ["peft"]);
-        assert_eq!(get(&fm, "pipeline_tag").unwrap(), ["text-generation"]);
-        let tags = get(&fm, "tags").unwrap();
+        assert_eq!(front_matter::get(&fm, "library_name").unwrap(), ["peft"]);
+        assert_eq!(
+            front_matter::get(&fm, "pipeline_tag").unwrap(),
+            ["text-generation"]
+        );
+        let tags = front_matter::get(&fm, "tags").unwrap();
         for t in [
             "base_model:adapter:NCSOFT/Llama-VARCO-8B-Instruct",
             "peft",
@@ -316,7 +335,7 @@ mod tests {
             assert!(tags.iter().any(|x| x == t), "{t} in {tags:?}");
         }
         assert_eq!(
-            get(&fm, "datasets").unwrap(),
+            front_matter::get(&fm, "datasets").unwrap(),
             ["capybaraOh/naver-economy-news2stock"]
         );
         assert!(card.contains("| `r` | 8 |"), "{card}");
@@ -347,9 +366,12 @@ mod tests {
             metrics_jsonl: None,
             eval_results: None,
         });
-        let fm = front_matter(&card);
-        assert!(get(&fm, "base_model").is_none() && get(&fm, "datasets").is_none());
-        assert_eq!(get(&fm, "library_name").unwrap(), ["peft"]);
+        let fm = front_matter::parse(&card);
+        assert!(
+            front_matter::get(&fm, "base_model").is_none()
+                && front_matter::get(&fm, "datasets").is_none()
+        );
+        assert_eq!(front_matter::get(&fm, "library_name").unwrap(), ["peft"]);
         assert!(card.contains("tiny random Llama") && !card.contains("## Results"));
     }
 

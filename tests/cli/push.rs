@@ -11,6 +11,7 @@ use hub_push::HubClient;
 
 use super::{path, run, temp, tiny_hf_model, Cpu};
 use crate::cli::DEFAULT_DATASET;
+use crate::model_card::front_matter;
 use crate::push::{self, PushRequest};
 
 const TOKEN: &str = "hf_news2stock_test_token";
@@ -25,57 +26,6 @@ fn env_hub() -> &'static FakeHub {
         std::env::set_var("HF_TOKEN", TOKEN);
         hub
     })
-}
-
-/// The front matter of a card as `(key, values)`: `key: scalar` or `key:` followed by `- item`
-/// lines; double-quoted scalars parsed back through JSON (their syntax is JSON's).
-fn front_matter(card: &str) -> Vec<(String, Vec<String>)> {
-    let body = card
-        .strip_prefix("---\n")
-        .expect("front matter opens the card");
-    let (yaml, _) = body.split_once("\n---\n").expect("front matter is closed");
-    let scalar = |s: &str| -> String {
-        if s.starts_with('"') {
-            serde_json::from_str(s).expect("a double-quoted YAML scalar")
-        } else {
-            assert!(
-                !s.contains(": ") && !s.starts_with(['[', '{', '\'']),
-                "plain scalar {s:?}"
-            );
-            s.to_string()
-        }
-    };
-    let mut out: Vec<(String, Vec<String>)> = Vec::new();
-    for line in yaml.lines() {
-        if let Some(item) = line.strip_prefix("- ") {
-            out.last_mut()
-                .expect("a list under a key")
-                .1
-                .push(scalar(item));
-        } else {
-            let (k, v) = line.split_once(':').expect("key: value");
-            assert!(
-                k.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
-                "key {k:?}"
-            );
-            let v = v.trim();
-            out.push((
-                k.into(),
-                if v.is_empty() {
-                    vec![]
-                } else {
-                    vec![scalar(v)]
-                },
-            ));
-        }
-    }
-    out
-}
-
-fn key<'a>(fm: &'a [(String, Vec<String>)], k: &str) -> Option<&'a [String]> {
-    fm.iter()
-        .find(|(key, _)| key == k)
-        .map(|(_, v)| v.as_slice())
 }
 
 /// Every file the push should carry arrived with the bytes on disk; returns the card.
@@ -214,15 +164,18 @@ fn demo_train_infer_eval_and_push_through_the_command_line() {
         );
     }
 
-    let fm = front_matter(&card);
-    assert_eq!(key(&fm, "library_name").unwrap(), ["peft"]);
-    assert_eq!(key(&fm, "pipeline_tag").unwrap(), ["text-generation"]);
-    let tags = key(&fm, "tags").unwrap();
+    let fm = front_matter::parse(&card);
+    assert_eq!(front_matter::get(&fm, "library_name").unwrap(), ["peft"]);
+    assert_eq!(
+        front_matter::get(&fm, "pipeline_tag").unwrap(),
+        ["text-generation"]
+    );
+    let tags = front_matter::get(&fm, "tags").unwrap();
     for t in ["peft", "lora", "sft"] {
         assert!(tags.iter().any(|x| x == t), "{t} in {tags:?}");
     }
     assert!(
-        key(&fm, "base_model").is_none(),
+        front_matter::get(&fm, "base_model").is_none(),
         "the demo's model is not on the Hub"
     );
     assert!(card.contains("| `r` | 16 |"), "{card}");
@@ -286,10 +239,16 @@ fn push_names_a_hub_base_model_and_dataset_in_the_card() {
         &adapter,
         &["adapter_config.json", "adapter_model.safetensors"],
     );
-    let fm = front_matter(&card);
-    assert_eq!(key(&fm, "base_model").unwrap(), ["meta-llama/Llama-3.2-1B"]);
-    assert_eq!(key(&fm, "datasets").unwrap(), [DEFAULT_DATASET]);
-    assert!(key(&fm, "tags")
+    let fm = front_matter::parse(&card);
+    assert_eq!(
+        front_matter::get(&fm, "base_model").unwrap(),
+        ["meta-llama/Llama-3.2-1B"]
+    );
+    assert_eq!(
+        front_matter::get(&fm, "datasets").unwrap(),
+        [DEFAULT_DATASET]
+    );
+    assert!(front_matter::get(&fm, "tags")
         .unwrap()
         .iter()
         .any(|t| t == "base_model:adapter:meta-llama/Llama-3.2-1B"));
