@@ -14,29 +14,126 @@ use crate::weights::VarBuilder;
 /// padding position) gets a uniform distribution instead of NaN.
 pub const MASKED: f32 = -1e9;
 
-/// Cached keys (after RoPE) and values of one layer, `[batch, kv_heads, past, head_dim]`.
+/// Cached keys (after RoPE) and values of one layer, in buffers of `capacity` positions
+/// written in place.
+///
+/// A generation that reserves its length up front ([`crate::GenState::reserve`]; `generate`
+/// does) allocates the buffers once: no decode step changes a tensor's shape or copies the
+/// cache, and attention reads the whole buffer with the unfilled positions masked (they hold
+/// zeros, never garbage, so a masked score times a value stays 0).
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    /// Keys.
+    /// Keys `[batch, kv_heads, capacity, head_dim]`; positions from `len` on are zeros.
     pub k: Tensor<B, 4>,
-    /// Values.
+    /// Values, laid out as `k`.
     pub v: Tensor<B, 4>,
+    /// Positions filled.
+    pub len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache with room for `capacity` positions.
+    pub fn zeros(
+        [batch, kv_heads, capacity, head_dim]: [usize; 4],
+        dtype: DType,
+        device: &B::Device,
+    ) -> Self {
+        let z = || Tensor::zeros([batch, kv_heads, capacity, head_dim], (device, dtype));
+        KvCache {
+            k: z(),
+            v: z(),
+            len: 0,
+        }
+    }
+
+    /// Positions the buffers hold.
+    pub fn capacity(&self) -> usize {
+        self.k.dims()[2]
+    }
+
+    /// The filled keys `[batch, kv_heads, len, head_dim]`.
+    pub fn keys(&self) -> Tensor<B, 4> {
+        filled(&self.k, self.len)
+    }
+
+    /// The filled values `[batch, kv_heads, len, head_dim]`.
+    pub fn values(&self) -> Tensor<B, 4> {
+        filled(&self.v, self.len)
+    }
+
+    /// Room for at least `extra` more positions, exactly `len + extra` when it grows (one copy
+    /// of the cache).
+    pub fn reserve_exact(&mut self, extra: usize) {
+        let need = self.len + extra;
+        let cap = self.capacity();
+        if need > cap {
+            let grow = |t: &Tensor<B, 4>| {
+                let [b, h, _, d] = t.dims();
+                let z = Tensor::zeros([b, h, need - cap, d], (&t.device(), t.dtype()));
+                Tensor::cat(vec![t.clone(), z], 2)
+            };
+            self.k = grow(&self.k);
+            self.v = grow(&self.v);
+        }
+    }
+
+    /// Room for at least `extra` more positions, growing by half the capacity at least, so a
+    /// cache fed token by token without a reservation is copied O(log n) times.
+    pub fn reserve(&mut self, extra: usize) {
+        let need = self.len + extra;
+        let cap = self.capacity();
+        if need > cap {
+            self.reserve_exact(need.max(cap + cap / 2) - self.len);
+        }
+    }
+
+    /// Writes `k`, `v` (`[batch, kv_heads, n, head_dim]`) at positions `len..len + n`, in place
+    /// when the buffers are not shared. Needs the room ([`Self::reserve`]).
+    fn append(self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Self {
+        let [b, h, n, d] = k.dims();
+        let at = [0..b, 0..h, self.len..self.len + n, 0..d];
+        assert!(
+            self.len + n <= self.capacity(),
+            "KV cache of capacity {} cannot take {n} more positions after {}; reserve first",
+            self.capacity(),
+            self.len
+        );
+        KvCache {
+            k: self.k.slice_assign(at.clone(), k),
+            v: self.v.slice_assign(at, v),
+            len: self.len + n,
+        }
+    }
+}
+
+/// Positions `0..len` of a cache buffer.
+fn filled<B: Backend>(t: &Tensor<B, 4>, len: usize) -> Tensor<B, 4> {
+    let [b, h, _, d] = t.dims();
+    t.clone().slice([0..b, 0..h, 0..len, 0..d])
 }
 
 /// The additive attention mask, f32: 0 where query `i` may see key `j`, [`MASKED`] elsewhere.
 ///
 /// Query `i` sits at absolute step `past + i`; it sees keys `j <= past + i` whose
-/// `attention_mask` (`[batch, past + seq]`, 1 = token, 0 = padding) is 1.
+/// `attention_mask` (1 = token, 0 = padding) is 1. The mask spans `keys` positions (`past +
+/// seq`, or a cache's whole capacity, whose positions after `past + seq` the causal part masks);
+/// `attention_mask` covers `past + seq` of them or all `keys`.
 ///
 /// # Shapes
-/// Returns `[batch, 1, seq, past + seq]` (`[1, 1, seq, past + seq]` without `attention_mask`).
+/// Returns `[batch, 1, seq, keys]` (`[1, 1, seq, keys]` without `attention_mask`).
 pub fn additive_mask<B: Backend>(
     attention_mask: Option<&Tensor<B, 2, Int>>,
     seq: usize,
     past: usize,
+    keys: usize,
     device: &B::Device,
 ) -> Tensor<B, 4> {
-    let t = past + seq;
+    let t = keys;
+    assert!(
+        t >= past + seq,
+        "a mask over {t} keys cannot cover past + seq = {}",
+        past + seq
+    );
     let causal = Tensor::<B, 2, Bool>::tril_mask([seq, t], past as i64, device);
     let mask = Tensor::<B, 2>::zeros([seq, t], (device, DType::F32))
         .mask_fill(causal, MASKED)
@@ -45,11 +142,17 @@ pub fn additive_mask<B: Backend>(
         None => mask,
         Some(am) => {
             let [b, mt] = am.dims();
-            assert_eq!(
-                mt, t,
-                "attention_mask covers {mt} positions; past + seq = {t}"
+            assert!(
+                mt == t || mt == past + seq,
+                "attention_mask covers {mt} positions; past + seq = {}, keys = {t}",
+                past + seq
             );
-            let pad = am.clone().equal_elem(0);
+            let mut am = am.clone();
+            if mt < t {
+                // Positions after past + seq are masked by causality; any value does.
+                am = Tensor::cat(vec![am, Tensor::ones([b, t - mt], device)], 1);
+            }
+            let pad = am.equal_elem(0);
             let pad = Tensor::<B, 2>::zeros([b, t], (device, DType::F32))
                 .mask_fill(pad, MASKED)
                 .reshape([b, 1, 1, t]);
@@ -150,13 +253,17 @@ impl<B: Backend> Attention<B> {
         }
     }
 
-    /// Attention over the new tokens `x` and the cached `past`, if any. Returns the output and
-    /// the keys/values of past and new tokens (the next step's cache; tensor handles, no copy
-    /// when unused).
+    /// Attention over the new tokens `x` and the keys/values of `cache`, which it returns with
+    /// the new ones written in (in place when the buffers are not shared).
+    ///
+    /// An empty cache (`len == 0`, or none) attends over the new tokens only; otherwise the
+    /// whole buffer is read, its unfilled positions masked by causality, so every decode step
+    /// of a reserved cache has the same shapes.
     ///
     /// # Shapes
     /// - x: `[batch, seq, hidden]`; cos, sin: `[batch, 1, seq, head_dim]`
-    /// - mask: additive f32 `[batch or 1, 1, seq, past + seq]` ([`additive_mask`])
+    /// - mask: additive f32 `[batch or 1, 1, seq, keys]` ([`additive_mask`]) where `keys` is
+    ///   `seq` for an empty cache and the cache's capacity otherwise
     /// - returns `[batch, seq, hidden]`
     pub fn forward(
         &self,
@@ -164,9 +271,9 @@ impl<B: Backend> Attention<B> {
         cos: &Tensor<B, 4>,
         sin: &Tensor<B, 4>,
         mask: &Tensor<B, 4>,
-        past: Option<&KvCache<B>>,
+        cache: Option<KvCache<B>>,
         ctx: &LoraCtx,
-    ) -> (Tensor<B, 3>, KvCache<B>) {
+    ) -> (Tensor<B, 3>, Option<KvCache<B>>) {
         let [b, s, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // [b, s, n * hd] -> [b, n, s, hd]
@@ -179,15 +286,15 @@ impl<B: Backend> Attention<B> {
             rope::apply(heads(t, n), cos, sin)
         };
         let q = rotary(self.q_proj.forward_ctx(x.clone(), ctx), nh);
-        let mut k = rotary(self.k_proj.forward_ctx(x.clone(), ctx), nkv);
-        let mut v = heads(self.v_proj.forward_ctx(x, ctx), nkv);
-        if let Some(c) = past {
-            k = Tensor::cat(vec![c.k.clone(), k], 2);
-            v = Tensor::cat(vec![c.v.clone(), v], 2);
-        }
-        let next = KvCache {
-            k: k.clone(),
-            v: v.clone(),
+        let k = rotary(self.k_proj.forward_ctx(x.clone(), ctx), nkv);
+        let v = heads(self.v_proj.forward_ctx(x, ctx), nkv);
+        let (k, v, next) = match cache {
+            None => (k, v, None),
+            Some(c) if c.len == 0 => (k.clone(), v.clone(), Some(c.append(k, v))),
+            Some(c) => {
+                let c = c.append(k, v);
+                (c.k.clone(), c.v.clone(), Some(c))
+            }
         };
         let t = k.dims()[2];
         // GQA without copying K/V: the `rep` query heads of KV head g are heads g*rep..(g+1)*rep

@@ -68,7 +68,8 @@ impl<B: AutodiffBackend> LlamaForCausalLM<B> {
         scale: f64,
         mut on_grads: impl FnMut(&B::Gradients),
     ) -> CheckpointedLoss<B::InnerBackend> {
-        let p = self.prologue(input_ids, attention_mask, None, 0, ctx);
+        let s = input_ids.dims()[1];
+        let p = self.prologue(input_ids, attention_mask, None, 0, s, ctx);
         let embedded = p.x.clone();
         let (cos, sin, mask) = (p.cos.inner(), p.sin.inner(), p.mask.inner());
         let ctx = p.ctx;

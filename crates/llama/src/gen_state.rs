@@ -21,9 +21,10 @@ use crate::model::{position_ids_from_mask, LlamaForCausalLM};
 /// The state of a batch of generations: what the KV cache holds and how to continue it.
 #[derive(Debug, Clone)]
 pub struct GenState<B: Backend> {
-    /// One cache per layer, `[batch, kv_heads, cached, head_dim]` (left padding included).
+    /// One cache per layer, `[batch, kv_heads, capacity, head_dim]` with `cached` positions
+    /// filled (left padding included).
     pub cache: Vec<KvCache<B>>,
-    /// 1 for a real token, 0 for left padding, `[batch, cached]`.
+    /// 1 for a real token, 0 for left padding and for room not filled yet, `[batch, capacity]`.
     pub mask: Tensor<B, 2, Int>,
     /// The tokens of each row in the cache, without padding.
     pub tokens: Vec<Vec<u32>>,
@@ -32,7 +33,8 @@ pub struct GenState<B: Backend> {
     pub alora_start: Vec<Option<usize>>,
     /// Hidden state of the last cached position of each row `[batch, hidden]`.
     pub(crate) last_hidden: Tensor<B, 2>,
-    /// Tokens chosen by [`LlamaForCausalLM::decode`] but not fed yet (when every row stopped).
+    /// Tokens chosen by the last step of [`LlamaForCausalLM::decode`] (every row stopped, or
+    /// `max_new_tokens` reached), not fed yet.
     pub(crate) pending: Option<Vec<u32>>,
 }
 
@@ -46,6 +48,47 @@ impl<B: Backend> GenState<B> {
     /// next [`LlamaForCausalLM::extend`] or [`LlamaForCausalLM::decode`]).
     pub fn pending(&self) -> Option<&[u32]> {
         self.pending.as_deref()
+    }
+
+    /// Positions in the cache (left padding included).
+    pub fn cached(&self) -> usize {
+        self.cache.first().map_or(0, |c| c.len)
+    }
+
+    /// Positions the cache can hold without growing.
+    pub fn capacity(&self) -> usize {
+        self.mask.dims()[1]
+    }
+
+    /// Makes room for `extra` more positions in one allocation, so that feeding them changes no
+    /// tensor's shape and copies nothing ([`LlamaForCausalLM::decode`] reserves its
+    /// `max_new_tokens`; reserve more before a series of [`LlamaForCausalLM::extend`] calls).
+    pub fn reserve(&mut self, extra: usize) {
+        self.grow_to(self.cached() + extra);
+    }
+
+    /// Room for `extra` more positions, growing by half the capacity at least (a state extended
+    /// chunk by chunk without a reservation is copied O(log n) times).
+    fn make_room(&mut self, extra: usize) {
+        let need = self.cached() + extra;
+        if need > self.capacity() {
+            self.grow_to(need.max(self.capacity() + self.capacity() / 2));
+        }
+    }
+
+    /// Capacity `cap` exactly, when larger than today's.
+    fn grow_to(&mut self, cap: usize) {
+        let old = self.capacity();
+        if cap <= old {
+            return;
+        }
+        let cached = self.cached();
+        self.cache
+            .iter_mut()
+            .for_each(|c| c.reserve_exact(cap - cached));
+        let [b, _] = self.mask.dims();
+        let room = Tensor::zeros([b, cap - old], &self.mask.device());
+        self.mask = Tensor::cat(vec![self.mask.clone(), room], 1);
     }
 }
 
@@ -75,6 +118,17 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// aLoRA offsets come from the prompts as PEFT's `generate` computes them, unless
     /// `ctx.alora_offsets` gives them.
     pub fn prefill(&self, prompts: &[Vec<u32>], pad_id: u32, ctx: &LoraCtx) -> Result<GenState<B>> {
+        self.prefill_reserving(prompts, pad_id, 0, ctx)
+    }
+
+    /// [`Self::prefill`] with room for `reserve` more positions in the cache.
+    pub(crate) fn prefill_reserving(
+        &self,
+        prompts: &[Vec<u32>],
+        pad_id: u32,
+        reserve: usize,
+        ctx: &LoraCtx,
+    ) -> Result<GenState<B>> {
         if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
             return Err(Error::Generation(
                 "every prompt needs at least one token".into(),
@@ -118,13 +172,18 @@ impl<B: Backend> LlamaForCausalLM<B> {
             ..ctx.clone()
         };
         let mut cache = Vec::new();
-        let hidden = self.hidden_states(
+        let hidden = self.hidden_states_reserving(
             Tensor::from_data(TensorData::new(ids, [b, len]), &device),
             Some(mask.clone()),
             Some(position_ids_from_mask(mask.clone())),
             Some(&mut cache),
+            reserve,
             &call,
         );
+        let mask = match reserve {
+            0 => mask,
+            n => Tensor::cat(vec![mask, Tensor::zeros([b, n], &device)], 1),
+        };
         Ok(GenState {
             cache,
             mask,
@@ -240,7 +299,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
             .collect();
         let int2 =
             |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, k]), &device);
-        state.mask = Tensor::cat(vec![state.mask.clone(), Tensor::ones([b, k], &device)], 1);
+        state.make_room(k);
+        let at = state.cached();
+        let ones = Tensor::ones([b, k], &device);
+        state.mask = state.mask.clone().slice_assign([0..b, at..at + k], ones);
         let hidden = self.hidden_states(
             int2(ids),
             Some(state.mask.clone()),

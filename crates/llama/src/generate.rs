@@ -1,10 +1,15 @@
 //! Generation with a KV cache: greedy or sampling (temperature, top-k, top-p, seed), several
 //! stop ids, `min_new_tokens`, batched prompts (left-padded here, positions from the mask as
 //! transformers' `generate` derives them), and a per-token callback for streaming.
+//!
+//! The cache is allocated once for the prompt and `max_new_tokens`, the token is chosen on the
+//! device (the `choose` module) and only the ids come back to the host, one small read per step.
 
 use burn::tensor::backend::Backend;
 use peft_lora::LoraCtx;
 use rand::{Rng, SeedableRng};
+
+use crate::choose::choose;
 
 use crate::error::{Error, Result};
 use crate::gen_state::{check_offsets, GenState};
@@ -77,58 +82,6 @@ impl GenerationConfig {
     }
 }
 
-/// Index of the largest value (the first one on ties, as `torch.argmax`).
-fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-/// transformers' sampling order: temperature, then top-k, then top-p, then a draw.
-fn sample(logits: &[f32], cfg: &GenerationConfig, rng: &mut rand::rngs::StdRng) -> u32 {
-    let t = cfg.temperature as f32;
-    let desc = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    if cfg.top_k > 0 && cfg.top_k < idx.len() {
-        idx.select_nth_unstable_by(cfg.top_k - 1, desc);
-        idx.truncate(cfg.top_k);
-    }
-    idx.sort_unstable_by(desc);
-    let max = logits[idx[0]] / t;
-    let mut probs: Vec<f32> = idx.iter().map(|&i| (logits[i] / t - max).exp()).collect();
-    let sum: f32 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= sum);
-    if cfg.top_p < 1.0 {
-        // Keep a token while the mass of the tokens above it is below top_p.
-        let mut above = 0.0f64;
-        let keep = probs
-            .iter()
-            .take_while(|p| {
-                let k = above < cfg.top_p;
-                above += **p as f64;
-                k
-            })
-            .count()
-            .max(1);
-        probs.truncate(keep);
-        idx.truncate(keep);
-        let s: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= s);
-    }
-    let mut u: f32 = rng.random();
-    for (k, p) in probs.iter().enumerate() {
-        if u < *p {
-            return idx[k] as u32;
-        }
-        u -= p;
-    }
-    idx[probs.len() - 1] as u32
-}
-
 impl<B: Backend> LlamaForCausalLM<B> {
     /// Generates continuations of `prompts` (token ids, unpadded; they are left-padded here).
     ///
@@ -144,7 +97,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         on_token: &mut dyn FnMut(usize, u32),
     ) -> Result<Vec<Vec<u32>>> {
         cfg.validate()?;
-        let mut state = self.prefill(prompts, cfg.pad_id, ctx)?;
+        let mut state = self.prefill_reserving(prompts, cfg.pad_id, cfg.max_new_tokens, ctx)?;
         self.decode(&mut state, cfg, ctx, on_token)
     }
 
@@ -177,6 +130,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             }),
             ..ctx.clone()
         };
+        state.reserve(cfg.max_new_tokens + usize::from(state.pending.is_some()));
         if let Some(p) = state.pending.take() {
             let chunk: Vec<Vec<u32>> = p.into_iter().map(|t| vec![t]).collect();
             self.feed(state, &chunk, &step_ctx);
@@ -184,96 +138,43 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
         let mut done = vec![false; b];
-        for _ in 0..cfg.max_new_tokens {
+        for step in 0..cfg.max_new_tokens {
             let logits = self.lm_head(state.last_hidden.clone());
-            // Greedy without stop-id suppression picks on the device: only the ids come back,
-            // not the `[batch, vocab]` logits. Sampling and suppression read the logits.
-            let suppress = !cfg.stop_ids.is_empty()
-                && out
-                    .iter()
-                    .zip(&done)
-                    .any(|(o, d)| !d && o.len() < cfg.min_new_tokens);
-            let picks: Vec<u32> = if cfg.do_sample || suppress {
-                let mut logits: Vec<f32> = logits
-                    .into_data()
-                    .convert::<f32>()
-                    .into_vec()
-                    .map_err(|e| Error::Data(format!("logits: {e:?}")))?;
-                let mut picks = Vec::with_capacity(b);
-                for (r, row) in logits.chunks_exact_mut(vocab).enumerate() {
-                    if done[r] {
-                        picks.push(cfg.pad_id);
-                        continue;
-                    }
-                    if out[r].len() < cfg.min_new_tokens {
-                        for &id in &cfg.stop_ids {
-                            if let Some(l) = row.get_mut(id as usize) {
-                                *l = f32::NEG_INFINITY;
-                            }
-                        }
-                    }
-                    picks.push(if cfg.do_sample {
-                        sample(row, cfg, &mut rng)
-                    } else {
-                        argmax(row) as u32
-                    });
-                }
-                picks
-            } else {
-                logits
-                    .argmax(1)
-                    .into_data()
-                    .convert::<i64>()
-                    .into_vec::<i64>()
-                    .map_err(|e| Error::Data(format!("token ids: {e:?}")))?
-                    .into_iter()
-                    .map(|t| t as u32)
-                    .collect()
+            let suppress: Vec<bool> = out
+                .iter()
+                .zip(&done)
+                .map(|(o, d)| !d && o.len() < cfg.min_new_tokens)
+                .collect();
+            let uniform: Vec<f32> = match cfg.do_sample {
+                true => (0..b).map(|_| rng.random()).collect(),
+                false => vec![],
             };
-            let mut step = Vec::with_capacity(b);
+            let picks = choose(logits, cfg, &suppress, &uniform)
+                .into_data()
+                .convert::<i64>()
+                .into_vec::<i64>()
+                .map_err(|e| Error::Data(format!("token ids: {e:?}")))?;
+            let mut chosen = Vec::with_capacity(b);
             for (r, &tok) in picks.iter().enumerate() {
                 if done[r] {
-                    step.push(cfg.pad_id);
+                    chosen.push(cfg.pad_id);
                     continue;
                 }
+                let tok = tok as u32;
                 out[r].push(tok);
                 on_token(r, tok);
                 done[r] = cfg.stop_ids.contains(&tok);
-                step.push(tok);
+                chosen.push(tok);
             }
-            if done.iter().all(|d| *d) {
-                state.pending = Some(step);
+            // The last tokens wait in the state (a later extend or decode feeds them) rather
+            // than cost a forward nobody reads.
+            if done.iter().all(|d| *d) || step + 1 == cfg.max_new_tokens {
+                state.pending = Some(chosen);
                 break;
             }
-            let chunk: Vec<Vec<u32>> = step.into_iter().map(|t| vec![t]).collect();
+            let chunk: Vec<Vec<u32>> = chosen.into_iter().map(|t| vec![t]).collect();
             self.feed(state, &chunk, &step_ctx);
         }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn top_k_and_top_p_restrict_the_draw() {
-        let logits = [0.0f32, 5.0, 4.9, -3.0, 1.0];
-        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let k2 = GenerationConfig {
-            do_sample: true,
-            top_k: 2,
-            ..Default::default()
-        };
-        let p = GenerationConfig {
-            do_sample: true,
-            top_p: 0.3,
-            ..Default::default()
-        };
-        for _ in 0..200 {
-            assert!([1, 2].contains(&sample(&logits, &k2, &mut rng)));
-            assert_eq!(sample(&logits, &p, &mut rng), 1);
-        }
-        assert_eq!(argmax(&[1.0, 3.0, 3.0]), 1);
     }
 }

@@ -18,6 +18,7 @@
 
 pub mod attention;
 pub mod checkpoint;
+mod choose;
 pub mod config;
 pub mod error;
 pub mod gen_state;

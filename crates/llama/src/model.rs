@@ -47,18 +47,18 @@ pub struct DecoderLayer<B: Backend> {
 
 impl<B: Backend> DecoderLayer<B> {
     /// `x + attn(norm(x))`, then `+ mlp(norm(.))`; returns the output and this layer's KV cache
-    /// (the past, if any, extended by the new keys and values).
+    /// with the new keys and values written in ([`Attention::forward`]).
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         cos: &Tensor<B, 4>,
         sin: &Tensor<B, 4>,
         mask: &Tensor<B, 4>,
-        past: Option<&KvCache<B>>,
+        cache: Option<KvCache<B>>,
         ctx: &LoraCtx,
-    ) -> (Tensor<B, 3>, KvCache<B>) {
+    ) -> (Tensor<B, 3>, Option<KvCache<B>>) {
         let normed = self.input_layernorm.forward(x.clone());
-        let (attn, kv) = self.self_attn.forward(normed, cos, sin, mask, past, ctx);
+        let (attn, kv) = self.self_attn.forward(normed, cos, sin, mask, cache, ctx);
         let x = x + attn;
         let normed = self.post_attention_layernorm.forward(x.clone());
         (x + self.mlp.forward(normed, ctx), kv)
@@ -282,11 +282,15 @@ impl<B: Backend> LlamaForCausalLM<B> {
     ///   and the new tokens; `None` means no padding.
     /// - `position_ids` `[batch, seq]` defaults to `past..past + seq` for every row, as HF's
     ///   plain forward does even for left-padded rows.
-    /// - `cache`: one [`KvCache`] per layer, extended in place (start with an empty `Vec`).
+    /// - `cache`: one [`KvCache`] per layer, written in place (start with an empty `Vec`: the
+    ///   buffers are made for this call's tokens; a cache without room for them grows, see
+    ///   [`KvCache::reserve`]).
     /// - `ctx`: adapter routing. When an aLoRA adapter runs and `ctx.alora_offsets` is `None`,
     ///   the offsets are computed from `input_ids` as PEFT's forward does (the last occurrence
     ///   of the invocation sequence in each row of *this call*); with a cache, pass them
     ///   explicitly instead (generation does, see [`crate::GenState`]).
+    ///
+    /// With a non-empty cache, `attention_mask` may also cover the cache's whole capacity.
     ///
     /// # Shapes
     /// input_ids `[batch, seq]` -> `[batch, seq, hidden]`
@@ -298,23 +302,52 @@ impl<B: Backend> LlamaForCausalLM<B> {
         cache: Option<&mut Vec<KvCache<B>>>,
         ctx: &LoraCtx,
     ) -> Tensor<B, 3> {
-        let past = cache
-            .as_ref()
-            .and_then(|c| c.first())
-            .map_or(0, |c| c.k.dims()[2]);
-        let mut cache = cache;
-        let p = self.prologue(input_ids, attention_mask, position_ids, past, ctx);
-        let mut x = p.x;
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            let past = cache.as_ref().and_then(|c| c.get(i));
-            let (out, kv) = layer.forward(x, &p.cos, &p.sin, &p.mask, past, &p.ctx);
-            if let Some(cache) = cache.as_mut() {
-                match cache.get_mut(i) {
-                    Some(slot) => *slot = kv,
-                    None => cache.push(kv),
-                }
+        self.hidden_states_reserving(input_ids, attention_mask, position_ids, cache, 0, ctx)
+    }
+
+    /// [`Self::hidden_states`], leaving room in a new cache for `reserve` more positions.
+    pub(crate) fn hidden_states_reserving(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        position_ids: Option<Tensor<B, 2, Int>>,
+        mut cache: Option<&mut Vec<KvCache<B>>>,
+        reserve: usize,
+        ctx: &LoraCtx,
+    ) -> Tensor<B, 3> {
+        let [b, s] = input_ids.dims();
+        let past = cache.as_ref().and_then(|c| c.first()).map_or(0, |c| c.len);
+        // An empty cache attends over the new tokens only; a filled one over its whole buffer.
+        let mut keys = past + s;
+        if let Some(c) = cache.as_mut().filter(|c| !c.is_empty()) {
+            c.iter_mut().for_each(|kv| kv.reserve(s));
+            if past > 0 {
+                keys = c[0].capacity();
             }
+        }
+        let p = self.prologue(input_ids, attention_mask, position_ids, past, keys, ctx);
+        let mut x = p.x;
+        if let Some(c) = cache.as_mut().filter(|c| c.is_empty()) {
+            let c0 = &self.config;
+            let shape = [b, c0.num_kv_heads, s + reserve, c0.head_dim];
+            let (dtype, device) = (x.dtype(), x.device());
+            c.extend(
+                self.model
+                    .layers
+                    .iter()
+                    .map(|_| KvCache::zeros(shape, dtype, &device)),
+            );
+        }
+        let mut taken = cache.as_mut().map(|c| std::mem::take(*c).into_iter());
+        let mut kept = Vec::new();
+        for layer in self.model.layers.iter() {
+            let kv = taken.as_mut().and_then(|t| t.next());
+            let (out, kv) = layer.forward(x, &p.cos, &p.sin, &p.mask, kv, &p.ctx);
+            kept.extend(kv);
             x = out;
+        }
+        if let Some(c) = cache {
+            *c = kept;
         }
         self.model.norm.forward(x)
     }
@@ -327,6 +360,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         attention_mask: Option<Tensor<B, 2, Int>>,
         position_ids: Option<Tensor<B, 2, Int>>,
         past: usize,
+        keys: usize,
         ctx: &LoraCtx,
     ) -> Prologue<B> {
         let [b, s] = input_ids.dims();
@@ -348,7 +382,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         });
         let x = self.model.embed_tokens.forward(input_ids);
         let (cos, sin) = rope::cos_sin(&self.inv_freq, positions, x.dtype());
-        let mask = additive_mask(attention_mask.as_ref(), s, past, &device);
+        let mask = additive_mask(attention_mask.as_ref(), s, past, keys, &device);
         Prologue {
             x,
             cos,

@@ -298,6 +298,48 @@ fn greedy_recompute(model: &LlamaForCausalLM<B>, prompt: &[u32], n: usize) -> Ve
 }
 
 #[test]
+fn a_reserved_cache_keeps_its_shapes_and_gives_the_full_forwards_logits() {
+    let model = LlamaForCausalLM::<B>::random_seeded(&LlamaConfig::tiny(50), &dev(), 12);
+    let v = model.config.vocab_size;
+    let prompts = vec![vec![3u32, 4, 5, 6, 9], vec![7u32, 8, 2, 1, 4]];
+    let fed: Vec<[u32; 2]> = (0..7).map(|i| [10 + i, 30 + i]).collect();
+    let mut reserved = model.prefill(&prompts, 0, &ctx()).unwrap();
+    reserved.reserve(fed.len());
+    let mut growing = model.prefill(&prompts, 0, &ctx()).unwrap();
+    let shapes = |s: &llama::GenState<B>| (s.cache[0].k.dims(), s.mask.dims());
+    let before = shapes(&reserved);
+    assert_eq!(before.0[2], prompts[0].len() + fed.len());
+    let mut seqs = prompts.clone();
+    for step in &fed {
+        let chunk: Vec<Vec<u32>> = step.iter().map(|&t| vec![t]).collect();
+        model.extend(&mut reserved, &chunk, &ctx()).unwrap();
+        model.extend(&mut growing, &chunk, &ctx()).unwrap();
+        assert_eq!(shapes(&reserved), before, "a reserved cache changed shape");
+        for (s, t) in seqs.iter_mut().zip(step) {
+            s.push(*t);
+        }
+        // The cached step = the last position of a forward over the whole rows, no cache.
+        let n = seqs[0].len();
+        let ids: Vec<i64> = seqs.iter().flatten().map(|&t| t as i64).collect();
+        let full = model
+            .forward(ids2(&ids, 2, n), None, &ctx())
+            .slice([0..2, n - 1..n, 0..v])
+            .reshape([2, v]);
+        let got = model.next_logits(&reserved).unwrap();
+        assert!(max_rel(got.clone(), full) < 1e-5, "step {n}");
+        let grown = model.next_logits(&growing).unwrap();
+        assert!(
+            max_abs_diff(got, grown) < 1e-6,
+            "reserved vs growing, step {n}"
+        );
+    }
+    // The unreserved state grew by half its capacity at least, not one position at a time.
+    assert!(growing.capacity() >= seqs[0].len());
+    assert!(growing.capacity() < seqs[0].len() + 6);
+    assert_eq!(reserved.cached(), seqs[0].len());
+}
+
+#[test]
 fn generation_cache_padding_stops_and_sampling() {
     let model = LlamaForCausalLM::<B>::random_seeded(&LlamaConfig::tiny(50), &dev(), 11);
     let prompts = vec![vec![3u32, 4, 5, 6, 9], vec![7u32, 8], vec![1u32]];
