@@ -11,8 +11,6 @@ use crate::handshake::HandshakeMismatch;
 
 /// The first bytes of a worker's hello: this protocol, not some other client.
 pub(crate) const MAGIC: [u8; 8] = *b"PEFT-DP\0";
-/// Bumped whenever a frame changes.
-pub(crate) const PROTOCOL_VERSION: u32 = 1;
 /// The largest frame body accepted (the payload is NCCL's 128-byte unique id).
 pub(crate) const MAX_FRAME: usize = 1 << 20;
 
@@ -305,6 +303,7 @@ pub(crate) fn write_frame(mut w: impl Write, frame: &Frame) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handshake::PROTOCOL_VERSION;
 
     fn round_trip(frame: Frame) {
         let mut wire = Vec::new();

@@ -2,6 +2,9 @@
 
 use std::fmt;
 
+/// The rendezvous protocol's version, bumped whenever a frame changes.
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
+
 /// Why rank 0 turned a worker away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandshakeMismatch {
@@ -64,9 +67,9 @@ pub(crate) fn check_hello(
     expected_world_size: usize,
     joined: &[bool],
 ) -> Result<(), HandshakeMismatch> {
-    if version != crate::frame::PROTOCOL_VERSION {
+    if version != PROTOCOL_VERSION {
         return Err(HandshakeMismatch::Version {
-            expected: crate::frame::PROTOCOL_VERSION,
+            expected: PROTOCOL_VERSION,
             got: version,
         });
     }
@@ -86,4 +89,52 @@ pub(crate) fn check_hello(
         return Err(HandshakeMismatch::DuplicateRank { rank });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_mismatch_is_named_in_order_of_checks() {
+        let joined = [true, true, false];
+        let v = PROTOCOL_VERSION;
+        assert_eq!(check_hello(v, 3, 2, 3, &joined), Ok(()));
+        assert_eq!(
+            check_hello(v + 1, 2, 9, 3, &joined),
+            Err(HandshakeMismatch::Version {
+                expected: v,
+                got: v + 1
+            })
+        );
+        assert_eq!(
+            check_hello(v, 2, 9, 3, &joined),
+            Err(HandshakeMismatch::WorldSize {
+                expected: 3,
+                got: 2
+            })
+        );
+        assert_eq!(
+            check_hello(v, 3, 3, 3, &joined),
+            Err(HandshakeMismatch::RankOutOfRange {
+                rank: 3,
+                world_size: 3
+            })
+        );
+        for taken in [0, 1] {
+            assert_eq!(
+                check_hello(v, 3, taken, 3, &joined),
+                Err(HandshakeMismatch::DuplicateRank { rank: taken })
+            );
+        }
+        let msg = HandshakeMismatch::WorldSize {
+            expected: 3,
+            got: 2,
+        }
+        .to_string();
+        assert!(
+            msg.contains("WORLD_SIZE=2") && msg.contains("WORLD_SIZE=3"),
+            "{msg}"
+        );
+    }
 }

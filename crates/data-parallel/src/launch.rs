@@ -51,7 +51,8 @@ pub struct LaunchSpec {
 ///
 /// Returns `Ok` when every child exits with status 0. When one fails, the others get
 /// [`KILL_GRACE`] to exit, are then killed, and the error names the first failed rank and its
-/// exit status.
+/// exit status. It is also an error when NCCL is found but the `libnccl.so` symlink cannot
+/// be made ([`Error::NcclLink`]).
 pub fn launch(spec: &LaunchSpec) -> Result<()> {
     check_spec(spec)?;
     let ld_library_path = library_path(spec)?;

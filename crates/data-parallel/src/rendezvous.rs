@@ -14,8 +14,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::frame::{read_frame, write_frame, Frame, ReadError, MAX_FRAME, PROTOCOL_VERSION};
-use crate::handshake::check_hello;
+use crate::frame::{read_frame, write_frame, Frame, ReadError, MAX_FRAME};
+use crate::handshake::{check_hello, PROTOCOL_VERSION};
 use crate::options::RendezvousOptions;
 use crate::world::World;
 
