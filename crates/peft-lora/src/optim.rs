@@ -217,6 +217,69 @@ impl<AB: AutodiffBackend> GradAccumulator<AB> {
     pub fn is_empty(&self) -> bool {
         self.grads.is_empty()
     }
+
+    /// Elements accumulated, over every tensor.
+    pub fn numel(&self) -> usize {
+        self.grads.values().map(|g| g.shape().num_elements()).sum()
+    }
+
+    /// Names of the accumulated tensors (`<path>.<adapter>.<slot>`), in the order of
+    /// [`Self::to_flat`].
+    pub fn keys(&self) -> Vec<String> {
+        self.grads.keys().cloned().collect()
+    }
+
+    /// Every gradient in f32, flattened in key order into one buffer: one bucket for one
+    /// collective (data parallelism averages it over the processes), one read from the device.
+    pub fn to_flat(&self) -> Vec<f32> {
+        let parts: Vec<Tensor<Inner<AB>, 1>> = self
+            .grads
+            .values()
+            .map(|g| {
+                let n = g.shape().num_elements();
+                to_f32(g.clone()).reshape([n])
+            })
+            .collect();
+        if parts.is_empty() {
+            return Vec::new();
+        }
+        Tensor::cat(parts, 0)
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("f32 data reads as f32")
+    }
+
+    /// Replaces every gradient by its part of `flat` times `scale` (the layout of
+    /// [`Self::to_flat`]; each keeps its dtype), with one upload.
+    pub fn load_flat(&mut self, flat: &[f32], scale: f32) -> Result<()> {
+        if flat.len() != self.numel() {
+            return Err(Error::Shape {
+                name: "flat gradient buffer".into(),
+                expected: vec![self.numel()],
+                found: vec![flat.len()],
+            });
+        }
+        let Some(first) = self.grads.values().next() else {
+            return Ok(());
+        };
+        let device = first.device();
+        let all = Tensor::<Inner<AB>, 1>::from_data(
+            TensorData::new(flat.to_vec(), [flat.len()]),
+            &device,
+        ) * scale as f64;
+        let mut at = 0;
+        for g in self.grads.values_mut() {
+            let [r, c] = g.dims();
+            let part = all.clone().slice([at..at + r * c]).reshape([r, c]);
+            at += r * c;
+            *g = match g.dtype() {
+                DType::F32 => part,
+                d => part.cast(FloatDType::from(d)),
+            };
+        }
+        Ok(())
+    }
 }
 
 /// Learning rate, clip factor and bias corrections of one step.

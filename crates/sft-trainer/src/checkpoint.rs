@@ -22,6 +22,13 @@ pub struct TrainerState {
     pub max_steps: u64,
     /// The adapter name.
     pub adapter: String,
+    /// Processes of the run (data parallelism); 1 in checkpoints written before it existed.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Prefix of checkpoint folders (`checkpoint-<step>`, as HF's Trainer names them).

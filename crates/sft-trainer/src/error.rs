@@ -46,12 +46,27 @@ pub enum Error {
     /// An adapter operation failed.
     #[error(transparent)]
     Peft(#[from] peft_lora::Error),
+    /// The processes of a data-parallel run disagree (different adapters, a changed world size).
+    #[error("data-parallel training: {0}")]
+    Distributed(String),
+    /// A collective or the rendezvous of a data-parallel run failed.
+    #[error("data-parallel training: {0}")]
+    Comm(#[from] data_parallel::Error),
 }
 
 /// Result type of the trainer.
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    pub(crate) fn non_finite(what: &str, step: u64, value: f64, out: &std::path::Path) -> Self {
+        Error::NonFinite {
+            what: what.into(),
+            step,
+            value,
+            output_dir: out.into(),
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

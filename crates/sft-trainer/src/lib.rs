@@ -12,6 +12,7 @@ pub mod alloc;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod error;
 pub mod metrics;
 pub mod schedule;
@@ -24,9 +25,10 @@ use peft_lora::LoraModel;
 
 pub use config::TrainConfig;
 pub use data::{make_batch, Batch, Sample};
+pub use data_parallel::{Communicator, Solo};
 pub use error::{Error, Result};
 pub use schedule::{Schedule, ScheduleKind};
-pub use trainer::{evaluate, train, TrainSummary};
+pub use trainer::{evaluate, train, train_data_parallel, TrainSummary};
 
 /// A model the trainer can fine-tune: adapters through [`LoraModel`], and a loss.
 pub trait CausalLm<B: Backend>: LoraModel<B> + Module<B> {

@@ -11,10 +11,13 @@ use peft_lora::adapter_dir;
 use peft_lora::{write_f32, SafetensorsFile};
 use peft_lora::{GradAccumulator, LoraOptimizer, PeftModel};
 
+use data_parallel::{Communicator, Solo};
+
 use crate::alloc::ExactAlloc;
 use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
 use crate::data::{epoch_batches, make_batch, Sample};
+use crate::distributed::{broadcast_adapter, finish_step, shard};
 use crate::error::{Error, Result};
 use crate::metrics::{host_memory_mib, plot_loss, read_metrics, LogEntry, MetricsWriter};
 use crate::schedule::Schedule;
@@ -33,8 +36,8 @@ pub struct TrainSummary {
     pub eval_loss: Option<f64>,
     /// Where the final adapter was written.
     pub adapter_dir: PathBuf,
-    /// Mean training throughput (non-padding tokens per second) of this process, over
-    /// [`TrainSummary::step_secs`].
+    /// Mean training throughput (non-padding tokens per second, every process of a
+    /// data-parallel run counted) of this run, over [`TrainSummary::step_secs`].
     pub tokens_per_s: f64,
     /// Wall time of this process's training steps: the loop without evaluations and
     /// checkpoint writes (the device is synchronised before each such pause).
@@ -79,7 +82,34 @@ where
     M: CausalLm<AB> + AutodiffModule<AB>,
     M::InnerModule: CausalLm<AB::InnerBackend>,
 {
+    train_data_parallel(peft, adapter, train, eval, cfg, resume, device, &Solo)
+}
+
+/// [`train`] as one process of a data-parallel run over `comm` (what `accelerate launch` gives
+/// a PEFT script): this process trains on its shard of every epoch
+/// ([`crate::distributed::shard`]), the gradients are averaged over the processes before
+/// clipping, and only rank 0 logs, evaluates and writes files. Every process must call it with
+/// the same model, data and settings; the global batch is
+/// `per_device_train_batch_size * gradient_accumulation_steps * world_size`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_data_parallel<AB, M>(
+    peft: &mut PeftModel<AB, M>,
+    adapter: &str,
+    train: &[Sample],
+    eval: &[Sample],
+    cfg: &TrainConfig,
+    resume: bool,
+    device: &AB::Device,
+    comm: &dyn Communicator,
+) -> Result<TrainSummary>
+where
+    AB: AutodiffBackend,
+    M: CausalLm<AB> + AutodiffModule<AB>,
+    M::InnerModule: CausalLm<AB::InnerBackend>,
+{
     cfg.validate()?;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let main = rank == 0;
     if train.is_empty() {
         return Err(Error::Config {
             field: "train dataset".into(),
@@ -97,7 +127,7 @@ where
     let out = cfg.output_dir.clone();
     let bs = cfg.per_device_train_batch_size;
     let accum = cfg.gradient_accumulation_steps;
-    let micro_per_epoch = train.len().div_ceil(bs);
+    let micro_per_epoch = train.len().div_ceil(bs).div_ceil(world);
     let steps_per_epoch = (micro_per_epoch / accum).max(1) as u64;
     let total = if cfg.max_steps > 0 {
         cfg.max_steps
@@ -119,12 +149,24 @@ where
         seed: cfg.seed,
         max_steps: total,
         adapter: adapter.into(),
+        world_size: world,
     };
     let metrics = MetricsWriter::new(&out);
     let mut resumed_from = None;
     if resume {
         if let Some(ck) = checkpoint::latest(&out) {
             state = checkpoint::read_state(&ck)?;
+            if state.world_size != world {
+                return Err(Error::Checkpoint {
+                    path: ck,
+                    message: format!(
+                        "written by a run of {} process(es); this run has {world}. Resume with \
+                         the same number of processes (each one's data shard and the global \
+                         batch depend on it), or start a new run in another output_dir",
+                        state.world_size
+                    ),
+                });
+            }
             // Replace the adapter's weights with the checkpoint's; loading does not activate
             // (as in PEFT), so the active set is restored as it was.
             let active = peft.active.clone();
@@ -138,25 +180,31 @@ where
                 .map(|k| opt_file.read(k).map(|t| (k.clone(), t)))
                 .collect::<peft_lora::Result<_>>()?;
             opt.load_state(&tensors, device)?;
-            metrics.truncate_after(state.global_step)?;
+            if main {
+                metrics.truncate_after(state.global_step)?;
+            }
             resumed_from = Some(state.global_step);
-        } else {
+        } else if main {
             let _ = std::fs::remove_file(metrics.path());
         }
-    } else {
+    } else if main {
         let _ = std::fs::remove_file(metrics.path());
     }
+    // Every process starts from rank 0's adapter.
+    broadcast_adapter(peft, adapter, comm, &out)?;
     opt.prepare(&mut peft.model);
     // Pages the memory pool kept from loading or building the model (temporaries of other
     // sizes than training uses) go back to the device before the first step.
     AB::memory_cleanup(device);
-    std::fs::write(
-        out.join("train_config.json"),
-        serde_json::to_string_pretty(cfg).expect("json"),
-    )
-    .map_err(|e| Error::io(&out, e))?;
+    if main {
+        std::fs::write(
+            out.join("train_config.json"),
+            serde_json::to_string_pretty(cfg).expect("json"),
+        )
+        .map_err(|e| Error::io(&out, e))?;
+    }
 
-    let bar = progress_bar(cfg.progress_bar, total, state.global_step);
+    let bar = progress_bar(cfg.progress_bar && main, total, state.global_step);
     let (mut win_loss, mut win_n, mut win_tokens) = (0.0f64, 0u64, 0usize);
     let mut win_start = Instant::now();
     let run_start = Instant::now();
@@ -166,7 +214,8 @@ where
     let epoch_frac = |step: u64| step as f64 / steps_per_epoch as f64;
 
     // The order of the current epoch, shuffled once per epoch (a resume rebuilds it from the seed).
-    let mut batches = epoch_batches(train.len(), bs, cfg.seed, state.epoch);
+    let shard_of = |epoch| shard(epoch_batches(train.len(), bs, cfg.seed, epoch), rank, world);
+    let mut batches = shard_of(state.epoch);
     let mut exact = ExactAlloc::from_env();
     while state.global_step < total {
         // Dropout draws depend only on the seed and the step: a resumed run draws the same.
@@ -175,11 +224,12 @@ where
         peft_lora::seed_dropout(step_seed);
         let mut acc = GradAccumulator::<AB>::default();
         let mut step_loss = 0.0;
+        let (mut step_tokens, mut bad_loss) = (0usize, None);
         for _ in 0..accum {
             if state.batches_in_epoch >= batches.len() {
                 state.epoch += 1;
                 state.batches_in_epoch = 0;
-                batches = epoch_batches(train.len(), bs, cfg.seed, state.epoch);
+                batches = shard_of(state.epoch);
             }
             let refs: Vec<&Sample> = batches[state.batches_in_epoch]
                 .iter()
@@ -212,16 +262,29 @@ where
                 }
             });
             if !value.is_finite() {
-                return Err(non_finite("loss", state.global_step + 1, value, &out));
+                bad_loss = Some(value);
+                break;
             }
             step_loss += value / accum as f64;
-            win_tokens += batch.n_tokens;
-            run_tokens += batch.n_tokens;
+            step_tokens += batch.n_tokens;
         }
+        // Every rank's gradients averaged (and any rank's non-finite loss reported by all).
+        let totals = finish_step(
+            &mut acc,
+            comm,
+            step_loss,
+            step_tokens,
+            bad_loss,
+            state.global_step + 1,
+            &out,
+        )?;
+        let step_loss = totals.loss;
+        win_tokens += totals.tokens;
+        run_tokens += totals.tokens;
         let lr = schedule.lr_at(state.global_step);
         let norm = exact.run::<AB, _>(device, || opt.step(&mut peft.model, acc, lr, clip));
         if !norm.is_finite() {
-            return Err(non_finite(
+            return Err(Error::non_finite(
                 "gradient norm",
                 state.global_step + 1,
                 norm,
@@ -236,7 +299,7 @@ where
 
         let step = state.global_step;
         let is_last = step == total;
-        if step.is_multiple_of(cfg.logging_steps.max(1)) || is_last {
+        if main && (step.is_multiple_of(cfg.logging_steps.max(1)) || is_last) {
             let secs = win_start.elapsed().as_secs_f64().max(1e-9);
             let mean = win_loss / win_n.max(1) as f64;
             first_loss.get_or_insert(mean);
@@ -259,9 +322,12 @@ where
             (win_loss, win_n, win_tokens) = (0.0, 0, 0);
             win_start = Instant::now();
         }
-        let do_eval = !eval.is_empty()
+        // Only rank 0 evaluates and writes; the others wait for it at the next collective.
+        let do_eval = main
+            && !eval.is_empty()
             && ((cfg.eval_steps > 0 && step.is_multiple_of(cfg.eval_steps)) || is_last);
-        let do_save = (cfg.save_steps > 0 && step.is_multiple_of(cfg.save_steps)) || is_last;
+        let do_save =
+            main && ((cfg.save_steps > 0 && step.is_multiple_of(cfg.save_steps)) || is_last);
         // Evaluation and checkpoint writes stay off the throughput clocks: the device finishes
         // the step's queued work first, then the pause is timed and left out.
         let paused = (do_eval || do_save).then(|| {
@@ -304,8 +370,15 @@ where
     }
     let step_secs = (run_start.elapsed() - off_clock).as_secs_f64().max(1e-9);
     bar.finish_and_clear();
-    let final_dir = peft.save_adapter(&out, adapter)?;
-    plot_loss(&read_metrics(metrics.path())?, &out.join("loss.png"))?;
+    let final_dir = if main {
+        let dir = peft.save_adapter(&out, adapter)?;
+        plot_loss(&read_metrics(metrics.path())?, &out.join("loss.png"))?;
+        dir
+    } else {
+        adapter_dir(&out, adapter)
+    };
+    // The processes leave together, once rank 0's files are written.
+    comm.barrier()?;
     Ok(TrainSummary {
         global_step: state.global_step,
         first_loss,
@@ -316,15 +389,6 @@ where
         step_secs,
         resumed_from,
     })
-}
-
-fn non_finite(what: &str, step: u64, value: f64, out: &std::path::Path) -> Error {
-    Error::NonFinite {
-        what: what.into(),
-        step,
-        value,
-        output_dir: out.into(),
-    }
 }
 
 fn progress_bar(show: bool, total: u64, pos: u64) -> indicatif::ProgressBar {

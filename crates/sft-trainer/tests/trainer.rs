@@ -372,3 +372,115 @@ fn gradient_checkpointing_trains_a_llama_like_the_plain_backward() {
         "adapters differ by {err} (scale {scale})"
     );
 }
+
+/// Data parallelism as accelerate runs it: two processes with a micro-batch of 2 each train the
+/// adapter that one process trains with two accumulated micro-batches of 2 (the same samples
+/// per step, the gradients averaged before clipping); only rank 0 writes files; a checkpoint
+/// of two processes refuses to resume in one.
+#[test]
+fn two_processes_train_what_one_trains_with_accumulation() {
+    let device = Default::default();
+    let base = |name: &str| {
+        let mut c = cfg(name, 6);
+        c.per_device_train_batch_size = 2;
+        c.save_steps = 3;
+        c
+    };
+    let mut one_cfg = base("dp-one");
+    one_cfg.gradient_accumulation_steps = 2;
+    let mut one = peft(&device);
+    let s_one = train::<AD, _>(
+        &mut one,
+        "default",
+        &data(20),
+        &data(4),
+        &one_cfg,
+        false,
+        &device,
+    )
+    .unwrap();
+
+    let mut two_cfg = base("dp-two");
+    two_cfg.gradient_accumulation_steps = 1;
+    let rank1_dir = std::env::temp_dir().join(format!(
+        "sft-trainer-test-{}-dp-two-rank1",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&rank1_dir);
+    let comms = data_parallel::InProcess::world(2);
+    let runs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let mut c = two_cfg.clone();
+                if rank == 1 {
+                    c.output_dir = rank1_dir.clone();
+                }
+                s.spawn(move || {
+                    let device = Default::default();
+                    let mut p = peft(&device);
+                    // Rank 1 starts from other weights: rank 0's are broadcast at the start.
+                    if rank == 1 {
+                        let layer = &mut p.model.lora_linears_mut()[0].1;
+                        let a = &mut layer.adapters[0];
+                        a.lora_a =
+                            Param::from_tensor(seeded(a.lora_a.dims(), 99, &device).require_grad());
+                    }
+                    let s = sft_trainer::train_data_parallel::<AD, _>(
+                        &mut p,
+                        "default",
+                        &data(20),
+                        &data(4),
+                        &c,
+                        false,
+                        &device,
+                        &comm,
+                    )
+                    .unwrap();
+                    (s, adapter_values(&p))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let want = adapter_values(&one);
+    for (rank, (s, got)) in runs.iter().enumerate() {
+        assert_eq!(s.global_step, 6);
+        let d = host::max_abs_diff(&want, got);
+        assert!(
+            d < 1e-5,
+            "rank {rank}: 2 processes vs 1 with accumulation differ by {d}"
+        );
+    }
+    let (l1, l2) = (s_one.first_loss.unwrap(), runs[0].0.first_loss.unwrap());
+    assert!((l1 - l2).abs() < 1e-5, "logged loss {l1} vs {l2}");
+    assert_eq!(runs[1].0.first_loss, None, "rank 1 logs nothing");
+    for f in [
+        "metrics.jsonl",
+        "loss.png",
+        "adapter_model.safetensors",
+        "train_config.json",
+        "checkpoint-6",
+    ] {
+        assert!(two_cfg.output_dir.join(f).exists(), "rank 0 writes {f}");
+        assert!(!rank1_dir.join(f).exists(), "rank 1 writes no {f}");
+    }
+    // The checkpoint knows its world size; one process cannot resume it.
+    let mut again = peft(&device);
+    let err = train::<AD, _>(
+        &mut again,
+        "default",
+        &data(20),
+        &[],
+        &two_cfg,
+        true,
+        &device,
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::Checkpoint { .. }) && msg.contains("2 process"),
+        "{msg}"
+    );
+}
