@@ -271,7 +271,7 @@ impl<AB: AutodiffBackend> GradAccumulator<AB> {
         let mut at = 0;
         for g in self.grads.values_mut() {
             let [r, c] = g.dims();
-            let part = all.clone().slice([at..at + r * c]).reshape([r, c]);
+            let part = all.clone().slice(at..at + r * c).reshape([r, c]);
             at += r * c;
             *g = match g.dtype() {
                 DType::F32 => part,
