@@ -12,6 +12,8 @@ mod cli;
 mod evaluate;
 #[path = "../examples/news2stock/job.rs"]
 mod job;
+#[path = "../examples/news2stock/launch.rs"]
+mod launch;
 #[path = "../examples/news2stock/load.rs"]
 mod load;
 #[path = "../examples/news2stock/metrics.rs"]
@@ -438,6 +440,33 @@ fn cpu_build_refuses_only_the_tutorials_default_model() {
     }
     let s = settings(&["train", "--model", cli::DEFAULT_MODEL]);
     assert!(s.on_cpu, "an explicit model runs on the CPU build");
+}
+
+#[test]
+fn launch_flags_are_checked_before_any_process_starts() {
+    for (args, want) in [
+        (&["--nproc-per-node", "0"][..], "--nproc-per-node 0"),
+        (&["--nnodes", "0"][..], "--nnodes 0"),
+        (&["--nnodes", "2", "--node-rank", "2"][..], "--node-rank 2"),
+    ] {
+        let mut all = vec!["train", "--demo"];
+        all.extend(args);
+        let e = run(&all).unwrap_err().to_string();
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+    // The settings saved with a run do not carry the launch (a resume may use other hosts).
+    let s = settings(&["train", "--demo", "--nproc-per-node", "2"]);
+    let saved = serde_json::to_string(&s).unwrap();
+    assert!(!saved.contains("nproc"), "{saved}");
+}
+
+#[test]
+#[cfg(not(feature = "cuda"))]
+fn cpu_build_refuses_several_processes_naming_the_cuda_build() {
+    let e = run(&["train", "--demo", "--nproc-per-node", "2"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--nproc-per-node 2") && e.contains("--features cuda"), "{e}");
 }
 
 #[test]

@@ -9,9 +9,11 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use serde_json::{Map, Value};
 
+use data_parallel::{Communicator, Solo};
+
 use crate::cli::{given_on_command_line, Cli, Command, DEFAULT_MODEL};
 use crate::settings::{self, to_map, Resolved, Settings, Sources};
-use crate::{job, push};
+use crate::{job, launch, push};
 
 type Cpu = burn::backend::NdArray<f32>;
 
@@ -165,18 +167,32 @@ pub fn run(matches: &ArgMatches) -> Result<()> {
         push::check_repo_id(repo)?;
         push::check_token(&hub_push::HubClient::from_env())?;
     }
+    if let Command::Train(a) = &command {
+        if launch::launch_if_asked(&a.launch)? {
+            return Ok(());
+        }
+    }
+    let world = launch::worker_world()?.filter(|w| w.world_size > 1);
+    if world.is_some() && !matches!(command, Command::Train(_)) {
+        bail!("only `train` runs as several processes (RANK / WORLD_SIZE are set); run eval, infer and merge as one");
+    }
     if s.on_cpu {
-        dispatch::<Cpu>(s, &command, &Default::default())
+        dispatch::<Cpu>(s, &command, &Default::default(), &Solo)
     } else {
-        gpu(s, &command)
+        gpu(s, &command, world)
     }
 }
 
-fn dispatch<B: Backend>(s: &Settings, command: &Command, device: &B::Device) -> Result<()> {
+fn dispatch<B: Backend>(
+    s: &Settings,
+    command: &Command,
+    device: &B::Device,
+    comm: &dyn Communicator,
+) -> Result<()> {
     match command {
         Command::Train(_) => {
-            job::train::<burn::backend::Autodiff<B>>(s, device)?;
-            if let Some(repo) = &s.hub.push_to_hub {
+            job::train::<burn::backend::Autodiff<B>>(s, device, comm)?;
+            if let (0, Some(repo)) = (comm.rank(), &s.hub.push_to_hub) {
                 let req = push::PushRequest {
                     repo_id: repo,
                     private: s.hub.hub_private_repo,
@@ -199,14 +215,29 @@ fn dispatch<B: Backend>(s: &Settings, command: &Command, device: &B::Device) -> 
 }
 
 #[cfg(feature = "cuda")]
-fn gpu(s: &Settings, command: &Command) -> Result<()> {
+fn gpu(s: &Settings, command: &Command, world: Option<data_parallel::World>) -> Result<()> {
+    use burn::backend::cuda::CudaDevice;
     type Gpu = burn::backend::Cuda<half::bf16>;
     // `--gradient-checkpointing true` recomputes per decoder layer (the trainer, with llama's
     // `backward_checkpointed`), on the plain autodiff backend.
-    dispatch::<Gpu>(s, command, &burn::backend::cuda::CudaDevice::default())
+    let Some(w) = world else {
+        return dispatch::<Gpu>(s, command, &CudaDevice::default(), &Solo);
+    };
+    // One GPU per process, NCCL between them; a rank that dies or stops answering ends every
+    // rank with an error naming it (instead of a hang in a collective).
+    let opts = data_parallel::RendezvousOptions::from_env()?;
+    let (comm, rdv) = data_parallel::Nccl::connect(&w, w.local_rank, &opts)?;
+    let rank = w.rank;
+    let watchdog = rdv.into_watchdog(move |f| {
+        eprintln!("error: rank {rank} stops: {f}");
+        std::process::exit(1);
+    });
+    let done = dispatch::<Gpu>(s, command, &CudaDevice::new(w.local_rank), &comm);
+    watchdog.shutdown();
+    done
 }
 
 #[cfg(not(feature = "cuda"))]
-fn gpu(_s: &Settings, _command: &Command) -> Result<()> {
+fn gpu(_s: &Settings, _command: &Command, _world: Option<data_parallel::World>) -> Result<()> {
     bail!("{NO_GPU}")
 }

@@ -136,6 +136,9 @@ pub struct TrainArgs {
     /// Pushing the adapter at the end.
     #[command(flatten, next_help_heading = "Hub")]
     pub hub: HubArgs,
+    /// Several GPUs or hosts (not saved with the run's settings).
+    #[command(flatten, next_help_heading = "Several GPUs (torchrun's flags)")]
+    pub launch: crate::launch::LaunchArgs,
 }
 
 /// `eval`'s flags.

@@ -10,7 +10,7 @@ use chat_collate::news2stock;
 use chat_collate::Message;
 use llama::{GenerationConfig, LlamaConfig, LlamaForCausalLM};
 use peft_lora::{LoraCtx, PeftModel};
-use sft_trainer::Sample;
+use sft_trainer::{Communicator, Sample};
 
 use crate::cli::{SaveDtype, DEMO_MODEL};
 use crate::evaluate::evaluate_model;
@@ -20,8 +20,14 @@ use crate::settings::{Settings, SETTINGS_FILE};
 /// The system prompt used for inference on new text (the tutorial's instruction, in Korean).
 pub const SYSTEM_PROMPT: &str = "당신은 경제 뉴스 분석가입니다. 주어진 뉴스를 요약(summary)하고, 뉴스가 상장 종목과 관련이 있으면 stock_related를 true로 하여 긍정적 영향을 받는 종목(positive_stocks), 키워드(positive_keywords), 이유(positive_reasons)와 부정적 영향을 받는 종목(negative_stocks), 키워드(negative_keywords), 이유(negative_reasons)를 JSON으로 작성하세요. 해당 사항이 없으면 문자열은 '', 목록은 []로 두세요.";
 
-/// Trains, then shows one generation with the adapter (and, in the demo, the eval table).
-pub fn train<AB: AutodiffBackend>(s: &Settings, device: &AB::Device) -> Result<()> {
+/// Trains, then shows one generation with the adapter (and, in the demo, the eval table). As one
+/// process of several (`comm`), it trains its shard; rank 0 alone writes and generates.
+pub fn train<AB: AutodiffBackend>(
+    s: &Settings,
+    device: &AB::Device,
+    comm: &dyn Communicator,
+) -> Result<()> {
+    let main = comm.rank() == 0;
     let tc_check = s.train_config(0);
     tc_check.validate()?; // output folder writable, values in range: before any long work
     let (train_rows, test_rows) = load_rows(s)?;
@@ -48,8 +54,10 @@ pub fn train<AB: AutodiffBackend>(s: &Settings, device: &AB::Device) -> Result<(
     peft.print_trainable_parameters();
     let tc = s.train_config(loaded.pad_id);
     let out = &s.training.output_dir;
-    std::fs::write(out.join(SETTINGS_FILE), serde_json::to_string_pretty(s)?)?;
-    let summary = sft_trainer::train::<AB, _>(
+    if main {
+        std::fs::write(out.join(SETTINGS_FILE), serde_json::to_string_pretty(s)?)?;
+    }
+    let summary = sft_trainer::train_data_parallel::<AB, _>(
         &mut peft,
         "default",
         &train_set,
@@ -57,7 +65,11 @@ pub fn train<AB: AutodiffBackend>(s: &Settings, device: &AB::Device) -> Result<(
         &tc,
         s.training.resume,
         device,
+        comm,
     )?;
+    if !main {
+        return Ok(());
+    }
     println!(
         "done: {} steps, loss {:.4} -> {:.4}, eval loss {:?}, {:.0} tokens/s; adapter in {}",
         summary.global_step,

@@ -7,6 +7,7 @@ mod app;
 mod cli;
 mod evaluate;
 mod job;
+mod launch;
 mod load;
 mod metrics;
 mod model_card;

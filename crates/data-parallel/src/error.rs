@@ -237,6 +237,9 @@ pub enum Error {
         /// The underlying error.
         source: io::Error,
     },
+    /// NCCL or the CUDA driver failed (feature `nccl`): the call and NCCL's error.
+    #[error("NCCL: {0}")]
+    Nccl(String),
 }
 
 /// The crate's result type.

@@ -60,6 +60,8 @@ mod frame;
 mod handshake;
 mod in_process;
 mod launch;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod nccl_lib;
 mod options;
 mod rendezvous;
@@ -72,6 +74,8 @@ pub use failure::{Failure, FailureKind};
 pub use handshake::HandshakeMismatch;
 pub use in_process::InProcess;
 pub use launch::{free_port, launch, LaunchSpec, KILL_GRACE};
+#[cfg(feature = "nccl")]
+pub use nccl::Nccl;
 pub use nccl_lib::{nccl_library_dir, nccl_loader_dir};
 pub use options::{RendezvousOptions, PEER_TIMEOUT_VAR};
 pub use rendezvous::{rendezvous, Rendezvous};
