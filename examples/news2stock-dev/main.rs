@@ -8,6 +8,9 @@
 #[path = "../news2stock/cli.rs"]
 #[allow(dead_code)]
 mod cli;
+#[path = "../news2stock/launch.rs"]
+#[allow(dead_code)]
+mod launch;
 #[path = "../news2stock/settings.rs"]
 #[allow(dead_code)]
 mod settings;
