@@ -466,7 +466,10 @@ fn cpu_build_refuses_several_processes_naming_the_cuda_build() {
     let e = run(&["train", "--demo", "--nproc-per-node", "2"])
         .unwrap_err()
         .to_string();
-    assert!(e.contains("--nproc-per-node 2") && e.contains("--features cuda"), "{e}");
+    assert!(
+        e.contains("--nproc-per-node 2") && e.contains("--features cuda"),
+        "{e}"
+    );
 }
 
 #[test]
