@@ -55,6 +55,27 @@ impl Nccl {
         ordinal: usize,
         opts: &RendezvousOptions,
     ) -> Result<(Nccl, Rendezvous)> {
+        // cudarc panics on a library it cannot load; say what is missing instead.
+        // SAFETY: these only try to load the libraries (libloading), nothing is called.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::Nccl(
+                "the CUDA driver library (libcuda.so) could not be loaded: data-parallel \
+                 training needs NVIDIA GPUs and their driver"
+                    .into(),
+            ));
+        }
+        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+            return Err(Error::Nccl(format!(
+                "libnccl.so could not be loaded. NCCL ships libnccl.so.2 (system packages, or \
+                 the pip wheel nvidia-nccl-cu12 under site-packages/nvidia/nccl/lib); link \
+                 libnccl.so to it in a folder on LD_LIBRARY_PATH, or start the processes with \
+                 `news2stock train --nproc-per-node N`, whose launcher does it{}",
+                match crate::nccl_library_dir() {
+                    Some(d) => format!(" (found NCCL in {})", d.display()),
+                    None => String::new(),
+                }
+            )));
+        }
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| nccl_err(&format!("CUDA device {ordinal}"), e))?;
         let stream = ctx.default_stream();

@@ -2,13 +2,32 @@
 //! driver, one or more GPUs and a loadable `libnccl.so`). On a GPU box:
 //! `LD_LIBRARY_PATH=<dir with libnccl.so> NCCL_NVLS_ENABLE=0 cargo test --release -p
 //! data-parallel --features nccl --test nccl -- --ignored`. It fails, never skips, when the
-//! driver or NCCL is missing.
+//! driver or NCCL is missing. One test runs everywhere: the error without a driver.
 #![cfg(feature = "nccl")]
 
 use data_parallel::{free_port, Communicator, Nccl, RendezvousOptions, World};
 
 fn gpus() -> usize {
+    // SAFETY: only tries to load the library.
+    assert!(
+        unsafe { cudarc::driver::sys::is_culib_present() },
+        "no CUDA driver (libcuda.so)"
+    );
     cudarc::driver::CudaContext::device_count().expect("a CUDA driver") as usize
+}
+
+/// Without a CUDA driver (CI's machines), joining is an error that names the driver library,
+/// not cudarc's panic; with one, a world of one joins.
+#[test]
+fn a_missing_driver_is_an_error_naming_it() {
+    // SAFETY: only tries to load the library.
+    let driver = unsafe { cudarc::driver::sys::is_culib_present() };
+    let world = World::localhost(0, 1, free_port().unwrap());
+    match Nccl::connect(&world, 0, &RendezvousOptions::default()) {
+        Err(e) if !driver => assert!(e.to_string().contains("libcuda.so"), "{e}"),
+        Err(e) => assert!(e.to_string().contains("libnccl"), "driver present: {e}"),
+        Ok(_) => assert!(driver, "joined without a driver"),
+    }
 }
 
 /// Every rank of a world of `n` (one thread and one GPU each) sums and broadcasts through NCCL.
