@@ -76,6 +76,25 @@ impl<B: Backend> GenState<B> {
         }
     }
 
+    /// Keeps only rows `keep` (indices into the batch, in the order given) and drops the others'
+    /// cache: the rest of a generation whose other rows have finished costs only its own rows.
+    pub fn retain_rows(&mut self, keep: &[usize]) {
+        let device = self.mask.device();
+        let ids: Vec<i64> = keep.iter().map(|&r| r as i64).collect();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [keep.len()]), &device);
+        for c in &mut self.cache {
+            c.k = c.k.clone().select(0, idx.clone());
+            c.v = c.v.clone().select(0, idx.clone());
+        }
+        self.mask = self.mask.clone().select(0, idx.clone());
+        self.last_hidden = self.last_hidden.clone().select(0, idx);
+        self.tokens = keep.iter().map(|&r| self.tokens[r].clone()).collect();
+        self.alora_start = keep.iter().map(|&r| self.alora_start[r]).collect();
+        if let Some(p) = &self.pending {
+            self.pending = Some(keep.iter().map(|&r| p[r]).collect());
+        }
+    }
+
     /// Capacity `cap` exactly, when larger than today's.
     fn grow_to(&mut self, cap: usize) {
         let old = self.capacity();

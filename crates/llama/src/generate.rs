@@ -98,7 +98,8 @@ impl<B: Backend> LlamaForCausalLM<B> {
     ) -> Result<Vec<Vec<u32>>> {
         cfg.validate()?;
         let mut state = self.prefill_reserving(prompts, cfg.pad_id, cfg.max_new_tokens, ctx)?;
-        self.decode(&mut state, cfg, ctx, on_token)
+        // The state is not returned: rows that finish leave the batch.
+        self.decode_rows(&mut state, cfg, ctx, on_token, true)
     }
 
     /// Generates from a cached state ([`Self::prefill`], [`Self::extend`]) and leaves the
@@ -110,6 +111,20 @@ impl<B: Backend> LlamaForCausalLM<B> {
         cfg: &GenerationConfig,
         ctx: &LoraCtx,
         on_token: &mut dyn FnMut(usize, u32),
+    ) -> Result<Vec<Vec<u32>>> {
+        self.decode_rows(state, cfg, ctx, on_token, false)
+    }
+
+    /// [`Self::decode`]; with `compact`, once half the rows still in the batch have finished,
+    /// they leave it ([`GenState::retain_rows`]), so the state ends with the unfinished rows
+    /// only.
+    fn decode_rows(
+        &self,
+        state: &mut GenState<B>,
+        cfg: &GenerationConfig,
+        ctx: &LoraCtx,
+        on_token: &mut dyn FnMut(usize, u32),
+        compact: bool,
     ) -> Result<Vec<Vec<u32>>> {
         cfg.validate()?;
         let vocab = self.config.vocab_size;
@@ -138,15 +153,17 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
         let mut done = vec![false; b];
+        // The caller's row of each row of the state.
+        let mut live: Vec<usize> = (0..b).collect();
+        let mut step_ctx = step_ctx;
         for step in 0..cfg.max_new_tokens {
             let logits = self.lm_head(state.last_hidden.clone());
-            let suppress: Vec<bool> = out
+            let suppress: Vec<bool> = live
                 .iter()
-                .zip(&done)
-                .map(|(o, d)| !d && o.len() < cfg.min_new_tokens)
+                .map(|&r| !done[r] && out[r].len() < cfg.min_new_tokens)
                 .collect();
             let uniform: Vec<f32> = match cfg.do_sample {
-                true => (0..b).map(|_| rng.random()).collect(),
+                true => (0..live.len()).map(|_| rng.random()).collect(),
                 false => vec![],
             };
             let picks = choose(logits, cfg, &suppress, &uniform)
@@ -154,8 +171,8 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 .convert::<i64>()
                 .into_vec::<i64>()
                 .map_err(|e| Error::Data(format!("token ids: {e:?}")))?;
-            let mut chosen = Vec::with_capacity(b);
-            for (r, &tok) in picks.iter().enumerate() {
+            let mut chosen = Vec::with_capacity(live.len());
+            for (&r, &tok) in live.iter().zip(&picks) {
                 if done[r] {
                     chosen.push(cfg.pad_id);
                     continue;
@@ -168,9 +185,24 @@ impl<B: Backend> LlamaForCausalLM<B> {
             }
             // The last tokens wait in the state (a later extend or decode feeds them) rather
             // than cost a forward nobody reads.
-            if done.iter().all(|d| *d) || step + 1 == cfg.max_new_tokens {
+            if live.iter().all(|&r| done[r]) || step + 1 == cfg.max_new_tokens {
                 state.pending = Some(chosen);
                 break;
+            }
+            let finished = live.iter().filter(|&&r| done[r]).count();
+            if compact && 2 * finished >= live.len() {
+                let keep: Vec<usize> = (0..live.len()).filter(|&i| !done[live[i]]).collect();
+                state.retain_rows(&keep);
+                step_ctx = LoraCtx {
+                    row_adapters: step_ctx
+                        .row_adapters
+                        .map(|v| keep.iter().map(|&i| v[i].clone()).collect()),
+                    alora_offsets: step_ctx
+                        .alora_offsets
+                        .map(|v| keep.iter().map(|&i| v[i]).collect()),
+                };
+                chosen = keep.iter().map(|&i| chosen[i]).collect();
+                live = keep.iter().map(|&i| live[i]).collect();
             }
             let chunk: Vec<Vec<u32>> = chosen.into_iter().map(|t| vec![t]).collect();
             self.feed(state, &chunk, &step_ctx);

@@ -50,14 +50,14 @@ fn base_and_adapter_rows_in_one_batch_generate_as_alone() {
         .generate(&rows, &gen, &ctx, &mut |_, _| {})
         .unwrap();
 
-    let alone = |p: &PeftModel<B, LlamaForCausalLM<B>>| -> Vec<Vec<u32>> {
+    let alone = |p: &PeftModel<B, LlamaForCausalLM<B>>, gen: &GenerationConfig| -> Vec<Vec<u32>> {
         prompts
             .iter()
             .map(|q| {
                 p.model
                     .generate(
                         std::slice::from_ref(q),
-                        &gen,
+                        gen,
                         &LoraCtx::default(),
                         &mut |_, _| {},
                     )
@@ -66,12 +66,43 @@ fn base_and_adapter_rows_in_one_batch_generate_as_alone() {
             })
             .collect()
     };
-    let tuned = alone(&peft);
+    let tuned = alone(&peft, &gen);
     peft.set_adapters_disabled(true).unwrap();
-    let base = alone(&peft);
+    let base = alone(&peft, &gen);
     assert_ne!(
         base, tuned,
         "the adapter must change some output for the test to mean anything"
+    );
+    assert_eq!(&mixed[..k], &base[..]);
+    assert_eq!(&mixed[k..], &tuned[..]);
+
+    // Rows that stop early leave the batch (generate drops them once half the batch is done,
+    // routing and all); the rows left generate what they generate alone. The stop ids are the
+    // first tokens of prompts 0 and 2 (not of prompt 1), so that most rows, not all, stop.
+    let firsts = |o: &[Vec<u32>]| -> Vec<u32> {
+        let keep = o[1][0];
+        [o[0][0], o[2][0]]
+            .into_iter()
+            .filter(|t| *t != keep)
+            .collect()
+    };
+    let mut stop_ids: Vec<u32> = firsts(&base).into_iter().chain(firsts(&tuned)).collect();
+    stop_ids.dedup();
+    let early = GenerationConfig {
+        stop_ids,
+        ..gen.clone()
+    };
+    let base = alone(&peft, &early);
+    peft.set_adapters_disabled(false).unwrap();
+    let tuned = alone(&peft, &early);
+    let mixed = peft
+        .model
+        .generate(&rows, &early, &ctx, &mut |_, _| {})
+        .unwrap();
+    let stopped = mixed.iter().filter(|o| o.len() < 8).count();
+    assert!(
+        2 * stopped >= mixed.len() && stopped < mixed.len(),
+        "the test needs half the rows, not all, to stop early: {mixed:?}"
     );
     assert_eq!(&mixed[..k], &base[..]);
     assert_eq!(&mixed[k..], &tuned[..]);
