@@ -11,7 +11,8 @@ use sft_trainer::Sample;
 
 use crate::settings::Settings;
 
-/// `bench-train`: tokens/s of LoRA training on the 8B shape with random weights and tokens.
+/// `bench-train`: tokens/s of LoRA training on the 8B shape with random weights and tokens; as
+/// one process of several (`comm`), of the data-parallel run (rank 0 prints).
 pub fn bench_train<AB: AutodiffBackend>(
     s: &Settings,
     seq: usize,
@@ -19,7 +20,9 @@ pub fn bench_train<AB: AutodiffBackend>(
     warmup: u64,
     tiny: bool,
     device: &AB::Device,
+    comm: &dyn data_parallel::Communicator,
 ) -> Result<()> {
+    let world = comm.world_size();
     use rand::{Rng, SeedableRng};
     let cfg = if tiny {
         LlamaConfig::tiny(512)
@@ -37,8 +40,10 @@ pub fn bench_train<AB: AutodiffBackend>(
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.training.seed);
     let tr = &s.training;
-    let n =
-        tr.per_device_train_batch_size * tr.gradient_accumulation_steps * (steps + warmup) as usize;
+    let n = tr.per_device_train_batch_size
+        * tr.gradient_accumulation_steps
+        * (steps + warmup) as usize
+        * world;
     let samples: Vec<Sample> = (0..n)
         .map(|_| {
             let ids: Vec<u32> = (0..seq)
@@ -65,7 +70,16 @@ pub fn bench_train<AB: AutodiffBackend>(
     tc.logging_steps = 1;
     tc.max_steps = warmup;
     let t = std::time::Instant::now();
-    sft_trainer::train::<AB, _>(&mut peft, "default", &samples, &[], &tc, false, device)?;
+    sft_trainer::train_data_parallel::<AB, _>(
+        &mut peft,
+        "default",
+        &samples,
+        &[],
+        &tc,
+        false,
+        device,
+        comm,
+    )?;
     println!(
         "warm-up: {warmup} steps in {:.1} s (autotune + compilation included)",
         t.elapsed().as_secs_f64()
@@ -73,17 +87,30 @@ pub fn bench_train<AB: AutodiffBackend>(
     tc.max_steps = steps;
     // The steps alone, as the anchor times them: the trainer leaves its final checkpoint write
     // (adapter + optimizer state) off `step_secs`.
-    let summary =
-        sft_trainer::train::<AB, _>(&mut peft, "default", &samples, &[], &tc, false, device)?;
+    let summary = sft_trainer::train_data_parallel::<AB, _>(
+        &mut peft,
+        "default",
+        &samples,
+        &[],
+        &tc,
+        false,
+        device,
+        comm,
+    )?;
+    if comm.rank() != 0 {
+        return Ok(());
+    }
     let secs = summary.step_secs;
-    let tokens =
-        (steps as usize * tr.per_device_train_batch_size * tr.gradient_accumulation_steps * seq)
-            as f64;
+    let tokens = (steps as usize
+        * tr.per_device_train_batch_size
+        * tr.gradient_accumulation_steps
+        * seq
+        * world) as f64;
     println!(
         "{}",
         serde_json::json!({
             "system": "burn-peft", "targets": s.lora.target_modules, "r": s.lora.lora_r, "gc": tr.gradient_checkpointing,
-            "batch": tr.per_device_train_batch_size * tr.gradient_accumulation_steps, "seq": seq, "steps": steps,
+            "batch": tr.per_device_train_batch_size * tr.gradient_accumulation_steps, "seq": seq, "steps": steps, "processes": world,
             "s_per_step": secs / steps as f64, "tokens_per_s": tokens / secs,
             "loss": summary.last_loss,
         })

@@ -69,6 +69,10 @@ enum Tool {
         /// Use a tiny model instead of the 8B shape (to check the command on CPU).
         #[arg(long)]
         tiny: bool,
+        /// Data-parallel processes on this host, one per GPU (NCCL; the GPU build): tokens/s
+        /// count every process.
+        #[arg(long, default_value_t = 1)]
+        nproc_per_node: usize,
     },
     /// Model checks and timings: CPU-f32 fixture parity of this backend, then (unless
     /// `--skip-8b`) random-init time, forward time (batch 1 x 1024) and greedy decode tokens/s
@@ -148,21 +152,40 @@ fn run() -> Result<()> {
         ..Default::default()
     };
     s.validate()?;
-    if cpu {
-        return dispatch::<Cpu>(&s, &cli.tool, &Default::default());
+    if let Tool::BenchTrain { nproc_per_node, .. } = cli.tool {
+        let launch = launch::LaunchArgs {
+            nproc_per_node,
+            ..Default::default()
+        };
+        if launch::launch_if_asked(&launch)? {
+            return Ok(());
+        }
     }
-    gpu(&s, &cli.tool)
+    let world = launch::worker_world()?.filter(|w| w.world_size > 1);
+    if world.is_some() && !matches!(cli.tool, Tool::BenchTrain { .. }) {
+        anyhow::bail!("only bench-train runs as several processes (RANK / WORLD_SIZE are set)");
+    }
+    if cpu {
+        return dispatch::<Cpu>(&s, &cli.tool, &Default::default(), &data_parallel::Solo);
+    }
+    gpu(&s, &cli.tool, world)
 }
 
-fn dispatch<B: Backend>(s: &Settings, tool: &Tool, device: &B::Device) -> Result<()> {
+fn dispatch<B: Backend>(
+    s: &Settings,
+    tool: &Tool,
+    device: &B::Device,
+    comm: &dyn data_parallel::Communicator,
+) -> Result<()> {
     match tool {
         Tool::BenchTrain {
             seq,
             steps,
             warmup,
             tiny,
+            ..
         } => bench_train::bench_train::<burn::backend::Autodiff<B>>(
-            s, *seq, *steps, *warmup, *tiny, device,
+            s, *seq, *steps, *warmup, *tiny, device, comm,
         ),
         Tool::BenchModel { fixture, skip_8b } => {
             bench_train::bench_model::<B>(fixture.as_deref(), *skip_8b, device)
@@ -183,9 +206,9 @@ fn dispatch<B: Backend>(s: &Settings, tool: &Tool, device: &B::Device) -> Result
 }
 
 #[cfg(feature = "cuda")]
-fn gpu(s: &Settings, tool: &Tool) -> Result<()> {
+fn gpu(s: &Settings, tool: &Tool, world: Option<data_parallel::World>) -> Result<()> {
+    use burn::backend::cuda::CudaDevice;
     type Gpu = burn::backend::Cuda<half::bf16>;
-    let device = burn::backend::cuda::CudaDevice::default();
     if let Tool::BenchLinear {
         quick,
         composed,
@@ -194,11 +217,23 @@ fn gpu(s: &Settings, tool: &Tool) -> Result<()> {
     {
         return fused::bench_linear(*quick, *composed, *iters);
     }
-    dispatch::<Gpu>(s, tool, &device)
+    let Some(w) = world else {
+        return dispatch::<Gpu>(s, tool, &CudaDevice::default(), &data_parallel::Solo);
+    };
+    let opts = data_parallel::RendezvousOptions::from_env()?;
+    let (comm, rdv) = data_parallel::Nccl::connect(&w, w.local_rank, &opts)?;
+    let rank = w.rank;
+    let watchdog = rdv.into_watchdog(move |f| {
+        eprintln!("error: rank {rank} stops: {f}");
+        std::process::exit(1);
+    });
+    let done = dispatch::<Gpu>(s, tool, &CudaDevice::new(w.local_rank), &comm);
+    watchdog.shutdown();
+    done
 }
 
 #[cfg(not(feature = "cuda"))]
-fn gpu(_s: &Settings, _tool: &Tool) -> Result<()> {
+fn gpu(_s: &Settings, _tool: &Tool, _world: Option<data_parallel::World>) -> Result<()> {
     anyhow::bail!(
         "this build has no GPU backend; the developer tools run on an NVIDIA GPU: cargo run --release --features cuda --example news2stock-dev -- TOOL\n\
          (bench-train --tiny, bench-model --skip-8b and bench-init also run on the CPU build)"
