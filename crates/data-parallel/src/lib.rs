@@ -75,7 +75,7 @@ pub use handshake::HandshakeMismatch;
 pub use in_process::InProcess;
 pub use launch::{free_port, launch, LaunchSpec, KILL_GRACE};
 #[cfg(feature = "nccl")]
-pub use nccl::Nccl;
+pub use nccl::{cuda_device_count, Nccl};
 pub use nccl_lib::{nccl_library_dir, nccl_loader_dir};
 pub use options::{RendezvousOptions, PEER_TIMEOUT_VAR};
 pub use rendezvous::{rendezvous, Rendezvous};

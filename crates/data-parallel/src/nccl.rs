@@ -41,6 +41,22 @@ struct Inner {
 unsafe impl Send for Nccl {}
 unsafe impl Sync for Nccl {}
 
+/// CUDA devices visible to this process; an error naming the driver library when it cannot be
+/// loaded (cudarc would panic).
+pub fn cuda_device_count() -> Result<usize> {
+    // SAFETY: only tries to load the library (libloading), nothing is called.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::Nccl(
+            "the CUDA driver library (libcuda.so) could not be loaded: data-parallel training \
+             needs NVIDIA GPUs and their driver"
+                .into(),
+        ));
+    }
+    CudaContext::device_count()
+        .map(|n| n.max(0) as usize)
+        .map_err(|e| nccl_err("cuDeviceGetCount", e))
+}
+
 fn nccl_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Nccl(format!("{what}: {e:?}"))
 }
@@ -56,14 +72,14 @@ impl Nccl {
         opts: &RendezvousOptions,
     ) -> Result<(Nccl, Rendezvous)> {
         // cudarc panics on a library it cannot load; say what is missing instead.
-        // SAFETY: these only try to load the libraries (libloading), nothing is called.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::Nccl(
-                "the CUDA driver library (libcuda.so) could not be loaded: data-parallel \
-                 training needs NVIDIA GPUs and their driver"
-                    .into(),
-            ));
+        let gpus = cuda_device_count()?;
+        if ordinal >= gpus {
+            return Err(Error::Nccl(format!(
+                "rank {} asks for GPU {ordinal} (LOCAL_RANK) but this host has {gpus}",
+                world.rank
+            )));
         }
+        // SAFETY: only tries to load the library (libloading), nothing is called.
         if !unsafe { cudarc::nccl::sys::is_culib_present() } {
             return Err(Error::Nccl(format!(
                 "libnccl.so could not be loaded. NCCL ships libnccl.so.2 (system packages, or \

@@ -20,8 +20,7 @@ fn gpus() -> usize {
 /// not cudarc's panic; with one, a world of one joins.
 #[test]
 fn a_missing_driver_is_an_error_naming_it() {
-    // SAFETY: only tries to load the library.
-    let driver = unsafe { cudarc::driver::sys::is_culib_present() };
+    let driver = data_parallel::cuda_device_count().is_ok();
     let world = World::localhost(0, 1, free_port().unwrap());
     match Nccl::connect(&world, 0, &RendezvousOptions::default()) {
         Err(e) if !driver => assert!(e.to_string().contains("libcuda.so"), "{e}"),
