@@ -220,13 +220,7 @@ fn gpu(s: &Settings, tool: &Tool, world: Option<data_parallel::World>) -> Result
     let Some(w) = world else {
         return dispatch::<Gpu>(s, tool, &CudaDevice::default(), &data_parallel::Solo);
     };
-    let opts = data_parallel::RendezvousOptions::from_env()?;
-    let (comm, rdv) = data_parallel::Nccl::connect(&w, w.local_rank, &opts)?;
-    let rank = w.rank;
-    let watchdog = rdv.into_watchdog(move |f| {
-        eprintln!("error: rank {rank} stops: {f}");
-        std::process::exit(1);
-    });
+    let (comm, watchdog) = launch::join_nccl(&w)?;
     let done = dispatch::<Gpu>(s, tool, &CudaDevice::new(w.local_rank), &comm);
     watchdog.shutdown();
     done

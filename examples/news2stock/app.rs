@@ -223,15 +223,8 @@ fn gpu(s: &Settings, command: &Command, world: Option<data_parallel::World>) -> 
     let Some(w) = world else {
         return dispatch::<Gpu>(s, command, &CudaDevice::default(), &Solo);
     };
-    // One GPU per process, NCCL between them; a rank that dies or stops answering ends every
-    // rank with an error naming it (instead of a hang in a collective).
-    let opts = data_parallel::RendezvousOptions::from_env()?;
-    let (comm, rdv) = data_parallel::Nccl::connect(&w, w.local_rank, &opts)?;
-    let rank = w.rank;
-    let watchdog = rdv.into_watchdog(move |f| {
-        eprintln!("error: rank {rank} stops: {f}");
-        std::process::exit(1);
-    });
+    // One GPU per process, NCCL between them.
+    let (comm, watchdog) = launch::join_nccl(&w)?;
     let done = dispatch::<Gpu>(s, command, &CudaDevice::new(w.local_rank), &comm);
     watchdog.shutdown();
     done

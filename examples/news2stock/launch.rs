@@ -78,6 +78,21 @@ pub fn worker_world() -> Result<Option<World>> {
     Ok(world)
 }
 
+/// Joins the NCCL world of `w` on GPU `w.local_rank`, under a watchdog that ends this process
+/// with an error naming a rank that dies or stops answering (instead of a hang in a collective).
+/// Shut the watchdog down when the job is done.
+#[cfg(feature = "cuda")]
+pub fn join_nccl(w: &World) -> Result<(data_parallel::Nccl, data_parallel::Watchdog)> {
+    let opts = data_parallel::RendezvousOptions::from_env()?;
+    let (comm, rdv) = data_parallel::Nccl::connect(w, w.local_rank, &opts)?;
+    let rank = w.rank;
+    let watchdog = rdv.into_watchdog(move |f| {
+        eprintln!("error: rank {rank} stops: {f}");
+        std::process::exit(1);
+    });
+    Ok((comm, watchdog))
+}
+
 /// When this process was asked for several processes and is not one of them already: starts
 /// them (this program, the same arguments) and waits. `Ok(false)`: run the job here.
 pub fn launch_if_asked(a: &LaunchArgs) -> Result<bool> {
