@@ -99,6 +99,33 @@ pub(crate) fn finish_step<AB: AutodiffBackend>(
     })
 }
 
+/// Checks that every rank starts from the same step (the same checkpoint, or none): a rank that
+/// does not see rank 0's checkpoint would otherwise train a different number of steps and leave
+/// the others waiting in a collective.
+pub(crate) fn agree_on_start(comm: &dyn Communicator, step: u64, output_dir: &Path) -> Result<()> {
+    let world = comm.world_size();
+    if world == 1 {
+        return Ok(());
+    }
+    let mut steps = vec![0f32; world];
+    steps[comm.rank()] = step as f32;
+    comm.all_reduce_sum(&mut steps)?;
+    if steps.iter().any(|s| *s != steps[0]) {
+        let by_rank: Vec<String> = steps
+            .iter()
+            .enumerate()
+            .map(|(r, s)| format!("rank {r} at step {s}"))
+            .collect();
+        return Err(Error::Distributed(format!(
+            "the processes start from different checkpoints ({}); every rank must see the same \
+             checkpoints in {} (on several hosts, put output_dir on a shared filesystem to resume)",
+            by_rank.join(", "),
+            output_dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// A 16-bit checksum of the gradient names, the same on every rank that trains the same
 /// adapters.
 fn key_checksum(keys: &[String]) -> u32 {

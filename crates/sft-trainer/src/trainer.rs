@@ -17,7 +17,7 @@ use crate::alloc::ExactAlloc;
 use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
 use crate::data::{epoch_batches, make_batch, Sample};
-use crate::distributed::{broadcast_adapter, finish_step, shard};
+use crate::distributed::{agree_on_start, broadcast_adapter, finish_step, shard};
 use crate::error::{Error, Result};
 use crate::metrics::{host_memory_mib, plot_loss, read_metrics, LogEntry, MetricsWriter};
 use crate::schedule::Schedule;
@@ -191,6 +191,7 @@ where
         let _ = std::fs::remove_file(metrics.path());
     }
     // Every process starts from rank 0's adapter.
+    agree_on_start(comm, state.global_step, &out)?;
     broadcast_adapter(peft, adapter, comm, &out)?;
     opt.prepare(&mut peft.model);
     // Pages the memory pool kept from loading or building the model (temporaries of other

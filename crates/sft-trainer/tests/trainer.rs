@@ -466,6 +466,45 @@ fn two_processes_train_what_one_trains_with_accumulation() {
         assert!(two_cfg.output_dir.join(f).exists(), "rank 0 writes {f}");
         assert!(!rank1_dir.join(f).exists(), "rank 1 writes no {f}");
     }
+    // A resume where rank 1 does not see rank 0's checkpoints (another host, no shared
+    // filesystem) stops both ranks with an error naming the steps, instead of a hang.
+    let comms = data_parallel::InProcess::world(2);
+    let errs: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let mut c = two_cfg.clone();
+                if rank == 1 {
+                    c.output_dir = rank1_dir.clone();
+                }
+                s.spawn(move || {
+                    let device = Default::default();
+                    let mut p = peft(&device);
+                    sft_trainer::train_data_parallel::<AD, _>(
+                        &mut p,
+                        "default",
+                        &data(20),
+                        &[],
+                        &c,
+                        true,
+                        &device,
+                        &comm,
+                    )
+                    .unwrap_err()
+                    .to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for e in &errs {
+        assert!(
+            e.contains("rank 0 at step 6") && e.contains("rank 1 at step 0"),
+            "{e}"
+        );
+    }
+
     // The checkpoint knows its world size; one process cannot resume it.
     let mut again = peft(&device);
     let err = train::<AD, _>(
