@@ -319,3 +319,43 @@ impl<B: Backend> Attention<B> {
         (self.o_proj.forward_ctx(out, ctx), next)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+    use burn::tensor::TensorData;
+
+    type B = NdArray<f32>;
+
+    fn mask_values(am: &[i64], b: usize, seq: usize, past: usize, keys: usize) -> Vec<f32> {
+        let dev = Default::default();
+        let w = am.len() / b;
+        let am = Tensor::<B, 2, Int>::from_data(TensorData::new(am.to_vec(), [b, w]), &dev);
+        additive_mask(Some(&am), seq, past, keys, &dev)
+            .into_data()
+            .into_vec()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_mask_over_a_cache_masks_padding_the_future_and_the_unfilled_room() {
+        // Row 0 has one left pad; 3 cached positions, 2 new tokens, a cache of 7.
+        let (b, seq, past, keys) = (2, 2, 3, 7);
+        let narrow = [0, 1, 1, 1, 1, 1, 1, 1, 1, 1];
+        let wide = [0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0, 0];
+        let m = mask_values(&narrow, b, seq, past, keys);
+        let seen = |v: &[f32]| v.iter().map(|x| *x == 0.0).collect::<Vec<_>>();
+        let w = mask_values(&wide, b, seq, past, keys);
+        assert_eq!(seen(&m), seen(&w), "the room's mask values do not matter");
+        assert!(m.iter().chain(&w).all(|x| *x == 0.0 || *x <= MASKED));
+        let visible = |r: usize, i: usize| -> Vec<usize> {
+            (0..keys)
+                .filter(|&j| m[(r * seq + i) * keys + j] == 0.0)
+                .collect()
+        };
+        assert_eq!(visible(0, 0), vec![1, 2, 3]);
+        assert_eq!(visible(0, 1), vec![1, 2, 3, 4]);
+        assert_eq!(visible(1, 1), vec![0, 1, 2, 3, 4]);
+    }
+}
