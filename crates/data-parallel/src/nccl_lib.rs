@@ -122,30 +122,6 @@ fn python_dirs(root: &Path) -> Vec<PathBuf> {
 mod tests {
     use super::*;
 
-    /// A fresh directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            let nanos = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos();
-            let p = std::env::temp_dir().join(format!(
-                "data-parallel-{tag}-{}-{nanos}",
-                std::process::id()
-            ));
-            fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-
     fn touch(p: &Path) {
         fs::create_dir_all(p.parent().unwrap()).unwrap();
         fs::write(p, b"not really a library").unwrap();
@@ -153,12 +129,12 @@ mod tests {
 
     #[test]
     fn search_finds_a_venv_wheel_and_ld_library_path_dirs_first() {
-        let t = TempDir::new("nccl-search");
-        let venv = t.0.join("venv");
+        let t = test_support::fresh_temp_dir("data-parallel", "nccl-search");
+        let venv = t.join("venv");
         let wheel = venv.join("lib/python3.11/site-packages/nvidia/nccl/lib");
         touch(&wheel.join("libnccl.so.2"));
-        let ld_a = t.0.join("a");
-        let ld_b = t.0.join("b");
+        let ld_a = t.join("a");
+        let ld_b = t.join("b");
         fs::create_dir_all(&ld_a).unwrap();
         fs::create_dir_all(&ld_b).unwrap();
         let ld = std::env::join_paths([&ld_a, &ld_b]).unwrap();
@@ -194,17 +170,17 @@ mod tests {
 
     #[test]
     fn a_dangling_symlink_does_not_count() {
-        let t = TempDir::new("nccl-dangling");
-        std::os::unix::fs::symlink(t.0.join("missing"), t.0.join("libnccl.so.2")).unwrap();
-        assert_eq!(first_with_nccl(std::slice::from_ref(&t.0)), None);
+        let t = test_support::fresh_temp_dir("data-parallel", "nccl-dangling");
+        std::os::unix::fs::symlink(t.join("missing"), t.join("libnccl.so.2")).unwrap();
+        assert_eq!(first_with_nccl(std::slice::from_ref(&t)), None);
     }
 
     #[test]
     fn loader_dir_links_libnccl_so_to_the_versioned_library_once() {
-        let t = TempDir::new("nccl-loader");
-        let found = t.0.join("wheel");
+        let t = test_support::fresh_temp_dir("data-parallel", "nccl-loader");
+        let found = t.join("wheel");
         touch(&found.join("libnccl.so.2"));
-        let cache = t.0.join("cache");
+        let cache = t.join("cache");
         for _ in 0..2 {
             let dir = loader_dir_for(Some(found.clone()), &cache).unwrap();
             assert_eq!(dir.as_deref(), Some(cache.as_path()));
@@ -230,10 +206,10 @@ mod tests {
 
     #[test]
     fn an_unwritable_cache_is_an_error_naming_the_link() {
-        let t = TempDir::new("nccl-unwritable");
-        let found = t.0.join("wheel");
+        let t = test_support::fresh_temp_dir("data-parallel", "nccl-unwritable");
+        let found = t.join("wheel");
         touch(&found.join("libnccl.so.2"));
-        let file = t.0.join("a-file");
+        let file = t.join("a-file");
         touch(&file);
         let e = loader_dir_for(Some(found), &file.join("cache")).unwrap_err();
         assert!(matches!(e, Error::NcclLink { .. }), "{e}");

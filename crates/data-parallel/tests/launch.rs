@@ -2,34 +2,9 @@
 //! others, and the variables every child gets.
 
 use std::fs;
-use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use data_parallel::{free_port, launch, Error, LaunchSpec, World, KILL_GRACE};
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p = std::env::temp_dir().join(format!(
-            "data-parallel-{tag}-{}-{nanos}",
-            std::process::id()
-        ));
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn sh(nproc: usize, script: &str) -> LaunchSpec {
     LaunchSpec {
@@ -100,11 +75,11 @@ fn children_that_exit_on_their_own_during_the_grace_are_not_blamed() {
 
 #[test]
 fn children_get_the_rank_variables_and_the_extra_env() {
-    let dir = TempDir::new("launch-env");
+    let dir = test_support::fresh_temp_dir("data-parallel", "launch-env");
     let script = format!(
         "printf '%s\\n' \"$RANK\" \"$WORLD_SIZE\" \"$LOCAL_RANK\" \"$LOCAL_WORLD_SIZE\" \
          \"$MASTER_ADDR\" \"$MASTER_PORT\" \"$NCCL_NVLS_ENABLE\" \"$DP_TEST_EXTRA\" > '{}'/rank$RANK",
-        dir.0.display()
+        dir.display()
     );
     let mut spec = sh(2, &script);
     spec.nnodes = 3;
@@ -118,7 +93,7 @@ fn children_get_the_rank_variables_and_the_extra_env() {
     let nvls = std::env::var("NCCL_NVLS_ENABLE").unwrap_or_else(|_| "0".into());
     for local in 0..2 {
         let rank = 2 + local;
-        let got = fs::read_to_string(dir.0.join(format!("rank{rank}"))).unwrap();
+        let got = fs::read_to_string(dir.join(format!("rank{rank}"))).unwrap();
         let want = format!(
             "{rank}\n6\n{local}\n2\nnode0.example\n{}\n{nvls}\nhello world\n",
             spec.master_port
@@ -129,8 +104,8 @@ fn children_get_the_rank_variables_and_the_extra_env() {
 
 #[test]
 fn what_a_child_gets_is_what_world_from_env_reads() {
-    let dir = TempDir::new("launch-world");
-    let out = dir.0.join("env");
+    let dir = test_support::fresh_temp_dir("data-parallel", "launch-world");
+    let out = dir.join("env");
     let script = format!("env | grep -E '^(RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|MASTER_ADDR|MASTER_PORT)=' > '{}'", out.display());
     let mut spec = sh(1, &script);
     spec.nnodes = 2;
