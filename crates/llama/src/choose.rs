@@ -12,7 +12,7 @@
 
 use burn::tensor::{activation, backend::Backend, Bool, Int, Tensor, TensorData};
 
-use crate::generate::GenerationConfig;
+use crate::gen_config::GenerationConfig;
 
 /// Bisection steps: enough to bring a bracket of width 1e4 below the spacing of f32 values
 /// near 1e-6 (2^-43 * 1e4 ~ 1e-9), so the threshold is the value itself, not a neighbour.

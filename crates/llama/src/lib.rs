@@ -21,6 +21,7 @@ pub mod checkpoint;
 mod choose;
 pub mod config;
 pub mod error;
+mod gen_config;
 pub mod gen_state;
 pub mod generate;
 pub mod hub;
