@@ -77,13 +77,11 @@ impl<B: Backend> KvCache<B> {
         }
     }
 
-    /// Room for at least `extra` more positions, growing by half the capacity at least, so a
-    /// cache fed token by token without a reservation is copied O(log n) times.
+    /// Room for at least `extra` more positions, growing as [`grown_capacity`] says.
     pub fn reserve(&mut self, extra: usize) {
         let need = self.len + extra;
-        let cap = self.capacity();
-        if need > cap {
-            self.reserve_exact(need.max(cap + cap / 2) - self.len);
+        if need > self.capacity() {
+            self.reserve_exact(grown_capacity(self.capacity(), need) - self.len);
         }
     }
 
@@ -104,6 +102,12 @@ impl<B: Backend> KvCache<B> {
             len: self.len + n,
         }
     }
+}
+
+/// The capacity a cache of `cap` positions grows to when it needs `need`: half again at least,
+/// so a cache fed token by token without a reservation is copied O(log n) times.
+pub(crate) fn grown_capacity(cap: usize, need: usize) -> usize {
+    need.max(cap + cap / 2)
 }
 
 /// Positions `0..len` of a cache buffer.

@@ -14,7 +14,7 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use peft_lora::alora_offsets;
 use peft_lora::LoraCtx;
 
-use crate::attention::KvCache;
+use crate::attention::{grown_capacity, KvCache};
 use crate::error::{Error, Result};
 use crate::model::{position_ids_from_mask, LlamaForCausalLM};
 
@@ -67,12 +67,12 @@ impl<B: Backend> GenState<B> {
         self.grow_to(self.cached() + extra);
     }
 
-    /// Room for `extra` more positions, growing by half the capacity at least (a state extended
-    /// chunk by chunk without a reservation is copied O(log n) times).
+    /// Room for `extra` more positions, growing as the cache's own reservation does
+    /// ([`KvCache::reserve`]).
     fn make_room(&mut self, extra: usize) {
         let need = self.cached() + extra;
         if need > self.capacity() {
-            self.grow_to(need.max(self.capacity() + self.capacity() / 2));
+            self.grow_to(grown_capacity(self.capacity(), need));
         }
     }
 
