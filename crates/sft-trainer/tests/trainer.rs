@@ -373,6 +373,31 @@ fn gradient_checkpointing_trains_a_llama_like_the_plain_backward() {
     );
 }
 
+/// Runs `f(rank, settings, communicator)` on two in-process ranks, one thread each; rank 1 writes
+/// to `rank1_dir` (its own host's folder), rank 0 to `cfg.output_dir`.
+fn two_ranks<T: Send>(
+    cfg: &TrainConfig,
+    rank1_dir: &std::path::Path,
+    f: impl Fn(usize, &TrainConfig, &data_parallel::InProcess) -> T + Sync,
+) -> Vec<T> {
+    let comms = data_parallel::InProcess::world(2);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let mut c = cfg.clone();
+                if rank == 1 {
+                    c.output_dir = rank1_dir.to_path_buf();
+                }
+                let f = &f;
+                s.spawn(move || f(rank, &c, &comm))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Data parallelism as accelerate runs it: two processes with a micro-batch of 2 each train the
 /// adapter that one process trains with two accumulated micro-batches of 2 (the same samples
 /// per step, the gradients averaged before clipping); only rank 0 writes files; a checkpoint
@@ -407,43 +432,34 @@ fn two_processes_train_what_one_trains_with_accumulation() {
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&rank1_dir);
-    let comms = data_parallel::InProcess::world(2);
-    let runs: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let mut c = two_cfg.clone();
-                if rank == 1 {
-                    c.output_dir = rank1_dir.clone();
-                }
-                s.spawn(move || {
-                    let device = Default::default();
-                    let mut p = peft(&device);
-                    // Rank 1 starts from other weights: rank 0's are broadcast at the start.
-                    if rank == 1 {
-                        let layer = &mut p.model.lora_linears_mut()[0].1;
-                        let a = &mut layer.adapters[0];
-                        a.lora_a =
-                            Param::from_tensor(seeded(a.lora_a.dims(), 99, &device).require_grad());
-                    }
-                    let s = sft_trainer::train_data_parallel::<AD, _>(
-                        &mut p,
-                        "default",
-                        &data(20),
-                        &data(4),
-                        &c,
-                        false,
-                        &device,
-                        &comm,
-                    )
-                    .unwrap();
-                    (s, adapter_values(&p))
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let run_two = |resume: bool| {
+        two_ranks(&two_cfg, &rank1_dir, |rank, c, comm| {
+            let device = Default::default();
+            let mut p = peft(&device);
+            // Rank 1 starts from other weights: rank 0's are broadcast at the start.
+            if rank == 1 {
+                let layer = &mut p.model.lora_linears_mut()[0].1;
+                let a = &mut layer.adapters[0];
+                a.lora_a = Param::from_tensor(seeded(a.lora_a.dims(), 99, &device).require_grad());
+            }
+            let eval = if resume { vec![] } else { data(4) };
+            let s = sft_trainer::train_data_parallel::<AD, _>(
+                &mut p,
+                "default",
+                &data(20),
+                &eval,
+                c,
+                resume,
+                &device,
+                comm,
+            );
+            (s, adapter_values(&p))
+        })
+    };
+    let runs: Vec<_> = run_two(false)
+        .into_iter()
+        .map(|(s, v)| (s.unwrap(), v))
+        .collect();
     let want = adapter_values(&one);
     for (rank, (s, got)) in runs.iter().enumerate() {
         assert_eq!(s.global_step, 6);
@@ -468,36 +484,10 @@ fn two_processes_train_what_one_trains_with_accumulation() {
     }
     // A resume where rank 1 does not see rank 0's checkpoints (another host, no shared
     // filesystem) stops both ranks with an error naming the steps, instead of a hang.
-    let comms = data_parallel::InProcess::world(2);
-    let errs: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let mut c = two_cfg.clone();
-                if rank == 1 {
-                    c.output_dir = rank1_dir.clone();
-                }
-                s.spawn(move || {
-                    let device = Default::default();
-                    let mut p = peft(&device);
-                    sft_trainer::train_data_parallel::<AD, _>(
-                        &mut p,
-                        "default",
-                        &data(20),
-                        &[],
-                        &c,
-                        true,
-                        &device,
-                        &comm,
-                    )
-                    .unwrap_err()
-                    .to_string()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let errs: Vec<String> = run_two(true)
+        .into_iter()
+        .map(|(s, _)| s.unwrap_err().to_string())
+        .collect();
     for e in &errs {
         assert!(
             e.contains("rank 0 at step 6") && e.contains("rank 1 at step 0"),
