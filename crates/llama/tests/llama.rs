@@ -1268,6 +1268,18 @@ fn bench_alora_kv_reuse() {
     );
 }
 
+/// Two rows of six tokens, the second right-padded: ids, attention mask and labels (prompt and
+/// padding at -100), for the checkpointed-backward tests.
+fn padded_pair() -> [Tensor<Autodiff<B>, 2, Int>; 3] {
+    let t =
+        |v: Vec<i64>| Tensor::<Autodiff<B>, 2, Int>::from_data(TensorData::new(v, [2, 6]), &dev());
+    [
+        t(vec![1, 3, 7, 9, 12, 5, 4, 7, 7, 2, 0, 0]),
+        t(vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]),
+        t(vec![-100, -100, 7, 9, 12, 5, -100, 7, 7, 2, -100, -100]),
+    ]
+}
+
 type AdGrads = <Autodiff<B> as burn::tensor::backend::AutodiffBackend>::Gradients;
 
 /// Adds every adapter tensor's gradient in `g` (LoRA A/B, trainable token rows) into `acc`, by
@@ -1321,10 +1333,7 @@ fn per_layer_checkpointing_gives_the_plain_loss_and_gradients() {
     peft.add_adapter("default", &cfg).unwrap();
     randomize_lora_b(&mut peft.model, 0.2);
     let m = &peft.model;
-    let t = |v: Vec<i64>| Tensor::<Ad, 2, Int>::from_data(TensorData::new(v, [2, 6]), &dev());
-    let ids = t(vec![1, 3, 7, 9, 12, 5, 4, 7, 7, 2, 0, 0]);
-    let mask = t(vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]);
-    let labels = t(vec![-100, -100, 7, 9, 12, 5, -100, 7, 7, 2, -100, -100]);
+    let [ids, mask, labels] = padded_pair();
     let plain = m.loss(
         ids.clone(),
         Some(mask.clone()),
@@ -1406,10 +1415,7 @@ fn modules_to_save_copies_train_with_and_without_checkpointing() {
             put(path, t.saved.get("default").unwrap().weight.val().grad(g));
         }
     };
-    let t = |v: Vec<i64>| Tensor::<Ad, 2, Int>::from_data(TensorData::new(v, [2, 6]), &dev());
-    let ids = t(vec![1, 3, 7, 9, 12, 5, 4, 7, 7, 2, 0, 0]);
-    let mask = t(vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]);
-    let labels = t(vec![-100, -100, 7, 9, 12, 5, -100, 7, 7, 2, -100, -100]);
+    let [ids, mask, labels] = padded_pair();
     let plain = m.loss(
         ids.clone(),
         Some(mask.clone()),
