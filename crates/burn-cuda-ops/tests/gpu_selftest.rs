@@ -590,7 +590,9 @@ fn adamw_reference(p: f64, g: f64, m: f64, v: f64, h: &ops::AdamWStep) -> (f64, 
 fn check_adamw<B: Backend>(label: &str, dtype: DType, device: &B::Device) -> Vec<Check> {
     let opts = (device, dtype);
     let mut checks = Vec::new();
-    for (rows, cols, t) in [(8, 3, 1), (4096, 16, 7)] {
+    // The last two: an adapter B of the 8B MLP (56 cubes in the sum of squares), and a tensor
+    // past its 1024-cube cap (a grid-stride loop).
+    for (rows, cols, t) in [(8, 3, 1), (4096, 16, 7), (16, 14336, 3), (2048, 4100, 2)] {
         let rand =
             |sd: f64| Tensor::<B, 2>::random([rows, cols], Distribution::Normal(0.0, sd), opts);
         let (p, g, m) = (rand(0.02), rand(1e-3), rand(1e-4));

@@ -15,6 +15,7 @@ pub mod data;
 pub mod distributed;
 pub mod error;
 pub mod metrics;
+pub mod phases;
 pub mod schedule;
 pub mod trainer;
 

@@ -19,6 +19,7 @@ use crate::config::TrainConfig;
 use crate::data::{epoch_batches, make_batch, Sample};
 use crate::distributed::{agree_on_start, broadcast_adapter, finish_step, shard};
 use crate::error::{Error, Result};
+use crate::phases::PhaseClock;
 use crate::metrics::{host_memory_mib, plot_loss, read_metrics, LogEntry, MetricsWriter};
 use crate::schedule::Schedule;
 use crate::CausalLm;
@@ -218,6 +219,7 @@ where
     let shard_of = |epoch| shard(epoch_batches(train.len(), bs, cfg.seed, epoch), rank, world);
     let mut batches = shard_of(state.epoch);
     let mut exact = ExactAlloc::from_env();
+    let mut clock = PhaseClock::from_env();
     while state.global_step < total {
         // Dropout draws depend only on the seed and the step: a resumed run draws the same.
         let step_seed = cfg.seed.wrapping_mul(7919).wrapping_add(state.global_step);
@@ -240,10 +242,14 @@ where
             let batch = make_batch::<AB>(&refs, cfg.pad_token_id, device);
             let scale = 1.0 / accum as f64;
             exact.before_batch::<AB>(batch.input_ids.dims(), device);
+            clock.micro_batch_start();
             let value = exact.run::<AB, _>(device, || {
                 let checkpointed = if cfg.gradient_checkpointing {
                     let model = &peft.model;
-                    model.causal_lm_backward_checkpointed(&batch, scale, &mut |g| acc.add(model, g))
+                    model.causal_lm_backward_checkpointed(&batch, scale, &mut |g| {
+                        acc.add(model, g);
+                        clock.grads_handed();
+                    })
                 } else {
                     None
                 };
@@ -254,6 +260,7 @@ where
                         // The backward is queued before the loss is read, so the device does not
                         // wait for the host in between; a non-finite loss stops the run below.
                         let grads = (loss.clone() * scale).backward();
+                        clock.grads_handed();
                         let value: f64 = loss.into_scalar().elem::<f64>();
                         if value.is_finite() {
                             acc.add(&peft.model, &grads);
@@ -262,6 +269,7 @@ where
                     }
                 }
             });
+            clock.micro_batch_done();
             if !value.is_finite() {
                 bad_loss = Some(value);
                 break;
@@ -283,7 +291,9 @@ where
         win_tokens += totals.tokens;
         run_tokens += totals.tokens;
         let lr = schedule.lr_at(state.global_step);
-        let norm = exact.run::<AB, _>(device, || opt.step(&mut peft.model, acc, lr, clip));
+        let norm = clock.optimizer::<AB, _>(state.global_step + 1, device, || {
+            exact.run::<AB, _>(device, || opt.step(&mut peft.model, acc, lr, clip))
+        });
         if !norm.is_finite() {
             return Err(Error::non_finite(
                 "gradient norm",
