@@ -91,3 +91,45 @@ impl PhaseClock {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    fn clock(on: bool) -> PhaseClock {
+        PhaseClock {
+            on,
+            ..PhaseClock::from_env()
+        }
+    }
+
+    #[test]
+    fn queueing_time_ends_at_the_last_gradients_and_a_step_starts_from_zero() {
+        let mut c = clock(true);
+        for _ in 0..2 {
+            c.micro_batch_start();
+            std::thread::sleep(Duration::from_millis(5));
+            c.grads_handed();
+            std::thread::sleep(Duration::from_millis(20));
+            c.micro_batch_done();
+        }
+        // Two micro-batches: each queued >= 5 ms, done >= 25 ms.
+        assert!(c.queued >= Duration::from_millis(10), "{:?}", c.queued);
+        assert!(c.forward_backward >= Duration::from_millis(50));
+        assert!(c.queued + Duration::from_millis(40) <= c.forward_backward);
+        let out = c.optimizer::<NdArray, _>(1, &Default::default(), || 7);
+        assert_eq!(out, 7);
+        assert_eq!((c.queued, c.forward_backward), (Duration::ZERO, Duration::ZERO));
+    }
+
+    #[test]
+    fn off_it_records_nothing() {
+        let mut c = clock(false);
+        c.micro_batch_start();
+        c.grads_handed();
+        c.micro_batch_done();
+        assert_eq!(c.optimizer::<NdArray, _>(1, &Default::default(), || "x"), "x");
+        assert_eq!((c.queued, c.forward_backward), (Duration::ZERO, Duration::ZERO));
+    }
+}
