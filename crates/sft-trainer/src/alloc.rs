@@ -23,11 +23,8 @@ pub struct ExactAlloc {
 impl ExactAlloc {
     /// On unless `PEFT_LORA_EXACT_ALLOC` is `0` / `false` / `off`.
     pub fn from_env() -> Self {
-        let off = std::env::var(ENV)
-            .map(|v| matches!(v.trim(), "0" | "false" | "off"))
-            .unwrap_or(false);
         Self {
-            enabled: !off,
+            enabled: crate::switch::env_switch(ENV) != Some(false),
             shape: None,
         }
     }

@@ -17,6 +17,7 @@ pub mod error;
 pub mod metrics;
 pub mod phases;
 pub mod schedule;
+mod switch;
 pub mod trainer;
 
 use burn::module::Module;

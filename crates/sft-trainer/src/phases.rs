@@ -25,11 +25,8 @@ pub struct PhaseClock {
 impl PhaseClock {
     /// On when `PEFT_TRAIN_PHASES` is `1` / `true` / `on`.
     pub fn from_env() -> Self {
-        let on = std::env::var(ENV)
-            .map(|v| matches!(v.trim(), "1" | "true" | "on"))
-            .unwrap_or(false);
         Self {
-            on,
+            on: crate::switch::env_switch(ENV) == Some(true),
             start: Instant::now(),
             last_grads: None,
             queued: Duration::ZERO,
