@@ -117,7 +117,10 @@ mod tests {
         assert!(c.queued + Duration::from_millis(40) <= c.forward_backward);
         let out = c.optimizer::<NdArray, _>(1, &Default::default(), || 7);
         assert_eq!(out, 7);
-        assert_eq!((c.queued, c.forward_backward), (Duration::ZERO, Duration::ZERO));
+        assert_eq!(
+            (c.queued, c.forward_backward),
+            (Duration::ZERO, Duration::ZERO)
+        );
     }
 
     #[test]
@@ -126,7 +129,13 @@ mod tests {
         c.micro_batch_start();
         c.grads_handed();
         c.micro_batch_done();
-        assert_eq!(c.optimizer::<NdArray, _>(1, &Default::default(), || "x"), "x");
-        assert_eq!((c.queued, c.forward_backward), (Duration::ZERO, Duration::ZERO));
+        assert_eq!(
+            c.optimizer::<NdArray, _>(1, &Default::default(), || "x"),
+            "x"
+        );
+        assert_eq!(
+            (c.queued, c.forward_backward),
+            (Duration::ZERO, Duration::ZERO)
+        );
     }
 }

@@ -19,8 +19,8 @@ use crate::config::TrainConfig;
 use crate::data::{epoch_batches, make_batch, Sample};
 use crate::distributed::{agree_on_start, broadcast_adapter, finish_step, shard};
 use crate::error::{Error, Result};
-use crate::phases::PhaseClock;
 use crate::metrics::{host_memory_mib, plot_loss, read_metrics, LogEntry, MetricsWriter};
+use crate::phases::PhaseClock;
 use crate::schedule::Schedule;
 use crate::CausalLm;
 
