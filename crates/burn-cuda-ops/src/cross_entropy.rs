@@ -32,11 +32,18 @@ use super::{prim, tensor};
 /// A backend's int tensor primitive.
 pub type IntPrim<B> = <B as burn::tensor::backend::BackendTypes>::IntTensorPrimitive;
 
-/// Logits per chunk (elements): 2^27 by default, i.e. 256 MiB of bf16 logits and 512 MiB of
-/// their f32 copy.
-static CHUNK_ELEMS: AtomicUsize = AtomicUsize::new(1 << 27);
+/// Logits per chunk (elements) unless [`set_chunk_elems`] says otherwise: 2^25, i.e. 64 MiB of
+/// bf16 logits and 128 MiB for each f32 temporary (261 rows of Llama 3's 128,256-word vocabulary,
+/// still a full-speed GEMM). The training step keeps each buffer size it used allocated for reuse
+/// (exact-size allocations), so the chunk's temporaries count in the step's peak for the whole
+/// run: at the former 2^27, an estimated ~1.3 GB of the 8B q,v step's 3.3 GB above the weights
+/// (bf16 logits, their f32 copy and one f32 temporary of the forward's log-sum-exp).
+pub const DEFAULT_CHUNK_ELEMS: usize = 1 << 25;
 
-/// Sets the number of logits computed at once (tests use small chunks to cross chunk borders).
+static CHUNK_ELEMS: AtomicUsize = AtomicUsize::new(DEFAULT_CHUNK_ELEMS);
+
+/// Sets the number of logits computed at once (tests use small chunks to cross chunk borders;
+/// [`DEFAULT_CHUNK_ELEMS`] restores the default).
 pub fn set_chunk_elems(n: usize) {
     CHUNK_ELEMS.store(n.max(1), AtomicOrdering::SeqCst);
 }
@@ -205,8 +212,18 @@ fn gemm_rows(
     })
 }
 
-fn chunk_rows(vocab: usize, hidden: usize) -> usize {
-    (CHUNK_ELEMS.load(AtomicOrdering::SeqCst) / vocab.max(hidden)).max(1)
+/// Rows per chunk for `n` rows: at most the chunk's element budget allows, split evenly, so the
+/// chunks of one call share one size (the exact-size allocations then keep one set of chunk
+/// buffers, not a second for a short last chunk; `n` a multiple of the chunk count leaves no
+/// short chunk at all).
+fn chunk_rows(n: usize, vocab: usize, hidden: usize) -> usize {
+    rows_per_chunk(n, CHUNK_ELEMS.load(AtomicOrdering::SeqCst), vocab.max(hidden))
+}
+
+/// [`chunk_rows`] for an element budget and a row width.
+fn rows_per_chunk(n: usize, budget: usize, width: usize) -> usize {
+    let most = (budget / width.max(1)).max(1);
+    n.div_ceil(n.div_ceil(most).max(1)).max(1)
 }
 
 // `slice([a..b])` is Burn's one range for the one sliced axis, not a vec of one range.
@@ -220,7 +237,7 @@ fn forward<F: FloatElement, I: IntElement, BT: BoolElement>(
     let (h, n, hid, vocab) = shapes(h, &w, &targets)?;
     let wp = prepare(w);
     let tg = Tensor::<T<F, I, BT>, 1, Int>::from_primitive(targets);
-    let chunk = chunk_rows(vocab, hid);
+    let chunk = chunk_rows(n, vocab, hid);
     let mut total: Option<Tensor<T<F, I, BT>, 1>> = None;
     let mut lses = Vec::new();
     for r0 in (0..n).step_by(chunk) {
@@ -265,7 +282,7 @@ fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
         .cast(FloatDType::F32)
         .reshape([1, 1]);
     let dh = empty_as(&h, Shape::new([n, hid]), h.dtype);
-    let chunk = chunk_rows(vocab, hid);
+    let chunk = chunk_rows(n, vocab, hid);
     for r0 in (0..n).step_by(chunk) {
         let rows = chunk.min(n - r0);
         let logits = empty_as(&h, Shape::new([rows, vocab]), h.dtype);
@@ -281,3 +298,27 @@ fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
     }
     Ok(dh)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::rows_per_chunk;
+
+    #[test]
+    fn chunks_split_the_rows_evenly_within_the_budget() {
+        // The 8B bench's labelled rows (2 x 512) over Llama 3's vocabulary: 4 chunks of 256
+        // instead of 261 + 261 + 261 + 241.
+        assert_eq!(rows_per_chunk(1024, 1 << 25, 128_256), 256);
+        assert_eq!(rows_per_chunk(1023, 1 << 25, 128_256), 256);
+        // Within the budget: one chunk when everything fits, never more rows than allowed.
+        assert_eq!(rows_per_chunk(200, 1 << 25, 128_256), 200);
+        for n in 1..2000 {
+            let r = rows_per_chunk(n, 1 << 25, 128_256);
+            assert!(r <= 261 && n.div_ceil(r) == n.div_ceil(261), "n {n}: {r}");
+        }
+        // The self-test's chunked case still ends with a short chunk (5, 5, 3).
+        assert_eq!(rows_per_chunk(13, 5 * 50, 50), 5);
+        assert_eq!(rows_per_chunk(3, 1, 50), 1);
+        assert_eq!(rows_per_chunk(0, 1 << 25, 128_256), 1);
+    }
+}
+

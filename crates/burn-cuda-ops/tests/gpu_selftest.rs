@@ -357,7 +357,7 @@ fn check_cross_entropy<B: AutodiffBackend>(
     for (n, hid, vocab, transposed, chunk_elems) in [
         (13, 32, 50, false, 5 * 50),
         (13, 32, 50, true, 5 * 50),
-        (7, 64, 301, false, 1 << 27),
+        (7, 64, 301, false, ops::cross_entropy::DEFAULT_CHUNK_ELEMS),
     ] {
         ops::cross_entropy::set_chunk_elems(chunk_elems);
         let h = Tensor::<B, 2>::random([n, hid], normal, opts).require_grad();
@@ -423,7 +423,7 @@ fn check_cross_entropy<B: AutodiffBackend>(
             tolerance(dtype),
         ));
     }
-    ops::cross_entropy::set_chunk_elems(1 << 27);
+    ops::cross_entropy::set_chunk_elems(ops::cross_entropy::DEFAULT_CHUNK_ELEMS);
     checks
 }
 
