@@ -31,7 +31,8 @@
 //! `PEFT_LORA_SOFTMAX_KERNEL=0` the attention's softmax kernels; `PEFT_LORA_ASYNC_SUBMIT=0` makes
 //! each op wait for its hand-off to cubecl's device thread; `PEFT_LORA_GEMM_AUTOTUNE=1` times
 //! cuBLASLt's candidate algorithms per GEMM shape. (The names are those the project has always
-//! documented.)
+//! documented.) Each takes `1` / `true` / `on` / `yes` or `0` / `false` / `off` / `no`; any other
+//! value is reported once on stderr and leaves the switch at its default.
 //!
 //! ## Checks and benches
 //! `cargo test --release -p burn-cuda-ops --test gpu_selftest` compares every op with an f64 host

@@ -1,6 +1,7 @@
 //! Process-wide on/off switches for the fused ops, each read from an environment variable on
-//! first use (on unless the variable is `0`; opt-in switches: off unless it is `1`) and settable
-//! from code, so that one binary can measure an op on and off.
+//! first use (`1` / `true` / `on` / `yes` or `0` / `false` / `off` / `no`; unset: on, or off for
+//! the opt-in ones; any other value is reported once and leaves the default) and settable from
+//! code, so that one binary can measure an op on and off.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -41,11 +42,10 @@ impl Switch {
     pub(crate) fn on(&self) -> bool {
         match self.state.load(Ordering::SeqCst) {
             0 => {
-                let on = match std::env::var(self.env) {
-                    Ok(v) if self.default_on => v != "0",
-                    Ok(v) => v == "1",
-                    Err(_) => self.default_on,
-                };
+                let on = std::env::var(self.env)
+                    .ok()
+                    .and_then(|v| parse(self.env, &v, self.default_on))
+                    .unwrap_or(self.default_on);
                 // A concurrent `set` wins over the environment.
                 let _ = self.state.compare_exchange(
                     0,
@@ -56,6 +56,24 @@ impl Switch {
                 self.state.load(Ordering::SeqCst) == 1
             }
             v => v == 1,
+        }
+    }
+}
+
+/// A switch value: `Some(on)`, or `None` (after a message naming the variable and the values it
+/// takes) for anything else; an empty value counts as unset.
+fn parse(env: &str, value: &str, default_on: bool) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "on" | "yes" => Some(true),
+        "0" | "false" | "off" | "no" => Some(false),
+        "" => None,
+        _ => {
+            eprintln!(
+                "burn-cuda-ops: {env}={value:?} is not an on/off value (1/0, true/false, on/off, \
+                 yes/no); it stays {}",
+                if default_on { "on" } else { "off" }
+            );
+            None
         }
     }
 }
@@ -72,3 +90,22 @@ pub(crate) static ADAMW: Switch = Switch::new("PEFT_LORA_FUSED_ADAMW");
 pub(crate) static SOFTMAX: Switch = Switch::new("PEFT_LORA_SOFTMAX_KERNEL");
 /// Fused ops queued on cubecl's device thread without waiting (`PEFT_LORA_ASYNC_SUBMIT`).
 pub(crate) static ASYNC_SUBMIT: Switch = Switch::new("PEFT_LORA_ASYNC_SUBMIT");
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    #[test]
+    fn switch_values_are_read_as_users_write_them() {
+        for v in ["1", "true", "ON", " yes "] {
+            assert_eq!(parse("X", v, false), Some(true), "{v}");
+        }
+        for v in ["0", "false", "Off", "no"] {
+            assert_eq!(parse("X", v, true), Some(false), "{v}");
+        }
+        // Unknown and empty values leave the default (the caller's `unwrap_or`).
+        assert_eq!(parse("X", "maybe", true), None);
+        assert_eq!(parse("X", "", false), None);
+    }
+}
+
