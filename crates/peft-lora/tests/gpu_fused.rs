@@ -1,7 +1,7 @@
 //! GPU check of `LoraLinear` on the fused CUDA ops (feature `cuda`): the fused layer against an
 //! f64 host reference and against the composed layer (forward and every gradient, odd shapes,
 //! transposed weights, bias, 3-D inputs, DoRA, dropout, frozen layers), in f32, bf16 and bf16
-//! with gradient checkpointing; and `LoraOptimizer`'s one-kernel f32-master AdamW against the
+//! with gradient checkpointing; per-row routing (base and adapter rows in one batch); and `LoraOptimizer`'s one-kernel f32-master AdamW against the
 //! composed update.
 //!
 //! `cargo test --release -p peft-lora --features cuda --test gpu_fused`. Without a CUDA GPU it
@@ -320,6 +320,79 @@ fn check_all<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Device) 
         .collect()
 }
 
+/// Per-row routing, as the side-by-side eval runs it: base rows and adapter rows of one batch
+/// through the fused op with the adapter input masked to the adapter's rows, against the
+/// composed routing (fused ops off); and each row against the layer run on that row's side
+/// alone (all rows to the adapter, or the adapter disabled).
+fn check_routed_rows<B: AutodiffBackend>(
+    label: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Check> {
+    let case = Case {
+        batch: 4,
+        seq: 5,
+        d_in: 64,
+        d_out: 48,
+        r: 8,
+        bias: true,
+        transposed_weight: false,
+        dora: false,
+        dropout: 0.0,
+    };
+    let mut layer = layer_for::<B>(&case, dtype, device);
+    let x = Tensor::<B, 3>::random(
+        [case.batch, case.seq, case.d_in],
+        Distribution::Normal(0.0, 1.0),
+        (device, dtype),
+    );
+    let dtype = x.dtype();
+    let on = [false, true, true, false];
+    let routed = peft_lora::LoraCtx {
+        row_adapters: Some(
+            on.iter()
+                .map(|o| o.then(|| "default".to_string()))
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    let run = |layer: &LoraLinear<B>, ctx: &peft_lora::LoraCtx, fused: bool| {
+        set_enabled(fused);
+        let y = host(layer.forward_ctx(x.clone(), ctx));
+        set_enabled(true);
+        y
+    };
+    let (fused, composed) = (run(&layer, &routed, true), run(&layer, &routed, false));
+    let adapter = run(&layer, &Default::default(), true);
+    layer
+        .set_disabled(true)
+        .expect("a plain layer can disable its adapters");
+    let base = run(&layer, &Default::default(), true);
+    // Each row from the side it was routed to.
+    let per_row = case.seq * case.d_out;
+    let want: Vec<f32> = on
+        .iter()
+        .enumerate()
+        .flat_map(|(i, o)| {
+            let side = if *o { &adapter } else { &base };
+            side[i * per_row..(i + 1) * per_row].to_vec()
+        })
+        .collect();
+    let name = |what: &str| format!("{label} {dtype:?} routed rows (2 base, 2 adapter) y {what}");
+    vec![
+        Check::fused(
+            name("fused vs composed"),
+            rel_err(&fused, &composed),
+            tolerance(dtype),
+        ),
+        Check::fused(
+            name("fused vs each side alone"),
+            rel_err(&fused, &want),
+            tolerance(dtype),
+        ),
+    ]
+}
+
 /// One adapted layer as a `LoraModel`, for the optimizer check.
 struct OneLayer<B: Backend>(LoraLinear<B>);
 
@@ -484,10 +557,12 @@ fn main() {
     type F32 = Autodiff<Cuda<f32>>;
     type Bf16 = Autodiff<Gpu>;
     type Bf16Ckpt = Autodiff<Gpu, BalancedCheckpointing>;
-    let suites: [((&str, DType), Suite); 3] = [
+    let suites: [((&str, DType), Suite); 5] = [
         (("cuda", DType::F32), check_all::<F32>),
         (("cuda", DType::BF16), check_all::<Bf16>),
         (("cuda-ckpt", DType::BF16), check_all::<Bf16Ckpt>),
+        (("cuda", DType::F32), check_routed_rows::<F32>),
+        (("cuda", DType::BF16), check_routed_rows::<Bf16>),
     ];
     let mut checks = Vec::new();
     for ((label, dtype), suite) in suites {

@@ -1,7 +1,7 @@
 //! The forward of [`LoraLinear`]: the fused path when one adapter (or none) is live and its
 //! variant takes it, else the composed path through every live adapter's variant.
 
-use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::LoraLinear;
 use crate::adapter::LoraAdapter;
@@ -91,7 +91,8 @@ impl<B: Backend> LoraLinear<B> {
         }
         let mut out_dims = dims;
         out_dims[D - 1] = self.d_out();
-        if let Some(out) = self.forward_fused(&x2, ctx) {
+        let batch = if D >= 2 { dims[0] } else { 1 };
+        if let Some(out) = self.forward_fused(&x2, batch, ctx) {
             return out.reshape(out_dims);
         }
         let weight = match (self.saved.live(), &self.nf4) {
@@ -112,7 +113,6 @@ impl<B: Backend> LoraLinear<B> {
                 weight: &weight,
                 bias: bias.as_ref(),
             };
-            let batch = if D >= 2 { dims[0] } else { 1 };
             let seq = n / batch.max(1);
             for adapter in &self.adapters {
                 let name = &adapter.meta.name;
@@ -133,12 +133,7 @@ impl<B: Backend> LoraLinear<B> {
                         match rows_on {
                             None => updated,
                             Some(on) => {
-                                let mask: Vec<f32> = on
-                                    .iter()
-                                    .flat_map(|o| std::iter::repeat_n(f32::from(u8::from(*o)), seq))
-                                    .collect();
-                                let m = Tensor::<B, 1>::from_floats(mask.as_slice(), &x2.device())
-                                    .unsqueeze_dim::<2>(1);
+                                let m = row_mask(&on, seq, &x2);
                                 out.clone() + (updated - out) * m
                             }
                         }
@@ -156,11 +151,13 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     /// The fused path (burn-cuda-ops, feature `cuda`): the frozen op when no adapter is live,
-    /// the single live adapter's [`LoraVariant::forward_fused`] when one is; `None` (the
-    /// composed forward then runs) for an NF4 base, another backend, several live adapters,
-    /// per-row routing, `lora_bias`, a live `modules_to_save` copy (the fused ops never compute
-    /// the base's gradient), or a variant that declines.
-    fn forward_fused(&self, x: &Tensor<B, 2>, ctx: &LoraCtx) -> Option<Tensor<B, 2>> {
+    /// the single live adapter's [`LoraVariant::forward_fused`] when one is (under per-row
+    /// routing, with the mask of its rows: the side-by-side base and adapter rows of one batch
+    /// run as one fused op); `None` (the composed forward then runs) for an NF4 base, another
+    /// backend, several live adapters, `lora_bias`, a live `modules_to_save` copy (the fused ops
+    /// never compute the base's gradient), or a variant that declines. `batch` is the number of
+    /// rows `x`'s `[n, in]` flattens (routing is per row).
+    fn forward_fused(&self, x: &Tensor<B, 2>, batch: usize, ctx: &LoraCtx) -> Option<Tensor<B, 2>> {
         if self.nf4.is_some() || self.saved.live().is_some() || !fused::supported::<B>() {
             return None;
         }
@@ -170,31 +167,37 @@ impl<B: Backend> LoraLinear<B> {
             weight: &weight,
             bias: bias.as_ref(),
         };
-        let adapters: Vec<&LoraAdapter<B>> = if self.state.disabled {
+        // The adapters that act in this call and where, as the composed path decides it.
+        let live: Vec<(&LoraAdapter<B>, RowsOn)> = if self.state.disabled {
             Vec::new()
         } else {
-            let unmerged: Vec<&LoraAdapter<B>> = self
-                .adapters
+            self.adapters
                 .iter()
                 .filter(|a| !self.state.merged.contains(&a.meta.name))
-                .collect();
-            if ctx.row_adapters.is_some() && !unmerged.is_empty() {
-                return None;
-            }
-            unmerged
-                .into_iter()
-                .filter(|a| self.state.active.contains(&a.meta.name))
+                .filter_map(|a| {
+                    let active = self.state.active.contains(&a.meta.name);
+                    match ctx.rows_on(&a.meta.name, active) {
+                        RowsOn::Skip => None,
+                        on => Some((a, on)),
+                    }
+                })
                 .collect()
         };
-        let adapter = match adapters.as_slice() {
+        let (adapter, on) = match live.as_slice() {
             [] => return base.linear(x),
-            [one] => *one,
+            [(one, on)] => (*one, on),
             _ => return None,
         };
         if adapter.lora_b_bias.is_some() {
             return None;
         }
-        variant_of::<B>(adapter.meta.variant).forward_fused(adapter, &base, x)
+        let rows = match on {
+            RowsOn::Rows(on) if !on.iter().all(|o| *o) => {
+                Some(row_mask(on, x.dims()[0] / batch.max(1), x))
+            }
+            _ => None,
+        };
+        variant_of::<B>(adapter.meta.variant).forward_fused(adapter, &base, x, rows.as_ref())
     }
 
     /// Adds `adapter`'s term at the flat positions `pos` of `out` only (aLoRA): the other rows
@@ -226,4 +229,16 @@ impl<B: Backend> LoraLinear<B> {
         let term = variant.forward(adapter, base, xs, &bs, bs.zeros_like());
         out.select_assign(0, idx, term, IndexingUpdateOp::Add)
     }
+}
+
+/// The `[batch * seq, 1]` mask (1 on the rows marked in `on`, each repeated for its `seq`
+/// positions, 0 elsewhere) in `like`'s dtype and device.
+fn row_mask<B: Backend>(on: &[bool], seq: usize, like: &Tensor<B, 2>) -> Tensor<B, 2> {
+    let mask: Vec<f32> = on
+        .iter()
+        .flat_map(|o| std::iter::repeat_n(f32::from(u8::from(*o)), seq))
+        .collect();
+    Tensor::<B, 1>::from_floats(mask.as_slice(), &like.device())
+        .cast(FloatDType::from(like.dtype()))
+        .unsqueeze_dim::<2>(1)
 }

@@ -56,8 +56,10 @@ impl<B: Backend> LoraVariant<B> for Dora {
         adapter: &LoraAdapter<B>,
         base: &Base<'_, B>,
         x: &Tensor<B, 2>,
+        rows: Option<&Tensor<B, 2>>,
     ) -> Option<Tensor<B, 2>> {
-        if adapter.meta.dropout > 0.0 && training::<B>(&x.device()) {
+        // The magnitude rescales the base output too: not a masked adapter input.
+        if rows.is_some() || adapter.meta.dropout > 0.0 && training::<B>(&x.device()) {
             return None;
         }
         let (a, b) = (adapter.lora_a.val(), adapter.lora_b.val());

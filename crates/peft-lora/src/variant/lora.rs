@@ -27,11 +27,18 @@ impl<B: Backend> LoraVariant<B> for PlainLora {
         adapter: &LoraAdapter<B>,
         base: &Base<'_, B>,
         x: &Tensor<B, 2>,
+        rows: Option<&Tensor<B, 2>>,
     ) -> Option<Tensor<B, 2>> {
         let p = adapter.meta.dropout;
         let train_dropout = p > 0.0 && training::<B>(&x.device());
         let (a, b) = (adapter.lora_a.val(), adapter.lora_b.val());
         let xd = train_dropout.then(|| dropout(x.clone(), p));
+        // `s (m x A) B` is `s (x A) B` on the rows of the mask `m` and 0 elsewhere: routing is a
+        // masked adapter input, one op for the whole batch.
+        let xd = match (xd, rows) {
+            (xd, None) => xd,
+            (xd, Some(m)) => Some(xd.unwrap_or_else(|| x.clone()) * m.clone()),
+        };
         base.low_rank_linear(x, xd.as_ref(), &a, &b, adapter.meta.scaling)
     }
 

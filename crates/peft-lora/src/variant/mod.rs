@@ -74,13 +74,16 @@ pub trait LoraVariant<B: Backend>: Sync {
     ) -> Tensor<B, 2>;
 
     /// Fused path: the layer's whole output for input `x` `[n, in]` when `adapter` is the only
-    /// live adapter (no `lora_bias`, no per-row routing), from `base`'s fused linear ops; `None`
-    /// declines and the layer runs the composed path. Declines by default.
+    /// live adapter (no `lora_bias`), from `base`'s fused linear ops; `None` declines and the
+    /// layer runs the composed path. `rows`, under per-row routing, is the `[n, 1]` 0/1 mask of
+    /// the rows the adapter acts on (the others get the base output); a variant whose term is
+    /// not linear in the adapter input declines it. Declines by default.
     fn forward_fused(
         &self,
         _adapter: &LoraAdapter<B>,
         _base: &Base<'_, B>,
         _x: &Tensor<B, 2>,
+        _rows: Option<&Tensor<B, 2>>,
     ) -> Option<Tensor<B, 2>> {
         None
     }
