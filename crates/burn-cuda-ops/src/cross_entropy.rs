@@ -217,7 +217,11 @@ fn gemm_rows(
 /// buffers, not a second for a short last chunk; `n` a multiple of the chunk count leaves no
 /// short chunk at all).
 fn chunk_rows(n: usize, vocab: usize, hidden: usize) -> usize {
-    rows_per_chunk(n, CHUNK_ELEMS.load(AtomicOrdering::SeqCst), vocab.max(hidden))
+    rows_per_chunk(
+        n,
+        CHUNK_ELEMS.load(AtomicOrdering::SeqCst),
+        vocab.max(hidden),
+    )
 }
 
 /// [`chunk_rows`] for an element budget and a row width.
@@ -321,4 +325,3 @@ mod tests {
         assert_eq!(rows_per_chunk(0, 1 << 25, 128_256), 1);
     }
 }
-

@@ -108,4 +108,3 @@ mod tests {
         assert_eq!(parse("X", "", false), None);
     }
 }
-
