@@ -11,6 +11,7 @@ use data_parallel::{free_port, Communicator, Nccl, RendezvousOptions, World};
 use llama::{LlamaConfig, LlamaForCausalLM};
 use peft_lora::{adapter_state_dict, LoraConfig, PeftModel};
 use sft_trainer::{Sample, TrainConfig};
+use test_support::host::max_abs_diff;
 
 type AB = Autodiff<Cuda<f32>>;
 
@@ -43,10 +44,8 @@ fn model(device: &CudaDevice) -> PeftModel<AB, LlamaForCausalLM<AB>> {
 }
 
 fn cfg(name: &str, batch: usize) -> TrainConfig {
-    let out = std::env::temp_dir().join(format!("gpu-dp-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
     TrainConfig {
-        output_dir: out,
+        output_dir: test_support::fresh_temp_dir("gpu-dp", name),
         learning_rate: 1e-2,
         per_device_train_batch_size: batch,
         gradient_accumulation_steps: 1,
@@ -65,12 +64,21 @@ fn weights(p: &PeftModel<AB, LlamaForCausalLM<AB>>) -> Vec<f32> {
         .collect()
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+/// The adapter after the plain (single-process) trainer with a micro-batch of 2 on GPU 0.
+fn plain_weights(name: &str) -> Vec<f32> {
+    let device = CudaDevice::new(0);
+    let mut p = model(&device);
+    sft_trainer::train::<AB, _>(
+        &mut p,
+        "default",
+        &samples(16),
+        &[],
+        &cfg(name, 2),
+        false,
+        &device,
+    )
+    .unwrap();
+    weights(&p)
 }
 
 /// `n` ranks in threads, rank r on GPU r, each training with a micro-batch of `batch`.
@@ -110,21 +118,9 @@ fn data_parallel(n: usize, batch: usize, name: &str) -> Vec<Vec<f32>> {
 #[ignore = "needs a GPU and libnccl.so: run with --ignored on a GPU box"]
 fn one_rank_through_nccl_trains_what_the_plain_trainer_trains() {
     assert!(gpus() >= 1, "no CUDA device");
-    let device = CudaDevice::new(0);
-    let mut plain = model(&device);
-    sft_trainer::train::<AB, _>(
-        &mut plain,
-        "default",
-        &samples(16),
-        &[],
-        &cfg("plain", 2),
-        false,
-        &device,
-    )
-    .unwrap();
-    let want = weights(&plain);
+    let want = plain_weights("plain");
     let got = data_parallel(1, 2, "world1");
-    let d = max_diff(&want, &got[0]);
+    let d = max_abs_diff(&want, &got[0]);
     assert!(d <= 1e-6, "NCCL world of one vs the plain trainer: {d}");
 }
 
@@ -132,21 +128,9 @@ fn one_rank_through_nccl_trains_what_the_plain_trainer_trains() {
 #[ignore = "needs two GPUs and libnccl.so: run with --ignored on a GPU box"]
 fn two_ranks_of_batch_1_train_what_one_rank_of_batch_2_trains() {
     assert!(gpus() >= 2, "{} CUDA device(s); this test needs 2", gpus());
-    let device = CudaDevice::new(0);
-    let mut one = model(&device);
-    sft_trainer::train::<AB, _>(
-        &mut one,
-        "default",
-        &samples(16),
-        &[],
-        &cfg("one", 2),
-        false,
-        &device,
-    )
-    .unwrap();
-    let want = weights(&one);
+    let want = plain_weights("one");
     for (rank, got) in data_parallel(2, 1, "two").iter().enumerate() {
-        let d = max_diff(&want, got);
+        let d = max_abs_diff(&want, got);
         assert!(
             d <= 1e-5,
             "rank {rank}: 2 x batch 1 vs 1 x batch 2 differ by {d}"

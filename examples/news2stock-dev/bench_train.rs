@@ -68,35 +68,31 @@ pub fn bench_train<AB: AutodiffBackend>(
     tc.progress_bar = false;
     tc.save_steps = 0;
     tc.logging_steps = 1;
-    tc.max_steps = warmup;
+    let mut run = |max_steps: u64| {
+        let tc = sft_trainer::TrainConfig {
+            max_steps,
+            ..tc.clone()
+        };
+        sft_trainer::train_data_parallel::<AB, _>(
+            &mut peft,
+            "default",
+            &samples,
+            &[],
+            &tc,
+            false,
+            device,
+            comm,
+        )
+    };
     let t = std::time::Instant::now();
-    sft_trainer::train_data_parallel::<AB, _>(
-        &mut peft,
-        "default",
-        &samples,
-        &[],
-        &tc,
-        false,
-        device,
-        comm,
-    )?;
+    run(warmup)?;
     println!(
         "warm-up: {warmup} steps in {:.1} s (autotune + compilation included)",
         t.elapsed().as_secs_f64()
     );
-    tc.max_steps = steps;
     // The steps alone, as the anchor times them: the trainer leaves its final checkpoint write
     // (adapter + optimizer state) off `step_secs`.
-    let summary = sft_trainer::train_data_parallel::<AB, _>(
-        &mut peft,
-        "default",
-        &samples,
-        &[],
-        &tc,
-        false,
-        device,
-        comm,
-    )?;
+    let summary = run(steps)?;
     if comm.rank() != 0 {
         return Ok(());
     }
