@@ -19,9 +19,11 @@
 #   check         burn-cuda-ops gpu_selftest and peft-lora gpu_fused
 #   train         ours on the three configs (qv-gc, qv-nogc, all-gc), LoRA dropout 0.1
 #   train-d0      the same at dropout 0 (Unsloth's, which its fused kernels need)
+#                 (CONFIGS="qv-gc all-gc" picks configs for train and train-d0)
 #   phases        qv-gc and all-gc with PEFT_TRAIN_PHASES=1 (where a step's time goes)
 #   hf | liger    HF PEFT (+ Liger) on the three configs (scripts/peft_baseline.py)
 #   unsloth       Unsloth on the three configs (saves a random 8B model to /tmp/m8b first)
+#   profile       one qv-gc step under Nsight Compute: GPU time per kernel (scripts/kernel_profile.py)
 #   gen           bench-generate (batch 1 / 8 / 64) and scripts/bench_transformers_generate.py
 #   dp1           NCCL and data-parallel checks on one GPU
 #   dp2 | dp4     the two-rank checks (and over sockets), bench-train on 1 / 2 (/ 4) GPUs
@@ -105,8 +107,8 @@ for stage in "$@"; do
       echo "$t rc=$? $(tail -1 "$L/$t.txt")" | tee -a "$S"
       grep '"pass":false' "$L/$t.txt" | head -5 | tee -a "$S"
     done ;;
-  train) ours d01 0.1 qv-gc qv-nogc all-gc ;;
-  train-d0) ours d0 0 qv-gc qv-nogc all-gc ;;
+  train) ours d01 0.1 ${CONFIGS:-qv-gc qv-nogc all-gc} ;;
+  train-d0) ours d0 0 ${CONFIGS:-qv-gc qv-nogc all-gc} ;;
   phases) PEFT_TRAIN_PHASES=1 ours phases 0.1 qv-gc all-gc ;;
   hf) peers hf $three ;;
   liger)
@@ -118,6 +120,14 @@ for stage in "$@"; do
     [ -d /tmp/m8b ] || PYTHONPATH=/tmp/unsloth timeout 300 python3 "$R"/scripts/unsloth_bench.py \
       --save /tmp/m8b --tokenizer /tmp/tok > "$L/unsloth_save.txt" 2>&1
     peers unsloth $three ;;
+  profile)
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    timeout 480 "$NCU" --metrics gpu__time_duration.sum --clock-control none --cache-control none \
+      --csv --page raw --log-file "$L/profile_qv-gc.csv" "$D"/news2stock-dev --batch-size 2 \
+      --grad-accum 1 --lora-alpha 32 --lora-dropout 0.1 $(args_of qv-gc) bench-train --steps 1 \
+      --warmup 1 > "$L/profile_run.txt" 2>&1
+    echo "profile rc=$?" | tee -a "$S"
+    python3 "$R"/scripts/kernel_profile.py "$L/profile_qv-gc.csv" 45 | tee -a "$S" ;;
   gen)
     timeout 200 "$D"/news2stock-dev bench-generate > "$L/gen_ours.txt" 2>&1
     echo "gen ours rc=$?" | tee -a "$S"; grep '^{' "$L/gen_ours.txt" | tee -a "$S"

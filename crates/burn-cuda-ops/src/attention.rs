@@ -22,6 +22,8 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{activation, FloatDType, Shape, Tensor};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
 use cubecl_cuda::CudaRuntime;
@@ -174,35 +176,66 @@ fn dense(t: Raw, what: &str) -> Result<Raw, String> {
     Ok(t)
 }
 
-/// `out[i] = alpha op(a[i]) op(b[i])` for every `i < g`: `a [g, ra, ca]`, `b [g, rb, cb]` dense,
-/// `op` a transpose when asked; one strided-batched cuBLASLt call.
-fn bgemm(a: &Raw, ta: bool, b: &Raw, tb: bool, alpha: f32) -> Result<Raw, String> {
-    let dt = dtype_of(a)?;
-    if dtype_of(b)? != dt {
+/// One GEMM operand or output: groups `g0..` of a dense `[g, rows, cols]` tensor.
+#[derive(Clone, Copy)]
+struct Part<'a> {
+    t: &'a Raw,
+    g0: usize,
+}
+
+fn at(t: &Raw, g0: usize) -> Part<'_> {
+    Part { t, g0 }
+}
+
+/// `out[i] = alpha op(a[i]) op(b[i])` for `i < count` (each part from its own first group):
+/// dense `[g, r, c]` operands, `op` a transpose when asked; one strided-batched cuBLASLt call
+/// writing into `out`.
+fn bgemm_into(
+    a: Part<'_>,
+    ta: bool,
+    b: Part<'_>,
+    tb: bool,
+    alpha: f32,
+    count: usize,
+    out: Part<'_>,
+) -> Result<(), String> {
+    let dt = dtype_of(a.t)?;
+    if dtype_of(b.t)? != dt || out.t.dtype != a.t.dtype {
         return Err("GEMM operands differ in dtype".into());
     }
-    let [g, ra, ca] = dims3(a, "a")?;
-    let [gb, rb, cb] = dims3(b, "b")?;
+    let [ga, ra, ca] = dims3(a.t, "a")?;
+    let [gb, rb, cb] = dims3(b.t, "b")?;
+    let [gc, rc, cc] = dims3(out.t, "out")?;
     let (m, k) = if ta { (ca, ra) } else { (ra, ca) };
     let (kb, n) = if tb { (cb, rb) } else { (rb, cb) };
-    if g != gb || k != kb {
+    let fits = |p: Part<'_>, g: usize| p.g0 + count <= g;
+    if k != kb || (rc, cc) != (m, n) || !fits(a, ga) || !fits(b, gb) || !fits(out, gc) {
         return Err(format!(
-            "batched GEMM shapes {:?}{} x {:?}{} do not fit",
-            [g, ra, ca],
+            "batched GEMM shapes {:?}{} x {:?}{} -> {:?} do not fit {count} groups from {}, {}, {}",
+            [ga, ra, ca],
             if ta { "^T" } else { "" },
             [gb, rb, cb],
-            if tb { "^T" } else { "" }
+            if tb { "^T" } else { "" },
+            [gc, rc, cc],
+            a.g0,
+            b.g0,
+            out.g0
         ));
     }
-    let out = empty_as(a, Shape::new([g, m, n]), a.dtype);
-    let handles = vec![a.handle.clone(), b.handle.clone(), out.handle.clone()];
+    let bytes = a.t.dtype.size() as u64;
+    let offsets = [
+        (a.g0 * ra * ca) as u64 * bytes,
+        (b.g0 * rb * cb) as u64 * bytes,
+        (out.g0 * m * n) as u64 * bytes,
+    ];
+    let handles = vec![a.t.handle.clone(), b.t.handle.clone(), out.t.handle.clone()];
     let batch = lt::Batch {
-        count: g,
+        count,
         stride_a: ra * ca,
         stride_b: rb * cb,
         stride_c: m * n,
     };
-    device::enqueue(&a.device, handles, move |ctx, p| {
+    device::enqueue(&a.t.device, handles, move |ctx, p| {
         let operand = |ptr, rows, cols, trans| Operand {
             ptr,
             rows,
@@ -210,12 +243,67 @@ fn bgemm(a: &Raw, ta: bool, b: &Raw, tb: bool, alpha: f32) -> Result<Raw, String
             ld: cols,
             trans,
         };
-        let oa = operand(p[0], ra, ca, ta);
-        let ob = operand(p[1], rb, cb, tb);
-        let oc = Output { ptr: p[2], ld: n };
+        let oa = operand(p[0] + offsets[0], ra, ca, ta);
+        let ob = operand(p[1] + offsets[1], rb, cb, tb);
+        let oc = Output {
+            ptr: p[2] + offsets[2],
+            ld: n,
+        };
         lt::gemm_batched(ctx, dt, oa, ob, oc, alpha, 0.0, None, batch)
-    })?;
+    })
+}
+
+/// [`bgemm_into`] a new `[count, m, n]` tensor.
+fn bgemm_new(
+    a: Part<'_>,
+    ta: bool,
+    b: Part<'_>,
+    tb: bool,
+    alpha: f32,
+    count: usize,
+) -> Result<Raw, String> {
+    let [_, ra, ca] = dims3(a.t, "a")?;
+    let [_, rb, cb] = dims3(b.t, "b")?;
+    let m = if ta { ca } else { ra };
+    let n = if tb { rb } else { cb };
+    let out = empty_as(a.t, Shape::new([count, m, n]), a.t.dtype);
+    bgemm_into(a, ta, b, tb, alpha, count, at(&out, 0))?;
     Ok(out)
+}
+
+/// `out[i] = alpha op(a[i]) op(b[i])` for every group of `a`, `b`.
+fn bgemm(a: &Raw, ta: bool, b: &Raw, tb: bool, alpha: f32) -> Result<Raw, String> {
+    let g = dims3(a, "a")?[0];
+    bgemm_new(at(a, 0), ta, at(b, 0), tb, alpha, g)
+}
+
+/// The scores of one chunk of groups hold at most this many elements by default (2^24: 32 MiB
+/// in bf16, a quarter of a Llama-8B layer's at batch 2 x 1024).
+pub const DEFAULT_SCORE_CHUNK_ELEMS: usize = 1 << 24;
+
+static SCORE_CHUNK_ELEMS: AtomicUsize = AtomicUsize::new(DEFAULT_SCORE_CHUNK_ELEMS);
+
+/// Sets the most score elements one chunk of groups holds (process-wide; at least one group
+/// per chunk whatever the limit, so `1` runs one group at a time). For tests and benchmarks.
+pub fn set_score_chunk_elems(elems: usize) {
+    SCORE_CHUNK_ELEMS.store(elems.max(1), Ordering::Relaxed);
+}
+
+/// The groups `g` split into chunks of `m x t` scores each under the chunk limit, as even as
+/// the count allows: `(first group, groups)` pairs.
+///
+/// The step's memory pool keeps buffers by exact size, so the largest chunk's score-sized
+/// buffers (three at once in the backward) stay reserved all run: chunks keep that small at
+/// the price of a few more GEMM launches.
+fn group_chunks(g: usize, m: usize, t: usize) -> Vec<(usize, usize)> {
+    let limit = SCORE_CHUNK_ELEMS.load(Ordering::Relaxed);
+    let per = (limit / (m * t).max(1)).clamp(1, g.max(1));
+    let chunks = g.div_ceil(per);
+    let per = g.div_ceil(chunks.max(1));
+    (0..g)
+        .step_by(per.max(1))
+        .map(|g0| (g0, per.min(g - g0)))
+        .collect()
 }
 
 /// Checked shapes of one call: `(g, m, t, d)`.
@@ -259,17 +347,21 @@ fn forward<F: FloatElement, I: IntElement, BT: BoolElement>(
     mask: Raw,
     scale: f32,
 ) -> Result<Raw, String> {
-    shapes(&q, &k, &v, &mask)?;
+    let (g, m, t, d) = shapes(&q, &k, &v, &mask)?;
     let (q, k, v) = (dense(q, "q")?, dense(k, "k")?, dense(v, "v")?);
-    let s = bgemm(&q, false, &k, true, scale)?;
-    let p = if softmax_kernel() {
-        super::softmax::forward(s, mask)
-    } else {
+    if !softmax_kernel() {
+        let s = bgemm(&q, false, &k, true, scale)?;
         let dt = FloatDType::from(q.dtype);
-        prim(probs::<Cb<F, I, BT>>(tensor(s), tensor(mask)).cast(dt))
-    };
-    let p = dense(p, "probabilities")?;
-    bgemm(&p, false, &v, false, 1.0)
+        let p = prim(probs::<Cb<F, I, BT>>(tensor(s), tensor(mask)).cast(dt));
+        return bgemm(&dense(p, "probabilities")?, false, &v, false, 1.0);
+    }
+    let out = empty_as(&q, Shape::new([g, m, d]), q.dtype);
+    for (g0, n) in group_chunks(g, m, t) {
+        let s = bgemm_new(at(&q, g0), false, at(&k, g0), true, scale, n)?;
+        let p = super::softmax::forward_rows(s, mask.clone(), g0 * m, g * m);
+        bgemm_into(at(&p, 0), false, at(&v, g0), false, 1.0, n, at(&out, g0))?;
+    }
+    Ok(out)
 }
 
 /// The cubecl softmax kernels ([`super::softmax`]) unless `PEFT_LORA_SOFTMAX_KERNEL=0` (then
@@ -286,18 +378,12 @@ fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
     mask: Raw,
     scale: f32,
 ) -> Result<[Raw; 3], String> {
-    shapes(&q, &k, &v, &mask)?;
+    let (g, m, t, d) = shapes(&q, &k, &v, &mask)?;
     let (q, k, v) = (dense(q, "q")?, dense(k, "k")?, dense(v, "v")?);
     let dout = dense(dout, "output gradient")?;
-    let dt = FloatDType::from(q.dtype);
-    let s = bgemm(&q, false, &k, true, scale)?;
-    let (ds, dv) = if softmax_kernel() {
-        let p = dense(super::softmax::forward(s, mask), "probabilities")?;
-        let dv = bgemm(&p, true, &dout, false, 1.0)?;
-        let dp = bgemm(&dout, false, &v, true, 1.0)?;
-        let ds = dense(super::softmax::backward(p, dp, scale), "score gradient")?;
-        (ds, dv)
-    } else {
+    if !softmax_kernel() {
+        let dt = FloatDType::from(q.dtype);
+        let s = bgemm(&q, false, &k, true, scale)?;
         let p32 = probs::<Cb<F, I, BT>>(tensor(s), tensor(mask));
         let p = dense(prim(p32.clone().cast(dt)), "probabilities")?;
         let dv = bgemm(&p, true, &dout, false, 1.0)?;
@@ -306,9 +392,22 @@ fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
         let dp32 = tensor::<Cb<F, I, BT>, 3>(dp).cast(FloatDType::F32);
         let row = (dp32.clone() * p32.clone()).sum_dim(2);
         let ds = ((dp32 - row) * p32 * scale as f64).cast(dt);
-        (dense(prim(ds), "score gradient")?, dv)
-    };
-    let dq = bgemm(&ds, false, &k, false, 1.0)?;
-    let dk = bgemm(&ds, true, &q, false, 1.0)?;
+        let ds = dense(prim(ds), "score gradient")?;
+        let dq = bgemm(&ds, false, &k, false, 1.0)?;
+        let dk = bgemm(&ds, true, &q, false, 1.0)?;
+        return Ok([dq, dk, dv]);
+    }
+    let dq = empty_as(&q, Shape::new([g, m, d]), q.dtype);
+    let dk = empty_as(&q, Shape::new([g, t, d]), q.dtype);
+    let dv = empty_as(&q, Shape::new([g, t, d]), q.dtype);
+    for (g0, n) in group_chunks(g, m, t) {
+        let s = bgemm_new(at(&q, g0), false, at(&k, g0), true, scale, n)?;
+        let p = super::softmax::forward_rows(s, mask.clone(), g0 * m, g * m);
+        bgemm_into(at(&p, 0), true, at(&dout, g0), false, 1.0, n, at(&dv, g0))?;
+        let dp = bgemm_new(at(&dout, g0), false, at(&v, g0), true, 1.0, n)?;
+        let ds = super::softmax::backward(p, dp, scale);
+        bgemm_into(at(&ds, 0), false, at(&k, g0), false, 1.0, n, at(&dq, g0))?;
+        bgemm_into(at(&ds, 0), true, at(&q, g0), false, 1.0, n, at(&dk, g0))?;
+    }
     Ok([dq, dk, dv])
 }

@@ -33,6 +33,7 @@ fn softmax_forward_kernel<E: Float, N: Size>(
     tv: u32,
     s: u32,
     rows_per_mask: u32,
+    row0: u32,
     #[define(E)] _dtype: StorageType,
 ) {
     let row = row_index() * CUBE_DIM_Y as usize + UNIT_POS_Y as usize;
@@ -43,8 +44,10 @@ fn softmax_forward_kernel<E: Float, N: Size>(
     let tv = tv as usize;
     let s = s as usize;
     let base = row * tv;
-    // Rows are [mask batch, heads, s]: query position row % s of mask batch row / rows_per_mask.
-    let mbase = ((row / rows_per_mask as usize) * s + row % s) * tv;
+    // Rows are [mask batch, heads, s] from row `row0` on: query position r % s of mask batch
+    // r / rows_per_mask, for r = row0 + row.
+    let r = row0 as usize + row;
+    let mbase = ((r / rows_per_mask as usize) * s + r % s) * tv;
 
     // One pass: this unit's maximum and its sum of exp(v - maximum).
     let mut mx = f32::new(-3.0e38);
@@ -132,12 +135,21 @@ fn rows_launch(rows: usize) -> (CubeCount, CubeDim) {
 /// `softmax(f32(scores) + mask)` over the last axis, in the scores' dtype. `scores [g, m, t]`
 /// whose `g * m` rows are `[mb, heads, s]`; `mask [mb, 1, s, t]` f32.
 pub fn forward(scores: Raw, mask: Raw) -> Raw {
+    let [g, m, _] = scores.meta.shape().dims::<3>();
+    forward_rows(scores, mask, 0, g * m)
+}
+
+/// [`forward`] over a chunk of the rows: `scores [g, m, t]` holds rows `row0..row0 + g * m` of
+/// the `total_rows` (`[mb, heads, s]`) that `mask [mb, 1, s, t]` covers; `row0` a multiple of
+/// `s`.
+pub fn forward_rows(scores: Raw, mask: Raw, row0: usize, total_rows: usize) -> Raw {
     let scores = into_contiguous(scores);
     let mask = into_contiguous(mask);
     let [g, m, t] = scores.meta.shape().dims::<3>();
     let ms = mask.meta.shape();
     let (mb, s) = (ms[0], ms[2]);
     let rows = g * m;
+    debug_assert!(row0 % s == 0 && row0 + rows <= total_rows && total_rows % mb == 0);
     let out = empty_as(&scores, scores.meta.shape().clone(), scores.dtype);
     let dtype = scores.dtype;
     let n = vector_size(t);
@@ -153,7 +165,8 @@ pub fn forward(scores: Raw, mask: Raw) -> Raw {
         rows as u32,
         (t / n) as u32,
         s as u32,
-        (rows / mb) as u32,
+        (total_rows / mb) as u32,
+        row0 as u32,
         dtype.into(),
     );
     out

@@ -315,6 +315,13 @@ fn check_attention<B: AutodiffBackend>(
             [host(out.clone()), gr(&q), gr(&k), gr(&v)]
         };
         let fused = run(true);
+        // One KV group per chunk: the chunked GEMMs' offsets and the softmax's row offset into
+        // the per-row mask.
+        burn_cuda_ops::attention::set_score_chunk_elems(1);
+        let chunked = run(true);
+        burn_cuda_ops::attention::set_score_chunk_elems(
+            burn_cuda_ops::attention::DEFAULT_SCORE_CHUNK_ELEMS,
+        );
         let composed = run(false);
         ops::set_attention_enabled(true);
         let want = attention_reference(
@@ -335,6 +342,15 @@ fn check_attention<B: AutodiffBackend>(
                     if padded { " padded" } else { "" }
                 ),
                 err_fused: rel_err(&fused[i], &want[i]),
+                err_composed: rel_err(&composed[i], &want[i]),
+                tol,
+            });
+            checks.push(Check {
+                name: format!(
+                    "{label} {dtype:?} attention b{b} g{g} rep{rep} s{s} t{t} d{d}{} {what}, one group per chunk",
+                    if padded { " padded" } else { "" }
+                ),
+                err_fused: rel_err(&chunked[i], &want[i]),
                 err_composed: rel_err(&composed[i], &want[i]),
                 tol,
             });
