@@ -2,7 +2,8 @@
 //! points (`act_fn(gate_proj(x)) * up_proj(x)` in the model's dtype, each op computed in f32):
 //! - forward: `a = dtype(g sigmoid(g))`, `y = dtype(a u)`;
 //! - backward: `du = dtype(dy a)`, `dg = dtype(dtype(dy u) s (1 + g (1 - s)))` with
-//!   `s = sigmoid(g)`, as torch's `silu_backward`. Keeps `gate` and `up` only.
+//!   `s = sigmoid(g)`, as torch's `silu_backward`. Keeps `gate` and `up` only; the backward
+//!   writes its gradients over `gate` and `dy` where nothing else holds them.
 //!
 //! Each unit handles a vector of up to 8 elements (one 16-byte bf16 load per input).
 //!
@@ -60,16 +61,16 @@ fn swiglu_backward_kernel<E: Float, N: Size>(
     if i >= len as usize {
         terminate!();
     }
+    // Every load before any store: `dgate` may alias `gate` and `dup` alias `dy`.
     let g = Vector::<f32, N>::cast_from(gate[i]);
     let d = Vector::<f32, N>::cast_from(dy[i]);
+    let u = Vector::<f32, N>::cast_from(up[i]);
     let one = Vector::new(f32::new(1.0));
     let zero = Vector::new(f32::new(0.0));
     let s = one / (one + (zero - g).exp());
     let act = Vector::<f32, N>::cast_from(Vector::<E, N>::cast_from(g * s));
+    let da = Vector::<f32, N>::cast_from(Vector::<E, N>::cast_from(d * u));
     dup[i] = Vector::cast_from(d * act);
-    let da = Vector::<f32, N>::cast_from(Vector::<E, N>::cast_from(
-        d * Vector::<f32, N>::cast_from(up[i]),
-    ));
     dgate[i] = Vector::cast_from(da * s * (one + g * (one - s)));
 }
 
@@ -95,7 +96,16 @@ pub fn forward(gate: Raw, up: Raw) -> Raw {
     out
 }
 
+/// A tensor whose buffer an output may take over: no other handle to it, dense.
+fn reusable(t: &Raw) -> bool {
+    t.can_mut() && t.is_contiguous() && t.is_contiguous_buffer()
+}
+
 /// `(dgate, dup)` from the output gradient and the two inputs.
+///
+/// `dgate` takes `gate`'s buffer and `dup` takes `dy`'s where nothing else holds them (as in
+/// the training step's backward): two fewer `[tokens, intermediate]` buffers at the MLP's
+/// backward, which the step's exact-size memory pool would otherwise keep reserved all run.
 pub fn backward(dy: Raw, gate: Raw, up: Raw) -> (Raw, Raw) {
     let (dy, gate, up) = (
         into_contiguous(dy),
@@ -105,9 +115,21 @@ pub fn backward(dy: Raw, gate: Raw, up: Raw) -> (Raw, Raw) {
     let shape = gate.meta.shape().clone();
     let n = shape.num_elements();
     let v = vector_size(n);
-    let dgate = empty_as(&gate, shape.clone(), gate.dtype);
-    let dup = empty_as(&gate, shape, gate.dtype);
     let dtype = gate.dtype;
+    let same = |t: &Raw| t.meta.shape() == &shape && t.dtype == dtype;
+    // Kernel inputs: 0 dy, 1 gate, 2 up.
+    let (dgate, dgate_arg) = if reusable(&gate) && same(&gate) {
+        (gate.clone(), gate.as_tensor_alias(1))
+    } else {
+        let t = empty_as(&gate, shape.clone(), dtype);
+        (t.clone(), t.into_tensor_arg())
+    };
+    let (dup, dup_arg) = if reusable(&dy) && same(&dy) {
+        (dy.clone(), dy.as_tensor_alias(0))
+    } else {
+        let t = empty_as(&gate, shape, dtype);
+        (t.clone(), t.into_tensor_arg())
+    };
     swiglu_backward_kernel::launch::<CudaRuntime>(
         &gate.client.clone(),
         elem_grid(n / v),
@@ -116,8 +138,8 @@ pub fn backward(dy: Raw, gate: Raw, up: Raw) -> (Raw, Raw) {
         dy.into_tensor_arg(),
         gate.into_tensor_arg(),
         up.into_tensor_arg(),
-        dgate.clone().into_tensor_arg(),
-        dup.clone().into_tensor_arg(),
+        dgate_arg,
+        dup_arg,
         (n / v) as u32,
         dtype.into(),
     );
