@@ -54,6 +54,7 @@ pub mod fusion;
 mod gpu_timer;
 pub mod kernels;
 pub mod lt;
+pub mod offload;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
@@ -198,6 +199,81 @@ fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive 
 
 fn tensor<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+/// Whether `B` is a raw cubecl CUDA backend (no autodiff, no fusion).
+fn raw_cuda<B: Backend>() -> bool {
+    [TypeId::of::<Cube<bf16>>(), TypeId::of::<Cube<f32>>()].contains(&TypeId::of::<B>())
+}
+
+/// A tensor parked in pinned host memory by [`offload`].
+#[derive(Debug)]
+pub struct Offloaded<B: Backend, const D: usize> {
+    copy: offload::HostCopy,
+    _backend: std::marker::PhantomData<B>,
+}
+
+/// Switches host offload of checkpointed activations on or off (process-wide; default on unless
+/// `PEFT_LORA_OFFLOAD=0`).
+pub fn set_offload_enabled(on: bool) {
+    switch::OFFLOAD.set(on);
+}
+
+/// Starts copying `t` to pinned host memory ([`offload::HostCopy`]) when `B` is a raw cubecl
+/// CUDA backend (no autodiff) and offload is on; gives `t` back otherwise. The host does not
+/// wait; the device buffer stays held until [`Offloaded::release_device`].
+pub fn offload<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+) -> Result<Offloaded<B, D>, Tensor<B, D>> {
+    if !raw_cuda::<B>() || !enabled() || !switch::OFFLOAD.on() {
+        return Err(t);
+    }
+    let raw: kernels::Raw = cast(prim(t.clone()));
+    match offload::HostCopy::new(raw) {
+        Ok(copy) => Ok(Offloaded {
+            copy,
+            _backend: std::marker::PhantomData,
+        }),
+        Err(e) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| eprintln!("burn-cuda-ops: host offload off: {e}"));
+            Err(t)
+        }
+    }
+}
+
+impl<B: Backend, const D: usize> Offloaded<B, D> {
+    /// Lets the device buffer go behind the copy (cubecl's stream waits for it).
+    ///
+    /// # Panics
+    /// When the device refuses the queued work (as a failed fused op does).
+    pub fn release_device(&mut self) {
+        self.copy
+            .release_device()
+            .unwrap_or_else(|e| panic!("burn-cuda-ops offload: {e}"));
+    }
+
+    /// Queues the copy back to the device, so that [`Self::restore`] finds it under way.
+    ///
+    /// # Panics
+    /// As [`Self::release_device`].
+    pub fn prefetch(&mut self) {
+        self.copy
+            .prefetch()
+            .unwrap_or_else(|e| panic!("burn-cuda-ops offload: {e}"));
+    }
+
+    /// The tensor on the device again, ordered after its copy back.
+    ///
+    /// # Panics
+    /// As [`Self::release_device`].
+    pub fn restore(self) -> Tensor<B, D> {
+        let raw = self
+            .copy
+            .restore()
+            .unwrap_or_else(|e| panic!("burn-cuda-ops offload: {e}"));
+        tensor(cast::<kernels::Raw, B::FloatTensorPrimitive>(raw))
+    }
 }
 
 fn frozen_impl<T: FusedLinear>(

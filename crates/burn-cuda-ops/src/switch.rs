@@ -88,6 +88,8 @@ pub(crate) static ELEMENTWISE: Switch = Switch::new("PEFT_LORA_ELEMENTWISE_KERNE
 pub(crate) static ADAMW: Switch = Switch::new("PEFT_LORA_FUSED_ADAMW");
 /// The attention's softmax kernels, else Burn's composed softmax (`PEFT_LORA_SOFTMAX_KERNEL`).
 pub(crate) static SOFTMAX: Switch = Switch::new("PEFT_LORA_SOFTMAX_KERNEL");
+/// Checkpointed activations parked in pinned host memory (`PEFT_LORA_OFFLOAD`).
+pub(crate) static OFFLOAD: Switch = Switch::new("PEFT_LORA_OFFLOAD");
 /// Fused ops queued on cubecl's device thread without waiting (`PEFT_LORA_ASYNC_SUBMIT`).
 pub(crate) static ASYNC_SUBMIT: Switch = Switch::new("PEFT_LORA_ASYNC_SUBMIT");
 

@@ -824,6 +824,65 @@ fn check_adamw_master<B: Backend>(label: &str, device: &B::Device) -> Vec<Check>
     ]
 }
 
+/// Host offload ([`ops::offload`]): tensors parked in pinned memory while the device reuses
+/// their buffers (same-size tensors written right after each release), then prefetched and
+/// restored in reverse order, as the checkpointed backward does, must come back bit for bit.
+/// One tensor is restored without its device copy released (handed back as is).
+fn check_offload<B: Backend>(label: &str, dtype: DType, device: &B::Device) -> Vec<Check> {
+    let opts = (device, dtype);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let (n, shape) = (6, [2, 1000, 1536]);
+    let mut originals = Vec::new();
+    let mut parked = Vec::new();
+    let mut noise = Vec::new();
+    for i in 0..n {
+        let t = Tensor::<B, 3>::random(shape, normal, opts);
+        originals.push(host(t.clone()));
+        let mut p = match ops::offload(t) {
+            Ok(p) => p,
+            Err(_) => {
+                return vec![Check::fused(
+                    format!("{label} {dtype:?} offload: not taken"),
+                    1.0,
+                    0.0,
+                )]
+            }
+        };
+        if i + 1 < n {
+            p.release_device();
+        }
+        parked.push(p);
+        // Same-size work right away: the pool hands out the released buffers.
+        noise.push(Tensor::<B, 3>::random(shape, normal, opts) * 3.0);
+    }
+    drop(noise);
+    let mut worst = 0f64;
+    while let Some(p) = parked.pop() {
+        if let Some(before) = parked.last_mut() {
+            before.prefetch();
+        }
+        let t = p.restore();
+        // Work on the restored tensor and on fresh same-size buffers before reading it.
+        let _busy = Tensor::<B, 3>::random(shape, normal, opts) + t.clone();
+        let got = host(t);
+        let want = &originals[parked.len()];
+        let d = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| match f64::from((a - b).abs()) {
+                d if d.is_nan() => f64::INFINITY,
+                d => d,
+            })
+            .fold(0f64, f64::max);
+        worst = worst.max(d);
+    }
+    vec![Check::fused(
+        format!("{label} {dtype:?} offload: {n} tensors of {shape:?} parked, reused, restored (max abs diff)"),
+        worst,
+        0.0,
+    )]
+}
+
 type Gpu = Cuda<bf16>;
 
 /// A suite: checks for one label and element type.
@@ -846,7 +905,9 @@ fn main() {
     let dropout_input_f32: Suite = |l, dt, d| check_dropout::<F32>(l, dt, 2, 45, 96, 80, 8, d);
     let dropout_input_ckpt: Suite =
         |l, dt, d| check_dropout::<Bf16Ckpt>(l, dt, 2, 45, 96, 80, 8, d);
-    let suites: [((&str, DType), Suite); 18] = [
+    let suites: [((&str, DType), Suite); 20] = [
+        (f32_, check_offload::<Cuda<f32>>),
+        (bf16_, check_offload::<Gpu>),
         (f32_, dropout_input_f32),
         (bf16_, dropout_input),
         (ckpt, dropout_input_ckpt),

@@ -21,6 +21,7 @@ use peft_lora::LoraCtx;
 
 use crate::loss::LossOptions;
 use crate::model::LlamaForCausalLM;
+use crate::ops::Kept;
 
 /// Seeds for the forward / recomputation pairs (one per layer call).
 static CALLS: AtomicU64 = AtomicU64::new(0);
@@ -70,23 +71,33 @@ impl<B: AutodiffBackend> LlamaForCausalLM<B> {
     ) -> CheckpointedLoss<B::InnerBackend> {
         let s = input_ids.dims()[1];
         let p = self.prologue(input_ids, attention_mask, None, 0, s, ctx);
-        let embedded = p.x.clone();
+        // Only a trainable embedding needs its output again (its own backward at the end).
+        let embedded = self.model.embed_tokens.trains().then(|| p.x.clone());
         let (cos, sin, mask) = (p.cos.inner(), p.sin.inner(), p.mask.inner());
         let ctx = p.ctx;
 
-        // Forward, unrecorded: keep each layer's input and the seed its dropout used.
-        let mut x = embedded.clone().inner();
-        let mut kept = Vec::with_capacity(self.model.layers.len());
-        for layer in &self.model.layers {
+        // Forward, unrecorded: keep each layer's input and the seed its dropout used. On CUDA
+        // the inputs go to pinned host memory while the next layers run (all but the last,
+        // which the backward needs first); the copy of one layer's input overlaps its forward.
+        let mut x = p.x.inner();
+        let n = self.model.layers.len();
+        let mut kept = Vec::with_capacity(n);
+        for (i, layer) in self.model.layers.iter().enumerate() {
             let seed = next_seed();
             let device = x.device();
             B::InnerBackend::seed(&device, seed);
             peft_lora::seed_dropout(seed);
+            let mut input = if i + 1 < n {
+                Kept::offload(x.clone())
+            } else {
+                Kept::device(x.clone())
+            };
             let inner = layer.valid();
-            let (y, _) = peft_lora::with_training(|| {
-                inner.forward(x.clone(), &cos, &sin, &mask, None, &ctx)
-            });
-            kept.push((std::mem::replace(&mut x, y), seed));
+            let (y, _) =
+                peft_lora::with_training(|| inner.forward(x, &cos, &sin, &mask, None, &ctx));
+            input.release_device();
+            kept.push((input, seed));
+            x = y;
         }
 
         // Head and loss from the last hidden state.
@@ -106,8 +117,13 @@ impl<B: AutodiffBackend> LlamaForCausalLM<B> {
             Tensor::<B, 4>::from_inner(sin),
             Tensor::<B, 4>::from_inner(mask),
         );
-        for (layer, (input, seed)) in self.model.layers.iter().zip(kept).rev() {
-            let x = Tensor::<B, 3>::from_inner(input).require_grad();
+        for layer in self.model.layers.iter().rev() {
+            let (input, seed) = kept.pop().expect("one kept input per layer");
+            // The input of the layer before comes back while this one runs.
+            if let Some((before, _)) = kept.last_mut() {
+                before.prefetch();
+            }
+            let x = Tensor::<B, 3>::from_inner(input.into_tensor()).require_grad();
             B::InnerBackend::seed(&x.device(), seed);
             peft_lora::seed_dropout(seed);
             let (y, _) = layer.forward(x.clone(), &cos, &sin, &mask, None, &ctx);
@@ -117,7 +133,7 @@ impl<B: AutodiffBackend> LlamaForCausalLM<B> {
         }
 
         // The embedding, when it has trainable rows.
-        if self.model.embed_tokens.trains() {
+        if let Some(embedded) = embedded {
             let grads = (embedded * Tensor::from_inner(g)).sum().backward();
             on_grads(&grads);
         }

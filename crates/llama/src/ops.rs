@@ -104,3 +104,58 @@ pub(crate) fn linear_cross_entropy<B: Backend>(
         None
     }
 }
+
+/// A layer input kept for the checkpointed backward: on the device, or (CUDA, with
+/// `PEFT_LORA_OFFLOAD` on) parked in pinned host memory while the forward and the later layers'
+/// backward run, as Unsloth's offloaded checkpointing does.
+pub(crate) enum Kept<B: Backend> {
+    /// Held on the device.
+    Device(Tensor<B, 3>),
+    /// Copied to host memory.
+    #[cfg(feature = "cuda")]
+    Host(burn_cuda_ops::Offloaded<B, 3>),
+}
+
+impl<B: Backend> Kept<B> {
+    /// Keeps `t` on the device.
+    pub(crate) fn device(t: Tensor<B, 3>) -> Self {
+        Kept::Device(t)
+    }
+
+    /// Starts copying `t` to host memory where the backend can; keeps it on the device
+    /// otherwise. Call [`Self::release_device`] once the work that reads `t` is queued.
+    pub(crate) fn offload(t: Tensor<B, 3>) -> Self {
+        #[cfg(feature = "cuda")]
+        return match burn_cuda_ops::offload(t) {
+            Ok(h) => Kept::Host(h),
+            Err(t) => Kept::Device(t),
+        };
+        #[cfg(not(feature = "cuda"))]
+        Kept::Device(t)
+    }
+
+    /// Lets the device memory go once the copy is done (the host does not wait).
+    pub(crate) fn release_device(&mut self) {
+        #[cfg(feature = "cuda")]
+        if let Kept::Host(h) = self {
+            h.release_device();
+        }
+    }
+
+    /// Starts the copy back to the device.
+    pub(crate) fn prefetch(&mut self) {
+        #[cfg(feature = "cuda")]
+        if let Kept::Host(h) = self {
+            h.prefetch();
+        }
+    }
+
+    /// The tensor on the device.
+    pub(crate) fn into_tensor(self) -> Tensor<B, 3> {
+        match self {
+            Kept::Device(t) => t,
+            #[cfg(feature = "cuda")]
+            Kept::Host(h) => h.restore(),
+        }
+    }
+}
