@@ -277,9 +277,10 @@ fn bgemm(a: &Raw, ta: bool, b: &Raw, tb: bool, alpha: f32) -> Result<Raw, String
     bgemm_new(at(a, 0), ta, at(b, 0), tb, alpha, g)
 }
 
-/// The scores of one chunk of groups hold at most this many elements by default (2^24: 32 MiB
-/// in bf16, a quarter of a Llama-8B layer's at batch 2 x 1024).
-pub const DEFAULT_SCORE_CHUNK_ELEMS: usize = 1 << 24;
+/// The scores of one chunk of groups hold at most this many elements by default (2^25: 64 MiB
+/// in bf16, half of a Llama-8B layer's at batch 2 x 1024; smaller chunks save little more and
+/// add GEMM and softmax launches to a step whose host queueing runs only ~15 ms ahead).
+pub const DEFAULT_SCORE_CHUNK_ELEMS: usize = 1 << 25;
 
 static SCORE_CHUNK_ELEMS: AtomicUsize = AtomicUsize::new(DEFAULT_SCORE_CHUNK_ELEMS);
 
