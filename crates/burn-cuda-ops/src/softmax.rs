@@ -149,7 +149,9 @@ pub fn forward_rows(scores: Raw, mask: Raw, row0: usize, total_rows: usize) -> R
     let ms = mask.meta.shape();
     let (mb, s) = (ms[0], ms[2]);
     let rows = g * m;
-    debug_assert!(row0 % s == 0 && row0 + rows <= total_rows && total_rows % mb == 0);
+    debug_assert!(
+        row0.is_multiple_of(s) && row0 + rows <= total_rows && total_rows.is_multiple_of(mb)
+    );
     let out = empty_as(&scores, scores.meta.shape().clone(), scores.dtype);
     let dtype = scores.dtype;
     let n = vector_size(t);
