@@ -35,7 +35,10 @@ static PINNED: Mutex<Option<HashMap<usize, Vec<usize>>>> = Mutex::new(None);
 /// The copy stream of each cubecl stream (both as `usize`).
 static COPY_STREAMS: Mutex<Option<HashMap<usize, usize>>> = Mutex::new(None);
 
-fn pinned_take(bytes: usize) -> Result<usize, String> {
+/// A pinned buffer of `bytes` from the pool, or a new one. A new one is allocated on cubecl's
+/// device thread, where the device's context is current (the caller's thread may have none);
+/// the host waits for that thread once per buffer, in the first step.
+fn pinned_take(bytes: usize, device: &CudaDevice) -> Result<usize, String> {
     let mut pool = PINNED
         .lock()
         .map_err(|_| "pinned pool poisoned".to_string())?;
@@ -47,10 +50,13 @@ fn pinned_take(bytes: usize) -> Result<usize, String> {
         return Ok(p);
     }
     drop(pool);
-    // SAFETY: a plain pinned host allocation, kept for the process (returned to the pool).
-    unsafe { cudarc::driver::result::malloc_host(bytes.max(1), 0) }
-        .map(|p| p as usize)
-        .map_err(|e| format!("cuMemHostAlloc of {bytes} bytes: {e:?}"))
+    device::run(device, Vec::new(), move |_, _| {
+        // SAFETY: a plain pinned host allocation in the device's context, kept for the process
+        // (returned to the pool).
+        unsafe { cudarc::driver::result::malloc_host(bytes.max(1), 0) }
+            .map(|p| p as usize)
+            .map_err(|e| format!("cuMemHostAlloc of {bytes} bytes: {e:?}"))
+    })
 }
 
 fn pinned_give(bytes: usize, ptr: usize) {
@@ -114,7 +120,7 @@ impl HostCopy {
     pub fn new(t: Raw) -> Result<Self, String> {
         let t = into_contiguous(t);
         let bytes = t.meta.shape().num_elements() * t.dtype.size();
-        let host = pinned_take(bytes)?;
+        let host = pinned_take(bytes, &t.device)?;
         let copy = HostCopy {
             host,
             bytes,
