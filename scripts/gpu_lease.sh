@@ -16,7 +16,7 @@
 #   vendored unchanged from ../shared/bench/).
 # Stages:
 #   info          the card, the driver, torch / transformers / PEFT versions
-#   check         burn-cuda-ops gpu_selftest and peft-lora gpu_fused
+#   check         burn-cuda-ops gpu_selftest and peft-lora gpu_fused (CHECKS="gpu_selftest" for one)
 #   train         ours on the three configs (qv-gc, qv-nogc, all-gc), LoRA dropout 0.1
 #   train-d0      the same at dropout 0 (Unsloth's, which its fused kernels need)
 #                 (CONFIGS="qv-gc all-gc" picks configs for train and train-d0)
@@ -102,7 +102,7 @@ for stage in "$@"; do
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$S"
     python3 -c "import torch,transformers,peft;print('torch',torch.__version__,'transformers',transformers.__version__,'peft',peft.__version__)" 2>&1 | tee -a "$S" ;;
   check)
-    for t in gpu_selftest gpu_fused; do
+    for t in ${CHECKS:-gpu_selftest gpu_fused}; do
       CUBECL_AUTOTUNE_LEVEL=minimal timeout 300 "$D/$t" > "$L/$t.txt" 2>&1
       echo "$t rc=$? $(tail -1 "$L/$t.txt")" | tee -a "$S"
       grep '"pass":false' "$L/$t.txt" | head -5 | tee -a "$S"
