@@ -290,19 +290,26 @@ pub fn set_score_chunk_elems(elems: usize) {
     SCORE_CHUNK_ELEMS.store(elems.max(1), Ordering::Relaxed);
 }
 
-/// The groups `g` split into chunks of `m x t` scores each under the chunk limit, as even as
-/// the count allows: `(first group, groups)` pairs.
+/// The groups `g` split into chunks of `m x t` scores each under the chunk limit
+/// ([`set_score_chunk_elems`]): `(first group, groups)` pairs.
 ///
 /// The step's memory pool keeps buffers by exact size, so the largest chunk's score-sized
 /// buffers (three at once in the backward) stay reserved all run: chunks keep that small at
 /// the price of a few more GEMM launches.
 fn group_chunks(g: usize, m: usize, t: usize) -> Vec<(usize, usize)> {
-    let limit = SCORE_CHUNK_ELEMS.load(Ordering::Relaxed);
-    let per = (limit / (m * t).max(1)).clamp(1, g.max(1));
-    let chunks = g.div_ceil(per);
-    let per = g.div_ceil(chunks.max(1));
+    split_groups(g, m * t, SCORE_CHUNK_ELEMS.load(Ordering::Relaxed))
+}
+
+/// `g` groups of `per_group` elements in the fewest chunks of at most `limit` elements (one
+/// group per chunk at least), each chunk no larger than that count needs.
+fn split_groups(g: usize, per_group: usize, limit: usize) -> Vec<(usize, usize)> {
+    if g == 0 {
+        return Vec::new();
+    }
+    let fit = (limit / per_group.max(1)).clamp(1, g);
+    let per = g.div_ceil(g.div_ceil(fit));
     (0..g)
-        .step_by(per.max(1))
+        .step_by(per)
         .map(|g0| (g0, per.min(g - g0)))
         .collect()
 }
@@ -411,4 +418,38 @@ fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
         bgemm_into(at(&ds, 0), true, at(&q, g0), false, 1.0, n, at(&dk, g0))?;
     }
     Ok([dq, dk, dv])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_groups;
+
+    #[test]
+    fn groups_split_into_the_fewest_chunks_under_the_limit() {
+        // The 8B bench shape: 16 groups (batch 2 x 8 KV heads) of 4096 x 1024 scores.
+        let per = 4096 * 1024;
+        assert_eq!(split_groups(16, per, 1 << 25), vec![(0, 8), (8, 8)]);
+        assert_eq!(
+            split_groups(16, per, 1 << 24),
+            vec![(0, 4), (4, 4), (8, 4), (12, 4)]
+        );
+        assert_eq!(split_groups(16, per, usize::MAX), vec![(0, 16)]);
+        // A limit below one group still runs one group at a time.
+        assert_eq!(split_groups(3, per, 1), vec![(0, 1), (1, 1), (2, 1)]);
+        // 5 groups, 2 fit: three chunks, none larger than 2.
+        assert_eq!(split_groups(5, 10, 20), vec![(0, 2), (2, 2), (4, 1)]);
+        // 7 groups, 6 fit: two chunks of at most 4, not 6 + 1.
+        assert_eq!(split_groups(7, 10, 60), vec![(0, 4), (4, 3)]);
+        assert!(split_groups(0, per, 1 << 25).is_empty());
+        // Every group exactly once, in order.
+        for (g, lim) in [(13, 3), (16, 5), (1, 1), (9, 100)] {
+            let mut next = 0;
+            for (g0, n) in split_groups(g, 1, lim) {
+                assert_eq!(g0, next);
+                assert!(n >= 1 && n <= lim);
+                next += n;
+            }
+            assert_eq!(next, g);
+        }
+    }
 }
