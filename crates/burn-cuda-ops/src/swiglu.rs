@@ -116,20 +116,18 @@ pub fn backward(dy: Raw, gate: Raw, up: Raw) -> (Raw, Raw) {
     let n = shape.num_elements();
     let v = vector_size(n);
     let dtype = gate.dtype;
-    let same = |t: &Raw| t.meta.shape() == &shape && t.dtype == dtype;
-    // Kernel inputs: 0 dy, 1 gate, 2 up.
-    let (dgate, dgate_arg) = if reusable(&gate) && same(&gate) {
-        (gate.clone(), gate.as_tensor_alias(1))
-    } else {
-        let t = empty_as(&gate, shape.clone(), dtype);
-        (t.clone(), t.into_tensor_arg())
+    // An output over kernel input `pos` (0 dy, 1 gate, 2 up) when its buffer can be taken,
+    // else a new buffer.
+    let output = |t: &Raw, pos: usize| {
+        if reusable(t) && t.meta.shape() == &shape && t.dtype == dtype {
+            (t.clone(), t.as_tensor_alias(pos))
+        } else {
+            let fresh = empty_as(&gate, shape.clone(), dtype);
+            (fresh.clone(), fresh.into_tensor_arg())
+        }
     };
-    let (dup, dup_arg) = if reusable(&dy) && same(&dy) {
-        (dy.clone(), dy.as_tensor_alias(0))
-    } else {
-        let t = empty_as(&gate, shape, dtype);
-        (t.clone(), t.into_tensor_arg())
-    };
+    let (dgate, dgate_arg) = output(&gate, 1);
+    let (dup, dup_arg) = output(&dy, 0);
     swiglu_backward_kernel::launch::<CudaRuntime>(
         &gate.client.clone(),
         elem_grid(n / v),

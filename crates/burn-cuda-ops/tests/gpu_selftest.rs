@@ -336,24 +336,17 @@ fn check_attention<B: AutodiffBackend>(
         );
         let tol = tolerance(dtype);
         for (i, what) in ["out", "dq", "dk", "dv"].iter().enumerate() {
-            checks.push(Check {
-                name: format!(
-                    "{label} {dtype:?} attention b{b} g{g} rep{rep} s{s} t{t} d{d}{} {what}",
-                    if padded { " padded" } else { "" }
-                ),
-                err_fused: rel_err(&fused[i], &want[i]),
-                err_composed: rel_err(&composed[i], &want[i]),
-                tol,
-            });
-            checks.push(Check {
-                name: format!(
-                    "{label} {dtype:?} attention b{b} g{g} rep{rep} s{s} t{t} d{d}{} {what}, one group per chunk",
-                    if padded { " padded" } else { "" }
-                ),
-                err_fused: rel_err(&chunked[i], &want[i]),
-                err_composed: rel_err(&composed[i], &want[i]),
-                tol,
-            });
+            for (got, how) in [(&fused, ""), (&chunked, ", one group per chunk")] {
+                checks.push(Check {
+                    name: format!(
+                        "{label} {dtype:?} attention b{b} g{g} rep{rep} s{s} t{t} d{d}{} {what}{how}",
+                        if padded { " padded" } else { "" }
+                    ),
+                    err_fused: rel_err(&got[i], &want[i]),
+                    err_composed: rel_err(&composed[i], &want[i]),
+                    tol,
+                });
+            }
         }
     }
     checks
