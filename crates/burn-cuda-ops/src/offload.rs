@@ -32,8 +32,20 @@ use super::kernels::Raw;
 /// Pinned host buffers not in use, by size in bytes (pointers as `usize`).
 static PINNED: Mutex<Option<HashMap<usize, Vec<usize>>>> = Mutex::new(None);
 
-/// The copy stream of each cubecl stream (both as `usize`).
-static COPY_STREAMS: Mutex<Option<HashMap<usize, usize>>> = Mutex::new(None);
+/// The copy stream of each cubecl stream (keyed by the cubecl stream as `usize`).
+static COPY_STREAMS: Mutex<Option<HashMap<usize, CopyStream>>> = Mutex::new(None);
+
+/// A copy stream and the two events that order it with its cubecl stream, created once and
+/// re-recorded at every use (a wait queued on an event takes the event's state at that call,
+/// and every use happens on cubecl's one runner thread, so a re-record never races a wait).
+#[derive(Clone, Copy)]
+struct CopyStream {
+    stream: usize,
+    /// Recorded on the cubecl stream, waited on by the copy stream.
+    to_copy: usize,
+    /// Recorded on the copy stream, waited on by the cubecl stream.
+    from_copy: usize,
+}
 
 /// A pinned buffer of `bytes` from the pool, or a new one. A new one is allocated on cubecl's
 /// device thread, where the device's context is current (the caller's thread may have none);
@@ -69,7 +81,7 @@ fn pinned_give(bytes: usize, ptr: usize) {
 }
 
 /// The copy stream paired with `main` (created on first use, kept for the process).
-fn copy_stream(main: usize) -> Result<usize, String> {
+fn copy_stream(main: usize) -> Result<CopyStream, String> {
     let mut map = COPY_STREAMS
         .lock()
         .map_err(|_| "copy streams poisoned".to_string())?;
@@ -77,28 +89,41 @@ fn copy_stream(main: usize) -> Result<usize, String> {
     if let Some(s) = map.get(&main) {
         return Ok(*s);
     }
-    let s = stream::create(stream::StreamKind::NonBlocking)
-        .map_err(|e| format!("cuStreamCreate: {e:?}"))? as usize;
+    let ev = || {
+        event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map(|e| e as usize)
+            .map_err(|e| format!("cuEventCreate: {e:?}"))
+    };
+    let s = CopyStream {
+        stream: stream::create(stream::StreamKind::NonBlocking)
+            .map_err(|e| format!("cuStreamCreate: {e:?}"))? as usize,
+        to_copy: ev()?,
+        from_copy: ev()?,
+    };
     map.insert(main, s);
     Ok(s)
 }
 
-/// A fresh event recorded on `on` (`usize`), for `waiter` to wait on.
-fn order(on: usize, waiter: usize) -> Result<(), String> {
-    let ev = event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING)
-        .map_err(|e| format!("cuEventCreate: {e:?}"))?;
-    // SAFETY: streams of this context; the event is destroyed once the wait is queued (CUDA
-    // keeps it alive until the wait completes).
+/// Makes `waiter` wait for everything queued on `on` so far, through `ev` (re-recorded).
+fn order(ev: usize, on: usize, waiter: usize) -> Result<(), String> {
+    // SAFETY: an event and streams of this context, kept for the process.
     unsafe {
-        event::record(ev, on as CUstream).map_err(|e| format!("cuEventRecord: {e:?}"))?;
+        event::record(ev as CUevent, on as CUstream)
+            .map_err(|e| format!("cuEventRecord: {e:?}"))?;
         stream::wait_event(
             waiter as CUstream,
-            ev,
+            ev as CUevent,
             CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
         )
-        .map_err(|e| format!("cuStreamWaitEvent: {e:?}"))?;
-        event::destroy(ev as CUevent).map_err(|e| format!("cuEventDestroy: {e:?}"))
+        .map_err(|e| format!("cuStreamWaitEvent: {e:?}"))
     }
+}
+
+/// Makes the copy stream wait for everything queued on cubecl's stream `main` so far.
+fn copy_after_main(main: usize) -> Result<usize, String> {
+    let cs = copy_stream(main)?;
+    order(cs.to_copy, main, cs.stream)?;
+    Ok(cs.stream)
 }
 
 /// A tensor's bytes in pinned host memory (see the module docs).
@@ -132,8 +157,7 @@ impl HostCopy {
             back: None,
         };
         device::enqueue(&t.device, vec![t.handle.clone()], move |ctx, p| {
-            let cs = copy_stream(ctx.stream)?;
-            order(ctx.stream, cs)?;
+            let cs = copy_after_main(ctx.stream)?;
             // SAFETY: `host` holds `bytes` pinned bytes; `p[0]` is the tensor's buffer, kept
             // alive (held) until cubecl's stream has waited for this copy.
             unsafe { sys::cuMemcpyDtoHAsync_v2(host as *mut _, p[0], bytes, cs as CUstream) }
@@ -166,9 +190,8 @@ impl HostCopy {
         );
         let (host, bytes) = (self.host, self.bytes);
         device::enqueue(&out.device, vec![out.handle.clone()], move |ctx, p| {
-            let cs = copy_stream(ctx.stream)?;
             // The new buffer's earlier users (queued on cubecl's stream) come first.
-            order(ctx.stream, cs)?;
+            let cs = copy_after_main(ctx.stream)?;
             // SAFETY: `p[0]` is the new buffer of `bytes` bytes; `host` stays in the pool
             // until this copy and every later copy on this stream are done.
             unsafe { sys::cuMemcpyHtoDAsync_v2(p[0], host as *const _, bytes, cs as CUstream) }
@@ -208,7 +231,8 @@ impl std::fmt::Debug for HostCopy {
 /// copy may be reading or writing until then).
 fn after_copies(t: Raw) -> Result<(), String> {
     device::enqueue(&t.device, vec![t.handle.clone()], move |ctx, _| {
-        order(copy_stream(ctx.stream)?, ctx.stream)
+        let cs = copy_stream(ctx.stream)?;
+        order(cs.from_copy, cs.stream, ctx.stream)
     })
 }
 
