@@ -357,6 +357,11 @@ fn forward<F: FloatElement, I: IntElement, BT: BoolElement>(
 ) -> Result<Raw, String> {
     let (g, m, t, d) = shapes(&q, &k, &v, &mask)?;
     let (q, k, v) = (dense(q, "q")?, dense(k, "k")?, dense(v, "v")?);
+    // A decode step (a few query rows per group): one kernel instead of two GEMMs and a softmax.
+    if super::switch::DECODE_ATTENTION.on() && super::attention_decode::applies(m, t, d) {
+        let mask = into_contiguous(mask);
+        return Ok(super::attention_decode::forward(q, k, v, mask, scale));
+    }
     if !softmax_kernel() {
         let s = bgemm(&q, false, &k, true, scale)?;
         let dt = FloatDType::from(q.dtype);

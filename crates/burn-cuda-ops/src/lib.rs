@@ -43,6 +43,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod attention_decode;
 pub mod autodiff;
 pub mod backend;
 pub mod cross_entropy;
@@ -84,6 +85,12 @@ pub use kernels::LowRankInputs;
 /// default on unless `PEFT_LORA_FUSED_ATTENTION=0`; [`set_enabled`]`(false)` turns them off too).
 pub fn set_attention_enabled(on: bool) {
     switch::STEP_OPS.set(on);
+}
+
+/// Switches the one-kernel attention of decode steps on or off (process-wide; default on unless
+/// `PEFT_LORA_DECODE_ATTENTION=0`; off, a decode step runs the fused attention's GEMM path).
+pub fn set_decode_attention_enabled(on: bool) {
+    switch::DECODE_ATTENTION.set(on);
 }
 
 fn step_ops_enabled() -> bool {

@@ -267,6 +267,12 @@ fn check_attention<B: AutodiffBackend>(
         // leave the last cube of 8 rows part-filled.
         (1, 1, 3, 12, 12, 32, false),
         (2, 2, 2, 40, 40, 32, true),
+        // Decode steps (one new token, `rep` rows per group): the one-kernel attention, head
+        // sizes 32 / 64 / 128 (vectors of 1, 2, 4), 1 to 8 rows, keys past one plane's turn.
+        (2, 2, 4, 1, 37, 128, true),
+        (1, 3, 2, 1, 300, 64, false),
+        (3, 1, 1, 1, 5, 32, true),
+        (1, 2, 8, 1, 129, 128, false),
     ] {
         let m = rep * s;
         let q = Tensor::<B, 4>::random([b, g, m, d], normal, opts).require_grad();
@@ -315,6 +321,10 @@ fn check_attention<B: AutodiffBackend>(
             [host(out.clone()), gr(&q), gr(&k), gr(&v)]
         };
         let fused = run(true);
+        // The same through the GEMM path where the decode kernel took it.
+        burn_cuda_ops::set_decode_attention_enabled(false);
+        let gemm_path = run(true);
+        burn_cuda_ops::set_decode_attention_enabled(true);
         // One KV group per chunk: the chunked GEMMs' offsets and the softmax's row offset into
         // the per-row mask.
         burn_cuda_ops::attention::set_score_chunk_elems(1);
@@ -336,7 +346,11 @@ fn check_attention<B: AutodiffBackend>(
         );
         let tol = tolerance(dtype);
         for (i, what) in ["out", "dq", "dk", "dv"].iter().enumerate() {
-            for (got, how) in [(&fused, ""), (&chunked, ", one group per chunk")] {
+            for (got, how) in [
+                (&fused, ""),
+                (&chunked, ", one group per chunk"),
+                (&gemm_path, ", decode kernel off"),
+            ] {
                 checks.push(Check {
                     name: format!(
                         "{label} {dtype:?} attention b{b} g{g} rep{rep} s{s} t{t} d{d}{} {what}{how}",
