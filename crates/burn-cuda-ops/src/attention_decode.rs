@@ -154,7 +154,7 @@ fn decode_attention_kernel<E: Float, N: Size>(
 /// size other than 32 x 1, 2, 4 or 8, or scores and partial rows beyond the shared memory.
 fn plan(m: usize, t: usize, d: usize) -> Option<(usize, usize)> {
     let vector = d / PLANE;
-    if !(1..=MAX_ROWS).contains(&m) || d % PLANE != 0 || !matches!(vector, 1 | 2 | 4 | 8) {
+    if !(1..=MAX_ROWS).contains(&m) || !d.is_multiple_of(PLANE) || !matches!(vector, 1 | 2 | 4 | 8) {
         return None;
     }
     let elems = m * t.div_ceil(KEY_STEP) * KEY_STEP;
