@@ -141,8 +141,10 @@ fn decode_attention_kernel<E: Float, N: Size>(
     let mut r = warp;
     while r < m {
         let mut o = part[r * PLANE + lane];
-        for w in 1..warps {
+        let mut w = 1;
+        while w < warps {
             o += part[(w * m + r) * PLANE + lane];
+            w += 1;
         }
         out[(gi * m + r) * plane + lane] = Vector::cast_from(o);
         r += warps;
