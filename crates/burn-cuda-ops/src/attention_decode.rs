@@ -42,6 +42,7 @@ fn decode_attention_kernel<E: Float, N: Size>(
     v: &Tensor<Vector<E, N>>,
     mask: &Tensor<f32>,
     out: &mut Tensor<Vector<E, N>>,
+    groups: u32,
     t: u32,
     s: u32,
     rows_per_mask: u32,
@@ -51,6 +52,9 @@ fn decode_attention_kernel<E: Float, N: Size>(
     #[define(E)] _dtype: StorageType,
 ) {
     let gi = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if gi >= groups as usize {
+        terminate!();
+    }
     let lane = UNIT_POS_X as usize;
     let warp = UNIT_POS_Y as usize;
     let warps = CUBE_DIM_Y as usize;
@@ -141,7 +145,7 @@ fn decode_attention_kernel<E: Float, N: Size>(
     let mut r = warp;
     while r < m {
         let mut o = part[r * PLANE + lane];
-        let mut w = 1;
+        let mut w = 1usize;
         while w < warps {
             o += part[(w * m + r) * PLANE + lane];
             w += 1;
@@ -156,7 +160,8 @@ fn decode_attention_kernel<E: Float, N: Size>(
 /// size other than 32 x 1, 2, 4 or 8, or scores and partial rows beyond the shared memory.
 fn plan(m: usize, t: usize, d: usize) -> Option<(usize, usize)> {
     let vector = d / PLANE;
-    if !(1..=MAX_ROWS).contains(&m) || !d.is_multiple_of(PLANE) || !matches!(vector, 1 | 2 | 4 | 8) {
+    if !(1..=MAX_ROWS).contains(&m) || !d.is_multiple_of(PLANE) || !matches!(vector, 1 | 2 | 4 | 8)
+    {
         return None;
     }
     let elems = m * t.div_ceil(KEY_STEP) * KEY_STEP;
@@ -190,6 +195,7 @@ pub fn forward(q: Raw, k: Raw, v: Raw, mask: Raw, scale: f32) -> Raw {
         v.into_tensor_arg(),
         mask.into_tensor_arg(),
         out.clone().into_tensor_arg(),
+        g as u32,
         t as u32,
         s as u32,
         (g * m / mb) as u32,

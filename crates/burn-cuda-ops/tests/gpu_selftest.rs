@@ -273,6 +273,8 @@ fn check_attention<B: AutodiffBackend>(
         (1, 3, 2, 1, 300, 64, false),
         (3, 1, 1, 1, 5, 32, true),
         (1, 2, 8, 1, 129, 128, false),
+        // Two new tokens of two heads per group: four rows, the causal mask per position.
+        (2, 2, 2, 2, 9, 64, true),
     ] {
         let m = rep * s;
         let q = Tensor::<B, 4>::random([b, g, m, d], normal, opts).require_grad();
