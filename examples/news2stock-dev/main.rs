@@ -17,6 +17,8 @@ mod settings;
 
 mod bench_generate;
 mod bench_init;
+#[cfg(feature = "cuda")]
+mod bench_launch;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod bench_linear;
 mod bench_train;
@@ -111,6 +113,13 @@ enum Tool {
         #[arg(long, default_value_t = 32)]
         layers: usize,
     },
+    /// The host's cost of one launch on each path (Burn op, autodiff recording, cubecl kernel,
+    /// cuBLASLt task) on tiny tensors; JSON lines (GPU build).
+    BenchLaunch {
+        /// Launches timed per path.
+        #[arg(long, default_value_t = 5000)]
+        launches: usize,
+    },
     /// Adapter kernel throughput on the Llama-8B shapes (LoRA and DoRA forward, forward +
     /// backward, merged vs unmerged inference, ratio to the frozen GEMM alone); JSON lines.
     BenchLinear {
@@ -202,6 +211,9 @@ fn dispatch<B: Backend>(
         Tool::BenchLinear { .. } => {
             anyhow::bail!("bench-linear runs on the GPU build (--features cuda)")
         }
+        Tool::BenchLaunch { .. } => {
+            anyhow::bail!("bench-launch runs on the GPU build (--features cuda)")
+        }
     }
 }
 
@@ -216,6 +228,9 @@ fn gpu(s: &Settings, tool: &Tool, world: Option<data_parallel::World>) -> Result
     } = tool
     {
         return fused::bench_linear(*quick, *composed, *iters);
+    }
+    if let Tool::BenchLaunch { launches } = tool {
+        return bench_launch::bench_launch(*launches);
     }
     let Some(w) = world else {
         return dispatch::<Gpu>(s, tool, &CudaDevice::default(), &data_parallel::Solo);

@@ -113,7 +113,7 @@ pub(crate) enum Kept<B: Backend> {
     Device(Tensor<B, 3>),
     /// Copied to host memory.
     #[cfg(feature = "cuda")]
-    Host(burn_cuda_ops::Offloaded<B, 3>),
+    Host(Box<burn_cuda_ops::Offloaded<B, 3>>),
 }
 
 impl<B: Backend> Kept<B> {
@@ -127,7 +127,7 @@ impl<B: Backend> Kept<B> {
     pub(crate) fn offload(t: Tensor<B, 3>) -> Self {
         #[cfg(feature = "cuda")]
         return match burn_cuda_ops::offload(t) {
-            Ok(h) => Kept::Host(h),
+            Ok(h) => Kept::Host(Box::new(h)),
             Err(t) => Kept::Device(t),
         };
         #[cfg(not(feature = "cuda"))]
