@@ -2,8 +2,9 @@
 //! frozen head `W [hidden, vocab]`, in row chunks, so neither the `[tokens, vocab]` logits nor
 //! their f32 copy exist beyond one chunk, and nothing of that size is kept for the backward.
 //!
-//! - forward, per chunk: logits in cuBLASLt (the model's dtype, f32 accumulation), then in f32
-//!   the log-sum-exp and the target's logit; keeps the per-row log-sum-exp (`[tokens]`, f32).
+//! - forward, per chunk: logits in cuBLASLt (the model's dtype, f32 accumulation), then the
+//!   per-row log-sum-exp in f32 as one kernel ([`super::lse`]) and the target's logit; keeps the
+//!   per-row log-sum-exp (`[tokens]`, f32).
 //! - backward, per chunk: logits again (one more GEMM), `g = d * (softmax - onehot)` in f32, cast,
 //!   `dh = g W^T` written into its rows of `dh` by cuBLASLt. Never `dW` (the head is frozen).
 //!
@@ -248,11 +249,14 @@ fn forward<F: FloatElement, I: IntElement, BT: BoolElement>(
         let rows = chunk.min(n - r0);
         let logits = empty_as(&h, Shape::new([rows, vocab]), h.dtype);
         gemm_rows(&h, r0, rows, hid, &wp, &logits, 0, vocab)?;
-        let l32 = tensor::<T<F, I, BT>, 2>(logits).cast(FloatDType::F32);
-        let mx = l32.clone().max_dim(1);
-        let lse = (l32.clone() - mx.clone()).exp().sum_dim(1).log() + mx; // [rows, 1]
+        // One kernel reads the logits once for the log-sum-exp (Burn's max / sum over a
+        // vocabulary-wide row took milliseconds per chunk); the target's logit is gathered
+        // from the logits in their dtype (the cast to f32 is exact).
+        let lse = tensor::<T<F, I, BT>, 1>(super::lse::rows(logits.clone())).reshape([rows, 1]);
         let t = tg.clone().slice([r0..r0 + rows]).unsqueeze_dim::<2>(1);
-        let picked = l32.gather(1, t); // [rows, 1]
+        let picked = tensor::<T<F, I, BT>, 2>(logits)
+            .gather(1, t)
+            .cast(FloatDType::F32); // [rows, 1]
         let part = (lse.clone() - picked).sum();
         total = Some(match total {
             Some(acc) => acc + part,

@@ -89,8 +89,8 @@ pub(crate) static ADAMW: Switch = Switch::new("PEFT_LORA_FUSED_ADAMW");
 /// The attention's softmax kernels, else Burn's composed softmax (`PEFT_LORA_SOFTMAX_KERNEL`).
 pub(crate) static SOFTMAX: Switch = Switch::new("PEFT_LORA_SOFTMAX_KERNEL");
 /// The one-kernel attention of a decode step ([`super::attention_decode`]), else the GEMM path
-/// (`PEFT_LORA_DECODE_ATTENTION`).
-pub(crate) static DECODE_ATTENTION: Switch = Switch::new("PEFT_LORA_DECODE_ATTENTION");
+/// (`PEFT_LORA_DECODE_ATTENTION=1`; opt-in: slower than the GEMM path as it stands).
+pub(crate) static DECODE_ATTENTION: Switch = Switch::opt_in("PEFT_LORA_DECODE_ATTENTION");
 /// Checkpointed activations parked in pinned host memory (`PEFT_LORA_OFFLOAD`).
 pub(crate) static OFFLOAD: Switch = Switch::new("PEFT_LORA_OFFLOAD");
 /// Fused ops queued on cubecl's device thread without waiting (`PEFT_LORA_ASYNC_SUBMIT`).

@@ -322,11 +322,11 @@ fn check_attention<B: AutodiffBackend>(
             let gr = |t: &Tensor<B, 4>| host(t.grad(&grads).expect("gradient"));
             [host(out.clone()), gr(&q), gr(&k), gr(&v)]
         };
-        let fused = run(true);
-        // The same through the GEMM path where the decode kernel took it.
-        burn_cuda_ops::set_decode_attention_enabled(false);
-        let gemm_path = run(true);
+        // The decode kernel (opt-in) where it applies, then the GEMM path.
         burn_cuda_ops::set_decode_attention_enabled(true);
+        let decode = run(true);
+        burn_cuda_ops::set_decode_attention_enabled(false);
+        let fused = run(true);
         // One KV group per chunk: the chunked GEMMs' offsets and the softmax's row offset into
         // the per-row mask.
         burn_cuda_ops::attention::set_score_chunk_elems(1);
@@ -351,7 +351,7 @@ fn check_attention<B: AutodiffBackend>(
             for (got, how) in [
                 (&fused, ""),
                 (&chunked, ", one group per chunk"),
-                (&gemm_path, ", decode kernel off"),
+                (&decode, ", decode kernel on"),
             ] {
                 checks.push(Check {
                     name: format!(

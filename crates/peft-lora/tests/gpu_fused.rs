@@ -379,11 +379,19 @@ fn check_routed_rows<B: AutodiffBackend>(
         })
         .collect();
     let name = |what: &str| format!("{label} {dtype:?} routed rows (2 base, 2 adapter) y {what}");
+    // Against the composed routing the error is the composed op's own in f32 (Burn's f32 matmul
+    // on the tensor cores, as in `check_case`: 4.5e-4 on an H100); each side alone is the
+    // exact check.
+    let tol_vs_composed = if dtype == DType::F32 {
+        2e-3
+    } else {
+        tolerance(dtype)
+    };
     vec![
         Check::fused(
             name("fused vs composed"),
             rel_err(&fused, &composed),
-            tolerance(dtype),
+            tol_vs_composed,
         ),
         Check::fused(
             name("fused vs each side alone"),
