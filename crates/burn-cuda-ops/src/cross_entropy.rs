@@ -249,14 +249,20 @@ fn forward<F: FloatElement, I: IntElement, BT: BoolElement>(
         let rows = chunk.min(n - r0);
         let logits = empty_as(&h, Shape::new([rows, vocab]), h.dtype);
         gemm_rows(&h, r0, rows, hid, &wp, &logits, 0, vocab)?;
-        // One kernel reads the logits once for the log-sum-exp (Burn's max / sum over a
-        // vocabulary-wide row took milliseconds per chunk); the target's logit is gathered
-        // from the logits in their dtype (the cast to f32 is exact).
-        let lse = tensor::<T<F, I, BT>, 1>(super::lse::rows(logits.clone())).reshape([rows, 1]);
         let t = tg.clone().slice([r0..r0 + rows]).unsqueeze_dim::<2>(1);
-        let picked = tensor::<T<F, I, BT>, 2>(logits)
-            .gather(1, t)
-            .cast(FloatDType::F32); // [rows, 1]
+        let (lse, picked) = if super::switch::LSE_KERNEL.on() {
+            // One kernel reads the logits once for the log-sum-exp (Burn's max / sum over a
+            // vocabulary-wide row took milliseconds per chunk); the target's logit is gathered
+            // from the logits in their dtype (the cast to f32 is exact).
+            let lse = tensor::<T<F, I, BT>, 1>(super::lse::rows(logits.clone()));
+            let picked = tensor::<T<F, I, BT>, 2>(logits).gather(1, t);
+            (lse.reshape([rows, 1]), picked.cast(FloatDType::F32))
+        } else {
+            let l32 = tensor::<T<F, I, BT>, 2>(logits).cast(FloatDType::F32);
+            let mx = l32.clone().max_dim(1);
+            let lse = (l32.clone() - mx.clone()).exp().sum_dim(1).log() + mx;
+            (lse, l32.gather(1, t))
+        }; // [rows, 1] each
         let part = (lse.clone() - picked).sum();
         total = Some(match total {
             Some(acc) => acc + part,

@@ -88,6 +88,12 @@ pub fn set_attention_enabled(on: bool) {
     switch::STEP_OPS.set(on);
 }
 
+/// Switches the cross-entropy's one-kernel log-sum-exp on or off (process-wide; default on
+/// unless `PEFT_LORA_LSE_KERNEL=0`; off, Burn's max and sum reductions over each chunk).
+pub fn set_lse_kernel_enabled(on: bool) {
+    switch::LSE_KERNEL.set(on);
+}
+
 /// Switches the one-kernel attention of decode steps on or off (process-wide; default off
 /// unless `PEFT_LORA_DECODE_ATTENTION=1`: on an H100 it made greedy decoding 1.4x slower at
 /// batch 1 to 64, one cube per KV group being bound by the latency of its serial key loop;

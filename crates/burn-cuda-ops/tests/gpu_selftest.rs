@@ -383,6 +383,10 @@ fn check_cross_entropy<B: AutodiffBackend>(
         (13, 32, 50, false, 5 * 50),
         (13, 32, 50, true, 5 * 50),
         (7, 64, 301, false, ops::cross_entropy::DEFAULT_CHUNK_ELEMS),
+        // The log-sum-exp kernel's rows: 625 vectors of 8 over 256 units (three turns, the
+        // last one part-filled), and an odd width (vectors of 1).
+        (5, 32, 5000, false, ops::cross_entropy::DEFAULT_CHUNK_ELEMS),
+        (4, 32, 4099, false, 2 * 4099),
     ] {
         ops::cross_entropy::set_chunk_elems(chunk_elems);
         let h = Tensor::<B, 2>::random([n, hid], normal, opts).require_grad();
