@@ -22,7 +22,7 @@ pub mod trainer;
 
 use burn::module::Module;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::Tensor;
 use peft_lora::LoraModel;
 
 pub use config::TrainConfig;
@@ -40,14 +40,15 @@ pub trait CausalLm<B: Backend>: LoraModel<B> + Module<B> {
 
     /// Gradient checkpointing per decoder layer: computes the loss and the gradients of
     /// `scale * loss`, handing each gradient container of its backward calls to `on_grads`, and
-    /// returns the (unscaled) loss. `None` (the default) when the model has no such backward: the
-    /// trainer then runs `causal_lm_loss(..).backward()`.
+    /// returns the (unscaled) loss, `[1]`, not read back (the trainer reads it once the step's
+    /// work is queued). `None` (the default) when the model has no such backward: the trainer
+    /// then runs `causal_lm_loss(..).backward()`.
     fn causal_lm_backward_checkpointed(
         &self,
         batch: &Batch<B>,
         scale: f64,
         on_grads: &mut dyn FnMut(&B::Gradients),
-    ) -> Option<f64>
+    ) -> Option<Tensor<B::InnerBackend, 1>>
     where
         B: AutodiffBackend,
     {
@@ -72,7 +73,7 @@ impl<B: Backend> CausalLm<B> for llama::LlamaForCausalLM<B> {
         batch: &Batch<B>,
         scale: f64,
         on_grads: &mut dyn FnMut(&B::Gradients),
-    ) -> Option<f64>
+    ) -> Option<Tensor<B::InnerBackend, 1>>
     where
         B: AutodiffBackend,
     {
@@ -85,6 +86,6 @@ impl<B: Backend> CausalLm<B> for llama::LlamaForCausalLM<B> {
             scale,
             on_grads,
         );
-        Some(out.loss.into_scalar().elem::<f64>())
+        Some(out.loss)
     }
 }

@@ -34,6 +34,12 @@ impl PhaseClock {
         }
     }
 
+    /// Whether the phases are timed (the trainer then reads each micro-batch's loss at once,
+    /// so that "forward + backward" is the device's time).
+    pub fn is_on(&self) -> bool {
+        self.on
+    }
+
     /// A micro-batch's forward and backward start being queued.
     pub fn micro_batch_start(&mut self) {
         if self.on {

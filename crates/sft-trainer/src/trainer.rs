@@ -228,6 +228,12 @@ where
         let mut acc = GradAccumulator::<AB>::default();
         let mut step_loss = 0.0;
         let (mut step_tokens, mut bad_loss) = (0usize, None);
+        // On one process the losses are read after the optimizer step is queued: reading one
+        // waits for the device, and the device would then idle while the host queues the
+        // gradient norm's launches. Several processes need them first (the step's header is
+        // all-reduced before the gradients), and so does the phase clock.
+        let defer_loss = world == 1 && !clock.is_on();
+        let mut pending = Vec::new();
         for _ in 0..accum {
             if state.batches_in_epoch >= batches.len() {
                 state.epoch += 1;
@@ -243,7 +249,7 @@ where
             let scale = 1.0 / accum as f64;
             exact.before_batch::<AB>(batch.input_ids.dims(), device);
             clock.micro_batch_start();
-            let value = exact.run::<AB, _>(device, || {
+            let loss = exact.run::<AB, _>(device, || {
                 let checkpointed = if cfg.gradient_checkpointing {
                     let model = &peft.model;
                     model.causal_lm_backward_checkpointed(&batch, scale, &mut |g| {
@@ -254,28 +260,32 @@ where
                     None
                 };
                 match checkpointed {
-                    Some(value) => value,
+                    Some(loss) => loss,
                     None => {
                         let loss = peft.model.causal_lm_loss(&batch);
                         // The backward is queued before the loss is read, so the device does not
-                        // wait for the host in between; a non-finite loss stops the run below.
+                        // wait for the host in between; a non-finite loss stops the run below
+                        // (its gradients are non-finite too, and the optimizer skips a step
+                        // whose gradient norm is not finite).
                         let grads = (loss.clone() * scale).backward();
                         clock.grads_handed();
-                        let value: f64 = loss.into_scalar().elem::<f64>();
-                        if value.is_finite() {
-                            acc.add(&peft.model, &grads);
-                        }
-                        value
+                        acc.add(&peft.model, &grads);
+                        loss.inner()
                     }
                 }
             });
+            step_tokens += batch.n_tokens;
+            if defer_loss {
+                pending.push(loss);
+                continue;
+            }
+            let value: f64 = loss.into_scalar().elem::<f64>();
             clock.micro_batch_done();
             if !value.is_finite() {
                 bad_loss = Some(value);
                 break;
             }
             step_loss += value / accum as f64;
-            step_tokens += batch.n_tokens;
         }
         // Every rank's gradients averaged (and any rank's non-finite loss reported by all).
         let totals = finish_step(
@@ -294,6 +304,22 @@ where
         let norm = clock.optimizer::<AB, _>(state.global_step + 1, device, || {
             exact.run::<AB, _>(device, || opt.step(&mut peft.model, acc, lr, clip))
         });
+        // The deferred losses, read now that the step's work is queued: a non-finite one stops
+        // the run as it would have before the step (whose non-finite gradient norm left the
+        // adapters and the optimizer's state untouched).
+        let mut step_loss = step_loss;
+        for loss in pending {
+            let value: f64 = loss.into_scalar().elem::<f64>();
+            if !value.is_finite() {
+                return Err(Error::non_finite(
+                    "loss",
+                    state.global_step + 1,
+                    value,
+                    &out,
+                ));
+            }
+            step_loss += value / accum as f64;
+        }
         if !norm.is_finite() {
             return Err(Error::non_finite(
                 "gradient norm",

@@ -269,11 +269,22 @@ fn non_finite_loss_stops_with_the_step() {
         max_steps: 10,
         ..c.clone()
     };
+    let finite_before: Vec<f32> = adapter_values(&p)
+        .into_iter()
+        .filter(|v| v.is_finite())
+        .collect();
     let err = train::<AD, _>(&mut p, "default", &data(8), &[], &c2, false, &device).unwrap_err();
     assert!(matches!(err, Error::NonFinite { step: 1, .. }), "{err}");
     assert!(err
         .to_string()
         .contains("non-finite loss at optimizer step 1"));
+    // The loss is read after the step is queued (one process); the step's non-finite gradients
+    // left every adapter weight as it was.
+    let finite_after: Vec<f32> = adapter_values(&p)
+        .into_iter()
+        .filter(|v| v.is_finite())
+        .collect();
+    assert_eq!(finite_before, finite_after);
 }
 
 #[test]
