@@ -25,6 +25,8 @@
 #   unsloth       Unsloth on the three configs (saves a random 8B model to /tmp/m8b first)
 #   profile       one qv-gc step under Nsight Compute: GPU time per kernel (scripts/kernel_profile.py)
 #   gen           bench-generate (batch 1 / 8 / 64) and scripts/bench_transformers_generate.py
+#   launch        bench-launch: the host's cost of one launch per path (Burn op, autodiff, our
+#                 cubecl kernel, our cuBLASLt task)
 #   dp1           NCCL and data-parallel checks on one GPU
 #   dp2 | dp4     the two-rank checks (and over sockets), bench-train on 1 / 2 (/ 4) GPUs
 # Every run's nvidia-smi peak (memory.used) and the GPU's busy share (utilization.gpu, samples
@@ -133,6 +135,9 @@ for stage in "$@"; do
     echo "gen ours rc=$?" | tee -a "$S"; grep '^{' "$L/gen_ours.txt" | tee -a "$S"
     timeout 200 python3 "$R"/scripts/bench_transformers_generate.py > "$L/gen_tf.txt" 2>&1
     echo "gen transformers rc=$?" | tee -a "$S"; grep '^{' "$L/gen_tf.txt" | tee -a "$S" ;;
+  launch)
+    timeout 60 "$D"/news2stock-dev bench-launch > "$L/launch.txt" 2>&1
+    echo "launch rc=$?" | tee -a "$S"; grep '^{' "$L/launch.txt" | tee -a "$S" ;;
   dp1)
     ncclenv
     test_bin nccl_test one_rank
