@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::ElementConversion;
+use burn::tensor::{ElementConversion, Tensor};
 use peft_lora::adapter_dir;
 use peft_lora::{write_f32, SafetensorsFile};
 use peft_lora::{GradAccumulator, LoraOptimizer, PeftModel};
@@ -279,13 +279,15 @@ where
                 pending.push(loss);
                 continue;
             }
-            let value: f64 = loss.into_scalar().elem::<f64>();
+            let read = loss_share(vec![loss], accum);
             clock.micro_batch_done();
-            if !value.is_finite() {
-                bad_loss = Some(value);
-                break;
+            match read {
+                Ok(share) => step_loss += share,
+                Err(value) => {
+                    bad_loss = Some(value);
+                    break;
+                }
             }
-            step_loss += value / accum as f64;
         }
         // Every rank's gradients averaged (and any rank's non-finite loss reported by all).
         let totals = finish_step(
@@ -297,7 +299,7 @@ where
             state.global_step + 1,
             &out,
         )?;
-        let step_loss = totals.loss;
+        let mut step_loss = totals.loss;
         win_tokens += totals.tokens;
         run_tokens += totals.tokens;
         let lr = schedule.lr_at(state.global_step);
@@ -307,18 +309,16 @@ where
         // The deferred losses, read now that the step's work is queued: a non-finite one stops
         // the run as it would have before the step (whose non-finite gradient norm left the
         // adapters and the optimizer's state untouched).
-        let mut step_loss = step_loss;
-        for loss in pending {
-            let value: f64 = loss.into_scalar().elem::<f64>();
-            if !value.is_finite() {
+        match loss_share(pending, accum) {
+            Ok(share) => step_loss += share,
+            Err(value) => {
                 return Err(Error::non_finite(
                     "loss",
                     state.global_step + 1,
                     value,
                     &out,
-                ));
+                ))
             }
-            step_loss += value / accum as f64;
         }
         if !norm.is_finite() {
             return Err(Error::non_finite(
@@ -441,4 +441,21 @@ fn progress_bar(show: bool, total: u64, pos: u64) -> indicatif::ProgressBar {
     );
     bar.set_position(pos);
     bar
+}
+
+/// Reads the micro-batch `losses` (each `[1]`, one read each) and returns their sum divided by
+/// `accum` (their share of the step's mean loss), or the first non-finite one.
+fn loss_share<B: Backend>(
+    losses: Vec<Tensor<B, 1>>,
+    accum: usize,
+) -> std::result::Result<f64, f64> {
+    let mut sum = 0.0;
+    for loss in losses {
+        let value: f64 = loss.into_scalar().elem::<f64>();
+        if !value.is_finite() {
+            return Err(value);
+        }
+        sum += value / accum as f64;
+    }
+    Ok(sum)
 }
