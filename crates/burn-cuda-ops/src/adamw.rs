@@ -3,7 +3,9 @@
 //! dtype once. Burn's composed update runs about sixteen kernels per tensor; an 8B model with
 //! LoRA on all linear layers has 448 adapter tensors, so the composed optimizer step is some
 //! seven thousand tiny launches while the GPU waits. The global gradient norm before it is one
-//! launch per tensor too ([`sums_of_squares`]).
+//! launch per tensor too ([`sums_of_squares`]), and its clip factor one more ([`grad_scale`]):
+//! the updates read that factor from the device, so the host queues the whole step before it
+//! reads the norm, and a step whose norm is not finite leaves every tensor as it was.
 
 use burn::tensor::backend::Backend;
 use burn_cubecl::kernel::into_contiguous;
@@ -17,11 +19,10 @@ use super::backend::Prim;
 use super::cube_util::{elem_grid, elem_index, reduce_sum, THREADS};
 use super::kernels::{empty_as, Raw};
 
-/// The scalars of one update.
+/// The scalars of one update (the gradient's scale, the clip factor, is a 1-element tensor on
+/// the device: see [`grad_scale`]).
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWStep {
-    /// Gradient scale (global-norm clipping; 1 when off).
-    pub clip: f32,
     /// beta1, beta2.
     pub betas: (f32, f32),
     /// Step size.
@@ -38,7 +39,6 @@ pub struct AdamWStep {
 /// bias corrections.
 #[derive(CubeLaunch, CubeType)]
 struct Hyper {
-    clip: f32,
     beta1: f32,
     beta2: f32,
     lr: f32,
@@ -51,7 +51,6 @@ struct Hyper {
 impl AdamWStep {
     fn hyper(&self) -> HyperLaunch<CudaRuntime> {
         HyperLaunch::new(
-            self.clip,
             self.betas.0,
             self.betas.1,
             self.lr,
@@ -64,15 +63,22 @@ impl AdamWStep {
 }
 
 /// One element of `torch.optim.AdamW`'s step in f32: `(p, m, v)` after it, for parameter `p`,
-/// gradient `g` (scaled by `h.clip`) and moments `m`, `v`.
+/// gradient `g` (times `clip`) and moments `m`, `v`; a negative `clip` (a step whose gradient
+/// norm is not finite, see [`grad_scale`]) returns `(p, m, v)` as they are.
 #[cube]
-fn adamw_step(p: f32, g: f32, m: f32, v: f32, h: &Hyper) -> (f32, f32, f32) {
+fn adamw_step(p: f32, g: f32, m: f32, v: f32, clip: f32, h: &Hyper) -> (f32, f32, f32) {
     let one = f32::new(1.0);
-    let gi = g * h.clip;
-    let mi = h.beta1 * m + (one - h.beta1) * gi;
-    let vi = h.beta2 * v + (one - h.beta2) * gi * gi;
-    let denom = (vi / h.bc2).sqrt() + h.eps;
-    (p * h.decay - h.lr * (mi / h.bc1) / denom, mi, vi)
+    let mut po = p;
+    let mut mo = m;
+    let mut vo = v;
+    if clip >= f32::new(0.0) {
+        let gi = g * clip;
+        mo = h.beta1 * m + (one - h.beta1) * gi;
+        vo = h.beta2 * v + (one - h.beta2) * gi * gi;
+        let denom = (vo / h.bc2).sqrt() + h.eps;
+        po = p * h.decay - h.lr * (mo / h.bc1) / denom;
+    }
+    (po, mo, vo)
 }
 
 /// [`adamw_step`] over a tensor whose parameter, gradient and moments share the dtype `E`.
@@ -86,6 +92,7 @@ fn adamw_kernel<E: Float>(
     p_out: &mut Tensor<E>,
     m_out: &mut Tensor<E>,
     v_out: &mut Tensor<E>,
+    scale: &Tensor<f32>,
     n: u32,
     h: &Hyper,
     #[define(E)] _dtype: StorageType,
@@ -99,6 +106,7 @@ fn adamw_kernel<E: Float>(
         f32::cast_from(g[i]),
         f32::cast_from(m[i]),
         f32::cast_from(v[i]),
+        scale[0],
         h,
     );
     p_out[i] = E::cast_from(pi);
@@ -121,6 +129,7 @@ fn adamw_master_kernel<E: Float>(
     m_out: &mut Tensor<f32>,
     v_out: &mut Tensor<f32>,
     low_out: &mut Tensor<E>,
+    scale: &Tensor<f32>,
     n: u32,
     h: &Hyper,
     #[define(E)] _dtype: StorageType,
@@ -129,7 +138,7 @@ fn adamw_master_kernel<E: Float>(
     if i >= n as usize {
         terminate!();
     }
-    let (pi, mi, vi) = adamw_step(p[i], f32::cast_from(g[i]), m[i], v[i], h);
+    let (pi, mi, vi) = adamw_step(p[i], f32::cast_from(g[i]), m[i], v[i], scale[0], h);
     p_out[i] = pi;
     m_out[i] = mi;
     v_out[i] = vi;
@@ -208,9 +217,69 @@ pub fn sums_of_squares(ts: Vec<Raw>) -> Raw {
     out
 }
 
-/// `(p, m, v)` after one update of parameter `p` with gradient `g` and moments `m`, `v` (all of
-/// one shape and dtype).
-pub fn update(p: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw, Raw, Raw) {
+/// `norm[0]` = the square root of the sum of `partials` (f32) and `scale[0]` = the gradient's
+/// clip factor: `max_norm / (norm + 1e-6)` when `norm > max_norm`, else 1, and -1 when the norm
+/// is not finite (the updates then leave every tensor as it was). One cube of `threads`.
+#[cube(launch)]
+fn grad_scale_kernel(
+    partials: &Tensor<f32>,
+    norm: &mut Tensor<f32>,
+    scale: &mut Tensor<f32>,
+    n: u32,
+    max_norm: f32,
+    #[comptime] threads: u32,
+) {
+    let tid = UNIT_POS_X as usize;
+    let mut sh = SharedMemory::<f32>::new(threads as usize);
+    let mut acc = f32::new(0.0);
+    let mut j = tid;
+    while j < n as usize {
+        acc += partials[j];
+        j += threads as usize;
+    }
+    sh[tid] = acc;
+    sync_cube();
+    reduce_sum(&mut sh);
+    if tid == 0 {
+        let total = f32::sqrt(sh[0]);
+        norm[0] = total;
+        let mut s = f32::new(1.0);
+        if total.is_nan() || total.is_inf() {
+            s = f32::new(-1.0);
+        } else if total > max_norm {
+            s = max_norm / (total + f32::new(1e-6));
+        }
+        scale[0] = s;
+    }
+}
+
+/// `(norm, scale)`, each one f32 element on the device, from the partial sums of squares of
+/// [`sums_of_squares`]: the global gradient norm and the factor [`update`] and [`update_master`]
+/// scale the gradient by (global-norm clipping to `max_norm`, `None` for none, as
+/// `torch.nn.utils.clip_grad_norm_` with the trainer's rule: scaled only when above; -1 when the
+/// norm is not finite, which makes the updates leave every tensor as it was).
+pub fn grad_scale(partials: Raw, max_norm: Option<f32>) -> (Raw, Raw) {
+    let partials = into_contiguous(partials);
+    let n = partials.meta.shape().num_elements();
+    let one = || empty_as(&partials, Shape::new([1]), DType::F32);
+    let (norm, scale) = (one(), one());
+    grad_scale_kernel::launch::<CudaRuntime>(
+        &partials.client.clone(),
+        CubeCount::Static(1, 1, 1),
+        CubeDim::new_1d(THREADS),
+        partials.into_tensor_arg(),
+        norm.clone().into_tensor_arg(),
+        scale.clone().into_tensor_arg(),
+        n as u32,
+        max_norm.unwrap_or(f32::INFINITY),
+        THREADS,
+    );
+    (norm, scale)
+}
+
+/// `(p, m, v)` after one update of parameter `p` with gradient `g` times `scale[0]` (see
+/// [`grad_scale`]) and moments `m`, `v` (all of one shape and dtype).
+pub fn update(p: Raw, g: Raw, m: Raw, v: Raw, scale: Raw, h: AdamWStep) -> (Raw, Raw, Raw) {
     let (p, g, m, v) = (
         into_contiguous(p),
         into_contiguous(g),
@@ -233,6 +302,7 @@ pub fn update(p: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw, Raw, Raw) {
         p2.clone().into_tensor_arg(),
         m2.clone().into_tensor_arg(),
         v2.clone().into_tensor_arg(),
+        into_contiguous(scale).into_tensor_arg(),
         n as u32,
         h.hyper(),
         dtype.into(),
@@ -242,7 +312,14 @@ pub fn update(p: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw, Raw, Raw) {
 
 /// `(master, m, v, p)` after one update of the f32 `master` with gradient `g` and f32 moments:
 /// [`update`] in f32, plus the new master rounded to `g`'s dtype.
-pub fn update_master(master: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw, Raw, Raw, Raw) {
+pub fn update_master(
+    master: Raw,
+    g: Raw,
+    m: Raw,
+    v: Raw,
+    scale: Raw,
+    h: AdamWStep,
+) -> (Raw, Raw, Raw, Raw) {
     let (p, g, m, v) = (
         into_contiguous(master),
         into_contiguous(g),
@@ -268,6 +345,7 @@ pub fn update_master(master: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw,
         m2.clone().into_tensor_arg(),
         v2.clone().into_tensor_arg(),
         p_low.clone().into_tensor_arg(),
+        into_contiguous(scale).into_tensor_arg(),
         n as u32,
         h.hyper(),
         low.into(),
@@ -277,12 +355,13 @@ pub fn update_master(master: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw,
 
 /// Inner backends with the one-kernel AdamW update (raw cubecl CUDA).
 pub trait FusedAdamW: Backend {
-    /// `(p, m, v)` after one update.
+    /// `(p, m, v)` after one update (see [`update`]).
     fn fused_adamw(
         p: Prim<Self>,
         g: Prim<Self>,
         m: Prim<Self>,
         v: Prim<Self>,
+        scale: Prim<Self>,
         h: AdamWStep,
     ) -> (Prim<Self>, Prim<Self>, Prim<Self>);
     /// `(master, m, v, p)` after one update of an f32 master copy (see [`update_master`]).
@@ -291,8 +370,11 @@ pub trait FusedAdamW: Backend {
         g: Prim<Self>,
         m: Prim<Self>,
         v: Prim<Self>,
+        scale: Prim<Self>,
         h: AdamWStep,
     ) -> (Prim<Self>, Prim<Self>, Prim<Self>, Prim<Self>);
+    /// `(norm, scale)` from partial sums of squares (see [`grad_scale`]).
+    fn fused_grad_scale(partials: Prim<Self>, max_norm: Option<f32>) -> (Prim<Self>, Prim<Self>);
     /// f32 partial sums of squares whose total is the sum of squares of the tensors (not
     /// empty; see [`sums_of_squares`]).
     fn fused_sums_of_squares(ts: Vec<Prim<Self>>) -> Prim<Self>;
@@ -301,8 +383,8 @@ pub trait FusedAdamW: Backend {
 impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedAdamW
     for CubeBackend<CudaRuntime, F, I, BT>
 {
-    fn fused_adamw(p: Raw, g: Raw, m: Raw, v: Raw, h: AdamWStep) -> (Raw, Raw, Raw) {
-        update(p, g, m, v, h)
+    fn fused_adamw(p: Raw, g: Raw, m: Raw, v: Raw, scale: Raw, h: AdamWStep) -> (Raw, Raw, Raw) {
+        update(p, g, m, v, scale, h)
     }
 
     fn fused_adamw_master(
@@ -310,9 +392,14 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedAdamW
         g: Raw,
         m: Raw,
         v: Raw,
+        scale: Raw,
         h: AdamWStep,
     ) -> (Raw, Raw, Raw, Raw) {
-        update_master(master, g, m, v, h)
+        update_master(master, g, m, v, scale, h)
+    }
+
+    fn fused_grad_scale(partials: Raw, max_norm: Option<f32>) -> (Raw, Raw) {
+        grad_scale(partials, max_norm)
     }
 
     fn fused_sums_of_squares(ts: Vec<Raw>) -> Raw {

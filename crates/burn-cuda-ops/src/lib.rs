@@ -13,7 +13,8 @@
 //!   [`linear_cross_entropy`] (row chunks, no `[tokens, vocab]` logits kept), [`rms_norm`],
 //!   [`swiglu`], [`rope`] (fused with the split into heads), [`dropout`] (masks hashed from a
 //!   seed, never stored);
-//! - the optimizer kernels [`adamw_update`], [`adamw_update_master`] and [`sum_of_squares`].
+//! - the optimizer kernels [`adamw_update`], [`adamw_update_master`], [`sum_of_squares`] and
+//!   [`grad_scale`] (the gradient norm and clip factor kept on the device).
 //!
 //! They run on Burn's CUDA backend in bf16 or f32 (`burn::backend::Cuda<F>`, the raw
 //! `CubeBackend<CudaRuntime, F, i32, u8>` unless Burn's `fusion` feature is on; with this crate's
@@ -601,27 +602,36 @@ fn adamw_impl<T: adamw::FusedAdamW>(
         Tensor<T, 2>,
         Tensor<T, 2>,
         Tensor<T, 2>,
+        Tensor<T, 1>,
         AdamWStep,
     ),
 ) -> (Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>) {
-    let (p, g, m, v, h) = args;
-    let (p, m, v) = T::fused_adamw(prim(p), prim(g), prim(m), prim(v), h);
+    let (p, g, m, v, scale, h) = args;
+    let (p, m, v) = T::fused_adamw(prim(p), prim(g), prim(m), prim(v), prim(scale), h);
     (tensor(p), tensor(m), tensor(v))
 }
 
-/// One AdamW update (`torch.optim.AdamW`'s rule) of parameter `p` with gradient `g` and moments
-/// `m`, `v` as one kernel ([`adamw`]): `Some((p, m, v))` when `B` is a raw cubecl CUDA backend
-/// (the inner backend of training), the four tensors share shape and dtype, and the fused path
-/// is on (`PEFT_LORA_FUSED_ADAMW=0` turns this op alone off); else `None`.
+/// Whether `scale` is a one-element f32 tensor (the gradient's scale of [`grad_scale`]).
+fn is_scale<B: Backend>(scale: &Tensor<B, 1>) -> bool {
+    scale.dims() == [1] && scale.dtype() == DType::F32
+}
+
+/// One AdamW update (`torch.optim.AdamW`'s rule) of parameter `p` with gradient `g` times
+/// `scale` (one f32 element on the device: the clip factor of [`grad_scale`], or 1; a negative
+/// one leaves `p`, `m` and `v` as they are) and moments `m`, `v` as one kernel ([`adamw`]):
+/// `Some((p, m, v))` when `B` is a raw cubecl CUDA backend (the inner backend of training), the
+/// four tensors share shape and dtype, and the fused path is on (`PEFT_LORA_FUSED_ADAMW=0` turns
+/// this op alone off); else `None`.
 #[allow(clippy::type_complexity)]
 pub fn adamw_update<B: Backend>(
     p: &Tensor<B, 2>,
     g: &Tensor<B, 2>,
     m: &Tensor<B, 2>,
     v: &Tensor<B, 2>,
+    scale: &Tensor<B, 1>,
     h: AdamWStep,
 ) -> Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)> {
-    if !optimizer_kernels::<B>() {
+    if !optimizer_kernels::<B>() || !is_scale(scale) {
         return None;
     }
     let same = [g, m, v]
@@ -630,7 +640,7 @@ pub fn adamw_update<B: Backend>(
     if !same || is_empty(p) {
         return None;
     }
-    let args = (p.clone(), g.clone(), m.clone(), v.clone(), h);
+    let args = (p.clone(), g.clone(), m.clone(), v.clone(), scale.clone(), h);
     dispatch_try!(B, adamw_impl(args); Cube<bf16>, Cube<f32>)
 }
 
@@ -641,11 +651,12 @@ fn adamw_master_impl<T: adamw::FusedAdamW>(
         Tensor<T, 2>,
         Tensor<T, 2>,
         Tensor<T, 2>,
+        Tensor<T, 1>,
         AdamWStep,
     ),
 ) -> (Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>) {
-    let (p, g, m, v, h) = args;
-    let (p, m, v, low) = T::fused_adamw_master(prim(p), prim(g), prim(m), prim(v), h);
+    let (p, g, m, v, scale, h) = args;
+    let (p, m, v, low) = T::fused_adamw_master(prim(p), prim(g), prim(m), prim(v), prim(scale), h);
     (tensor(p), tensor(m), tensor(v), tensor(low))
 }
 
@@ -659,10 +670,11 @@ pub fn adamw_update_master<B: Backend>(
     g: &Tensor<B, 2>,
     m: &Tensor<B, 2>,
     v: &Tensor<B, 2>,
+    scale: &Tensor<B, 1>,
     h: AdamWStep,
     low: DType,
 ) -> Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)> {
-    if !optimizer_kernels::<B>() {
+    if !optimizer_kernels::<B>() || !is_scale(scale) {
         return None;
     }
     let same = [master, m, v]
@@ -672,7 +684,14 @@ pub fn adamw_update_master<B: Backend>(
     if !same || !g_ok || !matches!(low, DType::BF16 | DType::F16) || is_empty(master) {
         return None;
     }
-    let args = (master.clone(), g.clone(), m.clone(), v.clone(), h);
+    let args = (
+        master.clone(),
+        g.clone(),
+        m.clone(),
+        v.clone(),
+        scale.clone(),
+        h,
+    );
     let (master, m, v, p): (Tensor<B, 2>, _, _, Tensor<B, 2>) =
         dispatch_try!(B, adamw_master_impl(args); Cube<bf16>, Cube<f32>)?;
     let p = if p.dtype() == low {
@@ -698,6 +717,41 @@ pub fn sum_of_squares<B: Backend>(ts: &[Tensor<B, 2>]) -> Option<f64> {
         dispatch_try!(B, sums_of_squares_impl(ts.to_vec()); Cube<bf16>, Cube<f32>)?;
     let host = sums.into_data().convert::<f32>().to_vec::<f32>().ok()?;
     Some(host.iter().map(|v| *v as f64).sum())
+}
+
+/// The global gradient norm and the clip factor of an optimizer step, each one f32 element left
+/// on the device ([`grad_scale`]).
+#[derive(Debug, Clone)]
+pub struct GradScale<B: Backend> {
+    /// The square root of the sum of squares of every gradient element.
+    pub norm: Tensor<B, 1>,
+    /// The factor the updates scale the gradients by: `max_norm / (norm + 1e-6)` above
+    /// `max_norm`, else 1; -1 when the norm is not finite (the updates then change nothing).
+    pub scale: Tensor<B, 1>,
+}
+
+fn grad_scale_impl<T: adamw::FusedAdamW>(
+    args: (Vec<Tensor<T, 2>>, Option<f32>),
+) -> (Tensor<T, 1>, Tensor<T, 1>) {
+    let (ts, max_norm) = args;
+    let partials = T::fused_sums_of_squares(ts.into_iter().map(prim).collect());
+    let (norm, scale) = T::fused_grad_scale(partials, max_norm);
+    (tensor(norm), tensor(scale))
+}
+
+/// The global norm of the gradients `ts` and their clip factor to `max_norm` (`None`: no
+/// clipping), computed and kept on the device ([`grad_scale`]): the optimizer queues its
+/// updates with the factor and reads the norm after them, so the device does not idle while the
+/// host queues the updates. `Some` when `B` is a raw cubecl CUDA backend and the optimizer
+/// kernels are on (the switch of [`adamw_update`]); else `None`.
+pub fn grad_scale<B: Backend>(ts: &[Tensor<B, 2>], max_norm: Option<f64>) -> Option<GradScale<B>> {
+    if ts.is_empty() || !optimizer_kernels::<B>() || ts.iter().any(is_empty) {
+        return None;
+    }
+    let args = (ts.to_vec(), max_norm.map(|m| m as f32));
+    let (norm, scale): (Tensor<B, 1>, Tensor<B, 1>) =
+        dispatch_try!(B, grad_scale_impl(args); Cube<bf16>, Cube<f32>)?;
+    Some(GradScale { norm, scale })
 }
 
 fn dropout_impl<T: dropout::FusedDropout>(args: (Tensor<T, 2>, dropout::DropMask)) -> Tensor<T, 2> {

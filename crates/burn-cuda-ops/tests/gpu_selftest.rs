@@ -605,9 +605,16 @@ fn check_rope<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Device)
 
 /// `torch.optim.AdamW`'s rule for one element in f64: `(p, m, v)` after a clipped, decayed,
 /// bias-corrected step (the host reference of the AdamW checks).
-fn adamw_reference(p: f64, g: f64, m: f64, v: f64, h: &ops::AdamWStep) -> (f64, f64, f64) {
+fn adamw_reference(
+    p: f64,
+    g: f64,
+    m: f64,
+    v: f64,
+    clip: f64,
+    h: &ops::AdamWStep,
+) -> (f64, f64, f64) {
     let f = |x: f32| x as f64;
-    let g = g * f(h.clip);
+    let g = g * clip;
     let m = f(h.betas.0) * m + (1.0 - f(h.betas.0)) * g;
     let v = f(h.betas.1) * v + (1.0 - f(h.betas.1)) * g * g;
     let denom = (v / f(h.bias_corrections.1)).sqrt() + f(h.eps);
@@ -620,8 +627,9 @@ fn adamw_reference(p: f64, g: f64, m: f64, v: f64, h: &ops::AdamWStep) -> (f64, 
 }
 
 /// The one-kernel AdamW update (`ops::adamw_update`) against an f64 host reference of
-/// `torch.optim.AdamW`'s rule: parameter and both moments after a clipped, decayed step; and
-/// the fused sum of squares behind the global gradient norm.
+/// `torch.optim.AdamW`'s rule: parameter and both moments after a clipped, decayed step; the
+/// fused sum of squares behind the global gradient norm; and the norm and clip factor kept on
+/// the device (`ops::grad_scale`), which the update reads.
 fn check_adamw<B: Backend>(label: &str, dtype: DType, device: &B::Device) -> Vec<Check> {
     let opts = (device, dtype);
     let mut checks = Vec::new();
@@ -633,31 +641,53 @@ fn check_adamw<B: Backend>(label: &str, dtype: DType, device: &B::Device) -> Vec
         let (p, g, m) = (rand(0.02), rand(1e-3), rand(1e-4));
         let v = rand(1e-6).abs();
         let h = ops::AdamWStep {
-            clip: 0.7,
             betas: (0.9, 0.999),
             lr: 2e-4,
             weight_decay: 0.01,
             eps: 1e-8,
             bias_corrections: (1.0 - 0.9f32.powi(t), 1.0 - 0.999f32.powi(t)),
         };
-        let (Some(norm2), Some((p2, m2, v2))) = (
+        let (gh, mh) = (host(g.clone()), host(m.clone()));
+        let want: f64 = gh.iter().chain(&mh).map(|x| (*x as f64).powi(2)).sum();
+        // Clipped to 0.7 of the norm of (g, m), the norm and the factor left on the device.
+        let max_norm = 0.7 * want.sqrt();
+        let clip = max_norm / (want.sqrt() + 1e-6);
+        let (Some(norm2), Some(gs)) = (
             ops::sum_of_squares(&[g.clone(), m.clone()]),
-            ops::adamw_update(&p, &g, &m, &v, h),
+            ops::grad_scale(&[g.clone(), m.clone()], Some(max_norm)),
         ) else {
             return not_taken::<B>(format!("{label} adamw"));
         };
-        let (ph, gh, mh, vh) = (host(p), host(g), host(m), host(v));
+        let Some((p2, m2, v2)) = ops::adamw_update(&p, &g, &m, &v, &gs.scale, h) else {
+            return not_taken::<B>(format!("{label} adamw"));
+        };
+        let (ph, vh) = (host(p), host(v));
         let n = rows * cols;
         let (mut pr, mut mr, mut vr) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
         for i in 0..n {
-            let (pi, mi, vi) =
-                adamw_reference(ph[i] as f64, gh[i] as f64, mh[i] as f64, vh[i] as f64, &h);
+            let (pi, mi, vi) = adamw_reference(
+                ph[i] as f64,
+                gh[i] as f64,
+                mh[i] as f64,
+                vh[i] as f64,
+                clip,
+                &h,
+            );
             (pr[i], mr[i], vr[i]) = (pi as f32, mi as f32, vi as f32);
         }
-        let want: f64 = gh.iter().chain(&mh).map(|x| (*x as f64).powi(2)).sum();
         checks.push(Check::fused(
             format!("{label} {dtype:?} sum of squares {rows}x{cols} x2"),
             rel_err(&[norm2 as f32], &[want as f32]),
+            tolerance(dtype),
+        ));
+        checks.push(Check::fused(
+            format!("{label} {dtype:?} grad_scale norm {rows}x{cols} x2"),
+            rel_err(&host(gs.norm), &[want.sqrt() as f32]),
+            tolerance(dtype),
+        ));
+        checks.push(Check::fused(
+            format!("{label} {dtype:?} grad_scale clip factor {rows}x{cols} x2"),
+            rel_err(&host(gs.scale), &[clip as f32]),
             tolerance(dtype),
         ));
         // The step moves p by far less than p: compare the step itself, not p, in relative
@@ -758,6 +788,72 @@ fn check_hashed_dropout<B: AutodiffBackend>(
     ]
 }
 
+/// A step whose gradient norm is not finite (one NaN in the gradient): `ops::grad_scale` gives
+/// a NaN norm and the factor -1, and both update kernels then return the parameter, the moments
+/// (and the master's rounding) exactly as they were; without clipping a finite norm gives 1.
+fn check_grad_scale_skip<B: Backend>(label: &str, _: DType, device: &B::Device) -> Vec<Check> {
+    let f32s = (device, DType::F32);
+    let (rows, cols) = (64, 48);
+    let rand = |sd: f64| Tensor::<B, 2>::random([rows, cols], Distribution::Normal(0.0, sd), f32s);
+    let (p, m) = (rand(0.02), rand(1e-4));
+    let v = rand(1e-6).abs();
+    let mut gh = host(rand(1e-3));
+    let name = |what: &str| format!("{label} grad_scale non-finite {rows}x{cols} {what}");
+    let Some(finite) = ops::grad_scale(
+        &[Tensor::<B, 2>::from_data(
+            burn::tensor::TensorData::new(gh.clone(), [rows, cols]),
+            f32s,
+        )],
+        None,
+    ) else {
+        return not_taken::<B>(name("factor"));
+    };
+    gh[rows * cols / 2] = f32::NAN;
+    let g = Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(gh, [rows, cols]), f32s);
+    let Some(gs) = ops::grad_scale(&[g.clone(), m.clone()], Some(1.0)) else {
+        return not_taken::<B>(name("factor"));
+    };
+    let h = ops::AdamWStep {
+        betas: (0.9, 0.999),
+        lr: 2e-4,
+        weight_decay: 0.01,
+        eps: 1e-8,
+        bias_corrections: (0.1, 0.001),
+    };
+    let (Some((p2, m2, v2)), Some((mp, mm, mv, low))) = (
+        ops::adamw_update(&p, &g, &m, &v, &gs.scale, h),
+        ops::adamw_update_master(&p, &g, &m, &v, &gs.scale, h, DType::BF16),
+    ) else {
+        return not_taken::<B>(name("update"));
+    };
+    let norm_nan = f64::from(u8::from(!host(gs.norm)[0].is_nan()));
+    let (ph, mh, vh) = (host(p.clone()), host(m), host(v));
+    let rounded: Vec<f32> = ph
+        .iter()
+        .map(|x| half::bf16::from_f32(*x).to_f32())
+        .collect();
+    vec![
+        Check::fused(
+            name("no clip: factor 1"),
+            rel_err(&host(finite.scale), &[1.0]),
+            0.0,
+        ),
+        Check::fused(name("norm is NaN (0 = yes)"), norm_nan, 0.0),
+        Check::fused(name("factor -1"), rel_err(&host(gs.scale), &[-1.0]), 0.0),
+        Check::fused(name("p kept"), rel_err(&host(p2), &ph), 0.0),
+        Check::fused(name("m kept"), rel_err(&host(m2), &mh), 0.0),
+        Check::fused(name("v kept"), rel_err(&host(v2), &vh), 0.0),
+        Check::fused(name("master kept"), rel_err(&host(mp), &ph), 0.0),
+        Check::fused(name("master m kept"), rel_err(&host(mm), &mh), 0.0),
+        Check::fused(name("master v kept"), rel_err(&host(mv), &vh), 0.0),
+        Check::fused(
+            name("bf16 parameter = master rounded"),
+            rel_err(&host(low), &rounded),
+            0.0,
+        ),
+    ]
+}
+
 /// AdamW on the f32 master of a bf16 parameter (`ops::adamw_update_master`): three chained
 /// steps against an f64 host reference (master and moments), the bf16 parameter equal to the
 /// master rounded, and the master keeping steps far below one bf16 unit in the last place.
@@ -785,18 +881,21 @@ fn check_adamw_master<B: Backend>(label: &str, device: &B::Device) -> Vec<Check>
             (device, g_dtype),
         );
         let h = ops::AdamWStep {
-            clip: 0.7,
             betas: (0.9, 0.999),
             lr: 1e-5,
             weight_decay: 0.01,
             eps: 1e-8,
             bias_corrections: (1.0 - 0.9f32.powi(t), 1.0 - 0.999f32.powi(t)),
         };
-        let Some((p2, m2, v2, l)) = ops::adamw_update_master(&p, &g, &m, &v, h, DType::BF16) else {
+        let scale =
+            Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(vec![0.7f32], [1]), f32s);
+        let Some((p2, m2, v2, l)) =
+            ops::adamw_update_master(&p, &g, &m, &v, &scale, h, DType::BF16)
+        else {
             return not_taken::<B>(format!("{label} adamw master"));
         };
         for (i, gi) in host(g).iter().enumerate() {
-            (pr[i], mr[i], vr[i]) = adamw_reference(pr[i], *gi as f64, mr[i], vr[i], &h);
+            (pr[i], mr[i], vr[i]) = adamw_reference(pr[i], *gi as f64, mr[i], vr[i], 0.7, &h);
         }
         (p, m, v, low) = (p2, m2, v2, Some(l));
     }
@@ -918,7 +1017,7 @@ fn main() {
     let dropout_input_f32: Suite = |l, dt, d| check_dropout::<F32>(l, dt, 2, 45, 96, 80, 8, d);
     let dropout_input_ckpt: Suite =
         |l, dt, d| check_dropout::<Bf16Ckpt>(l, dt, 2, 45, 96, 80, 8, d);
-    let suites: [((&str, DType), Suite); 20] = [
+    let suites: [((&str, DType), Suite); 21] = [
         (f32_, check_offload::<Cuda<f32>>),
         (bf16_, check_offload::<Gpu>),
         (f32_, dropout_input_f32),
@@ -936,6 +1035,7 @@ fn main() {
         (f32_, check_rope::<F32>),
         (bf16_, check_rope::<Bf16>),
         (f32_, check_adamw::<Cuda<f32>>),
+        (f32_, check_grad_scale_skip::<Cuda<f32>>),
         (bf16_, |l, _, d| check_adamw_master::<Cuda<bf16>>(l, d)),
         (f32_, check_hashed_dropout::<F32>),
         (bf16_, check_hashed_dropout::<Bf16>),

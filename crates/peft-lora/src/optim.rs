@@ -282,12 +282,36 @@ impl<AB: AutodiffBackend> GradAccumulator<AB> {
     }
 }
 
-/// Learning rate, clip factor and bias corrections of one step.
+/// Learning rate and bias corrections of one step.
 struct Hyper {
     lr: f64,
-    clip: f64,
     bc1: f64,
     bc2: f64,
+}
+
+/// The factor one step scales every gradient by (global-norm clipping; 1 when off, negative
+/// when the step must change nothing): a host number, or on CUDA the factor left on the device
+/// beside the norm, so the updates are queued before anything is read.
+enum Scale<B: Backend> {
+    Host(f64),
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Device {
+        t: Tensor<B, 1>,
+        /// The factor read back, once, if an update has to run composed.
+        read: Option<f64>,
+    },
+}
+
+impl<B: Backend> Scale<B> {
+    /// The factor on the host (a read from the device, the first time, for a device factor).
+    fn host(&mut self) -> f64 {
+        match self {
+            Scale::Host(c) => *c,
+            Scale::Device { t, read } => {
+                *read.get_or_insert_with(|| t.clone().into_scalar().elem::<f64>())
+            }
+        }
+    }
 }
 
 /// Moments of one tensor, and the f32 master copy of a 16-bit parameter.
@@ -391,31 +415,66 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
 
     /// One update with the accumulated gradients (already averaged by the caller), clipped to
     /// `max_grad_norm` if given. Returns the gradient norm before clipping; when it is not
-    /// finite nothing is updated.
+    /// finite nothing is updated (weights, moments and the step count stay as they were).
+    ///
+    /// On CUDA (AdamW and LoRA+) the norm and the clip factor stay on the device: every update
+    /// is queued with the factor and the norm is read last, so the device does not idle while
+    /// the host queues the updates; a non-finite norm makes each update kernel keep its tensors.
     pub fn step<M: LoraModel<AB>>(
         &mut self,
         model: &mut M,
-        mut acc: GradAccumulator<AB>,
+        acc: GradAccumulator<AB>,
         lr: f64,
         max_grad_norm: Option<f64>,
     ) -> f64 {
+        #[cfg(feature = "cuda")]
+        if self.kind != OptimizerKind::LoraFa {
+            let ts: Vec<Tensor<Inner<AB>, 2>> = acc.grads.values().cloned().collect();
+            if let Some(gs) = burn_cuda_ops::grad_scale(&ts, max_grad_norm) {
+                drop(ts);
+                let scale = Scale::Device {
+                    t: gs.scale,
+                    read: None,
+                };
+                self.apply(model, acc, lr, scale);
+                let norm = gs.norm.into_scalar().elem::<f64>();
+                if !norm.is_finite() {
+                    // Every update kept its tensors (the factor was negative).
+                    self.step -= 1;
+                }
+                return norm;
+            }
+        }
         let norm = acc.global_norm();
         if !norm.is_finite() {
             // Leave the weights and the state untouched; the caller reports the step.
             return norm;
         }
-        self.step += 1;
         let clip = match max_grad_norm {
             Some(max) if norm > max => max / (norm + 1e-6),
             _ => 1.0,
         };
+        self.apply(model, acc, lr, Scale::Host(clip));
+        norm
+    }
+
+    /// Counts the step and updates every tensor that has a gradient in `acc`, each gradient
+    /// scaled by `scale`.
+    fn apply<M: LoraModel<AB>>(
+        &mut self,
+        model: &mut M,
+        mut acc: GradAccumulator<AB>,
+        lr: f64,
+        mut scale: Scale<Inner<AB>>,
+    ) {
+        self.step += 1;
         let t = self.step as i32;
         let h = Hyper {
             lr,
-            clip,
             bc1: 1.0 - self.adamw.beta1.powi(t),
             bc2: 1.0 - self.adamw.beta2.powi(t),
         };
+        let sc = &mut scale;
         for (path, layer) in model.lora_linears_mut() {
             for ad in &mut layer.adapters {
                 let name = ad.meta.name.clone();
@@ -429,7 +488,7 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
                             // Linear in g, so projecting before the clip equals projecting after.
                             g = lora_fa_project(g, &a_inner, scaling);
                         }
-                        Some(self.update(k, slot, g, old, &h))
+                        Some(self.update(k, slot, g, old, &h, sc))
                     };
                 if let Some(n) = next(Slot::A, ad.lora_a.val().inner()) {
                     ad.lora_a = trainable(n);
@@ -453,7 +512,7 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
             for ad in &mut table.adapters {
                 let k = key(&path, &ad.name, Slot::TokenDelta);
                 if let Some(g) = acc.grads.remove(&k) {
-                    let n = self.update(k, Slot::TokenDelta, g, ad.delta.val().inner(), &h);
+                    let n = self.update(k, Slot::TokenDelta, g, ad.delta.val().inner(), &h, sc);
                     ad.delta = trainable(n);
                 }
             }
@@ -462,23 +521,24 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
             for copy in &mut module.saved_mut().copies {
                 let k = key(path, &copy.name, Slot::SavedWeight);
                 if let Some(g) = acc.grads.remove(&k) {
-                    let n = self.update(k, Slot::SavedWeight, g, copy.weight.val().inner(), &h);
+                    let n = self.update(k, Slot::SavedWeight, g, copy.weight.val().inner(), &h, sc);
                     copy.weight = trainable(n);
                 }
                 let k = key(path, &copy.name, Slot::SavedBias);
                 if let (Some(g), Some(b)) = (acc.grads.remove(&k), &copy.bias) {
                     let old = b.val().inner().unsqueeze_dim(0);
-                    let n = self.update(k, Slot::SavedBias, g, old, &h);
+                    let n = self.update(k, Slot::SavedBias, g, old, &h, sc);
                     copy.bias = Some(trainable(n.squeeze_dim(0)));
                 }
             }
             Ok(())
         });
-        norm
     }
 
-    /// One AdamW (or LoRA+ / LoRA-FA) update of the tensor `old` with gradient `g` (clipped
-    /// here), keeping its moments under `k`.
+    /// One AdamW (or LoRA+ / LoRA-FA) update of the tensor `old` with gradient `g` (times
+    /// `scale` here; a negative scale returns `old` and keeps the moments), keeping its moments
+    /// under `k`.
+    #[allow(clippy::too_many_arguments)]
     fn update(
         &mut self,
         k: String,
@@ -486,6 +546,7 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
         g: Tensor<Inner<AB>, 2>,
         old: Tensor<Inner<AB>, 2>,
         h: &Hyper,
+        scale: &mut Scale<Inner<AB>>,
     ) -> Tensor<Inner<AB>, 2> {
         let c = self.adamw.clone();
         let lr = h.lr;
@@ -530,9 +591,10 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
         };
         // On CUDA: the whole AdamW rule in one kernel instead of ~16 tensor ops.
         #[cfg(feature = "cuda")]
-        if self.kind != OptimizerKind::LoraFa {
+        if let (true, Scale::Device { t: scale_t, .. }) =
+            (self.kind != OptimizerKind::LoraFa, &*scale)
+        {
             let step = burn_cuda_ops::AdamWStep {
-                clip: h.clip as f32,
                 betas: (c.beta1 as f32, c.beta2 as f32),
                 lr: lr_here as f32,
                 weight_decay: wd as f32,
@@ -541,20 +603,28 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
             };
             if st.master.is_some() {
                 if let Some((master, m, v, p)) =
-                    burn_cuda_ops::adamw_update_master(&old, &g, &st.m, &st.v, step, low)
+                    burn_cuda_ops::adamw_update_master(&old, &g, &st.m, &st.v, scale_t, step, low)
                 {
                     (st.m, st.v, st.master) = (m, v, Some(master));
                     return p;
                 }
             } else if let Some((p, m, v)) =
-                burn_cuda_ops::adamw_update(&old, &g, &st.m, &st.v, step)
+                burn_cuda_ops::adamw_update(&old, &g, &st.m, &st.v, scale_t, step)
             {
                 (st.m, st.v) = (m, v);
                 return p;
             }
         }
+        let clip = scale.host();
+        if clip < 0.0 {
+            // A step whose gradient norm is not finite: nothing changes.
+            return match &st.master {
+                Some(master) => master.clone().cast(FloatDType::from(low)),
+                None => old,
+            };
+        }
         let g = if st.master.is_some() { to_f32(g) } else { g };
-        let g = if h.clip != 1.0 { g * h.clip } else { g };
+        let g = if clip != 1.0 { g * clip } else { g };
         st.m = st.m.clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
         st.v = st.v.clone() * c.beta2 + g.powf_scalar(2.0) * (1.0 - c.beta2);
         let updated = if self.kind == OptimizerKind::LoraFa {

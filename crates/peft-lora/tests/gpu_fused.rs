@@ -546,6 +546,37 @@ fn check_optimizer_master<B: AutodiffBackend>(label: &str, device: &B::Device) -
         rel_err(&masters(&resumed_o), &masters(&fused_o)),
         0.0,
     ));
+    // A step whose gradient norm is not finite (a NaN in the input): the norm and clip factor
+    // stay on the device and the update kernels are queued before the norm is read; the step
+    // must return the NaN norm and leave the weights, the masters and the step count as they were.
+    let mut bad = host(xs[0].clone());
+    bad[7] = f32::NAN;
+    let x_bad = Tensor::<B, 2>::from_data(
+        burn::tensor::TensorData::new(bad, [n, d_in]),
+        (device, DType::BF16),
+    );
+    let (w0, m0, step0) = (weights(&fused_m), masters(&fused_o), fused_o.step);
+    let y = fused_m.0.forward(x_bad);
+    let grads = (y.clone() * y).mean().backward();
+    let mut acc = GradAccumulator::default();
+    acc.add(&fused_m, &grads);
+    let norm = fused_o.step(&mut fused_m, acc, 2e-3, Some(1.0));
+    let kept = !norm.is_finite() && fused_o.step == step0;
+    checks.push(Check::fused(
+        name("non-finite norm: NaN returned, step count kept (0 = yes)"),
+        f64::from(u8::from(!kept)),
+        0.0,
+    ));
+    checks.push(Check::fused(
+        name("non-finite norm: weights kept"),
+        rel_err(&weights(&fused_m), &w0),
+        0.0,
+    ));
+    checks.push(Check::fused(
+        name("non-finite norm: masters kept"),
+        rel_err(&masters(&fused_o), &m0),
+        0.0,
+    ));
     checks
 }
 
