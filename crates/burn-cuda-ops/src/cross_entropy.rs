@@ -5,8 +5,9 @@
 //! - forward, per chunk: logits in cuBLASLt (the model's dtype, f32 accumulation), then the
 //!   per-row log-sum-exp in f32 as one kernel ([`super::lse`]) and the target's logit; keeps the
 //!   per-row log-sum-exp (`[tokens]`, f32).
-//! - backward, per chunk: logits again (one more GEMM), `g = d * (softmax - onehot)` in f32, cast,
-//!   `dh = g W^T` written into its rows of `dh` by cuBLASLt. Never `dW` (the head is frozen).
+//! - backward, per chunk: logits again (one more GEMM), `g = d * (softmax - onehot)` in f32 and
+//!   rounded once, written over the logits by one kernel ([`super::lse::ce_grad_in_place`]), then
+//!   `dh = g W^T` into its rows of `dh` by cuBLASLt. Never `dW` (the head is frozen).
 //!
 //! The composed path keeps the logits, their f32 copy and the f32 log-softmax for the backward:
 //! 10 bytes per logit, 2.6 GB at 2 x 1024 tokens and Llama 3's 128,256-word vocabulary.
@@ -301,13 +302,21 @@ fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
         let rows = chunk.min(n - r0);
         let logits = empty_as(&h, Shape::new([rows, vocab]), h.dtype);
         gemm_rows(&h, r0, rows, hid, &wp, &logits, 0, vocab)?;
-        let l32 = tensor::<T<F, I, BT>, 2>(logits).cast(FloatDType::F32);
-        let l = lse.clone().slice([r0..r0 + rows]).unsqueeze_dim::<2>(1);
-        let p = (l32 - l).exp();
-        let t = tg.clone().slice([r0..r0 + rows]).unsqueeze_dim::<2>(1);
-        let minus_one = Tensor::<T<F, I, BT>, 2>::full([rows, 1], -1.0, (&p.device(), DType::F32));
-        let g = p.scatter(1, t, minus_one, IndexingUpdateOp::Add) * d.clone();
-        let g = into_contiguous(prim(g.cast(dt)));
+        let g = if super::switch::LSE_KERNEL.on() {
+            // One pass over the chunk, written over the logits (see `lse::ce_grad_in_place`).
+            let l = lse.clone().slice([r0..r0 + rows]);
+            let t = tg.clone().slice([r0..r0 + rows]).into_primitive();
+            super::lse::ce_grad_in_place(logits, prim(l), t, prim(d.clone().reshape([1])))
+        } else {
+            let l32 = tensor::<T<F, I, BT>, 2>(logits).cast(FloatDType::F32);
+            let l = lse.clone().slice([r0..r0 + rows]).unsqueeze_dim::<2>(1);
+            let p = (l32 - l).exp();
+            let t = tg.clone().slice([r0..r0 + rows]).unsqueeze_dim::<2>(1);
+            let minus_one =
+                Tensor::<T<F, I, BT>, 2>::full([rows, 1], -1.0, (&p.device(), DType::F32));
+            let g = p.scatter(1, t, minus_one, IndexingUpdateOp::Add) * d.clone();
+            into_contiguous(prim(g.cast(dt)))
+        };
         gemm_rows(&g, 0, rows, vocab, &wt, &dh, r0, hid)?;
     }
     Ok(dh)

@@ -89,8 +89,9 @@ pub fn set_attention_enabled(on: bool) {
     switch::STEP_OPS.set(on);
 }
 
-/// Switches the cross-entropy's one-kernel log-sum-exp on or off (process-wide; default on
-/// unless `PEFT_LORA_LSE_KERNEL=0`; off, Burn's max and sum reductions over each chunk).
+/// Switches the cross-entropy's row kernels on or off: the one-kernel log-sum-exp of the forward
+/// and the one-pass gradient of the backward (process-wide; default on unless
+/// `PEFT_LORA_LSE_KERNEL=0`; off, Burn's max and sum reductions and f32 elementwise passes).
 pub fn set_lse_kernel_enabled(on: bool) {
     switch::LSE_KERNEL.set(on);
 }

@@ -7,6 +7,11 @@
 //! logits once in their own dtype: one cube of [`THREADS`] units per row, each unit keeping a
 //! running maximum and its rescaled sum of exponentials (online softmax) over 8-wide vectors,
 //! then the cube's maximum and sum through shared memory.
+//!
+//! [`ce_grad_in_place`] is its backward with the target's pick: the gradient of the chunk's
+//! cross-entropy with respect to its logits, `(softmax - one_hot(target)) * d`, written over the
+//! logits in one pass (it was a cast to f32, a subtraction, an `exp`, a scatter, a product and a
+//! cast back, each a round trip of an f32 chunk).
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
@@ -89,4 +94,69 @@ pub fn rows(x: Raw) -> Raw {
         dtype.into(),
     );
     out
+}
+
+/// In place over the logits `x [rows, width]` (any float dtype; `width / wv` lanes per vector):
+/// `x[i, j] = (exp(x[i, j] - lse[i]) - [j == t[i]]) * d[0]`, in f32 and rounded once.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn ce_grad_kernel<E: Float, I: Numeric, N: Size>(
+    x: &mut Tensor<Vector<E, N>>,
+    lse: &Tensor<f32>,
+    targets: &Tensor<I>,
+    d: &Tensor<f32>,
+    rows: u32,
+    wv: u32,
+    #[define(E, I)] _dtypes: [StorageType; 2],
+) {
+    let row = row_index();
+    if row >= rows as usize {
+        terminate!();
+    }
+    let n = x.vector_size();
+    let wv = wv as usize;
+    let base = row * wv;
+    let l = Vector::<f32, N>::new(lse[row]);
+    let scale = Vector::<f32, N>::new(d[0]);
+    let t = u32::cast_from(targets[row]) as usize;
+    let mut j = UNIT_POS_X as usize;
+    while j < wv {
+        let mut g = (Vector::<f32, N>::cast_from(x[base + j]) - l).exp();
+        let first = j * n;
+        if t >= first && t < first + n {
+            #[unroll]
+            for e in 0..n {
+                if first + e == t {
+                    g[e] -= f32::new(1.0);
+                }
+            }
+        }
+        x[base + j] = Vector::<E, N>::cast_from(g * scale);
+        j += CUBE_DIM_X as usize;
+    }
+}
+
+/// The cross-entropy's gradient with respect to one chunk's logits, written over them:
+/// `logits[i, j] = (exp(logits[i, j] - lse[i]) - [j == targets[i]]) * d[0]` for `logits [rows,
+/// width]` (contiguous, any float dtype), `lse [rows]` f32 (from [`rows`]), `targets [rows]` (an
+/// int dtype, each in `0..width`) and `d [1]` f32, the loss's upstream gradient. Returns the
+/// logits' buffer.
+pub fn ce_grad_in_place(logits: Raw, lse: Raw, targets: Raw, d: Raw) -> Raw {
+    let [rows, width] = logits.meta.shape().dims::<2>();
+    let (dtype, tdtype) = (logits.dtype, targets.dtype);
+    let v = vector_size(width);
+    ce_grad_kernel::launch::<CudaRuntime>(
+        &logits.client.clone(),
+        grid(rows),
+        CubeDim::new_1d(THREADS),
+        v,
+        logits.clone().into_tensor_arg(),
+        into_contiguous(lse).into_tensor_arg(),
+        into_contiguous(targets).into_tensor_arg(),
+        into_contiguous(d).into_tensor_arg(),
+        rows as u32,
+        (width / v) as u32,
+        [dtype.into(), tdtype.into()],
+    );
+    logits
 }

@@ -88,8 +88,8 @@ pub(crate) static ELEMENTWISE: Switch = Switch::new("PEFT_LORA_ELEMENTWISE_KERNE
 pub(crate) static ADAMW: Switch = Switch::new("PEFT_LORA_FUSED_ADAMW");
 /// The attention's softmax kernels, else Burn's composed softmax (`PEFT_LORA_SOFTMAX_KERNEL`).
 pub(crate) static SOFTMAX: Switch = Switch::new("PEFT_LORA_SOFTMAX_KERNEL");
-/// The cross-entropy's log-sum-exp as one kernel ([`super::lse`]), else Burn's reductions
-/// (`PEFT_LORA_LSE_KERNEL`).
+/// The cross-entropy's log-sum-exp and gradient as one kernel each ([`super::lse`]), else
+/// Burn's reductions and elementwise passes (`PEFT_LORA_LSE_KERNEL`).
 pub(crate) static LSE_KERNEL: Switch = Switch::new("PEFT_LORA_LSE_KERNEL");
 /// The one-kernel attention of a decode step ([`super::attention_decode`]), else the GEMM path
 /// (`PEFT_LORA_DECODE_ATTENTION=1`; opt-in: slower than the GEMM path as it stands).
