@@ -23,7 +23,7 @@ use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
 use super::backend::Prim;
-use super::cube_util::{elem_grid, elem_index, THREADS};
+use super::cube_util::{elem_grid, elem_index, vector_size, THREADS};
 use super::kernels::{empty_as, Raw};
 
 /// The mask of one call: two seed words, the drop threshold and the keep scale `1 / (1 - p)`.
@@ -70,12 +70,15 @@ fn fmix(x: u32) -> u32 {
     x ^ (x >> 16u32)
 }
 
-/// `out = keep(i) ? dtype(inp * scale) : 0`: the forward and the backward alike.
+/// `out = keep(i) ? dtype(inp * scale) : 0`: the forward and the backward alike, over `nv`
+/// vectors of `N` elements (element `i` of the tensor is lane `i % N` of vector `i / N`, so the
+/// mask is the same at any vector width).
 #[cube(launch)]
-fn dropout_kernel<E: Float>(
-    inp: &Tensor<E>,
-    out: &mut Tensor<E>,
-    n: u32,
+#[allow(clippy::too_many_arguments)]
+fn dropout_kernel<E: Float, N: Size>(
+    inp: &Tensor<Vector<E, N>>,
+    out: &mut Tensor<Vector<E, N>>,
+    nv: u32,
     seed0: u32,
     seed1: u32,
     threshold: u32,
@@ -83,31 +86,39 @@ fn dropout_kernel<E: Float>(
     #[define(E)] _dtype: StorageType,
 ) {
     let i = elem_index();
-    if i >= n as usize {
+    if i >= nv as usize {
         terminate!();
     }
-    let h = fmix(fmix(i as u32 ^ seed0) + seed1);
-    let mut v = f32::new(0.0);
-    if h >= threshold {
-        v = f32::cast_from(inp[i]) * scale;
+    let n = inp.vector_size();
+    let x = Vector::<f32, N>::cast_from(inp[i]);
+    let mut y = Vector::<f32, N>::new(f32::new(0.0));
+    #[unroll]
+    for e in 0..n {
+        let h = fmix(fmix((i * n + e) as u32 ^ seed0) + seed1);
+        if h >= threshold {
+            y[e] = x[e] * scale;
+        }
     }
-    out[i] = E::cast_from(v);
+    out[i] = Vector::<E, N>::cast_from(y);
 }
 
-/// Applies the mask to `t` (forward on `x`, backward on `dy`).
+/// Applies the mask to `t` (forward on `x`, backward on `dy`), 8 elements per unit where the
+/// size allows (one 16-byte load of bf16).
 pub fn apply(t: Raw, mask: DropMask) -> Raw {
     let t = into_contiguous(t);
     let shape = t.meta.shape().clone();
     let n = shape.num_elements();
     let out = empty_as(&t, shape, t.dtype);
     let (dtype, client) = (t.dtype, t.client.clone());
+    let v = vector_size(n);
     dropout_kernel::launch::<CudaRuntime>(
         &client,
-        elem_grid(n),
+        elem_grid(n / v),
         CubeDim::new_1d(THREADS),
+        v,
         t.into_tensor_arg(),
         out.clone().into_tensor_arg(),
-        n as u32,
+        (n / v) as u32,
         mask.seeds.0,
         mask.seeds.1,
         mask.threshold,

@@ -718,13 +718,27 @@ fn check_adamw<B: Backend>(label: &str, dtype: DType, device: &B::Device) -> Vec
 /// seed, re-seeding reproduces it and the next call draws another, the kept share is `1 - p`
 /// within six standard deviations, and output and `dx` are `x / (1 - p)`, `dy / (1 - p)` where
 /// kept and zero elsewhere.
+/// Two shapes: 8 elements per unit, and an odd size (one per unit): the same mask either way.
 fn check_hashed_dropout<B: AutodiffBackend>(
     label: &str,
     dtype: DType,
     device: &B::Device,
 ) -> Vec<Check> {
+    [(2048, 1000), (999, 1001)]
+        .into_iter()
+        .flat_map(|(rows, cols)| hashed_dropout_case::<B>(label, dtype, device, rows, cols))
+        .collect()
+}
+
+fn hashed_dropout_case<B: AutodiffBackend>(
+    label: &str,
+    dtype: DType,
+    device: &B::Device,
+    rows: usize,
+    cols: usize,
+) -> Vec<Check> {
     let opts = (device, dtype);
-    let (rows, cols, p) = (2048, 1000, 0.1);
+    let p = 0.1;
     let n = rows * cols;
     let x =
         Tensor::<B, 2>::random([rows, cols], Distribution::Uniform(1.0, 2.0), opts).require_grad();
