@@ -29,6 +29,7 @@
 //! off; `PEFT_LORA_FUSED_ATTENTION=0` ([`set_attention_enabled`]) the attention, head +
 //! cross-entropy and RMSNorm ops; `PEFT_LORA_ELEMENTWISE_KERNELS=0` SwiGLU, RoPE and dropout;
 //! `PEFT_LORA_FUSED_ADAMW=0` ([`set_optimizer_kernels_enabled`]) the optimizer kernels;
+//! `PEFT_LORA_DEVICE_CLIP=0` ([`set_device_clip_enabled`]) keeps their clip factor on the host;
 //! `PEFT_LORA_SOFTMAX_KERNEL=0` the attention's softmax kernels; `PEFT_LORA_ASYNC_SUBMIT=0` makes
 //! each op wait for its hand-off to cubecl's device thread; `PEFT_LORA_GEMM_AUTOTUNE=1` times
 //! cuBLASLt's candidate algorithms per GEMM shape. (The names are those the project has always
@@ -87,6 +88,13 @@ pub use kernels::LowRankInputs;
 /// default on unless `PEFT_LORA_FUSED_ATTENTION=0`; [`set_enabled`]`(false)` turns them off too).
 pub fn set_attention_enabled(on: bool) {
     switch::STEP_OPS.set(on);
+}
+
+/// Switches [`grad_scale`] on or off (process-wide; default on unless
+/// `PEFT_LORA_DEVICE_CLIP=0`): off, it returns `None` and an optimizer reads the norm before it
+/// queues the updates (the AdamW kernels still run, with the factor uploaded).
+pub fn set_device_clip_enabled(on: bool) {
+    switch::DEVICE_CLIP.set(on);
 }
 
 /// Switches the cross-entropy's row kernels on or off: the one-kernel log-sum-exp of the forward
@@ -591,6 +599,12 @@ fn optimizer_kernels<B: Backend>() -> bool {
     switch::ADAMW.on() && supported::<B>() && enabled()
 }
 
+/// Whether [`adamw_update`] and [`grad_scale`] run on `B` (a raw cubecl CUDA backend, the
+/// optimizer kernels switched on): a caller can then keep its clip factor on the device.
+pub fn optimizer_kernels_on<B: Backend>() -> bool {
+    optimizer_kernels::<B>()
+}
+
 /// Whether a tensor has no elements (the kernels are not launched on those).
 fn is_empty<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
     t.dims().contains(&0)
@@ -746,7 +760,8 @@ fn grad_scale_impl<T: adamw::FusedAdamW>(
 /// host queues the updates. `Some` when `B` is a raw cubecl CUDA backend and the optimizer
 /// kernels are on (the switch of [`adamw_update`]); else `None`.
 pub fn grad_scale<B: Backend>(ts: &[Tensor<B, 2>], max_norm: Option<f64>) -> Option<GradScale<B>> {
-    if ts.is_empty() || !optimizer_kernels::<B>() || ts.iter().any(is_empty) {
+    let on = optimizer_kernels::<B>() && switch::DEVICE_CLIP.on();
+    if ts.is_empty() || !on || ts.iter().any(is_empty) {
         return None;
     }
     let args = (ts.to_vec(), max_norm.map(|m| m as f32));

@@ -94,6 +94,9 @@ pub(crate) static LSE_KERNEL: Switch = Switch::new("PEFT_LORA_LSE_KERNEL");
 /// The one-kernel attention of a decode step ([`super::attention_decode`]), else the GEMM path
 /// (`PEFT_LORA_DECODE_ATTENTION=1`; opt-in: slower than the GEMM path as it stands).
 pub(crate) static DECODE_ATTENTION: Switch = Switch::opt_in("PEFT_LORA_DECODE_ATTENTION");
+/// The gradient norm and clip factor kept on the device ([`super::grad_scale`]), else read
+/// before the optimizer's updates are queued (`PEFT_LORA_DEVICE_CLIP`).
+pub(crate) static DEVICE_CLIP: Switch = Switch::new("PEFT_LORA_DEVICE_CLIP");
 /// Checkpointed activations parked in pinned host memory (`PEFT_LORA_OFFLOAD`).
 pub(crate) static OFFLOAD: Switch = Switch::new("PEFT_LORA_OFFLOAD");
 /// Fused ops queued on cubecl's device thread without waiting (`PEFT_LORA_ASYNC_SUBMIT`).

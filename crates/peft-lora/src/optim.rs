@@ -290,27 +290,44 @@ struct Hyper {
 }
 
 /// The factor one step scales every gradient by (global-norm clipping; 1 when off, negative
-/// when the step must change nothing): a host number, or on CUDA the factor left on the device
-/// beside the norm, so the updates are queued before anything is read.
-enum Scale<B: Backend> {
-    Host(f64),
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    Device {
-        t: Tensor<B, 1>,
-        /// The factor read back, once, if an update has to run composed.
-        read: Option<f64>,
-    },
+/// when the step must change nothing), on the host, on the device, or both: on CUDA it is
+/// computed on the device beside the norm, so the updates are queued before anything is read.
+struct Scale<B: Backend> {
+    host: Option<f64>,
+    device: Option<Tensor<B, 1>>,
 }
 
 impl<B: Backend> Scale<B> {
-    /// The factor on the host (a read from the device, the first time, for a device factor).
-    fn host(&mut self) -> f64 {
-        match self {
-            Scale::Host(c) => *c,
-            Scale::Device { t, read } => {
-                *read.get_or_insert_with(|| t.clone().into_scalar().elem::<f64>())
-            }
+    /// A factor known on the host.
+    fn host_value(c: f64) -> Self {
+        Scale {
+            host: Some(c),
+            device: None,
         }
+    }
+
+    /// The factor on the host (read from the device the first time, if it lives there).
+    fn host(&mut self) -> f64 {
+        if let Some(c) = self.host {
+            return c;
+        }
+        let c = match &self.device {
+            Some(t) => t.clone().into_scalar().elem::<f64>(),
+            None => 1.0,
+        };
+        self.host = Some(c);
+        c
+    }
+
+    /// The factor as one f32 element on `device` (uploaded once if it is a host number).
+    #[cfg(feature = "cuda")]
+    fn on_device(&mut self, device: &B::Device) -> Tensor<B, 1> {
+        if self.device.is_none() {
+            let c = self.host() as f32;
+            let data = burn::tensor::TensorData::new(vec![c], [1]);
+            self.device = Some(Tensor::from_data(data, (device, DType::F32)));
+        }
+        self.device.clone().expect("set above")
     }
 }
 
@@ -432,9 +449,9 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
             let ts: Vec<Tensor<Inner<AB>, 2>> = acc.grads.values().cloned().collect();
             if let Some(gs) = burn_cuda_ops::grad_scale(&ts, max_grad_norm) {
                 drop(ts);
-                let scale = Scale::Device {
-                    t: gs.scale,
-                    read: None,
+                let scale = Scale {
+                    host: None,
+                    device: Some(gs.scale),
                 };
                 self.apply(model, acc, lr, scale);
                 let norm = gs.norm.into_scalar().elem::<f64>();
@@ -454,7 +471,7 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
             Some(max) if norm > max => max / (norm + 1e-6),
             _ => 1.0,
         };
-        self.apply(model, acc, lr, Scale::Host(clip));
+        self.apply(model, acc, lr, Scale::host_value(clip));
         norm
     }
 
@@ -591,9 +608,9 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
         };
         // On CUDA: the whole AdamW rule in one kernel instead of ~16 tensor ops.
         #[cfg(feature = "cuda")]
-        if let (true, Scale::Device { t: scale_t, .. }) =
-            (self.kind != OptimizerKind::LoraFa, &*scale)
+        if self.kind != OptimizerKind::LoraFa && burn_cuda_ops::optimizer_kernels_on::<Inner<AB>>()
         {
+            let scale_t = &scale.on_device(&old.device());
             let step = burn_cuda_ops::AdamWStep {
                 betas: (c.beta1 as f32, c.beta2 as f32),
                 lr: lr_here as f32,
