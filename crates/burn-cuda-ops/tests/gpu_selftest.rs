@@ -1027,11 +1027,16 @@ fn main() {
     type Bf16Ckpt = Autodiff<Gpu, BalancedCheckpointing>;
     let (f32_, bf16_) = (("cuda", DType::F32), ("cuda", DType::BF16));
     let ckpt = ("cuda-ckpt", DType::BF16);
+    // The opt-in kernels are what this test passes or fails; the suites below turn each off
+    // again where the default path needs a check of its own.
+    ops::set_lse_kernel_enabled(true);
+    ops::set_device_clip_enabled(true);
+    ops::set_wide_dropout_enabled(true);
     let dropout_input: Suite = |l, dt, d| check_dropout::<Bf16>(l, dt, 2, 45, 96, 80, 8, d);
     let dropout_input_f32: Suite = |l, dt, d| check_dropout::<F32>(l, dt, 2, 45, 96, 80, 8, d);
     let dropout_input_ckpt: Suite =
         |l, dt, d| check_dropout::<Bf16Ckpt>(l, dt, 2, 45, 96, 80, 8, d);
-    let suites: [((&str, DType), Suite); 21] = [
+    let suites: [((&str, DType), Suite); 23] = [
         (f32_, check_offload::<Cuda<f32>>),
         (bf16_, check_offload::<Gpu>),
         (f32_, dropout_input_f32),
@@ -1042,6 +1047,13 @@ fn main() {
         (ckpt, check_attention::<Bf16Ckpt>),
         (f32_, check_cross_entropy::<F32>),
         (bf16_, check_cross_entropy::<Bf16>),
+        (bf16_, |l, d, dev| {
+            // The default path too, while the row kernels are opt-in.
+            ops::set_lse_kernel_enabled(false);
+            let c = check_cross_entropy::<Bf16>(&format!("{l} lse-off"), d, dev);
+            ops::set_lse_kernel_enabled(true);
+            c
+        }),
         (f32_, check_rms_norm::<F32>),
         (bf16_, check_rms_norm::<Bf16>),
         (f32_, check_swiglu::<F32>),
@@ -1053,6 +1065,12 @@ fn main() {
         (bf16_, |l, _, d| check_adamw_master::<Cuda<bf16>>(l, d)),
         (f32_, check_hashed_dropout::<F32>),
         (bf16_, check_hashed_dropout::<Bf16>),
+        (bf16_, |l, d, dev| {
+            ops::set_wide_dropout_enabled(false);
+            let c = check_hashed_dropout::<Bf16>(&format!("{l} one-wide"), d, dev);
+            ops::set_wide_dropout_enabled(true);
+            c
+        }),
     ];
     let mut checks = Vec::new();
     for ((label, dtype), suite) in suites {

@@ -590,6 +590,11 @@ fn main() {
         return;
     }
     let device = CudaDevice::default();
+    // The opt-in kernels (cross-entropy rows, the clip factor on the device, 8-wide dropout)
+    // are checked here too.
+    burn_cuda_ops::set_lse_kernel_enabled(true);
+    burn_cuda_ops::set_device_clip_enabled(true);
+    burn_cuda_ops::set_wide_dropout_enabled(true);
     // Element types are given explicitly: Burn's default float type is per device, fixed by the
     // first backend that touches it, whatever the backend's type parameter says.
     type Suite = fn(&str, DType, &CudaDevice) -> Vec<Check>;
