@@ -127,14 +127,17 @@ impl<B: AutodiffBackend> LlamaForCausalLM<B> {
             B::InnerBackend::seed(&x.device(), seed);
             peft_lora::seed_dropout(seed);
             let (y, _) = layer.forward(x.clone(), &cos, &sin, &mask, None, &ctx);
-            let grads = (y * Tensor::from_inner(g)).sum().backward();
+            // `y`'s gradient seeded with `g`: the backward of a non-scalar root starts from
+            // ones of its shape, so `y * g` hands `y` exactly `g` (no `sum()`: its reduction
+            // over the whole hidden state cost more than the rest of this seeding).
+            let grads = (y * Tensor::from_inner(g)).backward();
             on_grads(&grads);
             g = x.grad(&grads).expect("a layer input has a gradient");
         }
 
         // The embedding, when it has trainable rows.
         if let Some(embedded) = embedded {
-            let grads = (embedded * Tensor::from_inner(g)).sum().backward();
+            let grads = (embedded * Tensor::from_inner(g)).backward();
             on_grads(&grads);
         }
         CheckpointedLoss {
