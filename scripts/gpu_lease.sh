@@ -18,6 +18,8 @@
 #   info          the card, the driver, torch / transformers / PEFT versions
 #   check         burn-cuda-ops gpu_selftest and peft-lora gpu_fused (CHECKS="gpu_selftest" for one)
 #   train         ours on the three configs (qv-gc, qv-nogc, all-gc), LoRA dropout 0.1
+#   train-optin   the same with the opt-in kernels on (PEFT_LORA_LSE_KERNEL, PEFT_LORA_DEVICE_CLIP,
+#                 PEFT_LORA_WIDE_DROPOUT; defaults once `check` passes them; OPTIN=1 profiles so too)
 #   train-d0      the same at dropout 0 (Unsloth's, which its fused kernels need)
 #                 (CONFIGS="qv-gc all-gc" picks configs for train and train-d0)
 #   phases        qv-gc and all-gc with PEFT_TRAIN_PHASES=1 (where a step's time goes)
@@ -98,6 +100,7 @@ dp_train() { # dp_train N: bench-train q,v r8 with checkpointing on N GPUs
   echo "dp nproc $1: rc=$? $(grep '^{' "$L/dp$1.txt" | tail -1) peak_used_mib(largest card sample) $(peak "dp$1")" | tee -a "$S"
 }
 three="seed-qv-r8-gc seed-qv-r8-nogc all-r16-gc"
+OPTIN_ENV="PEFT_LORA_LSE_KERNEL=1 PEFT_LORA_DEVICE_CLIP=1 PEFT_LORA_WIDE_DROPOUT=1"
 for stage in "$@"; do
   case $stage in
   info)
@@ -110,6 +113,8 @@ for stage in "$@"; do
       grep '"pass":false' "$L/$t.txt" | head -5 | tee -a "$S"
     done ;;
   train) ours d01 0.1 ${CONFIGS:-qv-gc qv-nogc all-gc} ;;
+  train-optin) export $OPTIN_ENV; ours optin 0.1 ${CONFIGS:-qv-gc qv-nogc all-gc}
+    unset PEFT_LORA_LSE_KERNEL PEFT_LORA_DEVICE_CLIP PEFT_LORA_WIDE_DROPOUT ;;
   train-d0) ours d0 0 ${CONFIGS:-qv-gc qv-nogc all-gc} ;;
   phases) PEFT_TRAIN_PHASES=1 ours phases 0.1 qv-gc all-gc ;;
   hf) peers hf $three ;;
@@ -124,6 +129,7 @@ for stage in "$@"; do
     peers unsloth $three ;;
   profile)
     NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    [ "${OPTIN:-0}" = 1 ] && export $OPTIN_ENV
     timeout 480 "$NCU" --metrics gpu__time_duration.sum --clock-control none --cache-control none \
       --csv --page raw --log-file "$L/profile_qv-gc.csv" "$D"/news2stock-dev --batch-size 2 \
       --grad-accum 1 --lora-alpha 32 --lora-dropout 0.1 $(args_of qv-gc) bench-train --steps 1 \
