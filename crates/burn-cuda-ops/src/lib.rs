@@ -605,16 +605,11 @@ pub fn set_optimizer_kernels_enabled(on: bool) {
     switch::ADAMW.set(on);
 }
 
-/// Whether the optimizer's kernels (AdamW update, gradient norm) run: `B` is a raw cubecl CUDA
-/// backend, the fused path is on, and `PEFT_LORA_FUSED_ADAMW` is not `0`.
-fn optimizer_kernels<B: Backend>() -> bool {
-    switch::ADAMW.on() && supported::<B>() && enabled()
-}
-
-/// Whether [`adamw_update`] and [`grad_scale`] run on `B` (a raw cubecl CUDA backend, the
-/// optimizer kernels switched on): a caller can then keep its clip factor on the device.
+/// Whether the optimizer's kernels ([`adamw_update`], [`sum_of_squares`], [`grad_scale`]) run:
+/// `B` is a raw cubecl CUDA backend, the fused path is on, and `PEFT_LORA_FUSED_ADAMW` is not
+/// `0`. A caller can then keep its clip factor on the device.
 pub fn optimizer_kernels_on<B: Backend>() -> bool {
-    optimizer_kernels::<B>()
+    switch::ADAMW.on() && supported::<B>() && enabled()
 }
 
 /// Whether a tensor has no elements (the kernels are not launched on those).
@@ -658,7 +653,7 @@ pub fn adamw_update<B: Backend>(
     scale: &Tensor<B, 1>,
     h: AdamWStep,
 ) -> Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)> {
-    if !optimizer_kernels::<B>() || !is_scale(scale) {
+    if !optimizer_kernels_on::<B>() || !is_scale(scale) {
         return None;
     }
     let same = [g, m, v]
@@ -701,7 +696,7 @@ pub fn adamw_update_master<B: Backend>(
     h: AdamWStep,
     low: DType,
 ) -> Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)> {
-    if !optimizer_kernels::<B>() || !is_scale(scale) {
+    if !optimizer_kernels_on::<B>() || !is_scale(scale) {
         return None;
     }
     let same = [master, m, v]
@@ -737,7 +732,7 @@ fn sums_of_squares_impl<T: adamw::FusedAdamW>(ts: Vec<Tensor<T, 2>>) -> Tensor<T
 /// per tensor, when `B` is a raw cubecl CUDA backend and the fused path is on (the switch of
 /// [`adamw_update`]); else `None`.
 pub fn sum_of_squares<B: Backend>(ts: &[Tensor<B, 2>]) -> Option<f64> {
-    if ts.is_empty() || !optimizer_kernels::<B>() || ts.iter().any(is_empty) {
+    if ts.is_empty() || !optimizer_kernels_on::<B>() || ts.iter().any(is_empty) {
         return None;
     }
     let sums: Tensor<B, 1> =
@@ -772,7 +767,7 @@ fn grad_scale_impl<T: adamw::FusedAdamW>(
 /// host queues the updates. `Some` when `B` is a raw cubecl CUDA backend and the optimizer
 /// kernels are on (the switch of [`adamw_update`]); else `None`.
 pub fn grad_scale<B: Backend>(ts: &[Tensor<B, 2>], max_norm: Option<f64>) -> Option<GradScale<B>> {
-    let on = optimizer_kernels::<B>() && switch::DEVICE_CLIP.on();
+    let on = optimizer_kernels_on::<B>() && switch::DEVICE_CLIP.on();
     if ts.is_empty() || !on || ts.iter().any(is_empty) {
         return None;
     }
