@@ -86,3 +86,52 @@ pub fn bench_launch(n: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// The parts of a cuBLASLt task's host cost, and the decode step's GEMM shapes on both paths
+/// (`news2stock-dev bench-launch --parts`): a queued task that does nothing, one that resolves
+/// three tensors' device pointers (what every GEMM task does first), and a batch-1 projection
+/// `[1, 4096] x [4096, out]` through `frozen_linear` and through Burn's `matmul`.
+pub fn bench_launch_parts(n: usize) -> Result<()> {
+    use burn::tensor::TensorPrimitive;
+    let device = CudaDevice::default();
+    let normal = Distribution::Normal(0.0, 1.0);
+    let raw = |t: &Tensor<Gpu, 2>| match t.clone().into_primitive() {
+        TensorPrimitive::Float(p) => p.handle,
+        TensorPrimitive::QFloat(p) => p.handle,
+    };
+    let x = Tensor::<Gpu, 2>::random([8, 4096], normal, &device);
+    let wl = Tensor::<Gpu, 2>::random([4096, 64], normal, &device);
+    emit(
+        "device task, queued, nothing resolved",
+        1,
+        time(n, &device, || {
+            cuda::device::enqueue(&device, Vec::new(), |_, _| Ok(())).map_err(anyhow::Error::msg)
+        })?,
+    );
+    emit(
+        "device task, queued, 3 tensors resolved",
+        1,
+        time(n, &device, || {
+            let hs = vec![raw(&x), raw(&wl), raw(&x)];
+            cuda::device::enqueue(&device, hs, |_, _| Ok(())).map_err(anyhow::Error::msg)
+        })?,
+    );
+    let x1 = Tensor::<Gpu, 2>::random([1, 4096], normal, &device);
+    for out in [4096usize, 14336] {
+        let w = Tensor::<Gpu, 2>::random([4096, out], normal, &device);
+        let m = (n / 5).max(20);
+        if cuda::frozen_linear(&x1, &w, None).is_some() {
+            emit(
+                &format!("decode GEMM [1, 4096] x [4096, {out}], frozen_linear"),
+                1,
+                time(m, &device, || cuda::frozen_linear(&x1, &w, None))?,
+            );
+        }
+        emit(
+            &format!("decode GEMM [1, 4096] x [4096, {out}], Burn matmul"),
+            1,
+            time(m, &device, || x1.clone().matmul(w.clone()))?,
+        );
+    }
+    Ok(())
+}

@@ -119,6 +119,10 @@ enum Tool {
         /// Launches timed per path.
         #[arg(long, default_value_t = 5000)]
         launches: usize,
+        /// Also the parts of a cuBLASLt task (an empty queued task, pointer resolution) and the
+        /// batch-1 decode GEMMs through `frozen_linear` and Burn's `matmul`.
+        #[arg(long)]
+        parts: bool,
     },
     /// Adapter kernel throughput on the Llama-8B shapes (LoRA and DoRA forward, forward +
     /// backward, merged vs unmerged inference, ratio to the frozen GEMM alone); JSON lines.
@@ -229,8 +233,12 @@ fn gpu(s: &Settings, tool: &Tool, world: Option<data_parallel::World>) -> Result
     {
         return fused::bench_linear(*quick, *composed, *iters);
     }
-    if let Tool::BenchLaunch { launches } = tool {
-        return bench_launch::bench_launch(*launches);
+    if let Tool::BenchLaunch { launches, parts } = tool {
+        bench_launch::bench_launch(*launches)?;
+        if *parts {
+            bench_launch::bench_launch_parts(*launches)?;
+        }
+        return Ok(());
     }
     let Some(w) = world else {
         return dispatch::<Gpu>(s, tool, &CudaDevice::default(), &data_parallel::Solo);

@@ -271,7 +271,7 @@ pub fn run<T: Send>(
 /// the caller goes on (`PEFT_LORA_ASYNC_SUBMIT=0` makes it wait, as [`run`]). An error inside
 /// the task is kept and returned by the next fused op's call, which then panics as a failed op
 /// does (much as CUDA reports an asynchronous error on a later call).
-pub(crate) fn enqueue(
+pub fn enqueue(
     device: &CudaDevice,
     handles: Vec<Handle>,
     f: impl FnOnce(&lt::Ctx, &[u64]) -> Result<(), String> + Send + 'static,
