@@ -5,7 +5,7 @@
 use anyhow::Result;
 use burn::tensor::backend::Backend;
 use llama::{GenerationConfig, LlamaConfig, LlamaForCausalLM};
-use peft_lora::LoraCtx;
+use peft_lora::{LoraConfig, LoraCtx, LoraModel, PeftModel};
 
 /// One JSON line per batch size: prefill + decode time and generated tokens/s.
 pub fn bench_generate<B: Backend>(
@@ -15,27 +15,10 @@ pub fn bench_generate<B: Backend>(
     tiny: bool,
     device: &B::Device,
 ) -> Result<()> {
-    let cfg = if tiny {
-        LlamaConfig::tiny(512)
-    } else {
-        LlamaConfig::llama3_8b()
-    };
-    let vocab = cfg.vocab_size as u64;
+    let cfg = config(tiny);
     let model = LlamaForCausalLM::<B>::random_seeded(&cfg, device, 0);
-    // Every row generates exactly `new_tokens` (no stop ids), as the anchor does.
-    let gen = |n: usize| GenerationConfig {
-        max_new_tokens: n,
-        min_new_tokens: n,
-        ..Default::default()
-    };
     for &b in batches {
-        let prompts: Vec<Vec<u32>> = (0..b)
-            .map(|r| {
-                (0..prompt_len)
-                    .map(|i| ((i as u64 * 31 + r as u64 * 7919 + 1) % vocab) as u32)
-                    .collect()
-            })
-            .collect();
+        let prompts = prompts(b, prompt_len, cfg.vocab_size);
         // Warm-up at this batch size (autotune, compilation), then one timed generation.
         model.generate(&prompts, &gen(4), &LoraCtx::default(), &mut |_, _| {})?;
         let _ = B::sync(device);
@@ -54,6 +37,97 @@ pub fn bench_generate<B: Backend>(
             serde_json::json!({"system": "burn-peft", "batch": b, "prompt": prompt_len,
                 "new_tokens": new_tokens, "generated": tokens, "seconds": secs,
                 "tokens_per_s": tokens as f64 / secs})
+        );
+    }
+    Ok(())
+}
+
+fn config(tiny: bool) -> LlamaConfig {
+    if tiny {
+        LlamaConfig::tiny(512)
+    } else {
+        LlamaConfig::llama3_8b()
+    }
+}
+
+/// Every row generates exactly `n` tokens (no stop ids), as the anchor does.
+fn gen(n: usize) -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens: n,
+        min_new_tokens: n,
+        ..Default::default()
+    }
+}
+
+/// `b` distinct prompts of `len` tokens.
+fn prompts(b: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
+    let vocab = vocab as u64;
+    (0..b)
+        .map(|r| {
+            (0..len)
+                .map(|i| ((i as u64 * 31 + r as u64 * 7919 + 1) % vocab) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// `news2stock eval`'s side-by-side pass (each prompt once routed to the base model and once to
+/// the adapter, `2 b` rows in one call) against the two sides one after the other (`b` rows
+/// each); one JSON line per batch size with both times and their ratio.
+pub fn bench_side_by_side<B: Backend>(
+    batches: &[usize],
+    prompt_len: usize,
+    new_tokens: usize,
+    tiny: bool,
+    device: &B::Device,
+) -> Result<()> {
+    let cfg = config(tiny);
+    let mut peft = PeftModel::new(LlamaForCausalLM::<B>::random_seeded(&cfg, device, 0));
+    peft.add_adapter("default", &LoraConfig::new(8, 16.0, &["q_proj", "v_proj"]))?;
+    // B starts at zero: give the adapter an effect, as a trained one has.
+    for (_, l) in peft.model.lora_linears_mut() {
+        if let Some(a) = l.adapters.first_mut() {
+            let b = a.lora_b.val();
+            let r = b.random_like(burn::tensor::Distribution::Normal(0.0, 0.02));
+            a.lora_b = burn::module::Param::from_tensor(r);
+        }
+    }
+    let model = &peft.model;
+    let tuned = LoraCtx::default();
+    for &b in batches {
+        // Every row routed to no adapter: the base model.
+        let base = LoraCtx {
+            row_adapters: Some(vec![None; b]),
+            ..Default::default()
+        };
+        let prompts = prompts(b, prompt_len, cfg.vocab_size);
+        let rows: Vec<Vec<u32>> = prompts.iter().chain(&prompts).cloned().collect();
+        let routed = LoraCtx {
+            row_adapters: Some(
+                (0..2 * b)
+                    .map(|r| (r >= b).then(|| "default".to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        // Warm-up of both shapes (autotune, compilation).
+        model.generate(&rows, &gen(4), &routed, &mut |_, _| {})?;
+        model.generate(&prompts, &gen(4), &tuned, &mut |_, _| {})?;
+        let _ = B::sync(device);
+        let t = std::time::Instant::now();
+        model.generate(&prompts, &gen(new_tokens), &base, &mut |_, _| {})?;
+        model.generate(&prompts, &gen(new_tokens), &tuned, &mut |_, _| {})?;
+        let _ = B::sync(device);
+        let apart = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        model.generate(&rows, &gen(new_tokens), &routed, &mut |_, _| {})?;
+        let _ = B::sync(device);
+        let together = t.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            serde_json::json!({"system": "burn-peft", "bench": "side-by-side", "prompts": b,
+                "prompt": prompt_len, "new_tokens": new_tokens, "two_passes_s": apart,
+                "one_pass_s": together, "one_over_two": together / apart})
         );
     }
     Ok(())

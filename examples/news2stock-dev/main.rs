@@ -102,6 +102,11 @@ enum Tool {
         /// Use a tiny model instead of the 8B shape (to check the command on CPU).
         #[arg(long)]
         tiny: bool,
+        /// Time `news2stock eval`'s side-by-side pass instead: each batch's prompts twice in one
+        /// call (base rows and rows routed to a q,v r8 adapter) against the two sides one after
+        /// the other (issue 19's target: <= 0.6x).
+        #[arg(long)]
+        side_by_side: bool,
     },
     /// Time a weight-decomposing init (pissa, pissa_niter_N, olora) on the 8B shape's q_proj and
     /// v_proj of every layer (random weights; the decomposition runs on the CPU).
@@ -211,7 +216,17 @@ fn dispatch<B: Backend>(
             prompt_len,
             new_tokens,
             tiny,
+            side_by_side: false,
         } => bench_generate::bench_generate::<B>(batch, *prompt_len, *new_tokens, *tiny, device),
+        Tool::BenchGenerate {
+            batch,
+            prompt_len,
+            new_tokens,
+            tiny,
+            side_by_side: true,
+        } => {
+            bench_generate::bench_side_by_side::<B>(batch, *prompt_len, *new_tokens, *tiny, device)
+        }
         Tool::BenchLinear { .. } => {
             anyhow::bail!("bench-linear runs on the GPU build (--features cuda)")
         }
