@@ -316,10 +316,15 @@ impl<B: Backend> Attention<B> {
                 activation::softmax(scores.cast(FloatDType::F32) + mask.clone(), 3).cast(dtype);
             probs.reshape([b, nkv, rep * s, t]).matmul(v) // [b, nkv, rep*s, hd]
         });
-        let out = out
-            .reshape([b, nh, s, hd])
-            .swap_dims(1, 2)
-            .reshape([b, s, nh * hd]);
+        // [b, nh, s, hd] -> [b, s, nh * hd]. With one new token (a decode step) the two layouts
+        // hold the same order, so the reshape is free; the transposed view would be copied.
+        let out = if s == 1 {
+            out.reshape([b, 1, nh * hd])
+        } else {
+            out.reshape([b, nh, s, hd])
+                .swap_dims(1, 2)
+                .reshape([b, s, nh * hd])
+        };
         (self.o_proj.forward_ctx(out, ctx), next)
     }
 }
