@@ -19,7 +19,8 @@
 #   check         burn-cuda-ops gpu_selftest and peft-lora gpu_fused (CHECKS="gpu_selftest" for one)
 #   train         ours on the three configs (qv-gc, qv-nogc, all-gc), LoRA dropout 0.1
 #   train-optin   the same with the opt-in kernels on (PEFT_LORA_LSE_KERNEL, PEFT_LORA_DEVICE_CLIP,
-#                 PEFT_LORA_WIDE_DROPOUT; defaults once `check` passes them; OPTIN=1 profiles so too)
+#                 PEFT_LORA_WIDE_DROPOUT, PEFT_LORA_UNCHECKED_KERNELS; defaults once `check` passes them;
+#                 OPTIN=1 profiles so too; VALIDATE=1 runs `check` under cubecl's validate mode)
 #   train-d0      the same at dropout 0 (Unsloth's, which its fused kernels need)
 #                 (CONFIGS="qv-gc all-gc" picks configs for train and train-d0)
 #   phases        qv-gc and all-gc with PEFT_TRAIN_PHASES=1 (where a step's time goes)
@@ -100,21 +101,25 @@ dp_train() { # dp_train N: bench-train q,v r8 with checkpointing on N GPUs
   echo "dp nproc $1: rc=$? $(grep '^{' "$L/dp$1.txt" | tail -1) peak_used_mib(largest card sample) $(peak "dp$1")" | tee -a "$S"
 }
 three="seed-qv-r8-gc seed-qv-r8-nogc all-r16-gc"
-OPTIN_ENV="PEFT_LORA_LSE_KERNEL=1 PEFT_LORA_DEVICE_CLIP=1 PEFT_LORA_WIDE_DROPOUT=1"
+OPTIN_ENV="PEFT_LORA_LSE_KERNEL=1 PEFT_LORA_DEVICE_CLIP=1 PEFT_LORA_WIDE_DROPOUT=1 PEFT_LORA_UNCHECKED_KERNELS=1"
 for stage in "$@"; do
   case $stage in
   info)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$S"
     python3 -c "import torch,transformers,peft;print('torch',torch.__version__,'transformers',transformers.__version__,'peft',peft.__version__)" 2>&1 | tee -a "$S" ;;
   check)
+    # VALIDATE=1: cubecl's `validate` bounds mode (read from cubecl.toml in the working
+    # folder): every unchecked launch reports an out-of-range index as "[VALIDATION kernel]".
+    V=$(mktemp -d); [ "${VALIDATE:-0}" = 1 ] && printf '[compilation]\ncheck_mode = "validate"\n' > "$V/cubecl.toml"
     for t in ${CHECKS:-gpu_selftest gpu_fused}; do
-      CUBECL_AUTOTUNE_LEVEL=minimal timeout 300 "$D/$t" > "$L/$t.txt" 2>&1
+      (cd "$V" && CUBECL_AUTOTUNE_LEVEL=minimal timeout 300 "$D/$t") > "$L/$t.txt" 2>&1
       echo "$t rc=$? $(tail -1 "$L/$t.txt")" | tee -a "$S"
       grep '"pass":false' "$L/$t.txt" | head -5 | tee -a "$S"
+      echo "$t out-of-range reports: $(grep -c 'VALIDATION' "$L/$t.txt")" | tee -a "$S"
     done ;;
   train) ours d01 0.1 ${CONFIGS:-qv-gc qv-nogc all-gc} ;;
   train-optin) export $OPTIN_ENV; ours optin 0.1 ${CONFIGS:-qv-gc qv-nogc all-gc}
-    unset PEFT_LORA_LSE_KERNEL PEFT_LORA_DEVICE_CLIP PEFT_LORA_WIDE_DROPOUT ;;
+    unset PEFT_LORA_LSE_KERNEL PEFT_LORA_DEVICE_CLIP PEFT_LORA_WIDE_DROPOUT PEFT_LORA_UNCHECKED_KERNELS ;;
   train-d0) ours d0 0 ${CONFIGS:-qv-gc qv-nogc all-gc} ;;
   phases) PEFT_TRAIN_PHASES=1 ours phases 0.1 qv-gc all-gc ;;
   hf) peers hf $three ;;

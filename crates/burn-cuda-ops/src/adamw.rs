@@ -16,7 +16,7 @@ use cubecl_cuda::CudaRuntime;
 use burn::tensor::{DType, Shape};
 
 use super::backend::Prim;
-use super::cube_util::{elem_grid, elem_index, reduce_sum, THREADS};
+use super::cube_util::{elem_grid, elem_index, launch, reduce_sum, THREADS};
 use super::kernels::{empty_as, Raw};
 
 /// The scalars of one update (the gradient's scale, the clip factor, is a 1-element tensor on
@@ -82,7 +82,7 @@ fn adamw_step(p: f32, g: f32, m: f32, v: f32, clip: f32, h: &Hyper) -> (f32, f32
 }
 
 /// [`adamw_step`] over a tensor whose parameter, gradient and moments share the dtype `E`.
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn adamw_kernel<E: Float>(
     p: &Tensor<E>,
@@ -118,7 +118,7 @@ fn adamw_kernel<E: Float>(
 /// adapters in f32 on a bf16 model): master, moments and gradient in f32, and the parameter the
 /// forward uses written once more in the gradient's dtype `E` (the parameter's own dtype, or f32
 /// for gradients summed over micro-batches, rounded by the caller).
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn adamw_master_kernel<E: Float>(
     p: &Tensor<f32>,
@@ -148,7 +148,7 @@ fn adamw_master_kernel<E: Float>(
 /// `out[base + c] = sum(t^2)` in f32 over the elements cube `c` of the launch covers (a
 /// grid-stride loop: cube `c` takes elements `c * threads + tid`, then every
 /// `cubes * threads` after it).
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 fn sum_squares_kernel<E: Float>(
     t: &Tensor<E>,
     out: &mut Tensor<f32>,
@@ -201,7 +201,7 @@ pub fn sums_of_squares(ts: Vec<Raw>) -> Raw {
         let t = into_contiguous(t);
         let n = t.meta.shape().num_elements();
         let (dtype, client) = (t.dtype, t.client.clone());
-        sum_squares_kernel::launch::<CudaRuntime>(
+        launch!(sum_squares_kernel::<CudaRuntime>(
             &client,
             CubeCount::Static(c as u32, 1, 1),
             CubeDim::new_1d(THREADS),
@@ -211,7 +211,7 @@ pub fn sums_of_squares(ts: Vec<Raw>) -> Raw {
             base as u32,
             THREADS,
             dtype.into(),
-        );
+        ));
         base += c;
     }
     out
@@ -220,7 +220,7 @@ pub fn sums_of_squares(ts: Vec<Raw>) -> Raw {
 /// `norm[0]` = the square root of the sum of `partials` (f32) and `scale[0]` = the gradient's
 /// clip factor: `max_norm / (norm + 1e-6)` when `norm > max_norm`, else 1, and -1 when the norm
 /// is not finite (the updates then leave every tensor as it was). One cube of `threads`.
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 fn grad_scale_kernel(
     partials: &Tensor<f32>,
     norm: &mut Tensor<f32>,
@@ -263,7 +263,7 @@ pub fn grad_scale(partials: Raw, max_norm: Option<f32>) -> (Raw, Raw) {
     let n = partials.meta.shape().num_elements();
     let one = || empty_as(&partials, Shape::new([1]), DType::F32);
     let (norm, scale) = (one(), one());
-    grad_scale_kernel::launch::<CudaRuntime>(
+    launch!(grad_scale_kernel::<CudaRuntime>(
         &partials.client.clone(),
         CubeCount::Static(1, 1, 1),
         CubeDim::new_1d(THREADS),
@@ -273,7 +273,7 @@ pub fn grad_scale(partials: Raw, max_norm: Option<f32>) -> (Raw, Raw) {
         n as u32,
         max_norm.unwrap_or(f32::INFINITY),
         THREADS,
-    );
+    ));
     (norm, scale)
 }
 
@@ -291,7 +291,7 @@ pub fn update(p: Raw, g: Raw, m: Raw, v: Raw, scale: Raw, h: AdamWStep) -> (Raw,
     let out = || empty_as(&p, shape.clone(), p.dtype);
     let (p2, m2, v2) = (out(), out(), out());
     let (dtype, client) = (p.dtype, p.client.clone());
-    adamw_kernel::launch::<CudaRuntime>(
+    launch!(adamw_kernel::<CudaRuntime>(
         &client,
         elem_grid(n),
         CubeDim::new_1d(THREADS),
@@ -306,7 +306,7 @@ pub fn update(p: Raw, g: Raw, m: Raw, v: Raw, scale: Raw, h: AdamWStep) -> (Raw,
         n as u32,
         h.hyper(),
         dtype.into(),
-    );
+    ));
     (p2, m2, v2)
 }
 
@@ -333,7 +333,7 @@ pub fn update_master(
     let low = g.dtype;
     let p_low = empty_as(&p, shape.clone(), low);
     let client = p.client.clone();
-    adamw_master_kernel::launch::<CudaRuntime>(
+    launch!(adamw_master_kernel::<CudaRuntime>(
         &client,
         elem_grid(n),
         CubeDim::new_1d(THREADS),
@@ -349,7 +349,7 @@ pub fn update_master(
         n as u32,
         h.hyper(),
         low.into(),
-    );
+    ));
     (p2, m2, v2, p_low)
 }
 

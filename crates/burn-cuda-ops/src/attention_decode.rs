@@ -25,7 +25,7 @@ use burn::tensor::Shape;
 use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
-use super::cube_util::grid;
+use super::cube_util::{grid, launch};
 use super::kernels::{empty_as, Raw};
 
 /// Planes (warps) per cube.
@@ -43,7 +43,7 @@ const KEY_STEP: usize = 256;
 /// vectors); the static limit of a CUDA block.
 const SHARED_BYTES: usize = 48 * 1024;
 
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 fn decode_attention_kernel<E: Float, N: Size>(
     q: &Tensor<Vector<E, N>>,
     k: &Tensor<Vector<E, N>>,
@@ -193,7 +193,7 @@ pub fn forward(q: Raw, k: Raw, v: Raw, mask: Raw, scale: f32) -> Raw {
     let (vector, elems) = plan(m, t, d).expect("the caller checked that the kernel applies");
     let out = empty_as(&q, Shape::new([g, m, d]), q.dtype);
     let dtype = q.dtype;
-    decode_attention_kernel::launch::<CudaRuntime>(
+    launch!(decode_attention_kernel::<CudaRuntime>(
         &q.client.clone(),
         grid(g),
         CubeDim::new_2d(PLANE as u32, WARPS as u32),
@@ -211,7 +211,7 @@ pub fn forward(q: Raw, k: Raw, v: Raw, mask: Raw, scale: f32) -> Raw {
         m,
         elems,
         dtype.into(),
-    );
+    ));
     out
 }
 

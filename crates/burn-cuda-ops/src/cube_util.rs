@@ -4,6 +4,25 @@
 
 use cubecl::prelude::*;
 
+/// Launches a kernel declared `#[cube(launch, launch_unchecked)]`: with cubecl's bounds checks
+/// (every global and shared-memory index compared with its buffer's length, out-of-range reads
+/// giving 0 and writes dropped), or without them when `PEFT_LORA_UNCHECKED_KERNELS=1`
+/// ([`crate::set_unchecked_kernels_enabled`]), as Burn launches its own kernels.
+/// `launch!(kernel::<CudaRuntime>(client, count, dim, args..))`.
+macro_rules! launch {
+    ($kernel:ident::<$rt:ty>($($arg:expr),* $(,)?)) => {
+        if $crate::switch::UNCHECKED.on() {
+            // SAFETY: every kernel of this crate keeps its indices inside the buffers it is
+            // launched with: rows and elements past the sizes it is given return or are skipped
+            // before any access (checked in the GPU self-test under cubecl's `validate` mode).
+            unsafe { $kernel::launch_unchecked::<$rt>($($arg),*) }
+        } else {
+            $kernel::launch::<$rt>($($arg),*)
+        }
+    };
+}
+pub(crate) use launch;
+
 /// Threads per row (a power of two).
 pub const THREADS: u32 = 256;
 

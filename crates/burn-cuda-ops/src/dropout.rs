@@ -23,7 +23,7 @@ use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
 use super::backend::Prim;
-use super::cube_util::{elem_grid, elem_index, vector_size, THREADS};
+use super::cube_util::{elem_grid, elem_index, launch, vector_size, THREADS};
 use super::kernels::{empty_as, Raw};
 
 /// The mask of one call: two seed words, the drop threshold and the keep scale `1 / (1 - p)`.
@@ -72,7 +72,7 @@ fn fmix(x: u32) -> u32 {
 
 /// `out = keep(i) ? dtype(inp * scale) : 0`: the forward and the backward alike, one element
 /// per unit (the default until [`dropout_wide_kernel`] is checked on a GPU).
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 fn dropout_kernel<E: Float>(
     inp: &Tensor<E>,
     out: &mut Tensor<E>,
@@ -98,7 +98,7 @@ fn dropout_kernel<E: Float>(
 /// [`dropout_kernel`] over `nv`
 /// vectors of `N` elements (element `i` of the tensor is lane `i % N` of vector `i / N`, so the
 /// mask is the same at any vector width).
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn dropout_wide_kernel<E: Float, N: Size>(
     inp: &Tensor<Vector<E, N>>,
@@ -137,7 +137,7 @@ pub fn apply(t: Raw, mask: DropMask) -> Raw {
     let out = empty_as(&t, shape, t.dtype);
     let (dtype, client) = (t.dtype, t.client.clone());
     if !super::switch::WIDE_DROPOUT.on() {
-        dropout_kernel::launch::<CudaRuntime>(
+        launch!(dropout_kernel::<CudaRuntime>(
             &client,
             elem_grid(n),
             CubeDim::new_1d(THREADS),
@@ -149,11 +149,11 @@ pub fn apply(t: Raw, mask: DropMask) -> Raw {
             mask.threshold,
             mask.scale,
             dtype.into(),
-        );
+        ));
         return out;
     }
     let v = vector_size(n);
-    dropout_wide_kernel::launch::<CudaRuntime>(
+    launch!(dropout_wide_kernel::<CudaRuntime>(
         &client,
         elem_grid(n / v),
         CubeDim::new_1d(THREADS),
@@ -166,7 +166,7 @@ pub fn apply(t: Raw, mask: DropMask) -> Raw {
         mask.threshold,
         mask.scale,
         dtype.into(),
-    );
+    ));
     out
 }
 

@@ -32,7 +32,9 @@
 //! opt-in until a GPU self-test has passed them: `PEFT_LORA_DEVICE_CLIP=1`
 //! ([`set_device_clip_enabled`]) keeps the optimizer's clip factor on the device,
 //! `PEFT_LORA_LSE_KERNEL=1` ([`set_lse_kernel_enabled`]) the cross-entropy's row kernels,
-//! `PEFT_LORA_WIDE_DROPOUT=1` ([`set_wide_dropout_enabled`]) the 8-wide dropout;
+//! `PEFT_LORA_WIDE_DROPOUT=1` ([`set_wide_dropout_enabled`]) the 8-wide dropout,
+//! `PEFT_LORA_UNCHECKED_KERNELS=1` ([`set_unchecked_kernels_enabled`]) launches without
+//! cubecl's bounds checks;
 //! `PEFT_LORA_SOFTMAX_KERNEL=0` the attention's softmax kernels; `PEFT_LORA_ASYNC_SUBMIT=0` makes
 //! each op wait for its hand-off to cubecl's device thread; `PEFT_LORA_GEMM_AUTOTUNE=1` times
 //! cuBLASLt's candidate algorithms per GEMM shape. (The names are those the project has always
@@ -106,6 +108,14 @@ pub fn set_device_clip_enabled(on: bool) {
 /// same either way).
 pub fn set_wide_dropout_enabled(on: bool) {
     switch::WIDE_DROPOUT.set(on);
+}
+
+/// Launches this crate's kernels without cubecl's bounds checks (process-wide; default off
+/// unless `PEFT_LORA_UNCHECKED_KERNELS=1`, until it has run on a GPU). Checked, cubecl
+/// compares every global and shared-memory index with its buffer's length; Burn launches its
+/// own kernels unchecked.
+pub fn set_unchecked_kernels_enabled(on: bool) {
+    switch::UNCHECKED.set(on);
 }
 
 /// Switches the cross-entropy's row kernels on or off: the one-kernel log-sum-exp of the forward

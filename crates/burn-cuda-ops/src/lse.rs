@@ -18,10 +18,10 @@ use burn_cubecl::kernel::into_contiguous;
 use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
-use super::cube_util::{grid, reduce_max, reduce_sum, row_index, vector_size, THREADS};
+use super::cube_util::{grid, launch, reduce_max, reduce_sum, row_index, vector_size, THREADS};
 use super::kernels::{empty_as, Raw};
 
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 fn lse_rows_kernel<E: Float, N: Size>(
     x: &Tensor<Vector<E, N>>,
     out: &mut Tensor<f32>,
@@ -81,7 +81,7 @@ pub fn rows(x: Raw) -> Raw {
     let out = empty_as(&x, Shape::new([rows]), DType::F32);
     let dtype = x.dtype;
     let v = vector_size(width);
-    lse_rows_kernel::launch::<CudaRuntime>(
+    launch!(lse_rows_kernel::<CudaRuntime>(
         &x.client.clone(),
         grid(rows),
         CubeDim::new_1d(THREADS),
@@ -92,13 +92,13 @@ pub fn rows(x: Raw) -> Raw {
         (width / v) as u32,
         THREADS,
         dtype.into(),
-    );
+    ));
     out
 }
 
 /// In place over the logits `x [rows, width]` (any float dtype; `width / wv` lanes per vector):
 /// `x[i, j] = (exp(x[i, j] - lse[i]) - [j == t[i]]) * d[0]`, in f32 and rounded once.
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn ce_grad_kernel<E: Float, I: Numeric, N: Size>(
     x: &mut Tensor<Vector<E, N>>,
@@ -145,7 +145,7 @@ pub fn ce_grad_in_place(logits: Raw, lse: Raw, targets: Raw, d: Raw) -> Raw {
     let [rows, width] = logits.meta.shape().dims::<2>();
     let (dtype, tdtype) = (logits.dtype, targets.dtype);
     let v = vector_size(width);
-    ce_grad_kernel::launch::<CudaRuntime>(
+    launch!(ce_grad_kernel::<CudaRuntime>(
         &logits.client.clone(),
         grid(rows),
         CubeDim::new_1d(THREADS),
@@ -157,6 +157,6 @@ pub fn ce_grad_in_place(logits: Raw, lse: Raw, targets: Raw, d: Raw) -> Raw {
         rows as u32,
         (width / v) as u32,
         [dtype.into(), tdtype.into()],
-    );
+    ));
     logits
 }

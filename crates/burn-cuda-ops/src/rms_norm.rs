@@ -19,12 +19,12 @@ use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
 use super::backend::Prim;
-use super::cube_util::{grid, reduce_sum, row_index, THREADS};
+use super::cube_util::{grid, launch, reduce_sum, row_index, THREADS};
 use super::kernels::{empty_as, Raw};
 
 /// One cube of [`THREADS`] units per row; each unit loads vectors of `N` elements (8 where the
 /// width allows). `hv` counts vectors per row, `h` elements.
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 fn rms_forward_kernel<E: Float, N: Size>(
     x: &Tensor<Vector<E, N>>,
     w: &Tensor<Vector<E, N>>,
@@ -75,7 +75,7 @@ fn rms_forward_kernel<E: Float, N: Size>(
     }
 }
 
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 fn rms_backward_kernel<E: Float, N: Size>(
     dy: &Tensor<Vector<E, N>>,
     x: &Tensor<Vector<E, N>>,
@@ -136,7 +136,7 @@ pub fn forward(x: Raw, w: Raw, eps: f32) -> (Raw, Raw) {
     let r = empty_as(&x, Shape::new([rows]), DType::F32);
     let dtype = x.dtype;
     let v = super::cube_util::vector_size(h);
-    rms_forward_kernel::launch::<CudaRuntime>(
+    launch!(rms_forward_kernel::<CudaRuntime>(
         &x.client.clone(),
         grid(rows),
         CubeDim::new_1d(THREADS),
@@ -151,7 +151,7 @@ pub fn forward(x: Raw, w: Raw, eps: f32) -> (Raw, Raw) {
         eps,
         THREADS,
         dtype.into(),
-    );
+    ));
     (y, r)
 }
 
@@ -167,7 +167,7 @@ pub fn backward(dy: Raw, x: Raw, w: Raw, r: Raw) -> Raw {
     let dx = empty_as(&x, Shape::new([rows, h]), x.dtype);
     let dtype = x.dtype;
     let v = super::cube_util::vector_size(h);
-    rms_backward_kernel::launch::<CudaRuntime>(
+    launch!(rms_backward_kernel::<CudaRuntime>(
         &x.client.clone(),
         grid(rows),
         CubeDim::new_1d(THREADS),
@@ -182,7 +182,7 @@ pub fn backward(dy: Raw, x: Raw, w: Raw, r: Raw) -> Raw {
         h as u32,
         THREADS,
         dtype.into(),
-    );
+    ));
     dx
 }
 

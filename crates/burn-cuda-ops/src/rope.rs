@@ -20,12 +20,12 @@ use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
 use super::backend::Prim;
-use super::cube_util::{elem_grid, elem_index, THREADS};
+use super::cube_util::{elem_grid, elem_index, launch, THREADS};
 use super::kernels::{empty_as, Raw};
 
 /// One unit per output vector `(b, n, s, j)` of `y [b, heads, seq, d]`; `d`, `j` and `half`
 /// count vectors of `N` elements (`N` divides `d / 2`, so no vector straddles the halves).
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 fn rope_forward_kernel<E: Float, N: Size>(
     x: &Tensor<Vector<E, N>>,
     cos: &Tensor<Vector<E, N>>,
@@ -66,7 +66,7 @@ fn rope_forward_kernel<E: Float, N: Size>(
 }
 
 /// One unit per input vector `(b, s, n, j)` of `dx [b, seq, heads, d]` (vectors as above).
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 fn rope_backward_kernel<E: Float, N: Size>(
     dy: &Tensor<Vector<E, N>>,
     cos: &Tensor<Vector<E, N>>,
@@ -133,7 +133,7 @@ fn launch(
     let args = (total as u32, n as u32, s as u32, (d / v) as u32);
     let (grid, dim) = (elem_grid(total), CubeDim::new_1d(THREADS));
     if forward {
-        rope_forward_kernel::launch::<CudaRuntime>(
+        launch!(rope_forward_kernel::<CudaRuntime>(
             &client,
             grid,
             dim,
@@ -147,9 +147,9 @@ fn launch(
             args.2,
             args.3,
             dtype.into(),
-        );
+        ));
     } else {
-        rope_backward_kernel::launch::<CudaRuntime>(
+        launch!(rope_backward_kernel::<CudaRuntime>(
             &client,
             grid,
             dim,
@@ -163,7 +163,7 @@ fn launch(
             args.2,
             args.3,
             dtype.into(),
-        );
+        ));
     }
     out
 }

@@ -16,7 +16,7 @@ use burn_cubecl::kernel::into_contiguous;
 use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
-use super::cube_util::{grid, row_index, vector_size};
+use super::cube_util::{grid, launch, row_index, vector_size};
 use super::kernels::{empty_as, Raw};
 
 /// Rows per cube (one plane each).
@@ -24,7 +24,7 @@ const ROWS_PER_CUBE: u32 = 8;
 /// Units per plane on NVIDIA GPUs.
 const PLANE: u32 = 32;
 
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 fn softmax_forward_kernel<E: Float, N: Size>(
     scores: &Tensor<Vector<E, N>>,
     mask: &Tensor<Vector<f32, N>>,
@@ -85,7 +85,7 @@ fn softmax_forward_kernel<E: Float, N: Size>(
     }
 }
 
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 fn softmax_backward_kernel<E: Float, N: Size>(
     probs: &Tensor<Vector<E, N>>,
     dprobs: &Tensor<Vector<E, N>>,
@@ -156,7 +156,7 @@ pub fn forward_rows(scores: Raw, mask: Raw, row0: usize, total_rows: usize) -> R
     let dtype = scores.dtype;
     let n = vector_size(t);
     let (count, dim) = rows_launch(rows);
-    softmax_forward_kernel::launch::<CudaRuntime>(
+    launch!(softmax_forward_kernel::<CudaRuntime>(
         &scores.client.clone(),
         count,
         dim,
@@ -170,7 +170,7 @@ pub fn forward_rows(scores: Raw, mask: Raw, row0: usize, total_rows: usize) -> R
         (total_rows / mb) as u32,
         row0 as u32,
         dtype.into(),
-    );
+    ));
     out
 }
 
@@ -184,7 +184,7 @@ pub fn backward(probs: Raw, dprobs: Raw, scale: f32) -> Raw {
     let dtype = probs.dtype;
     let n = vector_size(t);
     let (count, dim) = rows_launch(rows);
-    softmax_backward_kernel::launch::<CudaRuntime>(
+    launch!(softmax_backward_kernel::<CudaRuntime>(
         &probs.client.clone(),
         count,
         dim,
@@ -196,6 +196,6 @@ pub fn backward(probs: Raw, dprobs: Raw, scale: f32) -> Raw {
         (t / n) as u32,
         scale,
         dtype.into(),
-    );
+    ));
     out
 }

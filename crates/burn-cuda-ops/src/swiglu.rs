@@ -23,11 +23,11 @@ use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
 use super::backend::Prim;
-use super::cube_util::{elem_grid, elem_index, vector_size, THREADS};
+use super::cube_util::{elem_grid, elem_index, launch, vector_size, THREADS};
 use super::kernels::{empty_as, Raw};
 
 /// One unit per vector of `N` elements (8 where the size allows: 16-byte bf16 loads).
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 fn swiglu_forward_kernel<E: Float, N: Size>(
     gate: &Tensor<Vector<E, N>>,
     up: &Tensor<Vector<E, N>>,
@@ -47,7 +47,7 @@ fn swiglu_forward_kernel<E: Float, N: Size>(
     out[i] = Vector::cast_from(Vector::<f32, N>::cast_from(act) * Vector::cast_from(up[i]));
 }
 
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 fn swiglu_backward_kernel<E: Float, N: Size>(
     dy: &Tensor<Vector<E, N>>,
     gate: &Tensor<Vector<E, N>>,
@@ -82,7 +82,7 @@ pub fn forward(gate: Raw, up: Raw) -> Raw {
     let v = vector_size(n);
     let out = empty_as(&gate, shape, gate.dtype);
     let dtype = gate.dtype;
-    swiglu_forward_kernel::launch::<CudaRuntime>(
+    launch!(swiglu_forward_kernel::<CudaRuntime>(
         &gate.client.clone(),
         elem_grid(n / v),
         CubeDim::new_1d(THREADS),
@@ -92,7 +92,7 @@ pub fn forward(gate: Raw, up: Raw) -> Raw {
         out.clone().into_tensor_arg(),
         (n / v) as u32,
         dtype.into(),
-    );
+    ));
     out
 }
 
@@ -128,7 +128,7 @@ pub fn backward(dy: Raw, gate: Raw, up: Raw) -> (Raw, Raw) {
     };
     let (dgate, dgate_arg) = output(&gate, 1);
     let (dup, dup_arg) = output(&dy, 0);
-    swiglu_backward_kernel::launch::<CudaRuntime>(
+    launch!(swiglu_backward_kernel::<CudaRuntime>(
         &gate.client.clone(),
         elem_grid(n / v),
         CubeDim::new_1d(THREADS),
@@ -140,7 +140,7 @@ pub fn backward(dy: Raw, gate: Raw, up: Raw) -> (Raw, Raw) {
         dup_arg,
         (n / v) as u32,
         dtype.into(),
-    );
+    ));
     (dgate, dup)
 }
 

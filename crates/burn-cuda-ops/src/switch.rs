@@ -102,6 +102,9 @@ pub(crate) static DECODE_ATTENTION: Switch = Switch::opt_in("PEFT_LORA_DECODE_AT
 /// before the optimizer's updates are queued (`PEFT_LORA_DEVICE_CLIP=1`; opt-in until it has
 /// passed the GPU self-test).
 pub(crate) static DEVICE_CLIP: Switch = Switch::opt_in("PEFT_LORA_DEVICE_CLIP");
+/// Kernels launched without cubecl's bounds checks ([`super::cube_util::launch`];
+/// `PEFT_LORA_UNCHECKED_KERNELS=1`; opt-in until it has run on a GPU).
+pub(crate) static UNCHECKED: Switch = Switch::opt_in("PEFT_LORA_UNCHECKED_KERNELS");
 /// Checkpointed activations parked in pinned host memory (`PEFT_LORA_OFFLOAD`).
 pub(crate) static OFFLOAD: Switch = Switch::new("PEFT_LORA_OFFLOAD");
 /// Fused ops queued on cubecl's device thread without waiting (`PEFT_LORA_ASYNC_SUBMIT`).

@@ -1032,6 +1032,7 @@ fn main() {
     ops::set_lse_kernel_enabled(true);
     ops::set_device_clip_enabled(true);
     ops::set_wide_dropout_enabled(true);
+    ops::set_unchecked_kernels_enabled(true);
     let dropout_input: Suite = |l, dt, d| check_dropout::<Bf16>(l, dt, 2, 45, 96, 80, 8, d);
     let dropout_input_f32: Suite = |l, dt, d| check_dropout::<F32>(l, dt, 2, 45, 96, 80, 8, d);
     let dropout_input_ckpt: Suite =

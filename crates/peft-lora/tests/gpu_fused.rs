@@ -595,6 +595,7 @@ fn main() {
     burn_cuda_ops::set_lse_kernel_enabled(true);
     burn_cuda_ops::set_device_clip_enabled(true);
     burn_cuda_ops::set_wide_dropout_enabled(true);
+    burn_cuda_ops::set_unchecked_kernels_enabled(true);
     // Element types are given explicitly: Burn's default float type is per device, fixed by the
     // first backend that touches it, whatever the backend's type parameter says.
     type Suite = fn(&str, DType, &CudaDevice) -> Vec<Check>;
