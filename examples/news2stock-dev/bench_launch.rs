@@ -91,6 +91,15 @@ pub fn bench_launch(n: usize) -> Result<()> {
 /// (`news2stock-dev bench-launch --parts`): a queued task that does nothing, one that resolves
 /// three tensors' device pointers (what every GEMM task does first), and a batch-1 projection
 /// `[1, 4096] x [4096, out]` through `frozen_linear` and through Burn's `matmul`.
+#[cfg(feature = "fusion")]
+pub fn bench_launch_parts(_n: usize) -> Result<()> {
+    anyhow::bail!(
+        "bench-launch --parts needs the raw CUDA backend: build without --features fusion"
+    )
+}
+
+/// See the `fusion` build's stub above: the raw handles exist only without Burn's fusion.
+#[cfg(not(feature = "fusion"))]
 pub fn bench_launch_parts(n: usize) -> Result<()> {
     use burn::tensor::TensorPrimitive;
     let device = CudaDevice::default();
