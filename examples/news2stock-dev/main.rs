@@ -216,16 +216,13 @@ fn dispatch<B: Backend>(
             prompt_len,
             new_tokens,
             tiny,
-            side_by_side: false,
-        } => bench_generate::bench_generate::<B>(batch, *prompt_len, *new_tokens, *tiny, device),
-        Tool::BenchGenerate {
-            batch,
-            prompt_len,
-            new_tokens,
-            tiny,
-            side_by_side: true,
+            side_by_side,
         } => {
-            bench_generate::bench_side_by_side::<B>(batch, *prompt_len, *new_tokens, *tiny, device)
+            let bench = match side_by_side {
+                true => bench_generate::bench_side_by_side::<B>,
+                false => bench_generate::bench_generate::<B>,
+            };
+            bench(batch, *prompt_len, *new_tokens, *tiny, device)
         }
         Tool::BenchLinear { .. } => {
             anyhow::bail!("bench-linear runs on the GPU build (--features cuda)")

@@ -591,7 +591,7 @@ fn main() {
     }
     let device = CudaDevice::default();
     // The opt-in kernels (cross-entropy rows, the clip factor on the device, 8-wide dropout)
-    // are checked here too.
+    // and the launches without cubecl's bounds checks are checked here too.
     burn_cuda_ops::set_lse_kernel_enabled(true);
     burn_cuda_ops::set_device_clip_enabled(true);
     burn_cuda_ops::set_wide_dropout_enabled(true);
