@@ -825,3 +825,6 @@ fn is_raw<T: Backend>() -> bool {
 pub fn raw_backend<B: Backend>() -> bool {
     dispatch_raw!(B, is_raw()).unwrap_or(false)
 }
+
+#[cfg(test)]
+mod kernel_tests;

@@ -28,7 +28,7 @@ use super::kernels::{empty_as, Raw};
 
 /// One unit per vector of `N` elements (8 where the size allows: 16-byte bf16 loads).
 #[cube(launch, launch_unchecked)]
-fn swiglu_forward_kernel<E: Float, N: Size>(
+pub(crate) fn swiglu_forward_kernel<E: Float, N: Size>(
     gate: &Tensor<Vector<E, N>>,
     up: &Tensor<Vector<E, N>>,
     out: &mut Tensor<Vector<E, N>>,
