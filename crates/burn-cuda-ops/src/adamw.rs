@@ -38,7 +38,7 @@ pub struct AdamWStep {
 /// [`AdamWStep`] as the kernels take it: `decay` is `1 - lr * weight_decay`, `bc1`/`bc2` the
 /// bias corrections.
 #[derive(CubeLaunch, CubeType)]
-struct Hyper {
+pub(crate) struct Hyper {
     beta1: f32,
     beta2: f32,
     lr: f32,
@@ -84,7 +84,7 @@ fn adamw_step(p: f32, g: f32, m: f32, v: f32, clip: f32, h: &Hyper) -> (f32, f32
 /// [`adamw_step`] over a tensor whose parameter, gradient and moments share the dtype `E`.
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn adamw_kernel<E: Float>(
+pub(crate) fn adamw_kernel<E: Float>(
     p: &Tensor<E>,
     g: &Tensor<E>,
     m: &Tensor<E>,
@@ -120,7 +120,7 @@ fn adamw_kernel<E: Float>(
 /// for gradients summed over micro-batches, rounded by the caller).
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn adamw_master_kernel<E: Float>(
+pub(crate) fn adamw_master_kernel<E: Float>(
     p: &Tensor<f32>,
     g: &Tensor<E>,
     m: &Tensor<f32>,
@@ -149,7 +149,7 @@ fn adamw_master_kernel<E: Float>(
 /// grid-stride loop: cube `c` takes elements `c * threads + tid`, then every
 /// `cubes * threads` after it).
 #[cube(launch, launch_unchecked)]
-fn sum_squares_kernel<E: Float>(
+pub(crate) fn sum_squares_kernel<E: Float>(
     t: &Tensor<E>,
     out: &mut Tensor<f32>,
     n: u32,
@@ -221,7 +221,7 @@ pub fn sums_of_squares(ts: Vec<Raw>) -> Raw {
 /// clip factor: `max_norm / (norm + 1e-6)` when `norm > max_norm`, else 1, and -1 when the norm
 /// is not finite (the updates then leave every tensor as it was). One cube of `threads`.
 #[cube(launch, launch_unchecked)]
-fn grad_scale_kernel(
+pub(crate) fn grad_scale_kernel(
     partials: &Tensor<f32>,
     norm: &mut Tensor<f32>,
     scale: &mut Tensor<f32>,

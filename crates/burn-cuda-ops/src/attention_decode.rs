@@ -44,7 +44,7 @@ const KEY_STEP: usize = 256;
 const SHARED_BYTES: usize = 48 * 1024;
 
 #[cube(launch, launch_unchecked)]
-fn decode_attention_kernel<E: Float, N: Size>(
+pub(crate) fn decode_attention_kernel<E: Float, N: Size>(
     q: &Tensor<Vector<E, N>>,
     k: &Tensor<Vector<E, N>>,
     v: &Tensor<Vector<E, N>>,

@@ -73,7 +73,7 @@ fn fmix(x: u32) -> u32 {
 /// `out = keep(i) ? dtype(inp * scale) : 0`: the forward and the backward alike, one element
 /// per unit (the default until [`dropout_wide_kernel`] is checked on a GPU).
 #[cube(launch, launch_unchecked)]
-fn dropout_kernel<E: Float>(
+pub(crate) fn dropout_kernel<E: Float>(
     inp: &Tensor<E>,
     out: &mut Tensor<E>,
     n: u32,
@@ -100,7 +100,7 @@ fn dropout_kernel<E: Float>(
 /// mask is the same at any vector width).
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn dropout_wide_kernel<E: Float, N: Size>(
+pub(crate) fn dropout_wide_kernel<E: Float, N: Size>(
     inp: &Tensor<Vector<E, N>>,
     out: &mut Tensor<Vector<E, N>>,
     nv: u32,

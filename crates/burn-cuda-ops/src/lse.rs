@@ -22,7 +22,7 @@ use super::cube_util::{grid, launch, reduce_max, reduce_sum, row_index, vector_s
 use super::kernels::{empty_as, Raw};
 
 #[cube(launch, launch_unchecked)]
-fn lse_rows_kernel<E: Float, N: Size>(
+pub(crate) fn lse_rows_kernel<E: Float, N: Size>(
     x: &Tensor<Vector<E, N>>,
     out: &mut Tensor<f32>,
     rows: u32,
@@ -100,7 +100,7 @@ pub fn rows(x: Raw) -> Raw {
 /// `x[i, j] = (exp(x[i, j] - lse[i]) - [j == t[i]]) * d[0]`, in f32 and rounded once.
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn ce_grad_kernel<E: Float, I: Numeric, N: Size>(
+pub(crate) fn ce_grad_kernel<E: Float, I: Numeric, N: Size>(
     x: &mut Tensor<Vector<E, N>>,
     lse: &Tensor<f32>,
     targets: &Tensor<I>,

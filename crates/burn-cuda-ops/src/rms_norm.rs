@@ -25,7 +25,7 @@ use super::kernels::{empty_as, Raw};
 /// One cube of [`THREADS`] units per row; each unit loads vectors of `N` elements (8 where the
 /// width allows). `hv` counts vectors per row, `h` elements.
 #[cube(launch, launch_unchecked)]
-fn rms_forward_kernel<E: Float, N: Size>(
+pub(crate) fn rms_forward_kernel<E: Float, N: Size>(
     x: &Tensor<Vector<E, N>>,
     w: &Tensor<Vector<E, N>>,
     out: &mut Tensor<Vector<E, N>>,
@@ -76,7 +76,7 @@ fn rms_forward_kernel<E: Float, N: Size>(
 }
 
 #[cube(launch, launch_unchecked)]
-fn rms_backward_kernel<E: Float, N: Size>(
+pub(crate) fn rms_backward_kernel<E: Float, N: Size>(
     dy: &Tensor<Vector<E, N>>,
     x: &Tensor<Vector<E, N>>,
     w: &Tensor<Vector<E, N>>,

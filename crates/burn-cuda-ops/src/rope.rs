@@ -26,7 +26,7 @@ use super::kernels::{empty_as, Raw};
 /// One unit per output vector `(b, n, s, j)` of `y [b, heads, seq, d]`; `d`, `j` and `half`
 /// count vectors of `N` elements (`N` divides `d / 2`, so no vector straddles the halves).
 #[cube(launch, launch_unchecked)]
-fn rope_forward_kernel<E: Float, N: Size>(
+pub(crate) fn rope_forward_kernel<E: Float, N: Size>(
     x: &Tensor<Vector<E, N>>,
     cos: &Tensor<Vector<E, N>>,
     sin: &Tensor<Vector<E, N>>,
@@ -67,7 +67,7 @@ fn rope_forward_kernel<E: Float, N: Size>(
 
 /// One unit per input vector `(b, s, n, j)` of `dx [b, seq, heads, d]` (vectors as above).
 #[cube(launch, launch_unchecked)]
-fn rope_backward_kernel<E: Float, N: Size>(
+pub(crate) fn rope_backward_kernel<E: Float, N: Size>(
     dy: &Tensor<Vector<E, N>>,
     cos: &Tensor<Vector<E, N>>,
     sin: &Tensor<Vector<E, N>>,

@@ -25,7 +25,7 @@ const ROWS_PER_CUBE: u32 = 8;
 const PLANE: u32 = 32;
 
 #[cube(launch, launch_unchecked)]
-fn softmax_forward_kernel<E: Float, N: Size>(
+pub(crate) fn softmax_forward_kernel<E: Float, N: Size>(
     scores: &Tensor<Vector<E, N>>,
     mask: &Tensor<Vector<f32, N>>,
     out: &mut Tensor<Vector<E, N>>,
@@ -86,7 +86,7 @@ fn softmax_forward_kernel<E: Float, N: Size>(
 }
 
 #[cube(launch, launch_unchecked)]
-fn softmax_backward_kernel<E: Float, N: Size>(
+pub(crate) fn softmax_backward_kernel<E: Float, N: Size>(
     probs: &Tensor<Vector<E, N>>,
     dprobs: &Tensor<Vector<E, N>>,
     out: &mut Tensor<Vector<E, N>>,

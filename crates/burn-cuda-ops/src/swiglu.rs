@@ -48,7 +48,7 @@ pub(crate) fn swiglu_forward_kernel<E: Float, N: Size>(
 }
 
 #[cube(launch, launch_unchecked)]
-fn swiglu_backward_kernel<E: Float, N: Size>(
+pub(crate) fn swiglu_backward_kernel<E: Float, N: Size>(
     dy: &Tensor<Vector<E, N>>,
     gate: &Tensor<Vector<E, N>>,
     up: &Tensor<Vector<E, N>>,

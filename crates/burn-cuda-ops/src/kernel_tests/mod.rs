@@ -13,7 +13,10 @@
 //! A machine without a Vulkan device fails these tests (Debian and Ubuntu: `apt-get install
 //! mesa-vulkan-drivers`; `.ci/run` installs it).
 
+mod decode;
 mod elementwise;
+mod optim;
+mod rows;
 
 use cubecl::prelude::*;
 use cubecl_runtime::server::Handle;
