@@ -18,9 +18,8 @@
 #   info          the card, the driver, torch / transformers / PEFT versions
 #   check         burn-cuda-ops gpu_selftest and peft-lora gpu_fused (CHECKS="gpu_selftest" for one)
 #   train         ours on the three configs (qv-gc, qv-nogc, all-gc), LoRA dropout 0.1
-#   train-optin   the same with the opt-in kernels on (PEFT_LORA_LSE_KERNEL, PEFT_LORA_DEVICE_CLIP,
-#                 PEFT_LORA_WIDE_DROPOUT, PEFT_LORA_UNCHECKED_KERNELS; defaults once `check` passes them;
-#                 OPTIN=1 profiles so too; VALIDATE=1 runs `check` under cubecl's validate mode)
+#   train-optin   the same with the opt-in switches on (PEFT_LORA_UNCHECKED_KERNELS; OPTIN=1 profiles
+#                 so too; VALIDATE=1 runs `check` under cubecl's validate mode)
 #   train-d0      the same at dropout 0 (Unsloth's, which its fused kernels need)
 #                 (CONFIGS="qv-gc all-gc" picks configs for train and train-d0)
 #   phases        qv-gc and all-gc with PEFT_TRAIN_PHASES=1 (where a step's time goes)
@@ -101,7 +100,7 @@ dp_train() { # dp_train N: bench-train q,v r8 with checkpointing on N GPUs
   echo "dp nproc $1: rc=$? $(grep '^{' "$L/dp$1.txt" | tail -1) peak_used_mib(largest card sample) $(peak "dp$1")" | tee -a "$S"
 }
 three="seed-qv-r8-gc seed-qv-r8-nogc all-r16-gc"
-OPTIN_ENV="PEFT_LORA_LSE_KERNEL=1 PEFT_LORA_DEVICE_CLIP=1 PEFT_LORA_WIDE_DROPOUT=1 PEFT_LORA_UNCHECKED_KERNELS=1"
+OPTIN_ENV="PEFT_LORA_UNCHECKED_KERNELS=1"
 for stage in "$@"; do
   case $stage in
   info)
@@ -119,7 +118,7 @@ for stage in "$@"; do
     done ;;
   train) ours d01 0.1 ${CONFIGS:-qv-gc qv-nogc all-gc} ;;
   train-optin) export $OPTIN_ENV; ours optin 0.1 ${CONFIGS:-qv-gc qv-nogc all-gc}
-    unset PEFT_LORA_LSE_KERNEL PEFT_LORA_DEVICE_CLIP PEFT_LORA_WIDE_DROPOUT PEFT_LORA_UNCHECKED_KERNELS ;;
+    unset PEFT_LORA_UNCHECKED_KERNELS ;;
   train-d0) ours d0 0 ${CONFIGS:-qv-gc qv-nogc all-gc} ;;
   phases) PEFT_TRAIN_PHASES=1 ours phases 0.1 qv-gc all-gc ;;
   hf) peers hf $three ;;

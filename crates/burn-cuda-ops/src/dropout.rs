@@ -70,37 +70,12 @@ fn fmix(x: u32) -> u32 {
     x ^ (x >> 16u32)
 }
 
-/// `out = keep(i) ? dtype(inp * scale) : 0`: the forward and the backward alike, one element
-/// per unit (the default until [`dropout_wide_kernel`] is checked on a GPU).
-#[cube(launch, launch_unchecked)]
-pub(crate) fn dropout_kernel<E: Float>(
-    inp: &Tensor<E>,
-    out: &mut Tensor<E>,
-    n: u32,
-    seed0: u32,
-    seed1: u32,
-    threshold: u32,
-    scale: f32,
-    #[define(E)] _dtype: StorageType,
-) {
-    let i = elem_index();
-    if i >= n as usize {
-        terminate!();
-    }
-    let h = fmix(fmix(i as u32 ^ seed0) + seed1);
-    let mut v = f32::new(0.0);
-    if h >= threshold {
-        v = f32::cast_from(inp[i]) * scale;
-    }
-    out[i] = E::cast_from(v);
-}
-
-/// [`dropout_kernel`] over `nv`
+/// `out = keep(i) ? dtype(inp * scale) : 0`, the forward and the backward alike, over `nv`
 /// vectors of `N` elements (element `i` of the tensor is lane `i % N` of vector `i / N`, so the
 /// mask is the same at any vector width).
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn dropout_wide_kernel<E: Float, N: Size>(
+pub(crate) fn dropout_kernel<E: Float, N: Size>(
     inp: &Tensor<Vector<E, N>>,
     out: &mut Tensor<Vector<E, N>>,
     nv: u32,
@@ -127,33 +102,16 @@ pub(crate) fn dropout_wide_kernel<E: Float, N: Size>(
     out[i] = Vector::<E, N>::cast_from(y);
 }
 
-/// Applies the mask to `t` (forward on `x`, backward on `dy`): one element per unit, or with
-/// `PEFT_LORA_WIDE_DROPOUT=1` 8 per unit where the size allows (one 16-byte load of bf16; the
-/// same mask).
+/// Applies the mask to `t` (forward on `x`, backward on `dy`), 8 elements per unit where the
+/// size allows (one 16-byte load of bf16).
 pub fn apply(t: Raw, mask: DropMask) -> Raw {
     let t = into_contiguous(t);
     let shape = t.meta.shape().clone();
     let n = shape.num_elements();
     let out = empty_as(&t, shape, t.dtype);
     let (dtype, client) = (t.dtype, t.client.clone());
-    if !super::switch::WIDE_DROPOUT.on() {
-        launch!(dropout_kernel::<CudaRuntime>(
-            &client,
-            elem_grid(n),
-            CubeDim::new_1d(THREADS),
-            t.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            n as u32,
-            mask.seeds.0,
-            mask.seeds.1,
-            mask.threshold,
-            mask.scale,
-            dtype.into(),
-        ));
-        return out;
-    }
     let v = vector_size(n);
-    launch!(dropout_wide_kernel::<CudaRuntime>(
+    launch!(dropout_kernel::<CudaRuntime>(
         &client,
         elem_grid(n / v),
         CubeDim::new_1d(THREADS),

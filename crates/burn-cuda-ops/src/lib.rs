@@ -29,11 +29,9 @@
 //! off; `PEFT_LORA_FUSED_ATTENTION=0` ([`set_attention_enabled`]) the attention, head +
 //! cross-entropy and RMSNorm ops; `PEFT_LORA_ELEMENTWISE_KERNELS=0` SwiGLU, RoPE and dropout;
 //! `PEFT_LORA_FUSED_ADAMW=0` ([`set_optimizer_kernels_enabled`]) the optimizer kernels;
-//! opt-in until a GPU self-test has passed them: `PEFT_LORA_DEVICE_CLIP=1`
-//! ([`set_device_clip_enabled`]) keeps the optimizer's clip factor on the device,
-//! `PEFT_LORA_LSE_KERNEL=1` ([`set_lse_kernel_enabled`]) the cross-entropy's row kernels,
-//! `PEFT_LORA_WIDE_DROPOUT=1` ([`set_wide_dropout_enabled`]) the 8-wide dropout,
-//! `PEFT_LORA_UNCHECKED_KERNELS=1` ([`set_unchecked_kernels_enabled`]) launches without
+//! `PEFT_LORA_DEVICE_CLIP=0` ([`set_device_clip_enabled`]) reads the optimizer's clip factor
+//! on the host; `PEFT_LORA_LSE_KERNEL=0` ([`set_lse_kernel_enabled`]) the cross-entropy's row
+//! kernels; opt-in until a GPU has run it: `PEFT_LORA_UNCHECKED_KERNELS=1` ([`set_unchecked_kernels_enabled`]) launches without
 //! cubecl's bounds checks;
 //! `PEFT_LORA_SOFTMAX_KERNEL=0` the attention's softmax kernels; `PEFT_LORA_ASYNC_SUBMIT=0` makes
 //! each op wait for its hand-off to cubecl's device thread; `PEFT_LORA_GEMM_AUTOTUNE=1` times
@@ -95,19 +93,12 @@ pub fn set_attention_enabled(on: bool) {
     switch::STEP_OPS.set(on);
 }
 
-/// Switches [`grad_scale`] on or off (process-wide; default off unless
-/// `PEFT_LORA_DEVICE_CLIP=1`, until it has passed the GPU self-test): off, it returns `None`
+/// Switches [`grad_scale`] on or off (process-wide; default on unless
+/// `PEFT_LORA_DEVICE_CLIP=0`): off, it returns `None`
 /// and an optimizer reads the norm before it queues the updates (the AdamW kernels still run,
 /// with the factor uploaded).
 pub fn set_device_clip_enabled(on: bool) {
     switch::DEVICE_CLIP.set(on);
-}
-
-/// Switches the 8-elements-per-unit LoRA dropout kernel on or off (process-wide; default off
-/// unless `PEFT_LORA_WIDE_DROPOUT=1`, until it has passed the GPU self-test; the mask is the
-/// same either way).
-pub fn set_wide_dropout_enabled(on: bool) {
-    switch::WIDE_DROPOUT.set(on);
 }
 
 /// Launches this crate's kernels without cubecl's bounds checks (process-wide; default off
@@ -119,9 +110,8 @@ pub fn set_unchecked_kernels_enabled(on: bool) {
 }
 
 /// Switches the cross-entropy's row kernels on or off: the one-kernel log-sum-exp of the forward
-/// and the one-pass gradient of the backward (process-wide; default off unless
-/// `PEFT_LORA_LSE_KERNEL=1`, until they have passed the GPU self-test; off, Burn's max and sum
-/// reductions and f32 elementwise passes).
+/// and the one-pass gradient of the backward (process-wide; default on unless
+/// `PEFT_LORA_LSE_KERNEL=0`; off, Burn's max and sum reductions and f32 elementwise passes).
 pub fn set_lse_kernel_enabled(on: bool) {
     switch::LSE_KERNEL.set(on);
 }

@@ -89,19 +89,14 @@ pub(crate) static ADAMW: Switch = Switch::new("PEFT_LORA_FUSED_ADAMW");
 /// The attention's softmax kernels, else Burn's composed softmax (`PEFT_LORA_SOFTMAX_KERNEL`).
 pub(crate) static SOFTMAX: Switch = Switch::new("PEFT_LORA_SOFTMAX_KERNEL");
 /// The cross-entropy's log-sum-exp and gradient as one kernel each ([`super::lse`]), else
-/// Burn's reductions and elementwise passes (`PEFT_LORA_LSE_KERNEL=1`; opt-in until the kernels
-/// have passed the GPU self-test).
-pub(crate) static LSE_KERNEL: Switch = Switch::opt_in("PEFT_LORA_LSE_KERNEL");
-/// LoRA dropout 8 elements per unit ([`super::dropout`]), else one (`PEFT_LORA_WIDE_DROPOUT=1`;
-/// opt-in until it has passed the GPU self-test).
-pub(crate) static WIDE_DROPOUT: Switch = Switch::opt_in("PEFT_LORA_WIDE_DROPOUT");
+/// Burn's reductions and elementwise passes (`PEFT_LORA_LSE_KERNEL`).
+pub(crate) static LSE_KERNEL: Switch = Switch::new("PEFT_LORA_LSE_KERNEL");
 /// The one-kernel attention of a decode step ([`super::attention_decode`]), else the GEMM path
 /// (`PEFT_LORA_DECODE_ATTENTION=1`; opt-in: slower than the GEMM path as it stands).
 pub(crate) static DECODE_ATTENTION: Switch = Switch::opt_in("PEFT_LORA_DECODE_ATTENTION");
 /// The gradient norm and clip factor kept on the device ([`super::grad_scale`]), else read
-/// before the optimizer's updates are queued (`PEFT_LORA_DEVICE_CLIP=1`; opt-in until it has
-/// passed the GPU self-test).
-pub(crate) static DEVICE_CLIP: Switch = Switch::opt_in("PEFT_LORA_DEVICE_CLIP");
+/// before the optimizer's updates are queued (`PEFT_LORA_DEVICE_CLIP`).
+pub(crate) static DEVICE_CLIP: Switch = Switch::new("PEFT_LORA_DEVICE_CLIP");
 /// Kernels launched without cubecl's bounds checks ([`super::cube_util::launch`];
 /// `PEFT_LORA_UNCHECKED_KERNELS=1`; opt-in until it has run on a GPU).
 pub(crate) static UNCHECKED: Switch = Switch::opt_in("PEFT_LORA_UNCHECKED_KERNELS");

@@ -1027,17 +1027,16 @@ fn main() {
     type Bf16Ckpt = Autodiff<Gpu, BalancedCheckpointing>;
     let (f32_, bf16_) = (("cuda", DType::F32), ("cuda", DType::BF16));
     let ckpt = ("cuda-ckpt", DType::BF16);
-    // The opt-in kernels are what this test passes or fails; the suites below turn each off
-    // again where the default path needs a check of its own.
+    // The defaults, and the opt-in unchecked launches; the suites below turn a switch off where
+    // the other path needs a check of its own.
     ops::set_lse_kernel_enabled(true);
     ops::set_device_clip_enabled(true);
-    ops::set_wide_dropout_enabled(true);
     ops::set_unchecked_kernels_enabled(true);
     let dropout_input: Suite = |l, dt, d| check_dropout::<Bf16>(l, dt, 2, 45, 96, 80, 8, d);
     let dropout_input_f32: Suite = |l, dt, d| check_dropout::<F32>(l, dt, 2, 45, 96, 80, 8, d);
     let dropout_input_ckpt: Suite =
         |l, dt, d| check_dropout::<Bf16Ckpt>(l, dt, 2, 45, 96, 80, 8, d);
-    let suites: [((&str, DType), Suite); 23] = [
+    let suites: [((&str, DType), Suite); 22] = [
         (f32_, check_offload::<Cuda<f32>>),
         (bf16_, check_offload::<Gpu>),
         (f32_, dropout_input_f32),
@@ -1049,7 +1048,7 @@ fn main() {
         (f32_, check_cross_entropy::<F32>),
         (bf16_, check_cross_entropy::<Bf16>),
         (bf16_, |l, d, dev| {
-            // The default path too, while the row kernels are opt-in.
+            // The path with the row kernels off (`PEFT_LORA_LSE_KERNEL=0`).
             ops::set_lse_kernel_enabled(false);
             let c = check_cross_entropy::<Bf16>(&format!("{l} lse-off"), d, dev);
             ops::set_lse_kernel_enabled(true);
@@ -1066,12 +1065,6 @@ fn main() {
         (bf16_, |l, _, d| check_adamw_master::<Cuda<bf16>>(l, d)),
         (f32_, check_hashed_dropout::<F32>),
         (bf16_, check_hashed_dropout::<Bf16>),
-        (bf16_, |l, d, dev| {
-            ops::set_wide_dropout_enabled(false);
-            let c = check_hashed_dropout::<Bf16>(&format!("{l} one-wide"), d, dev);
-            ops::set_wide_dropout_enabled(true);
-            c
-        }),
     ];
     let mut checks = Vec::new();
     for ((label, dtype), suite) in suites {

@@ -590,11 +590,10 @@ fn main() {
         return;
     }
     let device = CudaDevice::default();
-    // The opt-in kernels (cross-entropy rows, the clip factor on the device, 8-wide dropout)
-    // and the launches without cubecl's bounds checks are checked here too.
+    // The defaults (whatever the environment says) and the opt-in launches without cubecl's
+    // bounds checks.
     burn_cuda_ops::set_lse_kernel_enabled(true);
     burn_cuda_ops::set_device_clip_enabled(true);
-    burn_cuda_ops::set_wide_dropout_enabled(true);
     burn_cuda_ops::set_unchecked_kernels_enabled(true);
     // Element types are given explicitly: Burn's default float type is per device, fixed by the
     // first backend that touches it, whatever the backend's type parameter says.

@@ -1,5 +1,5 @@
 //! The elementwise kernels: SwiGLU forward and backward, RoPE forward and backward (fused with
-//! the head transpose), and the hashed dropout (one element per unit and vectorised).
+//! the head transpose), and the hashed dropout at every vector width.
 //!
 //! Each runs at every vector width its host launch could pick for the sizes used (the widest of
 //! 8, 4, 2, 1 dividing the element count; for RoPE dividing `d / 2`), and at the narrower ones
@@ -12,7 +12,7 @@ use super::{
     assert_close, client, f32_type, input, launch_in, output, read_output, values, Rt, MODES,
 };
 use crate::cube_util::{elem_grid, vector_size, THREADS};
-use crate::dropout::{dropout_kernel, dropout_wide_kernel, DropMask};
+use crate::dropout::{dropout_kernel, DropMask};
 use crate::rope::{rope_backward_kernel, rope_forward_kernel};
 use crate::swiglu::{swiglu_backward_kernel, swiglu_forward_kernel};
 
@@ -376,40 +376,20 @@ fn dropout_kernels_keep_the_hashed_elements_scaled_and_zero_the_rest() {
                 })
                 .collect();
             for mode in MODES {
-                let what = format!("dropout n={n} {mask:?} {mode:?}");
-                let one = output(&client, n);
-                launch_in!(
-                    mode,
-                    dropout_kernel::<Rt>(
-                        &client,
-                        elem_grid(n),
-                        CubeDim::new_1d(THREADS),
-                        xb.flat(),
-                        one.flat(),
-                        n as u32,
-                        s0,
-                        s1,
-                        th,
-                        mask.scale,
-                        f32_type(),
-                    )
-                );
-                let got_one = read_output(&client, &one, &what);
-                // atol 0: a dropped element must be exactly 0 and a kept one nonzero; rtol
-                // covers the f32 product and `scale` rounded to f32.
-                assert_close(&got_one, &want, 0.0, 1e-6, &what);
+                // Every width gives the same output, bit for bit (the mask is per element).
+                let mut first_width: Option<Vec<f32>> = None;
                 for v in widths(n) {
-                    let what = format!("{what} wide width {v}");
-                    let wide = output(&client, n);
+                    let what = format!("dropout n={n} {mask:?} {mode:?} width {v}");
+                    let out = output(&client, n);
                     launch_in!(
                         mode,
-                        dropout_wide_kernel::<Rt>(
+                        dropout_kernel::<Rt>(
                             &client,
                             elem_grid(n / v),
                             CubeDim::new_1d(THREADS),
                             v,
                             xb.flat(),
-                            wide.flat(),
+                            out.flat(),
                             (n / v) as u32,
                             s0,
                             s1,
@@ -418,13 +398,20 @@ fn dropout_kernels_keep_the_hashed_elements_scaled_and_zero_the_rest() {
                             f32_type(),
                         )
                     );
-                    let got = read_output(&client, &wide, &what);
+                    let got = read_output(&client, &out, &what);
+                    // atol 0: a dropped element must be exactly 0 and a kept one nonzero; rtol
+                    // covers the f32 product and `scale` rounded to f32.
                     assert_close(&got, &want, 0.0, 1e-6, &what);
-                    let first = got
-                        .iter()
-                        .zip(&got_one)
-                        .position(|(a, b)| a.to_bits() != b.to_bits());
-                    assert_eq!(first, None, "{what}: differs from the one-wide kernel");
+                    match &first_width {
+                        None => first_width = Some(got),
+                        Some(first) => {
+                            let differs = got
+                                .iter()
+                                .zip(first)
+                                .position(|(a, b)| a.to_bits() != b.to_bits());
+                            assert_eq!(differs, None, "{what}: differs from the widest width");
+                        }
+                    }
                 }
             }
         }
@@ -451,12 +438,14 @@ fn the_dropout_mask_keeps_about_one_minus_p() {
         );
         for mode in MODES {
             let out = output(&client, n);
+            // 1,000,003 is odd: width 1, as the host picks.
             launch_in!(
                 mode,
                 dropout_kernel::<Rt>(
                     &client,
                     elem_grid(n),
                     CubeDim::new_1d(THREADS),
+                    1,
                     xb.flat(),
                     out.flat(),
                     n as u32,
