@@ -47,6 +47,7 @@
 #![warn(missing_docs)]
 
 pub mod adamw;
+pub mod argmax;
 pub mod attention;
 pub mod attention_decode;
 pub mod autodiff;
@@ -73,7 +74,7 @@ use std::any::{Any, TypeId};
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Int, Tensor, TensorPrimitive};
 use burn_cubecl::CubeBackend;
 #[cfg(feature = "fusion")]
 use burn_fusion::Fusion;
@@ -114,6 +115,12 @@ pub fn set_unchecked_kernels_enabled(on: bool) {
 /// `PEFT_LORA_LSE_KERNEL=0`; off, Burn's max and sum reductions and f32 elementwise passes).
 pub fn set_lse_kernel_enabled(on: bool) {
     switch::LSE_KERNEL.set(on);
+}
+
+/// Switches the one-kernel argmax of greedy decoding on or off (process-wide; default off unless
+/// `PEFT_LORA_ARGMAX_KERNEL=1`; off, Burn's `argmax`).
+pub fn set_argmax_kernel_enabled(on: bool) {
+    switch::ARGMAX.set(on);
 }
 
 /// Switches the one-kernel attention of decode steps on or off (process-wide; default off
@@ -512,6 +519,24 @@ pub fn linear_cross_entropy<B: Backend>(
     }
     let args = (h.clone(), w.clone(), targets.clone());
     dispatch!(B, cross_entropy_impl(args))
+}
+
+fn argmax_impl<T: argmax::FusedArgmax>(x: Tensor<T, 2>) -> Tensor<T, 1, Int> {
+    Tensor::from_primitive(T::fused_argmax(prim(x)))
+}
+
+/// The index of each row's maximum (torch's `argmax(dim=1)`: the first index on ties, a NaN
+/// largest), `[rows]`, as one kernel ([`argmax`]) when `B` is a raw cubecl CUDA backend (with or
+/// without autodiff) and the kernel is on, else `None`.
+pub fn argmax_rows<B: Backend>(x: &Tensor<B, 2>) -> Option<Tensor<B, 1, Int>> {
+    if !supported::<B>() || !switch::ARGMAX.on() || !enabled() || !raw_backend::<B>() {
+        return None;
+    }
+    let [rows, width] = x.dims();
+    if rows * width == 0 || width >= 1 << 24 || rows > u32::MAX as usize {
+        return None;
+    }
+    dispatch_raw!(B, argmax_impl(x.clone()))
 }
 
 fn rms_norm_impl<T: rms_norm::FusedRmsNorm>(

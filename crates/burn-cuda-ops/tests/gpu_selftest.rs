@@ -1012,6 +1012,58 @@ fn check_offload<B: Backend>(label: &str, dtype: DType, device: &B::Device) -> V
 type Gpu = Cuda<bf16>;
 
 /// A suite: checks for one label and element type.
+/// Greedy decoding's argmax kernel against the host's argmax of the same values (the first index
+/// of each row's maximum): a vocabulary-wide row, odd widths, ties, and Burn's `argmax` beside it.
+fn check_argmax<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Device) -> Vec<Check> {
+    let opts = (device, dtype);
+    let mut checks = Vec::new();
+    ops::set_argmax_kernel_enabled(true);
+    for (rows, width) in [(64, 128_256), (3, 1_003), (70_000, 8), (1, 128_256)] {
+        // Integers in a small range: many ties, exact in bf16.
+        let x =
+            Tensor::<B, 2>::random([rows, width], Distribution::Uniform(-40.0, 40.0), opts).round();
+        let Some(got) = ops::argmax_rows(&x) else {
+            return not_taken::<B>(format!("{label} argmax"));
+        };
+        let got: Vec<i64> = got
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .expect("argmax ids");
+        let burn: Vec<i64> = x
+            .clone()
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .expect("ids");
+        let xh = host(x);
+        let mut wrong = 0usize;
+        let mut burn_wrong = 0usize;
+        for r in 0..rows {
+            let row = &xh[r * width..(r + 1) * width];
+            let mut at = 0;
+            for (i, v) in row.iter().enumerate() {
+                if *v > row[at] {
+                    at = i;
+                }
+            }
+            wrong += usize::from(got[r] != at as i64);
+            burn_wrong += usize::from(burn[r] != at as i64);
+        }
+        checks.push(Check {
+            name: format!(
+                "{label} {dtype:?} argmax {rows}x{width} (rows wrong; Burn's argmax beside)"
+            ),
+            err_fused: wrong as f64,
+            err_composed: burn_wrong as f64,
+            tol: 0.0,
+        });
+    }
+    ops::set_argmax_kernel_enabled(false);
+    checks
+}
+
 type Suite = fn(&str, DType, &CudaDevice) -> Vec<Check>;
 
 fn main() {
@@ -1036,7 +1088,9 @@ fn main() {
     let dropout_input_f32: Suite = |l, dt, d| check_dropout::<F32>(l, dt, 2, 45, 96, 80, 8, d);
     let dropout_input_ckpt: Suite =
         |l, dt, d| check_dropout::<Bf16Ckpt>(l, dt, 2, 45, 96, 80, 8, d);
-    let suites: [((&str, DType), Suite); 22] = [
+    let suites: [((&str, DType), Suite); 24] = [
+        (f32_, check_argmax::<F32>),
+        (bf16_, check_argmax::<Bf16>),
         (f32_, check_offload::<Cuda<f32>>),
         (bf16_, check_offload::<Gpu>),
         (f32_, dropout_input_f32),

@@ -44,7 +44,10 @@ pub(crate) fn choose<B: Backend>(
         }
     }
     if !cfg.do_sample {
-        return z.argmax(1).reshape([b]);
+        return match crate::ops::argmax_rows(&z) {
+            Some(ids) => ids,
+            None => z.argmax(1).reshape([b]),
+        };
     }
     let z = filter(z / cfg.temperature, cfg.top_k, cfg.top_p);
     let u = Tensor::<B, 2>::from_data(TensorData::new(uniform.to_vec(), [b, 1]), &device);

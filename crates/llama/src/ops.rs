@@ -159,3 +159,15 @@ impl<B: Backend> Kept<B> {
         }
     }
 }
+
+/// The index of each row's maximum (torch's `argmax(dim=1)`), one kernel: greedy decoding's
+/// token choice.
+pub(crate) fn argmax_rows<B: Backend>(x: &Tensor<B, 2>) -> Option<Tensor<B, 1, Int>> {
+    #[cfg(feature = "cuda")]
+    return burn_cuda_ops::argmax_rows(x);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = x;
+        None
+    }
+}

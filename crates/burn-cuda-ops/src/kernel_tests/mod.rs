@@ -13,6 +13,7 @@
 //! A machine without a Vulkan device fails these tests (Debian and Ubuntu: `apt-get install
 //! mesa-vulkan-drivers`; `.ci/run` installs it).
 
+mod argmax;
 mod decode;
 mod elementwise;
 mod optim;
