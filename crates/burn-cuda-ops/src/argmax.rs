@@ -43,7 +43,9 @@ pub(crate) fn argmax_rows_kernel<E: Float, I: Int, N: Size>(
     let wv = wv as usize;
     let tid = UNIT_POS_X as usize;
     let base = row * wv;
-    let mut mx = f32::new(-f32::INFINITY);
+    // Starts from the row's first element (cubecl's CUDA code has no infinity literal): a row of
+    // -inf only then hits at index 0, as torch answers.
+    let mut mx = Vector::<f32, N>::cast_from(x[base])[0];
     let mut nan = f32::new(0.0);
     let mut j = tid;
     while j < wv {
@@ -92,7 +94,6 @@ pub(crate) fn argmax_rows_kernel<E: Float, I: Int, N: Size>(
     sync_cube();
     reduce_max(&mut sh);
     if tid == 0 {
-        // A row of -inf only hits at index 0 (-inf == -inf), as torch answers.
         out[row] = I::cast_from(f32::new(0.0) - sh[0]);
     }
 }
