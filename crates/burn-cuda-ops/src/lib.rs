@@ -117,8 +117,8 @@ pub fn set_lse_kernel_enabled(on: bool) {
     switch::LSE_KERNEL.set(on);
 }
 
-/// Switches the one-kernel argmax of greedy decoding on or off (process-wide; default off unless
-/// `PEFT_LORA_ARGMAX_KERNEL=1`; off, Burn's `argmax`).
+/// Switches the one-kernel argmax of greedy decoding on or off (process-wide; default on unless
+/// `PEFT_LORA_ARGMAX_KERNEL=0`; off, Burn's `argmax`).
 pub fn set_argmax_kernel_enabled(on: bool) {
     switch::ARGMAX.set(on);
 }

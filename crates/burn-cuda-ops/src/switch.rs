@@ -92,8 +92,8 @@ pub(crate) static SOFTMAX: Switch = Switch::new("PEFT_LORA_SOFTMAX_KERNEL");
 /// Burn's reductions and elementwise passes (`PEFT_LORA_LSE_KERNEL`).
 pub(crate) static LSE_KERNEL: Switch = Switch::new("PEFT_LORA_LSE_KERNEL");
 /// Greedy decoding's token choice as one kernel per batch ([`super::argmax`]), else Burn's
-/// `argmax` (`PEFT_LORA_ARGMAX_KERNEL=1`; opt-in until it has run on a GPU).
-pub(crate) static ARGMAX: Switch = Switch::opt_in("PEFT_LORA_ARGMAX_KERNEL");
+/// `argmax` (`PEFT_LORA_ARGMAX_KERNEL`).
+pub(crate) static ARGMAX: Switch = Switch::new("PEFT_LORA_ARGMAX_KERNEL");
 /// The one-kernel attention of a decode step ([`super::attention_decode`]), else the GEMM path
 /// (`PEFT_LORA_DECODE_ATTENTION=1`; opt-in: slower than the GEMM path as it stands).
 pub(crate) static DECODE_ATTENTION: Switch = Switch::opt_in("PEFT_LORA_DECODE_ATTENTION");

@@ -1060,7 +1060,6 @@ fn check_argmax<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Devic
             tol: 0.0,
         });
     }
-    ops::set_argmax_kernel_enabled(false);
     checks
 }
 

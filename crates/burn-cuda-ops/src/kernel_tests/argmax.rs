@@ -30,7 +30,10 @@ fn run(rows: usize, width: usize, x: &[f32], threads: u32) {
         .map(|r| reference(&x[r * width..(r + 1) * width]))
         .collect();
     let host = vector_size(width);
-    for v in [8usize, 4, 2, 1].into_iter().filter(|v| width.is_multiple_of(*v)) {
+    for v in [8usize, 4, 2, 1]
+        .into_iter()
+        .filter(|v| width.is_multiple_of(*v))
+    {
         assert!(v <= host);
         for mode in MODES {
             let out = output(&client, rows);
