@@ -3,7 +3,10 @@ random bf16 weights, on CUDA: greedy, every row generating exactly NEW tokens (n
 PROMPT-token prompt, one timed call per batch size after a 4-token warm-up at that size. The
 prompt tokens follow the Rust bench's formula. One JSON line per batch size.
 
-    python scripts/bench_transformers_generate.py [--batch 1,8,64] [--prompt-len 600] [--new-tokens 256]
+    python scripts/bench_transformers_generate.py [--batch 1,8,64] [--prompt-len 600] [--new-tokens 256] [--sample]
+
+--sample draws instead of greedy with Llama 3 instruct's settings (temperature 0.6, top-k 50,
+top-p 0.9), as `news2stock-dev bench-generate --sample`.
 """
 import argparse, json, time
 import torch
@@ -19,6 +22,7 @@ def main():
     ap.add_argument("--batch", default="1,8,64")
     ap.add_argument("--prompt-len", type=int, default=600)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--sample", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = LlamaConfig(**CFG); cfg._attn_implementation = "sdpa"
@@ -34,13 +38,15 @@ def main():
         ids = (i * 31 + r * 7919 + 1) % vocab
         mask = torch.ones_like(ids)
         kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None)
+        if args.sample:
+            kw.update(do_sample=True, temperature=0.6, top_k=50, top_p=0.9)
         with torch.no_grad():
             model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
             torch.cuda.synchronize(); t = time.perf_counter()
             out = model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **kw)
             torch.cuda.synchronize(); secs = time.perf_counter() - t
         n = (out.shape[1] - args.prompt_len) * b
-        print(json.dumps(dict(system="transformers", torch=torch.__version__, batch=b, prompt=args.prompt_len,
+        print(json.dumps(dict(system="transformers", torch=torch.__version__, batch=b, prompt=args.prompt_len, sample=args.sample,
                               new_tokens=args.new_tokens, generated=n, seconds=secs, tokens_per_s=n / secs)),
               flush=True)
 

@@ -7,14 +7,17 @@ use burn::tensor::backend::Backend;
 use llama::{GenerationConfig, LlamaConfig, LlamaForCausalLM};
 use peft_lora::{LoraConfig, LoraCtx, LoraModel, PeftModel};
 
-/// One JSON line per batch size: prefill + decode time and generated tokens/s.
+/// One JSON line per batch size: prefill + decode time and generated tokens/s; greedy, or with
+/// `sample` Llama 3 instruct's sampling settings (temperature 0.6, top-k 50, top-p 0.9).
 pub fn bench_generate<B: Backend>(
     batches: &[usize],
     prompt_len: usize,
     new_tokens: usize,
     tiny: bool,
+    sample: bool,
     device: &B::Device,
 ) -> Result<()> {
+    let gen = |n| sampling(gen(n), sample);
     let cfg = config(tiny);
     let model = LlamaForCausalLM::<B>::random_seeded(&cfg, device, 0);
     for &b in batches {
@@ -35,7 +38,7 @@ pub fn bench_generate<B: Backend>(
         println!(
             "{}",
             serde_json::json!({"system": "burn-peft", "batch": b, "prompt": prompt_len,
-                "new_tokens": new_tokens, "generated": tokens, "seconds": secs,
+                "sample": sample, "new_tokens": new_tokens, "generated": tokens, "seconds": secs,
                 "tokens_per_s": tokens as f64 / secs})
         );
     }
@@ -56,6 +59,21 @@ fn gen(n: usize) -> GenerationConfig {
         max_new_tokens: n,
         min_new_tokens: n,
         ..Default::default()
+    }
+}
+
+/// `cfg` with Llama 3 instruct's sampling settings when `sample` (the anchor's `--sample`).
+fn sampling(cfg: GenerationConfig, sample: bool) -> GenerationConfig {
+    match sample {
+        true => GenerationConfig {
+            do_sample: true,
+            temperature: 0.6,
+            top_k: 50,
+            top_p: 0.9,
+            seed: 0,
+            ..cfg
+        },
+        false => cfg,
     }
 }
 

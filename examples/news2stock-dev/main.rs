@@ -107,6 +107,10 @@ enum Tool {
         /// the other (issue 19's target: <= 0.6x).
         #[arg(long)]
         side_by_side: bool,
+        /// Sample instead of greedy: temperature 0.6, top-k 50, top-p 0.9 (Llama 3 instruct's
+        /// settings; the anchor's `--sample`). Not with `--side-by-side`.
+        #[arg(long, conflicts_with = "side_by_side")]
+        sample: bool,
     },
     /// Time a weight-decomposing init (pissa, pissa_niter_N, olora) on the 8B shape's q_proj and
     /// v_proj of every layer (random weights; the decomposition runs on the CPU).
@@ -217,13 +221,24 @@ fn dispatch<B: Backend>(
             new_tokens,
             tiny,
             side_by_side,
-        } => {
-            let bench = match side_by_side {
-                true => bench_generate::bench_side_by_side::<B>,
-                false => bench_generate::bench_generate::<B>,
-            };
-            bench(batch, *prompt_len, *new_tokens, *tiny, device)
-        }
+            sample,
+        } => match side_by_side {
+            true => bench_generate::bench_side_by_side::<B>(
+                batch,
+                *prompt_len,
+                *new_tokens,
+                *tiny,
+                device,
+            ),
+            false => bench_generate::bench_generate::<B>(
+                batch,
+                *prompt_len,
+                *new_tokens,
+                *tiny,
+                *sample,
+                device,
+            ),
+        },
         Tool::BenchLinear { .. } => {
             anyhow::bail!("bench-linear runs on the GPU build (--features cuda)")
         }
