@@ -27,6 +27,8 @@
 #   unsloth       Unsloth on the three configs (saves a random 8B model to /tmp/m8b first)
 #   profile       one qv-gc step under Nsight Compute: GPU time per kernel (scripts/kernel_profile.py)
 #   gen           bench-generate (batch 1 / 8 / 64) and scripts/bench_transformers_generate.py
+#   gen-sample    the same at batch 1 / 64 with sampling (temperature 0.6, top-k 50, top-p 0.9)
+#   sbs           bench-generate --side-by-side --batch 64 (the eval's routed pass against two)
 #   launch        bench-launch: the host's cost of one launch per path (Burn op, autodiff, our
 #                 cubecl kernel, our cuBLASLt task)
 #   dp1           NCCL and data-parallel checks on one GPU
@@ -145,6 +147,14 @@ for stage in "$@"; do
     echo "gen ours rc=$?" | tee -a "$S"; grep '^{' "$L/gen_ours.txt" | tee -a "$S"
     timeout 200 python3 "$R"/scripts/bench_transformers_generate.py > "$L/gen_tf.txt" 2>&1
     echo "gen transformers rc=$?" | tee -a "$S"; grep '^{' "$L/gen_tf.txt" | tee -a "$S" ;;
+  gen-sample)
+    timeout 200 "$D"/news2stock-dev bench-generate --batch 1,64 --sample > "$L/gen_sample_ours.txt" 2>&1
+    echo "gen-sample ours rc=$?" | tee -a "$S"; grep '^{' "$L/gen_sample_ours.txt" | tee -a "$S"
+    timeout 200 python3 "$R"/scripts/bench_transformers_generate.py --batch 1,64 --sample > "$L/gen_sample_tf.txt" 2>&1
+    echo "gen-sample transformers rc=$?" | tee -a "$S"; grep '^{' "$L/gen_sample_tf.txt" | tee -a "$S" ;;
+  sbs)
+    timeout 200 "$D"/news2stock-dev bench-generate --side-by-side --batch 64 > "$L/sbs.txt" 2>&1
+    echo "side-by-side rc=$?" | tee -a "$S"; grep '^{' "$L/sbs.txt" | tee -a "$S" ;;
   launch)
     timeout 60 "$D"/news2stock-dev bench-launch > "$L/launch.txt" 2>&1
     echo "launch rc=$?" | tee -a "$S"; grep '^{' "$L/launch.txt" | tee -a "$S" ;;
