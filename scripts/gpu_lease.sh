@@ -29,6 +29,8 @@
 #   gen           bench-generate (batch 1 / 8 / 64) and scripts/bench_transformers_generate.py
 #   gen-sample    the same at batch 1 / 64 with sampling (temperature 0.6, top-k 50, top-p 0.9)
 #   sbs           bench-generate --side-by-side --batch 64 (the eval's routed pass against two)
+#   host-profile  the host's CPU time by function (PEFT_HOST_PROFILE, scripts/host_profile.py):
+#                 batch-1 generation and a q,v training run (news2stock-dev unstripped of symbols)
 #   launch        bench-launch: the host's cost of one launch per path (Burn op, autodiff, our
 #                 cubecl kernel, our cuBLASLt task)
 #   dp1           NCCL and data-parallel checks on one GPU
@@ -152,6 +154,15 @@ for stage in "$@"; do
     echo "gen-sample ours rc=$?" | tee -a "$S"; grep '^{' "$L/gen_sample_ours.txt" | tee -a "$S"
     timeout 200 python3 "$R"/scripts/bench_transformers_generate.py --batch 1,64 --sample > "$L/gen_sample_tf.txt" 2>&1
     echo "gen-sample transformers rc=$?" | tee -a "$S"; grep '^{' "$L/gen_sample_tf.txt" | tee -a "$S" ;;
+  host-profile)
+    # Where the host's time goes (needs news2stock-dev with its symbols: `strip --strip-debug`).
+    PEFT_HOST_PROFILE="$L/host_gen_b1.folded" timeout 120 "$D"/news2stock-dev bench-generate --batch 1 > "$L/host_gen_b1.txt" 2>&1
+    echo "host-profile gen b1 rc=$?" | tee -a "$S"
+    python3 "$R"/scripts/host_profile.py "$L/host_gen_b1.folded" 30 generate 2>&1 | tee -a "$S"
+    PEFT_HOST_PROFILE="$L/host_train_qv.folded" timeout 120 "$D"/news2stock-dev --batch-size 2 --grad-accum 1 \
+      --lora-alpha 32 --lora-dropout 0.1 --lora-r 8 --gradient-checkpointing true bench-train --steps 6 --warmup 2 > "$L/host_train_qv.txt" 2>&1
+    echo "host-profile train qv rc=$?" | tee -a "$S"
+    python3 "$R"/scripts/host_profile.py "$L/host_train_qv.folded" 30 bench_train 2>&1 | tee -a "$S" ;;
   sbs)
     timeout 200 "$D"/news2stock-dev bench-generate --side-by-side --batch 64 > "$L/sbs.txt" 2>&1
     echo "side-by-side rc=$?" | tee -a "$S"; grep '^{' "$L/sbs.txt" | tee -a "$S" ;;

@@ -24,6 +24,8 @@ mod bench_linear;
 mod bench_train;
 #[cfg(feature = "cuda")]
 mod fused;
+#[cfg(target_os = "linux")]
+mod host_profile;
 
 use std::path::PathBuf;
 
@@ -149,9 +151,29 @@ enum Tool {
 }
 
 fn main() {
-    if let Err(e) = run() {
+    if let Err(e) = profiled(run) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// `f` under the host profiler when `PEFT_HOST_PROFILE` names a file (Linux; `host_profile`).
+fn profiled(f: impl FnOnce() -> Result<()>) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let profile = host_profile::start()?;
+        let out = f();
+        if let Some(p) = profile {
+            p.finish()?;
+        }
+        out
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        if std::env::var_os("PEFT_HOST_PROFILE").is_some() {
+            anyhow::bail!("PEFT_HOST_PROFILE needs Linux (pprof's SIGPROF sampling)");
+        }
+        f()
     }
 }
 
