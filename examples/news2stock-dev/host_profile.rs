@@ -51,7 +51,7 @@ impl HostProfile {
                 (*count, stack.join(";"))
             })
             .collect();
-        lines.sort_by(|a, b| b.0.cmp(&a.0));
+        lines.sort_by_key(|l| std::cmp::Reverse(l.0));
         let text: String = lines
             .iter()
             .map(|(count, stack)| format!("{stack} {count}\n"))
