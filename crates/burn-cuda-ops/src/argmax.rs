@@ -2,10 +2,11 @@
 //! as one cubecl kernel: greedy decoding's token choice over a vocabulary-wide row of logits.
 //!
 //! Burn 0.21's `argmax(1)` over `[64, 128256]` f32 logits took 7.6 ms on an H100 (41% of a
-//! batch-64 decode step; one launch). This kernel reads each row once in its own dtype: one
-//! cube of [`THREADS`] units per row, each unit keeping the best value and its index over
-//! 8-wide vectors, then the cube's best through shared memory (two reads of the row: 0.5 MB
-//! of f32 each, microseconds).
+//! batch-64 decode step; one launch). This kernel reads each row in its own dtype, one cube of
+//! [`THREADS`] units per row over 8-wide vectors, twice: the row's maximum (and whether it holds
+//! a NaN), then the first index holding it, each reduced over the cube through shared memory
+//! (a 128,256-wide f32 row is 0.5 MB: microseconds a read). On an H100 it took batch-64 greedy
+//! decoding from 2,751 to 4,011 tokens/s and batch 1 from 88 to 101.
 //!
 //! torch's rule: the first index of the maximum; a NaN counts as larger than any number (the
 //! first NaN wins).
