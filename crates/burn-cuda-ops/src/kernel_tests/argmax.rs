@@ -4,9 +4,9 @@
 
 use cubecl::prelude::*;
 
-use super::{client, f32_type, input, launch_in, output, read_output, values, Rt, MODES};
+use super::{client, f32_type, input, launch_in, output, read_output, values, widths, Rt, MODES};
 use crate::argmax::argmax_rows_kernel;
-use crate::cube_util::{grid, vector_size, THREADS};
+use crate::cube_util::{grid, THREADS};
 
 /// torch's `argmax`: the first NaN, else the first index of the maximum; 0 for an empty-of-
 /// numbers row of `-inf`.
@@ -29,12 +29,7 @@ fn run(rows: usize, width: usize, x: &[f32], threads: u32) {
     let want: Vec<i32> = (0..rows)
         .map(|r| reference(&x[r * width..(r + 1) * width]))
         .collect();
-    let host = vector_size(width);
-    for v in [8usize, 4, 2, 1]
-        .into_iter()
-        .filter(|v| width.is_multiple_of(*v))
-    {
-        assert!(v <= host);
+    for v in widths(width) {
         for mode in MODES {
             let out = output(&client, rows);
             launch_in!(

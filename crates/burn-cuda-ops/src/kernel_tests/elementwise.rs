@@ -9,22 +9,13 @@
 use cubecl::prelude::*;
 
 use super::{
-    assert_close, client, f32_type, input, launch_in, output, read_output, values, Rt, MODES,
+    assert_close, client, f32_type, input, launch_in, output, read_output, values, widths, Rt,
+    MODES,
 };
-use crate::cube_util::{elem_grid, vector_size, THREADS};
+use crate::cube_util::{elem_grid, THREADS};
 use crate::dropout::{dropout_kernel, DropMask};
 use crate::rope::{rope_backward_kernel, rope_forward_kernel};
 use crate::swiglu::{swiglu_backward_kernel, swiglu_forward_kernel};
-
-/// The vector widths (of 8, 4, 2, 1) that divide `n`, widest (the host's pick) first.
-fn widths(n: usize) -> Vec<usize> {
-    let w: Vec<usize> = [8, 4, 2, 1]
-        .into_iter()
-        .filter(|v| n.is_multiple_of(*v))
-        .collect();
-    assert_eq!(w[0], vector_size(n), "the host's width comes first");
-    w
-}
 
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())

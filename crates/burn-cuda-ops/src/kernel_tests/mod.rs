@@ -161,6 +161,21 @@ fn read_all(client: &ComputeClient<Rt>, buf: &Buf) -> Vec<f32> {
     f32::from_bytes(&bytes).to_vec()
 }
 
+/// The vector widths (of 8, 4, 2, 1) a run of `n` elements can be loaded with: the host's pick
+/// ([`crate::cube_util::vector_size`], the widest) first, then every narrower one dividing `n`.
+pub(super) fn widths(n: usize) -> Vec<usize> {
+    let all: Vec<usize> = [8, 4, 2, 1]
+        .into_iter()
+        .filter(|v| n.is_multiple_of(*v))
+        .collect();
+    assert_eq!(
+        all[0],
+        crate::cube_util::vector_size(n),
+        "the host's width comes first"
+    );
+    all
+}
+
 /// f32 as a kernel's `#[define(E)]` storage type.
 pub(super) fn f32_type() -> StorageType {
     f32::as_type_native_unchecked().storage_type()

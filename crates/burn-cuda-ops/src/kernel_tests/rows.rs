@@ -22,9 +22,9 @@ use cubecl::prelude::*;
 
 use super::{
     assert_close, client, f32_type, input, input_u32, launch_in, output, read_in_place,
-    read_output, u32_type, values, Rt, MODES,
+    read_output, u32_type, values, widths, Rt, MODES,
 };
-use crate::cube_util::{grid, vector_size, THREADS};
+use crate::cube_util::{grid, THREADS};
 use crate::lse::{ce_grad_kernel, lse_rows_kernel};
 use crate::rms_norm::{rms_backward_kernel, rms_forward_kernel};
 use crate::softmax::{softmax_backward_kernel, softmax_forward_kernel};
@@ -57,17 +57,6 @@ const MANY_ROWS: usize = 65_537;
 /// cube of [`THREADS`] units through a reduction's barriers slowly (about 2 s a launch of lse over
 /// 65,537 rows, 1 s of RMSNorm); 32 units still cover the second dimension of the grid.
 const MANY_ROWS_THREADS: u32 = 32;
-
-/// The vector widths a row of `width` elements can be loaded with: the host's pick
-/// ([`vector_size`], the widest) first, then every narrower one that divides the row.
-fn widths(width: usize) -> Vec<usize> {
-    let all: Vec<usize> = [8, 4, 2, 1]
-        .into_iter()
-        .filter(|v| width.is_multiple_of(*v))
-        .collect();
-    assert_eq!(all[0], vector_size(width));
-    all
-}
 
 /// Row values in `[-8, 8)` offset by up to ±120 per row, so that `exp` of a value that skipped
 /// the row's maximum overflows f32; row 0's largest element is its last one (the tail of the
