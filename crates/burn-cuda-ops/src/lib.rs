@@ -531,7 +531,9 @@ fn argmax_impl<T: argmax::FusedArgmax>(x: Tensor<T, 2>) -> Tensor<T, 1, Int> {
 /// largest), `[rows]`, as one kernel ([`argmax`]) when `B` is a raw cubecl CUDA backend (with or
 /// without autodiff) and the kernel is on, else `None`.
 pub fn argmax_rows<B: Backend>(x: &Tensor<B, 2>) -> Option<Tensor<B, 1, Int>> {
-    if !supported::<B>() || !switch::ARGMAX.on() || !enabled() || !raw_backend::<B>() {
+    // (`supported` first: `enabled` loads cuBLASLt, and warns when it cannot. Under Burn's
+    // fusion backend `dispatch_raw!` answers `None`.)
+    if !supported::<B>() || !switch::ARGMAX.on() || !enabled() {
         return None;
     }
     let [rows, width] = x.dims();

@@ -30,7 +30,9 @@ pub(crate) fn choose<B: Backend>(
 ) -> Tensor<B, 1, Int> {
     let [b, vocab] = logits.dims();
     let device = logits.device();
-    let mut z = logits.cast(burn::tensor::FloatDType::F32);
+    // The model's dtype until sampling: greedy's argmax and the suppression's -inf are exact in
+    // it (a cast of the whole `[batch, vocab]` logits would be one more pass each step).
+    let mut z = logits;
     if suppress.iter().any(|s| *s) {
         let rows =
             Tensor::<B, 2, Bool>::from_data(TensorData::new(suppress.to_vec(), [b, 1]), &device);
@@ -49,6 +51,7 @@ pub(crate) fn choose<B: Backend>(
             None => z.argmax(1).reshape([b]),
         };
     }
+    let z = z.cast(burn::tensor::FloatDType::F32);
     let z = filter(z / cfg.temperature, cfg.top_k, cfg.top_p);
     let u = Tensor::<B, 2>::from_data(TensorData::new(uniform.to_vec(), [b, 1]), &device);
     draw(activation::softmax(z, 1), u).reshape([b])
