@@ -35,11 +35,19 @@ pub fn bench_generate<B: Backend>(
         let _ = B::sync(device);
         let secs = t.elapsed().as_secs_f64();
         let tokens: usize = out.iter().map(Vec::len).sum();
+        // FNV-1a of every generated id: runs with an op switched on and off compare their
+        // tokens by this (greedy decoding of the same weights).
+        let ids_hash = out
+            .iter()
+            .flatten()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, &t| {
+                (h ^ u64::from(t)).wrapping_mul(0x0100_0000_01b3)
+            });
         println!(
             "{}",
             serde_json::json!({"system": "burn-peft", "batch": b, "prompt": prompt_len,
                 "sample": sample, "new_tokens": new_tokens, "generated": tokens, "seconds": secs,
-                "tokens_per_s": tokens as f64 / secs})
+                "tokens_per_s": tokens as f64 / secs, "ids_fnv1a": format!("{ids_hash:016x}")})
         );
     }
     Ok(())

@@ -359,7 +359,6 @@ fn forward<F: FloatElement, I: IntElement, BT: BoolElement>(
     let (q, k, v) = (dense(q, "q")?, dense(k, "k")?, dense(v, "v")?);
     // A decode step (a few query rows per group): one kernel instead of two GEMMs and a softmax.
     if super::switch::DECODE_ATTENTION.on() && super::attention_decode::applies(m, t, d) {
-        let mask = into_contiguous(mask);
         return Ok(super::attention_decode::forward(q, k, v, mask, scale));
     }
     if !softmax_kernel() {

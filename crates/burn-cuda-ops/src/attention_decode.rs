@@ -22,6 +22,7 @@
 //! it would take; the GPU self-test keeps checking it against the f64 reference.
 
 use burn::tensor::Shape;
+use burn_cubecl::kernel::into_contiguous;
 use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
@@ -90,9 +91,10 @@ pub(crate) fn decode_attention_kernel<E: Float, N: Size>(
             }
             let total = plane_sum(dot);
             if lane == 0 {
+                // The mask's rows may be pitched (Burn pads rows of odd widths): its strides.
                 let row = gi * m + r;
-                let mrow = (row / rows_per_mask) * s + row % s;
-                sc[r * t + j] = f32::cast_from(E::cast_from(total * scale)) + mask[mrow * t + j];
+                let mrow = (row / rows_per_mask) * mask.stride(0) + (row % s) * mask.stride(2);
+                sc[r * t + j] = f32::cast_from(E::cast_from(total * scale)) + mask[mrow + j];
             }
         }
         j += warps;
@@ -183,9 +185,15 @@ pub fn applies(m: usize, t: usize, d: usize) -> bool {
 }
 
 /// `softmax(f32(scale q k^T) + mask) v` for dense `q [g, m, d]`, `k`, `v [g, t, d]`, `mask [mb,
-/// 1, s, t]` f32 contiguous (rows `[mb, heads, s]` as in [`super::attention`]); the caller
-/// checks [`applies`].
+/// 1, s, t]` f32 (rows `[mb, heads, s]` as in [`super::attention`]; its keys adjacent, its rows
+/// at any stride, so Burn's pitched layout of odd widths is read as it is); the caller checks
+/// [`applies`].
 pub fn forward(q: Raw, k: Raw, v: Raw, mask: Raw, scale: f32) -> Raw {
+    let mask = if mask.meta.strides()[3] == 1 {
+        mask
+    } else {
+        into_contiguous(mask)
+    };
     let [g, m, d] = q.meta.shape().dims::<3>();
     let t = k.meta.shape()[1];
     let ms = mask.meta.shape();

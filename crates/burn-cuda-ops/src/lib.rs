@@ -10,7 +10,8 @@
 //!   keeping only `x` (through Burn's checkpointer, so gradient checkpointing still applies) and
 //!   `xd A`;
 //! - [`attention`] (GQA, additive mask; the backward recomputes the probabilities),
-//!   [`linear_cross_entropy`] (row chunks, no `[tokens, vocab]` logits kept), [`rms_norm`],
+//!   [`linear_cross_entropy`] (row chunks, no `[tokens, vocab]` logits kept), [`rms_norm`]
+//!   (and [`add_rms_norm`], the residual add fused in, for inference),
 //!   [`swiglu`], [`rope`] (fused with the split into heads), [`dropout`] (masks hashed from a
 //!   seed, never stored);
 //! - the optimizer kernels [`adamw_update`], [`adamw_update_master`], [`sum_of_squares`] and
@@ -32,7 +33,7 @@
 //! `PEFT_LORA_DEVICE_CLIP=0` ([`set_device_clip_enabled`]) reads the optimizer's clip factor
 //! on the host; `PEFT_LORA_LSE_KERNEL=0` ([`set_lse_kernel_enabled`]) the cross-entropy's row
 //! kernels; `PEFT_LORA_ARGMAX_KERNEL=0` ([`set_argmax_kernel_enabled`]) Burn's `argmax` for
-//! greedy decoding; opt-in (no gain measured on an H100): `PEFT_LORA_UNCHECKED_KERNELS=1`
+//! greedy decoding; `PEFT_LORA_ADD_NORM=0` the residual add apart from the RMSNorm in inference; opt-in (no gain measured on an H100): `PEFT_LORA_UNCHECKED_KERNELS=1`
 //! ([`set_unchecked_kernels_enabled`]) launches without cubecl's bounds checks;
 //! `PEFT_LORA_SOFTMAX_KERNEL=0` the attention's softmax kernels; `PEFT_LORA_ASYNC_SUBMIT=0` makes
 //! each op wait for its hand-off to cubecl's device thread; `PEFT_LORA_GEMM_AUTOTUNE=1` times
@@ -66,6 +67,7 @@ pub mod lt;
 pub mod offload;
 pub mod rms_norm;
 pub mod rope;
+pub mod rope_append;
 pub mod softmax;
 pub mod swiglu;
 mod switch;
@@ -566,6 +568,40 @@ pub fn rms_norm<B: Backend>(x: &Tensor<B, 3>, w: &Tensor<B, 1>, eps: f64) -> Opt
     Some(out.reshape([b, s, h]))
 }
 
+/// The residual add fused with the RMSNorm after it, for inference: `(x + delta, norm(x +
+/// delta))` with the sum rounded to the model's dtype as torch adds ([`rms_norm::add_forward`],
+/// one kernel instead of two) when `B` is a raw cubecl CUDA backend without autodiff (no
+/// backward) and the path is on, else `None`. `x`, `delta` `[b, s, h]`, `w [h]` frozen.
+pub fn add_rms_norm<B: Backend>(
+    x: &Tensor<B, 3>,
+    delta: &Tensor<B, 3>,
+    w: &Tensor<B, 1>,
+    eps: f64,
+) -> Option<(Tensor<B, 3>, Tensor<B, 3>)> {
+    if !raw_cuda::<B>() || !switch::ADD_NORM.on() || !step_ops_enabled() {
+        return None;
+    }
+    let [b, s, h] = x.dims();
+    let dtype = x.dtype();
+    if delta.dims() != [b, s, h]
+        || delta.dtype() != dtype
+        || w.dims() != [h]
+        || w.dtype() != dtype
+        || b * s * h == 0
+    {
+        return None;
+    }
+    let raw = |t: Tensor<B, 2>| -> kernels::Raw { cast(prim(t)) };
+    let (sum, y) = rms_norm::add_forward(
+        raw(x.clone().reshape([b * s, h])),
+        raw(delta.clone().reshape([b * s, h])),
+        cast(prim(w.clone())),
+        eps as f32,
+    );
+    let back = |r: kernels::Raw| tensor::<B, 2>(cast(r)).reshape([b, s, h]);
+    Some((back(sum), back(y)))
+}
+
 /// Whether the SwiGLU, RoPE and dropout kernels run (on unless
 /// `PEFT_LORA_ELEMENTWISE_KERNELS=0`, for measuring them on and off with the same binary).
 fn elementwise_ops_enabled() -> bool {
@@ -626,6 +662,71 @@ pub fn rope<B: Backend>(
     let table = |t: &Tensor<B, 4>| t.clone().detach().reshape([b, s, d]);
     let args = (x.clone().reshape([b, s, heads, d]), table(cos), table(sin));
     dispatch_raw!(B, rope_impl(args))
+}
+
+/// The queries, keys and values of a cached step, one kernel ([`rope_append`], inference):
+/// [`rope`] of `q` (`[b, s, heads * d]` -> `[b, heads, s, d]`) and of `k`, both written with `v`
+/// (`[b, s, kv_heads * d]`) into the caches `[b, kv_heads, capacity, d]` at positions `pos..pos +
+/// s`, in place. Returns the rotated queries and the caches, or gives the caches back untouched
+/// (`Err`) where the op does not apply: `B` not a raw cubecl CUDA backend (no autodiff), the
+/// switch off, shapes or dtypes that do not fit, no room, or a cache buffer that is shared or
+/// not contiguous (writing into it would change another tensor).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn rope_append<B: Backend>(
+    q: &Tensor<B, 3>,
+    k: &Tensor<B, 3>,
+    v: &Tensor<B, 3>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+    k_cache: Tensor<B, 4>,
+    v_cache: Tensor<B, 4>,
+    pos: usize,
+) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), (Tensor<B, 4>, Tensor<B, 4>)> {
+    if !raw_cuda::<B>() || !switch::ROPE_APPEND.on() || !elementwise_ops_enabled() {
+        return Err((k_cache, v_cache));
+    }
+    let [b, s, qd] = q.dims();
+    let [cb, kv_heads, capacity, d] = k_cache.dims();
+    let dtype = q.dtype();
+    let same = |t: &Tensor<B, 4>, shape: [usize; 4]| t.dims() == shape && t.dtype() == dtype;
+    let fits = cb == b
+        && d > 0
+        && d.is_multiple_of(2)
+        && qd.is_multiple_of(d)
+        && b * s * kv_heads > 0
+        && k.dims() == [b, s, kv_heads * d]
+        && v.dims() == [b, s, kv_heads * d]
+        && k.dtype() == dtype
+        && v.dtype() == dtype
+        && same(cos, [b, 1, s, d])
+        && same(sin, [b, 1, s, d])
+        && same(&k_cache, [b, kv_heads, capacity, d])
+        && same(&v_cache, [b, kv_heads, capacity, d])
+        && pos + s <= capacity
+        && capacity < u32::MAX as usize;
+    if !fits {
+        return Err((k_cache, v_cache));
+    }
+    let (kc, vc): (kernels::Raw, kernels::Raw) = (cast(prim(k_cache)), cast(prim(v_cache)));
+    let back = |r: kernels::Raw| tensor::<B, 4>(cast(r));
+    let writable = |r: &kernels::Raw| r.can_mut() && r.is_contiguous();
+    if !writable(&kc) || !writable(&vc) {
+        return Err((back(kc), back(vc)));
+    }
+    let raw = |t: &Tensor<B, 3>| -> kernels::Raw { cast(prim(t.clone())) };
+    let table = |t: &Tensor<B, 4>| -> kernels::Raw { cast(prim(t.clone().reshape([b, s, d]))) };
+    let out = rope_append::forward(
+        raw(q),
+        raw(k),
+        raw(v),
+        table(cos),
+        table(sin),
+        &kc,
+        &vc,
+        qd / d,
+        pos,
+    );
+    Ok((back(out), back(kc), back(vc)))
 }
 
 /// Switches the optimizer kernels ([`adamw_update`], [`adamw_update_master`],

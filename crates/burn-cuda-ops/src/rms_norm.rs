@@ -75,6 +75,61 @@ pub(crate) fn rms_forward_kernel<E: Float, N: Size>(
     }
 }
 
+/// The residual add before a norm, fused with it (inference): `s = dtype(x + d)` (rounded to
+/// the model's dtype, as torch adds), `out = norm(s)` as [`rms_forward_kernel`]; writes both
+/// `s` (the next residual) and `out`. Each unit reads back only what it wrote.
+#[cube(launch, launch_unchecked)]
+pub(crate) fn add_rms_forward_kernel<E: Float, N: Size>(
+    x: &Tensor<Vector<E, N>>,
+    d: &Tensor<Vector<E, N>>,
+    w: &Tensor<Vector<E, N>>,
+    sum: &mut Tensor<Vector<E, N>>,
+    out: &mut Tensor<Vector<E, N>>,
+    rows: u32,
+    hv: u32,
+    h: u32,
+    eps: f32,
+    #[comptime] threads: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let row = row_index();
+    if row >= rows as usize {
+        terminate!();
+    }
+    let n = x.vector_size();
+    let hv = hv as usize;
+    let tid = UNIT_POS_X as usize;
+    let base = row * hv;
+    let mut sh = SharedMemory::<f32>::new(threads as usize);
+    let mut acc = f32::new(0.0);
+    let mut j = tid;
+    while j < hv {
+        let s = Vector::<E, N>::cast_from(
+            Vector::<f32, N>::cast_from(x[base + j]) + Vector::<f32, N>::cast_from(d[base + j]),
+        );
+        sum[base + j] = s;
+        let v = Vector::<f32, N>::cast_from(s);
+        let sq = v * v;
+        #[unroll]
+        for e in 0..n {
+            acc += sq[e];
+        }
+        j += CUBE_DIM_X as usize;
+    }
+    sh[tid] = acc;
+    sync_cube();
+    reduce_sum(&mut sh);
+    let rv = Vector::new(f32::new(1.0) / (sh[0] / f32::cast_from(h) + eps).sqrt());
+    let mut j = tid;
+    while j < hv {
+        let normed = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(sum[base + j]) * rv);
+        out[base + j] = Vector::cast_from(
+            Vector::<f32, N>::cast_from(normed) * Vector::<f32, N>::cast_from(w[j]),
+        );
+        j += CUBE_DIM_X as usize;
+    }
+}
+
 #[cube(launch, launch_unchecked)]
 pub(crate) fn rms_backward_kernel<E: Float, N: Size>(
     dy: &Tensor<Vector<E, N>>,
@@ -153,6 +208,35 @@ pub fn forward(x: Raw, w: Raw, eps: f32) -> (Raw, Raw) {
         dtype.into(),
     ));
     (y, r)
+}
+
+/// `(s, y)` for `x`, `d [rows, h]`, `w [h]`: the residual sum `s = x + d` and `y = norm(s)`
+/// ([`add_rms_forward_kernel`]; no statistics kept, for inference).
+pub fn add_forward(x: Raw, d: Raw, w: Raw, eps: f32) -> (Raw, Raw) {
+    let (x, d, w) = (into_contiguous(x), into_contiguous(d), into_contiguous(w));
+    let [rows, h] = x.meta.shape().dims::<2>();
+    let s = empty_as(&x, Shape::new([rows, h]), x.dtype);
+    let y = empty_as(&x, Shape::new([rows, h]), x.dtype);
+    let dtype = x.dtype;
+    let v = super::cube_util::vector_size(h);
+    launch!(add_rms_forward_kernel::<CudaRuntime>(
+        &x.client.clone(),
+        grid(rows),
+        CubeDim::new_1d(THREADS),
+        v,
+        x.into_tensor_arg(),
+        d.into_tensor_arg(),
+        w.into_tensor_arg(),
+        s.clone().into_tensor_arg(),
+        y.clone().into_tensor_arg(),
+        rows as u32,
+        (h / v) as u32,
+        h as u32,
+        eps,
+        THREADS,
+        dtype.into(),
+    ));
+    (s, y)
 }
 
 /// `dx` from `dy [rows, h]`, the input, the weight and the kept `r`.

@@ -42,7 +42,6 @@ pub(crate) fn rope_forward_kernel<E: Float, N: Size>(
         terminate!();
     }
     let (heads, seq, d) = (heads as usize, seq as usize, d as usize);
-    let half = d / 2;
     let j = i % d;
     let t = i / d;
     let si = t % seq;
@@ -50,19 +49,33 @@ pub(crate) fn rope_forward_kernel<E: Float, N: Size>(
     let ni = t % heads;
     let bi = t / heads;
     let src = ((bi * seq + si) * heads + ni) * d;
-    let cs = (bi * seq + si) * d + j;
+    out[i] = rotate_half_at::<E, N>(x, src, j, d, cos, sin, (bi * seq + si) * d);
+}
+
+/// Vector `j` of the rotated row of `d` vectors at `x[src..]`: `dtype(dtype(x cos) +
+/// dtype(rotate_half(x) sin))` with `cos`, `sin` read at `cs + j` (transformers' rounding
+/// points; the halves are `d / 2` vectors each).
+#[cube]
+pub(crate) fn rotate_half_at<E: Float, N: Size>(
+    x: &Tensor<Vector<E, N>>,
+    src: usize,
+    j: usize,
+    d: usize,
+    cos: &Tensor<Vector<E, N>>,
+    sin: &Tensor<Vector<E, N>>,
+    cs: usize,
+) -> Vector<E, N> {
+    let half = d / 2;
     // (`zero - v`: CUDA has no unary minus on cubecl's vector types.)
     let zero = Vector::new(f32::new(0.0));
     let partner = if j < half {
-        zero - Vector::<f32, N>::cast_from(x[src + j + half])
+        zero - wide::<E, N>(x[src + j + half])
     } else {
-        Vector::<f32, N>::cast_from(x[src + j - half])
+        wide::<E, N>(x[src + j - half])
     };
-    let a = Vector::<E, N>::cast_from(
-        Vector::<f32, N>::cast_from(x[src + j]) * Vector::<f32, N>::cast_from(cos[cs]),
-    );
-    let r = Vector::<E, N>::cast_from(partner * Vector::<f32, N>::cast_from(sin[cs]));
-    out[i] = Vector::cast_from(Vector::<f32, N>::cast_from(a) + Vector::<f32, N>::cast_from(r));
+    let a = Vector::<E, N>::cast_from(wide::<E, N>(x[src + j]) * wide::<E, N>(cos[cs + j]));
+    let r = Vector::<E, N>::cast_from(partner * wide::<E, N>(sin[cs + j]));
+    Vector::cast_from(wide::<E, N>(a) + wide::<E, N>(r))
 }
 
 /// One unit per input vector `(b, s, n, j)` of `dx [b, seq, heads, d]` (vectors as above).

@@ -45,9 +45,10 @@ pub(crate) fn softmax_forward_kernel<E: Float, N: Size>(
     let s = s as usize;
     let base = row * tv;
     // Rows are [mask batch, heads, s] from row `row0` on: query position r % s of mask batch
-    // r / rows_per_mask, for r = row0 + row.
+    // r / rows_per_mask, for r = row0 + row. The mask's rows may be pitched (Burn pads rows of
+    // odd widths; the host checks that the strides are whole vectors): its strides.
     let r = row0 as usize + row;
-    let mbase = ((r / rows_per_mask as usize) * s + r % s) * tv;
+    let mbase = ((r / rows_per_mask as usize) * mask.stride(0) + (r % s) * mask.stride(2)) / n;
 
     // One pass: this unit's maximum and its sum of exp(v - maximum).
     let mut mx = f32::new(-3.0e38);
@@ -144,8 +145,17 @@ pub fn forward(scores: Raw, mask: Raw) -> Raw {
 /// `s`.
 pub fn forward_rows(scores: Raw, mask: Raw, row0: usize, total_rows: usize) -> Raw {
     let scores = into_contiguous(scores);
-    let mask = into_contiguous(mask);
     let [g, m, t] = scores.meta.shape().dims::<3>();
+    let n = vector_size(t);
+    // The mask is read at its own strides when its keys are adjacent and its rows start on
+    // whole vectors (the decode step's mask over a cache of odd capacity is pitched; copying it
+    // would cost a launch per layer).
+    let ms = mask.meta.strides();
+    let mask = if ms[3] == 1 && ms[0] % n == 0 && ms[2] % n == 0 {
+        mask
+    } else {
+        into_contiguous(mask)
+    };
     let ms = mask.meta.shape();
     let (mb, s) = (ms[0], ms[2]);
     let rows = g * m;
@@ -154,7 +164,6 @@ pub fn forward_rows(scores: Raw, mask: Raw, row0: usize, total_rows: usize) -> R
     );
     let out = empty_as(&scores, scores.meta.shape().clone(), scores.dtype);
     let dtype = scores.dtype;
-    let n = vector_size(t);
     let (count, dim) = rows_launch(rows);
     launch!(softmax_forward_kernel::<CudaRuntime>(
         &scores.client.clone(),

@@ -91,6 +91,13 @@ pub(crate) static SOFTMAX: Switch = Switch::new("PEFT_LORA_SOFTMAX_KERNEL");
 /// The cross-entropy's log-sum-exp and gradient as one kernel each ([`super::lse`]), else
 /// Burn's reductions and elementwise passes (`PEFT_LORA_LSE_KERNEL`).
 pub(crate) static LSE_KERNEL: Switch = Switch::new("PEFT_LORA_LSE_KERNEL");
+/// The residual add fused with the next RMSNorm in inference ([`super::add_rms_norm`]), else
+/// Burn's add and the RMSNorm kernel (`PEFT_LORA_ADD_NORM`).
+pub(crate) static ADD_NORM: Switch = Switch::new("PEFT_LORA_ADD_NORM");
+/// RoPE of a cached step's queries and keys with the cache writes as one kernel
+/// ([`super::rope_append`]), else two RoPE kernels and two `slice_assign`
+/// (`PEFT_LORA_ROPE_APPEND`).
+pub(crate) static ROPE_APPEND: Switch = Switch::new("PEFT_LORA_ROPE_APPEND");
 /// Greedy decoding's token choice as one kernel per batch ([`super::argmax`]), else Burn's
 /// `argmax` (`PEFT_LORA_ARGMAX_KERNEL`).
 pub(crate) static ARGMAX: Switch = Switch::new("PEFT_LORA_ARGMAX_KERNEL");

@@ -502,6 +502,135 @@ fn check_rms_norm<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Dev
     checks
 }
 
+/// The residual add fused with RMSNorm (`ops::add_rms_norm`, inference: on the backend without
+/// autodiff) against Burn's add (torch rounds the f32 sum to bf16, as the kernel does; Burn's
+/// bf16 add may round once, hence the dtype's tolerance) and an f64 host norm of that sum.
+fn check_add_rms_norm<B: AutodiffBackend>(
+    label: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Check> {
+    type I<B> = <B as AutodiffBackend>::InnerBackend;
+    let opts = (device, dtype);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let mut checks = Vec::new();
+    for (b, s, h) in [
+        (2, 3, 6),
+        (1, 2, 5),
+        (1, 5, 1000),
+        (64, 1, 4096),
+        (3, 7, 4096),
+    ] {
+        let x = Tensor::<I<B>, 3>::random([b, s, h], normal, opts);
+        let d = Tensor::<I<B>, 3>::random([b, s, h], normal, opts);
+        let w = Tensor::<I<B>, 1>::random([h], Distribution::Normal(1.0, 0.2), opts);
+        let eps = 1e-5;
+        let Some((sum, y)) = ops::add_rms_norm(&x, &d, &w, eps) else {
+            return not_taken::<I<B>>(format!("{label} add_rms_norm"));
+        };
+        let (sh, wh) = (host(x.clone() + d.clone()), host(w.clone()));
+        let mut yr = vec![0f32; b * s * h];
+        for (r, row) in sh.chunks(h).enumerate() {
+            let ms: f64 = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / h as f64;
+            let rs = 1.0 / (ms + eps).sqrt();
+            for j in 0..h {
+                yr[r * h + j] = (row[j] as f64 * rs * wh[j] as f64) as f32;
+            }
+        }
+        let dtype = x.dtype();
+        let name = format!("{label} {dtype:?} add_rms_norm {b}x{s}x{h}");
+        checks.push(Check::fused(
+            format!("{name} sum (against Burn's add)"),
+            rel_err(&host(sum), &sh),
+            tolerance(dtype),
+        ));
+        checks.push(Check::fused(
+            format!("{name} y"),
+            rel_err(&host(y), &yr),
+            tolerance(dtype),
+        ));
+    }
+    checks
+}
+
+/// RoPE of a cached step with its cache writes (`ops::rope_append`, inference) against the RoPE
+/// op and Burn's `slice_assign` on the same inputs: the rotated queries, and both caches (the
+/// new positions written, every other position kept). A shared cache is given back untouched.
+fn check_rope_append<B: AutodiffBackend>(
+    label: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Check> {
+    type I<B> = <B as AutodiffBackend>::InnerBackend;
+    let opts = (device, dtype);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let mut checks = Vec::new();
+    // [b, s, heads, kv_heads, d, capacity, pos]: the 8B decode step at batch 1 and 64, two
+    // tokens mid-cache, no GQA up to the last position.
+    for [b, s, nh, nkv, d, cap, pos] in [
+        [1, 1, 32, 8, 128, 856, 600],
+        [64, 1, 32, 8, 128, 856, 700],
+        [3, 2, 4, 2, 64, 37, 20],
+        [2, 3, 2, 2, 8, 10, 7],
+    ] {
+        let q = Tensor::<I<B>, 3>::random([b, s, nh * d], normal, opts);
+        let k = Tensor::<I<B>, 3>::random([b, s, nkv * d], normal, opts);
+        let v = Tensor::<I<B>, 3>::random([b, s, nkv * d], normal, opts);
+        let cos = Tensor::<I<B>, 4>::random([b, 1, s, d], normal, opts);
+        let sin = Tensor::<I<B>, 4>::random([b, 1, s, d], normal, opts);
+        let kc = Tensor::<I<B>, 4>::random([b, nkv, cap, d], normal, opts);
+        let vc = Tensor::<I<B>, 4>::random([b, nkv, cap, d], normal, opts);
+        let name = format!(
+            "{label} {dtype:?} rope_append b{b} s{s} {nh}/{nkv} heads d{d} cap{cap} pos{pos}"
+        );
+        let (Some(q_ref), Some(k_rot)) = (
+            ops::rope(&q, nh, &cos, &sin),
+            ops::rope(&k, nkv, &cos, &sin),
+        ) else {
+            return not_taken::<I<B>>(format!("{label} rope"));
+        };
+        let at = [0..b, 0..nkv, pos..pos + s, 0..d];
+        let v_heads = v.clone().reshape([b, s, nkv, d]).swap_dims(1, 2);
+        let k_ref = host(kc.clone().slice_assign(at.clone(), k_rot));
+        let v_ref = host(vc.clone().slice_assign(at, v_heads));
+        // Copies the op may write into (the originals stay for the reference above).
+        let (kw, vw) = (kc.clone() * 1.0, vc.clone() * 1.0);
+        let Ok((q_out, k_out, v_out)) = ops::rope_append(&q, &k, &v, &cos, &sin, kw, vw, pos)
+        else {
+            checks.push(Check::fused(
+                format!("{name}: not taken"),
+                f64::INFINITY,
+                0.0,
+            ));
+            continue;
+        };
+        for (what, got, want) in [
+            ("q", host(q_out), host(q_ref)),
+            ("k cache", host(k_out), k_ref),
+            ("v cache", host(v_out), v_ref),
+        ] {
+            checks.push(Check::fused(
+                format!("{name} {what}"),
+                rel_err(&got, &want),
+                1e-6,
+            ));
+        }
+        // A cache shared with another tensor is not written.
+        let shared = kc.clone();
+        let back = ops::rope_append(&q, &k, &v, &cos, &sin, kc.clone(), vc.clone() * 1.0, pos);
+        let untouched = match back {
+            Err((k_back, _)) => rel_err(&host(k_back), &host(shared)),
+            Ok(_) => f64::INFINITY,
+        };
+        checks.push(Check::fused(
+            format!("{name} shared cache given back"),
+            untouched,
+            0.0,
+        ));
+    }
+    checks
+}
+
 /// The fused SwiGLU gate (`ops::swiglu`) against an f64 host reference: output and both input
 /// gradients, element counts that do and do not fill the last cube.
 fn check_swiglu<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Device) -> Vec<Check> {
@@ -1087,7 +1216,7 @@ fn main() {
     let dropout_input_f32: Suite = |l, dt, d| check_dropout::<F32>(l, dt, 2, 45, 96, 80, 8, d);
     let dropout_input_ckpt: Suite =
         |l, dt, d| check_dropout::<Bf16Ckpt>(l, dt, 2, 45, 96, 80, 8, d);
-    let suites: [((&str, DType), Suite); 24] = [
+    let suites: [((&str, DType), Suite); 28] = [
         (f32_, check_argmax::<F32>),
         (bf16_, check_argmax::<Bf16>),
         (f32_, check_offload::<Cuda<f32>>),
@@ -1109,6 +1238,10 @@ fn main() {
         }),
         (f32_, check_rms_norm::<F32>),
         (bf16_, check_rms_norm::<Bf16>),
+        (f32_, check_add_rms_norm::<F32>),
+        (bf16_, check_add_rms_norm::<Bf16>),
+        (f32_, check_rope_append::<F32>),
+        (bf16_, check_rope_append::<Bf16>),
         (f32_, check_swiglu::<F32>),
         (bf16_, check_swiglu::<Bf16>),
         (f32_, check_rope::<F32>),

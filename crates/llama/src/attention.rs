@@ -289,15 +289,29 @@ impl<B: Backend> Attention<B> {
             }
             rope::apply(heads(t, n), cos, sin)
         };
-        let q = rotary(self.q_proj.forward_ctx(x.clone(), ctx), nh);
-        let k = rotary(self.k_proj.forward_ctx(x.clone(), ctx), nkv);
-        let v = heads(self.v_proj.forward_ctx(x, ctx), nkv);
-        let (k, v, next) = match cache {
-            None => (k, v, None),
-            Some(c) if c.len == 0 => (k.clone(), v.clone(), Some(c.append(k, v))),
-            Some(c) => {
-                let c = c.append(k, v);
-                (c.k.clone(), c.v.clone(), Some(c))
+        let q = self.q_proj.forward_ctx(x.clone(), ctx);
+        let k = self.k_proj.forward_ctx(x.clone(), ctx);
+        let v = self.v_proj.forward_ctx(x, ctx);
+        let (q, k, v, next) = match cache {
+            None => (rotary(q, nh), rotary(k, nkv), heads(v, nkv), None),
+            Some(c) if c.len == 0 => {
+                let (k, v) = (rotary(k, nkv), heads(v, nkv));
+                (rotary(q, nh), k.clone(), v.clone(), Some(c.append(k, v)))
+            }
+            Some(KvCache { k: kc, v: vc, len }) => {
+                // On CUDA inference: RoPE of q and k and the two cache writes as one kernel.
+                let (q, c) = match crate::ops::rope_append(&q, &k, &v, cos, sin, kc, vc, len) {
+                    Ok((q, k, v)) => (q, KvCache { k, v, len: len + s }),
+                    Err((k_buf, v_buf)) => {
+                        let c = KvCache {
+                            k: k_buf,
+                            v: v_buf,
+                            len,
+                        };
+                        (rotary(q, nh), c.append(rotary(k, nkv), heads(v, nkv)))
+                    }
+                };
+                (q, c.k.clone(), c.v.clone(), Some(c))
             }
         };
         let t = k.dims()[2];

@@ -57,11 +57,31 @@ impl<B: Backend> DecoderLayer<B> {
         cache: Option<KvCache<B>>,
         ctx: &LoraCtx,
     ) -> (Tensor<B, 3>, Option<KvCache<B>>) {
-        let normed = self.input_layernorm.forward(x.clone());
+        let (x, mlp, kv) = self.forward_parts(x, None, cos, sin, mask, cache, ctx);
+        (x + mlp, kv)
+    }
+
+    /// [`Self::forward`] of the input `x + delta` (the previous layer's residual and its MLP
+    /// output, not yet added: the add runs inside this layer's first norm), returning this
+    /// layer's output in the same two parts, the residual and the MLP output.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward_parts(
+        &self,
+        x: Tensor<B, 3>,
+        delta: Option<Tensor<B, 3>>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: &Tensor<B, 4>,
+        cache: Option<KvCache<B>>,
+        ctx: &LoraCtx,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>, Option<KvCache<B>>) {
+        let (x, normed) = match delta {
+            Some(d) => self.input_layernorm.forward_residual(x, d),
+            None => (x.clone(), self.input_layernorm.forward(x)),
+        };
         let (attn, kv) = self.self_attn.forward(normed, cos, sin, mask, cache, ctx);
-        let x = x + attn;
-        let normed = self.post_attention_layernorm.forward(x.clone());
-        (x + self.mlp.forward(normed, ctx), kv)
+        let (x, normed) = self.post_attention_layernorm.forward_residual(x, attn);
+        (x, self.mlp.forward(normed, ctx), kv)
     }
 }
 
@@ -340,16 +360,21 @@ impl<B: Backend> LlamaForCausalLM<B> {
         }
         let mut taken = cache.as_mut().map(|c| std::mem::take(*c).into_iter());
         let mut kept = Vec::new();
+        // Each layer's output stays in two parts (residual, MLP output) that the next norm adds.
+        let mut delta = None;
         for layer in self.model.layers.iter() {
             let kv = taken.as_mut().and_then(|t| t.next());
-            let (out, kv) = layer.forward(x, &p.cos, &p.sin, &p.mask, kv, &p.ctx);
+            let (res, mlp, kv) = layer.forward_parts(x, delta, &p.cos, &p.sin, &p.mask, kv, &p.ctx);
             kept.extend(kv);
-            x = out;
+            (x, delta) = (res, Some(mlp));
         }
         if let Some(c) = cache {
             *c = kept;
         }
-        self.model.norm.forward(x)
+        match delta {
+            Some(d) => self.model.norm.forward_residual(x, d).1,
+            None => self.model.norm.forward(x),
+        }
     }
 
     /// What every decoder layer reads, for `past` cached positions: the embedded tokens, RoPE's

@@ -32,6 +32,23 @@ impl<B: Backend> RmsNorm<B> {
         }
     }
 
+    /// The residual sum `x + delta` and its norm: [`Self::forward`] of the sum, the two as one
+    /// kernel where the backend has it (CUDA inference).
+    ///
+    /// # Shapes
+    /// `[batch, seq, hidden]` twice -> the sum and its norm, the same shape.
+    pub fn forward_residual(
+        &self,
+        x: Tensor<B, 3>,
+        delta: Tensor<B, 3>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        if let Some(pair) = crate::ops::add_rms_norm(&x, &delta, &self.weight.val(), self.eps) {
+            return pair;
+        }
+        let sum = x + delta;
+        (sum.clone(), self.forward(sum))
+    }
+
     /// # Shapes
     /// `[batch, seq, hidden]` -> the same.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {

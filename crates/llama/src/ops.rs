@@ -35,6 +35,29 @@ pub(crate) fn rope<B: Backend>(
     }
 }
 
+/// RoPE of a cached step's `q` and `k` (`[b, s, n * d]`) and the writes of `k` and `v` into
+/// the caches at `pos`, one kernel (inference): the rotated `q [b, heads, s, d]` and the
+/// caches, or the caches back untouched.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub(crate) fn rope_append<B: Backend>(
+    q: &Tensor<B, 3>,
+    k: &Tensor<B, 3>,
+    v: &Tensor<B, 3>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+    k_cache: Tensor<B, 4>,
+    v_cache: Tensor<B, 4>,
+    pos: usize,
+) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), (Tensor<B, 4>, Tensor<B, 4>)> {
+    #[cfg(feature = "cuda")]
+    return burn_cuda_ops::rope_append(q, k, v, cos, sin, k_cache, v_cache, pos);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v, cos, sin, pos);
+        Err((k_cache, v_cache))
+    }
+}
+
 /// `softmax(scale q k^T + mask) v` with GQA folded into the query axis, as one op with a
 /// recomputing backward (no `[s, t]` kept).
 pub(crate) fn attention<B: Backend>(
@@ -75,6 +98,22 @@ pub(crate) fn rms_norm<B: Backend>(
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (x, w, eps);
+        None
+    }
+}
+
+/// `(x + delta, RMSNorm(x + delta))` as one kernel (inference only: no backward).
+pub(crate) fn add_rms_norm<B: Backend>(
+    x: &Tensor<B, 3>,
+    delta: &Tensor<B, 3>,
+    w: &Tensor<B, 1>,
+    eps: f64,
+) -> Option<(Tensor<B, 3>, Tensor<B, 3>)> {
+    #[cfg(feature = "cuda")]
+    return burn_cuda_ops::add_rms_norm(x, delta, w, eps);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, delta, w, eps);
         None
     }
 }

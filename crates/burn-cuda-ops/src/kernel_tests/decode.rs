@@ -60,6 +60,9 @@ struct Case {
     per_sequence: bool,
     /// The mask's value on hidden keys: `-inf` or [`MASKED`].
     hidden: f32,
+    /// NaNs between the mask's rows (its row stride `t + mask_gap`), as Burn pitches rows of
+    /// odd widths: a read outside the row spoils the result.
+    mask_gap: usize,
 }
 
 impl Case {
@@ -115,14 +118,14 @@ impl Case {
                 }
             }
         }
-        // mask [mb, 1, s, t]: 0 where seen, `hidden` elsewhere.
-        let mut mask = vec![0.0f32; mb * s * t];
+        // mask [mb, 1, s, t] with rows `tp` apart: 0 where seen, `hidden` elsewhere, NaN between.
+        let tp = t + self.mask_gap;
+        let mut mask = vec![f32::NAN; mb * s * tp];
         for b in 0..mb {
             for si in 0..s {
                 for j in 0..t {
-                    if !self.sees(b, si, j) {
-                        mask[(b * s + si) * t + j] = self.hidden;
-                    }
+                    let seen = self.sees(b, si, j);
+                    mask[(b * s + si) * tp + j] = if seen { 0.0 } else { self.hidden };
                 }
             }
         }
@@ -176,7 +179,7 @@ impl Case {
                     qb.arg(&[g, m, d]),
                     kb.arg(&[g, t, d]),
                     vb.arg(&[g, t, d]),
-                    maskb.arg(&[mb, 1, s, t]),
+                    maskb.arg_strided(&[mb, 1, s, t], &[s * tp, s * tp, tp, 1]),
                     out.arg(&[g, m, d]),
                     g as u32,
                     t as u32,
@@ -190,7 +193,7 @@ impl Case {
             );
             let what = format!(
                 "decode attention b{batch} kv{nkv} rep{rep} s{s} d{d} (width {vector}) t{t} \
-                 lens {:?} pads {:?} mask {} {:?} {mode:?}",
+                 lens {:?} pads {:?} mask {} {:?} gap {} {mode:?}",
                 self.lens,
                 self.pads,
                 if self.per_sequence {
@@ -198,7 +201,8 @@ impl Case {
                 } else {
                     "broadcast"
                 },
-                self.hidden
+                self.hidden,
+                self.mask_gap
             );
             let got = read_output(client, &out, &what);
             assert_close(&got, &want, 1e-5, 1e-4, &what);
@@ -239,6 +243,7 @@ fn decode_attention_matches_softmax_over_the_filled_prefix() {
             pads: vec![0, 5],
             per_sequence: true,
             hidden: f32::NEG_INFINITY,
+            mask_gap: 24,
         },
         // Width 4: two new tokens (causal between them), three sequences, one full cache; the
         // llama's finite mask.
@@ -253,6 +258,7 @@ fn decode_attention_matches_softmax_over_the_filled_prefix() {
             pads: vec![0, 0, 3],
             per_sequence: true,
             hidden: MASKED,
+            mask_gap: 10,
         },
         // Width 2: the most rows per group (8 query heads per KV head), one mask for the batch.
         Case {
@@ -266,6 +272,7 @@ fn decode_attention_matches_softmax_over_the_filled_prefix() {
             pads: vec![2, 2],
             per_sequence: false,
             hidden: MASKED,
+            mask_gap: 7,
         },
         // Width 1: a capacity past one key step (score memory of two steps), 8 rows of 4 heads
         // x 2 tokens.
@@ -280,6 +287,7 @@ fn decode_attention_matches_softmax_over_the_filled_prefix() {
             pads: vec![0, 1],
             per_sequence: true,
             hidden: f32::NEG_INFINITY,
+            mask_gap: 0,
         },
         // Fewer keys than planes, no GQA (one query head per KV head).
         Case {
@@ -293,6 +301,7 @@ fn decode_attention_matches_softmax_over_the_filled_prefix() {
             pads: vec![0],
             per_sequence: true,
             hidden: f32::NEG_INFINITY,
+            mask_gap: 0,
         },
         // One key in all.
         Case {
@@ -306,6 +315,7 @@ fn decode_attention_matches_softmax_over_the_filled_prefix() {
             pads: vec![0, 0],
             per_sequence: true,
             hidden: MASKED,
+            mask_gap: 0,
         },
     ];
     for case in &cases {

@@ -1,5 +1,6 @@
 //! The elementwise kernels: SwiGLU forward and backward, RoPE forward and backward (fused with
-//! the head transpose), and the hashed dropout at every vector width.
+//! the head transpose), RoPE of a cached step with its cache writes, and the hashed dropout at
+//! every vector width.
 //!
 //! Each runs at every vector width its host launch could pick for the sizes used (the widest of
 //! 8, 4, 2, 1 dividing the element count; for RoPE dividing `d / 2`), and at the narrower ones
@@ -9,12 +10,13 @@
 use cubecl::prelude::*;
 
 use super::{
-    assert_close, client, f32_type, input, launch_in, output, read_output, values, widths, Rt,
-    MODES,
+    assert_close, client, f32_type, input, launch_in, output, read_in_place, read_output, values,
+    widths, Rt, MODES,
 };
 use crate::cube_util::{elem_grid, THREADS};
 use crate::dropout::{dropout_kernel, DropMask};
 use crate::rope::{rope_backward_kernel, rope_forward_kernel};
+use crate::rope_append::rope_append_kernel;
 use crate::swiglu::{swiglu_backward_kernel, swiglu_forward_kernel};
 
 fn sigmoid(x: f64) -> f64 {
@@ -288,6 +290,87 @@ fn rope_backward_undoes_the_forward_rotation() {
                 let got = read_output(&client, &back, &what);
                 // Two f32 rotations of values up to 2: a few ulps of 2.
                 assert_close(&got, &want, 2e-6, 1e-5, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_append_rotates_q_and_k_and_writes_the_cache_in_place() {
+    // `[b, s, heads, kv_heads, d, capacity, pos]`: one decode token with GQA (d / 2 takes width
+    // 8), two tokens mid-cache (width 2), up to the last position (width 1, odd d / 2), and
+    // no GQA at position 0.
+    let client = client();
+    let cases: [[usize; 7]; 4] = [
+        [2, 1, 8, 2, 64, 37, 20],
+        [3, 2, 4, 2, 12, 9, 3],
+        [1, 3, 3, 1, 6, 10, 7],
+        [2, 1, 2, 2, 8, 4, 0],
+    ];
+    for (c, [b, s, heads, kv, d, cap, pos]) in cases.into_iter().enumerate() {
+        let seed = 100 + 10 * c as u64;
+        let q = values(b * s * heads * d, seed, 2.0);
+        let k = values(b * s * kv * d, seed + 1, 2.0);
+        let v = values(b * s * kv * d, seed + 2, 2.0);
+        let cos = values(b * s * d, seed + 3, 1.0);
+        let sin = values(b * s * d, seed + 4, 1.0);
+        // What the caches held before: every position but pos..pos + s keeps it.
+        let cache0 = values(b * kv * cap * d, seed + 5, 3.0);
+        let want_q = rope_forward_ref(&q, &cos, &sin, [b, s, heads, d]);
+        let k_rot = rope_forward_ref(&k, &cos, &sin, [b, s, kv, d]);
+        let (mut want_k, mut want_v): (Vec<f64>, Vec<f64>) = (
+            cache0.iter().map(|&x| x as f64).collect(),
+            cache0.iter().map(|&x| x as f64).collect(),
+        );
+        for bi in 0..b {
+            for g in 0..kv {
+                for si in 0..s {
+                    for j in 0..d {
+                        let at = ((bi * kv + g) * cap + pos + si) * d + j;
+                        want_k[at] = k_rot[((bi * kv + g) * s + si) * d + j];
+                        want_v[at] = v[((bi * s + si) * kv + g) * d + j] as f64;
+                    }
+                }
+            }
+        }
+        let ins = [&q, &k, &v, &cos, &sin].map(|x| input(&client, x));
+        for n in widths(d / 2) {
+            for mode in MODES {
+                let what = format!("rope_append case {c} width {n} {mode:?}");
+                let q_out = output(&client, b * heads * s * d);
+                let (kc, vc) = (input(&client, &cache0), input(&client, &cache0));
+                let total = b * s * (heads + 2 * kv) * d / n;
+                launch_in!(
+                    mode,
+                    rope_append_kernel::<Rt>(
+                        &client,
+                        elem_grid(total),
+                        CubeDim::new_1d(THREADS),
+                        n,
+                        ins[0].flat(),
+                        ins[1].flat(),
+                        ins[2].flat(),
+                        ins[3].flat(),
+                        ins[4].flat(),
+                        q_out.flat(),
+                        kc.flat(),
+                        vc.flat(),
+                        total as u32,
+                        heads as u32,
+                        kv as u32,
+                        s as u32,
+                        (d / n) as u32,
+                        cap as u32,
+                        pos as u32,
+                        f32_type(),
+                    )
+                );
+                let got = read_output(&client, &q_out, &format!("{what} q"));
+                assert_close(&got, &want_q, 1e-5, 1e-4, &format!("{what} q"));
+                let got = read_in_place(&client, &kc, &format!("{what} k cache"));
+                assert_close(&got, &want_k, 1e-5, 1e-4, &format!("{what} k cache"));
+                let got = read_in_place(&client, &vc, &format!("{what} v cache"));
+                assert_close(&got, &want_v, 0.0, 0.0, &format!("{what} v cache"));
             }
         }
     }

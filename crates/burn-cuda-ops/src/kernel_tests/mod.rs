@@ -90,6 +90,14 @@ impl Buf {
         unsafe { TensorArg::from_raw_parts(self.handle.clone(), strides.into(), shape.into()) }
     }
 
+    /// The buffer as a tensor of `shape` at `strides` (its last element within `len`).
+    pub fn arg_strided(&self, shape: &[usize], strides: &[usize]) -> TensorArg<Rt> {
+        let last: usize = shape.iter().zip(strides).map(|(n, s)| (n - 1) * s).sum();
+        assert!(shape.len() == strides.len() && last < self.len);
+        // SAFETY: every element the shape and strides reach lies inside the buffer.
+        unsafe { TensorArg::from_raw_parts(self.handle.clone(), strides.into(), shape.into()) }
+    }
+
     /// The buffer as a one-dimensional tensor of its `len` elements.
     pub fn flat(&self) -> TensorArg<Rt> {
         self.arg(&[self.len])

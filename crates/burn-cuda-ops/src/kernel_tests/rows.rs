@@ -1,6 +1,6 @@
 //! The row kernels: log-sum-exp and the cross-entropy's gradient ([`crate::lse`]), the attention
-//! softmax forward and backward ([`crate::softmax`]), RMSNorm forward and backward
-//! ([`crate::rms_norm`]).
+//! softmax forward and backward ([`crate::softmax`]), RMSNorm forward and backward and the
+//! residual add fused with the forward ([`crate::rms_norm`]).
 //!
 //! Each runs at every vector width that divides its row (the host's pick, `vector_size`, is the
 //! widest; width 1 for odd rows), in both modes, against an f64 computation of its documented
@@ -26,7 +26,7 @@ use super::{
 };
 use crate::cube_util::{grid, THREADS};
 use crate::lse::{ce_grad_kernel, lse_rows_kernel};
-use crate::rms_norm::{rms_backward_kernel, rms_forward_kernel};
+use crate::rms_norm::{add_rms_forward_kernel, rms_backward_kernel, rms_forward_kernel};
 use crate::softmax::{softmax_backward_kernel, softmax_forward_kernel};
 
 /// f32 tolerances: the kernels accumulate in f32, the references in f64.
@@ -309,9 +309,20 @@ fn check_softmax_forward(client: &ComputeClient<Rt>, c: &Attn) {
         let sum: f64 = v.iter().map(|x| (x - mx).exp()).sum();
         want.extend(v.iter().map(|x| (x - mx).exp() / sum));
     }
-    let (sb, mbuf) = (input(client, &scores), input(client, &m));
+    // The mask dense, and pitched as Burn lays out rows of odd widths: rows `tp` apart (a
+    // multiple of every vector width), NaN between them.
+    let tp = (t + 1).next_multiple_of(8);
+    let mut pitched = vec![f32::NAN; mb * s * tp];
+    for (row, dense) in m.chunks(t).enumerate() {
+        pitched[row * tp..][..t].copy_from_slice(dense);
+    }
+    let sb = input(client, &scores);
+    let layouts = [
+        (input(client, &m), t, "dense"),
+        (input(client, &pitched), tp, "pitched"),
+    ];
     for v in widths(t) {
-        for mode in MODES {
+        for ((mbuf, tp, layout), mode) in layouts.iter().flat_map(|l| MODES.map(|m| (l, m))) {
             let out = output(client, rows * t);
             let (count, dim) = softmax_launch(client, rows);
             launch_in!(
@@ -322,7 +333,7 @@ fn check_softmax_forward(client: &ComputeClient<Rt>, c: &Attn) {
                     dim,
                     v,
                     sb.arg(&[rows, t]),
-                    mbuf.arg(&[mb, 1, s, t]),
+                    mbuf.arg_strided(&[mb, 1, s, t], &[s * tp, s * tp, *tp, 1]),
                     out.arg(&[rows, t]),
                     rows as u32,
                     (t / v) as u32,
@@ -334,7 +345,7 @@ fn check_softmax_forward(client: &ComputeClient<Rt>, c: &Attn) {
             );
             let what = format!(
                 "softmax forward [{mb}, {heads}, {s}] rows {row0}.. +{rows} x {t} width {v} \
-                 {mode:?}"
+                 mask {layout} {mode:?}"
             );
             let got = read_output(client, &out, &what);
             assert_close(&got, &want, ATOL, RTOL, &what);
@@ -536,6 +547,70 @@ fn rms_forward_matches_the_formula() {
 fn rms_forward_past_65535_rows() {
     let client = client();
     check_rms_forward(&client, MANY_ROWS, 2, MANY_ROWS_THREADS);
+}
+
+/// `add_rms_forward_kernel` over `x + d` (`[rows, h]`) with cubes of `threads` units, at every
+/// width and in both modes: the sum (f32 here, so exact) and the norm of the sum.
+fn check_add_rms_forward(client: &ComputeClient<Rt>, rows: usize, h: usize, threads: u32) {
+    let (x, w) = (rms_input(rows, h), rms_weight(h));
+    // A residual update of the row's own scale, and one that cancels the row exactly (row 2 of
+    // every 4 is zero already; row 5's update is -x: a zero sum from non-zero inputs).
+    let mut d: Vec<f32> = values(rows * h, 64, 0.5)
+        .iter()
+        .zip(&x)
+        .map(|(v, xi)| v * xi.abs().max(1e-3))
+        .collect();
+    if rows > 5 {
+        for k in 5 * h..6 * h {
+            d[k] = -x[k];
+        }
+    }
+    let sum: Vec<f32> = x.iter().zip(&d).map(|(a, b)| a + b).collect();
+    let want_s: Vec<f64> = sum.iter().map(|&v| v as f64).collect();
+    let want_r: Vec<f64> = sum.chunks(h).map(rstd64).collect();
+    let want_y: Vec<f64> = (0..rows * h)
+        .map(|k| w[k % h] as f64 * (sum[k] as f64 * want_r[k / h]))
+        .collect();
+    let (xb, db, wb) = (input(client, &x), input(client, &d), input(client, &w));
+    for v in widths(h) {
+        for mode in MODES {
+            let (s, y) = (output(client, rows * h), output(client, rows * h));
+            launch_in!(
+                mode,
+                add_rms_forward_kernel::<Rt>(
+                    client,
+                    grid(rows),
+                    CubeDim::new_1d(threads),
+                    v,
+                    xb.arg(&[rows, h]),
+                    db.arg(&[rows, h]),
+                    wb.arg(&[h]),
+                    s.arg(&[rows, h]),
+                    y.arg(&[rows, h]),
+                    rows as u32,
+                    (h / v) as u32,
+                    h as u32,
+                    EPS,
+                    threads,
+                    f32_type(),
+                )
+            );
+            let what = format!("add + rms forward {rows}x{h} width {v} {mode:?}");
+            let got_s = read_output(client, &s, &format!("{what} sum"));
+            let got_y = read_output(client, &y, &format!("{what} y"));
+            assert_close(&got_s, &want_s, 0.0, 0.0, &format!("{what} sum"));
+            assert_close(&got_y, &want_y, ATOL, RTOL, &format!("{what} y"));
+        }
+    }
+}
+
+#[test]
+fn add_rms_forward_matches_the_formula() {
+    let client = client();
+    for (rows, h) in SHAPES.into_iter().chain([(8, 48)]) {
+        check_add_rms_forward(&client, rows, h, THREADS);
+    }
+    check_add_rms_forward(&client, MANY_ROWS, 2, MANY_ROWS_THREADS);
 }
 
 /// The documented backward of one row, in f64: `g = dy w`, `dx = r g - r^3 x mean(g x)`.
