@@ -33,7 +33,9 @@
 //! `PEFT_LORA_DEVICE_CLIP=0` ([`set_device_clip_enabled`]) reads the optimizer's clip factor
 //! on the host; `PEFT_LORA_LSE_KERNEL=0` ([`set_lse_kernel_enabled`]) the cross-entropy's row
 //! kernels; `PEFT_LORA_ARGMAX_KERNEL=0` ([`set_argmax_kernel_enabled`]) Burn's `argmax` for
-//! greedy decoding; `PEFT_LORA_ADD_NORM=0` the residual add apart from the RMSNorm in inference; opt-in (no gain measured on an H100): `PEFT_LORA_UNCHECKED_KERNELS=1`
+//! greedy decoding; `PEFT_LORA_ADD_NORM=0` keeps inference's residual add apart from the
+//! RMSNorm after it, `PEFT_LORA_ROPE_APPEND=0` a cached step's RoPE apart from its cache writes;
+//! opt-in (no gain measured on an H100): `PEFT_LORA_UNCHECKED_KERNELS=1`
 //! ([`set_unchecked_kernels_enabled`]) launches without cubecl's bounds checks;
 //! `PEFT_LORA_SOFTMAX_KERNEL=0` the attention's softmax kernels; `PEFT_LORA_ASYNC_SUBMIT=0` makes
 //! each op wait for its hand-off to cubecl's device thread; `PEFT_LORA_GEMM_AUTOTUNE=1` times
