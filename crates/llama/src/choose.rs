@@ -9,8 +9,14 @@
 //! The uniforms come from the host's seeded generator, so a seed gives the same tokens whatever
 //! else uses the backend's random generator. A token tied with the threshold value is kept, as
 //! transformers' top-k keeps it.
+//!
+//! Sampling runs in f32 whatever the model's dtype: every tensor it makes is created in f32 (a
+//! tensor made without a dtype takes the device's default, bf16 for a bf16 model, whose bisection
+//! brackets and probability masses are too coarse), and the draw bisects on integer indices.
 
-use burn::tensor::{activation, backend::Backend, Bool, Int, Tensor, TensorData};
+use burn::tensor::{
+    activation, backend::Backend, Bool, DType, FloatDType, Int, Tensor, TensorData,
+};
 
 use crate::gen_config::GenerationConfig;
 
@@ -51,40 +57,42 @@ pub(crate) fn choose<B: Backend>(
             None => z.argmax(1).reshape([b]),
         };
     }
-    let z = z.cast(burn::tensor::FloatDType::F32);
+    let z = z.cast(FloatDType::F32);
     let z = filter(z / cfg.temperature, cfg.top_k, cfg.top_p);
-    let u = Tensor::<B, 2>::from_data(TensorData::new(uniform.to_vec(), [b, 1]), &device);
+    let u = TensorData::new(uniform.to_vec(), [b, 1]);
+    let u = Tensor::<B, 2>::from_data(u, (&device, DType::F32));
     draw(activation::softmax(z, 1), u).reshape([b])
 }
 
-/// Per row of `p` `[batch, vocab]` (zeros for dropped tokens), the token where the cumulative
-/// mass in vocabulary order first exceeds `u * total`, `[batch, 1]`: a draw from `p / total`.
+/// Per row of `p` `[batch, vocab]` (f32, zeros for dropped tokens), the token where the
+/// cumulative mass in vocabulary order first exceeds `u * total`, `[batch, 1]`: a draw from
+/// `p / total`. `u` `[batch, 1]` f32.
 fn draw<B: Backend>(p: Tensor<B, 2>, u: Tensor<B, 2>) -> Tensor<B, 2, Int> {
     let [b, vocab] = p.dims();
     let device = p.device();
     let index = Tensor::<B, 1, Int>::arange(0..vocab as i64, &device)
-        .float()
         .reshape([1, vocab])
         .expand([b, vocab]);
     // The mass of tokens 0..=j, one masked row sum (the same sum for every j, so a dropped
     // token, whose p is 0, never adds to it).
-    let mass_to = |j: Tensor<B, 2>| {
+    let mass_to = |j: Tensor<B, 2, Int>| {
         let out = index.clone().greater(j.expand([b, vocab]));
         p.clone().mask_fill(out, 0.0).sum_dim(1)
     };
-    let total = mass_to(Tensor::full([b, 1], vocab as f32, &device));
+    let total = mass_to(Tensor::full([b, 1], vocab as i64, &device));
     let target = total * u.clamp(0.0, 1.0 - 1.0 / (1 << 20) as f64);
     // mass(0..=lo) <= target < mass(0..=hi); the answer is hi once they are adjacent.
-    let mut lo = Tensor::<B, 2>::full([b, 1], -1.0, &device);
-    let mut hi = Tensor::<B, 2>::full([b, 1], (vocab - 1) as f32, &device);
+    let mut lo = Tensor::<B, 2, Int>::full([b, 1], -1, &device);
+    let mut hi = Tensor::<B, 2, Int>::full([b, 1], vocab as i64 - 1, &device);
     let steps = usize::BITS - vocab.leading_zeros();
     for _ in 0..steps {
-        let mid = ((lo.clone() + hi.clone()) * 0.5).floor();
+        // lo < mid < hi while they are two or more apart (hi - lo > 0: no negative division).
+        let mid = lo.clone() + (hi.clone() - lo.clone()).div_scalar(2);
         let below = mass_to(mid.clone()).lower_equal(target.clone());
         lo = lo.mask_where(below.clone(), mid.clone());
         hi = mid.mask_where(below, hi);
     }
-    hi.int()
+    hi
 }
 
 /// `z` (f32, temperature applied) with the tokens outside top-k and top-p set to -inf.
@@ -127,7 +135,7 @@ fn kth_largest<B: Backend>(z: &Tensor<B, 2>, k: usize) -> Tensor<B, 2> {
 /// top-p, ties at the threshold kept).
 fn mass_threshold<B: Backend>(p: &Tensor<B, 2>, top_p: f64) -> Tensor<B, 2> {
     let [b, _] = p.dims();
-    let lo = Tensor::<B, 2>::zeros([b, 1], &p.device());
+    let lo = Tensor::<B, 2>::zeros([b, 1], (&p.device(), p.dtype()));
     let hi = p.clone().max_dim(1) * (1.0 + 1e-6) + 1e-30;
     bisect(lo, hi, |mid| {
         let above = p.clone().greater_equal(mid.expand(p.dims()));
@@ -257,6 +265,56 @@ mod tests {
             assert!(
                 (f - p).abs() <= 5.0 * sd + 1e-12,
                 "token {i}: drawn {f:.4}, expected {p:.4}"
+            );
+        }
+    }
+
+    #[test]
+    fn sampling_runs_in_f32_on_a_bf16_device() {
+        // A bf16 model's device makes bf16 tensors by default, too coarse for the bisections
+        // (on the GPU every draw came out as -1). Burn's Flex CPU backend with bf16 as its
+        // default float: every tensor sampling makes must still be f32, so the draws equal
+        // those of an f32 backend on the same (bf16-exact) logits.
+        use burn::backend::flex::{Flex, FlexDevice};
+        let device = FlexDevice;
+        // (Once per process; the first call on this device locks the settings.)
+        let _ = burn::tensor::set_default_dtypes::<Flex>(&device, DType::BF16, DType::I32);
+        let (b, vocab) = (4, 300);
+        let logits: Vec<f32> = rows(b, vocab, 9)
+            .into_iter()
+            .map(|x| half::bf16::from_f32(x).to_f32())
+            .collect();
+        let cfg = GenerationConfig {
+            do_sample: true,
+            temperature: 0.6,
+            top_k: 50,
+            top_p: 0.9,
+            ..Default::default()
+        };
+        let u = [0.05, 0.5, 0.9, 0.999];
+        let narrow: Vec<i64> = choose(tensor(&logits, b, vocab), &cfg, &[false; 4], &u)
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .unwrap();
+        let on_bf16 =
+            Tensor::<Flex, 2>::from_data(TensorData::new(logits.clone(), [b, vocab]), &device);
+        assert_eq!(
+            on_bf16.dtype(),
+            DType::BF16,
+            "the Flex device's default float"
+        );
+        let wide: Vec<i64> = choose(on_bf16, &cfg, &[false; 4], &u)
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .unwrap();
+        assert_eq!(wide, narrow);
+        for (r, id) in narrow.iter().enumerate() {
+            let kept = reference(&logits[r * vocab..(r + 1) * vocab], 0.6, 50, 0.9);
+            assert!(
+                kept.iter().any(|k| k.0 as i64 == *id),
+                "row {r}: {id} is not a kept token"
             );
         }
     }
