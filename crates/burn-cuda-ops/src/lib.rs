@@ -67,6 +67,7 @@ pub mod kernels;
 pub mod lse;
 pub mod lt;
 pub mod offload;
+pub mod read;
 pub mod rms_norm;
 pub mod rope;
 pub mod rope_append;
@@ -255,6 +256,24 @@ fn tensor<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D
 /// Whether `B` is a raw cubecl CUDA backend (no autodiff, no fusion).
 fn raw_cuda<B: Backend>() -> bool {
     [TypeId::of::<Cube<bf16>>(), TypeId::of::<Cube<f32>>()].contains(&TypeId::of::<B>())
+}
+
+/// Queues the copy of an int tensor to the host now ([`read::PendingRead`]; wait for it with
+/// [`read::PendingRead::wait`]) when `B`'s int tensors are cubecl CUDA's (the raw backend, with
+/// or without autodiff); gives `t` back otherwise. Work queued after this call does not delay
+/// the copy: a decode loop can queue its next step before it waits for the chosen ids.
+pub fn start_read<B: Backend, const D: usize>(
+    t: Tensor<B, D, Int>,
+) -> Result<read::PendingRead, Tensor<B, D, Int>> {
+    let boxed: Box<dyn Any> = Box::new(t.into_primitive());
+    match boxed.downcast::<kernels::Raw>() {
+        Ok(raw) => Ok(read::PendingRead::start(*raw)),
+        Err(other) => Err(Tensor::from_primitive(
+            *other
+                .downcast::<B::IntTensorPrimitive>()
+                .expect("the primitive was boxed from this type"),
+        )),
+    }
 }
 
 /// A tensor parked in pinned host memory by [`offload`].

@@ -631,6 +631,48 @@ fn check_rope_append<B: AutodiffBackend>(
     checks
 }
 
+/// An int tensor's queued read (`ops::start_read`) with more work queued behind it before the
+/// wait: the ids equal Burn's own read, on the raw backend (the autodiff one reads through it).
+fn check_start_read<B: AutodiffBackend>(
+    label: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Check> {
+    type I<B> = <B as AutodiffBackend>::InnerBackend;
+    let opts = (device, dtype);
+    let mut checks = Vec::new();
+    for n in [1usize, 64, 100_003] {
+        let x = Tensor::<I<B>, 2>::random([n, 7], Distribution::Normal(0.0, 1.0), opts);
+        let ids = x.clone().argmax(1).reshape([n]);
+        let want: Vec<i64> = ids
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .expect("ids");
+        let Ok(read) = ops::start_read(ids) else {
+            return not_taken::<I<B>>(format!("{label} start_read"));
+        };
+        // Work queued after the read started; the wait does not need it.
+        let busy = Tensor::<I<B>, 2>::random([2048, 2048], Distribution::Default, opts);
+        let _later = busy.clone().matmul(busy);
+        let got: Vec<i64> = read
+            .wait()
+            .expect("read")
+            .convert::<i64>()
+            .to_vec()
+            .expect("ids");
+        let wrong =
+            got.iter().zip(&want).filter(|(a, b)| a != b).count() + got.len().abs_diff(want.len());
+        checks.push(Check::fused(
+            format!("{label} {dtype:?} start_read {n} ids (ids wrong)"),
+            wrong as f64,
+            0.0,
+        ));
+    }
+    checks
+}
+
 /// The fused SwiGLU gate (`ops::swiglu`) against an f64 host reference: output and both input
 /// gradients, element counts that do and do not fill the last cube.
 fn check_swiglu<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Device) -> Vec<Check> {
@@ -1216,7 +1258,7 @@ fn main() {
     let dropout_input_f32: Suite = |l, dt, d| check_dropout::<F32>(l, dt, 2, 45, 96, 80, 8, d);
     let dropout_input_ckpt: Suite =
         |l, dt, d| check_dropout::<Bf16Ckpt>(l, dt, 2, 45, 96, 80, 8, d);
-    let suites: [((&str, DType), Suite); 28] = [
+    let suites: [((&str, DType), Suite); 29] = [
         (f32_, check_argmax::<F32>),
         (bf16_, check_argmax::<Bf16>),
         (f32_, check_offload::<Cuda<f32>>),
@@ -1242,6 +1284,7 @@ fn main() {
         (bf16_, check_add_rms_norm::<Bf16>),
         (f32_, check_rope_append::<F32>),
         (bf16_, check_rope_append::<Bf16>),
+        (bf16_, check_start_read::<Bf16>),
         (f32_, check_swiglu::<F32>),
         (bf16_, check_swiglu::<Bf16>),
         (f32_, check_rope::<F32>),

@@ -308,30 +308,38 @@ impl<B: Backend> LlamaForCausalLM<B> {
 
     /// Runs `chunk` (`k` tokens per row) on top of the cache with `ctx` as given.
     pub(crate) fn feed(&self, state: &mut GenState<B>, chunk: &[Vec<u32>], ctx: &LoraCtx) {
-        let device = self.device();
         let (b, k) = (chunk.len(), chunk[0].len());
         let ids: Vec<i64> = chunk.iter().flatten().map(|&t| t as i64).collect();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, k]), &self.device());
+        self.feed_ids(state, ids, ctx);
+        for (t, c) in state.tokens.iter_mut().zip(chunk) {
+            t.extend(c);
+        }
+    }
+
+    /// Runs the device's token ids `[b, k]` on top of the cache with `ctx` as given (it must
+    /// carry the aLoRA offsets, if any: the ids are not read). The caller appends the tokens to
+    /// `state.tokens` (which positions the next chunk) once it knows them.
+    pub(crate) fn feed_ids(&self, state: &mut GenState<B>, ids: Tensor<B, 2, Int>, ctx: &LoraCtx) {
+        let device = self.device();
+        let [b, k] = ids.dims();
         let pos: Vec<i64> = state
             .tokens
             .iter()
             .flat_map(|t| (t.len()..t.len() + k).map(|p| p as i64))
             .collect();
-        let int2 =
-            |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, k]), &device);
+        let pos = Tensor::<B, 2, Int>::from_data(TensorData::new(pos, [b, k]), &device);
         state.make_room(k);
         let at = state.cached();
         let ones = Tensor::ones([b, k], &device);
         state.mask = state.mask.clone().slice_assign([0..b, at..at + k], ones);
         let hidden = self.hidden_states(
-            int2(ids),
+            ids,
             Some(state.mask.clone()),
-            Some(int2(pos)),
+            Some(pos),
             Some(&mut state.cache),
             ctx,
         );
-        for (t, c) in state.tokens.iter_mut().zip(chunk) {
-            t.extend(c);
-        }
         state.last_hidden = last_position(hidden);
     }
 

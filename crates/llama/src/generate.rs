@@ -6,6 +6,7 @@
 //! device (the `choose` module) and only the ids come back to the host, one small read per step.
 
 use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Tensor, TensorData};
 use peft_lora::LoraCtx;
 use rand::{Rng, SeedableRng};
 
@@ -14,6 +15,7 @@ use crate::error::{Error, Result};
 pub use crate::gen_config::GenerationConfig;
 use crate::gen_state::{check_offsets, GenState};
 use crate::model::LlamaForCausalLM;
+use crate::ops::IdsRead;
 
 impl<B: Backend> LlamaForCausalLM<B> {
     /// Generates continuations of `prompts` (token ids, unpadded; they are left-padded here).
@@ -90,6 +92,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let mut live: Vec<usize> = (0..b).collect();
         let mut step_ctx = step_ctx;
         for step in 0..cfg.max_new_tokens {
+            let last = step + 1 == cfg.max_new_tokens;
             let logits = self.lm_head(state.last_hidden.clone());
             let suppress: Vec<bool> = live
                 .iter()
@@ -99,27 +102,49 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 true => (0..live.len()).map(|_| rng.random()).collect(),
                 false => vec![],
             };
-            let picks = choose(logits, cfg, &suppress, &uniform)
-                .into_data()
-                .convert::<i64>()
-                .into_vec::<i64>()
-                .map_err(|e| Error::Data(format!("token ids: {e:?}")))?;
+            // Rows that finished earlier are fed the pad id.
+            let mut ids = choose(logits, cfg, &suppress, &uniform);
+            if live.iter().any(|&r| done[r]) {
+                let finished: Vec<bool> = live.iter().map(|&r| done[r]).collect();
+                let finished = Tensor::<B, 1, Bool>::from_data(
+                    TensorData::new(finished, [live.len()]),
+                    &ids.device(),
+                );
+                ids = ids.mask_fill(finished, cfg.pad_id as i64);
+            }
+            let read = IdsRead::start(ids.clone());
+            // When the state is not handed back (`compact`), the next step is queued before the
+            // host waits for this step's ids: the device runs it while the host reads them (one
+            // step's work is wasted once every row has stopped). A state handed back keeps its
+            // last tokens pending instead, so there the host waits first.
+            let ahead = compact && !last;
+            if ahead {
+                self.feed_ids(state, ids.unsqueeze_dim(1), &step_ctx);
+            }
+            let picks = read
+                .wait()
+                .map_err(|e| Error::Data(format!("token ids: {e}")))?;
             let mut chosen = Vec::with_capacity(live.len());
             for (&r, &tok) in live.iter().zip(&picks) {
-                if done[r] {
-                    chosen.push(cfg.pad_id);
-                    continue;
-                }
                 let tok = tok as u32;
-                out[r].push(tok);
-                on_token(r, tok);
-                done[r] = cfg.stop_ids.contains(&tok);
+                if !done[r] {
+                    out[r].push(tok);
+                    on_token(r, tok);
+                    done[r] = cfg.stop_ids.contains(&tok);
+                }
                 chosen.push(tok);
+            }
+            if ahead {
+                for (t, &tok) in state.tokens.iter_mut().zip(&chosen) {
+                    t.push(tok);
+                }
             }
             // The last tokens wait in the state (a later extend or decode feeds them) rather
             // than cost a forward nobody reads.
-            if live.iter().all(|&r| done[r]) || step + 1 == cfg.max_new_tokens {
-                state.pending = Some(chosen);
+            if live.iter().all(|&r| done[r]) || last {
+                if !ahead {
+                    state.pending = Some(chosen);
+                }
                 break;
             }
             let finished = live.iter().filter(|&&r| done[r]).count();
@@ -137,8 +162,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 chosen = keep.iter().map(|&i| chosen[i]).collect();
                 live = keep.iter().map(|&i| live[i]).collect();
             }
-            let chunk: Vec<Vec<u32>> = chosen.into_iter().map(|t| vec![t]).collect();
-            self.feed(state, &chunk, &step_ctx);
+            if !ahead {
+                let chunk: Vec<Vec<u32>> = chosen.into_iter().map(|t| vec![t]).collect();
+                self.feed(state, &chunk, &step_ctx);
+            }
         }
         Ok(out)
     }

@@ -210,3 +210,39 @@ pub(crate) fn argmax_rows<B: Backend>(x: &Tensor<B, 2>) -> Option<Tensor<B, 1, I
         None
     }
 }
+
+/// Token ids on their way to the host: with CUDA the copy is queued when the read starts, so
+/// the host can queue more work (the next decode step) before it waits, and waits only for the
+/// work before the copy; elsewhere the ids are read when waited for.
+pub(crate) enum IdsRead<B: Backend> {
+    /// Read on [`Self::wait`].
+    Later(Tensor<B, 1, Int>),
+    /// Copy queued on the device's stream.
+    #[cfg(feature = "cuda")]
+    Queued(burn_cuda_ops::read::PendingRead),
+}
+
+impl<B: Backend> IdsRead<B> {
+    /// Starts reading `ids` `[n]`.
+    pub(crate) fn start(ids: Tensor<B, 1, Int>) -> Self {
+        #[cfg(feature = "cuda")]
+        return match burn_cuda_ops::start_read(ids) {
+            Ok(read) => IdsRead::Queued(read),
+            Err(ids) => IdsRead::Later(ids),
+        };
+        #[cfg(not(feature = "cuda"))]
+        IdsRead::Later(ids)
+    }
+
+    /// The ids, once the device has them.
+    pub(crate) fn wait(self) -> Result<Vec<i64>, String> {
+        let data = match self {
+            IdsRead::Later(ids) => ids.into_data(),
+            #[cfg(feature = "cuda")]
+            IdsRead::Queued(read) => read.wait()?,
+        };
+        data.convert::<i64>()
+            .into_vec::<i64>()
+            .map_err(|e| format!("{e:?}"))
+    }
+}
