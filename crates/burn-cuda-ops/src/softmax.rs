@@ -151,7 +151,7 @@ pub fn forward_rows(scores: Raw, mask: Raw, row0: usize, total_rows: usize) -> R
     // whole vectors (the decode step's mask over a cache of odd capacity is pitched; copying it
     // would cost a launch per layer).
     let ms = mask.meta.strides();
-    let mask = if ms[3] == 1 && ms[0] % n == 0 && ms[2] % n == 0 {
+    let mask = if ms[3] == 1 && ms[0].is_multiple_of(n) && ms[2].is_multiple_of(n) {
         mask
     } else {
         into_contiguous(mask)
