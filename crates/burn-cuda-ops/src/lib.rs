@@ -35,8 +35,10 @@
 //! kernels; `PEFT_LORA_ARGMAX_KERNEL=0` ([`set_argmax_kernel_enabled`]) Burn's `argmax` for
 //! greedy decoding; `PEFT_LORA_ADD_NORM=0` keeps inference's residual add apart from the
 //! RMSNorm after it, `PEFT_LORA_ROPE_APPEND=0` a cached step's RoPE apart from its cache writes;
-//! opt-in (no gain measured on an H100): `PEFT_LORA_UNCHECKED_KERNELS=1`
-//! ([`set_unchecked_kernels_enabled`]) launches without cubecl's bounds checks;
+//! opt-in: `PEFT_LORA_QUEUED_READ=1` ([`set_queued_read_enabled`]) lets [`start_read`] queue
+//! its copy at once (not yet measured on a GPU), and (no gain measured on an H100)
+//! `PEFT_LORA_UNCHECKED_KERNELS=1` ([`set_unchecked_kernels_enabled`]) launches without
+//! cubecl's bounds checks;
 //! `PEFT_LORA_SOFTMAX_KERNEL=0` the attention's softmax kernels; `PEFT_LORA_ASYNC_SUBMIT=0` makes
 //! each op wait for its hand-off to cubecl's device thread; `PEFT_LORA_GEMM_AUTOTUNE=1` times
 //! cuBLASLt's candidate algorithms per GEMM shape. (The names are those the project has always
@@ -260,11 +262,15 @@ fn raw_cuda<B: Backend>() -> bool {
 
 /// Queues the copy of an int tensor to the host now ([`read::PendingRead`]; wait for it with
 /// [`read::PendingRead::wait`]) when `B`'s int tensors are cubecl CUDA's (the raw backend, with
-/// or without autodiff); gives `t` back otherwise. Work queued after this call does not delay
-/// the copy: a decode loop can queue its next step before it waits for the chosen ids.
+/// or without autodiff) and `PEFT_LORA_QUEUED_READ=1` ([`set_queued_read_enabled`]; opt-in until
+/// measured on a GPU); gives `t` back otherwise. Work queued after this call does not delay the
+/// copy: a decode loop can queue its next step before it waits for the chosen ids.
 pub fn start_read<B: Backend, const D: usize>(
     t: Tensor<B, D, Int>,
 ) -> Result<read::PendingRead, Tensor<B, D, Int>> {
+    if !switch::QUEUED_READ.on() {
+        return Err(t);
+    }
     let boxed: Box<dyn Any> = Box::new(t.into_primitive());
     match boxed.downcast::<kernels::Raw>() {
         Ok(raw) => Ok(read::PendingRead::start(*raw)),
@@ -274,6 +280,12 @@ pub fn start_read<B: Backend, const D: usize>(
                 .expect("the primitive was boxed from this type"),
         )),
     }
+}
+
+/// Switches [`start_read`]'s queued copy on or off (process-wide; default off unless
+/// `PEFT_LORA_QUEUED_READ=1`).
+pub fn set_queued_read_enabled(on: bool) {
+    switch::QUEUED_READ.set(on);
 }
 
 /// A tensor parked in pinned host memory by [`offload`].

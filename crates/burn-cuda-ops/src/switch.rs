@@ -98,6 +98,9 @@ pub(crate) static ADD_NORM: Switch = Switch::new("PEFT_LORA_ADD_NORM");
 /// ([`super::rope_append`]), else two RoPE kernels and two `slice_assign`
 /// (`PEFT_LORA_ROPE_APPEND`).
 pub(crate) static ROPE_APPEND: Switch = Switch::new("PEFT_LORA_ROPE_APPEND");
+/// [`super::start_read`] queues its copy at once (`PEFT_LORA_QUEUED_READ=1`; opt-in until a GPU
+/// has measured it): off, it gives the tensor back and the caller reads it the usual way.
+pub(crate) static QUEUED_READ: Switch = Switch::opt_in("PEFT_LORA_QUEUED_READ");
 /// Greedy decoding's token choice as one kernel per batch ([`super::argmax`]), else Burn's
 /// `argmax` (`PEFT_LORA_ARGMAX_KERNEL`).
 pub(crate) static ARGMAX: Switch = Switch::new("PEFT_LORA_ARGMAX_KERNEL");

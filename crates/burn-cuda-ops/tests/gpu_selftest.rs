@@ -641,6 +641,7 @@ fn check_start_read<B: AutodiffBackend>(
     type I<B> = <B as AutodiffBackend>::InnerBackend;
     let opts = (device, dtype);
     let mut checks = Vec::new();
+    ops::set_queued_read_enabled(true);
     for n in [1usize, 64, 100_003] {
         let x = Tensor::<I<B>, 2>::random([n, 7], Distribution::Normal(0.0, 1.0), opts);
         let ids = x.clone().argmax(1).reshape([n]);
