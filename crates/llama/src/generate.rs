@@ -113,11 +113,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 ids = ids.mask_fill(finished, cfg.pad_id as i64);
             }
             let read = IdsRead::start(ids.clone());
-            // When the state is not handed back (`compact`), the next step is queued before the
-            // host waits for this step's ids: the device runs it while the host reads them (one
-            // step's work is wasted once every row has stopped). A state handed back keeps its
-            // last tokens pending instead, so there the host waits first.
-            let ahead = compact && !last;
+            // When the state is not handed back (`compact`) and the ids' copy is under way
+            // already, the next step is queued before the host waits for this step's ids: the
+            // device runs it while the host reads them (one step's work is wasted once every row
+            // has stopped). A state handed back keeps its last tokens pending instead, so there
+            // the host waits first, as it does when the read would wait for the next step too.
+            let ahead = compact && !last && read.is_queued();
             if ahead {
                 self.feed_ids(state, ids.unsqueeze_dim(1), &step_ctx);
             }
