@@ -113,12 +113,14 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 ids = ids.mask_fill(finished, cfg.pad_id as i64);
             }
             let read = IdsRead::start(ids.clone());
-            // When the state is not handed back (`compact`) and the ids' copy is under way
-            // already, the next step is queued before the host waits for this step's ids: the
-            // device runs it while the host reads them (one step's work is wasted once every row
-            // has stopped). A state handed back keeps its last tokens pending instead, so there
-            // the host waits first, as it does when the read would wait for the next step too.
-            let ahead = compact && !last && read.is_queued();
+            // When the state is not handed back (`compact`), the next step is queued before the
+            // host waits for this step's ids: where the ids' copy is under way already
+            // (`IdsRead::start` on CUDA), the device runs that step while the host reads them;
+            // elsewhere the read waits for it too, which costs what waiting first would (one
+            // host pass and one wait per step). One step's work is wasted once every row has
+            // stopped. A state handed back keeps its last tokens pending instead, so there the
+            // host waits first.
+            let ahead = compact && !last;
             if ahead {
                 self.feed_ids(state, ids.unsqueeze_dim(1), &step_ctx);
             }

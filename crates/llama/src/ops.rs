@@ -234,11 +234,6 @@ impl<B: Backend> IdsRead<B> {
         IdsRead::Later(ids)
     }
 
-    /// Whether the copy is under way already (work queued now does not delay it).
-    pub(crate) fn is_queued(&self) -> bool {
-        !matches!(self, IdsRead::Later(_))
-    }
-
     /// The ids, once the device has them.
     pub(crate) fn wait(self) -> Result<Vec<i64>, String> {
         let data = match self {
