@@ -41,38 +41,19 @@ pub(crate) fn rms_forward_kernel<E: Float, N: Size>(
     if row >= rows as usize {
         terminate!();
     }
-    let n = x.vector_size();
     let hv = hv as usize;
-    let tid = UNIT_POS_X as usize;
     let base = row * hv;
-    let mut sh = SharedMemory::<f32>::new(threads as usize);
     let mut acc = f32::new(0.0);
-    let mut j = tid;
+    let mut j = UNIT_POS_X as usize;
     while j < hv {
-        let v = Vector::<f32, N>::cast_from(x[base + j]);
-        let sq = v * v;
-        #[unroll]
-        for e in 0..n {
-            acc += sq[e];
-        }
+        acc += sum_of_squares::<N>(Vector::cast_from(x[base + j]));
         j += CUBE_DIM_X as usize;
     }
-    sh[tid] = acc;
-    sync_cube();
-    reduce_sum(&mut sh);
-    let r = f32::new(1.0) / (sh[0] / f32::cast_from(h) + eps).sqrt();
-    if tid == 0 {
+    let r = row_rstd(acc, h, eps, threads);
+    if UNIT_POS_X == 0 {
         rstd[row] = r;
     }
-    let rv = Vector::new(r);
-    let mut j = tid;
-    while j < hv {
-        let normed = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(x[base + j]) * rv);
-        out[base + j] = Vector::cast_from(
-            Vector::<f32, N>::cast_from(normed) * Vector::<f32, N>::cast_from(w[j]),
-        );
-        j += CUBE_DIM_X as usize;
-    }
+    write_normed::<E, N>(x, w, out, base, hv, r);
 }
 
 /// The residual add before a norm, fused with it (inference): `s = dtype(x + d)` (rounded to
@@ -96,33 +77,60 @@ pub(crate) fn add_rms_forward_kernel<E: Float, N: Size>(
     if row >= rows as usize {
         terminate!();
     }
-    let n = x.vector_size();
     let hv = hv as usize;
-    let tid = UNIT_POS_X as usize;
     let base = row * hv;
-    let mut sh = SharedMemory::<f32>::new(threads as usize);
     let mut acc = f32::new(0.0);
-    let mut j = tid;
+    let mut j = UNIT_POS_X as usize;
     while j < hv {
         let s = Vector::<E, N>::cast_from(
             Vector::<f32, N>::cast_from(x[base + j]) + Vector::<f32, N>::cast_from(d[base + j]),
         );
         sum[base + j] = s;
-        let v = Vector::<f32, N>::cast_from(s);
-        let sq = v * v;
-        #[unroll]
-        for e in 0..n {
-            acc += sq[e];
-        }
+        acc += sum_of_squares::<N>(Vector::cast_from(s));
         j += CUBE_DIM_X as usize;
     }
-    sh[tid] = acc;
+    let r = row_rstd(acc, h, eps, threads);
+    write_normed::<E, N>(sum, w, out, base, hv, r);
+}
+
+/// The sum of a vector's squared elements.
+#[cube]
+fn sum_of_squares<N: Size>(v: Vector<f32, N>) -> f32 {
+    let sq = v * v;
+    let mut acc = f32::new(0.0);
+    #[unroll]
+    for e in 0..v.size() {
+        acc += sq[e];
+    }
+    acc
+}
+
+/// The row's `1 / sqrt(mean(x^2) + eps)` from each unit's partial sum of squares `acc` (a cube
+/// of `threads` units per row).
+#[cube]
+fn row_rstd(acc: f32, h: u32, eps: f32, #[comptime] threads: u32) -> f32 {
+    let mut sh = SharedMemory::<f32>::new(threads as usize);
+    sh[UNIT_POS_X as usize] = acc;
     sync_cube();
     reduce_sum(&mut sh);
-    let rv = Vector::new(f32::new(1.0) / (sh[0] / f32::cast_from(h) + eps).sqrt());
-    let mut j = tid;
+    f32::new(1.0) / (sh[0] / f32::cast_from(h) + eps).sqrt()
+}
+
+/// `out = w * dtype(src r)` on this unit's vectors of the row at `base` (`hv` vectors), with
+/// transformers' rounding point: the normalised value in the model's dtype before the weight.
+#[cube]
+fn write_normed<E: Float, N: Size>(
+    src: &Tensor<Vector<E, N>>,
+    w: &Tensor<Vector<E, N>>,
+    out: &mut Tensor<Vector<E, N>>,
+    base: usize,
+    hv: usize,
+    r: f32,
+) {
+    let rv = Vector::new(r);
+    let mut j = UNIT_POS_X as usize;
     while j < hv {
-        let normed = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(sum[base + j]) * rv);
+        let normed = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(src[base + j]) * rv);
         out[base + j] = Vector::cast_from(
             Vector::<f32, N>::cast_from(normed) * Vector::<f32, N>::cast_from(w[j]),
         );

@@ -456,6 +456,25 @@ fn check_cross_entropy<B: AutodiffBackend>(
     checks
 }
 
+/// `1 / sqrt(mean(x^2) + eps)` of one row, in f64.
+fn rstd_host(row: &[f32], eps: f64) -> f64 {
+    let ms = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / row.len() as f64;
+    1.0 / (ms + eps).sqrt()
+}
+
+/// RMSNorm of the rows of `x` (each `w.len()` wide) in f64: `w x / sqrt(mean(x^2) + eps)`.
+fn rms_norm_host(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
+    let h = w.len();
+    let mut y = vec![0f32; x.len()];
+    for (r, row) in x.chunks(h).enumerate() {
+        let rs = rstd_host(row, eps);
+        for j in 0..h {
+            y[r * h + j] = (row[j] as f64 * rs * w[j] as f64) as f32;
+        }
+    }
+    y
+}
+
 /// The fused RMSNorm (`ops::rms_norm`) against an f64 host reference: output and `dx` for an
 /// output gradient, rows shorter and longer than the kernel's 256 threads.
 fn check_rms_norm<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Device) -> Vec<Check> {
@@ -475,18 +494,17 @@ fn check_rms_norm<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Dev
         let dx = host(x.grad(&grads).expect("dx"));
         let (xh, wh, gh) = (host(x.clone()), host(w.clone()), host(dy.clone()));
         let rows = b * s;
-        let (mut yr, mut dxr) = (vec![0f32; rows * h], vec![0f32; rows * h]);
+        let yr = rms_norm_host(&xh, &wh, eps);
+        let mut dxr = vec![0f32; rows * h];
         for r in 0..rows {
             let xs = &xh[r * h..(r + 1) * h];
-            let ms: f64 = xs.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / h as f64;
-            let rs = 1.0 / (ms + eps).sqrt();
+            let rs = rstd_host(xs, eps);
             let gx: f64 = (0..h)
                 .map(|j| gh[r * h + j] as f64 * wh[j] as f64 * xs[j] as f64)
                 .sum::<f64>()
                 / h as f64;
             for j in 0..h {
                 let g = gh[r * h + j] as f64 * wh[j] as f64;
-                yr[r * h + j] = (xs[j] as f64 * rs * wh[j] as f64) as f32;
                 dxr[r * h + j] = (rs * g - rs.powi(3) * xs[j] as f64 * gx) as f32;
             }
         }
@@ -529,14 +547,7 @@ fn check_add_rms_norm<B: AutodiffBackend>(
             return not_taken::<I<B>>(format!("{label} add_rms_norm"));
         };
         let (sh, wh) = (host(x.clone() + d.clone()), host(w.clone()));
-        let mut yr = vec![0f32; b * s * h];
-        for (r, row) in sh.chunks(h).enumerate() {
-            let ms: f64 = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / h as f64;
-            let rs = 1.0 / (ms + eps).sqrt();
-            for j in 0..h {
-                yr[r * h + j] = (row[j] as f64 * rs * wh[j] as f64) as f32;
-            }
-        }
+        let yr = rms_norm_host(&sh, &wh, eps);
         let dtype = x.dtype();
         let name = format!("{label} {dtype:?} add_rms_norm {b}x{s}x{h}");
         checks.push(Check::fused(

@@ -495,14 +495,21 @@ fn rstd64(row: &[f32]) -> f64 {
     1.0 / (ms + EPS as f64).sqrt()
 }
 
+/// RMSNorm of `x [rows, h]` with weight `w [h]` in f64: each row's `r` and `y = w x r`.
+fn rms64(x: &[f32], w: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let h = w.len();
+    let r: Vec<f64> = x.chunks(h).map(rstd64).collect();
+    let y = (0..x.len())
+        .map(|k| w[k % h] as f64 * (x[k] as f64 * r[k / h]))
+        .collect();
+    (r, y)
+}
+
 /// `rms_forward_kernel` over `x [rows, h]` with cubes of `threads` units, at every width and in
 /// both modes.
 fn check_rms_forward(client: &ComputeClient<Rt>, rows: usize, h: usize, threads: u32) {
     let (x, w) = (rms_input(rows, h), rms_weight(h));
-    let want_r: Vec<f64> = x.chunks(h).map(rstd64).collect();
-    let want_y: Vec<f64> = (0..rows * h)
-        .map(|k| w[k % h] as f64 * (x[k] as f64 * want_r[k / h]))
-        .collect();
+    let (want_r, want_y) = rms64(&x, &w);
     let (xb, wb) = (input(client, &x), input(client, &w));
     for v in widths(h) {
         for mode in MODES {
@@ -567,10 +574,7 @@ fn check_add_rms_forward(client: &ComputeClient<Rt>, rows: usize, h: usize, thre
     }
     let sum: Vec<f32> = x.iter().zip(&d).map(|(a, b)| a + b).collect();
     let want_s: Vec<f64> = sum.iter().map(|&v| v as f64).collect();
-    let want_r: Vec<f64> = sum.chunks(h).map(rstd64).collect();
-    let want_y: Vec<f64> = (0..rows * h)
-        .map(|k| w[k % h] as f64 * (sum[k] as f64 * want_r[k / h]))
-        .collect();
+    let (_, want_y) = rms64(&sum, &w);
     let (xb, db, wb) = (input(client, &x), input(client, &d), input(client, &w));
     for v in widths(h) {
         for mode in MODES {
