@@ -127,6 +127,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
             let picks = read
                 .wait()
                 .map_err(|e| Error::Data(format!("token ids: {e}")))?;
+            if let Some(bad) = picks.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+                return Err(Error::Generation(format!(
+                    "step {step} chose token id {bad}, outside the vocabulary (size {vocab}): \
+                     the logits are not finite or the sampler failed"
+                )));
+            }
             let mut chosen = Vec::with_capacity(live.len());
             for (&r, &tok) in live.iter().zip(&picks) {
                 let tok = tok as u32;

@@ -420,6 +420,25 @@ fn generation_cache_padding_stops_and_sampling() {
 }
 
 #[test]
+fn a_token_choice_outside_the_vocabulary_is_an_error() {
+    // Non-finite logits (a NaN norm weight): sampling finds no token and says so, rather than
+    // feed an id the embedding does not have.
+    let mut model = LlamaForCausalLM::<B>::random_seeded(&LlamaConfig::tiny(50), &dev(), 3);
+    let h = model.config.hidden_size;
+    model.model.norm.weight = burn::module::Param::from_tensor(Tensor::full([h], f32::NAN, &dev()))
+        .set_require_grad(false);
+    let cfg = GenerationConfig {
+        max_new_tokens: 3,
+        do_sample: true,
+        ..Default::default()
+    };
+    let err = model
+        .generate(&[vec![1u32, 2, 3]], &cfg, &ctx(), &mut |_, _| {})
+        .unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}
+
+#[test]
 fn loss_semantics_and_frozen_weights_get_no_gradient() {
     type AD = Autodiff<B>;
     let mut cfg = LlamaConfig::tiny(30);
