@@ -122,7 +122,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
             // host waits first.
             let ahead = compact && !last;
             if ahead {
-                self.feed_ids(state, ids.unsqueeze_dim(1), &step_ctx);
+                // (Clamped: an id outside the vocabulary is reported below, once read, and must
+                // not reach the embedding first.)
+                let fed = ids.clamp(0, vocab as i64 - 1).unsqueeze_dim(1);
+                self.feed_ids(state, fed, &step_ctx);
             }
             let picks = read
                 .wait()
