@@ -292,7 +292,7 @@ mod tests {
             ..Default::default()
         };
         let u = [0.05, 0.5, 0.9, 0.999];
-        let narrow: Vec<i64> = choose(tensor(&logits, b, vocab), &cfg, &[false; 4], &u)
+        let f32_ids: Vec<i64> = choose(tensor(&logits, b, vocab), &cfg, &[false; 4], &u)
             .into_data()
             .convert::<i64>()
             .to_vec()
@@ -304,13 +304,13 @@ mod tests {
             DType::BF16,
             "the Flex device's default float"
         );
-        let wide: Vec<i64> = choose(on_bf16, &cfg, &[false; 4], &u)
+        let bf16_ids: Vec<i64> = choose(on_bf16, &cfg, &[false; 4], &u)
             .into_data()
             .convert::<i64>()
             .to_vec()
             .unwrap();
-        assert_eq!(wide, narrow);
-        for (r, id) in narrow.iter().enumerate() {
+        assert_eq!(bf16_ids, f32_ids);
+        for (r, id) in f32_ids.iter().enumerate() {
             let kept = reference(&logits[r * vocab..(r + 1) * vocab], 0.6, 50, 0.9);
             assert!(
                 kept.iter().any(|k| k.0 as i64 == *id),
