@@ -358,7 +358,7 @@ fn forward<F: FloatElement, I: IntElement, BT: BoolElement>(
     let (g, m, t, d) = shapes(&q, &k, &v, &mask)?;
     let (q, k, v) = (dense(q, "q")?, dense(k, "k")?, dense(v, "v")?);
     // A decode step (a few query rows per group): one kernel instead of two GEMMs and a softmax.
-    if super::switch::DECODE_ATTENTION.on() && super::attention_decode::applies(m, t, d) {
+    if super::switch::DECODE_ATTENTION.on() && super::attention_decode::applies(m, d) {
         return Ok(super::attention_decode::forward(q, k, v, mask, scale));
     }
     if !softmax_kernel() {

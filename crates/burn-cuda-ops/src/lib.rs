@@ -132,10 +132,10 @@ pub fn set_argmax_kernel_enabled(on: bool) {
     switch::ARGMAX.set(on);
 }
 
-/// Switches the one-kernel attention of decode steps on or off (process-wide; default off
-/// unless `PEFT_LORA_DECODE_ATTENTION=1`: on an H100 it made greedy decoding 1.4x slower at
-/// batch 1 to 64, one cube per KV group being bound by the latency of its serial key loop;
-/// off, a decode step runs the fused attention's GEMM path).
+/// Switches the split-key attention of decode steps ([`attention_decode`]: two kernels, no score
+/// tensor) on or off (process-wide; default off unless `PEFT_LORA_DECODE_ATTENTION=1`, until a
+/// GPU has timed it against the GEMM path; off, a decode step runs the fused attention's GEMM
+/// path).
 pub fn set_decode_attention_enabled(on: bool) {
     switch::DECODE_ATTENTION.set(on);
 }

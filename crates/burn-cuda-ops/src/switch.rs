@@ -104,8 +104,8 @@ pub(crate) static QUEUED_READ: Switch = Switch::opt_in("PEFT_LORA_QUEUED_READ");
 /// Greedy decoding's token choice as one kernel per batch ([`super::argmax`]), else Burn's
 /// `argmax` (`PEFT_LORA_ARGMAX_KERNEL`).
 pub(crate) static ARGMAX: Switch = Switch::new("PEFT_LORA_ARGMAX_KERNEL");
-/// The one-kernel attention of a decode step ([`super::attention_decode`]), else the GEMM path
-/// (`PEFT_LORA_DECODE_ATTENTION=1`; opt-in: slower than the GEMM path as it stands).
+/// The split-key attention of a decode step ([`super::attention_decode`]), else the GEMM path
+/// (`PEFT_LORA_DECODE_ATTENTION=1`; opt-in until a GPU has timed it).
 pub(crate) static DECODE_ATTENTION: Switch = Switch::opt_in("PEFT_LORA_DECODE_ATTENTION");
 /// The gradient norm and clip factor kept on the device ([`super::grad_scale`]), else read
 /// before the optimizer's updates are queued (`PEFT_LORA_DEVICE_CLIP`).

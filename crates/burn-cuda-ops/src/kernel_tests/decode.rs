@@ -1,13 +1,13 @@
-//! The decode-step attention kernel ([`crate::attention_decode`]): `softmax(scale q k^T + mask) v`
-//! for a few query rows per KV group, against the same attention computed in f64 over only the
+//! The decode-step attention kernels ([`crate::attention_decode`]: runs of keys, then their
+//! combine): `softmax(scale q k^T + mask) v` for a few query rows per KV group, against the same attention computed in f64 over only the
 //! keys each query row may see.
 //!
 //! The cases cover batch > 1, several KV heads with GQA groups of 1 to 8 query heads (the rows
 //! of a group are its `rep` heads times the new tokens, as the llama attention folds them), one
 //! and two new tokens (causal among themselves), per-sequence masks (`[batch, 1, s, t]`, with
 //! left padding) and one mask broadcast over the batch (`[1, 1, s, t]`), a cache capacity `t`
-//! that is not a multiple of the 8 planes nor of the kernel's 256-key step (and one beyond a
-//! step), fewer keys than planes, and every vector width. The cache's unfilled tail (from each
+//! that is not a multiple of the 8 planes nor of the kernel's 64-key run (and several runs),
+//! fewer keys than planes, and every vector width. The cache's unfilled tail (from each
 //! sequence's length on) holds garbage that must not reach the result: `1e30` in K and V under
 //! a `-inf` mask, and under the llama's finite mask (`-1e9`, `llama::attention::MASKED`) `1e30`
 //! in V and keys up to `1e4` in K (the llama's cache holds zeros there: an additive finite mask
@@ -28,15 +28,13 @@ use cubecl::prelude::*;
 
 use super::{assert_close, client, f32_type, input, launch_in, output, read_output, values};
 use super::{Rt, MODES};
-use crate::attention_decode::{decode_attention_kernel, MAX_ROWS};
+use crate::attention_decode::{decode_combine_kernel, decode_split_kernel, CHUNK, MAX_ROWS};
 use crate::cube_util::grid;
 
 /// Planes per cube, as the host launches (`attention_decode::WARPS`).
 const WARPS: u32 = 8;
 /// The lanes the kernel's partial-row shared memory is sized for (`attention_decode::PLANE`).
 const KERNEL_PLANE: usize = 32;
-/// The kernel's key step for its score memory (`attention_decode::KEY_STEP`).
-const KEY_STEP: usize = 256;
 /// What the unfilled tail of the cache holds in V (and in K under a `-inf` mask).
 const GARBAGE: f32 = 1.0e30;
 /// The llama's additive mask value (`llama::attention::MASKED`).
@@ -90,9 +88,8 @@ impl Case {
             assert!(self.lens.iter().all(|&l| l == self.lens[0]));
             assert!(self.pads.iter().all(|&p| p == self.pads[0]));
         }
-        // The host's score memory (`plan`): whole key steps.
-        let score_elems = m * t.div_ceil(KEY_STEP) * KEY_STEP;
-        let shared = 4 * (score_elems + 2 * m + WARPS as usize * m * KERNEL_PLANE * vector);
+        // The host's shared memory (`plan`): a run's scores and the planes' partial rows.
+        let shared = 4 * (m * CHUNK + m + WARPS as usize * m * KERNEL_PLANE * vector);
         let limit = client.properties().hardware.max_shared_memory_size;
         assert!(
             shared <= limit,
@@ -167,27 +164,47 @@ impl Case {
             input(client, &v),
             input(client, &mask),
         );
+        let splits = t.div_ceil(CHUNK);
         for mode in MODES {
+            let part = output(client, g * splits * m * d);
+            let stats = output(client, g * splits * 2 * m);
             let out = output(client, g * m * d);
             launch_in!(
                 mode,
-                decode_attention_kernel::<Rt>(
+                decode_split_kernel::<Rt>(
                     client,
-                    grid(g),
+                    grid(g * splits),
                     CubeDim::new_2d(plane as u32, WARPS),
                     vector,
                     qb.arg(&[g, m, d]),
                     kb.arg(&[g, t, d]),
                     vb.arg(&[g, t, d]),
                     maskb.arg_strided(&[mb, 1, s, t], &[s * tp, s * tp, tp, 1]),
-                    out.arg(&[g, m, d]),
+                    part.arg(&[g, splits, m, d]),
+                    stats.arg(&[g, splits, 2, m]),
                     g as u32,
                     t as u32,
                     s as u32,
                     (g * m / mb) as u32,
                     scale as f32,
                     m,
-                    score_elems,
+                    CHUNK,
+                    f32_type(),
+                )
+            );
+            launch_in!(
+                mode,
+                decode_combine_kernel::<Rt>(
+                    client,
+                    grid((g * m).div_ceil(4)),
+                    CubeDim::new_2d(plane as u32, 4),
+                    vector,
+                    part.arg(&[g, splits, m, d]),
+                    stats.arg(&[g, splits, 2, m]),
+                    out.arg(&[g, m, d]),
+                    (g * m) as u32,
+                    splits as u32,
+                    m,
                     f32_type(),
                 )
             );
@@ -274,8 +291,7 @@ fn decode_attention_matches_softmax_over_the_filled_prefix() {
             hidden: MASKED,
             mask_gap: 7,
         },
-        // Width 1: a capacity past one key step (score memory of two steps), 8 rows of 4 heads
-        // x 2 tokens.
+        // Width 1: five runs of keys (the last one partial), 8 rows of 4 heads x 2 tokens.
         Case {
             batch: 2,
             nkv: 1,
