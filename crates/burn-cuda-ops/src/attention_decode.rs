@@ -52,6 +52,8 @@ const LOWEST: f32 = -3.0e38;
 /// One run of [`CHUNK`] keys of one group: per query row its maximum score and sum of
 /// exponentials (`stats [g, splits, 2, m]`) and `sum_j exp(s_j - max) v_j` (`part [g, splits,
 /// m, d]`, f32).
+// `div_ceil` of a runtime and a comptime value has no cube expansion: spelled out.
+#[allow(clippy::manual_div_ceil)]
 #[cube(launch, launch_unchecked)]
 pub(crate) fn decode_split_kernel<E: Float, N: Size>(
     q: &Tensor<Vector<E, N>>,
