@@ -468,6 +468,48 @@ pub fn low_rank_linear<B: Backend>(
     dispatch!(B, low_rank_impl(args))
 }
 
+/// `x W (+ bias)` on every row of `x` and `+ s (x A) B` on the rows `rows` only, for inference
+/// ([`kernels::low_rank_forward_rows`]: the adapter's GEMMs address the block by offset; one
+/// queued task, no mask) when `B` is a raw cubecl CUDA backend without autodiff and
+/// `PEFT_LORA_ROW_BLOCK=1` ([`set_row_block_enabled`]), else `None`. `x [n, in]`, `w [in, out]`
+/// frozen, `a [in, r]`, `b [r, out]`, `rows` non-empty inside `0..n`.
+#[allow(clippy::too_many_arguments)]
+pub fn low_rank_linear_rows<B: Backend>(
+    x: &Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    bias: Option<&Tensor<B, 1>>,
+    a: &Tensor<B, 2>,
+    b: &Tensor<B, 2>,
+    scale: f64,
+    rows: std::ops::Range<usize>,
+) -> Option<Tensor<B, 2>> {
+    if !raw_cuda::<B>() || !switch::ROW_BLOCK.on() || !enabled() || !usable(&[x, w, a, b]) {
+        return None;
+    }
+    if bias.is_some_and(|b| b.dtype() != x.dtype()) {
+        return None;
+    }
+    let raw2 = |t: &Tensor<B, 2>| -> kernels::Raw { cast(prim(t.clone())) };
+    let bias = bias.map(|t| -> kernels::Raw { cast(prim(t.clone())) });
+    let y = kernels::low_rank_forward_rows(
+        raw2(x),
+        raw2(w),
+        bias,
+        raw2(a),
+        raw2(b),
+        scale as f32,
+        rows,
+    )
+    .ok()?;
+    Some(tensor::<B, 2>(cast(y)))
+}
+
+/// Switches [`low_rank_linear_rows`] on or off (process-wide; default off unless
+/// `PEFT_LORA_ROW_BLOCK=1`, until a GPU has timed it; off, routed rows run as a masked input).
+pub fn set_row_block_enabled(on: bool) {
+    switch::ROW_BLOCK.set(on);
+}
+
 fn attention_impl<T: FusedAttention>(
     args: (Tensor<T, 3>, Tensor<T, 3>, Tensor<T, 3>, Tensor<T, 4>, f32),
 ) -> Tensor<T, 3> {

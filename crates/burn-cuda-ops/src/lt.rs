@@ -328,7 +328,7 @@ fn alignment(ptr: u64) -> u32 {
     a
 }
 
-fn elem_bytes(dtype: Dtype) -> u64 {
+pub(crate) fn elem_bytes(dtype: Dtype) -> u64 {
     match dtype {
         Dtype::F32 => 4,
         _ => 2,

@@ -94,6 +94,10 @@ pub(crate) static LSE_KERNEL: Switch = Switch::new("PEFT_LORA_LSE_KERNEL");
 /// The residual add fused with the next RMSNorm in inference ([`super::add_rms_norm`]), else
 /// Burn's add and the RMSNorm kernel (`PEFT_LORA_ADD_NORM`).
 pub(crate) static ADD_NORM: Switch = Switch::new("PEFT_LORA_ADD_NORM");
+/// The low-rank term on a block of rows by offset ([`super::low_rank_linear_rows`]) in
+/// inference, else the caller's masked input (`PEFT_LORA_ROW_BLOCK=1`; opt-in until a GPU has
+/// timed it).
+pub(crate) static ROW_BLOCK: Switch = Switch::opt_in("PEFT_LORA_ROW_BLOCK");
 /// RoPE of a cached step's queries and keys with the cache writes as one kernel
 /// ([`super::rope_append`]), else two RoPE kernels and two `slice_assign`
 /// (`PEFT_LORA_ROPE_APPEND`).

@@ -3,10 +3,14 @@
 //! layer code reaches burn-cuda-ops only through here.
 
 #[cfg(feature = "cuda")]
-pub(crate) use burn_cuda_ops::{col_scale, dropout, frozen_linear, low_rank_linear, supported};
+pub(crate) use burn_cuda_ops::{
+    col_scale, dropout, frozen_linear, low_rank_linear, low_rank_linear_rows, supported,
+};
 
 #[cfg(not(feature = "cuda"))]
-pub(crate) use off::{col_scale, dropout, frozen_linear, low_rank_linear, supported};
+pub(crate) use off::{
+    col_scale, dropout, frozen_linear, low_rank_linear, low_rank_linear_rows, supported,
+};
 
 /// The same signatures without the `cuda` feature: nothing is fused.
 #[cfg(not(feature = "cuda"))]
@@ -38,6 +42,20 @@ mod off {
         _a: &Tensor<B, 2>,
         _b: &Tensor<B, 2>,
         _scale: f64,
+    ) -> Option<Tensor<B, 2>> {
+        None
+    }
+
+    /// `x W (+ bias)` with `+ s (x A) B` on a block of rows: never without the `cuda` feature.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn low_rank_linear_rows<B: Backend>(
+        _x: &Tensor<B, 2>,
+        _w: &Tensor<B, 2>,
+        _bias: Option<&Tensor<B, 1>>,
+        _a: &Tensor<B, 2>,
+        _b: &Tensor<B, 2>,
+        _scale: f64,
+        _rows: std::ops::Range<usize>,
     ) -> Option<Tensor<B, 2>> {
         None
     }

@@ -1,7 +1,8 @@
 //! GPU check of `LoraLinear` on the fused CUDA ops (feature `cuda`): the fused layer against an
 //! f64 host reference and against the composed layer (forward and every gradient, odd shapes,
 //! transposed weights, bias, 3-D inputs, DoRA, dropout, frozen layers), in f32, bf16 and bf16
-//! with gradient checkpointing; per-row routing (base and adapter rows in one batch); and `LoraOptimizer`'s one-kernel f32-master AdamW against the
+//! with gradient checkpointing; per-row routing (base and adapter rows in one batch, masked, and in inference as one block of
+//! rows by offset); and `LoraOptimizer`'s one-kernel f32-master AdamW against the
 //! composed update.
 //!
 //! `cargo test --release -p peft-lora --features cuda --test gpu_fused`. Without a CUDA GPU it
@@ -10,6 +11,7 @@
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::cuda::CudaDevice;
 use burn::backend::{Autodiff, Cuda};
+use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Distribution, Tensor};
 use burn_cuda_ops::set_enabled;
@@ -363,6 +365,25 @@ fn check_routed_rows<B: AutodiffBackend>(
         y
     };
     let (fused, composed) = (run(&layer, &routed, true), run(&layer, &routed, false));
+    // Inference (the inner backend) with the adapter's rows as one block by offset: rows 1..3
+    // of the batch, flat rows 5..15. The op itself must run there (else the check fails).
+    let inner = layer.valid();
+    let xi = x.clone().inner();
+    burn_cuda_ops::set_row_block_enabled(true);
+    let block = host(inner.forward_ctx(xi.clone(), &routed));
+    let flat = xi.reshape([case.batch * case.seq, case.d_in]);
+    let adapter0 = &inner.adapters[0];
+    let taken = burn_cuda_ops::low_rank_linear_rows(
+        &flat,
+        &inner.weight.val(),
+        inner.bias.as_ref().map(|b| b.val()).as_ref(),
+        &adapter0.lora_a.val(),
+        &adapter0.lora_b.val(),
+        adapter0.meta.scaling,
+        case.seq..3 * case.seq,
+    )
+    .is_some();
+    burn_cuda_ops::set_row_block_enabled(false);
     let adapter = run(&layer, &Default::default(), true);
     layer
         .set_disabled(true)
@@ -387,7 +408,7 @@ fn check_routed_rows<B: AutodiffBackend>(
     } else {
         tolerance(dtype)
     };
-    vec![
+    let mut checks = vec![
         Check::fused(
             name("fused vs composed"),
             rel_err(&fused, &composed),
@@ -398,7 +419,17 @@ fn check_routed_rows<B: AutodiffBackend>(
             rel_err(&fused, &want),
             tolerance(dtype),
         ),
-    ]
+    ];
+    if taken {
+        checks.push(Check::fused(
+            name("inference, adapter rows as one block, vs each side alone"),
+            rel_err(&block, &want),
+            tolerance(dtype),
+        ));
+    } else {
+        checks.extend(not_taken::<B::InnerBackend>(name("row block")));
+    }
+    checks
 }
 
 /// One adapted layer as a `LoraModel`, for the optimizer check.

@@ -191,13 +191,23 @@ impl<B: Backend> LoraLinear<B> {
         if adapter.lora_b_bias.is_some() {
             return None;
         }
+        let variant = variant_of::<B>(adapter.meta.variant);
+        let seq = x.dims()[0] / batch.max(1);
         let rows = match on {
             RowsOn::Rows(on) if !on.iter().all(|o| *o) => {
-                Some(row_mask(on, x.dims()[0] / batch.max(1), x))
+                // The adapter's rows as one block (base rows then adapter rows, as the
+                // side-by-side evaluation lays them out): addressed by offset, no mask.
+                if let Some(block) = row_block(on) {
+                    let flat = block.start * seq..block.end * seq;
+                    if let Some(y) = variant.forward_fused_rows(adapter, &base, x, flat) {
+                        return Some(y);
+                    }
+                }
+                Some(row_mask(on, seq, x))
             }
             _ => None,
         };
-        variant_of::<B>(adapter.meta.variant).forward_fused(adapter, &base, x, rows.as_ref())
+        variant.forward_fused(adapter, &base, x, rows.as_ref())
     }
 
     /// Adds `adapter`'s term at the flat positions `pos` of `out` only (aLoRA): the other rows
@@ -231,6 +241,13 @@ impl<B: Backend> LoraLinear<B> {
     }
 }
 
+/// The batch rows marked in `on` when they are one run (`start..end`), else `None`.
+fn row_block(on: &[bool]) -> Option<std::ops::Range<usize>> {
+    let start = on.iter().position(|o| *o)?;
+    let end = start + on[start..].iter().take_while(|o| **o).count();
+    on[end..].iter().all(|o| !*o).then_some(start..end)
+}
+
 /// The `[batch * seq, 1]` mask (1 on the rows marked in `on`, each repeated for its `seq`
 /// positions, 0 elsewhere) in `like`'s dtype and device.
 fn row_mask<B: Backend>(on: &[bool], seq: usize, like: &Tensor<B, 2>) -> Tensor<B, 2> {
@@ -241,4 +258,23 @@ fn row_mask<B: Backend>(on: &[bool], seq: usize, like: &Tensor<B, 2>) -> Tensor<
     Tensor::<B, 1>::from_floats(mask.as_slice(), &like.device())
         .cast(FloatDType::from(like.dtype()))
         .unsqueeze_dim::<2>(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_block;
+
+    #[test]
+    fn a_row_block_is_one_run_of_marked_rows() {
+        let t = true;
+        let f = false;
+        assert_eq!(row_block(&[f, f, t, t]), Some(2..4));
+        assert_eq!(row_block(&[t, t, f]), Some(0..2));
+        assert_eq!(row_block(&[f, t, f]), Some(1..2));
+        assert_eq!(row_block(&[t, t, t]), Some(0..3));
+        assert_eq!(row_block(&[t, f, t]), None);
+        assert_eq!(row_block(&[f, t, f, t, t]), None);
+        assert_eq!(row_block(&[f, f]), None);
+        assert_eq!(row_block(&[]), None);
+    }
 }

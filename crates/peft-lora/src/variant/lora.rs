@@ -1,5 +1,7 @@
 //! Plain LoRA (and rsLoRA, which differs only in scaling): `y = x W + b + s (x A) B`.
 
+use std::ops::Range;
+
 use burn::tensor::{backend::Backend, Tensor};
 
 use super::{Base, LoraVariant};
@@ -40,6 +42,21 @@ impl<B: Backend> LoraVariant<B> for PlainLora {
             (xd, Some(m)) => Some(xd.unwrap_or_else(|| x.clone()) * m.clone()),
         };
         base.low_rank_linear(x, xd.as_ref(), &a, &b, adapter.meta.scaling)
+    }
+
+    /// The block's rows by offset (inference only: with training dropout the masked form runs).
+    fn forward_fused_rows(
+        &self,
+        adapter: &LoraAdapter<B>,
+        base: &Base<'_, B>,
+        x: &Tensor<B, 2>,
+        rows: Range<usize>,
+    ) -> Option<Tensor<B, 2>> {
+        if adapter.meta.dropout > 0.0 && training::<B>(&x.device()) {
+            return None;
+        }
+        let (a, b) = (adapter.lora_a.val(), adapter.lora_b.val());
+        base.low_rank_linear_rows(x, &a, &b, adapter.meta.scaling, rows)
     }
 
     fn merge(

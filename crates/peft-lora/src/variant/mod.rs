@@ -13,6 +13,8 @@ mod alora;
 mod dora;
 mod lora;
 
+use std::ops::Range;
+
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::adapter::{LoraAdapter, VariantKind};
@@ -57,6 +59,20 @@ impl<B: Backend> Base<'_, B> {
     ) -> Option<Tensor<B, 2>> {
         fused::low_rank_linear(x, xd, self.weight, self.bias, a, b, s)
     }
+
+    /// `x W (+ bias)` on every row and `+ s (x A) B` on the flat rows `rows` only, as one fused
+    /// inference op (no mask, no low-rank work on the other rows), or `None` where it does not
+    /// run (another backend, autodiff, the switch off; see [`Base::linear`]).
+    pub fn low_rank_linear_rows(
+        &self,
+        x: &Tensor<B, 2>,
+        a: &Tensor<B, 2>,
+        b: &Tensor<B, 2>,
+        s: f64,
+        rows: Range<usize>,
+    ) -> Option<Tensor<B, 2>> {
+        fused::low_rank_linear_rows(x, self.weight, self.bias, a, b, s, rows)
+    }
 }
 
 /// What a LoRA variant must provide.
@@ -84,6 +100,20 @@ pub trait LoraVariant<B: Backend>: Sync {
         _base: &Base<'_, B>,
         _x: &Tensor<B, 2>,
         _rows: Option<&Tensor<B, 2>>,
+    ) -> Option<Tensor<B, 2>> {
+        None
+    }
+
+    /// Fused path under per-row routing whose adapter rows are one block: the layer's whole
+    /// output when the adapter acts on the flat rows `rows` of `x` only (the others get the base
+    /// output), as [`LoraVariant::forward_fused`] with the mask of that block but without
+    /// building or applying it; `None` (the default) sends the layer to the masked form.
+    fn forward_fused_rows(
+        &self,
+        _adapter: &LoraAdapter<B>,
+        _base: &Base<'_, B>,
+        _x: &Tensor<B, 2>,
+        _rows: Range<usize>,
     ) -> Option<Tensor<B, 2>> {
         None
     }
