@@ -319,6 +319,35 @@ fn decode_attention_matches_softmax_over_the_filled_prefix() {
             hidden: f32::NEG_INFINITY,
             mask_gap: 0,
         },
+        // Left padding over two whole runs of 64 keys: runs whose scores are all -inf (their
+        // maximum floored, their sum 0) beside the runs that hold the sequence.
+        Case {
+            batch: 2,
+            nkv: 2,
+            rep: 4,
+            s: 1,
+            vector: 4,
+            t: 256,
+            lens: vec![200, 256],
+            pads: vec![130, 3],
+            per_sequence: true,
+            hidden: f32::NEG_INFINITY,
+            mask_gap: 5,
+        },
+        // The same under the llama's finite mask: the padded runs weigh exp(-1e9 - max) = 0.
+        Case {
+            batch: 2,
+            nkv: 1,
+            rep: 4,
+            s: 1,
+            vector: 2,
+            t: 256,
+            lens: vec![200, 190],
+            pads: vec![130, 70],
+            per_sequence: true,
+            hidden: MASKED,
+            mask_gap: 0,
+        },
         // One key in all.
         Case {
             batch: 2,
