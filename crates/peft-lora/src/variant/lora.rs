@@ -31,10 +31,8 @@ impl<B: Backend> LoraVariant<B> for PlainLora {
         x: &Tensor<B, 2>,
         rows: Option<&Tensor<B, 2>>,
     ) -> Option<Tensor<B, 2>> {
-        let p = adapter.meta.dropout;
-        let train_dropout = p > 0.0 && training::<B>(&x.device());
         let (a, b) = (adapter.lora_a.val(), adapter.lora_b.val());
-        let xd = train_dropout.then(|| dropout(x.clone(), p));
+        let xd = dropout_on(adapter, x).then(|| dropout(x.clone(), adapter.meta.dropout));
         // `s (m x A) B` is `s (x A) B` on the rows of the mask `m` and 0 elsewhere: routing is a
         // masked adapter input, one op for the whole batch.
         let xd = match (xd, rows) {
@@ -52,7 +50,7 @@ impl<B: Backend> LoraVariant<B> for PlainLora {
         x: &Tensor<B, 2>,
         rows: Range<usize>,
     ) -> Option<Tensor<B, 2>> {
-        if adapter.meta.dropout > 0.0 && training::<B>(&x.device()) {
+        if dropout_on(adapter, x) {
             return None;
         }
         let (a, b) = (adapter.lora_a.val(), adapter.lora_b.val());
@@ -75,4 +73,9 @@ impl<B: Backend> LoraVariant<B> for PlainLora {
     ) -> Tensor<B, 2> {
         weight - adapter.delta_weight_nograd()
     }
+}
+
+/// Whether `adapter`'s dropout acts on `x` in this call (a rate above 0, in training mode).
+fn dropout_on<B: Backend>(adapter: &LoraAdapter<B>, x: &Tensor<B, 2>) -> bool {
+    adapter.meta.dropout > 0.0 && training::<B>(&x.device())
 }
