@@ -73,6 +73,7 @@ pub mod read;
 pub mod rms_norm;
 pub mod rope;
 pub mod rope_append;
+pub mod shared_input;
 pub mod softmax;
 pub mod swiglu;
 mod switch;
@@ -508,6 +509,63 @@ pub fn low_rank_linear_rows<B: Backend>(
 /// `PEFT_LORA_ROW_BLOCK=1`, until a GPU has timed it; off, routed rows run as a masked input).
 pub fn set_row_block_enabled(on: bool) {
     switch::ROW_BLOCK.set(on);
+}
+
+/// One linear of a [`shared_input_linear`] group: a frozen weight `[in, out]`, an optional
+/// frozen bias `[out]` and an optional low-rank term `s (x A) B` (`A [in, r]`, `B [r, out]`).
+pub struct SharedLinear<'a, B: Backend> {
+    /// Frozen weight `[in, out]`.
+    pub w: &'a Tensor<B, 2>,
+    /// Frozen bias `[out]`.
+    pub bias: Option<&'a Tensor<B, 1>>,
+    /// `(A, B, s)` of the low-rank term.
+    pub low_rank: Option<(&'a Tensor<B, 2>, &'a Tensor<B, 2>, f64)>,
+}
+
+/// Linears that read one input `x [n, in]` (a decoder's q, k and v; an MLP's gate and up) as
+/// one queued task: `[n, sum out_i]` with part `i`'s `x W_i (+ bias_i) + s_i (x A_i) B_i` in
+/// its columns, in order ([`shared_input::forward`]: one GEMM for all the bases when the weights
+/// are adjacent column blocks of one buffer, see [`shared_input`]), when `B` is a raw cubecl
+/// CUDA backend without autodiff and `PEFT_LORA_SHARED_INPUT=1` ([`set_shared_input_enabled`]),
+/// else `None`.
+pub fn shared_input_linear<B: Backend>(
+    x: &Tensor<B, 2>,
+    parts: &[SharedLinear<'_, B>],
+) -> Option<Tensor<B, 2>> {
+    if !raw_cuda::<B>() || !switch::SHARED_INPUT.on() || !enabled() || parts.is_empty() {
+        return None;
+    }
+    let dtype = x.dtype();
+    let fits = parts.iter().all(|p| {
+        usable(&[x, p.w])
+            && p.bias.is_none_or(|b| b.dtype() == dtype)
+            && p.low_rank.is_none_or(|(a, b, _)| usable(&[x, a, b]))
+    });
+    if !fits {
+        return None;
+    }
+    let raw2 = |t: &Tensor<B, 2>| -> kernels::Raw { cast(prim(t.clone())) };
+    let raw_parts = parts
+        .iter()
+        .map(|p| shared_input::SharedPart {
+            w: raw2(p.w),
+            bias: p.bias.map(|t| cast(prim(t.clone()))),
+            low_rank: p.low_rank.map(|(a, b, s)| (raw2(a), raw2(b), s as f32)),
+        })
+        .collect();
+    let y = shared_input::forward(raw2(x), raw_parts).ok()?;
+    Some(tensor::<B, 2>(cast(y)))
+}
+
+/// Switches [`shared_input_linear`] on or off (process-wide; default off unless
+/// `PEFT_LORA_SHARED_INPUT=1`, until a GPU has timed it).
+pub fn set_shared_input_enabled(on: bool) {
+    switch::SHARED_INPUT.set(on);
+}
+
+/// Whether [`shared_input_linear`] is switched on (whether packing weights for it pays).
+pub fn shared_input_enabled() -> bool {
+    switch::SHARED_INPUT.on()
 }
 
 fn attention_impl<T: FusedAttention>(

@@ -5,7 +5,9 @@
 //! [`super::rope::rope_forward_kernel`]'s.
 //!
 //! Shapes: `q [b, s, heads * d]`, `k`, `v [b, s, kv_heads * d]` (the projections' outputs as
-//! they lie), `cos`, `sin` `[b, s, d]`, caches `[b, kv_heads, capacity, d]` written at positions
+//! they lie: each token's row may sit inside a wider one, as the column blocks of one packed
+//! `[b, s, (heads + 2 kv_heads) d]` output do, so a packed q/k/v projection is read in place),
+//! `cos`, `sin` `[b, s, d]`, caches `[b, kv_heads, capacity, d]` written at positions
 //! `pos..pos + s`.
 
 use burn::tensor::Shape;
@@ -19,7 +21,8 @@ use super::rope::rotate_half_at;
 
 /// One unit per vector of the `heads + 2 kv_heads` head rows of each token: query heads first
 /// (rotated into `q_out`), then key heads (rotated into `k_cache`), then value heads (copied
-/// into `v_cache`). `d` counts vectors of `N` elements (`N` divides `d / 2`).
+/// into `v_cache`). `d` counts vectors of `N` elements (`N` divides `d / 2`); token `t`'s
+/// query row starts at vector `t q_ld + q_off` of `q` (likewise for `k` and `v`).
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rope_append_kernel<E: Float, N: Size>(
@@ -38,6 +41,7 @@ pub(crate) fn rope_append_kernel<E: Float, N: Size>(
     d: u32,
     capacity: u32,
     pos: u32,
+    lds: Sequence<u32>,
     #[define(E)] _dtype: StorageType,
 ) {
     let i = elem_index();
@@ -52,19 +56,21 @@ pub(crate) fn rope_append_kernel<E: Float, N: Size>(
     let t = t / rows;
     let si = t % seq;
     let bi = t / seq;
-    let cs = (bi * seq + si) * d;
+    let tok = bi * seq + si;
+    let cs = tok * d;
     if h < heads {
-        let src = ((bi * seq + si) * heads + h) * d;
+        let src = tok * lds[0] as usize + lds[1] as usize + h * d;
         let y = rotate_half_at::<E, N>(q, src, j, d, cos, sin, cs);
         q_out[((bi * heads + h) * seq + si) * d + j] = y;
     } else {
         // KV head g of this token: its row in the cache at position pos + si.
         let g = (h - heads) % kv_heads;
-        let src = ((bi * seq + si) * kv_heads + g) * d;
         let at = ((bi * kv_heads + g) * capacity as usize + pos as usize + si) * d + j;
         if h < heads + kv_heads {
+            let src = tok * lds[2] as usize + lds[3] as usize + g * d;
             k_cache[at] = rotate_half_at::<E, N>(k, src, j, d, cos, sin, cs);
         } else {
+            let src = tok * lds[4] as usize + lds[5] as usize + g * d;
             v_cache[at] = v[src + j];
         }
     }
@@ -85,20 +91,22 @@ pub fn forward(
     heads: usize,
     pos: usize,
 ) -> Raw {
-    let (q, k, v, cos, sin) = (
-        into_contiguous(q),
-        into_contiguous(k),
-        into_contiguous(v),
-        into_contiguous(cos),
-        into_contiguous(sin),
-    );
     let [b, kv_heads, capacity, d] = k_cache.meta.shape().dims::<4>();
     let s = q.meta.shape()[1];
-    let out = empty_as(&q, Shape::new([b, heads, s, d]), q.dtype);
     // `d` is even (checked by the caller): the widest vector that divides `d / 2`.
     let n = super::cube_util::vector_size(d / 2);
+    let (q, q_ld) = token_rows(q, n);
+    let (k, k_ld) = token_rows(k, n);
+    let (v, v_ld) = token_rows(v, n);
+    let (cos, sin) = (into_contiguous(cos), into_contiguous(sin));
+    let out = empty_as(&q, Shape::new([b, heads, s, d]), q.dtype);
     let total = b * s * (heads + 2 * kv_heads) * d / n;
     let (dtype, client) = (q.dtype, q.client.clone());
+    // Each input is read from its own view's start: offsets 0.
+    let mut lds = SequenceArg::new();
+    for x in [q_ld / n, 0, k_ld / n, 0, v_ld / n, 0] {
+        lds.push(x as u32);
+    }
     launch!(rope_append_kernel::<CudaRuntime>(
         &client,
         elem_grid(total),
@@ -119,7 +127,36 @@ pub fn forward(
         (d / n) as u32,
         capacity as u32,
         pos as u32,
+        lds,
         dtype.into(),
     ));
     out
+}
+
+/// `t [b, s, w]` as rows of tokens: the tensor (made contiguous unless its tokens' rows lie at
+/// one stride with unit-stride columns, starting on a vector of `n` elements) and that row
+/// stride in elements.
+fn token_rows(t: Raw, n: usize) -> (Raw, usize) {
+    let [b, s, w] = t.meta.shape().dims::<3>();
+    let st = t.meta.strides();
+    let (s0, s1, s2) = (st[0], st[1], st[2]);
+    let ld = match (b * s == 1, s == 1) {
+        (true, _) => w,
+        (false, true) => s0,
+        (false, false) => s1,
+    };
+    let eb = t.dtype.size() as u64;
+    let strided = (s2 == 1 || w == 1)
+        && ld >= w
+        && ld.is_multiple_of(n)
+        && (b == 1 || s == 1 || s0 == s * s1)
+        && t.handle
+            .offset_start
+            .unwrap_or(0)
+            .is_multiple_of(n as u64 * eb);
+    if strided {
+        (t, ld)
+    } else {
+        (into_contiguous(t), w)
+    }
 }

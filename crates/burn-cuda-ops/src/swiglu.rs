@@ -26,25 +26,34 @@ use super::backend::Prim;
 use super::cube_util::{elem_grid, elem_index, launch, vector_size, THREADS};
 use super::kernels::{empty_as, Raw};
 
-/// One unit per vector of `N` elements (8 where the size allows: 16-byte bf16 loads).
+/// One unit per vector of `N` elements (8 where the size allows: 16-byte bf16 loads). The
+/// inputs are rows of `cols` vectors, `ld_gate` and `ld_up` vectors apart (the column blocks of
+/// one packed gate/up projection are read in place; a dense input is one row); the output is
+/// dense.
 #[cube(launch, launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn swiglu_forward_kernel<E: Float, N: Size>(
     gate: &Tensor<Vector<E, N>>,
     up: &Tensor<Vector<E, N>>,
     out: &mut Tensor<Vector<E, N>>,
     len: u32,
+    cols: u32,
+    ld_gate: u32,
+    ld_up: u32,
     #[define(E)] _dtype: StorageType,
 ) {
     let i = elem_index();
     if i >= len as usize {
         terminate!();
     }
+    let (row, col) = (i / cols as usize, i % cols as usize);
     let one = Vector::new(f32::new(1.0));
-    let g = Vector::<f32, N>::cast_from(gate[i]);
+    let g = Vector::<f32, N>::cast_from(gate[row * ld_gate as usize + col]);
     // (`zero - g`: CUDA has no unary minus on cubecl's vector types.)
     let zero = Vector::new(f32::new(0.0));
     let act = Vector::<E, N>::cast_from(g / (one + (zero - g).exp()));
-    out[i] = Vector::cast_from(Vector::<f32, N>::cast_from(act) * Vector::cast_from(up[i]));
+    let u = Vector::<f32, N>::cast_from(up[row * ld_up as usize + col]);
+    out[i] = Vector::cast_from(Vector::<f32, N>::cast_from(act) * u);
 }
 
 #[cube(launch, launch_unchecked)]
@@ -74,23 +83,50 @@ pub(crate) fn swiglu_backward_kernel<E: Float, N: Size>(
     dgate[i] = Vector::cast_from(da * s * (one + g * (one - s)));
 }
 
-/// `silu(gate) * up`, elementwise over tensors of one shape.
+/// `silu(gate) * up`, elementwise over tensors of one shape. Two-dimensional inputs whose rows
+/// lie at a stride (column blocks of a wider tensor) are read in place; anything else is made
+/// contiguous first.
 pub fn forward(gate: Raw, up: Raw) -> Raw {
-    let (gate, up) = (into_contiguous(gate), into_contiguous(up));
     let shape = gate.meta.shape().clone();
     let n = shape.num_elements();
-    let v = vector_size(n);
+    // A 2-D input as rows: its row stride (elements), and the widest vector its start allows.
+    let rows_of = |t: &Raw| -> Option<(usize, usize)> {
+        let (s, st) = (t.meta.shape(), t.meta.strides());
+        if s.num_dims() != 2 || !(st[1] == 1 || s[1] == 1) {
+            return None;
+        }
+        let ld = if s[0] == 1 { s[1] } else { st[0] };
+        let start = t.handle.offset_start.unwrap_or(0);
+        let align = [8usize, 4, 2, 1]
+            .into_iter()
+            .find(|v| start.is_multiple_of((v * t.dtype.size()) as u64))
+            .unwrap_or(1);
+        (ld >= s[1]).then_some((ld, align))
+    };
+    let (gate, up, rows, cols, ld_g, ld_u, align) = match (rows_of(&gate), rows_of(&up)) {
+        (Some((lg, ag)), Some((lu, au))) if gate.meta.shape() == up.meta.shape() => {
+            (gate, up, shape[0], shape[1], lg, lu, ag.min(au))
+        }
+        _ => (into_contiguous(gate), into_contiguous(up), 1, n, n, n, 8),
+    };
+    let v = vector_size(cols)
+        .min(vector_size(ld_g))
+        .min(vector_size(ld_u))
+        .min(align);
     let out = empty_as(&gate, shape, gate.dtype);
     let dtype = gate.dtype;
     launch!(swiglu_forward_kernel::<CudaRuntime>(
         &gate.client.clone(),
-        elem_grid(n / v),
+        elem_grid(rows * cols / v),
         CubeDim::new_1d(THREADS),
         v,
         gate.into_tensor_arg(),
         up.into_tensor_arg(),
         out.clone().into_tensor_arg(),
-        (n / v) as u32,
+        (rows * cols / v) as u32,
+        (cols / v) as u32,
+        (ld_g / v) as u32,
+        (ld_u / v) as u32,
         dtype.into(),
     ));
     out

@@ -98,6 +98,10 @@ pub(crate) static ADD_NORM: Switch = Switch::new("PEFT_LORA_ADD_NORM");
 /// inference, else the caller's masked input (`PEFT_LORA_ROW_BLOCK=1`; opt-in until a GPU has
 /// timed it).
 pub(crate) static ROW_BLOCK: Switch = Switch::opt_in("PEFT_LORA_ROW_BLOCK");
+/// Linears that read one input as one queued task with one packed output
+/// ([`super::shared_input_linear`]) in inference, else one op per linear
+/// (`PEFT_LORA_SHARED_INPUT=1`; opt-in until a GPU has timed it).
+pub(crate) static SHARED_INPUT: Switch = Switch::opt_in("PEFT_LORA_SHARED_INPUT");
 /// RoPE of a cached step's queries and keys with the cache writes as one kernel
 /// ([`super::rope_append`]), else two RoPE kernels and two `slice_assign`
 /// (`PEFT_LORA_ROPE_APPEND`).

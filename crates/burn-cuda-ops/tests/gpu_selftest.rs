@@ -642,6 +642,132 @@ fn check_rope_append<B: AutodiffBackend>(
     checks
 }
 
+/// Linears over one input as one op (`ops::shared_input_linear`, inference) against Burn's
+/// composed `x W + s (x A) B` per part: weights as separate tensors and as the column views of
+/// one packed buffer (the op's one-GEMM case), a low-rank term on some parts. Then the packed
+/// output's column views fed to `rope_append` (q, k, v) and `swiglu` (gate, up) in place,
+/// against the same ops on contiguous copies.
+fn check_shared_input<B: AutodiffBackend>(
+    label: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Check> {
+    type I<B> = <B as AutodiffBackend>::InnerBackend;
+    let opts = (device, dtype);
+    let normal = Distribution::Normal(0.0, 0.05);
+    let mut checks = Vec::new();
+    ops::set_shared_input_enabled(true);
+    // [n, in, outs, ranks (0: no term)]: the 8B q/k/v at batch 1 and 64 (q and v adapted), an
+    // MLP's gate/up, odd small shapes.
+    let cases: [(usize, usize, Vec<usize>, Vec<usize>); 4] = [
+        (1, 4096, vec![4096, 1024, 1024], vec![8, 0, 8]),
+        (64, 4096, vec![4096, 1024, 1024], vec![8, 0, 8]),
+        (3, 4096, vec![14336, 14336], vec![0, 16]),
+        (5, 96, vec![64, 32, 32], vec![0, 4, 0]),
+    ];
+    for (n, d_in, outs, ranks) in cases {
+        let x = Tensor::<I<B>, 2>::random([n, d_in], Distribution::Normal(0.0, 1.0), opts);
+        let total: usize = outs.iter().sum();
+        let packed = Tensor::<I<B>, 2>::random([d_in, total], normal, opts);
+        let mut off = 0;
+        let mut views = Vec::new();
+        for out in &outs {
+            views.push(packed.clone().slice([0..d_in, off..off + out]));
+            off += out;
+        }
+        let separate: Vec<Tensor<I<B>, 2>> = views.iter().map(|w| w.clone() * 1.0).collect();
+        let adapters: Vec<_> = ranks
+            .iter()
+            .zip(&outs)
+            .map(|(&r, &out)| {
+                (r > 0).then(|| {
+                    let a = Tensor::<I<B>, 2>::random([d_in, r], normal, opts);
+                    let b = Tensor::<I<B>, 2>::random([r, out], normal, opts);
+                    (a, b, 2.0)
+                })
+            })
+            .collect();
+        let want: Vec<Tensor<I<B>, 2>> = separate
+            .iter()
+            .zip(&adapters)
+            .map(|(w, lr)| {
+                let y = x.clone().matmul(w.clone());
+                match lr {
+                    Some((a, b, s)) => y + x.clone().matmul(a.clone()).matmul(b.clone()) * *s,
+                    None => y,
+                }
+            })
+            .collect();
+        let want = host(Tensor::cat(want, 1));
+        for (layout, ws) in [("separate", &separate), ("packed", &views)] {
+            let parts: Vec<ops::SharedLinear<'_, I<B>>> = ws
+                .iter()
+                .zip(&adapters)
+                .map(|(w, lr)| ops::SharedLinear {
+                    w,
+                    bias: None,
+                    low_rank: lr.as_ref().map(|(a, b, s)| (a, b, *s)),
+                })
+                .collect();
+            let Some(y) = ops::shared_input_linear(&x, &parts) else {
+                return not_taken::<I<B>>(format!("{label} shared_input_linear"));
+            };
+            checks.push(Check::fused(
+                format!("{label} {dtype:?} shared_input_linear {n}x{d_in} -> {outs:?} {layout}"),
+                rel_err(&host(y), &want),
+                tolerance(dtype),
+            ));
+        }
+    }
+    // The packed output's column views read in place by rope_append and swiglu.
+    // Column offsets on cubecl's 512-byte alignment, so the slices are views (else copies).
+    let (b, nh, nkv, d, cap, pos) = (2, 4, 4, 64, 9, 3);
+    let w = (nh + 2 * nkv) * d;
+    let qkv = Tensor::<I<B>, 3>::random([b, 1, w], Distribution::Normal(0.0, 1.0), opts);
+    let col = |t: &Tensor<I<B>, 3>, from: usize, to: usize| t.clone().slice([0..b, 0..1, from..to]);
+    let (q, k, v) = (
+        col(&qkv, 0, nh * d),
+        col(&qkv, nh * d, (nh + nkv) * d),
+        col(&qkv, (nh + nkv) * d, w),
+    );
+    let cos = Tensor::<I<B>, 4>::random([b, 1, 1, d], Distribution::Normal(0.0, 1.0), opts);
+    let sin = Tensor::<I<B>, 4>::random([b, 1, 1, d], Distribution::Normal(0.0, 1.0), opts);
+    let cache = || Tensor::<I<B>, 4>::zeros([b, nkv, cap, d], opts);
+    let dense = |t: &Tensor<I<B>, 3>| t.clone() * 1.0;
+    let run = |q: &Tensor<I<B>, 3>, k: &Tensor<I<B>, 3>, v: &Tensor<I<B>, 3>| {
+        ops::rope_append(q, k, v, &cos, &sin, cache(), cache(), pos).ok()
+    };
+    match (run(&q, &k, &v), run(&dense(&q), &dense(&k), &dense(&v))) {
+        (Some(got), Some(want)) => {
+            for (what, g, w) in [("q", got.0, want.0), ("k", got.1, want.1), ("v", got.2, want.2)]
+            {
+                checks.push(Check::fused(
+                    format!("{label} {dtype:?} rope_append of packed column views {what}"),
+                    rel_err(&host(g), &host(w)),
+                    0.0,
+                ));
+            }
+        }
+        _ => checks.extend(not_taken::<I<B>>(format!("{label} rope_append (views)"))),
+    }
+    let gu = Tensor::<I<B>, 2>::random([7, 2 * 1536], Distribution::Normal(0.0, 2.0), opts);
+    let (g, u) = (gu.clone().slice([0..7, 0..1536]), gu.slice([0..7, 1536..3072]));
+    let as3 = |t: Tensor<I<B>, 2>| t.reshape([1, 7, 1536]);
+    match (
+        ops::swiglu(&as3(g.clone()), &as3(u.clone())),
+        ops::swiglu(&as3(g * 1.0), &as3(u * 1.0)),
+    ) {
+        (Some(got), Some(want)) => checks.push(Check::fused(
+            format!("{label} {dtype:?} swiglu of packed column views"),
+            rel_err(&host(got), &host(want)),
+            0.0,
+        )),
+        _ => checks.extend(not_taken::<I<B>>(format!("{label} swiglu (views)"))),
+    }
+    ops::set_shared_input_enabled(false);
+    checks
+}
+
 /// An int tensor's queued read (`ops::start_read`) with more work queued behind it before the
 /// wait: the ids equal Burn's own read, on the raw backend (the autodiff one reads through it).
 fn check_start_read<B: AutodiffBackend>(
@@ -1270,7 +1396,9 @@ fn main() {
     let dropout_input_f32: Suite = |l, dt, d| check_dropout::<F32>(l, dt, 2, 45, 96, 80, 8, d);
     let dropout_input_ckpt: Suite =
         |l, dt, d| check_dropout::<Bf16Ckpt>(l, dt, 2, 45, 96, 80, 8, d);
-    let suites: [((&str, DType), Suite); 29] = [
+    let suites: [((&str, DType), Suite); 31] = [
+        (f32_, check_shared_input::<F32>),
+        (bf16_, check_shared_input::<Bf16>),
         (f32_, check_argmax::<F32>),
         (bf16_, check_argmax::<Bf16>),
         (f32_, check_offload::<Cuda<f32>>),

@@ -48,6 +48,9 @@ fn swiglu_forward_matches_the_formula_at_every_vector_width() {
                         ub.flat(),
                         out.flat(),
                         (n / v) as u32,
+                        (n / v) as u32,
+                        (n / v) as u32,
+                        (n / v) as u32,
                         f32_type(),
                     )
                 );
@@ -55,6 +58,61 @@ fn swiglu_forward_matches_the_formula_at_every_vector_width() {
                 let got = read_output(&client, &out, &what);
                 assert_close(&got, &want, 1e-6, 1e-5, &what);
             }
+        }
+    }
+}
+
+#[test]
+fn swiglu_forward_reads_the_column_blocks_of_a_packed_gate_up_output() {
+    // `[rows, 2 c]` rows of `[gate | up]`, as one packed gate/up projection writes them: `gate`
+    // is the buffer from its start, `up` the same buffer from column `c` (a view's offset), both
+    // `2 c` apart; the output is dense `[rows, c]`.
+    let client = client();
+    let (rows, c) = (5usize, 64usize);
+    let packed = values(rows * 2 * c, 7, 4.0);
+    let want: Vec<f64> = (0..rows * c)
+        .map(|i| {
+            let (r, j) = (i / c, i % c);
+            let (g, u) = (
+                packed[r * 2 * c + j] as f64,
+                packed[r * 2 * c + c + j] as f64,
+            );
+            g * sigmoid(g) * u
+        })
+        .collect();
+    let buf = input(&client, &packed);
+    for v in widths(c) {
+        for mode in MODES {
+            let out = output(&client, rows * c);
+            // SAFETY: the up view's last element, `(rows - 1) 2 c + 2 c - 1` from the buffer's
+            // start, is inside it.
+            let up = unsafe {
+                TensorArg::from_raw_parts(
+                    buf.handle.clone().offset_start((c * 4) as u64),
+                    vec![2 * c, 1].into(),
+                    vec![rows, c].into(),
+                )
+            };
+            launch_in!(
+                mode,
+                swiglu_forward_kernel::<Rt>(
+                    &client,
+                    elem_grid(rows * c / v),
+                    CubeDim::new_1d(THREADS),
+                    v,
+                    buf.arg_strided(&[rows, c], &[2 * c, 1]),
+                    up,
+                    out.flat(),
+                    (rows * c / v) as u32,
+                    (c / v) as u32,
+                    (2 * c / v) as u32,
+                    (2 * c / v) as u32,
+                    f32_type(),
+                )
+            );
+            let what = format!("swiglu packed forward width {v} {mode:?}");
+            let got = read_output(&client, &out, &what);
+            assert_close(&got, &want, 1e-6, 1e-5, &what);
         }
     }
 }
@@ -299,7 +357,8 @@ fn rope_backward_undoes_the_forward_rotation() {
 fn rope_append_rotates_q_and_k_and_writes_the_cache_in_place() {
     // `[b, s, heads, kv_heads, d, capacity, pos]`: one decode token with GQA (d / 2 takes width
     // 8), two tokens mid-cache (width 2), up to the last position (width 1, odd d / 2), and
-    // no GQA at position 0.
+    // no GQA at position 0. Each case reads q, k, v from three tensors and from the column
+    // blocks of one packed `[b, s, (heads + 2 kv) d]` projection output.
     let client = client();
     let cases: [[usize; 7]; 4] = [
         [2, 1, 8, 2, 64, 37, 20],
@@ -333,44 +392,74 @@ fn rope_append_rotates_q_and_k_and_writes_the_cache_in_place() {
                 }
             }
         }
+        // The packed layout: each token's row is [q | k | v].
+        let (qw, kw) = (heads * d, kv * d);
+        let width = qw + 2 * kw;
+        let packed: Vec<f32> = (0..b * s)
+            .flat_map(|t| {
+                let q = &q[t * qw..(t + 1) * qw];
+                let k = &k[t * kw..(t + 1) * kw];
+                let v = &v[t * kw..(t + 1) * kw];
+                q.iter().chain(k).chain(v).copied().collect::<Vec<_>>()
+            })
+            .collect();
         let ins = [&q, &k, &v, &cos, &sin].map(|x| input(&client, x));
+        let packed = input(&client, &packed);
         for n in widths(d / 2) {
-            for mode in MODES {
-                let what = format!("rope_append case {c} width {n} {mode:?}");
-                let q_out = output(&client, b * heads * s * d);
-                let (kc, vc) = (input(&client, &cache0), input(&client, &cache0));
-                let total = b * s * (heads + 2 * kv) * d / n;
-                launch_in!(
-                    mode,
-                    rope_append_kernel::<Rt>(
-                        &client,
-                        elem_grid(total),
-                        CubeDim::new_1d(THREADS),
-                        n,
-                        ins[0].flat(),
-                        ins[1].flat(),
-                        ins[2].flat(),
-                        ins[3].flat(),
-                        ins[4].flat(),
-                        q_out.flat(),
-                        kc.flat(),
-                        vc.flat(),
-                        total as u32,
-                        heads as u32,
-                        kv as u32,
-                        s as u32,
-                        (d / n) as u32,
-                        cap as u32,
-                        pos as u32,
-                        f32_type(),
-                    )
-                );
-                let got = read_output(&client, &q_out, &format!("{what} q"));
-                assert_close(&got, &want_q, 1e-5, 1e-4, &format!("{what} q"));
-                let got = read_in_place(&client, &kc, &format!("{what} k cache"));
-                assert_close(&got, &want_k, 1e-5, 1e-4, &format!("{what} k cache"));
-                let got = read_in_place(&client, &vc, &format!("{what} v cache"));
-                assert_close(&got, &want_v, 0.0, 0.0, &format!("{what} v cache"));
+            for (layout, packed_in) in [("three tensors", false), ("packed", true)] {
+                // Per input: (row stride, offset) in vectors.
+                let lds = if packed_in {
+                    [width, 0, width, qw, width, qw + kw]
+                } else {
+                    [qw, 0, kw, 0, kw, 0]
+                };
+                let [qb, kb, vb] = if packed_in {
+                    [&packed; 3]
+                } else {
+                    [&ins[0], &ins[1], &ins[2]]
+                };
+                for mode in MODES {
+                    let what = format!("rope_append case {c} {layout} width {n} {mode:?}");
+                    let q_out = output(&client, b * heads * s * d);
+                    let (kc, vc) = (input(&client, &cache0), input(&client, &cache0));
+                    let total = b * s * (heads + 2 * kv) * d / n;
+                    let mut seq = SequenceArg::new();
+                    for x in lds {
+                        seq.push((x / n) as u32);
+                    }
+                    launch_in!(
+                        mode,
+                        rope_append_kernel::<Rt>(
+                            &client,
+                            elem_grid(total),
+                            CubeDim::new_1d(THREADS),
+                            n,
+                            qb.flat(),
+                            kb.flat(),
+                            vb.flat(),
+                            ins[3].flat(),
+                            ins[4].flat(),
+                            q_out.flat(),
+                            kc.flat(),
+                            vc.flat(),
+                            total as u32,
+                            heads as u32,
+                            kv as u32,
+                            s as u32,
+                            (d / n) as u32,
+                            cap as u32,
+                            pos as u32,
+                            seq,
+                            f32_type(),
+                        )
+                    );
+                    let got = read_output(&client, &q_out, &format!("{what} q"));
+                    assert_close(&got, &want_q, 1e-5, 1e-4, &format!("{what} q"));
+                    let got = read_in_place(&client, &kc, &format!("{what} k cache"));
+                    assert_close(&got, &want_k, 1e-5, 1e-4, &format!("{what} k cache"));
+                    let got = read_in_place(&client, &vc, &format!("{what} v cache"));
+                    assert_close(&got, &want_v, 0.0, 0.0, &format!("{what} v cache"));
+                }
             }
         }
     }

@@ -1,0 +1,203 @@
+//! Several frozen linears that read one input (a decoder's q, k, v; an MLP's gate and up), each
+//! with an optional low-rank term, as one queued cuBLASLt task writing one packed output
+//! (inference only).
+//!
+//! `x [n, in]`; part `i`: `W_i [in, out_i]`, optional bias `[out_i]`, optional `(A_i [in, r_i],
+//! B_i [r_i, out_i], s_i)`. The output `y [n, sum out_i]` holds part `i` in columns
+//! `off_i..off_i + out_i`:
+//! - `y_i = x W_i (+ bias_i)`: one GEMM per part, or one GEMM for all of them when their weights
+//!   are column blocks of one buffer lying side by side (same row stride, each starting where
+//!   the one before ends, no bias), as a packed weight's views are; that is decided from the
+//!   device pointers when the task runs, so a weight replaced since packing (a merge, an
+//!   initialisation that rewrites it) just takes the per-part GEMMs;
+//! - then `y_i += s_i (x A_i) B_i` (beta = 1): the base result first, then the adapter's term,
+//!   as PEFT's `result + lora_B(lora_A(x)) * scaling` orders them.
+
+use burn::tensor::Shape;
+use burn_cubecl::kernel::into_contiguous;
+use cubecl_runtime::server::Handle;
+
+use super::device;
+use super::kernels::{dtype_of, empty_as, prepare, Prepared, Raw};
+use super::lt::{self, Operand, Output};
+
+/// One linear of a shared-input group.
+pub struct SharedPart {
+    /// Frozen weight `[in, out]`.
+    pub w: Raw,
+    /// Frozen bias `[out]`.
+    pub bias: Option<Raw>,
+    /// The low-rank term `(A [in, r], B [r, out], s)`.
+    pub low_rank: Option<(Raw, Raw, f32)>,
+}
+
+/// The columns `[out]` of each part in the packed output, in order.
+fn widths(parts: &[SharedPart]) -> Vec<usize> {
+    parts.iter().map(|p| p.w.meta.shape()[1]).collect()
+}
+
+/// Checks the shapes and dtypes of a group: `(n, in, widths)`.
+fn check(x: &Raw, parts: &[SharedPart]) -> Result<(usize, usize, Vec<usize>), String> {
+    let s = x.meta.shape();
+    if s.num_dims() != 2 {
+        return Err(format!("shared-input linear: x must be 2-D, got {s:?}"));
+    }
+    let (n, d_in) = (s[0], s[1]);
+    if parts.is_empty() {
+        return Err("shared-input linear: no parts".into());
+    }
+    let dt = dtype_of(x)?;
+    for (i, p) in parts.iter().enumerate() {
+        let w = p.w.meta.shape();
+        let mut ts = vec![(&p.w, "W")];
+        if let Some(b) = &p.bias {
+            ts.push((b, "bias"));
+        }
+        if let Some((a, b, _)) = &p.low_rank {
+            ts.push((a, "A"));
+            ts.push((b, "B"));
+        }
+        for (t, what) in ts {
+            if dtype_of(t)? != dt {
+                return Err(format!(
+                    "shared-input linear: part {i}'s {what} is not x's dtype"
+                ));
+            }
+        }
+        let out = if w.num_dims() == 2 && w[0] == d_in {
+            w[1]
+        } else {
+            0
+        };
+        let bias_ok = p
+            .bias
+            .as_ref()
+            .is_none_or(|b| b.meta.shape().dims::<1>() == [out]);
+        let lr_ok = p.low_rank.as_ref().is_none_or(|(a, b, _)| {
+            let (a, b) = (a.meta.shape(), b.meta.shape());
+            a.num_dims() == 2 && b.num_dims() == 2 && a[0] == d_in && a[1] == b[0] && b[1] == out
+        });
+        if out == 0 || !bias_ok || !lr_ok {
+            return Err(format!(
+                "shared-input linear: part {i}'s shapes do not fit x [{n}, {d_in}]"
+            ));
+        }
+    }
+    Ok((n, d_in, widths(parts)))
+}
+
+/// The packed forward: `y [n, sum out_i]` (see the module's documentation).
+pub fn forward(x: Raw, parts: Vec<SharedPart>) -> Result<Raw, String> {
+    let (n, _d_in, outs) = check(&x, &parts)?;
+    let dt = dtype_of(&x)?;
+    let eb = lt::elem_bytes(dt);
+    let total: usize = outs.iter().sum();
+    let ranks: Vec<usize> = parts
+        .iter()
+        .map(|p| p.low_rank.as_ref().map_or(0, |(a, _, _)| a.meta.shape()[1]))
+        .collect();
+    let rank_total: usize = ranks.iter().sum();
+    let y = empty_as(&x, Shape::new([n, total]), x.dtype);
+    let xa = (rank_total > 0).then(|| empty_as(&x, Shape::new([n, rank_total]), x.dtype));
+    let x = prepare(x);
+    let device = x.t.device.clone();
+    // Handles in order: x, y, xa?, then per part W, bias?, A?, B?.
+    let mut handles = vec![x.t.handle.clone(), y.handle.clone()];
+    if let Some(xa) = &xa {
+        handles.push(xa.handle.clone());
+    }
+    /// An operand's handle index and layout.
+    type Slot = (usize, Operand);
+    struct Slots {
+        w: Slot,
+        bias: Option<usize>,
+        low_rank: Option<(Slot, Slot, f32)>,
+    }
+    let mut slots = Vec::with_capacity(parts.len());
+    // The handles keep every operand alive until the task has run.
+    let op = |t: Raw, handles: &mut Vec<Handle>| {
+        let p = prepare(t);
+        handles.push(p.t.handle.clone());
+        (handles.len() - 1, operand(&p))
+    };
+    for part in parts {
+        let w = op(part.w, &mut handles);
+        let bias = part.bias.map(|b| {
+            let b = into_contiguous(b);
+            handles.push(b.handle.clone());
+            handles.len() - 1
+        });
+        let low_rank = part
+            .low_rank
+            .map(|(a, b, s)| (op(a, &mut handles), op(b, &mut handles), s));
+        slots.push(Slots { w, bias, low_rank });
+    }
+    let x_op = operand(&x);
+    device::enqueue(&device, handles, move |ctx, p| {
+        let x = Operand { ptr: p[0], ..x_op };
+        let y_at = |off: usize| Output {
+            ptr: p[1] + (off as u64) * eb,
+            ld: total,
+        };
+        let with = |(i, o): (usize, Operand)| Operand { ptr: p[i], ..o };
+        let ws: Vec<Operand> = slots.iter().map(|s| with(s.w)).collect();
+        // One GEMM when the weights are adjacent column blocks of one buffer and no part has a
+        // bias; else one per part.
+        let packed = slots.iter().all(|s| s.bias.is_none())
+            && ws
+                .iter()
+                .all(|w| !w.trans && w.ld == ws[0].ld && w.ld >= total)
+            && ws
+                .windows(2)
+                .zip(&outs)
+                .all(|(w, &out)| w[1].ptr == w[0].ptr + out as u64 * eb);
+        if packed {
+            let w = Operand {
+                cols: total,
+                ..ws[0]
+            };
+            lt::gemm(ctx, dt, x, w, y_at(0), 1.0, 0.0, None)?;
+        } else {
+            let mut off = 0;
+            for (s, (w, out)) in slots.iter().zip(ws.iter().zip(&outs)) {
+                let bias = s.bias.map(|i| p[i]);
+                lt::gemm(ctx, dt, x, *w, y_at(off), 1.0, 0.0, bias)?;
+                off += out;
+            }
+        }
+        let (mut off, mut roff) = (0, 0);
+        for ((s, out), r) in slots.iter().zip(&outs).zip(&ranks) {
+            if let Some((a, b, scale)) = s.low_rank {
+                // Some part has a rank, so `xa` (handle 2) exists.
+                let xa_out = Output {
+                    ptr: p[2] + (roff as u64) * eb,
+                    ld: rank_total,
+                };
+                lt::gemm(ctx, dt, x, with(a), xa_out, 1.0, 0.0, None)?;
+                let xa_op = Operand {
+                    ptr: xa_out.ptr,
+                    rows: n,
+                    cols: *r,
+                    ld: rank_total,
+                    trans: false,
+                };
+                lt::gemm(ctx, dt, xa_op, with(b), y_at(off), scale, 1.0, None)?;
+            }
+            off += out;
+            roff += r;
+        }
+        Ok(())
+    })?;
+    Ok(y)
+}
+
+/// A prepared tensor as an operand (its pointer filled in when the task runs).
+fn operand(p: &Prepared) -> Operand {
+    Operand {
+        ptr: 0,
+        rows: p.rows,
+        cols: p.cols,
+        ld: p.ld,
+        trans: p.trans,
+    }
+}
