@@ -35,8 +35,12 @@
 //! kernels; `PEFT_LORA_ARGMAX_KERNEL=0` ([`set_argmax_kernel_enabled`]) Burn's `argmax` for
 //! greedy decoding; `PEFT_LORA_ADD_NORM=0` keeps inference's residual add apart from the
 //! RMSNorm after it, `PEFT_LORA_ROPE_APPEND=0` a cached step's RoPE apart from its cache writes;
-//! opt-in: `PEFT_LORA_QUEUED_READ=1` ([`set_queued_read_enabled`]) lets [`start_read`] queue
-//! its copy at once (not yet measured on a GPU), and (no gain measured on an H100)
+//! `PEFT_LORA_QUEUED_READ=0` ([`set_queued_read_enabled`]) makes [`start_read`] give the tensor
+//! back instead of queuing its copy; `PEFT_LORA_ROW_BLOCK=0` ([`set_row_block_enabled`]) runs
+//! routed rows as a masked input; opt-in: `PEFT_LORA_SHARED_INPUT=1`
+//! ([`set_shared_input_enabled`]) runs linears over one input as one task (not yet measured on
+//! a GPU), and (slower or no gain measured on an H100) `PEFT_LORA_DECODE_ATTENTION=1`
+//! ([`set_decode_attention_enabled`]) the split-key decode attention,
 //! `PEFT_LORA_UNCHECKED_KERNELS=1` ([`set_unchecked_kernels_enabled`]) launches without
 //! cubecl's bounds checks;
 //! `PEFT_LORA_SOFTMAX_KERNEL=0` the attention's softmax kernels; `PEFT_LORA_ASYNC_SUBMIT=0` makes
@@ -134,9 +138,9 @@ pub fn set_argmax_kernel_enabled(on: bool) {
 }
 
 /// Switches the split-key attention of decode steps ([`attention_decode`]: two kernels, no score
-/// tensor) on or off (process-wide; default off unless `PEFT_LORA_DECODE_ATTENTION=1`, until a
-/// GPU has timed it against the GEMM path; off, a decode step runs the fused attention's GEMM
-/// path).
+/// tensor) on or off (process-wide; default off unless `PEFT_LORA_DECODE_ATTENTION=1`: on an
+/// H100 it measured slower than the GEMM path, -1.5% at batch 1 and -33% at batch 64; off, a
+/// decode step runs the fused attention's GEMM path).
 pub fn set_decode_attention_enabled(on: bool) {
     switch::DECODE_ATTENTION.set(on);
 }
@@ -263,8 +267,8 @@ fn raw_cuda<B: Backend>() -> bool {
 
 /// Queues the copy of an int tensor to the host now ([`read::PendingRead`]; wait for it with
 /// [`read::PendingRead::wait`]) when `B`'s int tensors are cubecl CUDA's (the raw backend, with
-/// or without autodiff) and `PEFT_LORA_QUEUED_READ=1` ([`set_queued_read_enabled`]; opt-in until
-/// measured on a GPU); gives `t` back otherwise. Work queued after this call does not delay the
+/// or without autodiff) and the path is on (`PEFT_LORA_QUEUED_READ`, [`set_queued_read_enabled`]);
+/// gives `t` back otherwise. Work queued after this call does not delay the
 /// copy: a decode loop can queue its next step before it waits for the chosen ids.
 pub fn start_read<B: Backend, const D: usize>(
     t: Tensor<B, D, Int>,
@@ -283,8 +287,8 @@ pub fn start_read<B: Backend, const D: usize>(
     }
 }
 
-/// Switches [`start_read`]'s queued copy on or off (process-wide; default off unless
-/// `PEFT_LORA_QUEUED_READ=1`).
+/// Switches [`start_read`]'s queued copy on or off (process-wide; default on unless
+/// `PEFT_LORA_QUEUED_READ=0`).
 pub fn set_queued_read_enabled(on: bool) {
     switch::QUEUED_READ.set(on);
 }
@@ -471,8 +475,8 @@ pub fn low_rank_linear<B: Backend>(
 
 /// `x W (+ bias)` on every row of `x` and `+ s (x A) B` on the rows `rows` only, for inference
 /// ([`kernels::low_rank_forward_rows`]: the adapter's GEMMs address the block by offset; one
-/// queued task, no mask) when `B` is a raw cubecl CUDA backend without autodiff and
-/// `PEFT_LORA_ROW_BLOCK=1` ([`set_row_block_enabled`]), else `None`. `x [n, in]`, `w [in, out]`
+/// queued task, no mask) when `B` is a raw cubecl CUDA backend without autodiff and the path is
+/// on (`PEFT_LORA_ROW_BLOCK`, [`set_row_block_enabled`]), else `None`. `x [n, in]`, `w [in, out]`
 /// frozen, `a [in, r]`, `b [r, out]`, `rows` non-empty inside `0..n`.
 #[allow(clippy::too_many_arguments)]
 pub fn low_rank_linear_rows<B: Backend>(
@@ -505,8 +509,8 @@ pub fn low_rank_linear_rows<B: Backend>(
     Some(tensor::<B, 2>(cast(y)))
 }
 
-/// Switches [`low_rank_linear_rows`] on or off (process-wide; default off unless
-/// `PEFT_LORA_ROW_BLOCK=1`, until a GPU has timed it; off, routed rows run as a masked input).
+/// Switches [`low_rank_linear_rows`] on or off (process-wide; default on unless
+/// `PEFT_LORA_ROW_BLOCK=0`; off, routed rows run as a masked input).
 pub fn set_row_block_enabled(on: bool) {
     switch::ROW_BLOCK.set(on);
 }

@@ -739,8 +739,11 @@ fn check_shared_input<B: AutodiffBackend>(
     };
     match (run(&q, &k, &v), run(&dense(&q), &dense(&k), &dense(&v))) {
         (Some(got), Some(want)) => {
-            for (what, g, w) in [("q", got.0, want.0), ("k", got.1, want.1), ("v", got.2, want.2)]
-            {
+            for (what, g, w) in [
+                ("q", got.0, want.0),
+                ("k", got.1, want.1),
+                ("v", got.2, want.2),
+            ] {
                 checks.push(Check::fused(
                     format!("{label} {dtype:?} rope_append of packed column views {what}"),
                     rel_err(&host(g), &host(w)),
@@ -751,7 +754,10 @@ fn check_shared_input<B: AutodiffBackend>(
         _ => checks.extend(not_taken::<I<B>>(format!("{label} rope_append (views)"))),
     }
     let gu = Tensor::<I<B>, 2>::random([7, 2 * 1536], Distribution::Normal(0.0, 2.0), opts);
-    let (g, u) = (gu.clone().slice([0..7, 0..1536]), gu.slice([0..7, 1536..3072]));
+    let (g, u) = (
+        gu.clone().slice([0..7, 0..1536]),
+        gu.slice([0..7, 1536..3072]),
+    );
     let as3 = |t: Tensor<I<B>, 2>| t.reshape([1, 7, 1536]);
     match (
         ops::swiglu(&as3(g.clone()), &as3(u.clone())),

@@ -228,7 +228,7 @@ impl<B: Backend> Attention<B> {
             c.num_heads * c.head_dim,
             c.num_kv_heads * c.head_dim,
         );
-        Ok(Attention {
+        let mut a = Attention {
             q_proj: load_linear(&vb.pp("q_proj"), h, q, c.attention_bias)?,
             k_proj: load_linear(&vb.pp("k_proj"), h, kv, c.attention_bias)?,
             v_proj: load_linear(&vb.pp("v_proj"), h, kv, c.attention_bias)?,
@@ -236,7 +236,26 @@ impl<B: Backend> Attention<B> {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
-        })
+        };
+        if !vb.nf4() {
+            a.pack_qkv()?;
+        }
+        Ok(a)
+    }
+
+    /// With the shared-input op on (`PEFT_LORA_SHARED_INPUT=1`), lays the q, k and v weights
+    /// side by side in one buffer ([`LoraLinear::pack_shared_input`]), so the three projections
+    /// are one GEMM. Done layer by layer as the model is built: the separate buffers it frees
+    /// are the sizes the next layer allocates.
+    fn pack_qkv(&mut self) -> Result<()> {
+        if crate::ops::shared_input_enabled() {
+            LoraLinear::pack_shared_input(&mut [
+                &mut self.q_proj,
+                &mut self.k_proj,
+                &mut self.v_proj,
+            ])?;
+        }
+        Ok(())
     }
 
     /// Random weights.
@@ -246,7 +265,7 @@ impl<B: Backend> Attention<B> {
             c.num_heads * c.head_dim,
             c.num_kv_heads * c.head_dim,
         );
-        Attention {
+        let mut a = Attention {
             q_proj: random_linear(h, q, c.attention_bias, device),
             k_proj: random_linear(h, kv, c.attention_bias, device),
             v_proj: random_linear(h, kv, c.attention_bias, device),
@@ -254,7 +273,10 @@ impl<B: Backend> Attention<B> {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
-        }
+        };
+        a.pack_qkv()
+            .expect("q, k and v are built with one input width and dtype");
+        a
     }
 
     /// Attention over the new tokens `x` and the keys/values of `cache`, which it returns with
@@ -289,9 +311,11 @@ impl<B: Backend> Attention<B> {
             }
             rope::apply(heads(t, n), cos, sin)
         };
-        let q = self.q_proj.forward_ctx(x.clone(), ctx);
-        let k = self.k_proj.forward_ctx(x.clone(), ctx);
-        let v = self.v_proj.forward_ctx(x, ctx);
+        // One op over the shared input where it runs (else the three projections).
+        let [q, k, v]: [Tensor<B, 3>; 3] =
+            LoraLinear::forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], x, ctx)
+                .try_into()
+                .expect("three projections give three outputs");
         let (q, k, v, next) = match cache {
             None => (rotary(q, nh), rotary(k, nkv), heads(v, nkv), None),
             Some(c) if c.len == 0 => {

@@ -19,6 +19,15 @@ pub(crate) fn frozen_linear<B: Backend>(
     }
 }
 
+/// Whether linears over one input run as one op (`PEFT_LORA_SHARED_INPUT=1`), so the model lays
+/// their weights side by side when it builds them.
+pub(crate) fn shared_input_enabled() -> bool {
+    #[cfg(feature = "cuda")]
+    return burn_cuda_ops::shared_input_enabled();
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
 /// RoPE fused with the split into heads: `[b, s, heads * d]` -> `[b, heads, s, d]`.
 pub(crate) fn rope<B: Backend>(
     x: &Tensor<B, 3>,

@@ -92,6 +92,14 @@ pub enum Error {
         /// The input's last dimension.
         found: usize,
     },
+    /// Layers given to [`crate::LoraLinear::pack_shared_input`] cannot share one weight buffer.
+    #[error("cannot pack the weights of {modules} into one buffer: {reason}")]
+    Pack {
+        /// The layers' module paths (`<unnamed>` where no [`crate::PeftModel`] named one).
+        modules: String,
+        /// Why.
+        reason: String,
+    },
     /// A numerical routine (SVD, QR) failed.
     #[error("linear algebra failed for `{module}`: {message}")]
     LinAlg {

@@ -4,12 +4,14 @@
 
 #[cfg(feature = "cuda")]
 pub(crate) use burn_cuda_ops::{
-    col_scale, dropout, frozen_linear, low_rank_linear, low_rank_linear_rows, supported,
+    col_scale, dropout, frozen_linear, low_rank_linear, low_rank_linear_rows, shared_input_enabled,
+    shared_input_linear, supported, SharedLinear,
 };
 
 #[cfg(not(feature = "cuda"))]
 pub(crate) use off::{
-    col_scale, dropout, frozen_linear, low_rank_linear, low_rank_linear_rows, supported,
+    col_scale, dropout, frozen_linear, low_rank_linear, low_rank_linear_rows, shared_input_enabled,
+    shared_input_linear, supported, SharedLinear,
 };
 
 /// The same signatures without the `cuda` feature: nothing is fused.
@@ -58,6 +60,27 @@ mod off {
         _rows: std::ops::Range<usize>,
     ) -> Option<Tensor<B, 2>> {
         None
+    }
+
+    /// One linear of a shared-input group (the `cuda` feature's type, unused without it).
+    #[allow(dead_code)]
+    pub(crate) struct SharedLinear<'a, B: Backend> {
+        pub w: &'a Tensor<B, 2>,
+        pub bias: Option<&'a Tensor<B, 1>>,
+        pub low_rank: Option<(&'a Tensor<B, 2>, &'a Tensor<B, 2>, f64)>,
+    }
+
+    /// Linears over one input as one op: never without the `cuda` feature.
+    pub(crate) fn shared_input_linear<B: Backend>(
+        _x: &Tensor<B, 2>,
+        _parts: &[SharedLinear<'_, B>],
+    ) -> Option<Tensor<B, 2>> {
+        None
+    }
+
+    /// Whether the shared-input op is on: never without the `cuda` feature.
+    pub(crate) fn shared_input_enabled() -> bool {
+        false
     }
 
     /// `y * g` (`g`: `[1, out]`) with a GEMM-reduced backward: never without the `cuda` feature.

@@ -383,7 +383,6 @@ fn check_routed_rows<B: AutodiffBackend>(
         case.seq..3 * case.seq,
     )
     .is_some();
-    burn_cuda_ops::set_row_block_enabled(false);
     let adapter = run(&layer, &Default::default(), true);
     layer
         .set_disabled(true)
@@ -428,6 +427,95 @@ fn check_routed_rows<B: AutodiffBackend>(
         ));
     } else {
         checks.extend(not_taken::<B::InnerBackend>(name("row block")));
+    }
+    checks
+}
+
+/// Layers over one input (`LoraLinear::forward_shared`, inference on the inner backend with
+/// `PEFT_LORA_SHARED_INPUT` on): the 8B shape's q, k, v (LoRA r 8 on q and v) and gate, up (r 16
+/// on up), at one decode token, a batch of 64 decode tokens and a short prefill, with separate
+/// weights and after `pack_shared_input` (one GEMM for the bases), against each layer's own
+/// forward with the op off. The op must run (else the check fails).
+fn check_shared_input<B: AutodiffBackend>(
+    label: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let layer = |d_out: usize, r: usize| {
+        let case = Case {
+            batch: 1,
+            seq: 1,
+            d_in: 4096,
+            d_out,
+            r,
+            bias: false,
+            transposed_weight: false,
+            dora: false,
+            dropout: 0.0,
+        };
+        layer_for::<B>(&case, dtype, device).valid()
+    };
+    let groups = [
+        (
+            "q,k,v",
+            vec![layer(4096, 8), layer(1024, 0), layer(1024, 8)],
+        ),
+        ("gate,up", vec![layer(14336, 0), layer(14336, 16)]),
+    ];
+    for (what, layers) in groups {
+        for [b, s] in [[1, 1], [64, 1], [2, 7]] {
+            let x = Tensor::<B::InnerBackend, 3>::random(
+                [b, s, 4096],
+                Distribution::Normal(0.0, 1.0),
+                (device, dtype),
+            );
+            let dtype = x.dtype();
+            let ctx = peft_lora::LoraCtx::default();
+            burn_cuda_ops::set_shared_input_enabled(false);
+            let want: Vec<f32> = layers
+                .iter()
+                .flat_map(|l| host(l.forward_ctx(x.clone(), &ctx)))
+                .collect();
+            burn_cuda_ops::set_shared_input_enabled(true);
+            let mut packed: Vec<LoraLinear<B::InnerBackend>> = layers.clone();
+            let mut refs: Vec<&mut LoraLinear<B::InnerBackend>> = packed.iter_mut().collect();
+            LoraLinear::pack_shared_input(&mut refs).expect("one input width and dtype");
+            for (layout, ls) in [("separate", &layers), ("packed", &packed)] {
+                let refs: Vec<&LoraLinear<B::InnerBackend>> = ls.iter().collect();
+                let got: Vec<f32> = LoraLinear::forward_shared(&refs, x.clone(), &ctx)
+                    .into_iter()
+                    .flat_map(host)
+                    .collect();
+                let name = format!("{label} {dtype:?} shared input {what} {b}x{s} {layout}");
+                let flat = x.clone().reshape([b * s, 4096]);
+                let (ws, terms): (Vec<_>, Vec<_>) = ls
+                    .iter()
+                    .map(|l| {
+                        let t = l
+                            .adapters
+                            .first()
+                            .map(|a| (a.lora_a.val(), a.lora_b.val(), a.meta.scaling));
+                        (l.weight.val(), t)
+                    })
+                    .unzip();
+                let parts: Vec<burn_cuda_ops::SharedLinear<'_, B::InnerBackend>> = ws
+                    .iter()
+                    .zip(&terms)
+                    .map(|(w, t)| burn_cuda_ops::SharedLinear {
+                        w,
+                        bias: None,
+                        low_rank: t.as_ref().map(|(a, b, s)| (a, b, *s)),
+                    })
+                    .collect();
+                if burn_cuda_ops::shared_input_linear(&flat, &parts).is_none() {
+                    checks.extend(not_taken::<B::InnerBackend>(name));
+                    continue;
+                }
+                checks.push(Check::fused(name, rel_err(&got, &want), tolerance(dtype)));
+            }
+            burn_cuda_ops::set_shared_input_enabled(false);
+        }
     }
     checks
 }
@@ -632,7 +720,9 @@ fn main() {
     type F32 = Autodiff<Cuda<f32>>;
     type Bf16 = Autodiff<Gpu>;
     type Bf16Ckpt = Autodiff<Gpu, BalancedCheckpointing>;
-    let suites: [((&str, DType), Suite); 5] = [
+    let suites: [((&str, DType), Suite); 7] = [
+        (("cuda", DType::F32), check_shared_input::<F32>),
+        (("cuda", DType::BF16), check_shared_input::<Bf16>),
         (("cuda", DType::F32), check_all::<F32>),
         (("cuda", DType::BF16), check_all::<Bf16>),
         (("cuda-ckpt", DType::BF16), check_all::<Bf16Ckpt>),

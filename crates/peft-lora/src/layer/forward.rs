@@ -167,22 +167,7 @@ impl<B: Backend> LoraLinear<B> {
             weight: &weight,
             bias: bias.as_ref(),
         };
-        // The adapters that act in this call and where, as the composed path decides it.
-        let live: Vec<(&LoraAdapter<B>, RowsOn)> = if self.state.disabled {
-            Vec::new()
-        } else {
-            self.adapters
-                .iter()
-                .filter(|a| !self.state.merged.contains(&a.meta.name))
-                .filter_map(|a| {
-                    let active = self.state.active.contains(&a.meta.name);
-                    match ctx.rows_on(&a.meta.name, active) {
-                        RowsOn::Skip => None,
-                        on => Some((a, on)),
-                    }
-                })
-                .collect()
-        };
+        let live = self.live_adapters(ctx);
         let (adapter, on) = match live.as_slice() {
             [] => return base.linear(x),
             [(one, on)] => (*one, on),
@@ -208,6 +193,24 @@ impl<B: Backend> LoraLinear<B> {
             _ => None,
         };
         variant.forward_fused(adapter, &base, x, rows.as_ref())
+    }
+
+    /// The adapters that act in this call and where, as the composed path decides it.
+    pub(super) fn live_adapters(&self, ctx: &LoraCtx) -> Vec<(&LoraAdapter<B>, RowsOn)> {
+        if self.state.disabled {
+            return Vec::new();
+        }
+        self.adapters
+            .iter()
+            .filter(|a| !self.state.merged.contains(&a.meta.name))
+            .filter_map(|a| {
+                let active = self.state.active.contains(&a.meta.name);
+                match ctx.rows_on(&a.meta.name, active) {
+                    RowsOn::Skip => None,
+                    on => Some((a, on)),
+                }
+            })
+            .collect()
     }
 
     /// Adds `adapter`'s term at the flat positions `pos` of `out` only (aLoRA): the other rows

@@ -4,6 +4,7 @@
 mod adopt;
 mod forward;
 mod saved;
+mod shared;
 
 pub use adopt::LoraLinearConfig;
 

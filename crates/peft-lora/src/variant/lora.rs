@@ -57,6 +57,22 @@ impl<B: Backend> LoraVariant<B> for PlainLora {
         base.low_rank_linear_rows(x, &a, &b, adapter.meta.scaling, rows)
     }
 
+    /// Without training dropout only (with it, each layer's own fused op drops its input).
+    fn low_rank_term(
+        &self,
+        adapter: &LoraAdapter<B>,
+        x: &Tensor<B, 2>,
+    ) -> Option<(Tensor<B, 2>, Tensor<B, 2>, f64)> {
+        if dropout_on(adapter, x) {
+            return None;
+        }
+        Some((
+            adapter.lora_a.val(),
+            adapter.lora_b.val(),
+            adapter.meta.scaling,
+        ))
+    }
+
     fn merge(
         &self,
         adapter: &LoraAdapter<B>,

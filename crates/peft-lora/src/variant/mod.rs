@@ -118,6 +118,18 @@ pub trait LoraVariant<B: Backend>: Sync {
         None
     }
 
+    /// The adapter's term as `s (x A) B` on the layer's own input (no dropout acting in this
+    /// call): `(A [in, r], B [r, out], s)`, for the fused op that runs several layers reading one
+    /// input together ([`crate::LoraLinear::forward_shared`]); `None` (the default) sends the
+    /// layers to their own forwards.
+    fn low_rank_term(
+        &self,
+        _adapter: &LoraAdapter<B>,
+        _x: &Tensor<B, 2>,
+    ) -> Option<(Tensor<B, 2>, Tensor<B, 2>, f64)> {
+        None
+    }
+
     /// The merged weight `[in, out]`, and the per-output scale to keep for an exact unmerge.
     fn merge(
         &self,
