@@ -524,6 +524,8 @@ pub struct SharedLinear<'a, B: Backend> {
     pub bias: Option<&'a Tensor<B, 1>>,
     /// `(A, B, s)` of the low-rank term.
     pub low_rank: Option<(&'a Tensor<B, 2>, &'a Tensor<B, 2>, f64)>,
+    /// The rows of `x` the low-rank term acts on (`None`: all; the others get the base alone).
+    pub rows: Option<std::ops::Range<usize>>,
 }
 
 /// Linears that read one input `x [n, in]` (a decoder's q, k and v; an MLP's gate and up) as
@@ -555,6 +557,7 @@ pub fn shared_input_linear<B: Backend>(
             w: raw2(p.w),
             bias: p.bias.map(|t| cast(prim(t.clone()))),
             low_rank: p.low_rank.map(|(a, b, s)| (raw2(a), raw2(b), s as f32)),
+            rows: p.rows.clone(),
         })
         .collect();
     let y = shared_input::forward(raw2(x), raw_parts).ok()?;

@@ -11,7 +11,9 @@
 //!   device pointers when the task runs, so a weight replaced since packing (a merge, an
 //!   initialisation that rewrites it) just takes the per-part GEMMs;
 //! - then `y_i += s_i (x A_i) B_i` (beta = 1): the base result first, then the adapter's term,
-//!   as PEFT's `result + lora_B(lora_A(x)) * scaling` orders them.
+//!   as PEFT's `result + lora_B(lora_A(x)) * scaling` orders them; on a run of rows only where
+//!   the part says so (per-row routing whose adapter rows are one block, as the side-by-side
+//!   evaluation lays them out: the GEMMs address the rows by offset).
 
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
@@ -29,6 +31,8 @@ pub struct SharedPart {
     pub bias: Option<Raw>,
     /// The low-rank term `(A [in, r], B [r, out], s)`.
     pub low_rank: Option<(Raw, Raw, f32)>,
+    /// The rows of `x` the low-rank term acts on (`None`: all).
+    pub rows: Option<std::ops::Range<usize>>,
 }
 
 /// The columns `[out]` of each part in the packed output, in order.
@@ -77,7 +81,11 @@ fn check(x: &Raw, parts: &[SharedPart]) -> Result<(usize, usize, Vec<usize>), St
             let (a, b) = (a.meta.shape(), b.meta.shape());
             a.num_dims() == 2 && b.num_dims() == 2 && a[0] == d_in && a[1] == b[0] && b[1] == out
         });
-        if out == 0 || !bias_ok || !lr_ok {
+        let rows_ok = p
+            .rows
+            .as_ref()
+            .is_none_or(|r| r.start < r.end && r.end <= n);
+        if out == 0 || !bias_ok || !lr_ok || !rows_ok {
             return Err(format!(
                 "shared-input linear: part {i}'s shapes do not fit x [{n}, {d_in}]"
             ));
@@ -100,6 +108,9 @@ pub fn forward(x: Raw, parts: Vec<SharedPart>) -> Result<Raw, String> {
     let y = empty_as(&x, Shape::new([n, total]), x.dtype);
     let xa = (rank_total > 0).then(|| empty_as(&x, Shape::new([n, rank_total]), x.dtype));
     let x = prepare(x);
+    if x.trans && parts.iter().any(|p| p.rows.is_some()) {
+        return Err("shared-input linear: a row range needs a row-major x".into());
+    }
     let device = x.t.device.clone();
     // Handles in order: x, y, xa?, then per part W, bias?, A?, B?.
     let mut handles = vec![x.t.handle.clone(), y.handle.clone()];
@@ -112,6 +123,7 @@ pub fn forward(x: Raw, parts: Vec<SharedPart>) -> Result<Raw, String> {
         w: Slot,
         bias: Option<usize>,
         low_rank: Option<(Slot, Slot, f32)>,
+        rows: Option<std::ops::Range<usize>>,
     }
     let mut slots = Vec::with_capacity(parts.len());
     // The handles keep every operand alive until the task has run.
@@ -130,7 +142,12 @@ pub fn forward(x: Raw, parts: Vec<SharedPart>) -> Result<Raw, String> {
         let low_rank = part
             .low_rank
             .map(|(a, b, s)| (op(a, &mut handles), op(b, &mut handles), s));
-        slots.push(Slots { w, bias, low_rank });
+        slots.push(Slots {
+            w,
+            bias,
+            low_rank,
+            rows: part.rows,
+        });
     }
     let x_op = operand(&x);
     device::enqueue(&device, handles, move |ctx, p| {
@@ -168,20 +185,34 @@ pub fn forward(x: Raw, parts: Vec<SharedPart>) -> Result<Raw, String> {
         let (mut off, mut roff) = (0, 0);
         for ((s, out), r) in slots.iter().zip(&outs).zip(&ranks) {
             if let Some((a, b, scale)) = s.low_rank {
+                // The rows the term acts on: all, or a run addressed by offset.
+                let (r0, count) = s
+                    .rows
+                    .as_ref()
+                    .map_or((0, n), |r| (r.start, r.end - r.start));
+                let x_rows = Operand {
+                    ptr: x.ptr + (r0 * x.ld) as u64 * eb,
+                    rows: count,
+                    ..x
+                };
                 // Some part has a rank, so `xa` (handle 2) exists.
                 let xa_out = Output {
                     ptr: p[2] + (roff as u64) * eb,
                     ld: rank_total,
                 };
-                lt::gemm(ctx, dt, x, with(a), xa_out, 1.0, 0.0, None)?;
+                lt::gemm(ctx, dt, x_rows, with(a), xa_out, 1.0, 0.0, None)?;
                 let xa_op = Operand {
                     ptr: xa_out.ptr,
-                    rows: n,
+                    rows: count,
                     cols: *r,
                     ld: rank_total,
                     trans: false,
                 };
-                lt::gemm(ctx, dt, xa_op, with(b), y_at(off), scale, 1.0, None)?;
+                let y_rows = Output {
+                    ptr: y_at(off).ptr + (r0 * total) as u64 * eb,
+                    ld: total,
+                };
+                lt::gemm(ctx, dt, xa_op, with(b), y_rows, scale, 1.0, None)?;
             }
             off += out;
             roff += r;

@@ -699,7 +699,32 @@ fn check_shared_input<B: AutodiffBackend>(
             })
             .collect();
         let want = host(Tensor::cat(want, 1));
-        for (layout, ws) in [("separate", &separate), ("packed", &views)] {
+        let base: Vec<Tensor<I<B>, 2>> = separate
+            .iter()
+            .map(|w| x.clone().matmul(w.clone()))
+            .collect();
+        let base = host(Tensor::cat(base, 1));
+        // The low-rank terms on the last half of the rows only (a routed block): those rows as
+        // `want`, the others the base alone.
+        let block = n / 2..n;
+        let want_block: Vec<f32> = (0..n * total)
+            .map(|i| {
+                if block.contains(&(i / total)) {
+                    want[i]
+                } else {
+                    base[i]
+                }
+            })
+            .collect();
+        for (layout, ws, rows) in [
+            ("separate", &separate, None),
+            ("packed", &views, None),
+            (
+                "packed, terms on a block of rows",
+                &views,
+                Some(block.clone()),
+            ),
+        ] {
             let parts: Vec<ops::SharedLinear<'_, I<B>>> = ws
                 .iter()
                 .zip(&adapters)
@@ -707,14 +732,16 @@ fn check_shared_input<B: AutodiffBackend>(
                     w,
                     bias: None,
                     low_rank: lr.as_ref().map(|(a, b, s)| (a, b, *s)),
+                    rows: rows.clone(),
                 })
                 .collect();
             let Some(y) = ops::shared_input_linear(&x, &parts) else {
                 return not_taken::<I<B>>(format!("{label} shared_input_linear"));
             };
+            let want = if rows.is_some() { &want_block } else { &want };
             checks.push(Check::fused(
                 format!("{label} {dtype:?} shared_input_linear {n}x{d_in} -> {outs:?} {layout}"),
-                rel_err(&host(y), &want),
+                rel_err(&host(y), want),
                 tolerance(dtype),
             ));
         }

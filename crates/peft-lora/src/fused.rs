@@ -68,6 +68,7 @@ mod off {
         pub w: &'a Tensor<B, 2>,
         pub bias: Option<&'a Tensor<B, 1>>,
         pub low_rank: Option<(&'a Tensor<B, 2>, &'a Tensor<B, 2>, f64)>,
+        pub rows: Option<std::ops::Range<usize>>,
     }
 
     /// Linears over one input as one op: never without the `cuda` feature.

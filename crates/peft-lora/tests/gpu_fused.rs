@@ -471,50 +471,69 @@ fn check_shared_input<B: AutodiffBackend>(
                 (device, dtype),
             );
             let dtype = x.dtype();
-            let ctx = peft_lora::LoraCtx::default();
-            burn_cuda_ops::set_shared_input_enabled(false);
-            let want: Vec<f32> = layers
-                .iter()
-                .flat_map(|l| host(l.forward_ctx(x.clone(), &ctx)))
-                .collect();
-            burn_cuda_ops::set_shared_input_enabled(true);
-            let mut packed: Vec<LoraLinear<B::InnerBackend>> = layers.clone();
-            let mut refs: Vec<&mut LoraLinear<B::InnerBackend>> = packed.iter_mut().collect();
-            LoraLinear::pack_shared_input(&mut refs).expect("one input width and dtype");
-            for (layout, ls) in [("separate", &layers), ("packed", &packed)] {
-                let refs: Vec<&LoraLinear<B::InnerBackend>> = ls.iter().collect();
-                let got: Vec<f32> = LoraLinear::forward_shared(&refs, x.clone(), &ctx)
-                    .into_iter()
-                    .flat_map(host)
-                    .collect();
-                let name = format!("{label} {dtype:?} shared input {what} {b}x{s} {layout}");
-                let flat = x.clone().reshape([b * s, 4096]);
-                let (ws, terms): (Vec<_>, Vec<_>) = ls
+            // Every row to the adapter, or (batch 64) the side-by-side layout: the first half
+            // of the rows on the base, the second half on the adapter, as one block.
+            let routed = peft_lora::LoraCtx {
+                row_adapters: Some(
+                    (0..b)
+                        .map(|i| (i >= b / 2).then(|| "default".into()))
+                        .collect(),
+                ),
+                ..Default::default()
+            };
+            let ctxs = if b > 1 {
+                vec![("", peft_lora::LoraCtx::default()), (" routed", routed)]
+            } else {
+                vec![("", peft_lora::LoraCtx::default())]
+            };
+            for (routing, ctx) in ctxs {
+                burn_cuda_ops::set_shared_input_enabled(false);
+                let want: Vec<f32> = layers
                     .iter()
-                    .map(|l| {
-                        let t = l
-                            .adapters
-                            .first()
-                            .map(|a| (a.lora_a.val(), a.lora_b.val(), a.meta.scaling));
-                        (l.weight.val(), t)
-                    })
-                    .unzip();
-                let parts: Vec<burn_cuda_ops::SharedLinear<'_, B::InnerBackend>> = ws
-                    .iter()
-                    .zip(&terms)
-                    .map(|(w, t)| burn_cuda_ops::SharedLinear {
-                        w,
-                        bias: None,
-                        low_rank: t.as_ref().map(|(a, b, s)| (a, b, *s)),
-                    })
+                    .flat_map(|l| host(l.forward_ctx(x.clone(), &ctx)))
                     .collect();
-                if burn_cuda_ops::shared_input_linear(&flat, &parts).is_none() {
-                    checks.extend(not_taken::<B::InnerBackend>(name));
-                    continue;
+                burn_cuda_ops::set_shared_input_enabled(true);
+                let mut packed: Vec<LoraLinear<B::InnerBackend>> = layers.clone();
+                let mut refs: Vec<&mut LoraLinear<B::InnerBackend>> = packed.iter_mut().collect();
+                LoraLinear::pack_shared_input(&mut refs).expect("one input width and dtype");
+                for (layout, ls) in [("separate", &layers), ("packed", &packed)] {
+                    let refs: Vec<&LoraLinear<B::InnerBackend>> = ls.iter().collect();
+                    let got: Vec<f32> = LoraLinear::forward_shared(&refs, x.clone(), &ctx)
+                        .into_iter()
+                        .flat_map(host)
+                        .collect();
+                    let name =
+                        format!("{label} {dtype:?} shared input {what} {b}x{s}{routing} {layout}");
+                    let flat = x.clone().reshape([b * s, 4096]);
+                    let (ws, terms): (Vec<_>, Vec<_>) = ls
+                        .iter()
+                        .map(|l| {
+                            let t = l
+                                .adapters
+                                .first()
+                                .map(|a| (a.lora_a.val(), a.lora_b.val(), a.meta.scaling));
+                            (l.weight.val(), t)
+                        })
+                        .unzip();
+                    let parts: Vec<burn_cuda_ops::SharedLinear<'_, B::InnerBackend>> = ws
+                        .iter()
+                        .zip(&terms)
+                        .map(|(w, t)| burn_cuda_ops::SharedLinear {
+                            w,
+                            bias: None,
+                            low_rank: t.as_ref().map(|(a, b, s)| (a, b, *s)),
+                            // The block the routed layout gives, as forward_shared derives it.
+                            rows: (!routing.is_empty()).then(|| b / 2 * s..b * s),
+                        })
+                        .collect();
+                    if burn_cuda_ops::shared_input_linear(&flat, &parts).is_none() {
+                        checks.extend(not_taken::<B::InnerBackend>(name));
+                        continue;
+                    }
+                    checks.push(Check::fused(name, rel_err(&got, &want), tolerance(dtype)));
                 }
-                checks.push(Check::fused(name, rel_err(&got, &want), tolerance(dtype)));
+                burn_cuda_ops::set_shared_input_enabled(false);
             }
-            burn_cuda_ops::set_shared_input_enabled(false);
         }
     }
     checks

@@ -245,7 +245,7 @@ impl<B: Backend> LoraLinear<B> {
 }
 
 /// The batch rows marked in `on` when they are one run (`start..end`), else `None`.
-fn row_block(on: &[bool]) -> Option<std::ops::Range<usize>> {
+pub(super) fn row_block(on: &[bool]) -> Option<std::ops::Range<usize>> {
     let start = on.iter().position(|o| *o)?;
     let end = start + on[start..].iter().take_while(|o| **o).count();
     on[end..].iter().all(|o| !*o).then_some(start..end)

@@ -2,9 +2,12 @@
 //! one fused op, and their frozen weights laid side by side in one buffer so that op computes
 //! all their bases with one GEMM.
 
+use std::ops::Range;
+
 use burn::module::Param;
 use burn::tensor::{backend::Backend, Tensor};
 
+use super::forward::row_block;
 use super::LoraLinear;
 use crate::dropout::in_mode;
 use crate::error::{Error, Result};
@@ -20,8 +23,8 @@ impl<B: Backend> LoraLinear<B> {
     /// backend, `PEFT_LORA_SHARED_INPUT=1`) and every layer takes it, they run as one queued
     /// task with one packed output, of which the returned tensors are column views; a layer
     /// takes it with a dense base, no live `modules_to_save` copy or input capture, and at most
-    /// one live adapter acting on every row whose variant gives its term as `s (x A) B` (plain
-    /// LoRA and rsLoRA without training dropout). After [`Self::pack_shared_input`] the op
+    /// one live adapter, acting on every row or (per-row routing) on one block of rows, whose
+    /// variant gives its term as `s (x A) B` (plain LoRA and rsLoRA without training dropout). After [`Self::pack_shared_input`] the op
     /// computes all the bases with one GEMM. Otherwise every layer runs its own forward.
     ///
     /// # Shapes
@@ -42,7 +45,10 @@ impl<B: Backend> LoraLinear<B> {
         }
         let n: usize = dims[..D - 1].iter().product();
         let x2: Tensor<B, 2> = x.clone().reshape([n, dims[D - 1]]);
-        let Some(y) = shared_fused(layers, &x2, ctx) else {
+        // Routing is per batch row, each `seq` flat rows.
+        let batch = if D >= 2 { dims[0] } else { 1 };
+        let seq = n / batch.max(1);
+        let Some(y) = shared_fused(layers, &x2, seq, ctx) else {
             return layers
                 .iter()
                 .map(|layer| layer.forward_ctx(x.clone(), ctx))
@@ -117,10 +123,12 @@ impl<B: Backend> LoraLinear<B> {
 }
 
 /// The packed output `[n, sum out]` of the shared-input op, or `None` where it does not run or
-/// a layer does not take it (see [`LoraLinear::forward_shared`]).
+/// a layer does not take it (see [`LoraLinear::forward_shared`]). `seq` flat rows make one
+/// batch row.
 fn shared_fused<B: Backend>(
     layers: &[&LoraLinear<B>],
     x: &Tensor<B, 2>,
+    seq: usize,
     ctx: &LoraCtx,
 ) -> Option<Tensor<B, 2>> {
     let first = layers.first()?;
@@ -141,9 +149,10 @@ fn shared_fused<B: Backend>(
             }
             let term = match layer.live_adapters(ctx).as_slice() {
                 [] => None,
-                [(adapter, on)] if adapter.lora_b_bias.is_none() && every_row(on) => {
+                [(adapter, on)] if adapter.lora_b_bias.is_none() => {
+                    let rows = flat_rows(on, seq)?;
                     let variant = variant_of::<B>(adapter.meta.variant);
-                    Some(variant.low_rank_term(adapter, x)?)
+                    Some((variant.low_rank_term(adapter, x)?, rows))
                 }
                 _ => return None,
             };
@@ -156,18 +165,43 @@ fn shared_fused<B: Backend>(
             .map(|((w, bias), term)| fused::SharedLinear {
                 w,
                 bias: bias.as_ref(),
-                low_rank: term.as_ref().map(|(a, b, s)| (a, b, *s)),
+                low_rank: term.as_ref().map(|((a, b, s), _)| (a, b, *s)),
+                rows: term.as_ref().and_then(|(_, rows)| rows.clone()),
             })
             .collect();
         fused::shared_input_linear(x, &parts)
     })
 }
 
-/// Whether an adapter acts on every row of the batch.
-fn every_row(on: &RowsOn) -> bool {
+/// Where an adapter acts, as flat rows: `Some(None)` on every row, `Some(Some(rows))` on one
+/// block of batch rows (`seq` flat rows each), `None` when the shared op cannot express it.
+fn flat_rows(on: &RowsOn, seq: usize) -> Option<Option<Range<usize>>> {
     match on {
-        RowsOn::All => true,
-        RowsOn::Rows(rows) => rows.iter().all(|r| *r),
-        RowsOn::Skip => false,
+        RowsOn::All => Some(None),
+        RowsOn::Rows(rows) if rows.iter().all(|r| *r) => Some(None),
+        RowsOn::Rows(rows) => {
+            let block = row_block(rows)?;
+            Some(Some(block.start * seq..block.end * seq))
+        }
+        RowsOn::Skip => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{flat_rows, RowsOn};
+
+    #[test]
+    fn routed_rows_become_one_block_of_flat_rows_or_decline() {
+        let (t, f) = (true, false);
+        assert_eq!(flat_rows(&RowsOn::All, 5), Some(None));
+        assert_eq!(flat_rows(&RowsOn::Rows(vec![t, t]), 5), Some(None));
+        // The side-by-side layout: base rows, then adapter rows.
+        assert_eq!(
+            flat_rows(&RowsOn::Rows(vec![f, f, t, t]), 3),
+            Some(Some(6..12))
+        );
+        assert_eq!(flat_rows(&RowsOn::Rows(vec![t, f, t]), 3), None);
+        assert_eq!(flat_rows(&RowsOn::Skip, 3), None);
     }
 }
