@@ -29,10 +29,10 @@
 #   gen           bench-generate (batch 1 / 8 / 64) and scripts/bench_transformers_generate.py
 #   gen-sample    the same at batch 1 / 64 with sampling (temperature 0.6, top-k 50, top-p 0.9)
 #   sbs           bench-generate --side-by-side --batch 64 (the eval's routed pass against two)
-#   gen-ab        the opt-in decode switches one at a time against the default, batch 1 / 64
-#                 (PEFT_LORA_QUEUED_READ, PEFT_LORA_DECODE_ATTENTION with the queued read,
-#                 PEFT_LORA_GEMM_AUTOTUNE), and side by side with and without PEFT_LORA_ROW_BLOCK;
-#                 every line carries its ids' hash (greedy tokens equal across switches or not)
+#   gen-ab        each decode switch against the default, batch 1 / 64: the opt-in ones on
+#                 (PEFT_LORA_SHARED_INPUT, PEFT_LORA_DECODE_ATTENTION, PEFT_LORA_GEMM_AUTOTUNE),
+#                 the queued read off; side by side with the shared input on and the row block
+#                 off; every line carries its ids' hash (greedy tokens equal across switches)
 #   host-profile  the host's CPU time by function (PEFT_HOST_PROFILE, scripts/host_profile.py):
 #                 batch-1 generation and a q,v training run (news2stock-dev unstripped of symbols)
 #   launch        bench-launch: the host's cost of one launch per path (Burn op, autodiff, our
@@ -178,11 +178,13 @@ for stage in "$@"; do
       echo "gen-ab $tag rc=$?" | tee -a "$S"; grep '^{' "$L/ab_$tag.txt" | tee -a "$S"
     }
     ab default X=0 -- --batch 1,64
-    ab queued PEFT_LORA_QUEUED_READ=1 -- --batch 1,64
-    ab queued_split_attention PEFT_LORA_QUEUED_READ=1 PEFT_LORA_DECODE_ATTENTION=1 -- --batch 1,64
-    ab queued_autotune PEFT_LORA_QUEUED_READ=1 PEFT_LORA_GEMM_AUTOTUNE=1 -- --batch 1,64
+    ab shared_input PEFT_LORA_SHARED_INPUT=1 -- --batch 1,64
+    ab split_attention PEFT_LORA_DECODE_ATTENTION=1 -- --batch 1,64
+    ab autotune PEFT_LORA_GEMM_AUTOTUNE=1 -- --batch 1,64
+    ab no_queued_read PEFT_LORA_QUEUED_READ=0 -- --batch 1,64
     ab sbs X=0 -- --side-by-side --batch 64
-    ab sbs_row_block PEFT_LORA_ROW_BLOCK=1 -- --side-by-side --batch 64 ;;
+    ab sbs_shared_input PEFT_LORA_SHARED_INPUT=1 -- --side-by-side --batch 64
+    ab sbs_no_row_block PEFT_LORA_ROW_BLOCK=0 -- --side-by-side --batch 64 ;;
   launch)
     timeout 60 "$D"/news2stock-dev bench-launch > "$L/launch.txt" 2>&1
     echo "launch rc=$?" | tee -a "$S"; grep '^{' "$L/launch.txt" | tee -a "$S" ;;
