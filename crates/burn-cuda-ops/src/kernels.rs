@@ -102,12 +102,12 @@ fn empty(like: &Raw, shape: [usize; 2]) -> Raw {
 
 /// Collects the handles a GEMM batch touches; operands refer to them by index.
 #[derive(Default)]
-struct Binds {
-    handles: Vec<Handle>,
+pub(super) struct Binds {
+    pub(super) handles: Vec<Handle>,
 }
 
 impl Binds {
-    fn op(&mut self, p: &Prepared) -> (usize, Operand) {
+    pub(super) fn op(&mut self, p: &Prepared) -> (usize, Operand) {
         self.handles.push(p.t.handle.clone());
         (
             self.handles.len() - 1,
@@ -121,13 +121,13 @@ impl Binds {
         )
     }
 
-    fn out(&mut self, t: &Raw) -> usize {
+    pub(super) fn out(&mut self, t: &Raw) -> usize {
         self.handles.push(t.handle.clone());
         self.handles.len() - 1
     }
 }
 
-fn at(op: (usize, Operand), ptrs: &[u64]) -> Operand {
+pub(super) fn at(op: (usize, Operand), ptrs: &[u64]) -> Operand {
     Operand {
         ptr: ptrs[op.0],
         ..op.1

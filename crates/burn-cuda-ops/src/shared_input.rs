@@ -17,10 +17,9 @@
 
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
-use cubecl_runtime::server::Handle;
 
 use super::device;
-use super::kernels::{dtype_of, empty_as, prepare, Prepared, Raw};
+use super::kernels::{at, dtype_of, empty_as, prepare, Binds, Raw};
 use super::lt::{self, Operand, Output};
 
 /// One linear of a shared-input group.
@@ -112,11 +111,12 @@ pub fn forward(x: Raw, parts: Vec<SharedPart>) -> Result<Raw, String> {
         return Err("shared-input linear: a row range needs a row-major x".into());
     }
     let device = x.t.device.clone();
-    // Handles in order: x, y, xa?, then per part W, bias?, A?, B?.
-    let mut handles = vec![x.t.handle.clone(), y.handle.clone()];
-    if let Some(xa) = &xa {
-        handles.push(xa.handle.clone());
-    }
+    // The binds keep every operand alive until the task has run; operands refer to them by
+    // index: x, y, xa (when some part has a rank), then each part's W, bias, A, B.
+    let mut binds = Binds::default();
+    let xo = binds.op(&x);
+    let yo = binds.out(&y);
+    let xao = xa.as_ref().map(|t| binds.out(t));
     /// An operand's handle index and layout.
     type Slot = (usize, Operand);
     struct Slots {
@@ -126,22 +126,13 @@ pub fn forward(x: Raw, parts: Vec<SharedPart>) -> Result<Raw, String> {
         rows: Option<std::ops::Range<usize>>,
     }
     let mut slots = Vec::with_capacity(parts.len());
-    // The handles keep every operand alive until the task has run.
-    let op = |t: Raw, handles: &mut Vec<Handle>| {
-        let p = prepare(t);
-        handles.push(p.t.handle.clone());
-        (handles.len() - 1, operand(&p))
-    };
     for part in parts {
-        let w = op(part.w, &mut handles);
-        let bias = part.bias.map(|b| {
-            let b = into_contiguous(b);
-            handles.push(b.handle.clone());
-            handles.len() - 1
+        let w = binds.op(&prepare(part.w));
+        let bias = part.bias.map(|b| binds.out(&into_contiguous(b)));
+        let low_rank = part.low_rank.map(|(a, b, s)| {
+            let a = binds.op(&prepare(a));
+            (a, binds.op(&prepare(b)), s)
         });
-        let low_rank = part
-            .low_rank
-            .map(|(a, b, s)| (op(a, &mut handles), op(b, &mut handles), s));
         slots.push(Slots {
             w,
             bias,
@@ -149,15 +140,13 @@ pub fn forward(x: Raw, parts: Vec<SharedPart>) -> Result<Raw, String> {
             rows: part.rows,
         });
     }
-    let x_op = operand(&x);
-    device::enqueue(&device, handles, move |ctx, p| {
-        let x = Operand { ptr: p[0], ..x_op };
+    device::enqueue(&device, binds.handles, move |ctx, p| {
+        let x = at(xo, p);
         let y_at = |off: usize| Output {
-            ptr: p[1] + (off as u64) * eb,
+            ptr: p[yo] + (off as u64) * eb,
             ld: total,
         };
-        let with = |(i, o): (usize, Operand)| Operand { ptr: p[i], ..o };
-        let ws: Vec<Operand> = slots.iter().map(|s| with(s.w)).collect();
+        let ws: Vec<Operand> = slots.iter().map(|s| at(s.w, p)).collect();
         // One GEMM when the weights are adjacent column blocks of one buffer and no part has a
         // bias; else one per part.
         let packed = slots.iter().all(|s| s.bias.is_none())
@@ -195,12 +184,12 @@ pub fn forward(x: Raw, parts: Vec<SharedPart>) -> Result<Raw, String> {
                     rows: count,
                     ..x
                 };
-                // Some part has a rank, so `xa` (handle 2) exists.
+                // Some part has a rank, so `xa` exists.
                 let xa_out = Output {
-                    ptr: p[2] + (roff as u64) * eb,
+                    ptr: xao.map_or(0, |i| p[i]) + (roff as u64) * eb,
                     ld: rank_total,
                 };
-                lt::gemm(ctx, dt, x_rows, with(a), xa_out, 1.0, 0.0, None)?;
+                lt::gemm(ctx, dt, x_rows, at(a, p), xa_out, 1.0, 0.0, None)?;
                 let xa_op = Operand {
                     ptr: xa_out.ptr,
                     rows: count,
@@ -212,7 +201,7 @@ pub fn forward(x: Raw, parts: Vec<SharedPart>) -> Result<Raw, String> {
                     ptr: y_at(off).ptr + (r0 * total) as u64 * eb,
                     ld: total,
                 };
-                lt::gemm(ctx, dt, xa_op, with(b), y_rows, scale, 1.0, None)?;
+                lt::gemm(ctx, dt, xa_op, at(b, p), y_rows, scale, 1.0, None)?;
             }
             off += out;
             roff += r;
@@ -220,15 +209,4 @@ pub fn forward(x: Raw, parts: Vec<SharedPart>) -> Result<Raw, String> {
         Ok(())
     })?;
     Ok(y)
-}
-
-/// A prepared tensor as an operand (its pointer filled in when the task runs).
-fn operand(p: &Prepared) -> Operand {
-    Operand {
-        ptr: 0,
-        rows: p.rows,
-        cols: p.cols,
-        ld: p.ld,
-        trans: p.trans,
-    }
 }
