@@ -687,35 +687,49 @@ fn check_shared_input<B: AutodiffBackend>(
                 })
             })
             .collect();
-        let want: Vec<Tensor<I<B>, 2>> = separate
+        // The host reference (f64 sums) on the first and the last row: `x W_i + s (x A_i) B_i`
+        // per part, with and without the low-rank terms.
+        let xh = host(x.clone());
+        let parts_h: Vec<_> = separate
             .iter()
             .zip(&adapters)
-            .map(|(w, lr)| {
-                let y = x.clone().matmul(w.clone());
-                match lr {
-                    Some((a, b, s)) => y + x.clone().matmul(a.clone()).matmul(b.clone()) * *s,
-                    None => y,
-                }
+            .zip(&ranks)
+            .map(|((w, lr), &r)| {
+                let lr = lr
+                    .as_ref()
+                    .map(|(a, b, s)| (host(a.clone()), host(b.clone()), *s, r));
+                (host(w.clone()), lr)
             })
             .collect();
-        let want = host(Tensor::cat(want, 1));
-        let base: Vec<Tensor<I<B>, 2>> = separate
-            .iter()
-            .map(|w| x.clone().matmul(w.clone()))
-            .collect();
-        let base = host(Tensor::cat(base, 1));
-        // The low-rank terms on the last half of the rows only (a routed block): those rows as
-        // `want`, the others the base alone.
+        let check_rows = [0, n - 1];
+        let reference = |with_terms: &dyn Fn(usize) -> bool| -> Vec<f32> {
+            let mut out = Vec::new();
+            for &row in &check_rows {
+                let xr = &xh[row * d_in..(row + 1) * d_in];
+                for ((w, lr), &o) in parts_h.iter().zip(&outs) {
+                    let mut y = mm(xr, w, 1, d_in, o, false, false);
+                    if let (Some((a, b, s, r)), true) = (lr, with_terms(row)) {
+                        let xa = mm(xr, a, 1, d_in, *r, false, false);
+                        let t = mm(&xa, b, 1, *r, o, false, false);
+                        y.iter_mut()
+                            .zip(t)
+                            .for_each(|(y, t)| *y += (*s * t as f64) as f32);
+                    }
+                    out.extend(y);
+                }
+            }
+            out
+        };
+        let want = reference(&|_| true);
+        // The low-rank terms on the last half of the rows only (a routed block).
         let block = n / 2..n;
-        let want_block: Vec<f32> = (0..n * total)
-            .map(|i| {
-                if block.contains(&(i / total)) {
-                    want[i]
-                } else {
-                    base[i]
-                }
-            })
-            .collect();
+        let want_block = reference(&|row| block.contains(&row));
+        let rows_of = |y: Vec<f32>| -> Vec<f32> {
+            check_rows
+                .iter()
+                .flat_map(|&r| y[r * total..(r + 1) * total].to_vec())
+                .collect()
+        };
         for (layout, ws, rows) in [
             ("separate", &separate, None),
             ("packed", &views, None),
@@ -740,8 +754,12 @@ fn check_shared_input<B: AutodiffBackend>(
             };
             let want = if rows.is_some() { &want_block } else { &want };
             checks.push(Check::fused(
-                format!("{label} {dtype:?} shared_input_linear {n}x{d_in} -> {outs:?} {layout}"),
-                rel_err(&host(y), want),
+                format!(
+                    "{label} {dtype:?} shared_input_linear {n}x{d_in} -> {outs:?} {layout} \
+                     (rows 0 and {}, host reference)",
+                    n - 1
+                ),
+                rel_err(&rows_of(host(y)), want),
                 tolerance(dtype),
             ));
         }
