@@ -24,8 +24,9 @@ impl<B: Backend> LoraLinear<B> {
     /// task with one packed output, of which the returned tensors are column views; a layer
     /// takes it with a dense base, no live `modules_to_save` copy or input capture, and at most
     /// one live adapter, acting on every row or (per-row routing) on one block of rows, whose
-    /// variant gives its term as `s (x A) B` (plain LoRA and rsLoRA without training dropout). After [`Self::pack_shared_input`] the op
-    /// computes all the bases with one GEMM. Otherwise every layer runs its own forward.
+    /// variant gives its term as `s (x A) B` (plain LoRA and rsLoRA without training dropout).
+    /// After [`Self::pack_shared_input`] the op computes all the bases with one GEMM. Otherwise
+    /// every layer runs its own forward.
     ///
     /// # Shapes
     /// - x: `[..., in]` -> each `[..., out_i]`
