@@ -21,10 +21,10 @@
 //! sum. Pass 3: the planes take the keys in turn again and accumulate `exp(s_j - max) v_j` in
 //! registers, then sum their partial rows through shared memory.
 //!
-//! **Opt-in (`PEFT_LORA_DECODE_ATTENTION=1`) until a GPU has timed it.** The one-cube-per-group
-//! kernel it replaces was slower than the GEMM path on an H100 (45.8 / 382 / 1,925 against
-//! 68.8 / 533 / 2,670 tok/s at batch 1 / 8 / 64): bound by each plane's dependent chain of
-//! ~100 keys, which the split removes. The GPU self-test checks it against the f64 reference.
+//! **Opt-in (`PEFT_LORA_DECODE_ATTENTION=1`): slower than the GEMM path on an H100** (113.8 /
+//! 2,846 against 115.6 / 4,274 tok/s at batch 1 / 64, session 19). The one-cube-per-group
+//! kernel it replaced was slower still (45.8 / 382 / 1,925 against 68.8 / 533 / 2,670 tok/s at
+//! batch 1 / 8 / 64). The GPU self-test checks it against the f64 reference.
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
