@@ -84,6 +84,16 @@ pub(super) fn prepare(t: Raw) -> Prepared {
     }
 }
 
+/// The widest vector (8, 4, 2 or 1 elements) a kernel may load a view `t` with from its start:
+/// the view's offset in its buffer is a multiple of that many elements.
+pub(super) fn start_vector(t: &Raw) -> usize {
+    let start = t.handle.offset_start.unwrap_or(0);
+    [8usize, 4, 2, 1]
+        .into_iter()
+        .find(|v| start.is_multiple_of((v * t.dtype.size()) as u64))
+        .unwrap_or(1)
+}
+
 /// A new, uninitialised contiguous tensor of `shape` and `dtype` on `like`'s device.
 pub(super) fn empty_as(like: &Raw, shape: Shape, dtype: DType) -> Raw {
     let bytes = (shape.num_elements() * dtype.size()).max(1);
@@ -289,76 +299,6 @@ pub fn low_rank_forward(inp: LowRankInputs) -> Result<(Raw, Raw), String> {
         lt::gemm(ctx, dt, at(xo, p), at(wo, p), y_out, 1.0, 1.0, None)
     })?;
     Ok((y, xa))
-}
-
-/// Inference forward with the low-rank term on a run of rows only: `y = x W (+ bias)` on every
-/// row, `+ s (x A) B` on rows `rows` (a batch whose rows are routed to the adapter as one
-/// block, as `news2stock eval`'s base-then-adapter rows are). The adapter's GEMMs address the
-/// rows by offset: no mask, no copy, and the low-rank work of the other rows is not done.
-#[allow(clippy::too_many_arguments)]
-pub fn low_rank_forward_rows(
-    x: Raw,
-    w: Raw,
-    bias: Option<Raw>,
-    a: Raw,
-    b: Raw,
-    scale: f32,
-    rows: std::ops::Range<usize>,
-) -> Result<Raw, String> {
-    let dt = same_dtype(&[&x, &w, &a, &b])?;
-    let (n, _d_in, d_out, r) = low_rank_dims(&x, &w, &a, &b)?;
-    if rows.start >= rows.end || rows.end > n {
-        return Err(format!("low-rank rows {rows:?} outside the {n} rows of x"));
-    }
-    let x = prepare(x);
-    if x.trans {
-        return Err("low-rank rows: x must be row-major".into());
-    }
-    let count = rows.end - rows.start;
-    let y = empty(&x.t, [n, d_out]);
-    let xa = empty(&x.t, [count, r]);
-    let (w, a, b) = (prepare(w), prepare(a), prepare(b));
-    let bias = bias.map(into_contiguous);
-    let eb = lt::elem_bytes(dt);
-    let mut binds = Binds::default();
-    let xo = binds.op(&x);
-    let (wo, ao, bo) = (binds.op(&w), binds.op(&a), binds.op(&b));
-    let bias_o = bias.as_ref().map(|t| binds.out(t));
-    let (yo, xao) = (binds.out(&y), binds.out(&xa));
-    let (r0, ld_x) = (rows.start as u64, x.ld as u64);
-    device::enqueue(&x.t.device, binds.handles, move |ctx, p| {
-        let y_out = out_at(yo, d_out, p);
-        lt::gemm(
-            ctx,
-            dt,
-            at(xo, p),
-            at(wo, p),
-            y_out,
-            1.0,
-            0.0,
-            bias_o.map(|i| p[i]),
-        )?;
-        let x_rows = Operand {
-            ptr: p[xo.0] + r0 * ld_x * eb,
-            rows: count,
-            ..xo.1
-        };
-        let xa_out = out_at(xao, r, p);
-        lt::gemm(ctx, dt, x_rows, at(ao, p), xa_out, 1.0, 0.0, None)?;
-        let xa_op = Operand {
-            ptr: xa_out.ptr,
-            rows: count,
-            cols: r,
-            ld: r,
-            trans: false,
-        };
-        let y_rows = Output {
-            ptr: y_out.ptr + r0 * d_out as u64 * eb,
-            ld: d_out,
-        };
-        lt::gemm(ctx, dt, xa_op, at(bo, p), y_rows, scale, 1.0, None)
-    })?;
-    Ok(y)
 }
 
 /// What the backward must produce.

@@ -475,10 +475,10 @@ pub fn low_rank_linear<B: Backend>(
 }
 
 /// `x W (+ bias)` on every row of `x` and `+ s (x A) B` on the rows `rows` only, for inference
-/// ([`kernels::low_rank_forward_rows`]: the adapter's GEMMs address the block by offset; one
-/// queued task, no mask) when `B` is a raw cubecl CUDA backend without autodiff and the path is
-/// on (`PEFT_LORA_ROW_BLOCK`, [`set_row_block_enabled`]), else `None`. `x [n, in]`, `w [in, out]`
-/// frozen, `a [in, r]`, `b [r, out]`, `rows` non-empty inside `0..n`.
+/// ([`shared_input::forward`] with one part: the adapter's GEMMs address the block by offset;
+/// one queued task, no mask) when `B` is a raw cubecl CUDA backend without autodiff and the
+/// path is on (`PEFT_LORA_ROW_BLOCK`, [`set_row_block_enabled`]), else `None`. `x [n, in]`,
+/// `w [in, out]` frozen, `a [in, r]`, `b [r, out]`, `rows` non-empty inside `0..n`.
 #[allow(clippy::too_many_arguments)]
 pub fn low_rank_linear_rows<B: Backend>(
     x: &Tensor<B, 2>,
@@ -496,17 +496,14 @@ pub fn low_rank_linear_rows<B: Backend>(
         return None;
     }
     let raw2 = |t: &Tensor<B, 2>| -> kernels::Raw { cast(prim(t.clone())) };
-    let bias = bias.map(|t| -> kernels::Raw { cast(prim(t.clone())) });
-    let y = kernels::low_rank_forward_rows(
-        raw2(x),
-        raw2(w),
-        bias,
-        raw2(a),
-        raw2(b),
-        scale as f32,
-        rows,
-    )
-    .ok()?;
+    // One linear with its term on a run of rows: the shared-input op with one part.
+    let part = shared_input::SharedPart {
+        w: raw2(w),
+        bias: bias.map(|t| cast(prim(t.clone()))),
+        low_rank: Some((raw2(a), raw2(b), scale as f32)),
+        rows: Some(rows),
+    };
+    let y = shared_input::forward(raw2(x), vec![part]).ok()?;
     Some(tensor::<B, 2>(cast(y)))
 }
 

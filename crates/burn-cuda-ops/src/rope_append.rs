@@ -16,7 +16,7 @@ use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
 use super::cube_util::{elem_grid, elem_index, launch, THREADS};
-use super::kernels::{empty_as, Raw};
+use super::kernels::{empty_as, start_vector, Raw};
 use super::rope::rotate_half_at;
 
 /// One unit per vector of the `heads + 2 kv_heads` head rows of each token: query heads first
@@ -145,15 +145,11 @@ fn token_rows(t: Raw, n: usize) -> (Raw, usize) {
         (false, true) => s0,
         (false, false) => s1,
     };
-    let eb = t.dtype.size() as u64;
     let strided = (s2 == 1 || w == 1)
         && ld >= w
         && ld.is_multiple_of(n)
         && (b == 1 || s == 1 || s0 == s * s1)
-        && t.handle
-            .offset_start
-            .unwrap_or(0)
-            .is_multiple_of(n as u64 * eb);
+        && start_vector(&t) >= n;
     if strided {
         (t, ld)
     } else {

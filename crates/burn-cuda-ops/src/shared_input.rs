@@ -39,8 +39,8 @@ fn widths(parts: &[SharedPart]) -> Vec<usize> {
     parts.iter().map(|p| p.w.meta.shape()[1]).collect()
 }
 
-/// Checks the shapes and dtypes of a group: `(n, in, widths)`.
-fn check(x: &Raw, parts: &[SharedPart]) -> Result<(usize, usize, Vec<usize>), String> {
+/// Checks the shapes and dtypes of a group: `(n, widths)`.
+fn check(x: &Raw, parts: &[SharedPart]) -> Result<(usize, Vec<usize>), String> {
     let s = x.meta.shape();
     if s.num_dims() != 2 {
         return Err(format!("shared-input linear: x must be 2-D, got {s:?}"));
@@ -90,12 +90,12 @@ fn check(x: &Raw, parts: &[SharedPart]) -> Result<(usize, usize, Vec<usize>), St
             ));
         }
     }
-    Ok((n, d_in, widths(parts)))
+    Ok((n, widths(parts)))
 }
 
 /// The packed forward: `y [n, sum out_i]` (see the module's documentation).
 pub fn forward(x: Raw, parts: Vec<SharedPart>) -> Result<Raw, String> {
-    let (n, _d_in, outs) = check(&x, &parts)?;
+    let (n, outs) = check(&x, &parts)?;
     let dt = dtype_of(&x)?;
     let eb = lt::elem_bytes(dt);
     let total: usize = outs.iter().sum();
@@ -104,8 +104,15 @@ pub fn forward(x: Raw, parts: Vec<SharedPart>) -> Result<Raw, String> {
         .map(|p| p.low_rank.as_ref().map_or(0, |(a, _, _)| a.meta.shape()[1]))
         .collect();
     let rank_total: usize = ranks.iter().sum();
+    // `x A_i` of every part side by side, on as many rows as the widest run of rows needs.
+    let xa_rows = parts
+        .iter()
+        .filter(|p| p.low_rank.is_some())
+        .map(|p| p.rows.as_ref().map_or(n, |r| r.len()))
+        .max()
+        .unwrap_or(0);
     let y = empty_as(&x, Shape::new([n, total]), x.dtype);
-    let xa = (rank_total > 0).then(|| empty_as(&x, Shape::new([n, rank_total]), x.dtype));
+    let xa = (rank_total > 0).then(|| empty_as(&x, Shape::new([xa_rows, rank_total]), x.dtype));
     let x = prepare(x);
     if x.trans && parts.iter().any(|p| p.rows.is_some()) {
         return Err("shared-input linear: a row range needs a row-major x".into());

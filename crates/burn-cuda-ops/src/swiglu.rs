@@ -24,7 +24,7 @@ use cubecl_cuda::CudaRuntime;
 
 use super::backend::Prim;
 use super::cube_util::{elem_grid, elem_index, launch, vector_size, THREADS};
-use super::kernels::{empty_as, Raw};
+use super::kernels::{empty_as, start_vector, Raw};
 
 /// One unit per vector of `N` elements (8 where the size allows: 16-byte bf16 loads). The
 /// inputs are rows of `cols` vectors, `ld_gate` and `ld_up` vectors apart (the column blocks of
@@ -96,12 +96,7 @@ pub fn forward(gate: Raw, up: Raw) -> Raw {
             return None;
         }
         let ld = if s[0] == 1 { s[1] } else { st[0] };
-        let start = t.handle.offset_start.unwrap_or(0);
-        let align = [8usize, 4, 2, 1]
-            .into_iter()
-            .find(|v| start.is_multiple_of((v * t.dtype.size()) as u64))
-            .unwrap_or(1);
-        (ld >= s[1]).then_some((ld, align))
+        (ld >= s[1]).then_some((ld, start_vector(t)))
     };
     let (gate, up, rows, cols, ld_g, ld_u, align) = match (rows_of(&gate), rows_of(&up)) {
         (Some((lg, ag)), Some((lu, au))) if gate.meta.shape() == up.meta.shape() => {
