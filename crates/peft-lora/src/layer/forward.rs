@@ -182,8 +182,7 @@ impl<B: Backend> LoraLinear<B> {
             RowsOn::Rows(on) if !on.iter().all(|o| *o) => {
                 // The adapter's rows as one block (base rows then adapter rows, as the
                 // side-by-side evaluation lays them out): addressed by offset, no mask.
-                if let Some(block) = row_block(on) {
-                    let flat = block.start * seq..block.end * seq;
+                if let Some(flat) = flat_block(on, seq) {
                     if let Some(y) = variant.forward_fused_rows(adapter, &base, x, flat) {
                         return Some(y);
                     }
@@ -244,8 +243,14 @@ impl<B: Backend> LoraLinear<B> {
     }
 }
 
+/// The flat rows (`seq` a batch row) of the batch rows marked in `on` when those are one run,
+/// else `None`.
+pub(super) fn flat_block(on: &[bool], seq: usize) -> Option<std::ops::Range<usize>> {
+    row_block(on).map(|b| b.start * seq..b.end * seq)
+}
+
 /// The batch rows marked in `on` when they are one run (`start..end`), else `None`.
-pub(super) fn row_block(on: &[bool]) -> Option<std::ops::Range<usize>> {
+fn row_block(on: &[bool]) -> Option<std::ops::Range<usize>> {
     let start = on.iter().position(|o| *o)?;
     let end = start + on[start..].iter().take_while(|o| **o).count();
     on[end..].iter().all(|o| !*o).then_some(start..end)
