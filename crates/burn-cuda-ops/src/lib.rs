@@ -33,7 +33,8 @@
 //! `PEFT_LORA_DEVICE_CLIP=0` ([`set_device_clip_enabled`]) reads the optimizer's clip factor
 //! on the host; `PEFT_LORA_LSE_KERNEL=0` ([`set_lse_kernel_enabled`]) the cross-entropy's row
 //! kernels; `PEFT_LORA_ARGMAX_KERNEL=0` ([`set_argmax_kernel_enabled`]) Burn's `argmax` for
-//! greedy decoding; `PEFT_LORA_ADD_NORM=0` keeps inference's residual add apart from the
+//! greedy decoding; `PEFT_LORA_SAMPLE_KERNEL=1` ([`set_sample_kernel_enabled`], opt-in until
+//! measured on a GPU) draws sampled tokens with one kernel; `PEFT_LORA_ADD_NORM=0` keeps inference's residual add apart from the
 //! RMSNorm after it, `PEFT_LORA_ROPE_APPEND=0` a cached step's RoPE apart from its cache writes;
 //! `PEFT_LORA_QUEUED_READ=0` ([`set_queued_read_enabled`]) makes [`start_read`] give the tensor
 //! back instead of queuing its copy; `PEFT_LORA_ROW_BLOCK=0` ([`set_row_block_enabled`]) runs
@@ -78,6 +79,7 @@ pub mod read;
 pub mod rms_norm;
 pub mod rope;
 pub mod rope_append;
+pub mod sample;
 pub mod shared_input;
 pub mod softmax;
 pub mod swiglu;
@@ -136,6 +138,12 @@ pub fn set_lse_kernel_enabled(on: bool) {
 /// `PEFT_LORA_ARGMAX_KERNEL=0`; off, Burn's `argmax`).
 pub fn set_argmax_kernel_enabled(on: bool) {
     switch::ARGMAX.set(on);
+}
+
+/// Switches sampling's one-kernel token choice ([`sample_rows`]) on or off (process-wide;
+/// default off unless `PEFT_LORA_SAMPLE_KERNEL=1`; off, the caller's composed ops).
+pub fn set_sample_kernel_enabled(on: bool) {
+    switch::SAMPLE.set(on);
 }
 
 /// Switches the split-key attention of decode steps ([`attention_decode`]: two kernels, no score
@@ -682,6 +690,36 @@ pub fn argmax_rows<B: Backend>(x: &Tensor<B, 2>) -> Option<Tensor<B, 1, Int>> {
         return None;
     }
     dispatch_raw!(B, argmax_impl(x.clone()))
+}
+
+fn sample_impl<T: sample::FusedSample>(
+    args: (Tensor<T, 2>, Tensor<T, 1>, sample::SampleParams),
+) -> Tensor<T, 1, Int> {
+    let (x, u, params) = args;
+    Tensor::from_primitive(T::fused_sample(prim(x), prim(u), params))
+}
+
+/// The token drawn from each row of `logits [rows, vocab]` at `u [rows]` (f32 in `[0, 1)`)
+/// after transformers' temperature, top-k and top-p, `[rows]`, as one kernel ([`sample`]) when
+/// `B` is a raw cubecl CUDA backend (with or without autodiff) and the kernel is on, else
+/// `None`. Every row must hold a finite logit.
+pub fn sample_rows<B: Backend>(
+    logits: &Tensor<B, 2>,
+    u: &Tensor<B, 1>,
+    params: sample::SampleParams,
+) -> Option<Tensor<B, 1, Int>> {
+    if !supported::<B>() || !switch::SAMPLE.on() || !enabled() {
+        return None;
+    }
+    let [rows, width] = logits.dims();
+    let ok_params = params.temperature > 0.0 && params.top_p > 0.0;
+    if rows * width == 0 || width >= 1 << 24 || u.dims() != [rows] || !ok_params {
+        return None;
+    }
+    if u.dtype() != DType::F32 {
+        return None;
+    }
+    dispatch_raw!(B, sample_impl((logits.clone(), u.clone(), params)))
 }
 
 fn rms_norm_impl<T: rms_norm::FusedRmsNorm>(

@@ -114,6 +114,9 @@ pub(crate) static QUEUED_READ: Switch = Switch::new("PEFT_LORA_QUEUED_READ");
 /// Greedy decoding's token choice as one kernel per batch ([`super::argmax`]), else Burn's
 /// `argmax` (`PEFT_LORA_ARGMAX_KERNEL`).
 pub(crate) static ARGMAX: Switch = Switch::new("PEFT_LORA_ARGMAX_KERNEL");
+/// Sampling's token choice as one kernel ([`crate::sample`]), opt-in until measured on a GPU
+/// (`PEFT_LORA_SAMPLE_KERNEL`).
+pub(crate) static SAMPLE: Switch = Switch::opt_in("PEFT_LORA_SAMPLE_KERNEL");
 /// The split-key attention of a decode step ([`super::attention_decode`]), else the GEMM path
 /// (`PEFT_LORA_DECODE_ATTENTION=1`; opt-in: slower than the GEMM path on an H100, -1.5% at
 /// batch 1 and -33% at batch 64).

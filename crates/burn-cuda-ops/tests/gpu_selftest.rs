@@ -15,6 +15,7 @@ use burn_cuda_ops as ops;
 use burn_cuda_ops::device::{ordering, set_ordering, Ordering};
 use half::bf16;
 use test_support::check::{host, mm, rel_err, Check};
+use test_support::sampling;
 
 /// What a suite reports when its op did not run: a failure on a raw CUDA backend (where it must
 /// run), a visible skip under the fusion backend (where the op is not registered).
@@ -1423,6 +1424,64 @@ fn check_argmax<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Devic
     checks
 }
 
+/// Sampling's kernel against transformers' processors on the host (`test_support::sampling`):
+/// each drawn token must be one they keep, and its row's uniform must fall inside the token's
+/// span of the kept CDF (within 2e-5). Vocabulary-wide rows at batch 64 and 1, an odd width,
+/// and a suppressed (`-inf`) column.
+fn check_sample<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Device) -> Vec<Check> {
+    let opts = (device, dtype);
+    let mut checks = Vec::new();
+    ops::set_sample_kernel_enabled(true);
+    for (rows, width) in [(64, 128_256), (1, 128_256), (5, 1_003)] {
+        let x = Tensor::<B, 2>::random([rows, width], Distribution::Normal(0.0, 3.0), opts);
+        let x = x.slice_fill([0..rows, 7..8], f32::NEG_INFINITY);
+        let xh = host(x.clone());
+        let uh: Vec<f32> = (0..rows)
+            .map(|r| ((r * 37 + 11) % 101) as f32 / 101.0)
+            .collect();
+        let u = Tensor::<B, 1>::from_data(
+            burn::tensor::TensorData::new(uh.clone(), [rows]),
+            (device, DType::F32),
+        );
+        for (t, k, p) in [
+            (0.6f32, 50usize, 0.9f32),
+            (1.0, 0, 1.0),
+            (1.3, 0, 0.5),
+            (0.8, 5, 1.0),
+        ] {
+            let params = ops::sample::SampleParams {
+                temperature: t,
+                top_k: k,
+                top_p: p,
+            };
+            let Some(got) = ops::sample_rows(&x, &u, params) else {
+                return not_taken::<B>(format!("{label} sample"));
+            };
+            let got: Vec<i64> = got
+                .into_data()
+                .convert::<i64>()
+                .to_vec()
+                .expect("sampled ids");
+            let mut wrong = 0usize;
+            for r in 0..rows {
+                let kept = sampling::kept(&xh[r * width..(r + 1) * width], t, k, p as f64);
+                let uu = uh[r].min(ops::sample::U_MAX) as f64;
+                let ok = usize::try_from(got[r])
+                    .ok()
+                    .and_then(|id| sampling::span(&kept, id))
+                    .is_some_and(|(a, b)| a - 2e-5 <= uu && uu <= b + 2e-5);
+                wrong += usize::from(!ok);
+            }
+            checks.push(Check::fused(
+                format!("{label} {dtype:?} sample {rows}x{width} t {t} top_k {k} top_p {p} (rows wrong)"),
+                wrong as f64,
+                0.0,
+            ));
+        }
+    }
+    checks
+}
+
 type Suite = fn(&str, DType, &CudaDevice) -> Vec<Check>;
 
 fn main() {
@@ -1447,11 +1506,13 @@ fn main() {
     let dropout_input_f32: Suite = |l, dt, d| check_dropout::<F32>(l, dt, 2, 45, 96, 80, 8, d);
     let dropout_input_ckpt: Suite =
         |l, dt, d| check_dropout::<Bf16Ckpt>(l, dt, 2, 45, 96, 80, 8, d);
-    let suites: [((&str, DType), Suite); 31] = [
+    let suites: [((&str, DType), Suite); 33] = [
         (f32_, check_shared_input::<F32>),
         (bf16_, check_shared_input::<Bf16>),
         (f32_, check_argmax::<F32>),
         (bf16_, check_argmax::<Bf16>),
+        (f32_, check_sample::<F32>),
+        (bf16_, check_sample::<Bf16>),
         (f32_, check_offload::<Cuda<f32>>),
         (bf16_, check_offload::<Gpu>),
         (f32_, dropout_input_f32),

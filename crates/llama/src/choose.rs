@@ -2,6 +2,9 @@
 //! processors (temperature, then top-k, then top-p), with stop ids suppressed for rows that have
 //! not reached `min_new_tokens`. Only the chosen ids leave the device.
 //!
+//! With CUDA the whole choice is one kernel (`burn_cuda_ops::sample_rows`, behind its switch);
+//! the composed path below is what other backends run, and it is the kernel's reference.
+//!
 //! Nothing here sorts (burn 0.21 sorts on the host) or scans (its cumulative sum is quadratic in
 //! the row length on CUDA): top-k and top-p find their threshold by bisection on the value, each
 //! step a comparison and a row sum over `[batch, vocab]`, and the draw inverts the CDF of the
@@ -57,11 +60,14 @@ pub(crate) fn choose<B: Backend>(
             None => z.argmax(1).reshape([b]),
         };
     }
+    let u = TensorData::new(uniform.to_vec(), [b]);
+    let u = Tensor::<B, 1>::from_data(u, (&device, DType::F32));
+    if let Some(ids) = crate::ops::sample_rows(&z, &u, cfg) {
+        return ids;
+    }
     let z = z.cast(FloatDType::F32);
     let z = filter(z / cfg.temperature, cfg.top_k, cfg.top_p);
-    let u = TensorData::new(uniform.to_vec(), [b, 1]);
-    let u = Tensor::<B, 2>::from_data(u, (&device, DType::F32));
-    draw(activation::softmax(z, 1), u).reshape([b])
+    draw(activation::softmax(z, 1), u.reshape([b, 1])).reshape([b])
 }
 
 /// Per row of `p` `[batch, vocab]` (f32, zeros for dropped tokens), the token where the
@@ -170,31 +176,9 @@ mod tests {
 
     type B = NdArray<f32>;
 
-    /// transformers' processors on the host, the reference: temperature, top-k (ties with the
-    /// k-th value kept), top-p over the renormalised rest. Returns the kept ids and their
-    /// probabilities.
+    /// transformers' processors on the host, the reference (vocabulary order).
     fn reference(logits: &[f32], t: f32, top_k: usize, top_p: f64) -> Vec<(usize, f64)> {
-        let z: Vec<f64> = logits.iter().map(|l| (*l / t) as f64).collect();
-        let mut idx: Vec<usize> = (0..z.len()).collect();
-        idx.sort_by(|a, b| z[*b].total_cmp(&z[*a]));
-        if top_k > 0 && top_k < idx.len() {
-            let kth = z[idx[top_k - 1]];
-            idx.retain(|&i| z[i] >= kth);
-        }
-        let max = z[idx[0]];
-        let e: Vec<f64> = idx.iter().map(|&i| (z[i] - max).exp()).collect();
-        let sum: f64 = e.iter().sum();
-        let mut kept = Vec::new();
-        let mut above = 0.0;
-        for (&i, e) in idx.iter().zip(&e) {
-            if above >= top_p && !kept.is_empty() {
-                break;
-            }
-            kept.push((i, e / sum));
-            above += e / sum;
-        }
-        let s: f64 = kept.iter().map(|k| k.1).sum();
-        kept.into_iter().map(|(i, p)| (i, p / s)).collect()
+        test_support::sampling::kept(logits, t, top_k, top_p)
     }
 
     fn rows(n: usize, vocab: usize, seed: u64) -> Vec<f32> {
@@ -223,8 +207,7 @@ mod tests {
             let z: Vec<f32> = z.into_data().into_vec().unwrap();
             for r in 0..b {
                 let row = &logits[r * vocab..(r + 1) * vocab];
-                let mut want: Vec<usize> = reference(row, t, k, p).iter().map(|x| x.0).collect();
-                want.sort();
+                let want: Vec<usize> = reference(row, t, k, p).iter().map(|x| x.0).collect();
                 let got: Vec<usize> = (0..vocab)
                     .filter(|&i| z[r * vocab + i] > f32::NEG_INFINITY)
                     .collect();

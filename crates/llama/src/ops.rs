@@ -220,6 +220,30 @@ pub(crate) fn argmax_rows<B: Backend>(x: &Tensor<B, 2>) -> Option<Tensor<B, 1, I
     }
 }
 
+/// The token each row of `logits` draws at `u` (f32 `[rows]`) after `cfg`'s temperature, top-k
+/// and top-p, one kernel: sampling's token choice.
+pub(crate) fn sample_rows<B: Backend>(
+    logits: &Tensor<B, 2>,
+    u: &Tensor<B, 1>,
+    cfg: &crate::gen_config::GenerationConfig,
+) -> Option<Tensor<B, 1, Int>> {
+    #[cfg(feature = "cuda")]
+    return burn_cuda_ops::sample_rows(
+        logits,
+        u,
+        burn_cuda_ops::sample::SampleParams {
+            temperature: cfg.temperature as f32,
+            top_k: cfg.top_k,
+            top_p: cfg.top_p as f32,
+        },
+    );
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (logits, u, cfg);
+        None
+    }
+}
+
 /// Token ids on their way to the host: with CUDA the copy is queued when the read starts, so
 /// the host can queue more work (the next decode step) before it waits, and waits only for the
 /// work before the copy; elsewhere the ids are read when waited for.

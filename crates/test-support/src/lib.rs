@@ -4,7 +4,8 @@
 //! reference ([`max_abs_diff`], [`max_rel`], [`masked`], and the [`host`] versions on plain
 //! slices), the committed fixtures folder ([`fixtures_dir`]) and, with the `safetensors`
 //! feature, readers for its safetensors files (module `st`), fresh temporary folders
-//! ([`fresh_temp_dir`]), and inputs a test cannot run without ([`required_env_path`]).
+//! ([`fresh_temp_dir`]), inputs a test cannot run without ([`required_env_path`]), and
+//! transformers' sampling processors on the host ([`sampling`]).
 //!
 //! Every measure returns `f32`, whatever the backend's float element, so tests compare it with
 //! plain literals.
@@ -39,6 +40,7 @@ pub fn masked<B: Backend>(t: Tensor<B, 3>, mask: &Tensor<B, 2, Int>) -> Tensor<B
 }
 
 pub mod check;
+pub mod sampling;
 
 /// The same measures on host values (row-major `f32` slices).
 pub mod host {

@@ -18,6 +18,7 @@ mod decode;
 mod elementwise;
 mod optim;
 mod rows;
+mod sample;
 
 use cubecl::prelude::*;
 use cubecl_runtime::server::Handle;
