@@ -67,6 +67,7 @@ pub mod backend;
 pub mod cross_entropy;
 mod cube_util;
 pub mod device;
+pub mod dora_norm;
 pub mod dropout;
 #[cfg(feature = "fusion")]
 pub mod fusion;
@@ -690,6 +691,44 @@ pub fn argmax_rows<B: Backend>(x: &Tensor<B, 2>) -> Option<Tensor<B, 1, Int>> {
         return None;
     }
     dispatch_raw!(B, argmax_impl(x.clone()))
+}
+
+fn dora_norm_impl<T: dora_norm::FusedDoraNorm>(
+    args: (Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>, Tensor<T, 2>, f32),
+) -> Tensor<T, 1> {
+    let (w, aw, gram, b, s) = args;
+    tensor(T::fused_dora_norm(
+        prim(w),
+        prim(aw),
+        prim(gram),
+        prim(b),
+        s,
+    ))
+}
+
+/// DoRA's column norms `||W + s A B||` (detached), `[out]`, from `w [in, out]`, `aw = A^T W
+/// [r, out]`, `gram = A^T A [r, r]` and `b [r, out]` (one float dtype), as two kernels
+/// ([`dora_norm`]) when `B` is a raw cubecl CUDA backend (with or without autodiff) and the
+/// fused ops are on, else `None`.
+pub fn dora_norm<B: Backend>(
+    w: &Tensor<B, 2>,
+    aw: &Tensor<B, 2>,
+    gram: &Tensor<B, 2>,
+    b: &Tensor<B, 2>,
+    s: f64,
+) -> Option<Tensor<B, 1>> {
+    if !supported::<B>() || !enabled() {
+        return None;
+    }
+    let ([d_in, out], [r, aw_out], [g0, g1], [b_r, b_out]) =
+        (w.dims(), aw.dims(), gram.dims(), b.dims());
+    let dtype = w.dtype();
+    let same = [aw, gram, b].iter().all(|t| t.dtype() == dtype);
+    if !same || aw_out != out || b_out != out || b_r != r || g0 != r || g1 != r || d_in * out == 0 {
+        return None;
+    }
+    let args = (w.clone(), aw.clone(), gram.clone(), b.clone(), s as f32);
+    dispatch_raw!(B, dora_norm_impl(args))
 }
 
 fn sample_impl<T: sample::FusedSample>(

@@ -4,13 +4,13 @@
 
 #[cfg(feature = "cuda")]
 pub(crate) use burn_cuda_ops::{
-    col_scale, dropout, frozen_linear, low_rank_linear, low_rank_linear_rows, shared_input_enabled,
+    col_scale, dora_norm, dropout, frozen_linear, low_rank_linear, low_rank_linear_rows, shared_input_enabled,
     shared_input_linear, supported, SharedLinear,
 };
 
 #[cfg(not(feature = "cuda"))]
 pub(crate) use off::{
-    col_scale, dropout, frozen_linear, low_rank_linear, low_rank_linear_rows, shared_input_enabled,
+    col_scale, dora_norm, dropout, frozen_linear, low_rank_linear, low_rank_linear_rows, shared_input_enabled,
     shared_input_linear, supported, SharedLinear,
 };
 
@@ -89,6 +89,18 @@ mod off {
         _y: &Tensor<B, 2>,
         _g: &Tensor<B, 2>,
     ) -> Option<Tensor<B, 2>> {
+        None
+    }
+
+    /// DoRA's column norms from `W`, `A^T W`, `A^T A` and `B` in two kernels: never without the
+    /// `cuda` feature.
+    pub(crate) fn dora_norm<B: Backend>(
+        _w: &Tensor<B, 2>,
+        _aw: &Tensor<B, 2>,
+        _gram: &Tensor<B, 2>,
+        _b: &Tensor<B, 2>,
+        _s: f64,
+    ) -> Option<Tensor<B, 1>> {
         None
     }
 

@@ -15,6 +15,7 @@
 
 mod argmax;
 mod decode;
+mod dora_norm;
 mod elementwise;
 mod optim;
 mod rows;
