@@ -4,14 +4,14 @@
 
 #[cfg(feature = "cuda")]
 pub(crate) use burn_cuda_ops::{
-    col_scale, dora_norm, dropout, frozen_linear, low_rank_linear, low_rank_linear_rows, shared_input_enabled,
-    shared_input_linear, supported, SharedLinear,
+    col_scale, dora_norm, dropout, frozen_linear, low_rank_linear, low_rank_linear_rows,
+    shared_input_enabled, shared_input_linear, supported, SharedLinear,
 };
 
 #[cfg(not(feature = "cuda"))]
 pub(crate) use off::{
-    col_scale, dora_norm, dropout, frozen_linear, low_rank_linear, low_rank_linear_rows, shared_input_enabled,
-    shared_input_linear, supported, SharedLinear,
+    col_scale, dora_norm, dropout, frozen_linear, low_rank_linear, low_rank_linear_rows,
+    shared_input_enabled, shared_input_linear, supported, SharedLinear,
 };
 
 /// The same signatures without the `cuda` feature: nothing is fused.
