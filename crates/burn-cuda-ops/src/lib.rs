@@ -33,8 +33,10 @@
 //! `PEFT_LORA_DEVICE_CLIP=0` ([`set_device_clip_enabled`]) reads the optimizer's clip factor
 //! on the host; `PEFT_LORA_LSE_KERNEL=0` ([`set_lse_kernel_enabled`]) the cross-entropy's row
 //! kernels; `PEFT_LORA_ARGMAX_KERNEL=0` ([`set_argmax_kernel_enabled`]) Burn's `argmax` for
-//! greedy decoding; `PEFT_LORA_SAMPLE_KERNEL=1` ([`set_sample_kernel_enabled`], opt-in until
-//! measured on a GPU) draws sampled tokens with one kernel; `PEFT_LORA_ADD_NORM=0` keeps inference's residual add apart from the
+//! greedy decoding; `PEFT_LORA_DORA_NORM=1` ([`set_dora_norm_enabled`], opt-in until measured
+//! on a GPU) DoRA's column norms in two kernels; `PEFT_LORA_SAMPLE_KERNEL=1`
+//! ([`set_sample_kernel_enabled`], opt-in until measured on a GPU) draws sampled tokens with one
+//! kernel; `PEFT_LORA_ADD_NORM=0` keeps inference's residual add apart from the
 //! RMSNorm after it, `PEFT_LORA_ROPE_APPEND=0` a cached step's RoPE apart from its cache writes;
 //! `PEFT_LORA_QUEUED_READ=0` ([`set_queued_read_enabled`]) makes [`start_read`] give the tensor
 //! back instead of queuing its copy; `PEFT_LORA_ROW_BLOCK=0` ([`set_row_block_enabled`]) runs
@@ -139,6 +141,12 @@ pub fn set_lse_kernel_enabled(on: bool) {
 /// `PEFT_LORA_ARGMAX_KERNEL=0`; off, Burn's `argmax`).
 pub fn set_argmax_kernel_enabled(on: bool) {
     switch::ARGMAX.set(on);
+}
+
+/// Switches DoRA's norm kernels ([`dora_norm`]) on or off (process-wide; default off unless
+/// `PEFT_LORA_DORA_NORM=1`; off, the caller's GEMMs and Burn's ops).
+pub fn set_dora_norm_enabled(on: bool) {
+    switch::DORA_NORM.set(on);
 }
 
 /// Switches sampling's one-kernel token choice ([`sample_rows`]) on or off (process-wide;
@@ -717,7 +725,7 @@ pub fn dora_norm<B: Backend>(
     b: &Tensor<B, 2>,
     s: f64,
 ) -> Option<Tensor<B, 1>> {
-    if !supported::<B>() || !enabled() {
+    if !supported::<B>() || !switch::DORA_NORM.on() || !enabled() {
         return None;
     }
     let ([d_in, out], [r, aw_out], [g0, g1], [b_r, b_out]) =

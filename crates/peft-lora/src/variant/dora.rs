@@ -1,7 +1,7 @@
 //! DoRA (weight-decomposed LoRA), with PEFT's detached-norm forward:
 //! `y = b + m / ||W + s A B|| * (x W + s (x A) B)`, the norm per output and detached.
 
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, FloatDType, Tensor};
 
 use super::{Base, LoraVariant};
 use crate::adapter::LoraAdapter;
@@ -108,10 +108,11 @@ impl<B: Backend> LoraVariant<B> for Dora {
 
 /// DoRA's column norms `||W + s A B||` (per output, detached) without forming `W + s A B`:
 /// `||W_o||^2 + 2 s <W_o, (A B)_o> + s^2 ||(A B)_o||^2`, where `<W_o, (A B)_o> = sum_k (A^T W)[k, o]
-/// B[k, o]` and `||(A B)_o||^2 = sum_{k, j} B[k, o] (A^T A)[k, j] B[j, o]`: two cuBLASLt GEMMs
-/// (`A^T W`, `A^T A`) and burn-cuda-ops' two norm kernels (`W`'s column sums of squares, then
-/// the terms combined in f32), four launches where Burn's ops took ~20. `None` where the fused
-/// ops do not run.
+/// B[k, o]` and `||(A B)_o||^2 = sum_{k, j} B[k, o] (A^T A)[k, j] B[j, o]`, from two cuBLASLt
+/// GEMMs (`A^T W`, `A^T A`). burn-cuda-ops' two norm kernels then sum `W`'s squares and combine
+/// the terms in f32 (four launches in all); where they do not run (off unless
+/// `PEFT_LORA_DORA_NORM=1`), two more GEMMs and Burn's casts, products and row sums do it (~20 launches). `None` where
+/// the fused GEMMs do not run.
 fn dora_norm<B: Backend>(
     w: &Tensor<B, 2>,
     a: &Tensor<B, 2>,
@@ -123,5 +124,23 @@ fn dora_norm<B: Backend>(
     let at = a.clone().transpose();
     let aw = frozen_linear(&at, &w, None)?; // [r, out]
     let gram = frozen_linear(&at, &a, None)?; // [r, r]
-    fused::dora_norm(&w, &aw, &gram, &b, s)
+    if let Some(norm) = fused::dora_norm(&w, &aw, &gram, &b, s) {
+        return Some(norm);
+    }
+    let d_in = w.dims()[0];
+    let ones = Tensor::<B, 2>::ones([1, d_in], (&w.device(), w.dtype()));
+    let w_sq = frozen_linear(&ones, &(w.clone() * w.clone()), None)?; // [1, out]
+    let gb = frozen_linear(&gram, &b, None)?; // [r, out]
+    let f32 = |t: Tensor<B, 2>| t.cast(FloatDType::F32);
+    let bf = f32(b);
+    let cross = (f32(aw) * bf.clone()).sum_dim(0);
+    let quad = (f32(gb) * bf).sum_dim(0);
+    let norm_sq = f32(w_sq) + cross * (2.0 * s) + quad * (s * s);
+    Some(
+        norm_sq
+            .clamp_min(0.0)
+            .sqrt()
+            .cast(w.dtype())
+            .squeeze_dim::<1>(0),
+    )
 }
