@@ -33,8 +33,8 @@
 //! `PEFT_LORA_DEVICE_CLIP=0` ([`set_device_clip_enabled`]) reads the optimizer's clip factor
 //! on the host; `PEFT_LORA_LSE_KERNEL=0` ([`set_lse_kernel_enabled`]) the cross-entropy's row
 //! kernels; `PEFT_LORA_ARGMAX_KERNEL=0` ([`set_argmax_kernel_enabled`]) Burn's `argmax` for
-//! greedy decoding; `PEFT_LORA_DORA_NORM=1` ([`set_dora_norm_enabled`], opt-in until measured
-//! on a GPU) DoRA's column norms in two kernels; `PEFT_LORA_SAMPLE_KERNEL=1`
+//! greedy decoding; `PEFT_LORA_DORA_NORM=0` ([`set_dora_norm_enabled`]) DoRA's column norms
+//! from GEMMs and Burn's ops instead of two kernels; `PEFT_LORA_SAMPLE_KERNEL=1`
 //! ([`set_sample_kernel_enabled`], opt-in until measured on a GPU) draws sampled tokens with one
 //! kernel; `PEFT_LORA_ADD_NORM=0` keeps inference's residual add apart from the
 //! RMSNorm after it, `PEFT_LORA_ROPE_APPEND=0` a cached step's RoPE apart from its cache writes;
@@ -143,8 +143,8 @@ pub fn set_argmax_kernel_enabled(on: bool) {
     switch::ARGMAX.set(on);
 }
 
-/// Switches DoRA's norm kernels ([`dora_norm`]) on or off (process-wide; default off unless
-/// `PEFT_LORA_DORA_NORM=1`; off, the caller's GEMMs and Burn's ops).
+/// Switches DoRA's norm kernels ([`dora_norm`]) on or off (process-wide; default on unless
+/// `PEFT_LORA_DORA_NORM=0`; off, the caller's GEMMs and Burn's ops).
 pub fn set_dora_norm_enabled(on: bool) {
     switch::DORA_NORM.set(on);
 }

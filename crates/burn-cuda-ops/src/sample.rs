@@ -176,8 +176,9 @@ pub(crate) fn sample_rows_kernel<E: Float, I: Int, N: Size>(
     let mut tp = u32::new(0);
     if top_p < f32::new(1.0) {
         let want = top_p * s;
-        // e <= exp(0) = 1: nothing at or above 1's bits + 1.
-        let mut hi = u32::reinterpret(f32::new(1.0)) + 1;
+        // e <= exp(0) = 1: nothing at or above 1's bits (0x3F80_0000) + 1. (A literal: CUDA's
+        // code cannot reinterpret a constant.)
+        let mut hi = u32::new(0x3F80_0001_i64);
         while hi - tp > 1 {
             let mid = tp + (hi - tp) / 2;
             let mut mass = f32::new(0.0);

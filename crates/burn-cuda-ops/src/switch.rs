@@ -114,9 +114,8 @@ pub(crate) static QUEUED_READ: Switch = Switch::new("PEFT_LORA_QUEUED_READ");
 /// Greedy decoding's token choice as one kernel per batch ([`super::argmax`]), else Burn's
 /// `argmax` (`PEFT_LORA_ARGMAX_KERNEL`).
 pub(crate) static ARGMAX: Switch = Switch::new("PEFT_LORA_ARGMAX_KERNEL");
-/// DoRA's norm kernels ([`crate::dora_norm`]), opt-in until run on a GPU
-/// (`PEFT_LORA_DORA_NORM`).
-pub(crate) static DORA_NORM: Switch = Switch::opt_in("PEFT_LORA_DORA_NORM");
+/// DoRA's norm kernels ([`crate::dora_norm`]) (`PEFT_LORA_DORA_NORM`).
+pub(crate) static DORA_NORM: Switch = Switch::new("PEFT_LORA_DORA_NORM");
 /// Sampling's token choice as one kernel ([`crate::sample`]), opt-in until measured on a GPU
 /// (`PEFT_LORA_SAMPLE_KERNEL`).
 pub(crate) static SAMPLE: Switch = Switch::opt_in("PEFT_LORA_SAMPLE_KERNEL");

@@ -110,8 +110,8 @@ impl<B: Backend> LoraVariant<B> for Dora {
 /// `||W_o||^2 + 2 s <W_o, (A B)_o> + s^2 ||(A B)_o||^2`, where `<W_o, (A B)_o> = sum_k (A^T W)[k, o]
 /// B[k, o]` and `||(A B)_o||^2 = sum_{k, j} B[k, o] (A^T A)[k, j] B[j, o]`, from two cuBLASLt
 /// GEMMs (`A^T W`, `A^T A`). burn-cuda-ops' two norm kernels then sum `W`'s squares and combine
-/// the terms in f32 (four launches in all); where they do not run (off unless
-/// `PEFT_LORA_DORA_NORM=1`), two more GEMMs and Burn's casts, products and row sums do it (~20 launches). `None` where
+/// the terms in f32 (four launches in all); where they do not run (`PEFT_LORA_DORA_NORM=0`),
+/// two more GEMMs and Burn's casts, products and row sums do it (~20 launches). `None` where
 /// the fused GEMMs do not run.
 fn dora_norm<B: Backend>(
     w: &Tensor<B, 2>,
