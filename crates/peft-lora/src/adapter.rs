@@ -107,14 +107,15 @@ impl<B: Backend> LoraAdapter<B> {
         self.lora_a.val().matmul(self.lora_b.val()) * self.meta.scaling
     }
 
-    /// `s * A B` where no gradient is wanted (merges, DoRA's detached norm): the fused
-    /// cuBLASLt GEMM on CUDA backends, the same values as [`Self::delta_weight`] elsewhere.
+    /// `s * A B` where no gradient is wanted (merges, DoRA's detached norm), untracked by
+    /// autodiff: the fused cuBLASLt GEMM on CUDA backends, the same values as
+    /// [`Self::delta_weight`] elsewhere.
     pub(crate) fn delta_weight_nograd(&self) -> Tensor<B, 2> {
-        let (a, b) = (self.lora_a.val().detach(), self.lora_b.val().detach());
+        let (a, b) = (untracked(self.lora_a.val()), untracked(self.lora_b.val()));
         if let Some(d) = fused::frozen_linear(&a, &b, None) {
             return d * self.meta.scaling;
         }
-        self.delta_weight().detach()
+        a.matmul(b) * self.meta.scaling
     }
 
     /// The adapter's name.
@@ -167,5 +168,49 @@ impl PartialEq for InputCapture {
 impl std::fmt::Debug for InputCapture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("InputCapture")
+    }
+}
+
+/// `t` cut from the autodiff graph and not requiring a gradient. (Burn's `detach` keeps a
+/// parameter's `require_grad`: the detached tensor is a new leaf that autodiff still tracks, and
+/// the fused ops decline a weight that requires a gradient.)
+pub(crate) fn untracked<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    t.detach().set_require_grad(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::{Distribution, Tensor};
+
+    use super::AdapterMeta;
+    use crate::{LoraConfig, LoraLinear};
+
+    type B = Autodiff<NdArray>;
+
+    #[test]
+    fn the_no_gradient_delta_is_untracked_and_equals_the_delta() {
+        // A detached parameter still requires a gradient in Burn: the delta (and DoRA's norm
+        // built from it) would be a tracked leaf, and the fused GEMM would decline it.
+        let device = Default::default();
+        let mut cfg = LoraConfig::new(4, 8.0, &["proj"]);
+        cfg.use_dora = true;
+        let layer = LoraLinear::<B>::random(12, 10, false, &device);
+        let meta = AdapterMeta::from_config(&cfg, "default", "proj");
+        let a = Tensor::random([12, 4], Distribution::Normal(0.0, 1.0), &device);
+        let b = Tensor::random([4, 10], Distribution::Normal(0.0, 1.0), &device);
+        let adapter = layer.new_adapter(meta, a, b, false);
+        let a = adapter.lora_a.val();
+        assert!(a.is_require_grad());
+        assert!(
+            a.clone().detach().is_require_grad(),
+            "Burn's detach keeps require_grad (the reason for `untracked`)"
+        );
+        assert!(!super::untracked(a).is_require_grad());
+        let nograd = adapter.delta_weight_nograd();
+        let diff = (nograd - adapter.delta_weight()).abs().max().into_scalar();
+        assert!(diff < 1e-6, "delta differs by {diff}");
+        let magnitude = adapter.magnitude.as_ref().expect("DoRA magnitude").val();
+        assert!(magnitude.is_require_grad(), "the magnitude trains");
     }
 }

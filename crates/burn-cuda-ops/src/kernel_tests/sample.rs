@@ -95,7 +95,8 @@ fn run(
     }
 }
 
-/// Rows with ties at the `k`-th value, suppressed (`-inf`) tokens, a dominant token.
+/// Rows with ties at the `k`-th value, suppressed (`-inf`) tokens, a dominant token, coarse
+/// values.
 fn rows_with_cases(rows: usize, width: usize, seed: u64) -> Vec<f32> {
     let mut x = values(rows * width, seed, 4.0);
     for r in 0..rows {
@@ -114,7 +115,8 @@ fn rows_with_cases(rows: usize, width: usize, seed: u64) -> Vec<f32> {
             }
             // One token holds nearly all the mass.
             2 => row[width / 5] = 30.0,
-            _ => {}
+            // Coarse values (as bf16 logits are): tie groups at the top-k and top-p cuts.
+            _ => row.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0),
         }
     }
     x

@@ -4,7 +4,7 @@
 use burn::tensor::{backend::Backend, FloatDType, Tensor};
 
 use super::{Base, LoraVariant};
-use crate::adapter::LoraAdapter;
+use crate::adapter::{untracked, LoraAdapter};
 use crate::dropout::training;
 use crate::fused;
 
@@ -120,7 +120,11 @@ fn dora_norm<B: Backend>(
     s: f64,
 ) -> Option<Tensor<B, 1>> {
     use fused::frozen_linear;
-    let (w, a, b) = (w.clone().detach(), a.clone().detach(), b.clone().detach());
+    let (w, a, b) = (
+        untracked(w.clone()),
+        untracked(a.clone()),
+        untracked(b.clone()),
+    );
     let at = a.clone().transpose();
     let aw = frozen_linear(&at, &w, None)?; // [r, out]
     let gram = frozen_linear(&at, &a, None)?; // [r, r]
