@@ -34,9 +34,8 @@
 //! on the host; `PEFT_LORA_LSE_KERNEL=0` ([`set_lse_kernel_enabled`]) the cross-entropy's row
 //! kernels; `PEFT_LORA_ARGMAX_KERNEL=0` ([`set_argmax_kernel_enabled`]) Burn's `argmax` for
 //! greedy decoding; `PEFT_LORA_DORA_NORM=0` ([`set_dora_norm_enabled`]) DoRA's column norms
-//! from GEMMs and Burn's ops instead of two kernels; `PEFT_LORA_SAMPLE_KERNEL=1`
-//! ([`set_sample_kernel_enabled`], opt-in until measured on a GPU) draws sampled tokens with one
-//! kernel; `PEFT_LORA_ADD_NORM=0` keeps inference's residual add apart from the
+//! from GEMMs and Burn's ops instead of two kernels; `PEFT_LORA_SAMPLE_KERNEL=0`
+//! ([`set_sample_kernel_enabled`]) draws sampled tokens with Burn's ops instead of one kernel; `PEFT_LORA_ADD_NORM=0` keeps inference's residual add apart from the
 //! RMSNorm after it, `PEFT_LORA_ROPE_APPEND=0` a cached step's RoPE apart from its cache writes;
 //! `PEFT_LORA_QUEUED_READ=0` ([`set_queued_read_enabled`]) makes [`start_read`] give the tensor
 //! back instead of queuing its copy; `PEFT_LORA_ROW_BLOCK=0` ([`set_row_block_enabled`]) runs
@@ -150,7 +149,7 @@ pub fn set_dora_norm_enabled(on: bool) {
 }
 
 /// Switches sampling's one-kernel token choice ([`sample_rows`]) on or off (process-wide;
-/// default off unless `PEFT_LORA_SAMPLE_KERNEL=1`; off, the caller's composed ops).
+/// default on unless `PEFT_LORA_SAMPLE_KERNEL=0`; off, the caller's composed ops).
 pub fn set_sample_kernel_enabled(on: bool) {
     switch::SAMPLE.set(on);
 }

@@ -116,9 +116,8 @@ pub(crate) static QUEUED_READ: Switch = Switch::new("PEFT_LORA_QUEUED_READ");
 pub(crate) static ARGMAX: Switch = Switch::new("PEFT_LORA_ARGMAX_KERNEL");
 /// DoRA's norm kernels ([`crate::dora_norm`]) (`PEFT_LORA_DORA_NORM`).
 pub(crate) static DORA_NORM: Switch = Switch::new("PEFT_LORA_DORA_NORM");
-/// Sampling's token choice as one kernel ([`crate::sample`]), opt-in until measured on a GPU
-/// (`PEFT_LORA_SAMPLE_KERNEL`).
-pub(crate) static SAMPLE: Switch = Switch::opt_in("PEFT_LORA_SAMPLE_KERNEL");
+/// Sampling's token choice as one kernel ([`crate::sample`]) (`PEFT_LORA_SAMPLE_KERNEL`).
+pub(crate) static SAMPLE: Switch = Switch::new("PEFT_LORA_SAMPLE_KERNEL");
 /// The split-key attention of a decode step ([`super::attention_decode`]), else the GEMM path
 /// (`PEFT_LORA_DECODE_ATTENTION=1`; opt-in: slower than the GEMM path on an H100, -1.5% at
 /// batch 1 and -33% at batch 64).
