@@ -35,8 +35,9 @@
 //! kernels; `PEFT_LORA_ARGMAX_KERNEL=0` ([`set_argmax_kernel_enabled`]) Burn's `argmax` for
 //! greedy decoding; `PEFT_LORA_DORA_NORM=0` ([`set_dora_norm_enabled`]) DoRA's column norms
 //! from GEMMs and Burn's ops instead of two kernels; `PEFT_LORA_SAMPLE_KERNEL=0`
-//! ([`set_sample_kernel_enabled`]) draws sampled tokens with Burn's ops instead of one kernel; `PEFT_LORA_ADD_NORM=0` keeps inference's residual add apart from the
-//! RMSNorm after it, `PEFT_LORA_ROPE_APPEND=0` a cached step's RoPE apart from its cache writes;
+//! ([`set_sample_kernel_enabled`]) draws sampled tokens with Burn's ops instead of one kernel;
+//! `PEFT_LORA_ADD_NORM=0` keeps inference's residual add apart from the RMSNorm after it,
+//! `PEFT_LORA_ROPE_APPEND=0` a cached step's RoPE apart from its cache writes;
 //! `PEFT_LORA_QUEUED_READ=0` ([`set_queued_read_enabled`]) makes [`start_read`] give the tensor
 //! back instead of queuing its copy; `PEFT_LORA_ROW_BLOCK=0` ([`set_row_block_enabled`]) runs
 //! routed rows as a masked input; opt-in: `PEFT_LORA_SHARED_INPUT=1`
@@ -716,7 +717,7 @@ fn dora_norm_impl<T: dora_norm::FusedDoraNorm>(
 /// DoRA's column norms `||W + s A B||` (detached), `[out]`, from `w [in, out]`, `aw = A^T W
 /// [r, out]`, `gram = A^T A [r, r]` and `b [r, out]` (one float dtype), as two kernels
 /// ([`dora_norm`]) when `B` is a raw cubecl CUDA backend (with or without autodiff) and the
-/// fused ops are on, else `None`.
+/// kernels are on ([`set_dora_norm_enabled`]), else `None`.
 pub fn dora_norm<B: Backend>(
     w: &Tensor<B, 2>,
     aw: &Tensor<B, 2>,
@@ -759,10 +760,8 @@ pub fn sample_rows<B: Backend>(
     }
     let [rows, width] = logits.dims();
     let ok_params = params.temperature > 0.0 && params.top_p > 0.0;
-    if rows * width == 0 || width >= 1 << 24 || u.dims() != [rows] || !ok_params {
-        return None;
-    }
-    if u.dtype() != DType::F32 {
+    let ok_u = u.dims() == [rows] && u.dtype() == DType::F32;
+    if rows * width == 0 || width >= 1 << 24 || !ok_u || !ok_params {
         return None;
     }
     dispatch_raw!(B, sample_impl((logits.clone(), u.clone(), params)))
