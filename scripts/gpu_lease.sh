@@ -25,6 +25,7 @@
 #   phases        qv-gc and all-gc with PEFT_TRAIN_PHASES=1 (where a step's time goes)
 #   hf | liger    HF PEFT (+ Liger) on the three configs (scripts/peft_baseline.py)
 #   unsloth       Unsloth on the three configs (saves a random 8B model to /tmp/m8b first)
+#                 (PEERS="seed-qv-r8-gc all-r16-gc" picks configs for hf, liger and unsloth)
 #   profile       one qv-gc step under Nsight Compute: GPU time per kernel (scripts/kernel_profile.py)
 #   gen           bench-generate (batch 1 / 8 / 64) and scripts/bench_transformers_generate.py
 #   gen-sample    the same at batch 1 / 64 with sampling (temperature 0.6, top-k 50, top-p 0.9)
@@ -107,7 +108,7 @@ dp_train() { # dp_train N: bench-train q,v r8 with checkpointing on N GPUs
     > "$L/dp$1.txt" 2>&1
   echo "dp nproc $1: rc=$? $(grep '^{' "$L/dp$1.txt" | tail -1) peak_used_mib(largest card sample) $(peak "dp$1")" | tee -a "$S"
 }
-three="seed-qv-r8-gc seed-qv-r8-nogc all-r16-gc"
+three=${PEERS:-"seed-qv-r8-gc seed-qv-r8-nogc all-r16-gc"}
 OPTIN_ENV="PEFT_LORA_UNCHECKED_KERNELS=1"
 for stage in "$@"; do
   case $stage in

@@ -10,6 +10,10 @@
 //! - backward: keeps `q`, `k`, `v` (through Burn's checkpointer) and recomputes `P` (one more GEMM
 //!   and softmax: the FlashAttention trade of arithmetic for memory), then `dv = P^T dout`,
 //!   `dP = dout v^T`, `dS = scale P (dP - rowsum(dP P))` in f32, `dq = dS k`, `dk = dS^T q`.
+//! - inside [`keeping_probs`] (a checkpointed layer's recomputation, whose backward runs right
+//!   after it) the forward keeps `P` for the backward instead: one `[g, m, t]` tensor alive for
+//!   one layer, and the backward's GEMM and softmax of the recomputation gone. The same kernels
+//!   on the same inputs, so the gradients are the same bits either way.
 //!
 //! The composed path keeps, per layer, the f32 softmax output and its low-precision copy
 //! (6 bytes per score in bf16: 0.4 GB per Llama-8B layer at batch 2 x 1024), and runs its
@@ -22,6 +26,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{activation, FloatDType, Shape, Tensor};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn_cubecl::kernel::into_contiguous;
@@ -46,6 +51,10 @@ pub trait FusedAttention: Backend {
     ) -> Prim<Self>;
 }
 
+/// The probabilities a forward kept for its backward ([`keeping_probs`]): each chunk of
+/// groups as `(first group, groups, P [groups, m, t])`.
+pub type KeptProbs<T> = Vec<(usize, usize, T)>;
+
 /// Inner (non-autodiff) backends: the forward and the recomputing backward.
 pub trait AttentionOps: Backend {
     /// The forward.
@@ -56,15 +65,58 @@ pub trait AttentionOps: Backend {
         mask: Prim<Self>,
         scale: f32,
     ) -> Prim<Self>;
-    /// `[dq, dk, dv]` from the output gradient.
+    /// The forward and, where it computed them chunk by chunk, the probabilities for the
+    /// backward (`None` on the paths that do not: the decode kernel, Burn's softmax).
+    fn attention_forward_keeping(
+        q: Prim<Self>,
+        k: Prim<Self>,
+        v: Prim<Self>,
+        mask: Prim<Self>,
+        scale: f32,
+    ) -> (Prim<Self>, Option<KeptProbs<Prim<Self>>>);
+    /// `[dq, dk, dv]` from the output gradient; `probs` from the forward, or recomputed when
+    /// `None`.
     fn attention_backward(
         dout: Prim<Self>,
         q: Prim<Self>,
         k: Prim<Self>,
         v: Prim<Self>,
         mask: Prim<Self>,
+        probs: Option<KeptProbs<Prim<Self>>>,
         scale: f32,
     ) -> [Prim<Self>; 3];
+}
+
+thread_local! {
+    /// Whether this thread's attention forwards keep their probabilities ([`keeping_probs`]).
+    static KEEP: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Restores the previous [`KEEP`] when [`keeping_probs`]'s closure ends, even by unwinding.
+struct KeepGuard(bool);
+
+impl Drop for KeepGuard {
+    fn drop(&mut self) {
+        KEEP.with(|k| k.set(self.0));
+    }
+}
+
+/// Runs `f` with the recorded attention forwards on this thread keeping their probabilities
+/// (`[groups, query rows, keys]` in the model's dtype) for their backward, which then skips
+/// recomputing them. For a forward whose backward follows at once, as a checkpointed layer's
+/// recomputation: the probabilities of one layer are alive at a time. Off
+/// (`PEFT_LORA_KEEP_PROBS=0`, or [`crate::set_keep_attention_probs`]), `f` just runs.
+pub fn keeping_probs<R>(f: impl FnOnce() -> R) -> R {
+    if !super::switch::KEEP_PROBS.on() {
+        return f();
+    }
+    let _restore = KeepGuard(KEEP.with(|k| k.replace(true)));
+    f()
+}
+
+/// Whether a forward on this thread keeps its probabilities now.
+fn keeping() -> bool {
+    KEEP.with(|k| k.get())
 }
 
 type Cb<F, I, BT> = CubeBackend<CudaRuntime, F, I, BT>;
@@ -75,11 +127,29 @@ fn ok<T>(r: Result<T, String>) -> T {
 
 impl<F: FloatElement, I: IntElement, BT: BoolElement> AttentionOps for Cb<F, I, BT> {
     fn attention_forward(q: Raw, k: Raw, v: Raw, mask: Raw, scale: f32) -> Raw {
-        ok(forward::<F, I, BT>(q, k, v, mask, scale))
+        ok(forward::<F, I, BT>(q, k, v, mask, scale, false)).0
     }
 
-    fn attention_backward(dout: Raw, q: Raw, k: Raw, v: Raw, mask: Raw, scale: f32) -> [Raw; 3] {
-        ok(backward::<F, I, BT>(dout, q, k, v, mask, scale))
+    fn attention_forward_keeping(
+        q: Raw,
+        k: Raw,
+        v: Raw,
+        mask: Raw,
+        scale: f32,
+    ) -> (Raw, Option<KeptProbs<Raw>>) {
+        ok(forward::<F, I, BT>(q, k, v, mask, scale, true))
+    }
+
+    fn attention_backward(
+        dout: Raw,
+        q: Raw,
+        k: Raw,
+        v: Raw,
+        mask: Raw,
+        probs: Option<KeptProbs<Raw>>,
+        scale: f32,
+    ) -> [Raw; 3] {
+        ok(backward::<F, I, BT>(dout, q, k, v, mask, probs, scale))
     }
 }
 
@@ -89,13 +159,15 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedAttention for Cb<F, I
     }
 }
 
-/// What the backward keeps: `q`, `k`, `v` through the checkpointer, the (constant) mask.
+/// What the backward keeps: `q`, `k`, `v` through the checkpointer, the (constant) mask, and
+/// the probabilities when the forward kept them ([`keeping_probs`]).
 #[derive(Debug, Clone)]
 struct AttnState<T> {
     q: NodeId,
     k: NodeId,
     v: NodeId,
     mask: T,
+    probs: Option<KeptProbs<T>>,
     scale: f32,
 }
 
@@ -112,7 +184,7 @@ impl<B: AttentionOps> Backward<B, 3> for AttnBackward {
         let q = ckpt.retrieve_node_output::<Prim<B>>(st.q);
         let k = ckpt.retrieve_node_output::<Prim<B>>(st.k);
         let v = ckpt.retrieve_node_output::<Prim<B>>(st.v);
-        let [dq, dk, dv] = B::attention_backward(dout, q, k, v, st.mask, st.scale);
+        let [dq, dk, dv] = B::attention_backward(dout, q, k, v, st.mask, st.probs, st.scale);
         for (node, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, grad);
@@ -136,14 +208,37 @@ impl<B: AttentionOps, C: CheckpointStrategy> FusedAttention for Autodiff<B, C> {
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
+                let (qn, kn, vn) = (
+                    prep.checkpoint(&q),
+                    prep.checkpoint(&k),
+                    prep.checkpoint(&v),
+                );
+                let (out, probs) = if keeping() {
+                    B::attention_forward_keeping(
+                        q.primitive,
+                        k.primitive,
+                        v.primitive,
+                        mask.clone(),
+                        scale,
+                    )
+                } else {
+                    let out = B::attention_forward(
+                        q.primitive,
+                        k.primitive,
+                        v.primitive,
+                        mask.clone(),
+                        scale,
+                    );
+                    (out, None)
+                };
                 let state = AttnState {
-                    q: prep.checkpoint(&q),
-                    k: prep.checkpoint(&k),
-                    v: prep.checkpoint(&v),
-                    mask: mask.clone(),
+                    q: qn,
+                    k: kn,
+                    v: vn,
+                    mask,
+                    probs,
                     scale,
                 };
-                let out = B::attention_forward(q.primitive, k.primitive, v.primitive, mask, scale);
                 prep.finish(state, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::attention_forward(
@@ -348,32 +443,41 @@ fn probs<B: Backend>(scores: Tensor<B, 3>, mask: Tensor<B, 4>) -> Tensor<B, 3> {
     activation::softmax(x, 3).reshape([g, m, t])
 }
 
+/// The forward, and the probabilities chunk by chunk when `keep` asks and the chunked path ran.
 fn forward<F: FloatElement, I: IntElement, BT: BoolElement>(
     q: Raw,
     k: Raw,
     v: Raw,
     mask: Raw,
     scale: f32,
-) -> Result<Raw, String> {
+    keep: bool,
+) -> Result<(Raw, Option<KeptProbs<Raw>>), String> {
     let (g, m, t, d) = shapes(&q, &k, &v, &mask)?;
     let (q, k, v) = (dense(q, "q")?, dense(k, "k")?, dense(v, "v")?);
     // A decode step (a few query rows per group): one kernel instead of two GEMMs and a softmax.
     if super::switch::DECODE_ATTENTION.on() && super::attention_decode::applies(m, d) {
-        return Ok(super::attention_decode::forward(q, k, v, mask, scale));
+        return Ok((super::attention_decode::forward(q, k, v, mask, scale), None));
     }
     if !softmax_kernel() {
         let s = bgemm(&q, false, &k, true, scale)?;
         let dt = FloatDType::from(q.dtype);
         let p = prim(probs::<Cb<F, I, BT>>(tensor(s), tensor(mask)).cast(dt));
-        return bgemm(&dense(p, "probabilities")?, false, &v, false, 1.0);
+        return Ok((
+            bgemm(&dense(p, "probabilities")?, false, &v, false, 1.0)?,
+            None,
+        ));
     }
     let out = empty_as(&q, Shape::new([g, m, d]), q.dtype);
+    let mut kept = keep.then(Vec::new);
     for (g0, n) in group_chunks(g, m, t) {
         let s = bgemm_new(at(&q, g0), false, at(&k, g0), true, scale, n)?;
         let p = super::softmax::forward_rows(s, mask.clone(), g0 * m, g * m);
         bgemm_into(at(&p, 0), false, at(&v, g0), false, 1.0, n, at(&out, g0))?;
+        if let Some(kept) = kept.as_mut() {
+            kept.push((g0, n, p));
+        }
     }
-    Ok(out)
+    Ok((out, kept))
 }
 
 /// The cubecl softmax kernels ([`super::softmax`]) unless `PEFT_LORA_SOFTMAX_KERNEL=0` (then
@@ -388,6 +492,7 @@ fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
     k: Raw,
     v: Raw,
     mask: Raw,
+    kept: Option<KeptProbs<Raw>>,
     scale: f32,
 ) -> Result<[Raw; 3], String> {
     let (g, m, t, d) = shapes(&q, &k, &v, &mask)?;
@@ -412,9 +517,25 @@ fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
     let dq = empty_as(&q, Shape::new([g, m, d]), q.dtype);
     let dk = empty_as(&q, Shape::new([g, t, d]), q.dtype);
     let dv = empty_as(&q, Shape::new([g, t, d]), q.dtype);
-    for (g0, n) in group_chunks(g, m, t) {
-        let s = bgemm_new(at(&q, g0), false, at(&k, g0), true, scale, n)?;
-        let p = super::softmax::forward_rows(s, mask.clone(), g0 * m, g * m);
+    // The forward's chunks with their probabilities, or this call's chunks to recompute them.
+    let chunks: Vec<(usize, usize, Option<Raw>)> = match kept {
+        Some(kept) => kept
+            .into_iter()
+            .map(|(g0, n, p)| (g0, n, Some(p)))
+            .collect(),
+        None => group_chunks(g, m, t)
+            .into_iter()
+            .map(|(g0, n)| (g0, n, None))
+            .collect(),
+    };
+    for (g0, n, p) in chunks {
+        let p = match p {
+            Some(p) => p,
+            None => {
+                let s = bgemm_new(at(&q, g0), false, at(&k, g0), true, scale, n)?;
+                super::softmax::forward_rows(s, mask.clone(), g0 * m, g * m)
+            }
+        };
         bgemm_into(at(&p, 0), true, at(&dout, g0), false, 1.0, n, at(&dv, g0))?;
         let dp = bgemm_new(at(&dout, g0), false, at(&v, g0), true, 1.0, n)?;
         let ds = super::softmax::backward(p, dp, scale);

@@ -107,6 +107,13 @@ pub use cross_entropy::FusedCrossEntropy;
 pub use device::{cubecl_stream_used, ordering, set_ordering, Ordering};
 pub use kernels::LowRankInputs;
 
+/// Switches on or off the attention probabilities kept by a checkpointed layer's
+/// recomputation for its backward ([`attention::keeping_probs`]; process-wide; default off
+/// unless `PEFT_LORA_KEEP_PROBS=1`).
+pub fn set_keep_attention_probs(on: bool) {
+    switch::KEEP_PROBS.set(on);
+}
+
 /// Switches the fused CUDA attention, head + cross-entropy and RMSNorm ops on or off (process-wide;
 /// default on unless `PEFT_LORA_FUSED_ATTENTION=0`; [`set_enabled`]`(false)` turns them off too).
 pub fn set_attention_enabled(on: bool) {

@@ -128,6 +128,10 @@ pub(crate) static DEVICE_CLIP: Switch = Switch::new("PEFT_LORA_DEVICE_CLIP");
 /// Kernels launched without cubecl's bounds checks ([`super::cube_util::launch`];
 /// `PEFT_LORA_UNCHECKED_KERNELS=1`; opt-in: no gain measured on an H100).
 pub(crate) static UNCHECKED: Switch = Switch::opt_in("PEFT_LORA_UNCHECKED_KERNELS");
+/// A checkpointed layer's recomputation keeps its attention probabilities for the backward
+/// ([`crate::attention::keeping_probs`]), else the backward recomputes them
+/// (`PEFT_LORA_KEEP_PROBS=1`; opt-in until a GPU has measured it).
+pub(crate) static KEEP_PROBS: Switch = Switch::opt_in("PEFT_LORA_KEEP_PROBS");
 /// Checkpointed activations parked in pinned host memory (`PEFT_LORA_OFFLOAD`).
 pub(crate) static OFFLOAD: Switch = Switch::new("PEFT_LORA_OFFLOAD");
 /// Fused ops queued on cubecl's device thread without waiting (`PEFT_LORA_ASYNC_SUBMIT`).

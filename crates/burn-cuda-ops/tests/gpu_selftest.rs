@@ -335,6 +335,16 @@ fn check_attention<B: AutodiffBackend>(
         burn_cuda_ops::attention::set_score_chunk_elems(
             burn_cuda_ops::attention::DEFAULT_SCORE_CHUNK_ELEMS,
         );
+        // The probabilities kept by the forward for the backward (a checkpointed layer's
+        // recomputation), in one chunk and in one group per chunk.
+        burn_cuda_ops::set_keep_attention_probs(true);
+        let kept = burn_cuda_ops::attention::keeping_probs(|| run(true));
+        burn_cuda_ops::attention::set_score_chunk_elems(1);
+        let kept_chunked = burn_cuda_ops::attention::keeping_probs(|| run(true));
+        burn_cuda_ops::attention::set_score_chunk_elems(
+            burn_cuda_ops::attention::DEFAULT_SCORE_CHUNK_ELEMS,
+        );
+        burn_cuda_ops::set_keep_attention_probs(false);
         let composed = run(false);
         ops::set_attention_enabled(true);
         let want = attention_reference(
@@ -348,11 +358,28 @@ fn check_attention<B: AutodiffBackend>(
             scale,
         );
         let tol = tolerance(dtype);
+        let label_case = format!(
+            "{label} {dtype:?} attention b{b} g{g} rep{rep} s{s} t{t} d{d}{}",
+            if padded { " padded" } else { "" }
+        );
         for (i, what) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+            // Kept probabilities are the recomputed ones: the same kernels on the same inputs.
+            for (got, base, how) in [
+                (&kept, &fused, ""),
+                (&kept_chunked, &chunked, ", one group per chunk"),
+            ] {
+                checks.push(Check::fused(
+                    format!("{label_case} {what}, probabilities kept = recomputed{how}"),
+                    rel_err(&got[i], &base[i]),
+                    0.0,
+                ));
+            }
             for (got, how) in [
                 (&fused, ""),
                 (&chunked, ", one group per chunk"),
                 (&decode, ", decode kernel on"),
+                (&kept, ", probabilities kept"),
+                (&kept_chunked, ", probabilities kept, one group per chunk"),
             ] {
                 checks.push(Check {
                     name: format!(

@@ -126,7 +126,10 @@ impl<B: AutodiffBackend> LlamaForCausalLM<B> {
             let x = Tensor::<B, 3>::from_inner(input.into_tensor()).require_grad();
             B::InnerBackend::seed(&x.device(), seed);
             peft_lora::seed_dropout(seed);
-            let (y, _) = layer.forward(x.clone(), &cos, &sin, &mask, None, &ctx);
+            // The recomputation's attention keeps its probabilities: its backward is next.
+            let (y, _) = crate::ops::keeping_attention_probs(|| {
+                layer.forward(x.clone(), &cos, &sin, &mask, None, &ctx)
+            });
             // `y`'s gradient seeded with `g`: the backward of a non-scalar root starts from
             // ones of its shape, so `y * g` hands `y` exactly `g` (no `sum()`: its reduction
             // over the whole hidden state cost more than the rest of this seeding).

@@ -85,6 +85,16 @@ pub(crate) fn attention<B: Backend>(
     }
 }
 
+/// Runs `f` with the attention ops it records keeping their probabilities for their backward
+/// (burn-cuda-ops' `keeping_probs`): for a checkpointed layer's recomputation, whose backward
+/// follows at once. Elsewhere, or with the switch off, `f` just runs.
+pub(crate) fn keeping_attention_probs<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(feature = "cuda")]
+    return burn_cuda_ops::attention::keeping_probs(f);
+    #[cfg(not(feature = "cuda"))]
+    f()
+}
+
 /// `silu(gate) * up`, one kernel each way.
 pub(crate) fn swiglu<B: Backend>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Option<Tensor<B, 3>> {
     #[cfg(feature = "cuda")]
