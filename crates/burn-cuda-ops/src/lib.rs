@@ -74,6 +74,7 @@ pub mod dropout;
 #[cfg(feature = "fusion")]
 pub mod fusion;
 mod gpu_timer;
+pub mod heads;
 pub mod kernels;
 pub mod lse;
 pub mod lt;
@@ -112,6 +113,12 @@ pub use kernels::LowRankInputs;
 /// unless `PEFT_LORA_KEEP_PROBS=1`).
 pub fn set_keep_attention_probs(on: bool) {
     switch::KEEP_PROBS.set(on);
+}
+
+/// Switches on or off the heads-merging kernel ([`merge_heads`]; process-wide; default off
+/// unless `PEFT_LORA_MERGE_HEADS=1`).
+pub fn set_merge_heads_enabled(on: bool) {
+    switch::MERGE_HEADS.set(on);
 }
 
 /// Switches the fused CUDA attention, head + cross-entropy and RMSNorm ops on or off (process-wide;
@@ -858,6 +865,26 @@ pub fn swiglu<B: Backend>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Option<Tens
     );
     let out: Tensor<B, 2> = dispatch_raw!(B, swiglu_impl(args))?;
     Some(out.reshape([b, s, i]))
+}
+
+fn merge_heads_impl<T: heads::FusedMergeHeads>(x: Tensor<T, 4>) -> Tensor<T, 4> {
+    tensor(T::fused_merge_heads(prim(x)))
+}
+
+/// The attention heads back in the token-major layout, `x [b, heads, s, d]` -> `[b, s, heads *
+/// d]` (as `x.swap_dims(1, 2).reshape([b, s, heads * d])`), one kernel each way ([`heads`]),
+/// when `B` is a raw cubecl CUDA backend (with or without autodiff) and the kernel is on
+/// (`PEFT_LORA_MERGE_HEADS=1`), else `None`.
+pub fn merge_heads<B: Backend>(x: &Tensor<B, 4>) -> Option<Tensor<B, 3>> {
+    if !supported::<B>() || !switch::MERGE_HEADS.on() || !elementwise_ops_enabled() {
+        return None;
+    }
+    let [b, h, s, d] = x.dims();
+    if b * h * s * d == 0 {
+        return None;
+    }
+    let out: Tensor<B, 4> = dispatch_raw!(B, merge_heads_impl(x.clone()))?;
+    Some(out.reshape([b, s, h * d]))
 }
 
 fn rope_impl<T: rope::FusedRope>(args: (Tensor<T, 4>, Tensor<T, 3>, Tensor<T, 3>)) -> Tensor<T, 4> {

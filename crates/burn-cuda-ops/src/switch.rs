@@ -132,6 +132,10 @@ pub(crate) static UNCHECKED: Switch = Switch::opt_in("PEFT_LORA_UNCHECKED_KERNEL
 /// ([`crate::attention::keeping_probs`]), else the backward recomputes them
 /// (`PEFT_LORA_KEEP_PROBS=1`; opt-in until a GPU has measured it).
 pub(crate) static KEEP_PROBS: Switch = Switch::opt_in("PEFT_LORA_KEEP_PROBS");
+/// The attention output's heads merged into the token-major layout by one kernel each way
+/// ([`crate::heads`]), else Burn's copy of the transposed view (`PEFT_LORA_MERGE_HEADS=1`;
+/// opt-in until a GPU has measured it).
+pub(crate) static MERGE_HEADS: Switch = Switch::opt_in("PEFT_LORA_MERGE_HEADS");
 /// Checkpointed activations parked in pinned host memory (`PEFT_LORA_OFFLOAD`).
 pub(crate) static OFFLOAD: Switch = Switch::new("PEFT_LORA_OFFLOAD");
 /// Fused ops queued on cubecl's device thread without waiting (`PEFT_LORA_ASYNC_SUBMIT`).

@@ -1509,6 +1509,49 @@ fn check_sample<B: AutodiffBackend>(label: &str, dtype: DType, device: &B::Devic
     checks
 }
 
+/// The heads-merging op (`ops::merge_heads`, `PEFT_LORA_MERGE_HEADS`) against Burn's copy of the
+/// transposed view: the output and the input's gradient, bit for bit (a copy either way).
+fn check_merge_heads<B: AutodiffBackend>(
+    label: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Check> {
+    let opts = (device, dtype);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let mut checks = Vec::new();
+    ops::set_merge_heads_enabled(true);
+    // The 8B training shape, rows of 64 / 12 / 6 elements (vectors of 8, 4, 2), one token.
+    for [b, h, s, d] in [
+        [2, 32, 1024, 128],
+        [3, 4, 7, 64],
+        [1, 2, 5, 12],
+        [2, 3, 9, 6],
+        [2, 4, 1, 8],
+    ] {
+        let x = Tensor::<B, 4>::random([b, h, s, d], normal, opts).require_grad();
+        let dout = Tensor::<B, 3>::random([b, s, h * d], normal, opts);
+        let name = format!("{label} {dtype:?} merge_heads [{b}, {h}, {s}, {d}]");
+        let Some(got) = ops::merge_heads(&x) else {
+            checks.extend(not_taken::<B>(name));
+            continue;
+        };
+        let want = x.clone().swap_dims(1, 2).reshape([b, s, h * d]);
+        let grad = |y: Tensor<B, 3>| {
+            let g = (y * dout.clone()).sum().backward();
+            host(x.grad(&g).expect("x has a gradient"))
+        };
+        let (gx, wx) = (grad(got.clone()), grad(want.clone()));
+        checks.push(Check::fused(
+            format!("{name} out"),
+            rel_err(&host(got), &host(want)),
+            0.0,
+        ));
+        checks.push(Check::fused(format!("{name} dx"), rel_err(&gx, &wx), 0.0));
+    }
+    ops::set_merge_heads_enabled(false);
+    checks
+}
+
 type Suite = fn(&str, DType, &CudaDevice) -> Vec<Check>;
 
 fn main() {
@@ -1533,7 +1576,7 @@ fn main() {
     let dropout_input_f32: Suite = |l, dt, d| check_dropout::<F32>(l, dt, 2, 45, 96, 80, 8, d);
     let dropout_input_ckpt: Suite =
         |l, dt, d| check_dropout::<Bf16Ckpt>(l, dt, 2, 45, 96, 80, 8, d);
-    let suites: [((&str, DType), Suite); 33] = [
+    let suites: [((&str, DType), Suite); 36] = [
         (f32_, check_shared_input::<F32>),
         (bf16_, check_shared_input::<Bf16>),
         (f32_, check_argmax::<F32>),
@@ -1568,6 +1611,9 @@ fn main() {
         (bf16_, check_swiglu::<Bf16>),
         (f32_, check_rope::<F32>),
         (bf16_, check_rope::<Bf16>),
+        (f32_, check_merge_heads::<F32>),
+        (bf16_, check_merge_heads::<Bf16>),
+        (ckpt, check_merge_heads::<Bf16Ckpt>),
         (f32_, check_adamw::<Cuda<f32>>),
         (f32_, check_grad_scale_skip::<Cuda<f32>>),
         (bf16_, |l, _, d| check_adamw_master::<Cuda<bf16>>(l, d)),

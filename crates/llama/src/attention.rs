@@ -359,9 +359,10 @@ impl<B: Backend> Attention<B> {
         let out = if s == 1 {
             out.reshape([b, 1, nh * hd])
         } else {
-            out.reshape([b, nh, s, hd])
-                .swap_dims(1, 2)
-                .reshape([b, s, nh * hd])
+            let out = out.reshape([b, nh, s, hd]);
+            // On CUDA (opt-in): one kernel each way instead of Burn's copy of the view.
+            crate::ops::merge_heads(&out)
+                .unwrap_or_else(|| out.swap_dims(1, 2).reshape([b, s, nh * hd]))
         };
         (self.o_proj.forward_ctx(out, ctx), next)
     }

@@ -95,6 +95,17 @@ pub(crate) fn keeping_attention_probs<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// `[b, heads, s, d]` -> `[b, s, heads * d]`, one kernel each way.
+pub(crate) fn merge_heads<B: Backend>(x: &Tensor<B, 4>) -> Option<Tensor<B, 3>> {
+    #[cfg(feature = "cuda")]
+    return burn_cuda_ops::merge_heads(x);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = x;
+        None
+    }
+}
+
 /// `silu(gate) * up`, one kernel each way.
 pub(crate) fn swiglu<B: Backend>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Option<Tensor<B, 3>> {
     #[cfg(feature = "cuda")]

@@ -17,6 +17,7 @@ mod argmax;
 mod decode;
 mod dora_norm;
 mod elementwise;
+mod heads;
 mod optim;
 mod rows;
 mod sample;
