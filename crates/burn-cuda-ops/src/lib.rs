@@ -9,7 +9,9 @@
 //!   (the low-rank term accumulated into `y` by the GEMM, beta = 1), backward `dx`, `dA`, `dB`,
 //!   keeping only `x` (through Burn's checkpointer, so gradient checkpointing still applies) and
 //!   `xd A`;
-//! - [`attention`] (GQA, additive mask; the backward recomputes the probabilities),
+//! - [`attention`] (GQA, additive mask; the backward recomputes the probabilities, or takes
+//!   those a checkpointed layer's recomputation kept: [`attention::keeping_probs`]),
+//!   [`merge_heads`] (its output back in the token-major layout),
 //!   [`linear_cross_entropy`] (row chunks, no `[tokens, vocab]` logits kept), [`rms_norm`]
 //!   (and [`add_rms_norm`], the residual add fused in, for inference),
 //!   [`swiglu`], [`rope`] (fused with the split into heads), [`dropout`] (masks hashed from a
@@ -46,7 +48,10 @@
 //! `PEFT_LORA_DECODE_ATTENTION=1`
 //! ([`set_decode_attention_enabled`]) the split-key decode attention,
 //! `PEFT_LORA_UNCHECKED_KERNELS=1` ([`set_unchecked_kernels_enabled`]) launches without
-//! cubecl's bounds checks;
+//! cubecl's bounds checks; (not yet measured on a GPU) `PEFT_LORA_KEEP_PROBS=1`
+//! ([`set_keep_attention_probs`]) lets a checkpointed layer's recomputation keep its attention
+//! probabilities for the backward, `PEFT_LORA_MERGE_HEADS=1` ([`set_merge_heads_enabled`])
+//! merges the attention output's heads with one kernel each way;
 //! `PEFT_LORA_SOFTMAX_KERNEL=0` the attention's softmax kernels; `PEFT_LORA_ASYNC_SUBMIT=0` makes
 //! each op wait for its hand-off to cubecl's device thread; `PEFT_LORA_GEMM_AUTOTUNE=1` times
 //! cuBLASLt's candidate algorithms per GEMM shape. (The names are those the project has always
