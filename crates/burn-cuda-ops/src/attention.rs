@@ -547,7 +547,26 @@ fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
 
 #[cfg(test)]
 mod tests {
-    use super::split_groups;
+    use super::{keeping, keeping_probs, split_groups};
+
+    #[test]
+    fn keeping_probs_holds_only_inside_its_closure_and_nests() {
+        crate::set_keep_attention_probs(true);
+        assert!(!keeping());
+        keeping_probs(|| {
+            assert!(keeping());
+            keeping_probs(|| assert!(keeping()));
+            assert!(keeping(), "an inner scope leaves the outer one keeping");
+        });
+        assert!(!keeping());
+        // A panic inside restores the state too.
+        let r = std::panic::catch_unwind(|| keeping_probs(|| panic!("inside")));
+        assert!(r.is_err());
+        assert!(!keeping());
+        // Switched off, the closure runs without keeping.
+        crate::set_keep_attention_probs(false);
+        keeping_probs(|| assert!(!keeping()));
+    }
 
     #[test]
     fn groups_split_into_the_fewest_chunks_under_the_limit() {
