@@ -8,7 +8,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
-use super::attention::{AttentionOps, FusedAttention};
+use super::attention::{AttentionOps, FusedAttention, KeptProbs};
 use super::autodiff::FusedLinear;
 use super::backend::{FusedOps, Prim};
 use super::cross_entropy::{CrossEntropyOps, FusedCrossEntropy, IntPrim};
@@ -235,12 +235,24 @@ impl<B: FusionBackend + AttentionOps> AttentionOps for Fusion<B> {
         .remove(0)
     }
 
+    /// Under the fusion backend the forward keeps nothing: its backward recomputes.
+    fn attention_forward_keeping(
+        q: Prim<Self>,
+        k: Prim<Self>,
+        v: Prim<Self>,
+        mask: Prim<Self>,
+        scale: f32,
+    ) -> (Prim<Self>, Option<KeptProbs<Prim<Self>>>) {
+        (Self::attention_forward(q, k, v, mask, scale), None)
+    }
+
     fn attention_backward(
         dout: Prim<Self>,
         q: Prim<Self>,
         k: Prim<Self>,
         v: Prim<Self>,
         mask: Prim<Self>,
+        _probs: Option<KeptProbs<Prim<Self>>>,
         scale: f32,
     ) -> [Prim<Self>; 3] {
         let outs = [&q, &k, &v].map(|t| empty_like_ir(t, t.shape.clone(), t.dtype));
@@ -251,7 +263,7 @@ impl<B: FusionBackend + AttentionOps> AttentionOps for Fusion<B> {
             outs.to_vec(),
             move |d, h| {
                 let [dout, q, k, v, m]: [_; 5] = floats::<B>(d, h).try_into().expect("5 inputs");
-                put::<B>(d, h, B::attention_backward(dout, q, k, v, m, scale));
+                put::<B>(d, h, B::attention_backward(dout, q, k, v, m, None, scale));
             },
         )
         .into_iter();
