@@ -566,6 +566,7 @@ mod tests {
         // Switched off, the closure runs without keeping.
         crate::set_keep_attention_probs(false);
         keeping_probs(|| assert!(!keeping()));
+        crate::set_keep_attention_probs(true);
     }
 
     #[test]

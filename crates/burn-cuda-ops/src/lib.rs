@@ -38,6 +38,8 @@
 //! greedy decoding; `PEFT_LORA_DORA_NORM=0` ([`set_dora_norm_enabled`]) DoRA's column norms
 //! from GEMMs and Burn's ops instead of two kernels; `PEFT_LORA_SAMPLE_KERNEL=0`
 //! ([`set_sample_kernel_enabled`]) draws sampled tokens with Burn's ops instead of one kernel;
+//! `PEFT_LORA_KEEP_PROBS=0` ([`set_keep_attention_probs`]) makes the attention's backward
+//! recompute the probabilities a checkpointed layer's recomputation just computed;
 //! `PEFT_LORA_ADD_NORM=0` keeps inference's residual add apart from the RMSNorm after it,
 //! `PEFT_LORA_ROPE_APPEND=0` a cached step's RoPE apart from its cache writes;
 //! `PEFT_LORA_QUEUED_READ=0` ([`set_queued_read_enabled`]) makes [`start_read`] give the tensor
@@ -48,10 +50,8 @@
 //! `PEFT_LORA_DECODE_ATTENTION=1`
 //! ([`set_decode_attention_enabled`]) the split-key decode attention,
 //! `PEFT_LORA_UNCHECKED_KERNELS=1` ([`set_unchecked_kernels_enabled`]) launches without
-//! cubecl's bounds checks; (not yet measured on a GPU) `PEFT_LORA_KEEP_PROBS=1`
-//! ([`set_keep_attention_probs`]) lets a checkpointed layer's recomputation keep its attention
-//! probabilities for the backward, `PEFT_LORA_MERGE_HEADS=1` ([`set_merge_heads_enabled`])
-//! merges the attention output's heads with one kernel each way;
+//! cubecl's bounds checks, `PEFT_LORA_MERGE_HEADS=1` ([`set_merge_heads_enabled`]) merges the
+//! attention output's heads with one kernel each way;
 //! `PEFT_LORA_SOFTMAX_KERNEL=0` the attention's softmax kernels; `PEFT_LORA_ASYNC_SUBMIT=0` makes
 //! each op wait for its hand-off to cubecl's device thread; `PEFT_LORA_GEMM_AUTOTUNE=1` times
 //! cuBLASLt's candidate algorithms per GEMM shape. (The names are those the project has always
@@ -114,8 +114,8 @@ pub use device::{cubecl_stream_used, ordering, set_ordering, Ordering};
 pub use kernels::LowRankInputs;
 
 /// Switches on or off the attention probabilities kept by a checkpointed layer's
-/// recomputation for its backward ([`attention::keeping_probs`]; process-wide; default off
-/// unless `PEFT_LORA_KEEP_PROBS=1`).
+/// recomputation for its backward ([`attention::keeping_probs`]; process-wide; default on
+/// unless `PEFT_LORA_KEEP_PROBS=0`).
 pub fn set_keep_attention_probs(on: bool) {
     switch::KEEP_PROBS.set(on);
 }

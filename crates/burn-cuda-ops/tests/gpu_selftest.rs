@@ -344,7 +344,8 @@ fn check_attention<B: AutodiffBackend>(
         burn_cuda_ops::attention::set_score_chunk_elems(
             burn_cuda_ops::attention::DEFAULT_SCORE_CHUNK_ELEMS,
         );
-        burn_cuda_ops::set_keep_attention_probs(false);
+        // (Back to the default: on.)
+        burn_cuda_ops::set_keep_attention_probs(true);
         let composed = run(false);
         ops::set_attention_enabled(true);
         let want = attention_reference(
