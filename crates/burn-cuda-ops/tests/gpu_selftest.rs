@@ -1622,16 +1622,20 @@ fn main() {
         (bf16_, check_hashed_dropout::<Bf16>),
     ];
     let mut checks = Vec::new();
-    for ((label, dtype), suite) in suites {
-        checks.extend(suite(label, dtype, &device));
-    }
+    // Each suite's checks are printed as soon as it ends (flushed), so a run cut short by a time
+    // limit still reports the suites it finished.
     let mut failed = 0;
-    for c in &checks {
-        failed += usize::from(!c.pass());
-        println!(
-            "{}",
-            serde_json::json!({"check": c.name, "err_fused": c.err_fused, "err_composed": c.err_composed, "tol": c.tol, "pass": c.pass()})
-        );
+    for ((label, dtype), suite) in suites {
+        let done = suite(label, dtype, &device);
+        for c in &done {
+            failed += usize::from(!c.pass());
+            println!(
+                "{}",
+                serde_json::json!({"check": c.name, "err_fused": c.err_fused, "err_composed": c.err_composed, "tol": c.tol, "pass": c.pass()})
+            );
+        }
+        std::io::Write::flush(&mut std::io::stdout()).expect("stdout");
+        checks.extend(done);
     }
     let (tokens, dim, steps) = (4096, 4096, 6);
     let stream = race::<Bf16>(Ordering::Stream, DType::BF16, tokens, dim, steps, &device);
