@@ -31,46 +31,35 @@ fn swap_middle_moves_every_row_of_d_at_every_vector_width() {
         let xb = input(&client, &x);
         for v in widths(d) {
             for mode in MODES {
-                let out = output(&client, n);
-                launch_in!(
-                    mode,
-                    swap_middle_kernel::<Rt>(
-                        &client,
-                        elem_grid(n / v),
-                        CubeDim::new_1d(THREADS),
-                        v,
-                        xb.flat(),
-                        out.flat(),
-                        (n / v) as u32,
-                        p as u32,
-                        q as u32,
-                        (d / v) as u32,
-                        f32_type(),
-                    )
-                );
+                // `[b, p, q, d]` in `src` -> `[b, q, p, d]` in a new output.
+                let swap = |src: &super::Buf, p: usize, q: usize| {
+                    let out = output(&client, n);
+                    launch_in!(
+                        mode,
+                        swap_middle_kernel::<Rt>(
+                            &client,
+                            elem_grid(n / v),
+                            CubeDim::new_1d(THREADS),
+                            v,
+                            src.flat(),
+                            out.flat(),
+                            (n / v) as u32,
+                            p as u32,
+                            q as u32,
+                            (d / v) as u32,
+                            f32_type(),
+                        )
+                    );
+                    out
+                };
                 let what = format!("swap_middle [{b}, {p}, {q}, {d}] width {v} {mode:?}");
+                let out = swap(&xb, p, q);
                 let got = read_output(&client, &out, &what);
                 for (k, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(*g as f64, *w, "{what}: element {k}");
                 }
                 // And back: the inverse swap restores the input.
-                let back = output(&client, n);
-                launch_in!(
-                    mode,
-                    swap_middle_kernel::<Rt>(
-                        &client,
-                        elem_grid(n / v),
-                        CubeDim::new_1d(THREADS),
-                        v,
-                        out.flat(),
-                        back.flat(),
-                        (n / v) as u32,
-                        q as u32,
-                        p as u32,
-                        (d / v) as u32,
-                        f32_type(),
-                    )
-                );
+                let back = swap(&out, q, p);
                 assert_eq!(read_output(&client, &back, &what), x, "{what}: inverse");
             }
         }
