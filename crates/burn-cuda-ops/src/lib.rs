@@ -885,7 +885,9 @@ pub fn merge_heads<B: Backend>(x: &Tensor<B, 4>) -> Option<Tensor<B, 3>> {
         return None;
     }
     let [b, h, s, d] = x.dims();
-    if b * h * s * d == 0 {
+    // (The kernel counts its vectors in u32.)
+    let n = b * h * s * d;
+    if n == 0 || n / cube_util::vector_size(d) > u32::MAX as usize {
         return None;
     }
     let out: Tensor<B, 4> = dispatch_raw!(B, merge_heads_impl(x.clone()))?;
