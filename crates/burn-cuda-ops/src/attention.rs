@@ -66,14 +66,17 @@ pub trait AttentionOps: Backend {
         scale: f32,
     ) -> Prim<Self>;
     /// The forward and, where it computed them chunk by chunk, the probabilities for the
-    /// backward (`None` on the paths that do not: the decode kernel, Burn's softmax).
+    /// backward (`None` on the paths that do not: the decode kernel, Burn's softmax, and by
+    /// default a backend that keeps nothing).
     fn attention_forward_keeping(
         q: Prim<Self>,
         k: Prim<Self>,
         v: Prim<Self>,
         mask: Prim<Self>,
         scale: f32,
-    ) -> (Prim<Self>, Option<KeptProbs<Prim<Self>>>);
+    ) -> (Prim<Self>, Option<KeptProbs<Prim<Self>>>) {
+        (Self::attention_forward(q, k, v, mask, scale), None)
+    }
     /// `[dq, dk, dv]` from the output gradient; `probs` from the forward, or recomputed when
     /// `None`.
     fn attention_backward(

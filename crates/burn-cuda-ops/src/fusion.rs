@@ -235,17 +235,8 @@ impl<B: FusionBackend + AttentionOps> AttentionOps for Fusion<B> {
         .remove(0)
     }
 
-    /// Under the fusion backend the forward keeps nothing: its backward recomputes.
-    fn attention_forward_keeping(
-        q: Prim<Self>,
-        k: Prim<Self>,
-        v: Prim<Self>,
-        mask: Prim<Self>,
-        scale: f32,
-    ) -> (Prim<Self>, Option<KeptProbs<Prim<Self>>>) {
-        (Self::attention_forward(q, k, v, mask, scale), None)
-    }
-
+    /// (The forward keeps nothing under the fusion backend: the trait's default
+    /// `attention_forward_keeping`. The backward recomputes.)
     fn attention_backward(
         dout: Prim<Self>,
         q: Prim<Self>,
