@@ -89,6 +89,7 @@ pub mod rms_norm;
 pub mod rope;
 pub mod rope_append;
 pub mod sample;
+pub mod seed;
 pub mod shared_input;
 pub mod softmax;
 pub mod swiglu;
@@ -105,6 +106,7 @@ use burn_cubecl::CubeBackend;
 use burn_fusion::Fusion;
 use cubecl_cuda::CudaRuntime;
 use half::bf16;
+use seed::seeded_prims;
 
 pub use adamw::AdamWStep;
 pub use attention::FusedAttention;
@@ -112,6 +114,7 @@ pub use autodiff::FusedLinear;
 pub use cross_entropy::FusedCrossEntropy;
 pub use device::{cubecl_stream_used, ordering, set_ordering, Ordering};
 pub use kernels::LowRankInputs;
+pub use seed::SeedOps;
 
 /// Switches on or off the attention probabilities kept by a checkpointed layer's
 /// recomputation for its backward ([`attention::keeping_probs`]; process-wide; default on
@@ -278,6 +281,47 @@ macro_rules! dispatch_try {
     ($b:ty, $f:ident ( $($arg:expr),* ); ) => {
         None
     };
+}
+
+/// Switches [`seeded_root`] on or off (process-wide; default off unless
+/// `PEFT_LORA_SEEDED_BACKWARD=1`): off, it returns `None` and callers seed their backward with
+/// a product.
+pub fn set_seeded_backward_enabled(on: bool) {
+    switch::SEEDED_BACKWARD.set(on);
+}
+
+/// Whether [`seeded_root`] builds roots (the switch; the backend is checked per call).
+pub fn seeded_backward_enabled() -> bool {
+    switch::SEEDED_BACKWARD.on()
+}
+
+/// The `[1]` root whose `backward()` gives each `t` of `pairs` the gradient `g` as it is (each
+/// `g` of `t`'s shape and dtype, untracked): the gradients of `sum_i <t_i, g_i>` with no
+/// product, reduction or fill of ones over the tensors ([`seed`]). `None` when `B` is not one
+/// of the autodiff CUDA backends, the switch is off ([`set_seeded_backward_enabled`]), `pairs`
+/// is empty, or a `g` does not match its `t`.
+pub fn seeded_root<B: Backend, const D: usize>(
+    pairs: Vec<(Tensor<B, D>, Tensor<B, D>)>,
+) -> Option<Tensor<B, 1>> {
+    let matching = pairs
+        .iter()
+        .all(|(t, g)| t.dims() == g.dims() && t.dtype() == g.dtype());
+    if pairs.is_empty() || !matching || !seeded_backward_enabled() {
+        return None;
+    }
+    let pairs: Vec<_> = pairs.into_iter().map(|(t, g)| (prim(t), prim(g))).collect();
+    #[cfg(not(feature = "fusion"))]
+    let root = dispatch_try!(B, seeded_prims(pairs);
+        Autodiff<Cube<bf16>>, Autodiff<Cube<f32>>,
+        Autodiff<Cube<bf16>, BalancedCheckpointing>, Autodiff<Cube<f32>, BalancedCheckpointing>);
+    #[cfg(feature = "fusion")]
+    let root = dispatch_try!(B, seeded_prims(pairs);
+        Autodiff<Cube<bf16>>, Autodiff<Cube<f32>>,
+        Autodiff<Cube<bf16>, BalancedCheckpointing>, Autodiff<Cube<f32>, BalancedCheckpointing>,
+        Autodiff<Fusion<Cube<bf16>>>, Autodiff<Fusion<Cube<f32>>>,
+        Autodiff<Fusion<Cube<bf16>>, BalancedCheckpointing>,
+        Autodiff<Fusion<Cube<f32>>, BalancedCheckpointing>);
+    root.map(tensor::<B, 1>)
 }
 
 /// Whether `B` is one of the CUDA backends the fused ops run on.

@@ -126,14 +126,7 @@ impl<B: AutodiffBackend> LlamaForCausalLM<B> {
             let x = Tensor::<B, 3>::from_inner(input.into_tensor()).require_grad();
             B::InnerBackend::seed(&x.device(), seed);
             peft_lora::seed_dropout(seed);
-            // The recomputation's attention keeps its probabilities: its backward is next.
-            let (y, _) = crate::ops::keeping_attention_probs(|| {
-                layer.forward(x.clone(), &cos, &sin, &mask, None, &ctx)
-            });
-            // `y`'s gradient seeded with `g`: the backward of a non-scalar root starts from
-            // ones of its shape, so `y * g` hands `y` exactly `g` (no `sum()`: its reduction
-            // over the whole hidden state cost more than the rest of this seeding).
-            let grads = (y * Tensor::from_inner(g)).backward();
+            let grads = layer_backward(layer, x.clone(), g, &cos, &sin, &mask, &ctx);
             on_grads(&grads);
             g = x.grad(&grads).expect("a layer input has a gradient");
         }
@@ -148,4 +141,41 @@ impl<B: AutodiffBackend> LlamaForCausalLM<B> {
             n_tokens: out.n_tokens,
         }
     }
+}
+
+/// One checkpointed layer's backward: its forward again under autodiff from its kept input `x`,
+/// then a backward from its output gradient `g`. The recomputation's attention keeps its
+/// probabilities, as its backward is next.
+///
+/// With seeded roots (`ops::seeded_backward_enabled`), the backward starts at the tensors
+/// [`crate::model::DecoderLayer::backward_seeds`] gives, each handed its gradient as it is (on
+/// CUDA, a `[1]` root with no product; elsewhere the sum of `<t, g>`); when `down_proj` trains
+/// nothing, its output is never computed. Otherwise `y * g` seeds it: the backward of a
+/// non-scalar root starts from ones of its shape, so `y * g` hands `y` exactly `g` (no `sum()`:
+/// its reduction over the whole hidden state cost more than the rest of this seeding).
+fn layer_backward<B: AutodiffBackend>(
+    layer: &crate::model::DecoderLayer<B>,
+    x: Tensor<B, 3>,
+    g: Tensor<B::InnerBackend, 3>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+    mask: &Tensor<B, 4>,
+    ctx: &LoraCtx,
+) -> B::Gradients {
+    let g = Tensor::<B, 3>::from_inner(g);
+    if crate::ops::seeded_backward_enabled() {
+        let seeds =
+            crate::ops::keeping_attention_probs(|| layer.backward_seeds(x, g, cos, sin, mask, ctx));
+        let root = crate::ops::seeded_root(seeds.clone()).unwrap_or_else(|| {
+            seeds
+                .into_iter()
+                .map(|(t, g)| (t * g).sum())
+                .reduce(|a, b| a + b)
+                .expect("a layer seeds at least one tensor")
+        });
+        return root.backward();
+    }
+    let (y, _) =
+        crate::ops::keeping_attention_probs(|| layer.forward(x, cos, sin, mask, None, ctx));
+    (y * g).backward()
 }

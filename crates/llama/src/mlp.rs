@@ -61,15 +61,20 @@ impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// `[batch, seq, hidden]` -> the same.
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &LoraCtx) -> Tensor<B, 3> {
+        self.down_proj.forward_ctx(self.down_input(x, ctx), ctx)
+    }
+
+    /// `silu(gate_proj(x)) * up_proj(x)`, the input of `down_proj`.
+    ///
+    /// # Shapes
+    /// `[batch, seq, hidden]` -> `[batch, seq, intermediate]`.
+    pub(crate) fn down_input(&self, x: Tensor<B, 3>, ctx: &LoraCtx) -> Tensor<B, 3> {
         // One op over the shared input where it runs (else the two projections).
         let [gate, up]: [Tensor<B, 3>; 2] =
             LoraLinear::forward_shared(&[&self.gate_proj, &self.up_proj], x, ctx)
                 .try_into()
                 .expect("two projections give two outputs");
         // On CUDA: one kernel each way (`crate::ops::swiglu`).
-        if let Some(h) = crate::ops::swiglu(&gate, &up) {
-            return self.down_proj.forward_ctx(h, ctx);
-        }
-        self.down_proj.forward_ctx(activation::silu(gate) * up, ctx)
+        crate::ops::swiglu(&gate, &up).unwrap_or_else(|| activation::silu(gate) * up)
     }
 }

@@ -75,13 +75,51 @@ impl<B: Backend> DecoderLayer<B> {
         cache: Option<KvCache<B>>,
         ctx: &LoraCtx,
     ) -> (Tensor<B, 3>, Tensor<B, 3>, Option<KvCache<B>>) {
+        let (x, normed, kv) = self.attention_parts(x, delta, cos, sin, mask, cache, ctx);
+        (x, self.mlp.forward(normed, ctx), kv)
+    }
+
+    /// The attention half of [`Self::forward_parts`]: the residual after attention and its
+    /// post-attention norm (the MLP's input), and the KV cache.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_parts(
+        &self,
+        x: Tensor<B, 3>,
+        delta: Option<Tensor<B, 3>>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: &Tensor<B, 4>,
+        cache: Option<KvCache<B>>,
+        ctx: &LoraCtx,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>, Option<KvCache<B>>) {
         let (x, normed) = match delta {
             Some(d) => self.input_layernorm.forward_residual(x, d),
             None => (x.clone(), self.input_layernorm.forward(x)),
         };
         let (attn, kv) = self.self_attn.forward(normed, cos, sin, mask, cache, ctx);
         let (x, normed) = self.post_attention_layernorm.forward_residual(x, attn);
-        (x, self.mlp.forward(normed, ctx), kv)
+        (x, normed, kv)
+    }
+
+    /// The forward of `x` (no cache) as the tensors a backward from the layer's output gradient
+    /// `g` starts at, each with its gradient: `(output, g)`, or, when `down_proj` trains nothing
+    /// in this call, `(residual after attention, g)` and `(down_proj's input, g W_down^T)`. The
+    /// last projection's output is then never computed: only its input's gradient is needed.
+    pub(crate) fn backward_seeds(
+        &self,
+        x: Tensor<B, 3>,
+        g: Tensor<B, 3>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: &Tensor<B, 4>,
+        ctx: &LoraCtx,
+    ) -> Vec<(Tensor<B, 3>, Tensor<B, 3>)> {
+        let (residual, normed, _) = self.attention_parts(x, None, cos, sin, mask, None, ctx);
+        let h = self.mlp.down_input(normed, ctx);
+        match self.mlp.down_proj.frozen_input_grad(g.clone(), ctx) {
+            Some(dh) => vec![(residual, g), (h, dh)],
+            None => vec![(residual + self.mlp.down_proj.forward_ctx(h, ctx), g)],
+        }
     }
 }
 

@@ -95,6 +95,30 @@ pub(crate) fn keeping_attention_probs<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Whether checkpointed layers start their backward from seeded roots ([`seeded_root`]): on
+/// CUDA, burn-cuda-ops' switch (`PEFT_LORA_SEEDED_BACKWARD`); without the `cuda` feature
+/// always (the roots are then composed sums).
+pub(crate) fn seeded_backward_enabled() -> bool {
+    #[cfg(feature = "cuda")]
+    return burn_cuda_ops::seeded_backward_enabled();
+    #[cfg(not(feature = "cuda"))]
+    true
+}
+
+/// The `[1]` root whose backward hands each tensor its paired gradient as it is (burn-cuda-ops'
+/// `seeded_root`), or `None` where it does not run.
+pub(crate) fn seeded_root<B: Backend>(
+    pairs: Vec<(Tensor<B, 3>, Tensor<B, 3>)>,
+) -> Option<Tensor<B, 1>> {
+    #[cfg(feature = "cuda")]
+    return burn_cuda_ops::seeded_root(pairs);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = pairs;
+        None
+    }
+}
+
 /// `[b, heads, s, d]` -> `[b, s, heads * d]`, one kernel each way.
 pub(crate) fn merge_heads<B: Backend>(x: &Tensor<B, 4>) -> Option<Tensor<B, 3>> {
     #[cfg(feature = "cuda")]

@@ -3,6 +3,7 @@
 
 mod adopt;
 mod forward;
+mod input_grad;
 mod saved;
 mod shared;
 
