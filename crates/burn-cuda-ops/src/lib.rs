@@ -17,7 +17,9 @@
 //!   [`swiglu`], [`rope`] (fused with the split into heads), [`dropout`] (masks hashed from a
 //!   seed, never stored);
 //! - the optimizer kernels [`adamw_update`], [`adamw_update_master`], [`sum_of_squares`] and
-//!   [`grad_scale`] (the gradient norm and clip factor kept on the device).
+//!   [`grad_scale`] (the gradient norm and clip factor kept on the device);
+//! - [`seeded_root`]: a backward started from given gradients of several tensors (no product,
+//!   no reduction).
 //!
 //! They run on Burn's CUDA backend in bf16 or f32 (`burn::backend::Cuda<F>`, the raw
 //! `CubeBackend<CudaRuntime, F, i32, u8>` unless Burn's `fusion` feature is on; with this crate's
@@ -51,7 +53,8 @@
 //! ([`set_decode_attention_enabled`]) the split-key decode attention,
 //! `PEFT_LORA_UNCHECKED_KERNELS=1` ([`set_unchecked_kernels_enabled`]) launches without
 //! cubecl's bounds checks, `PEFT_LORA_MERGE_HEADS=1` ([`set_merge_heads_enabled`]) merges the
-//! attention output's heads with one kernel each way;
+//! attention output's heads with one kernel each way, `PEFT_LORA_SEEDED_BACKWARD=1`
+//! ([`set_seeded_backward_enabled`]) builds [`seeded_root`]'s roots (off: it returns `None`);
 //! `PEFT_LORA_SOFTMAX_KERNEL=0` the attention's softmax kernels; `PEFT_LORA_ASYNC_SUBMIT=0` makes
 //! each op wait for its hand-off to cubecl's device thread; `PEFT_LORA_GEMM_AUTOTUNE=1` times
 //! cuBLASLt's candidate algorithms per GEMM shape. (The names are those the project has always
