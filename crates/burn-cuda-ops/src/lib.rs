@@ -40,6 +40,8 @@
 //! greedy decoding; `PEFT_LORA_DORA_NORM=0` ([`set_dora_norm_enabled`]) DoRA's column norms
 //! from GEMMs and Burn's ops instead of two kernels; `PEFT_LORA_SAMPLE_KERNEL=0`
 //! ([`set_sample_kernel_enabled`]) draws sampled tokens with Burn's ops instead of one kernel;
+//! `PEFT_LORA_SEEDED_BACKWARD=0` ([`set_seeded_backward_enabled`]) makes [`seeded_root`]
+//! return `None` (callers then seed their backward with a product);
 //! `PEFT_LORA_KEEP_PROBS=0` ([`set_keep_attention_probs`]) makes the attention's backward
 //! recompute the probabilities a checkpointed layer's recomputation just computed;
 //! `PEFT_LORA_ADD_NORM=0` keeps inference's residual add apart from the RMSNorm after it,
@@ -53,8 +55,7 @@
 //! ([`set_decode_attention_enabled`]) the split-key decode attention,
 //! `PEFT_LORA_UNCHECKED_KERNELS=1` ([`set_unchecked_kernels_enabled`]) launches without
 //! cubecl's bounds checks, `PEFT_LORA_MERGE_HEADS=1` ([`set_merge_heads_enabled`]) merges the
-//! attention output's heads with one kernel each way, `PEFT_LORA_SEEDED_BACKWARD=1`
-//! ([`set_seeded_backward_enabled`]) builds [`seeded_root`]'s roots (off: it returns `None`);
+//! attention output's heads with one kernel each way;
 //! `PEFT_LORA_SOFTMAX_KERNEL=0` the attention's softmax kernels; `PEFT_LORA_ASYNC_SUBMIT=0` makes
 //! each op wait for its hand-off to cubecl's device thread; `PEFT_LORA_GEMM_AUTOTUNE=1` times
 //! cuBLASLt's candidate algorithms per GEMM shape. (The names are those the project has always
@@ -286,8 +287,8 @@ macro_rules! dispatch_try {
     };
 }
 
-/// Switches [`seeded_root`] on or off (process-wide; default off unless
-/// `PEFT_LORA_SEEDED_BACKWARD=1`): off, it returns `None` and callers seed their backward with
+/// Switches [`seeded_root`] on or off (process-wide; default on unless
+/// `PEFT_LORA_SEEDED_BACKWARD=0`): off, it returns `None` and callers seed their backward with
 /// a product.
 pub fn set_seeded_backward_enabled(on: bool) {
     switch::SEEDED_BACKWARD.set(on);
