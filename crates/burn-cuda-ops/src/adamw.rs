@@ -18,6 +18,7 @@ use burn::tensor::{DType, Shape};
 use super::backend::Prim;
 use super::cube_util::{elem_grid, elem_index, launch, reduce_sum, THREADS};
 use super::kernels::{empty_as, Raw};
+use super::switch;
 
 /// The scalars of one update (the gradient's scale, the clip factor, is a 1-element tensor on
 /// the device: see [`grad_scale`]).
@@ -175,6 +176,48 @@ pub(crate) fn sum_squares_kernel<E: Float>(
     }
 }
 
+/// [`sum_squares_kernel`] over several tensors in one launch: cubes `starts[i]..starts[i + 1]`
+/// take tensor `i` (its grid-stride loop over those cubes), and cube `c` writes
+/// `out[base + c]`.
+/// Every cube runs the one shared-memory reduction, whichever tensor it took.
+#[cube(launch, launch_unchecked)]
+pub(crate) fn sum_squares_many_kernel<E: Float>(
+    ts: &Sequence<Tensor<E>>,
+    starts: Sequence<u32>,
+    out: &mut Tensor<f32>,
+    base: u32,
+    #[comptime] threads: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let tid = UNIT_POS_X as usize;
+    let cube = CUBE_POS_X;
+    let mut sh = SharedMemory::<f32>::new(threads as usize);
+    let mut acc = f32::new(0.0);
+    let count = comptime![ts.len()];
+    #[unroll]
+    for i in 0..count {
+        let lo = starts[i];
+        let hi = starts[i + 1];
+        if cube >= lo && cube < hi {
+            let t = ts.index(i);
+            let n = t.len();
+            let mut j = (cube - lo) as usize * CUBE_DIM_X as usize + tid;
+            let stride = (hi - lo) as usize * CUBE_DIM_X as usize;
+            while j < n {
+                let v = f32::cast_from(t[j]);
+                acc += v * v;
+                j += stride;
+            }
+        }
+    }
+    sh[tid] = acc;
+    sync_cube();
+    reduce_sum(&mut sh);
+    if tid == 0 {
+        out[(base + cube) as usize] = sh[0];
+    }
+}
+
 /// Elements one cube of [`sums_of_squares`] sums (16 per thread): enough cubes that a tensor of
 /// the 8B model's adapters (up to ~230k elements) spreads over the GPU instead of one SM
 /// looping over it.
@@ -196,6 +239,10 @@ pub fn sums_of_squares(ts: Vec<Raw>) -> Raw {
         .map(|t| square_cubes(t.meta.shape().num_elements()))
         .collect();
     let out = empty_as(&ts[0], Shape::new([cubes.iter().sum()]), DType::F32);
+    if switch::MULTI_TENSOR.on() {
+        sums_of_squares_many(ts, &cubes, &out);
+        return out;
+    }
     let mut base = 0;
     for (t, c) in ts.into_iter().zip(cubes) {
         let t = into_contiguous(t);
@@ -215,6 +262,49 @@ pub fn sums_of_squares(ts: Vec<Raw>) -> Raw {
         base += c;
     }
     out
+}
+
+/// Tensors one [`sum_squares_many_kernel`] launch takes at most (cubecl compiles one variant
+/// per count and dtype).
+const MANY: usize = 32;
+
+/// [`sums_of_squares`]'s partials with one launch per run of at most [`MANY`] tensors of one
+/// dtype ([`sum_squares_many_kernel`]), each tensor on the cubes `cubes` gives it, at the same
+/// places in `out` as the per-tensor launches.
+fn sums_of_squares_many(ts: Vec<Raw>, cubes: &[usize], out: &Raw) {
+    let mut base = 0u32;
+    let mut i = 0;
+    while i < ts.len() {
+        let dtype = ts[i].dtype;
+        let end = (i..ts.len())
+            .take(MANY)
+            .take_while(|&k| ts[k].dtype == dtype)
+            .last()
+            .map_or(i + 1, |k| k + 1);
+        let mut starts = SequenceArg::new();
+        let mut seq = SequenceArg::new();
+        let mut cube = 0u32;
+        for (t, c) in ts[i..end].iter().zip(&cubes[i..end]) {
+            starts.push(cube);
+            seq.push(into_contiguous(t.clone()).into_tensor_arg());
+            cube += *c as u32;
+        }
+        starts.push(cube);
+        let client = ts[i].client.clone();
+        launch!(sum_squares_many_kernel::<CudaRuntime>(
+            &client,
+            CubeCount::Static(cube, 1, 1),
+            CubeDim::new_1d(THREADS),
+            seq,
+            starts,
+            out.clone().into_tensor_arg(),
+            base,
+            THREADS,
+            dtype.into(),
+        ));
+        base += cube;
+        i = end;
+    }
 }
 
 /// `norm[0]` = the square root of the sum of `partials` (f32) and `scale[0]` = the gradient's

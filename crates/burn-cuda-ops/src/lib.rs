@@ -1046,6 +1046,13 @@ pub fn set_optimizer_kernels_enabled(on: bool) {
     switch::ADAMW.set(on);
 }
 
+/// Switches the optimizer's sums of squares ([`sum_of_squares`], [`grad_scale`]) to one launch
+/// per run of up to 32 tensors of one dtype (process-wide; default off unless
+/// `PEFT_LORA_MULTI_TENSOR=1`; off, one launch per tensor).
+pub fn set_multi_tensor_enabled(on: bool) {
+    switch::MULTI_TENSOR.set(on);
+}
+
 /// Whether the optimizer's kernels ([`adamw_update`], [`sum_of_squares`], [`grad_scale`]) run:
 /// `B` is a raw cubecl CUDA backend, the fused path is on, and `PEFT_LORA_FUSED_ADAMW` is not
 /// `0`. A caller can then keep its clip factor on the device.

@@ -142,6 +142,10 @@ pub(crate) static MERGE_HEADS: Switch = Switch::opt_in("PEFT_LORA_MERGE_HEADS");
 /// (`PEFT_LORA_SEEDED_BACKWARD`; on since session 22's H100 lease: q,v r8 with checkpointing
 /// +6.8-7.1% tokens/s, -32 MiB nvidia-smi peak, the same losses).
 pub(crate) static SEEDED_BACKWARD: Switch = Switch::new("PEFT_LORA_SEEDED_BACKWARD");
+/// The optimizer's sums of squares as one launch per run of up to 32 tensors of one dtype
+/// (`crate::adamw::sums_of_squares`), else one launch per tensor (`PEFT_LORA_MULTI_TENSOR=1`;
+/// opt-in until a GPU has measured it).
+pub(crate) static MULTI_TENSOR: Switch = Switch::opt_in("PEFT_LORA_MULTI_TENSOR");
 /// Checkpointed activations parked in pinned host memory (`PEFT_LORA_OFFLOAD`).
 pub(crate) static OFFLOAD: Switch = Switch::new("PEFT_LORA_OFFLOAD");
 /// Fused ops queued on cubecl's device thread without waiting (`PEFT_LORA_ASYNC_SUBMIT`).

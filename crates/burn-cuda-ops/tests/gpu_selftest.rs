@@ -1015,6 +1015,60 @@ fn adamw_reference(
     )
 }
 
+/// The global gradient norm's sum of squares over 45 tensors of the 8B model's adapter shapes
+/// and odd ones (two launches of the multi-tensor kernel: 32 tensors, then 13, each run at its
+/// base in the partials) against the f64 host sum, with the multi-tensor launches on and off,
+/// and the norm `grad_scale` keeps on the device from the multi-tensor partials.
+fn check_sums_many<B: Backend>(label: &str, dtype: DType, device: &B::Device) -> Vec<Check> {
+    let shapes = [
+        (4096, 8),
+        (8, 4096),
+        (4096, 16),
+        (16, 14336),
+        (14336, 16),
+        (3, 5),
+        (1, 1),
+    ];
+    let ts: Vec<Tensor<B, 2>> = (0..45)
+        .map(|k| {
+            let (r, c) = shapes[k % shapes.len()];
+            let sd = 1e-3 * (1.0 + k as f64);
+            Tensor::random([r, c], Distribution::Normal(0.0, sd), (device, dtype))
+        })
+        .collect();
+    let want: f64 = ts
+        .iter()
+        .flat_map(|t| host(t.clone()))
+        .map(|x| (x as f64).powi(2))
+        .sum();
+    let mut checks = Vec::new();
+    for multi in [true, false] {
+        ops::set_multi_tensor_enabled(multi);
+        let got = ops::sum_of_squares(&ts);
+        let norm = ops::grad_scale(&ts, None).map(|g| host(g.norm));
+        ops::set_multi_tensor_enabled(false);
+        let (Some(got), Some(norm)) = (got, norm) else {
+            return not_taken::<B>(format!("{label} sums of squares, many tensors"));
+        };
+        let how = if multi {
+            "one launch per 32"
+        } else {
+            "one launch each"
+        };
+        checks.push(Check::fused(
+            format!("{label} {dtype:?} sum of squares of 45 tensors, {how}"),
+            rel_err(&[got as f32], &[want as f32]),
+            tolerance(dtype),
+        ));
+        checks.push(Check::fused(
+            format!("{label} {dtype:?} grad_scale norm of 45 tensors, {how}"),
+            rel_err(&norm, &[want.sqrt() as f32]),
+            tolerance(dtype),
+        ));
+    }
+    checks
+}
+
 /// The one-kernel AdamW update (`ops::adamw_update`) against an f64 host reference of
 /// `torch.optim.AdamW`'s rule: parameter and both moments after a clipped, decayed step; the
 /// fused sum of squares behind the global gradient norm; and the norm and clip factor kept on
@@ -1577,7 +1631,7 @@ fn main() {
     let dropout_input_f32: Suite = |l, dt, d| check_dropout::<F32>(l, dt, 2, 45, 96, 80, 8, d);
     let dropout_input_ckpt: Suite =
         |l, dt, d| check_dropout::<Bf16Ckpt>(l, dt, 2, 45, 96, 80, 8, d);
-    let suites: [((&str, DType), Suite); 36] = [
+    let suites: [((&str, DType), Suite); 38] = [
         (f32_, check_shared_input::<F32>),
         (bf16_, check_shared_input::<Bf16>),
         (f32_, check_argmax::<F32>),
@@ -1616,6 +1670,8 @@ fn main() {
         (bf16_, check_merge_heads::<Bf16>),
         (ckpt, check_merge_heads::<Bf16Ckpt>),
         (f32_, check_adamw::<Cuda<f32>>),
+        (f32_, check_sums_many::<Cuda<f32>>),
+        (bf16_, check_sums_many::<Cuda<bf16>>),
         (f32_, check_grad_scale_skip::<Cuda<f32>>),
         (bf16_, |l, _, d| check_adamw_master::<Cuda<bf16>>(l, d)),
         (f32_, check_hashed_dropout::<F32>),

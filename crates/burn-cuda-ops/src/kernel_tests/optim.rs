@@ -28,8 +28,8 @@ use super::{
     Buf, Rt, MODES,
 };
 use crate::adamw::{
-    adamw_kernel, adamw_master_kernel, grad_scale_kernel, sum_squares_kernel, AdamWStep,
-    HyperLaunch,
+    adamw_kernel, adamw_master_kernel, grad_scale_kernel, sum_squares_kernel,
+    sum_squares_many_kernel, AdamWStep, HyperLaunch,
 };
 use crate::cube_util::{elem_grid, THREADS};
 
@@ -461,6 +461,81 @@ fn sum_squares_chains_tensors_at_their_bases() {
         let out = run_sum_squares(&client, mode, &args);
         let got = read_output(&client, &out, &what);
         assert_close(&got, &want, 1e-6, 1e-5, &what);
+    }
+}
+
+/// `sum_squares_many_kernel` over all of `ts` (device buffers and cube counts) in one launch:
+/// tensor `i` on the cubes after the previous tensors' ones.
+fn run_sum_squares_many(
+    client: &ComputeClient<Rt>,
+    mode: super::Mode,
+    ts: &[(&Buf, usize)],
+) -> Buf {
+    let total: usize = ts.iter().map(|(_, c)| c).sum();
+    let out = output(client, total);
+    let mut starts = SequenceArg::<Rt, u32>::new();
+    let mut tensors = SequenceArg::new();
+    let mut base = 0u32;
+    for (t, cubes) in ts {
+        starts.push(base);
+        tensors.push(t.flat());
+        base += *cubes as u32;
+    }
+    starts.push(base);
+    launch_in!(
+        mode,
+        sum_squares_many_kernel::<Rt>(
+            client,
+            CubeCount::Static(total as u32, 1, 1),
+            CubeDim::new_1d(THREADS),
+            tensors,
+            starts,
+            out.flat(),
+            0,
+            THREADS,
+            f32_type(),
+        )
+    );
+    out
+}
+
+/// One launch over many tensors writes the partials the per-tensor launches write, at the same
+/// places: one tensor alone, the sizes of the per-tensor test with the host's cube counts, and
+/// with fewer cubes than those (many strides a thread).
+#[test]
+fn sum_squares_many_writes_the_per_tensor_partials() {
+    let client = client();
+    let ts: Vec<Vec<f32>> = SIZES
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| values(n, 60 + k as u64, 0.25 + k as f32))
+        .collect();
+    let bufs: Vec<Buf> = ts.iter().map(|t| input(&client, t)).collect();
+    let host: Vec<usize> = ts.iter().map(|t| square_cubes(t.len())).collect();
+    let few: Vec<usize> = host
+        .iter()
+        .enumerate()
+        .map(|(k, c)| (*c).min(k + 1))
+        .collect();
+    for cubes in [host, few] {
+        let want: Vec<f64> = ts
+            .iter()
+            .zip(&cubes)
+            .flat_map(|(t, &c)| partials_want(t, c))
+            .collect();
+        let args: Vec<(&Buf, usize)> = bufs.iter().zip(cubes.iter().copied()).collect();
+        for mode in MODES {
+            let what = format!("sum_squares_many cubes {cubes:?} {mode:?}");
+            let got = read_output(&client, &run_sum_squares_many(&client, mode, &args), &what);
+            assert_close(&got, &want, 1e-6, 1e-5, &what);
+            let one = format!("{what}, the first tensor alone");
+            let got = read_output(
+                &client,
+                &run_sum_squares_many(&client, mode, &args[..1]),
+                &one,
+            );
+            assert_close(&got, &partials_want(&ts[0], cubes[0]), 1e-6, 1e-5, &one);
+        }
     }
 }
 
