@@ -146,6 +146,55 @@ pub(crate) fn adamw_master_kernel<E: Float>(
     low_out[i] = E::cast_from(pi);
 }
 
+/// [`adamw_master_kernel`] over several tensors in one launch: cubes `starts[i]..starts[i + 1]`
+/// take tensor `i`, one element per thread (`(cube - starts[i]) * CUBE_DIM_X + UNIT_POS_X`),
+/// with one step's scalars `h` and the one clip factor `scale[0]` for all.
+#[cube(launch, launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn adamw_master_many_kernel<E: Float>(
+    p: &Sequence<Tensor<f32>>,
+    g: &Sequence<Tensor<E>>,
+    m: &Sequence<Tensor<f32>>,
+    v: &Sequence<Tensor<f32>>,
+    p_out: &mut Sequence<Tensor<f32>>,
+    m_out: &mut Sequence<Tensor<f32>>,
+    v_out: &mut Sequence<Tensor<f32>>,
+    low_out: &mut Sequence<Tensor<E>>,
+    starts: Sequence<u32>,
+    scale: &Tensor<f32>,
+    h: &Hyper,
+    #[define(E)] _dtype: StorageType,
+) {
+    let cube = CUBE_POS_X;
+    let count = comptime![p.len()];
+    #[unroll]
+    for i in 0..count {
+        let lo = starts[i];
+        if cube >= lo && cube < starts[i + 1] {
+            let j = (cube - lo) as usize * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+            let pt = p.index(i);
+            if j < pt.len() {
+                let (pi, mi, vi) = adamw_step(
+                    pt[j],
+                    f32::cast_from(g.index(i)[j]),
+                    m.index(i)[j],
+                    v.index(i)[j],
+                    scale[0],
+                    h,
+                );
+                let po = p_out.index_mut(i);
+                po[j] = pi;
+                let mo = m_out.index_mut(i);
+                mo[j] = mi;
+                let vo = v_out.index_mut(i);
+                vo[j] = vi;
+                let lw = low_out.index_mut(i);
+                lw[j] = E::cast_from(pi);
+            }
+        }
+    }
+}
+
 /// `out[base + c] = sum(t^2)` in f32 over the elements cube `c` of the launch covers (a
 /// grid-stride loop: cube `c` takes elements `c * threads + tid`, then every
 /// `cubes * threads` after it).

@@ -28,8 +28,8 @@ use super::{
     Buf, Rt, MODES,
 };
 use crate::adamw::{
-    adamw_kernel, adamw_master_kernel, grad_scale_kernel, sum_squares_kernel,
-    sum_squares_many_kernel, AdamWStep, HyperLaunch,
+    adamw_kernel, adamw_master_kernel, adamw_master_many_kernel, grad_scale_kernel,
+    sum_squares_kernel, sum_squares_many_kernel, AdamWStep, HyperLaunch,
 };
 use crate::cube_util::{elem_grid, THREADS};
 
@@ -333,6 +333,109 @@ fn adamw_master_matches_torch_rule_and_rounds_the_master() {
                 }
             }
             ins.unchanged(&client, &st, &format!("adamw master n={n} t={t}"));
+        }
+    }
+}
+
+/// `adamw_master_many_kernel` over all of `ins` in one launch (each tensor on
+/// `ceil(n / THREADS)` cubes after the previous ones): `[master, m, v, low]` per tensor.
+fn run_adamw_master_many(
+    client: &ComputeClient<Rt>,
+    mode: super::Mode,
+    ins: &[Inputs],
+    scale: &Buf,
+    s: &AdamWStep,
+) -> Vec<[Buf; 4]> {
+    let outs: Vec<[Buf; 4]> = ins
+        .iter()
+        .map(|i| std::array::from_fn(|_| output(client, i.p.len)))
+        .collect();
+    let (mut p, mut g, mut m, mut v) = (
+        SequenceArg::new(),
+        SequenceArg::new(),
+        SequenceArg::new(),
+        SequenceArg::new(),
+    );
+    let (mut po, mut mo, mut vo, mut lo) = (
+        SequenceArg::new(),
+        SequenceArg::new(),
+        SequenceArg::new(),
+        SequenceArg::new(),
+    );
+    let mut starts = SequenceArg::<Rt, u32>::new();
+    let mut cube = 0u32;
+    for (i, o) in ins.iter().zip(&outs) {
+        starts.push(cube);
+        cube += i.p.len.div_ceil(THREADS as usize) as u32;
+        p.push(i.p.flat());
+        g.push(i.g.flat());
+        m.push(i.m.flat());
+        v.push(i.v.flat());
+        po.push(o[0].flat());
+        mo.push(o[1].flat());
+        vo.push(o[2].flat());
+        lo.push(o[3].flat());
+    }
+    starts.push(cube);
+    launch_in!(
+        mode,
+        adamw_master_many_kernel::<Rt>(
+            client,
+            CubeCount::Static(cube, 1, 1),
+            CubeDim::new_1d(THREADS),
+            p,
+            g,
+            m,
+            v,
+            po,
+            mo,
+            vo,
+            lo,
+            starts,
+            scale.arg(&[1]),
+            hyper(s),
+            f32_type(),
+        )
+    );
+    outs
+}
+
+/// One launch over several tensors of different sizes gives each the per-tensor kernel's
+/// results bit for bit, and leaves the inputs as they were. (Three tensors a launch: lavapipe
+/// allows 32 storage buffers per kernel, and each tensor takes eight.)
+#[test]
+fn adamw_master_many_equals_the_per_tensor_kernel() {
+    let client = client();
+    for ((t, s, fresh), sizes) in cases()
+        .into_iter()
+        .zip([[257usize, 1, 10_007], [255, 300_000, 1]])
+    {
+        let states: Vec<State> = sizes
+            .iter()
+            .map(|&n| State::new(n, 3000 + n as u64 + t as u64, fresh))
+            .collect();
+        let ins: Vec<Inputs> = states.iter().map(|st| Inputs::new(&client, st)).collect();
+        for clip in [1.0f32, 0.37, -1.0] {
+            let scale = input(&client, &[clip]);
+            for mode in MODES {
+                let outs = run_adamw_master_many(&client, mode, &ins, &scale, &s);
+                for (k, (i, o)) in ins.iter().zip(&outs).enumerate() {
+                    let what = format!("adamw master many t={t} clip {clip} tensor {k} {mode:?}");
+                    let want = run_adamw_master(&client, mode, i, &scale, &s, &what);
+                    for (j, name) in ["master", "m", "v", "low"].iter().enumerate() {
+                        let got = read_output(&client, &o[j], &format!("{what} {name}"));
+                        assert!(
+                            got.iter()
+                                .zip(&want[j])
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{what}: {name} differs from the per-tensor kernel"
+                        );
+                    }
+                }
+            }
+        }
+        for (k, (i, st)) in ins.iter().zip(&states).enumerate() {
+            i.unchanged(&client, st, &format!("adamw master many t={t} tensor {k}"));
         }
     }
 }
