@@ -492,6 +492,124 @@ pub fn update_master(
     (p2, m2, v2, p_low)
 }
 
+/// Tensors one [`adamw_master_many_kernel`] launch takes at most: eight buffers each, so a
+/// launch binds at most 64 tensors.
+const MANY_UPDATES: usize = 8;
+
+/// Cubes one [`adamw_master_many_kernel`] launch may use (a 1-D grid).
+const MAX_CUBES: usize = 65_535;
+
+/// [`update_master`] of every `(master, g, m, v)` of `items` (each with `g` of the one 16-bit
+/// dtype the results are rounded to; all under the one step `h` and factor `scale`), as one
+/// launch per run of up to [`MANY_UPDATES`] tensors ([`adamw_master_many_kernel`]); a tensor too
+/// large for one launch's grid gets its own [`update_master`]. The results, in order.
+pub fn update_master_many(
+    items: Vec<(Raw, Raw, Raw, Raw)>,
+    scale: Raw,
+    h: AdamWStep,
+) -> Vec<(Raw, Raw, Raw, Raw)> {
+    let scale = into_contiguous(scale);
+    let cubes = |t: &Raw| t.meta.shape().num_elements().div_ceil(THREADS as usize);
+    let mut out = Vec::with_capacity(items.len());
+    let mut run: Vec<(Raw, Raw, Raw, Raw)> = Vec::new();
+    let mut run_cubes = 0;
+    for item in items {
+        let c = cubes(&item.0);
+        if c > MAX_CUBES {
+            out.extend(update_master_run(std::mem::take(&mut run), &scale, h));
+            run_cubes = 0;
+            out.push(update_master(
+                item.0,
+                item.1,
+                item.2,
+                item.3,
+                scale.clone(),
+                h,
+            ));
+            continue;
+        }
+        if run.len() == MANY_UPDATES || run_cubes + c > MAX_CUBES {
+            out.extend(update_master_run(std::mem::take(&mut run), &scale, h));
+            run_cubes = 0;
+        }
+        run_cubes += c;
+        run.push(item);
+    }
+    out.extend(update_master_run(run, &scale, h));
+    out
+}
+
+/// One [`adamw_master_many_kernel`] launch over `run` (at most [`MANY_UPDATES`] tensors of at
+/// most [`MAX_CUBES`] cubes in all; nothing when empty).
+fn update_master_run(
+    run: Vec<(Raw, Raw, Raw, Raw)>,
+    scale: &Raw,
+    h: AdamWStep,
+) -> Vec<(Raw, Raw, Raw, Raw)> {
+    let Some(first) = run.first() else {
+        return Vec::new();
+    };
+    let (client, low) = (first.0.client.clone(), first.1.dtype);
+    let mut results = Vec::with_capacity(run.len());
+    let (mut p, mut g, mut m, mut v) = (
+        SequenceArg::new(),
+        SequenceArg::new(),
+        SequenceArg::new(),
+        SequenceArg::new(),
+    );
+    let (mut po, mut mo, mut vo, mut lo) = (
+        SequenceArg::new(),
+        SequenceArg::new(),
+        SequenceArg::new(),
+        SequenceArg::new(),
+    );
+    let mut starts = SequenceArg::new();
+    let mut cube = 0u32;
+    for (pi, gi, mi, vi) in run {
+        let (pi, gi, mi, vi) = (
+            into_contiguous(pi),
+            into_contiguous(gi),
+            into_contiguous(mi),
+            into_contiguous(vi),
+        );
+        let shape = pi.meta.shape().clone();
+        let n = shape.num_elements();
+        let f32_out = || empty_as(&pi, shape.clone(), DType::F32);
+        let (p2, m2, v2) = (f32_out(), f32_out(), f32_out());
+        let low_out = empty_as(&pi, shape.clone(), low);
+        starts.push(cube);
+        cube += n.div_ceil(THREADS as usize) as u32;
+        p.push(pi.into_tensor_arg());
+        g.push(gi.into_tensor_arg());
+        m.push(mi.into_tensor_arg());
+        v.push(vi.into_tensor_arg());
+        po.push(p2.clone().into_tensor_arg());
+        mo.push(m2.clone().into_tensor_arg());
+        vo.push(v2.clone().into_tensor_arg());
+        lo.push(low_out.clone().into_tensor_arg());
+        results.push((p2, m2, v2, low_out));
+    }
+    starts.push(cube);
+    launch!(adamw_master_many_kernel::<CudaRuntime>(
+        &client,
+        CubeCount::Static(cube, 1, 1),
+        CubeDim::new_1d(THREADS),
+        p,
+        g,
+        m,
+        v,
+        po,
+        mo,
+        vo,
+        lo,
+        starts,
+        scale.clone().into_tensor_arg(),
+        h.hyper(),
+        low.into(),
+    ));
+    results
+}
+
 /// Inner backends with the one-kernel AdamW update (raw cubecl CUDA).
 pub trait FusedAdamW: Backend {
     /// `(p, m, v)` after one update (see [`update`]).
@@ -517,6 +635,14 @@ pub trait FusedAdamW: Backend {
     /// f32 partial sums of squares whose total is the sum of squares of the tensors (not
     /// empty; see [`sums_of_squares`]).
     fn fused_sums_of_squares(ts: Vec<Prim<Self>>) -> Prim<Self>;
+    /// [`Self::fused_adamw_master`] of several tensors in few launches (see
+    /// [`update_master_many`]).
+    #[allow(clippy::type_complexity)]
+    fn fused_adamw_master_many(
+        items: Vec<(Prim<Self>, Prim<Self>, Prim<Self>, Prim<Self>)>,
+        scale: Prim<Self>,
+        h: AdamWStep,
+    ) -> Vec<(Prim<Self>, Prim<Self>, Prim<Self>, Prim<Self>)>;
 }
 
 impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedAdamW
@@ -543,5 +669,13 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedAdamW
 
     fn fused_sums_of_squares(ts: Vec<Raw>) -> Raw {
         sums_of_squares(ts)
+    }
+
+    fn fused_adamw_master_many(
+        items: Vec<(Raw, Raw, Raw, Raw)>,
+        scale: Raw,
+        h: AdamWStep,
+    ) -> Vec<(Raw, Raw, Raw, Raw)> {
+        update_master_many(items, scale, h)
     }
 }

@@ -53,6 +53,8 @@
 //! +7% at batch 1, -2-4% at batch 64), and (slower or no gain measured on an H100)
 //! `PEFT_LORA_DECODE_ATTENTION=1`
 //! ([`set_decode_attention_enabled`]) the split-key decode attention,
+//! `PEFT_LORA_MULTI_TENSOR=1` ([`set_multi_tensor_enabled`]) runs the optimizer's sums of
+//! squares and [`adamw_update_master_many`] as one launch per run of tensors,
 //! `PEFT_LORA_UNCHECKED_KERNELS=1` ([`set_unchecked_kernels_enabled`]) launches without
 //! cubecl's bounds checks, `PEFT_LORA_MERGE_HEADS=1` ([`set_merge_heads_enabled`]) merges the
 //! attention output's heads with one kernel each way;
@@ -1046,11 +1048,18 @@ pub fn set_optimizer_kernels_enabled(on: bool) {
     switch::ADAMW.set(on);
 }
 
-/// Switches the optimizer's sums of squares ([`sum_of_squares`], [`grad_scale`]) to one launch
-/// per run of up to 32 tensors of one dtype (process-wide; default off unless
-/// `PEFT_LORA_MULTI_TENSOR=1`; off, one launch per tensor).
+/// Switches the optimizer's multi-tensor launches on or off: the sums of squares
+/// ([`sum_of_squares`], [`grad_scale`]) as one launch per run of up to 32 tensors of one dtype,
+/// and [`adamw_update_master_many`] (process-wide; default off unless
+/// `PEFT_LORA_MULTI_TENSOR=1`; off, one launch per tensor, and `adamw_update_master_many`
+/// returns `None`).
 pub fn set_multi_tensor_enabled(on: bool) {
     switch::MULTI_TENSOR.set(on);
+}
+
+/// Whether the multi-tensor launches are on ([`set_multi_tensor_enabled`]).
+pub fn multi_tensor_enabled() -> bool {
+    switch::MULTI_TENSOR.on()
 }
 
 /// Whether the optimizer's kernels ([`adamw_update`], [`sum_of_squares`], [`grad_scale`]) run:
@@ -1170,6 +1179,58 @@ pub fn adamw_update_master<B: Backend>(
         p.cast(burn::tensor::FloatDType::from(low))
     };
     Some((master, m, v, p))
+}
+
+/// One tensor of [`adamw_update_master_many`]: `(master, g, m, v)` in, `(master, m, v, p)` out.
+pub type MasterUpdate<B> = (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>);
+
+#[allow(clippy::type_complexity)]
+fn adamw_master_many_impl<T: adamw::FusedAdamW>(
+    args: (Vec<MasterUpdate<T>>, Tensor<T, 1>, AdamWStep),
+) -> Vec<MasterUpdate<T>> {
+    let (items, scale, h) = args;
+    let items = items
+        .into_iter()
+        .map(|(p, g, m, v)| (prim(p), prim(g), prim(m), prim(v)))
+        .collect();
+    T::fused_adamw_master_many(items, prim(scale), h)
+        .into_iter()
+        .map(|(p, m, v, low)| (tensor(p), tensor(m), tensor(v), tensor(low)))
+        .collect()
+}
+
+/// [`adamw_update_master`] of every `(master, g, m, v)` of `items` under one step `h` and
+/// factor `scale`, as one launch per run of up to 8 tensors instead of one each: `Some` of the
+/// `(master, m, v, p)` of each, in order, when the multi-tensor launches are on
+/// ([`set_multi_tensor_enabled`]) and every item is what [`adamw_update_master`] takes with
+/// `g` of dtype `low` itself (not f32); `None` otherwise (update them one by one then).
+pub fn adamw_update_master_many<B: Backend>(
+    items: &[MasterUpdate<B>],
+    scale: &Tensor<B, 1>,
+    h: AdamWStep,
+    low: DType,
+) -> Option<Vec<MasterUpdate<B>>> {
+    if items.is_empty()
+        || !switch::MULTI_TENSOR.on()
+        || !optimizer_kernels_on::<B>()
+        || !is_scale(scale)
+        || !matches!(low, DType::BF16 | DType::F16)
+    {
+        return None;
+    }
+    let fits = |(p, g, m, v): &MasterUpdate<B>| {
+        [p, m, v]
+            .iter()
+            .all(|t| t.dims() == p.dims() && t.dtype() == DType::F32)
+            && g.dims() == p.dims()
+            && g.dtype() == low
+            && !is_empty(p)
+    };
+    if !items.iter().all(fits) {
+        return None;
+    }
+    let args = (items.to_vec(), scale.clone(), h);
+    dispatch_try!(B, adamw_master_many_impl(args); Cube<bf16>, Cube<f32>)
 }
 
 fn sums_of_squares_impl<T: adamw::FusedAdamW>(ts: Vec<Tensor<T, 2>>) -> Tensor<T, 1> {

@@ -143,8 +143,9 @@ pub(crate) static MERGE_HEADS: Switch = Switch::opt_in("PEFT_LORA_MERGE_HEADS");
 /// +6.8-7.1% tokens/s, -32 MiB nvidia-smi peak, the same losses).
 pub(crate) static SEEDED_BACKWARD: Switch = Switch::new("PEFT_LORA_SEEDED_BACKWARD");
 /// The optimizer's sums of squares as one launch per run of up to 32 tensors of one dtype
-/// (`crate::adamw::sums_of_squares`), else one launch per tensor (`PEFT_LORA_MULTI_TENSOR=1`;
-/// opt-in until a GPU has measured it).
+/// (`crate::adamw::sums_of_squares`) and its f32-master updates as one per run of up to 8
+/// (`crate::adamw_update_master_many`), else one launch per tensor
+/// (`PEFT_LORA_MULTI_TENSOR=1`; opt-in until a GPU has measured it).
 pub(crate) static MULTI_TENSOR: Switch = Switch::opt_in("PEFT_LORA_MULTI_TENSOR");
 /// Checkpointed activations parked in pinned host memory (`PEFT_LORA_OFFLOAD`).
 pub(crate) static OFFLOAD: Switch = Switch::new("PEFT_LORA_OFFLOAD");

@@ -1018,7 +1018,8 @@ fn adamw_reference(
 /// The global gradient norm's sum of squares over 45 tensors of the 8B model's adapter shapes
 /// and odd ones (two launches of the multi-tensor kernel: 32 tensors, then 13, each run at its
 /// base in the partials) against the f64 host sum, with the multi-tensor launches on and off,
-/// and the norm `grad_scale` keeps on the device from the multi-tensor partials.
+/// and the norm `grad_scale` keeps on the device from the multi-tensor partials; in bf16, the
+/// master updates of all 45 as runs of up to 8 a launch against one launch each.
 fn check_sums_many<B: Backend>(label: &str, dtype: DType, device: &B::Device) -> Vec<Check> {
     let shapes = [
         (4096, 8),
@@ -1042,6 +1043,58 @@ fn check_sums_many<B: Backend>(label: &str, dtype: DType, device: &B::Device) ->
         .map(|x| (x as f64).powi(2))
         .sum();
     let mut checks = Vec::new();
+    // The master updates of all 45 (bf16 gradients only: f32 ones go one by one) in runs of
+    // up to 8 a launch, against one launch each, bit for bit; `None` with the switch off.
+    if dtype == DType::BF16 {
+        let f32_of = |t: &Tensor<B, 2>| t.clone().cast(burn::tensor::FloatDType::F32);
+        let items: Vec<ops::MasterUpdate<B>> = ts
+            .iter()
+            .map(|g| {
+                let p = f32_of(g) * 3.0 + 0.01;
+                let m = f32_of(g) * 0.1;
+                let v = (f32_of(g) * f32_of(g)) * 0.01;
+                (p, g.clone(), m, v)
+            })
+            .collect();
+        let h = ops::AdamWStep {
+            betas: (0.9, 0.999),
+            lr: 2e-4,
+            weight_decay: 0.01,
+            eps: 1e-8,
+            bias_corrections: (1.0 - 0.9f32.powi(3), 1.0 - 0.999f32.powi(3)),
+        };
+        let Some(gs) = ops::grad_scale(&ts, Some(0.5)) else {
+            return not_taken::<B>(format!("{label} adamw master, many tensors"));
+        };
+        let off = ops::adamw_update_master_many(&items, &gs.scale, h, dtype).is_none();
+        ops::set_multi_tensor_enabled(true);
+        let many = ops::adamw_update_master_many(&items, &gs.scale, h, dtype);
+        ops::set_multi_tensor_enabled(false);
+        let Some(many) = many else {
+            return not_taken::<B>(format!("{label} adamw master, many tensors"));
+        };
+        let mut err = 0f64;
+        for ((p, g, m, v), (p2, m2, v2, low2)) in items.iter().zip(many) {
+            let Some((p1, m1, v1, low1)) =
+                ops::adamw_update_master(p, g, m, v, &gs.scale, h, dtype)
+            else {
+                return not_taken::<B>(format!("{label} adamw master, one tensor"));
+            };
+            for (a, b) in [(p1, p2), (m1, m2), (v1, v2), (low1, low2)] {
+                err = err.max(rel_err(&host(b), &host(a)));
+            }
+        }
+        checks.push(Check::fused(
+            format!("{label} {dtype:?} adamw master of 45 tensors, 8 a launch vs one each"),
+            err,
+            0.0,
+        ));
+        checks.push(Check::fused(
+            format!("{label} {dtype:?} adamw master many: None with the switch off (0 = yes)"),
+            f64::from(u8::from(!off)),
+            0.0,
+        ));
+    }
     for multi in [true, false] {
         ops::set_multi_tensor_enabled(multi);
         let got = ops::sum_of_squares(&ts);

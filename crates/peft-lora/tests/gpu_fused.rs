@@ -684,6 +684,24 @@ fn check_optimizer_master<B: AutodiffBackend>(label: &str, device: &B::Device) -
         rel_err(&masters(&resumed_o), &masters(&fused_o)),
         0.0,
     ));
+    // The multi-tensor launches (`PEFT_LORA_MULTI_TENSOR=1`): three steps from the same start
+    // give the per-tensor launches' masters and weights bit for bit (the same rule per element).
+    let (mut one_m, mut one_o) = (OneLayer(peft.model.0.clone()), new_opt());
+    let (mut many_m, mut many_o) = (OneLayer(peft.model.0.clone()), new_opt());
+    run(true, &xs[..3], &mut one_m, &mut one_o);
+    burn_cuda_ops::set_multi_tensor_enabled(true);
+    run(true, &xs[..3], &mut many_m, &mut many_o);
+    burn_cuda_ops::set_multi_tensor_enabled(false);
+    checks.push(Check::fused(
+        name("multi-tensor vs per-tensor launches, masters after 3 steps"),
+        rel_err(&masters(&many_o), &masters(&one_o)),
+        0.0,
+    ));
+    checks.push(Check::fused(
+        name("multi-tensor vs per-tensor launches, bf16 weights after 3 steps"),
+        rel_err(&weights(&many_m), &weights(&one_m)),
+        0.0,
+    ));
     // A step whose gradient norm is not finite (a NaN in the input): the norm and clip factor
     // stay on the device and the update kernels are queued before the norm is read; the step
     // must return the NaN norm and leave the weights, the masters and the step count as they were.

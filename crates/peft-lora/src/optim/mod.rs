@@ -17,6 +17,9 @@ use crate::linalg::pinv;
 use crate::model::LoraModel;
 use crate::modules_to_save::{for_each_saveable_mut, saveable};
 
+#[cfg(feature = "cuda")]
+mod many;
+
 /// Which update rule.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -491,6 +494,13 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
             bc1: 1.0 - self.adamw.beta1.powi(t),
             bc2: 1.0 - self.adamw.beta2.powi(t),
         };
+        // On CUDA, with the multi-tensor launches on, the LoRA tensors first (few launches).
+        #[cfg(feature = "cuda")]
+        if self.kind != OptimizerKind::LoraFa {
+            if let Some(factor) = scale.device.clone() {
+                self.apply_many(model, &mut acc, &h, &factor);
+            }
+        }
         let sc = &mut scale;
         for (path, layer) in model.lora_linears_mut() {
             for ad in &mut layer.adapters {
@@ -552,22 +562,10 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
         });
     }
 
-    /// One AdamW (or LoRA+ / LoRA-FA) update of the tensor `old` with gradient `g` (times
-    /// `scale` here; a negative scale returns `old` and keeps the moments), keeping its moments
-    /// under `k`.
-    #[allow(clippy::too_many_arguments)]
-    fn update(
-        &mut self,
-        k: String,
-        slot: Slot,
-        g: Tensor<Inner<AB>, 2>,
-        old: Tensor<Inner<AB>, 2>,
-        h: &Hyper,
-        scale: &mut Scale<Inner<AB>>,
-    ) -> Tensor<Inner<AB>, 2> {
-        let c = self.adamw.clone();
-        let lr = h.lr;
-        let (lr_here, wd) = match (&self.kind, slot) {
+    /// The step size and decoupled weight decay of a tensor in `slot` at learning rate `lr`
+    /// (LoRA+'s groups: `lora_B` and magnitudes at `lr * lr_ratio`, biases undecayed).
+    fn rate_and_decay(&self, slot: Slot, lr: f64) -> (f64, f64) {
+        match (&self.kind, slot) {
             (
                 OptimizerKind::LoraPlus {
                     lr_ratio,
@@ -582,11 +580,20 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
             // Token rows and saved weights are 2-D and not lora_B: PEFT puts them in LoRA+'s
             // group A.
             (OptimizerKind::LoraPlus { weight_decay, .. }, _) => (lr, *weight_decay),
-            _ => (lr, c.weight_decay),
-        };
-        let low = old.dtype();
-        let st = self.state.entry(k).or_insert_with(|| {
-            if is_half(low) {
+            _ => (lr, self.adamw.weight_decay),
+        }
+    }
+
+    /// The moments kept under `k`, made at the first step: zeros, and for a 16-bit `old` an
+    /// f32 master copy of it with f32 moments.
+    fn moments(
+        &mut self,
+        k: String,
+        old: &Tensor<Inner<AB>, 2>,
+        g: &Tensor<Inner<AB>, 2>,
+    ) -> &mut Moments<Inner<AB>> {
+        self.state.entry(k).or_insert_with(|| {
+            if is_half(old.dtype()) {
                 let master = to_f32(old.clone());
                 Moments {
                     m: master.zeros_like(),
@@ -600,7 +607,27 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
                     master: None,
                 }
             }
-        });
+        })
+    }
+
+    /// One AdamW (or LoRA+ / LoRA-FA) update of the tensor `old` with gradient `g` (times
+    /// `scale` here; a negative scale returns `old` and keeps the moments), keeping its moments
+    /// under `k`.
+    #[allow(clippy::too_many_arguments)]
+    fn update(
+        &mut self,
+        k: String,
+        slot: Slot,
+        g: Tensor<Inner<AB>, 2>,
+        old: Tensor<Inner<AB>, 2>,
+        h: &Hyper,
+        scale: &mut Scale<Inner<AB>>,
+    ) -> Tensor<Inner<AB>, 2> {
+        let c = self.adamw.clone();
+        let (lr_here, wd) = self.rate_and_decay(slot, h.lr);
+        let lora_fa = self.kind == OptimizerKind::LoraFa;
+        let low = old.dtype();
+        let st = self.moments(k, &old, &g);
         // With a master the rule runs in f32 on it; the parameter becomes the master rounded.
         let old = match &st.master {
             Some(master) => master.clone(),
@@ -608,8 +635,7 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
         };
         // On CUDA: the whole AdamW rule in one kernel instead of ~16 tensor ops.
         #[cfg(feature = "cuda")]
-        if self.kind != OptimizerKind::LoraFa && burn_cuda_ops::optimizer_kernels_on::<Inner<AB>>()
-        {
+        if !lora_fa && burn_cuda_ops::optimizer_kernels_on::<Inner<AB>>() {
             let scale_t = &scale.on_device(&old.device());
             let step = burn_cuda_ops::AdamWStep {
                 betas: (c.beta1 as f32, c.beta2 as f32),
@@ -644,7 +670,7 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
         let g = if clip != 1.0 { g * clip } else { g };
         st.m = st.m.clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
         st.v = st.v.clone() * c.beta2 + g.powf_scalar(2.0) * (1.0 - c.beta2);
-        let updated = if self.kind == OptimizerKind::LoraFa {
+        let updated = if lora_fa {
             // PEFT's LoraFAOptimizer: eps added to the uncorrected sqrt(v), the bias
             // correction folded into the step size, decay applied after the update.
             let step_size = lr_here * h.bc2.sqrt() / h.bc1;
