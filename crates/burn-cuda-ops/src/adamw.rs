@@ -501,7 +501,7 @@ const MAX_CUBES: usize = 65_535;
 
 /// [`update_master`] of every `(master, g, m, v)` of `items` (each with `g` of the one 16-bit
 /// dtype the results are rounded to; all under the one step `h` and factor `scale`), as one
-/// launch per run of up to [`MANY_UPDATES`] tensors ([`adamw_master_many_kernel`]); a tensor too
+/// launch per run of up to 8 tensors ([`adamw_master_many_kernel`]); a tensor too
 /// large for one launch's grid gets its own [`update_master`]. The results, in order.
 pub fn update_master_many(
     items: Vec<(Raw, Raw, Raw, Raw)>,
