@@ -207,21 +207,36 @@ pub(crate) fn sum_squares_kernel<E: Float>(
     #[comptime] threads: u32,
     #[define(E)] _dtype: StorageType,
 ) {
-    let tid = UNIT_POS_X as usize;
-    let mut sh = SharedMemory::<f32>::new(threads as usize);
-    let mut acc = f32::new(0.0);
-    let mut j = CUBE_POS_X as usize * CUBE_DIM_X as usize + tid;
+    let first = CUBE_POS_X as usize * CUBE_DIM_X as usize + UNIT_POS_X as usize;
     let stride = CUBE_COUNT_X as usize * CUBE_DIM_X as usize;
-    while j < n as usize {
+    let acc = squares_from(t, n as usize, first, stride);
+    write_cube_sum(acc, out, base as usize + CUBE_POS_X as usize, threads);
+}
+
+/// This unit's f32 sum of `t[j]^2` for `j = first, first + stride, ..` below `n`.
+#[cube]
+fn squares_from<E: Float>(t: &Tensor<E>, n: usize, first: usize, stride: usize) -> f32 {
+    let mut acc = f32::new(0.0);
+    let mut j = first;
+    while j < n {
         let v = f32::cast_from(t[j]);
         acc += v * v;
         j += stride;
     }
+    acc
+}
+
+/// The cube's sum of every unit's `acc` (a tree in shared memory of `threads`), written by unit
+/// 0 to `out[at]`. Every unit of the cube must call it.
+#[cube]
+fn write_cube_sum(acc: f32, out: &mut Tensor<f32>, at: usize, #[comptime] threads: u32) {
+    let tid = UNIT_POS_X as usize;
+    let mut sh = SharedMemory::<f32>::new(threads as usize);
     sh[tid] = acc;
     sync_cube();
     reduce_sum(&mut sh);
     if tid == 0 {
-        out[base as usize + CUBE_POS_X as usize] = sh[0];
+        out[at] = sh[0];
     }
 }
 
@@ -238,9 +253,7 @@ pub(crate) fn sum_squares_many_kernel<E: Float>(
     #[comptime] threads: u32,
     #[define(E)] _dtype: StorageType,
 ) {
-    let tid = UNIT_POS_X as usize;
     let cube = CUBE_POS_X;
-    let mut sh = SharedMemory::<f32>::new(threads as usize);
     let mut acc = f32::new(0.0);
     let count = comptime![ts.len()];
     #[unroll]
@@ -249,22 +262,11 @@ pub(crate) fn sum_squares_many_kernel<E: Float>(
         let hi = starts[i + 1];
         if cube >= lo && cube < hi {
             let t = ts.index(i);
-            let n = t.len();
-            let mut j = (cube - lo) as usize * CUBE_DIM_X as usize + tid;
-            let stride = (hi - lo) as usize * CUBE_DIM_X as usize;
-            while j < n {
-                let v = f32::cast_from(t[j]);
-                acc += v * v;
-                j += stride;
-            }
+            let first = (cube - lo) as usize * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+            acc = squares_from(t, t.len(), first, (hi - lo) as usize * CUBE_DIM_X as usize);
         }
     }
-    sh[tid] = acc;
-    sync_cube();
-    reduce_sum(&mut sh);
-    if tid == 0 {
-        out[(base + cube) as usize] = sh[0];
-    }
+    write_cube_sum(acc, out, (base + cube) as usize, threads);
 }
 
 /// Elements one cube of [`sums_of_squares`] sums (16 per thread): enough cubes that a tensor of

@@ -87,7 +87,6 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
                 }),
             }
         }
-        let c = self.adamw.clone();
         let mut updated: BTreeMap<String, Tensor<Inner<AB>, 2>> = BTreeMap::new();
         for Group {
             dtype: low,
@@ -103,13 +102,7 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
                     (master, j.g.clone(), st.m.clone(), st.v.clone())
                 })
                 .collect();
-            let step = burn_cuda_ops::AdamWStep {
-                betas: (c.beta1 as f32, c.beta2 as f32),
-                lr: lr as f32,
-                weight_decay: wd as f32,
-                eps: c.eps as f32,
-                bias_corrections: (h.bc1 as f32, h.bc2 as f32),
-            };
+            let step = self.kernel_step(h, lr, wd);
             let Some(results) = burn_cuda_ops::adamw_update_master_many(&items, scale, step, low)
             else {
                 continue;

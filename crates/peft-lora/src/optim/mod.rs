@@ -584,6 +584,19 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
         }
     }
 
+    /// One update's scalars as burn-cuda-ops' AdamW kernels take them.
+    #[cfg(feature = "cuda")]
+    fn kernel_step(&self, h: &Hyper, lr: f64, weight_decay: f64) -> burn_cuda_ops::AdamWStep {
+        let c = &self.adamw;
+        burn_cuda_ops::AdamWStep {
+            betas: (c.beta1 as f32, c.beta2 as f32),
+            lr: lr as f32,
+            weight_decay: weight_decay as f32,
+            eps: c.eps as f32,
+            bias_corrections: (h.bc1 as f32, h.bc2 as f32),
+        }
+    }
+
     /// The moments kept under `k`, made at the first step: zeros, and for a 16-bit `old` an
     /// f32 master copy of it with f32 moments.
     fn moments(
@@ -626,6 +639,8 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
         let c = self.adamw.clone();
         let (lr_here, wd) = self.rate_and_decay(slot, h.lr);
         let lora_fa = self.kind == OptimizerKind::LoraFa;
+        #[cfg(feature = "cuda")]
+        let step = self.kernel_step(h, lr_here, wd);
         let low = old.dtype();
         let st = self.moments(k, &old, &g);
         // With a master the rule runs in f32 on it; the parameter becomes the master rounded.
@@ -637,13 +652,6 @@ impl<AB: AutodiffBackend> LoraOptimizer<AB> {
         #[cfg(feature = "cuda")]
         if !lora_fa && burn_cuda_ops::optimizer_kernels_on::<Inner<AB>>() {
             let scale_t = &scale.on_device(&old.device());
-            let step = burn_cuda_ops::AdamWStep {
-                betas: (c.beta1 as f32, c.beta2 as f32),
-                lr: lr_here as f32,
-                weight_decay: wd as f32,
-                eps: c.eps as f32,
-                bias_corrections: (h.bc1 as f32, h.bc2 as f32),
-            };
             if st.master.is_some() {
                 if let Some((master, m, v, p)) =
                     burn_cuda_ops::adamw_update_master(&old, &g, &st.m, &st.v, scale_t, step, low)
