@@ -53,6 +53,8 @@
 //! +7% at batch 1, -2-4% at batch 64), and (slower or no gain measured on an H100)
 //! `PEFT_LORA_DECODE_ATTENTION=1`
 //! ([`set_decode_attention_enabled`]) the split-key decode attention,
+//! `PEFT_LORA_SEEDED_ADAPTERS=1` ([`set_seeded_adapters_enabled`], read by the model crate)
+//! extends the seeded backward to a last projection one LoRA adapter trains,
 //! `PEFT_LORA_MULTI_TENSOR=1` ([`set_multi_tensor_enabled`]) runs the optimizer's sums of
 //! squares and [`adamw_update_master_many`] as one launch per run of tensors,
 //! `PEFT_LORA_UNCHECKED_KERNELS=1` ([`set_unchecked_kernels_enabled`]) launches without
@@ -299,6 +301,18 @@ pub fn set_seeded_backward_enabled(on: bool) {
 /// Whether [`seeded_root`] builds roots (the switch; the backend is checked per call).
 pub fn seeded_backward_enabled() -> bool {
     switch::SEEDED_BACKWARD.on()
+}
+
+/// Switches on or off the seeded backward's extension to a last projection that one plain LoRA
+/// adapter trains (process-wide; default off unless `PEFT_LORA_SEEDED_ADAPTERS=1`). This crate
+/// only keeps the switch: the model crate reads it ([`seeded_adapters_enabled`]).
+pub fn set_seeded_adapters_enabled(on: bool) {
+    switch::SEEDED_ADAPTERS.set(on);
+}
+
+/// Whether [`set_seeded_adapters_enabled`]'s switch is on.
+pub fn seeded_adapters_enabled() -> bool {
+    switch::SEEDED_ADAPTERS.on()
 }
 
 /// The `[1]` root whose `backward()` gives each `t` of `pairs` the gradient `g` as it is (each

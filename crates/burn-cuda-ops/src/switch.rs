@@ -142,6 +142,11 @@ pub(crate) static MERGE_HEADS: Switch = Switch::opt_in("PEFT_LORA_MERGE_HEADS");
 /// (`PEFT_LORA_SEEDED_BACKWARD`; on since session 22's H100 lease: q,v r8 with checkpointing
 /// +6.8-7.1% tokens/s, -32 MiB nvidia-smi peak, the same losses).
 pub(crate) static SEEDED_BACKWARD: Switch = Switch::new("PEFT_LORA_SEEDED_BACKWARD");
+/// With [`SEEDED_BACKWARD`]: a checkpointed layer's last projection is skipped also when one
+/// plain LoRA adapter trains it, its gradients computed from the output gradient
+/// (`PEFT_LORA_SEEDED_ADAPTERS=1`; opt-in until a GPU has measured it). Read by the model crate
+/// ([`crate::seeded_adapters_enabled`]).
+pub(crate) static SEEDED_ADAPTERS: Switch = Switch::opt_in("PEFT_LORA_SEEDED_ADAPTERS");
 /// The optimizer's sums of squares as one launch per run of up to 32 tensors of one dtype
 /// (`crate::adamw::sums_of_squares`) and its f32-master updates as one per run of up to 8
 /// (`crate::adamw_update_master_many`), else one launch per tensor

@@ -102,9 +102,13 @@ impl<B: Backend> DecoderLayer<B> {
     }
 
     /// The forward of `x` (no cache) as the tensors a backward from the layer's output gradient
-    /// `g` starts at, each with its gradient: `(output, g)`, or, when `down_proj` trains nothing
-    /// in this call, `(residual after attention, g)` and `(down_proj's input, g W_down^T)`. The
-    /// last projection's output is then never computed: only its input's gradient is needed.
+    /// `g` starts at, each with its gradient, flattened to `[batch * seq, width]`: `(output,
+    /// g)`, or, when `down_proj` trains nothing in this call, `(residual after attention, g)`
+    /// and `(down_proj's input, g W_down^T)`; with seeded adapters
+    /// (`ops::seeded_adapters_enabled`) also when one plain LoRA adapter trains it, whose
+    /// input, dropped-out input, `A` and `B` then get their gradients
+    /// ([`peft_lora::LoraLinear::backward_seeds`]). The last projection's output is then never
+    /// computed: only the gradients it hands back are needed.
     pub(crate) fn backward_seeds(
         &self,
         x: Tensor<B, 3>,
@@ -113,12 +117,31 @@ impl<B: Backend> DecoderLayer<B> {
         sin: &Tensor<B, 4>,
         mask: &Tensor<B, 4>,
         ctx: &LoraCtx,
-    ) -> Vec<(Tensor<B, 3>, Tensor<B, 3>)> {
+    ) -> Vec<(Tensor<B, 2>, Tensor<B, 2>)> {
         let (residual, normed, _) = self.attention_parts(x, None, cos, sin, mask, None, ctx);
         let h = self.mlp.down_input(normed, ctx);
-        match self.mlp.down_proj.frozen_input_grad(g.clone(), ctx) {
-            Some(dh) => vec![(residual, g), (h, dh)],
-            None => vec![(residual + self.mlp.down_proj.forward_ctx(h, ctx), g)],
+        let [batch, seq, hidden] = residual.dims();
+        let flat = |t: Tensor<B, 3>| {
+            let w = t.dims()[2];
+            t.reshape([batch * seq, w])
+        };
+        let g2 = flat(g);
+        let down = &self.mlp.down_proj;
+        let seeds = if crate::ops::seeded_adapters_enabled() {
+            down.backward_seeds(flat(h.clone()), g2.clone(), ctx)
+        } else {
+            down.frozen_input_grad(g2.clone(), ctx)
+                .map(|dh| vec![(flat(h.clone()), dh)])
+        };
+        match seeds {
+            Some(mut seeds) => {
+                seeds.insert(0, (flat(residual), g2));
+                seeds
+            }
+            None => {
+                let y = residual + down.forward_ctx(h, ctx);
+                vec![(y.reshape([batch * seq, hidden]), g2)]
+            }
         }
     }
 }

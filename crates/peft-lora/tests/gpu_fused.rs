@@ -738,6 +738,79 @@ fn check_optimizer_master<B: AutodiffBackend>(label: &str, device: &B::Device) -
 
 type Gpu = Cuda<bf16>;
 
+/// `LoraLinear::backward_seeds` (the seeded backward of a checkpointed layer's last projection,
+/// its GEMMs on transposed views) against autodiff through the fused forward: the gradients of
+/// `x`, `A` and `B` for `<y, g>`, with training dropout (the same draws on both sides) and
+/// without.
+fn check_backward_seeds<B: AutodiffBackend>(
+    label: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Check> {
+    use peft_lora::{LoraConfig, LoraCtx, PeftModel};
+    let (n, d_in, d_out, r) = (64, 96, 80, 8);
+    let x = Tensor::<B, 2>::random([n, d_in], Distribution::Normal(0.0, 1.0), (device, dtype));
+    let g = Tensor::<B, 2>::random([n, d_out], Distribution::Normal(0.0, 1.0), (device, dtype));
+    let mut checks = Vec::new();
+    for dropout in [0.0, 0.25] {
+        let mut peft = PeftModel::new(OneLayer(LoraLinear::<B>::random(
+            d_in, d_out, false, device,
+        )));
+        let mut cfg = LoraConfig::new(r, 16.0, &["proj"]);
+        cfg.lora_dropout = dropout;
+        if peft.add_adapter("default", &cfg).is_err() {
+            return not_taken::<B>(format!("{label} backward seeds: adapter"));
+        }
+        {
+            use burn::module::Param;
+            let cast = |t: Tensor<B, 2>| Tensor::<B, 2>::from_inner(t.inner().cast(dtype));
+            let layer = &mut peft.model.0;
+            layer.weight = Param::from_tensor(cast(layer.weight.val())).set_require_grad(false);
+            let ad = &mut layer.adapters[0];
+            ad.lora_a = Param::from_tensor(cast(ad.lora_a.val()).require_grad());
+            let b =
+                Tensor::<B, 2>::random([r, d_out], Distribution::Normal(0.0, 0.3), (device, dtype));
+            ad.lora_b = Param::from_tensor(b.require_grad());
+        }
+        peft.train();
+        let fc = &peft.model.0;
+        let side = |seeded: bool| -> Option<Vec<Vec<f32>>> {
+            B::seed(device, 5);
+            peft_lora::seed_dropout(5);
+            let xl = x.clone().detach().require_grad();
+            let grads = if seeded {
+                let seeds = fc.backward_seeds(xl.clone(), g.clone(), &LoraCtx::default())?;
+                seeds
+                    .into_iter()
+                    .map(|(t, gt)| (t.cast(DType::F32) * gt.cast(DType::F32)).sum())
+                    .reduce(|a, b| a + b)?
+                    .backward()
+            } else {
+                (fc.forward(xl.clone()).cast(DType::F32) * g.clone().cast(DType::F32))
+                    .sum()
+                    .backward()
+            };
+            let ad = &fc.adapters[0];
+            Some(vec![
+                host(Tensor::<B, 2>::from_inner(xl.grad(&grads)?)),
+                host(Tensor::<B, 2>::from_inner(ad.lora_a.val().grad(&grads)?)),
+                host(Tensor::<B, 2>::from_inner(ad.lora_b.val().grad(&grads)?)),
+            ])
+        };
+        let (Some(want), Some(got)) = (side(false), side(true)) else {
+            return not_taken::<B>(format!("{label} backward seeds"));
+        };
+        for (name, (w, gt)) in ["x", "A", "B"].iter().zip(want.iter().zip(&got)) {
+            checks.push(Check::fused(
+                format!("{label} {dtype:?} backward seeds vs autodiff, d{dropout} grad {name}"),
+                rel_err(gt, w),
+                tolerance(dtype),
+            ));
+        }
+    }
+    checks
+}
+
 fn main() {
     if !burn_cuda_ops::gpu_present() {
         println!(
@@ -757,7 +830,7 @@ fn main() {
     type F32 = Autodiff<Cuda<f32>>;
     type Bf16 = Autodiff<Gpu>;
     type Bf16Ckpt = Autodiff<Gpu, BalancedCheckpointing>;
-    let suites: [((&str, DType), Suite); 7] = [
+    let suites: [((&str, DType), Suite); 9] = [
         (("cuda", DType::F32), check_shared_input::<F32>),
         (("cuda", DType::BF16), check_shared_input::<Bf16>),
         (("cuda", DType::F32), check_all::<F32>),
@@ -765,6 +838,8 @@ fn main() {
         (("cuda-ckpt", DType::BF16), check_all::<Bf16Ckpt>),
         (("cuda", DType::F32), check_routed_rows::<F32>),
         (("cuda", DType::BF16), check_routed_rows::<Bf16>),
+        (("cuda", DType::F32), check_backward_seeds::<F32>),
+        (("cuda", DType::BF16), check_backward_seeds::<Bf16>),
     ];
     let mut checks = Vec::new();
     for ((label, dtype), suite) in suites {

@@ -5,8 +5,10 @@
 use burn::tensor::{backend::Backend, Tensor};
 
 use super::LoraLinear;
+use crate::adapter::VariantKind;
+use crate::dropout::{dropout, in_mode};
 use crate::fused;
-use crate::routing::LoraCtx;
+use crate::routing::{LoraCtx, RowsOn};
 
 impl<B: Backend> LoraLinear<B> {
     /// `g W^T`, the gradient `forward_ctx(x, ctx)` hands its input for the output gradient `g`,
@@ -43,10 +45,73 @@ impl<B: Backend> LoraLinear<B> {
         if w.is_require_grad() {
             return None;
         }
-        let wt = w.transpose();
-        let dx = fused::frozen_linear(&g2, &wt, None).unwrap_or_else(|| g2.matmul(wt));
+        let dx = product(&g2, &w.transpose());
         let mut in_dims = dims;
         in_dims[D - 1] = self.d_in();
         Some(dx.reshape(in_dims))
     }
+}
+
+impl<B: Backend> LoraLinear<B> {
+    /// The tensors a backward from this layer's output gradient `g` starts at, each with its
+    /// gradient, for an input `x` whose forward (`forward_ctx(x, ctx)`) is never run: `None`
+    /// unless the layer trains nothing ([`Self::frozen_input_grad`]: `[(x, g W^T)]`) or one plain
+    /// LoRA adapter acts on every row (no bias on `B`, no `modules_to_save` copy, a frozen
+    /// bias): then `x` gets `g W^T`, the adapter's dropped-out input `xd` (drawn as the forward
+    /// draws it) gets `s (g B^T) A^T`, and `A`, `B` get `s xd^T (g B^T)` and `s (xd A)^T g`,
+    /// the gradients of `<forward_ctx(x), g>`.
+    ///
+    /// # Shapes
+    /// - x: `[n, in]`, g: `[n, out]`
+    #[allow(clippy::type_complexity)]
+    pub fn backward_seeds(
+        &self,
+        x: Tensor<B, 2>,
+        g: Tensor<B, 2>,
+        ctx: &LoraCtx,
+    ) -> Option<Vec<(Tensor<B, 2>, Tensor<B, 2>)>> {
+        if let Some(dx) = self.frozen_input_grad(g.clone(), ctx) {
+            return Some(vec![(x, dx)]);
+        }
+        let live = self.live_adapters(ctx);
+        let [(adapter, RowsOn::All)] = live.as_slice() else {
+            return None;
+        };
+        let frozen_bias = self.bias.as_ref().is_none_or(|b| !b.is_require_grad());
+        if adapter.meta.variant != VariantKind::Lora
+            || adapter.lora_b_bias.is_some()
+            || self.saved.live().is_some()
+            || !frozen_bias
+        {
+            return None;
+        }
+        let w = match &self.nf4 {
+            Some(q) => q.dequantize().cast(g.dtype()),
+            None => self.weight.val(),
+        };
+        let (a, b, s) = (
+            adapter.lora_a.val(),
+            adapter.lora_b.val(),
+            adapter.meta.scaling,
+        );
+        let xd = in_mode(self.state.training, || {
+            dropout(x.clone(), adapter.meta.dropout)
+        });
+        // Untracked values for the products (no graph: each result is handed as it is).
+        let (xd_v, a_v, b_v) = (xd.clone().detach(), a.clone().detach(), b.clone().detach());
+        let gb = product(&g, &b_v.transpose()) * s;
+        let xa = product(&xd_v, &a_v) * s;
+        Some(vec![
+            (x, product(&g, &w.transpose())),
+            (xd, product(&gb, &a_v.transpose())),
+            (a, product(&xd_v.transpose(), &gb)),
+            (b, product(&xa.transpose(), &g)),
+        ])
+    }
+}
+
+/// `x y`: burn-cuda-ops' cuBLASLt GEMM where it runs (any operand may be a transposed view),
+/// else Burn's matmul.
+fn product<B: Backend>(x: &Tensor<B, 2>, y: &Tensor<B, 2>) -> Tensor<B, 2> {
+    fused::frozen_linear(x, y, None).unwrap_or_else(|| x.clone().matmul(y.clone()))
 }
