@@ -20,6 +20,9 @@
 #   train         ours on the three configs (qv-gc, qv-nogc, all-gc), LoRA dropout 0.1
 #   train-optin   the same with the opt-in switches on (PEFT_LORA_UNCHECKED_KERNELS; OPTIN=1 profiles
 #                 so too; VALIDATE=1 runs `check` under cubecl's validate mode)
+#   train-ab      ours with each opt-in training switch on alone (AB_SWITCHES, default
+#                 "PEFT_LORA_MULTI_TENSOR PEFT_LORA_SEEDED_ADAPTERS"), then all of them, on
+#                 CONFIGS (default qv-gc all-gc); run `train` beside it for the defaults
 #   train-d0      the same at dropout 0 (Unsloth's, which its fused kernels need)
 #                 (CONFIGS="qv-gc all-gc" picks configs for train and train-d0)
 #   phases        qv-gc and all-gc with PEFT_TRAIN_PHASES=1 (where a step's time goes)
@@ -129,6 +132,12 @@ for stage in "$@"; do
   train-optin) export $OPTIN_ENV; ours optin 0.1 ${CONFIGS:-qv-gc qv-nogc all-gc}
     unset PEFT_LORA_UNCHECKED_KERNELS ;;
   train-d0) ours d0 0 ${CONFIGS:-qv-gc qv-nogc all-gc} ;;
+  train-ab)
+    sws=${AB_SWITCHES:-"PEFT_LORA_MULTI_TENSOR PEFT_LORA_SEEDED_ADAPTERS"}
+    for sw in $sws; do
+      ( export "$sw=1"; ours "ab-$sw" 0.1 ${CONFIGS:-qv-gc all-gc} )
+    done
+    ( for sw in $sws; do export "$sw=1"; done; ours ab-all 0.1 ${CONFIGS:-qv-gc all-gc} ) ;;
   phases) PEFT_TRAIN_PHASES=1 ours phases 0.1 qv-gc all-gc ;;
   hf) peers hf $three ;;
   liger)
