@@ -461,18 +461,9 @@ pub fn update_master(
     scale: Raw,
     h: AdamWStep,
 ) -> (Raw, Raw, Raw, Raw) {
-    let (p, g, m, v) = (
-        into_contiguous(master),
-        into_contiguous(g),
-        into_contiguous(m),
-        into_contiguous(v),
-    );
-    let shape = p.meta.shape().clone();
-    let n = shape.num_elements();
-    let out = || empty_as(&p, shape.clone(), DType::F32);
-    let (p2, m2, v2) = (out(), out(), out());
+    let ([p, g, m, v], [p2, m2, v2, p_low]) = master_buffers(master, g, m, v);
+    let n = p.meta.shape().num_elements();
     let low = g.dtype;
-    let p_low = empty_as(&p, shape.clone(), low);
     let client = p.client.clone();
     launch!(adamw_master_kernel::<CudaRuntime>(
         &client,
@@ -500,6 +491,21 @@ const MANY_UPDATES: usize = 8;
 
 /// Cubes one [`adamw_master_many_kernel`] launch may use (a 1-D grid).
 const MAX_CUBES: usize = 65_535;
+
+/// A master update's inputs `(master, g, m, v)` made contiguous, and its outputs of `master`'s
+/// shape: the new master and moments in f32, and the master rounded to `g`'s dtype.
+fn master_buffers(master: Raw, g: Raw, m: Raw, v: Raw) -> ([Raw; 4], [Raw; 4]) {
+    let ins = [master, g, m, v].map(into_contiguous);
+    let shape = ins[0].meta.shape().clone();
+    let out = |dtype| empty_as(&ins[0], shape.clone(), dtype);
+    let outs = [
+        out(DType::F32),
+        out(DType::F32),
+        out(DType::F32),
+        out(ins[1].dtype),
+    ];
+    (ins, outs)
+}
 
 /// [`update_master`] of every `(master, g, m, v)` of `items` (each with `g` of the one 16-bit
 /// dtype the results are rounded to; all under the one step `h` and factor `scale`), as one
@@ -568,17 +574,8 @@ fn update_master_run(
     let mut starts = SequenceArg::new();
     let mut cube = 0u32;
     for (pi, gi, mi, vi) in run {
-        let (pi, gi, mi, vi) = (
-            into_contiguous(pi),
-            into_contiguous(gi),
-            into_contiguous(mi),
-            into_contiguous(vi),
-        );
-        let shape = pi.meta.shape().clone();
-        let n = shape.num_elements();
-        let f32_out = || empty_as(&pi, shape.clone(), DType::F32);
-        let (p2, m2, v2) = (f32_out(), f32_out(), f32_out());
-        let low_out = empty_as(&pi, shape.clone(), low);
+        let ([pi, gi, mi, vi], [p2, m2, v2, low_out]) = master_buffers(pi, gi, mi, vi);
+        let n = pi.meta.shape().num_elements();
         starts.push(cube);
         cube += n.div_ceil(THREADS as usize) as u32;
         p.push(pi.into_tensor_arg());

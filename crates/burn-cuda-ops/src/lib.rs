@@ -53,7 +53,7 @@
 //! +7% at batch 1, -2-4% at batch 64), and (slower or no gain measured on an H100)
 //! `PEFT_LORA_DECODE_ATTENTION=1`
 //! ([`set_decode_attention_enabled`]) the split-key decode attention,
-//! `PEFT_LORA_SEEDED_ADAPTERS=1` ([`set_seeded_adapters_enabled`], read by the model crate)
+//! `PEFT_LORA_SEEDED_ADAPTERS=1` ([`set_seeded_adapters_enabled`], read by peft-lora)
 //! extends the seeded backward to a last projection one LoRA adapter trains,
 //! `PEFT_LORA_MULTI_TENSOR=1` ([`set_multi_tensor_enabled`]) runs the optimizer's sums of
 //! squares and [`adamw_update_master_many`] as one launch per run of tensors,
@@ -305,7 +305,8 @@ pub fn seeded_backward_enabled() -> bool {
 
 /// Switches on or off the seeded backward's extension to a last projection that one plain LoRA
 /// adapter trains (process-wide; default off unless `PEFT_LORA_SEEDED_ADAPTERS=1`). This crate
-/// only keeps the switch: the model crate reads it ([`seeded_adapters_enabled`]).
+/// only keeps the switch: peft-lora's `LoraLinear::backward_seeds` reads it
+/// ([`seeded_adapters_enabled`]).
 pub fn set_seeded_adapters_enabled(on: bool) {
     switch::SEEDED_ADAPTERS.set(on);
 }

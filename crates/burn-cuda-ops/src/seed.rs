@@ -118,18 +118,8 @@ mod tests {
             .unwrap()
             .backward();
         for (name, t) in [("x", &x), ("w", &w)] {
-            let got = t
-                .grad(&seeded)
-                .unwrap()
-                .into_data()
-                .to_vec::<f32>()
-                .unwrap();
-            let want = t
-                .grad(&composed)
-                .unwrap()
-                .into_data()
-                .to_vec::<f32>()
-                .unwrap();
+            let grad_of = |grads| t.grad(grads).unwrap().into_data().to_vec::<f32>().unwrap();
+            let (got, want) = (grad_of(&seeded), grad_of(&composed));
             for (a, b) in got.iter().zip(&want) {
                 assert!(
                     (a - b).abs() <= 1e-5 * (1.0 + b.abs()),

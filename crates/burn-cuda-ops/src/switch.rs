@@ -144,7 +144,7 @@ pub(crate) static MERGE_HEADS: Switch = Switch::opt_in("PEFT_LORA_MERGE_HEADS");
 pub(crate) static SEEDED_BACKWARD: Switch = Switch::new("PEFT_LORA_SEEDED_BACKWARD");
 /// With [`SEEDED_BACKWARD`]: a checkpointed layer's last projection is skipped also when one
 /// plain LoRA adapter trains it, its gradients computed from the output gradient
-/// (`PEFT_LORA_SEEDED_ADAPTERS=1`; opt-in until a GPU has measured it). Read by the model crate
+/// (`PEFT_LORA_SEEDED_ADAPTERS=1`; opt-in until a GPU has measured it). Read by peft-lora
 /// ([`crate::seeded_adapters_enabled`]).
 pub(crate) static SEEDED_ADAPTERS: Switch = Switch::opt_in("PEFT_LORA_SEEDED_ADAPTERS");
 /// The optimizer's sums of squares as one launch per run of up to 32 tensors of one dtype

@@ -104,10 +104,9 @@ impl<B: Backend> DecoderLayer<B> {
     /// The forward of `x` (no cache) as the tensors a backward from the layer's output gradient
     /// `g` starts at, each with its gradient, flattened to `[batch * seq, width]`: `(output,
     /// g)`, or, when `down_proj` trains nothing in this call, `(residual after attention, g)`
-    /// and `(down_proj's input, g W_down^T)`; with seeded adapters
-    /// (`ops::seeded_adapters_enabled`) also when one plain LoRA adapter trains it, whose
-    /// input, dropped-out input, `A` and `B` then get their gradients
-    /// ([`peft_lora::LoraLinear::backward_seeds`]). The last projection's output is then never
+    /// and `(down_proj's input, g W_down^T)`, or, when one plain LoRA adapter trains it (on
+    /// CUDA with `PEFT_LORA_SEEDED_ADAPTERS=1`), its input, dropped-out input, `A` and `B` with
+    /// their gradients ([`peft_lora::LoraLinear::backward_seeds`]). The last projection's output is then never
     /// computed: only the gradients it hands back are needed.
     pub(crate) fn backward_seeds(
         &self,
@@ -120,28 +119,19 @@ impl<B: Backend> DecoderLayer<B> {
     ) -> Vec<(Tensor<B, 2>, Tensor<B, 2>)> {
         let (residual, normed, _) = self.attention_parts(x, None, cos, sin, mask, None, ctx);
         let h = self.mlp.down_input(normed, ctx);
-        let [batch, seq, hidden] = residual.dims();
+        let [batch, seq, _] = residual.dims();
         let flat = |t: Tensor<B, 3>| {
             let w = t.dims()[2];
             t.reshape([batch * seq, w])
         };
         let g2 = flat(g);
         let down = &self.mlp.down_proj;
-        let seeds = if crate::ops::seeded_adapters_enabled() {
-            down.backward_seeds(flat(h.clone()), g2.clone(), ctx)
-        } else {
-            down.frozen_input_grad(g2.clone(), ctx)
-                .map(|dh| vec![(flat(h.clone()), dh)])
-        };
-        match seeds {
+        match down.backward_seeds(flat(h.clone()), g2.clone(), ctx) {
             Some(mut seeds) => {
                 seeds.insert(0, (flat(residual), g2));
                 seeds
             }
-            None => {
-                let y = residual + down.forward_ctx(h, ctx);
-                vec![(y.reshape([batch * seq, hidden]), g2)]
-            }
+            None => vec![(flat(residual + down.forward_ctx(h, ctx)), g2)],
         }
     }
 }

@@ -105,17 +105,6 @@ pub(crate) fn seeded_backward_enabled() -> bool {
     true
 }
 
-/// Whether a checkpointed layer's seeded backward also skips a `down_proj` that one plain LoRA
-/// adapter trains (its adapter's gradients computed from the output gradient): on CUDA,
-/// burn-cuda-ops' switch (`PEFT_LORA_SEEDED_ADAPTERS=1`, opt-in); without the `cuda` feature
-/// always.
-pub(crate) fn seeded_adapters_enabled() -> bool {
-    #[cfg(feature = "cuda")]
-    return burn_cuda_ops::seeded_adapters_enabled();
-    #[cfg(not(feature = "cuda"))]
-    true
-}
-
 /// The `[1]` root whose backward hands each tensor its paired gradient as it is (burn-cuda-ops'
 /// `seeded_root`), or `None` where it does not run.
 pub(crate) fn seeded_root<B: Backend>(

@@ -5,13 +5,13 @@
 #[cfg(feature = "cuda")]
 pub(crate) use burn_cuda_ops::{
     col_scale, dora_norm, dropout, frozen_linear, low_rank_linear, low_rank_linear_rows,
-    shared_input_enabled, shared_input_linear, supported, SharedLinear,
+    seeded_adapters_enabled, shared_input_enabled, shared_input_linear, supported, SharedLinear,
 };
 
 #[cfg(not(feature = "cuda"))]
 pub(crate) use off::{
     col_scale, dora_norm, dropout, frozen_linear, low_rank_linear, low_rank_linear_rows,
-    shared_input_enabled, shared_input_linear, supported, SharedLinear,
+    seeded_adapters_enabled, shared_input_enabled, shared_input_linear, supported, SharedLinear,
 };
 
 /// The same signatures without the `cuda` feature: nothing is fused.
@@ -82,6 +82,12 @@ mod off {
     /// Whether the shared-input op is on: never without the `cuda` feature.
     pub(crate) fn shared_input_enabled() -> bool {
         false
+    }
+
+    /// Whether [`crate::LoraLinear::backward_seeds`] seeds an adapted layer: always without the
+    /// `cuda` feature (the switch governs the CUDA path only).
+    pub(crate) fn seeded_adapters_enabled() -> bool {
+        true
     }
 
     /// `y * g` (`g`: `[1, out]`) with a GEMM-reduced backward: never without the `cuda` feature.

@@ -751,6 +751,8 @@ fn check_backward_seeds<B: AutodiffBackend>(
     let (n, d_in, d_out, r) = (64, 96, 80, 8);
     let x = Tensor::<B, 2>::random([n, d_in], Distribution::Normal(0.0, 1.0), (device, dtype));
     let g = Tensor::<B, 2>::random([n, d_out], Distribution::Normal(0.0, 1.0), (device, dtype));
+    // The adapted layer's seeds are opt-in on CUDA (`PEFT_LORA_SEEDED_ADAPTERS`).
+    burn_cuda_ops::set_seeded_adapters_enabled(true);
     let mut checks = Vec::new();
     for dropout in [0.0, 0.25] {
         let mut peft = PeftModel::new(OneLayer(LoraLinear::<B>::random(
@@ -808,6 +810,7 @@ fn check_backward_seeds<B: AutodiffBackend>(
             ));
         }
     }
+    burn_cuda_ops::set_seeded_adapters_enabled(false);
     checks
 }
 

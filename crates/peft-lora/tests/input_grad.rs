@@ -105,6 +105,9 @@ fn both_sides(
 
 #[test]
 fn backward_seeds_of_a_lora_layer_give_its_gradients() {
+    // With the `cuda` feature the adapted layer's seeds are opt-in (`PEFT_LORA_SEEDED_ADAPTERS`).
+    #[cfg(feature = "cuda")]
+    burn_cuda_ops::set_seeded_adapters_enabled(true);
     let dev = Default::default();
     let x = Tensor::<B, 2>::random([6, 7], Distribution::Normal(0.0, 1.0), &dev);
     let g = Tensor::<B, 2>::random([6, 5], Distribution::Normal(0.0, 1.0), &dev);

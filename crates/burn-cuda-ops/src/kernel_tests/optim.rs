@@ -543,14 +543,20 @@ fn sum_squares_writes_every_cubes_partial() {
     assert_eq!(square_cubes(4_198_401), 1024);
 }
 
+/// One tensor of each of [`SIZES`], the `k`-th drawn from seed `seed + k` at scale
+/// `scale + k`.
+fn sized_values(seed: u64, scale: f32) -> Vec<Vec<f32>> {
+    SIZES
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| values(n, seed + k as u64, scale + k as f32))
+        .collect()
+}
+
 #[test]
 fn sum_squares_chains_tensors_at_their_bases() {
     let client = client();
-    let ts: Vec<Vec<f32>> = SIZES
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| values(n, 40 + k as u64, 0.5 + k as f32))
-        .collect();
+    let ts = sized_values(40, 0.5);
     let bufs: Vec<Buf> = ts.iter().map(|t| input(&client, t)).collect();
     let cubes: Vec<usize> = ts.iter().map(|t| square_cubes(t.len())).collect();
     let want: Vec<f64> = ts
@@ -608,11 +614,7 @@ fn run_sum_squares_many(
 #[test]
 fn sum_squares_many_writes_the_per_tensor_partials() {
     let client = client();
-    let ts: Vec<Vec<f32>> = SIZES
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| values(n, 60 + k as u64, 0.25 + k as f32))
-        .collect();
+    let ts = sized_values(60, 0.25);
     let bufs: Vec<Buf> = ts.iter().map(|t| input(&client, t)).collect();
     let host: Vec<usize> = ts.iter().map(|t| square_cubes(t.len())).collect();
     let few: Vec<usize> = host

@@ -27,28 +27,35 @@ impl<B: Backend> LoraLinear<B> {
         g: Tensor<B, D>,
         ctx: &LoraCtx,
     ) -> Option<Tensor<B, D>> {
-        let trains = !self.live_adapters(ctx).is_empty()
-            || self.saved.live().is_some()
-            || self.bias.as_ref().is_some_and(|b| b.is_require_grad());
-        if trains {
+        if !self.live_adapters(ctx).is_empty() || self.base_trains() {
             return None;
         }
         let dims = g.dims();
         let d_out = self.d_out();
         assert_eq!(dims[D - 1], d_out, "frozen_input_grad: output width");
         let n: usize = dims[..D - 1].iter().product();
-        let g2: Tensor<B, 2> = g.reshape([n, d_out]);
-        let w = match &self.nf4 {
-            Some(q) => q.dequantize().cast(g2.dtype()),
-            None => self.weight.val(),
-        };
-        if w.is_require_grad() {
-            return None;
-        }
-        let dx = product(&g2, &w.transpose());
+        let dx = self.base_input_grad(&g.reshape([n, d_out]));
         let mut in_dims = dims;
         in_dims[D - 1] = self.d_in();
         Some(dx.reshape(in_dims))
+    }
+
+    /// Whether anything of the base trains: a live `modules_to_save` copy, a trainable bias or
+    /// weight.
+    fn base_trains(&self) -> bool {
+        self.saved.live().is_some()
+            || self.bias.as_ref().is_some_and(|b| b.is_require_grad())
+            || (self.nf4.is_none() && self.weight.is_require_grad())
+    }
+
+    /// `g W^T` for the frozen base (an NF4 base dequantized into `g`'s dtype, as its forward
+    /// does).
+    fn base_input_grad(&self, g: &Tensor<B, 2>) -> Tensor<B, 2> {
+        let w = match &self.nf4 {
+            Some(_) => self.base_weight().cast(g.dtype()),
+            None => self.weight.val(),
+        };
+        product(g, &w.transpose())
     }
 }
 
@@ -56,8 +63,8 @@ impl<B: Backend> LoraLinear<B> {
     /// The tensors a backward from this layer's output gradient `g` starts at, each with its
     /// gradient, for an input `x` whose forward (`forward_ctx(x, ctx)`) is never run: `None`
     /// unless the layer trains nothing ([`Self::frozen_input_grad`]: `[(x, g W^T)]`) or one plain
-    /// LoRA adapter acts on every row (no bias on `B`, no `modules_to_save` copy, a frozen
-    /// bias): then `x` gets `g W^T`, the adapter's dropped-out input `xd` (drawn as the forward
+    /// LoRA adapter acts on every row (no bias on `B`, nothing of the base training; on CUDA
+    /// only with `PEFT_LORA_SEEDED_ADAPTERS=1`, opt-in until measured): then `x` gets `g W^T`, the adapter's dropped-out input `xd` (drawn as the forward
     /// draws it) gets `s (g B^T) A^T`, and `A`, `B` get `s xd^T (g B^T)` and `s (xd A)^T g`,
     /// the gradients of `<forward_ctx(x), g>`.
     ///
@@ -77,18 +84,13 @@ impl<B: Backend> LoraLinear<B> {
         let [(adapter, RowsOn::All)] = live.as_slice() else {
             return None;
         };
-        let frozen_bias = self.bias.as_ref().is_none_or(|b| !b.is_require_grad());
-        if adapter.meta.variant != VariantKind::Lora
+        if !fused::seeded_adapters_enabled()
+            || adapter.meta.variant != VariantKind::Lora
             || adapter.lora_b_bias.is_some()
-            || self.saved.live().is_some()
-            || !frozen_bias
+            || self.base_trains()
         {
             return None;
         }
-        let w = match &self.nf4 {
-            Some(q) => q.dequantize().cast(g.dtype()),
-            None => self.weight.val(),
-        };
         let (a, b, s) = (
             adapter.lora_a.val(),
             adapter.lora_b.val(),
@@ -102,7 +104,7 @@ impl<B: Backend> LoraLinear<B> {
         let gb = product(&g, &b_v.transpose()) * s;
         let xa = product(&xd_v, &a_v) * s;
         Some(vec![
-            (x, product(&g, &w.transpose())),
+            (x, self.base_input_grad(&g)),
             (xd, product(&gb, &a_v.transpose())),
             (a, product(&xd_v.transpose(), &gb)),
             (b, product(&xa.transpose(), &g)),
