@@ -146,6 +146,7 @@ fn bench_kernels(b: usize, s: usize, iters: usize, emit: &mut dyn FnMut(KernelTi
                 prim(x.clone()),
                 prim(cos.clone()),
                 prim(sin.clone()),
+                1,
             ))
         },
     ));

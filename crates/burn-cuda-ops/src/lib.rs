@@ -79,6 +79,7 @@ pub mod attention;
 pub mod attention_decode;
 pub mod autodiff;
 pub mod backend;
+pub mod causal_softmax;
 pub mod cross_entropy;
 mod cube_util;
 pub mod device;
@@ -959,9 +960,11 @@ pub fn merge_heads<B: Backend>(x: &Tensor<B, 4>) -> Option<Tensor<B, 3>> {
     Some(out.reshape([b, s, h * d]))
 }
 
-fn rope_impl<T: rope::FusedRope>(args: (Tensor<T, 4>, Tensor<T, 3>, Tensor<T, 3>)) -> Tensor<T, 4> {
-    let (x, cos, sin) = args;
-    tensor(T::fused_rope(prim(x), prim(cos), prim(sin)))
+fn rope_impl<T: rope::FusedRope>(
+    args: (Tensor<T, 4>, Tensor<T, 3>, Tensor<T, 3>, usize),
+) -> Tensor<T, 4> {
+    let (x, cos, sin, group) = args;
+    tensor(T::fused_rope(prim(x), prim(cos), prim(sin), group))
 }
 
 /// Rotary embeddings in HF's `rotate_half` layout fused with the split into heads ([`rope`]):
@@ -974,11 +977,26 @@ pub fn rope<B: Backend>(
     cos: &Tensor<B, 4>,
     sin: &Tensor<B, 4>,
 ) -> Option<Tensor<B, 4>> {
+    rope_grouped(x, heads, 1, cos, sin)
+}
+
+/// [`rope`] with the heads in groups of `group` laid out position-major within each group:
+/// `x [b, s, heads * d]` -> `[b, heads / group, s * group, d]`, as
+/// `x.reshape([b, s, heads / group, group, d]).swap_dims(1, 2)` rotated and flattened (the query
+/// layout [`causal_attention`] reads, `group` = the query heads per KV head). `None` as
+/// [`rope`], or when `group` does not divide `heads`.
+pub fn rope_grouped<B: Backend>(
+    x: &Tensor<B, 3>,
+    heads: usize,
+    group: usize,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Option<Tensor<B, 4>> {
     if !supported::<B>() || !elementwise_ops_enabled() {
         return None;
     }
     let [b, s, hd] = x.dims();
-    if heads == 0 || hd % heads != 0 {
+    if heads == 0 || hd % heads != 0 || group == 0 || heads % group != 0 {
         return None;
     }
     let d = hd / heads;
@@ -988,7 +1006,12 @@ pub fn rope<B: Backend>(
         return None;
     }
     let table = |t: &Tensor<B, 4>| t.clone().detach().reshape([b, s, d]);
-    let args = (x.clone().reshape([b, s, heads, d]), table(cos), table(sin));
+    let args = (
+        x.clone().reshape([b, s, heads, d]),
+        table(cos),
+        table(sin),
+        group,
+    );
     dispatch_raw!(B, rope_impl(args))
 }
 

@@ -128,7 +128,7 @@ pub(crate) fn softmax_backward_kernel<E: Float, N: Size>(
 }
 
 /// The grid and cube for `rows` rows, one plane each.
-fn rows_launch(rows: usize) -> (CubeCount, CubeDim) {
+pub(crate) fn rows_launch(rows: usize) -> (CubeCount, CubeDim) {
     let cubes = rows.div_ceil(ROWS_PER_CUBE as usize);
     (grid(cubes), CubeDim::new_2d(PLANE, ROWS_PER_CUBE))
 }

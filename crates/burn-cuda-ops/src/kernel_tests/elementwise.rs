@@ -171,8 +171,17 @@ fn rotate_half(x: &[f64]) -> Vec<f64> {
         .collect()
 }
 
-/// RoPE forward in f64: `y [b, n, s, d]` from `x [b, s, n, d]` and `cos`, `sin` `[b, s, d]`.
-fn rope_forward_ref(x: &[f32], cos: &[f32], sin: &[f32], [b, s, n, d]: [usize; 4]) -> Vec<f64> {
+/// Where head `ni` of position `si` of sequence `bi` starts in RoPE's output layout
+/// `[b, n / g, s, g, d]` (`[b, n, s, d]` for `g = 1`).
+fn rope_out_at([b, s, n, d]: [usize; 4], g: usize, bi: usize, si: usize, ni: usize) -> usize {
+    let _ = b;
+    (((bi * (n / g) + ni / g) * s + si) * g + ni % g) * d
+}
+
+/// RoPE forward in f64: `y [b, n / g, s, g, d]` from `x [b, s, n, d]` and `cos`, `sin`
+/// `[b, s, d]`.
+fn rope_forward_ref(x: &[f32], cos: &[f32], sin: &[f32], shape: [usize; 4], g: usize) -> Vec<f64> {
+    let [b, s, n, d] = shape;
     let mut y = vec![0.0; b * n * s * d];
     for bi in 0..b {
         for si in 0..s {
@@ -181,7 +190,7 @@ fn rope_forward_ref(x: &[f32], cos: &[f32], sin: &[f32], [b, s, n, d]: [usize; 4
                 let xr: Vec<f64> = x[src..src + d].iter().map(|&v| v as f64).collect();
                 let rot = rotate_half(&xr);
                 let cs = (bi * s + si) * d;
-                let dst = ((bi * n + ni) * s + si) * d;
+                let dst = rope_out_at(shape, g, bi, si, ni);
                 for j in 0..d {
                     y[dst + j] = xr[j] * cos[cs + j] as f64 + rot[j] * sin[cs + j] as f64;
                 }
@@ -194,14 +203,21 @@ fn rope_forward_ref(x: &[f32], cos: &[f32], sin: &[f32], [b, s, n, d]: [usize; 4
 /// RoPE backward in f64: the adjoint of the forward's linear map (the inverse rotation when
 /// `cos`, `sin` are a rotation's), `dx [b, s, n, d]` from `dy [b, n, s, d]`:
 /// `dx = dy cos + rotate_half^T(dy sin)`, `rotate_half^T(z)[k] = z[k + d/2]` in the first half
-/// and `-z[k - d/2]` in the second.
-fn rope_backward_ref(dy: &[f32], cos: &[f32], sin: &[f32], [b, s, n, d]: [usize; 4]) -> Vec<f64> {
+/// and `-z[k - d/2]` in the second. `dy` laid out as the forward's output for group `g`.
+fn rope_backward_ref(
+    dy: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    shape: [usize; 4],
+    g: usize,
+) -> Vec<f64> {
+    let [b, s, n, d] = shape;
     let h = d / 2;
     let mut dx = vec![0.0; b * s * n * d];
     for bi in 0..b {
         for si in 0..s {
             for ni in 0..n {
-                let src = ((bi * n + ni) * s + si) * d;
+                let src = rope_out_at(shape, g, bi, si, ni);
                 let cs = (bi * s + si) * d;
                 let z: Vec<f64> = (0..d)
                     .map(|j| dy[src + j] as f64 * sin[cs + j] as f64)
@@ -225,10 +241,17 @@ fn rope_launch(
     v: usize,
     [inp, cos, sin, out]: [&super::Buf; 4],
     [b, s, n, d]: [usize; 4],
+    group: usize,
 ) {
     let total = b * s * n * d / v;
     let (grid, dim) = (elem_grid(total), CubeDim::new_1d(THREADS));
-    let args = (total as u32, n as u32, s as u32, (d / v) as u32);
+    let args = (
+        total as u32,
+        n as u32,
+        s as u32,
+        (d / v) as u32,
+        group as u32,
+    );
     if forward {
         launch_in!(
             mode,
@@ -245,6 +268,7 @@ fn rope_launch(
                 args.1,
                 args.2,
                 args.3,
+                args.4,
                 f32_type(),
             )
         );
@@ -264,6 +288,7 @@ fn rope_launch(
                 args.1,
                 args.2,
                 args.3,
+                args.4,
                 f32_type(),
             )
         );
@@ -291,21 +316,24 @@ fn rope_forward_and_backward_match_the_formula_at_every_vector_width() {
         let dy = values(b * n * s * d, seed + 2, 2.0);
         let cos = values(b * s * d, seed + 3, 1.0);
         let sin = values(b * s * d, seed + 4, 1.0);
-        let want_y = rope_forward_ref(&x, &cos, &sin, shape);
-        let want_dx = rope_backward_ref(&dy, &cos, &sin, shape);
         let (xb, dyb) = (input(&client, &x), input(&client, &dy));
         let (cb, sb) = (input(&client, &cos), input(&client, &sin));
-        for v in widths(d / 2) {
-            for mode in MODES {
-                let what = format!("rope {shape:?} width {v} {mode:?}");
-                let y = output(&client, b * n * s * d);
-                rope_launch(&client, mode, true, v, [&xb, &cb, &sb, &y], shape);
-                let got = read_output(&client, &y, &format!("{what} forward"));
-                assert_close(&got, &want_y, 1e-5, 1e-4, &format!("{what} forward"));
-                let dx = output(&client, b * s * n * d);
-                rope_launch(&client, mode, false, v, [&dyb, &cb, &sb, &dx], shape);
-                let got = read_output(&client, &dx, &format!("{what} backward"));
-                assert_close(&got, &want_dx, 1e-5, 1e-4, &format!("{what} backward"));
+        // Every group of heads that divides `n`: 1 (head-major) and the position-major ones.
+        for g in (1..=n).filter(|g| n % g == 0) {
+            let want_y = rope_forward_ref(&x, &cos, &sin, shape, g);
+            let want_dx = rope_backward_ref(&dy, &cos, &sin, shape, g);
+            for v in widths(d / 2) {
+                for mode in MODES {
+                    let what = format!("rope {shape:?} group {g} width {v} {mode:?}");
+                    let y = output(&client, b * n * s * d);
+                    rope_launch(&client, mode, true, v, [&xb, &cb, &sb, &y], shape, g);
+                    let got = read_output(&client, &y, &format!("{what} forward"));
+                    assert_close(&got, &want_y, 1e-5, 1e-4, &format!("{what} forward"));
+                    let dx = output(&client, b * s * n * d);
+                    rope_launch(&client, mode, false, v, [&dyb, &cb, &sb, &dx], shape, g);
+                    let got = read_output(&client, &dx, &format!("{what} backward"));
+                    assert_close(&got, &want_dx, 1e-5, 1e-4, &format!("{what} backward"));
+                }
             }
         }
     }
@@ -341,10 +369,10 @@ fn rope_backward_undoes_the_forward_rotation() {
             for mode in MODES {
                 let what = format!("rope round trip {shape:?} width {v} {mode:?}");
                 let y = output(&client, b * n * s * d);
-                rope_launch(&client, mode, true, v, [&xb, &cb, &sb, &y], shape);
+                rope_launch(&client, mode, true, v, [&xb, &cb, &sb, &y], shape, 1);
                 let yb = input(&client, &read_output(&client, &y, &what));
                 let back = output(&client, b * s * n * d);
-                rope_launch(&client, mode, false, v, [&yb, &cb, &sb, &back], shape);
+                rope_launch(&client, mode, false, v, [&yb, &cb, &sb, &back], shape, 1);
                 let got = read_output(&client, &back, &what);
                 // Two f32 rotations of values up to 2: a few ulps of 2.
                 assert_close(&got, &want, 2e-6, 1e-5, &what);
@@ -375,8 +403,8 @@ fn rope_append_rotates_q_and_k_and_writes_the_cache_in_place() {
         let sin = values(b * s * d, seed + 4, 1.0);
         // What the caches held before: every position but pos..pos + s keeps it.
         let cache0 = values(b * kv * cap * d, seed + 5, 3.0);
-        let want_q = rope_forward_ref(&q, &cos, &sin, [b, s, heads, d]);
-        let k_rot = rope_forward_ref(&k, &cos, &sin, [b, s, kv, d]);
+        let want_q = rope_forward_ref(&q, &cos, &sin, [b, s, heads, d], 1);
+        let k_rot = rope_forward_ref(&k, &cos, &sin, [b, s, kv, d], 1);
         let (mut want_k, mut want_v): (Vec<f64>, Vec<f64>) = (
             cache0.iter().map(|&x| x as f64).collect(),
             cache0.iter().map(|&x| x as f64).collect(),

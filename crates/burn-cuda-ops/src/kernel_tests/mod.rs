@@ -14,6 +14,7 @@
 //! mesa-vulkan-drivers`; `.ci/run` installs it).
 
 mod argmax;
+mod causal;
 mod decode;
 mod dora_norm;
 mod elementwise;
