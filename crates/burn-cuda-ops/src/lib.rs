@@ -79,6 +79,7 @@ pub mod attention;
 pub mod attention_decode;
 pub mod autodiff;
 pub mod backend;
+pub mod causal_plan;
 pub mod causal_softmax;
 pub mod cross_entropy;
 mod cube_util;
