@@ -41,19 +41,38 @@ use super::{prim, tensor};
 
 /// Backends with the attention op (with or without autodiff).
 pub trait FusedAttention: Backend {
-    /// `softmax(scale q k^T + mask) v` for `q [g, m, d]`, `k`, `v [g, t, d]`, `mask [mb, 1, s, t]`.
+    /// `softmax(scale q k^T + mask) v` for `q [g, m, d]`, `k`, `v [g, t, d]`, `mask [mb, 1, s, t]`,
+    /// the query rows laid out as `layout` says.
     fn fused_attention(
         q: Prim<Self>,
         k: Prim<Self>,
         v: Prim<Self>,
         mask: Prim<Self>,
         scale: f32,
+        layout: Layout,
     ) -> Prim<Self>;
 }
 
 /// The probabilities a forward kept for its backward ([`keeping_probs`]): each chunk of
 /// groups as `(first group, groups, P [groups, m, t])`.
 pub type KeptProbs<T> = Vec<(usize, usize, T)>;
+
+/// How the query rows of a call are laid out, and which scores it computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `m = rep * s` rows head-major (head `h`'s rows at `h * s..`), any additive mask: every
+    /// score (this module's forward and backward).
+    Full,
+    /// `m = s * rep` rows position-major (row `i * rep + h`) over `t = s` keys, under a causal
+    /// mask: the scores of each block of positions up to the block's end only
+    /// ([`crate::causal_attention`], `blocks` blocks).
+    Causal {
+        /// Query rows per position (query heads per KV head).
+        rep: usize,
+        /// Blocks the positions are cut into ([`crate::causal_plan::Plan::new`]).
+        blocks: usize,
+    },
+}
 
 /// Inner (non-autodiff) backends: the forward and the recomputing backward.
 pub trait AttentionOps: Backend {
@@ -64,6 +83,7 @@ pub trait AttentionOps: Backend {
         v: Prim<Self>,
         mask: Prim<Self>,
         scale: f32,
+        layout: Layout,
     ) -> Prim<Self>;
     /// The forward and, where it computed them chunk by chunk, the probabilities for the
     /// backward (`None` on the paths that do not: the decode kernel, Burn's softmax, and by
@@ -74,11 +94,13 @@ pub trait AttentionOps: Backend {
         v: Prim<Self>,
         mask: Prim<Self>,
         scale: f32,
+        layout: Layout,
     ) -> (Prim<Self>, Option<KeptProbs<Prim<Self>>>) {
-        (Self::attention_forward(q, k, v, mask, scale), None)
+        (Self::attention_forward(q, k, v, mask, scale, layout), None)
     }
     /// `[dq, dk, dv]` from the output gradient; `probs` from the forward, or recomputed when
     /// `None`.
+    #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         dout: Prim<Self>,
         q: Prim<Self>,
@@ -87,6 +109,7 @@ pub trait AttentionOps: Backend {
         mask: Prim<Self>,
         probs: Option<KeptProbs<Prim<Self>>>,
         scale: f32,
+        layout: Layout,
     ) -> [Prim<Self>; 3];
 }
 
@@ -129,8 +152,8 @@ fn ok<T>(r: Result<T, String>) -> T {
 }
 
 impl<F: FloatElement, I: IntElement, BT: BoolElement> AttentionOps for Cb<F, I, BT> {
-    fn attention_forward(q: Raw, k: Raw, v: Raw, mask: Raw, scale: f32) -> Raw {
-        ok(forward::<F, I, BT>(q, k, v, mask, scale, false)).0
+    fn attention_forward(q: Raw, k: Raw, v: Raw, mask: Raw, scale: f32, layout: Layout) -> Raw {
+        ok(forward_any::<F, I, BT>(q, k, v, mask, scale, layout, false)).0
     }
 
     fn attention_forward_keeping(
@@ -139,8 +162,9 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> AttentionOps for Cb<F, I, 
         v: Raw,
         mask: Raw,
         scale: f32,
+        layout: Layout,
     ) -> (Raw, Option<KeptProbs<Raw>>) {
-        ok(forward::<F, I, BT>(q, k, v, mask, scale, true))
+        ok(forward_any::<F, I, BT>(q, k, v, mask, scale, layout, true))
     }
 
     fn attention_backward(
@@ -151,14 +175,38 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> AttentionOps for Cb<F, I, 
         mask: Raw,
         probs: Option<KeptProbs<Raw>>,
         scale: f32,
+        layout: Layout,
     ) -> [Raw; 3] {
-        ok(backward::<F, I, BT>(dout, q, k, v, mask, probs, scale))
+        ok(match layout {
+            Layout::Full => backward::<F, I, BT>(dout, q, k, v, mask, probs, scale),
+            Layout::Causal { rep, blocks } => {
+                super::causal_attention::backward(dout, q, k, v, mask, probs, scale, rep, blocks)
+            }
+        })
+    }
+}
+
+/// The forward of either layout.
+fn forward_any<F: FloatElement, I: IntElement, BT: BoolElement>(
+    q: Raw,
+    k: Raw,
+    v: Raw,
+    mask: Raw,
+    scale: f32,
+    layout: Layout,
+    keep: bool,
+) -> Result<(Raw, Option<KeptProbs<Raw>>), String> {
+    match layout {
+        Layout::Full => forward::<F, I, BT>(q, k, v, mask, scale, keep),
+        Layout::Causal { rep, blocks } => {
+            super::causal_attention::forward(q, k, v, mask, scale, rep, blocks, keep)
+        }
     }
 }
 
 impl<F: FloatElement, I: IntElement, BT: BoolElement> FusedAttention for Cb<F, I, BT> {
-    fn fused_attention(q: Raw, k: Raw, v: Raw, mask: Raw, scale: f32) -> Raw {
-        Self::attention_forward(q, k, v, mask, scale)
+    fn fused_attention(q: Raw, k: Raw, v: Raw, mask: Raw, scale: f32, layout: Layout) -> Raw {
+        Self::attention_forward(q, k, v, mask, scale, layout)
     }
 }
 
@@ -172,6 +220,7 @@ struct AttnState<T> {
     mask: T,
     probs: Option<KeptProbs<T>>,
     scale: f32,
+    layout: Layout,
 }
 
 #[derive(Debug)]
@@ -187,7 +236,8 @@ impl<B: AttentionOps> Backward<B, 3> for AttnBackward {
         let q = ckpt.retrieve_node_output::<Prim<B>>(st.q);
         let k = ckpt.retrieve_node_output::<Prim<B>>(st.k);
         let v = ckpt.retrieve_node_output::<Prim<B>>(st.v);
-        let [dq, dk, dv] = B::attention_backward(dout, q, k, v, st.mask, st.probs, st.scale);
+        let [dq, dk, dv] =
+            B::attention_backward(dout, q, k, v, st.mask, st.probs, st.scale, st.layout);
         for (node, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, grad);
@@ -203,6 +253,7 @@ impl<B: AttentionOps, C: CheckpointStrategy> FusedAttention for Autodiff<B, C> {
         v: Prim<Self>,
         mask: Prim<Self>,
         scale: f32,
+        layout: Layout,
     ) -> Prim<Self> {
         let mask = mask.primitive;
         match AttnBackward
@@ -223,6 +274,7 @@ impl<B: AttentionOps, C: CheckpointStrategy> FusedAttention for Autodiff<B, C> {
                         v.primitive,
                         mask.clone(),
                         scale,
+                        layout,
                     )
                 } else {
                     let out = B::attention_forward(
@@ -231,6 +283,7 @@ impl<B: AttentionOps, C: CheckpointStrategy> FusedAttention for Autodiff<B, C> {
                         v.primitive,
                         mask.clone(),
                         scale,
+                        layout,
                     );
                     (out, None)
                 };
@@ -241,6 +294,7 @@ impl<B: AttentionOps, C: CheckpointStrategy> FusedAttention for Autodiff<B, C> {
                     mask,
                     probs,
                     scale,
+                    layout,
                 };
                 prep.finish(state, out)
             }
@@ -250,6 +304,7 @@ impl<B: AttentionOps, C: CheckpointStrategy> FusedAttention for Autodiff<B, C> {
                 v.primitive,
                 mask,
                 scale,
+                layout,
             )),
         }
     }
@@ -264,7 +319,7 @@ fn dims3(t: &Raw, what: &str) -> Result<[usize; 3], String> {
 }
 
 /// Dense row-major storage (what the strided GEMM loop below addresses).
-fn dense(t: Raw, what: &str) -> Result<Raw, String> {
+pub(crate) fn dense(t: Raw, what: &str) -> Result<Raw, String> {
     let t = into_contiguous(t);
     let [_, r, c] = dims3(&t, what)?;
     let st = t.meta.strides();
@@ -380,7 +435,7 @@ fn bgemm(a: &Raw, ta: bool, b: &Raw, tb: bool, alpha: f32) -> Result<Raw, String
 /// add GEMM and softmax launches to a step whose host queueing runs only ~15 ms ahead).
 pub const DEFAULT_SCORE_CHUNK_ELEMS: usize = 1 << 25;
 
-static SCORE_CHUNK_ELEMS: AtomicUsize = AtomicUsize::new(DEFAULT_SCORE_CHUNK_ELEMS);
+pub(crate) static SCORE_CHUNK_ELEMS: AtomicUsize = AtomicUsize::new(DEFAULT_SCORE_CHUNK_ELEMS);
 
 /// Sets the most score elements one chunk of groups holds (process-wide; at least one group
 /// per chunk whatever the limit, so `1` runs one group at a time). For tests and benchmarks.
@@ -400,7 +455,7 @@ fn group_chunks(g: usize, m: usize, t: usize) -> Vec<(usize, usize)> {
 
 /// `g` groups of `per_group` elements in the fewest chunks of at most `limit` elements (one
 /// group per chunk at least), each chunk no larger than that count needs.
-fn split_groups(g: usize, per_group: usize, limit: usize) -> Vec<(usize, usize)> {
+pub(crate) fn split_groups(g: usize, per_group: usize, limit: usize) -> Vec<(usize, usize)> {
     if g == 0 {
         return Vec::new();
     }
@@ -413,7 +468,12 @@ fn split_groups(g: usize, per_group: usize, limit: usize) -> Vec<(usize, usize)>
 }
 
 /// Checked shapes of one call: `(g, m, t, d)`.
-fn shapes(q: &Raw, k: &Raw, v: &Raw, mask: &Raw) -> Result<(usize, usize, usize, usize), String> {
+pub(crate) fn shapes(
+    q: &Raw,
+    k: &Raw,
+    v: &Raw,
+    mask: &Raw,
+) -> Result<(usize, usize, usize, usize), String> {
     let [g, m, d] = dims3(q, "q")?;
     let [gk, t, dk] = dims3(k, "k")?;
     let [gv, tv, dv] = dims3(v, "v")?;

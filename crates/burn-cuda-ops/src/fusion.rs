@@ -8,7 +8,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
-use super::attention::{AttentionOps, FusedAttention, KeptProbs};
+use super::attention::{AttentionOps, FusedAttention, KeptProbs, Layout};
 use super::autodiff::FusedLinear;
 use super::backend::{FusedOps, Prim};
 use super::cross_entropy::{CrossEntropyOps, FusedCrossEntropy, IntPrim};
@@ -225,12 +225,13 @@ impl<B: FusionBackend + AttentionOps> AttentionOps for Fusion<B> {
         v: Prim<Self>,
         mask: Prim<Self>,
         scale: f32,
+        layout: Layout,
     ) -> Prim<Self> {
         let out = empty_like_ir(&q, q.shape.clone(), q.dtype);
         let inputs = vec![q, k, v, mask];
         register::<B>("cuda_ops_attention_fwd", inputs, vec![out], move |d, h| {
             let [q, k, v, m]: [_; 4] = floats::<B>(d, h).try_into().expect("4 inputs");
-            put::<B>(d, h, [B::attention_forward(q, k, v, m, scale)]);
+            put::<B>(d, h, [B::attention_forward(q, k, v, m, scale, layout)]);
         })
         .remove(0)
     }
@@ -245,6 +246,7 @@ impl<B: FusionBackend + AttentionOps> AttentionOps for Fusion<B> {
         mask: Prim<Self>,
         _probs: Option<KeptProbs<Prim<Self>>>,
         scale: f32,
+        layout: Layout,
     ) -> [Prim<Self>; 3] {
         let outs = [&q, &k, &v].map(|t| empty_like_ir(t, t.shape.clone(), t.dtype));
         let inputs = vec![dout, q, k, v, mask];
@@ -254,7 +256,11 @@ impl<B: FusionBackend + AttentionOps> AttentionOps for Fusion<B> {
             outs.to_vec(),
             move |d, h| {
                 let [dout, q, k, v, m]: [_; 5] = floats::<B>(d, h).try_into().expect("5 inputs");
-                put::<B>(d, h, B::attention_backward(dout, q, k, v, m, None, scale));
+                put::<B>(
+                    d,
+                    h,
+                    B::attention_backward(dout, q, k, v, m, None, scale, layout),
+                );
             },
         )
         .into_iter();
@@ -269,8 +275,9 @@ impl<B: FusionBackend + AttentionOps> FusedAttention for Fusion<B> {
         v: Prim<Self>,
         mask: Prim<Self>,
         scale: f32,
+        layout: Layout,
     ) -> Prim<Self> {
-        Self::attention_forward(q, k, v, mask, scale)
+        Self::attention_forward(q, k, v, mask, scale, layout)
     }
 }
 

@@ -79,6 +79,7 @@ pub mod attention;
 pub mod attention_decode;
 pub mod autodiff;
 pub mod backend;
+pub mod causal_attention;
 pub mod causal_plan;
 pub mod causal_softmax;
 pub mod cross_entropy;
@@ -121,6 +122,7 @@ use seed::seeded_prims;
 pub use adamw::AdamWStep;
 pub use attention::FusedAttention;
 pub use autodiff::FusedLinear;
+pub use causal_attention::{causal_blocks, set_causal_blocks, DEFAULT_CAUSAL_BLOCKS};
 pub use cross_entropy::FusedCrossEntropy;
 pub use device::{cubecl_stream_used, ordering, set_ordering, Ordering};
 pub use kernels::LowRankInputs;
@@ -678,15 +680,23 @@ pub fn shared_input_enabled() -> bool {
 }
 
 fn attention_impl<T: FusedAttention>(
-    args: (Tensor<T, 3>, Tensor<T, 3>, Tensor<T, 3>, Tensor<T, 4>, f32),
+    args: (
+        Tensor<T, 3>,
+        Tensor<T, 3>,
+        Tensor<T, 3>,
+        Tensor<T, 4>,
+        f32,
+        attention::Layout,
+    ),
 ) -> Tensor<T, 3> {
-    let (q, k, v, mask, scale) = args;
+    let (q, k, v, mask, scale, layout) = args;
     tensor(T::fused_attention(
         prim(q),
         prim(k),
         prim(v),
         prim(mask),
         scale,
+        layout,
     ))
 }
 
@@ -701,6 +711,60 @@ pub fn attention<B: Backend>(
     v: &Tensor<B, 4>,
     mask: &Tensor<B, 4>,
     scale: f64,
+) -> Option<Tensor<B, 4>> {
+    attention_as(q, k, v, mask, scale, attention::Layout::Full)
+}
+
+/// Causal attention in row blocks ([`causal_attention`](crate::causal_attention)), when `B` is
+/// a raw cubecl CUDA backend (with or without autodiff) and the path is on
+/// (`PEFT_LORA_CAUSAL_ATTENTION=1`, [`set_causal_attention_enabled`]), else `None`.
+///
+/// `q [b, g, s * rep, d]` position-major (row `i * rep + h` is position `i` of the `h`-th query
+/// head of KV head `g`: [`rope_grouped`] with `group = rep` lays the queries out so), `k`, `v [b,
+/// g, s, d]`; `mask [b or 1, 1, s, s]` additive (f32) and causal: it must hide every key after
+/// its query's position (padding may hide more), which the op relies on and does not check.
+/// The output is laid out as `q`. A query whose visible keys are all masked averages its block's
+/// values rather than all values (see [`causal_attention`](crate::causal_attention)).
+pub fn causal_attention<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    mask: &Tensor<B, 4>,
+    scale: f64,
+) -> Option<Tensor<B, 4>> {
+    if !switch::CAUSAL_ATTENTION.on() {
+        return None;
+    }
+    let (m, t, s) = (q.dims()[2], k.dims()[2], mask.dims()[2]);
+    if s == 0 || t != s || !m.is_multiple_of(s) || mask.dims()[3] != s {
+        return None;
+    }
+    let layout = attention::Layout::Causal {
+        rep: m / s,
+        blocks: causal_blocks(),
+    };
+    attention_as(q, k, v, mask, scale, layout)
+}
+
+/// Switches [`causal_attention`] on or off (process-wide; default off unless
+/// `PEFT_LORA_CAUSAL_ATTENTION=1`).
+pub fn set_causal_attention_enabled(on: bool) {
+    switch::CAUSAL_ATTENTION.set(on);
+}
+
+/// Whether [`causal_attention`] is switched on (whether laying the queries out for it pays).
+pub fn causal_attention_enabled() -> bool {
+    switch::CAUSAL_ATTENTION.on()
+}
+
+/// [`attention`] or [`causal_attention`] by `layout`, once the shapes are checked.
+fn attention_as<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    mask: &Tensor<B, 4>,
+    scale: f64,
+    layout: attention::Layout,
 ) -> Option<Tensor<B, 4>> {
     if !supported::<B>() || !step_ops_enabled() {
         return None;
@@ -731,6 +795,7 @@ pub fn attention<B: Backend>(
         rows(v, t),
         mask.clone(),
         scale as f32,
+        layout,
     );
     let out: Tensor<B, 3> = dispatch!(B, attention_impl(args))?;
     Some(out.reshape([b, g, m, d]))
@@ -997,7 +1062,7 @@ pub fn rope_grouped<B: Backend>(
         return None;
     }
     let [b, s, hd] = x.dims();
-    if heads == 0 || hd % heads != 0 || group == 0 || heads % group != 0 {
+    if heads == 0 || hd % heads != 0 || group == 0 || !heads.is_multiple_of(group) {
         return None;
     }
     let d = hd / heads;

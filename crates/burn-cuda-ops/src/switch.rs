@@ -152,6 +152,9 @@ pub(crate) static SEEDED_ADAPTERS: Switch = Switch::opt_in("PEFT_LORA_SEEDED_ADA
 /// (`crate::adamw_update_master_many`), else one launch per tensor
 /// (`PEFT_LORA_MULTI_TENSOR=1`; opt-in until a GPU has measured it).
 pub(crate) static MULTI_TENSOR: Switch = Switch::opt_in("PEFT_LORA_MULTI_TENSOR");
+/// Causal attention in row blocks ([`crate::causal_attention`]), for queries laid out
+/// position-major (`PEFT_LORA_CAUSAL_ATTENTION=1`; opt-in until a GPU has measured it).
+pub(crate) static CAUSAL_ATTENTION: Switch = Switch::opt_in("PEFT_LORA_CAUSAL_ATTENTION");
 /// Checkpointed activations parked in pinned host memory (`PEFT_LORA_OFFLOAD`).
 pub(crate) static OFFLOAD: Switch = Switch::new("PEFT_LORA_OFFLOAD");
 /// Fused ops queued on cubecl's device thread without waiting (`PEFT_LORA_ASYNC_SUBMIT`).

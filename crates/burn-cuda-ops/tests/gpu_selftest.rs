@@ -397,6 +397,165 @@ fn check_attention<B: AutodiffBackend>(
     checks
 }
 
+/// Head-major query rows `[b, g, rep * s, d]` as the position-major `[b, g, s * rep, d]` that
+/// `ops::causal_attention` and `ops::rope_grouped` use (and back with `rep` and `s` swapped).
+fn position_major<B: Backend>(x: Tensor<B, 4>, rep: usize, s: usize) -> Tensor<B, 4> {
+    let [b, g, _, d] = x.dims();
+    x.reshape([b, g, rep, s, d])
+        .swap_dims(2, 3)
+        .reshape([b, g, s * rep, d])
+}
+
+/// Causal attention in row blocks (`ops::causal_attention`, position-major queries) against
+/// the f64 host reference of dense attention: output and the gradients of `q`, `k`, `v`, with
+/// GQA, a causal mask shared by the batch or causal + left padding per row (no row fully
+/// masked), 1, 2 and 3 blocks, a length that is not a multiple of 8 (a short last block),
+/// one group per chunk, and the probabilities kept by the forward (equal to the recomputed ones).
+fn check_causal_attention<B: AutodiffBackend>(
+    label: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Check> {
+    let opts = (device, dtype);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let mut checks = Vec::new();
+    ops::set_causal_attention_enabled(true);
+    // (batch, kv groups, rep, s, d, per-row padding)
+    for (b, g, rep, s, d, padded) in [
+        (2, 2, 3, 16, 16, false),
+        (2, 1, 2, 40, 64, true),
+        (1, 2, 4, 64, 128, true),
+        (2, 2, 4, 19, 32, true),
+    ] {
+        let m = rep * s;
+        let q = Tensor::<B, 4>::random([b, g, m, d], normal, opts).require_grad();
+        let k = Tensor::<B, 4>::random([b, g, s, d], normal, opts).require_grad();
+        let v = Tensor::<B, 4>::random([b, g, s, d], normal, opts).require_grad();
+        let dout = Tensor::<B, 4>::random([b, g, m, d], normal, opts);
+        let dtype = q.dtype();
+        // Causal; row 1 of a padded batch hides its first two keys from the positions after
+        // them (left padding), which still see themselves.
+        let mb = if padded { b } else { 1 };
+        let mut mask = vec![0f32; mb * s * s];
+        for r in 0..mb {
+            for i in 0..s {
+                for j in 0..s {
+                    if j > i || (padded && r == 1 && j < 2 && j != i) {
+                        mask[(r * s + i) * s + j] = -1e9;
+                    }
+                }
+            }
+        }
+        let mask_t = Tensor::<B, 4>::from_data(
+            burn::tensor::TensorData::new(mask.clone(), [mb, 1, s, s]),
+            (device, DType::F32),
+        );
+        let scale = 1.0 / (d as f64).sqrt();
+        let run = |blocks: usize| -> Option<[Vec<f32>; 4]> {
+            ops::set_causal_blocks(blocks);
+            let qp = position_major(q.clone(), rep, s);
+            let out = ops::causal_attention(&qp, &k, &v, &mask_t, scale)?;
+            let out = position_major(out, s, rep);
+            let grads = (out.clone() * dout.clone()).sum().backward();
+            let gr = |t: &Tensor<B, 4>| host(t.grad(&grads).expect("gradient"));
+            Some([host(out.clone()), gr(&q), gr(&k), gr(&v)])
+        };
+        let case = format!(
+            "{label} {dtype:?} causal attention b{b} g{g} rep{rep} s{s} d{d}{}",
+            if padded { " padded" } else { "" }
+        );
+        let want = attention_reference(
+            &host(q.clone()),
+            &host(k.clone()),
+            &host(v.clone()),
+            &mask,
+            &host(dout.clone()),
+            (b * g, m, s, d),
+            (mb, s),
+            scale,
+        );
+        let mut runs = Vec::new();
+        for blocks in [1, 2, 3] {
+            runs.push((format!("{blocks} blocks"), run(blocks)));
+        }
+        ops::attention::set_score_chunk_elems(1);
+        runs.push(("2 blocks, one group per chunk".into(), run(2)));
+        ops::attention::set_score_chunk_elems(ops::attention::DEFAULT_SCORE_CHUNK_ELEMS);
+        ops::set_keep_attention_probs(true);
+        let kept = ops::attention::keeping_probs(|| run(2));
+        let recomputed = runs[1].1.clone();
+        runs.push(("2 blocks, probabilities kept".into(), kept.clone()));
+        ops::set_causal_blocks(ops::DEFAULT_CAUSAL_BLOCKS);
+        for (how, got) in &runs {
+            let Some(got) = got else {
+                checks.extend(not_taken::<B>(format!("{case}, {how}")));
+                continue;
+            };
+            for (i, what) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+                checks.push(Check::fused(
+                    format!("{case} {what}, {how}"),
+                    rel_err(&got[i], &want[i]),
+                    tolerance(dtype),
+                ));
+            }
+        }
+        if let (Some(kept), Some(base)) = (kept, recomputed) {
+            for (i, what) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+                checks.push(Check::fused(
+                    format!("{case} {what}, probabilities kept = recomputed"),
+                    rel_err(&kept[i], &base[i]),
+                    0.0,
+                ));
+            }
+        }
+    }
+    ops::set_causal_attention_enabled(false);
+    checks
+}
+
+/// `ops::rope_grouped` (the heads of a group position-major) against `ops::rope` rearranged, bit
+/// for bit, forward and `dx`: the same arithmetic per element, written elsewhere.
+fn check_rope_grouped<B: AutodiffBackend>(
+    label: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Check> {
+    let opts = (device, dtype);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let mut checks = Vec::new();
+    for (b, s, n, d, group) in [(2, 5, 8, 64, 4), (1, 7, 6, 12, 3), (2, 3, 4, 128, 2)] {
+        let x = Tensor::<B, 3>::random([b, s, n * d], normal, opts).require_grad();
+        let angles = Tensor::<B, 4>::random([b, 1, s, d], Distribution::Uniform(-4.0, 4.0), opts);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let dy = Tensor::<B, 4>::random([b, n / group, s * group, d], normal, opts);
+        let case = format!("{label} {dtype:?} rope grouped {b}x{s}x{n}x{d} group {group}");
+        let (Some(yg), Some(y)) = (
+            ops::rope_grouped(&x, n, group, &cos, &sin),
+            ops::rope(&x, n, &cos, &sin),
+        ) else {
+            return not_taken::<B>(case);
+        };
+        let gg = (yg.clone() * dy.clone()).sum().backward();
+        let dx_g = host(x.grad(&gg).expect("dx"));
+        // The head-major output rearranged, and the gradient rearranged back.
+        let y = y.reshape([b, n / group, group * s, d]);
+        let y_pm = position_major(y, group, s);
+        let dy_hm = position_major(dy, s, group).reshape([b, n, s, d]);
+        let x2 = x.clone().detach().require_grad();
+        let y2 = ops::rope(&x2, n, &cos, &sin).expect("rope runs");
+        let g2 = (y2 * dy_hm).sum().backward();
+        let dx = host(x2.grad(&g2).expect("dx"));
+        for (what, got, want) in [("y", host(yg), host(y_pm)), ("dx", dx_g, dx)] {
+            checks.push(Check::fused(
+                format!("{case} {what} = rope rearranged"),
+                rel_err(&got, &want),
+                0.0,
+            ));
+        }
+    }
+    checks
+}
+
 /// The fused head + cross-entropy (`ops::linear_cross_entropy`) against the f64 host
 /// reference: the loss sum and `dh` for a loss gradient of 0.7, with chunks of 5 rows (so rows
 /// cross chunk borders) and a transposed head view (a tied embedding), then with one chunk.
@@ -1684,7 +1843,7 @@ fn main() {
     let dropout_input_f32: Suite = |l, dt, d| check_dropout::<F32>(l, dt, 2, 45, 96, 80, 8, d);
     let dropout_input_ckpt: Suite =
         |l, dt, d| check_dropout::<Bf16Ckpt>(l, dt, 2, 45, 96, 80, 8, d);
-    let suites: [((&str, DType), Suite); 38] = [
+    let suites: [((&str, DType), Suite); 43] = [
         (f32_, check_shared_input::<F32>),
         (bf16_, check_shared_input::<Bf16>),
         (f32_, check_argmax::<F32>),
@@ -1699,6 +1858,11 @@ fn main() {
         (f32_, check_attention::<F32>),
         (bf16_, check_attention::<Bf16>),
         (ckpt, check_attention::<Bf16Ckpt>),
+        (f32_, check_causal_attention::<F32>),
+        (bf16_, check_causal_attention::<Bf16>),
+        (ckpt, check_causal_attention::<Bf16Ckpt>),
+        (f32_, check_rope_grouped::<F32>),
+        (bf16_, check_rope_grouped::<Bf16>),
         (f32_, check_cross_entropy::<F32>),
         (bf16_, check_cross_entropy::<Bf16>),
         (bf16_, |l, d, dev| {

@@ -317,7 +317,15 @@ impl<B: Backend> Attention<B> {
                 .try_into()
                 .expect("three projections give three outputs");
         let (q, k, v, next) = match cache {
-            None => (rotary(q, nh), rotary(k, nkv), heads(v, nkv), None),
+            None => {
+                let (k, v) = (rotary(k, nkv), heads(v, nkv));
+                // Without a cache the mask is causal over the new tokens: on CUDA (opt-in) the
+                // attention in causal row blocks, over queries laid out for it.
+                if let Some(out) = self.causal(&q, &k, &v, cos, sin, mask) {
+                    return (self.o_proj.forward_ctx(out, ctx), None);
+                }
+                (rotary(q, nh), k, v, None)
+            }
             Some(c) if c.len == 0 => {
                 let (k, v) = (rotary(k, nkv), heads(v, nkv));
                 (rotary(q, nh), k.clone(), v.clone(), Some(c.append(k, v)))
@@ -365,6 +373,37 @@ impl<B: Backend> Attention<B> {
                 .unwrap_or_else(|| out.swap_dims(1, 2).reshape([b, s, nh * hd]))
         };
         (self.o_proj.forward_ctx(out, ctx), next)
+    }
+
+    /// Causal attention in row blocks (burn-cuda-ops' `causal_attention`, opt-in): the
+    /// queries `q [b, s, heads * head_dim]` rotated into the position-major layout it reads,
+    /// `k`, `v` `[b, kv_heads, s, head_dim]`, `mask` causal `[b or 1, 1, s, s]`; the heads merged
+    /// back to `[b, s, heads * head_dim]`. `None` where the op does not run.
+    fn causal(
+        &self,
+        q: &Tensor<B, 3>,
+        k: &Tensor<B, 4>,
+        v: &Tensor<B, 4>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: &Tensor<B, 4>,
+    ) -> Option<Tensor<B, 3>> {
+        if !crate::ops::causal_attention_enabled() {
+            return None;
+        }
+        let [b, s, _] = q.dims();
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let rep = nh / nkv;
+        let q = crate::ops::rope_grouped(q, nh, rep, cos, sin)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        // [b, nkv, s * rep, hd] position-major: the KV head's `rep` query heads side by side,
+        // so [b, nkv, s, rep * hd] -> [b, s, nkv, rep * hd] is the token-major layout.
+        let out =
+            crate::ops::causal_attention(&q, k, v, mask, scale)?.reshape([b, nkv, s, rep * hd]);
+        Some(
+            crate::ops::merge_heads(&out)
+                .unwrap_or_else(|| out.swap_dims(1, 2).reshape([b, s, nh * hd])),
+        )
     }
 }
 

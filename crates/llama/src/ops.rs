@@ -44,6 +44,51 @@ pub(crate) fn rope<B: Backend>(
     }
 }
 
+/// [`rope`] with the heads in groups of `group`, position-major within each group: `[b, s,
+/// heads * d]` -> `[b, heads / group, s * group, d]` (the queries of [`causal_attention`]).
+pub(crate) fn rope_grouped<B: Backend>(
+    x: &Tensor<B, 3>,
+    heads: usize,
+    group: usize,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Option<Tensor<B, 4>> {
+    #[cfg(feature = "cuda")]
+    return burn_cuda_ops::rope_grouped(x, heads, group, cos, sin);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, heads, group, cos, sin);
+        None
+    }
+}
+
+/// Whether causal attention in row blocks is on (burn-cuda-ops' `PEFT_LORA_CAUSAL_ATTENTION`;
+/// never without the `cuda` feature).
+pub(crate) fn causal_attention_enabled() -> bool {
+    #[cfg(feature = "cuda")]
+    return burn_cuda_ops::causal_attention_enabled();
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
+/// Causal attention in row blocks over position-major queries `[b, kv_heads, s * rep, d]`
+/// (burn-cuda-ops' `causal_attention`): the output laid out as the queries.
+pub(crate) fn causal_attention<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    mask: &Tensor<B, 4>,
+    scale: f64,
+) -> Option<Tensor<B, 4>> {
+    #[cfg(feature = "cuda")]
+    return burn_cuda_ops::causal_attention(q, k, v, mask, scale);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v, mask, scale);
+        None
+    }
+}
+
 /// RoPE of a cached step's `q` and `k` (`[b, s, n * d]`) and the writes of `k` and `v` into
 /// the caches at `pos`, one kernel (inference): the rotated `q [b, heads, s, d]` and the
 /// caches, or the caches back untouched.

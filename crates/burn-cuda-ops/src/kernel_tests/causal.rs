@@ -97,7 +97,7 @@ fn check(client: &ComputeClient<Rt>, c: Case) {
     let mbuf = input(client, &mk);
     for v in [8, 4, 2, 1]
         .into_iter()
-        .filter(|v| t % v == 0 && c.block % v == 0)
+        .filter(|v| t.is_multiple_of(*v) && c.block.is_multiple_of(*v))
     {
         for mode in MODES {
             let what = format!("causal softmax {c:?} width {v} {mode:?}");
