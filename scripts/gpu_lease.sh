@@ -21,8 +21,9 @@
 #   train-optin   the same with the opt-in switches on (PEFT_LORA_UNCHECKED_KERNELS; OPTIN=1 profiles
 #                 so too; VALIDATE=1 runs `check` under cubecl's validate mode)
 #   train-ab      ours with each opt-in training switch on alone (AB_SWITCHES, default
-#                 "PEFT_LORA_MULTI_TENSOR PEFT_LORA_SEEDED_ADAPTERS"), then all of them, on
-#                 CONFIGS (default qv-gc all-gc); run `train` beside it for the defaults
+#                 "PEFT_LORA_MULTI_TENSOR PEFT_LORA_SEEDED_ADAPTERS PEFT_LORA_CAUSAL_ATTENTION";
+#                 an entry NAME=VALUE exports that value instead of 1), then all
+#                 of them, on CONFIGS (default qv-gc all-gc); run `train` beside it for the defaults
 #   train-d0      the same at dropout 0 (Unsloth's, which its fused kernels need)
 #                 (CONFIGS="qv-gc all-gc" picks configs for train and train-d0)
 #   phases        qv-gc and all-gc with PEFT_TRAIN_PHASES=1 (where a step's time goes)
@@ -133,11 +134,12 @@ for stage in "$@"; do
     unset PEFT_LORA_UNCHECKED_KERNELS ;;
   train-d0) ours d0 0 ${CONFIGS:-qv-gc qv-nogc all-gc} ;;
   train-ab)
-    sws=${AB_SWITCHES:-"PEFT_LORA_MULTI_TENSOR PEFT_LORA_SEEDED_ADAPTERS"}
+    sws=${AB_SWITCHES:-"PEFT_LORA_MULTI_TENSOR PEFT_LORA_SEEDED_ADAPTERS PEFT_LORA_CAUSAL_ATTENTION"}
+    on() { case $1 in *=*) export "$1" ;; *) export "$1=1" ;; esac; }
     for sw in $sws; do
-      ( export "$sw=1"; ours "ab-$sw" 0.1 ${CONFIGS:-qv-gc all-gc} )
+      ( on "$sw"; ours "ab-$sw" 0.1 ${CONFIGS:-qv-gc all-gc} )
     done
-    ( for sw in $sws; do export "$sw=1"; done; ours ab-all 0.1 ${CONFIGS:-qv-gc all-gc} ) ;;
+    ( for sw in $sws; do on "$sw"; done; ours ab-all 0.1 ${CONFIGS:-qv-gc all-gc} ) ;;
   phases) PEFT_TRAIN_PHASES=1 ours phases 0.1 qv-gc all-gc ;;
   hf) peers hf $three ;;
   liger)
