@@ -21,7 +21,8 @@
 #   train-optin   the same with the opt-in switches on (PEFT_LORA_UNCHECKED_KERNELS; OPTIN=1 profiles
 #                 so too; VALIDATE=1 runs `check` under cubecl's validate mode)
 #   train-ab      ours with each opt-in training switch on alone (AB_SWITCHES, default
-#                 "PEFT_LORA_MULTI_TENSOR PEFT_LORA_SEEDED_ADAPTERS PEFT_LORA_CAUSAL_ATTENTION";
+#                 "PEFT_LORA_MULTI_TENSOR PEFT_LORA_SEEDED_ADAPTERS PEFT_LORA_CAUSAL_ATTENTION
+#                 PEFT_LORA_SHARED_INPUT";
 #                 an entry NAME=VALUE exports that value instead of 1), then all
 #                 of them, on CONFIGS (default qv-gc all-gc); run `train` beside it for the defaults
 #   train-d0      the same at dropout 0 (Unsloth's, which its fused kernels need)
@@ -134,7 +135,7 @@ for stage in "$@"; do
     unset PEFT_LORA_UNCHECKED_KERNELS ;;
   train-d0) ours d0 0 ${CONFIGS:-qv-gc qv-nogc all-gc} ;;
   train-ab)
-    sws=${AB_SWITCHES:-"PEFT_LORA_MULTI_TENSOR PEFT_LORA_SEEDED_ADAPTERS PEFT_LORA_CAUSAL_ATTENTION"}
+    sws=${AB_SWITCHES:-"PEFT_LORA_MULTI_TENSOR PEFT_LORA_SEEDED_ADAPTERS PEFT_LORA_CAUSAL_ATTENTION PEFT_LORA_SHARED_INPUT"}
     on() { case $1 in *=*) export "$1" ;; *) export "$1=1" ;; esac; }
     for sw in $sws; do
       ( on "$sw"; ours "ab-$sw" 0.1 ${CONFIGS:-qv-gc all-gc} )
