@@ -23,7 +23,8 @@
 #   train-ab      ours with each opt-in training switch on alone (AB_SWITCHES, default
 #                 "PEFT_LORA_MULTI_TENSOR PEFT_LORA_SEEDED_ADAPTERS PEFT_LORA_CAUSAL_ATTENTION
 #                 PEFT_LORA_SHARED_INPUT";
-#                 an entry NAME=VALUE exports that value instead of 1), then all
+#                 an entry NAME=VALUE exports that value instead of 1, and NAME,NAME2=V sets
+#                 both, e.g. PEFT_LORA_CAUSAL_ATTENTION,PEFT_LORA_CAUSAL_BLOCKS=4), then all
 #                 of them, on CONFIGS (default qv-gc all-gc); run `train` beside it for the defaults
 #   train-d0      the same at dropout 0 (Unsloth's, which its fused kernels need)
 #                 (CONFIGS="qv-gc all-gc" picks configs for train and train-d0)
@@ -136,7 +137,9 @@ for stage in "$@"; do
   train-d0) ours d0 0 ${CONFIGS:-qv-gc qv-nogc all-gc} ;;
   train-ab)
     sws=${AB_SWITCHES:-"PEFT_LORA_MULTI_TENSOR PEFT_LORA_SEEDED_ADAPTERS PEFT_LORA_CAUSAL_ATTENTION PEFT_LORA_SHARED_INPUT"}
-    on() { case $1 in *=*) export "$1" ;; *) export "$1=1" ;; esac; }
+    on() { # on ENTRY: each comma-separated NAME (exported as 1) or NAME=VALUE of ENTRY
+      local e; for e in ${1//,/ }; do case $e in *=*) export "$e" ;; *) export "$e=1" ;; esac; done
+    }
     for sw in $sws; do
       ( on "$sw"; ours "ab-$sw" 0.1 ${CONFIGS:-qv-gc all-gc} )
     done
