@@ -12,9 +12,11 @@
 //! - the softmax runs in place (forward over the scores, backward over `dP`), so a chunk of
 //!   groups holds two score-sized buffers at most, and a chunk may be twice the dense path's.
 //!
-//! A query row whose visible keys are all masked (a padding position with nothing before it)
-//! gets a uniform distribution over its block's keys instead of over all keys: that row's output
-//! reaches no loss and no other row, so the loss and every gradient are the same.
+//! The softmax also skips the keys after each row's position (written 0 unread: their `exp`
+//! underflows to 0 wherever one visible key is unmasked). A query row whose visible keys are all
+//! masked (a padding position with nothing before it) then gets a uniform distribution over the
+//! keys up to its position (to the end of its vector of 8) instead of over all keys: that row's
+//! output reaches no loss and no other row, so the loss and every gradient are the same.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

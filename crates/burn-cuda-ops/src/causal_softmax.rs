@@ -8,7 +8,10 @@
 //! rows are cut into blocks of `block * rep` rows (`block` positions); a row of block `b` has only
 //! its first `(b + 1) * block` keys computed: every later key is after the row's position, so
 //! the causal mask hides it and its probability is 0. The kernels read and write those keys
-//! only; the rest of the row is never touched and never read.
+//! only; the rest of the row is never touched and never read. Within them, the vectors wholly
+//! after the row's position are written 0 without being read (their `exp` underflows to 0
+//! wherever a visible key is unmasked; a row with every visible key masked, a padding position,
+//! is then uniform over the vectors up to its position instead).
 //!
 //! One plane (warp) per row, as [`crate::softmax`]'s kernels, whose single-pass forward (running
 //! maximum and rescaled sum) and plane reductions these share.
@@ -28,6 +31,17 @@ fn row_len(rg: usize, block_rows: u32, block_v: u32, tv: usize) -> usize {
     let mut out = tv;
     if len < tv {
         out = len;
+    }
+    out
+}
+
+/// The vectors of row `rg` (of `len`) holding a key at or before its position `rg / rep`.
+#[cube]
+fn row_seen(rg: usize, rep: u32, n: usize, len: usize) -> usize {
+    let seen = (rg / rep as usize) / n + 1;
+    let mut out = len;
+    if seen < len {
+        out = seen;
     }
     out
 }
@@ -57,13 +71,14 @@ pub(crate) fn causal_softmax_forward_kernel<E: Float, N: Size>(
     let r = row0 as usize + row;
     let rg = r % m as usize;
     let len = row_len(rg, block_rows, block_v, tv as usize);
+    let seen = row_seen(rg, rep, n, len);
     let mbase =
         ((r / rows_per_mask as usize) * mask.stride(0) + (rg / rep as usize) * mask.stride(2)) / n;
 
     let mut mx = f32::new(-3.0e38);
     let mut sum = f32::new(0.0);
     let mut j = UNIT_POS_X as usize;
-    while j < len {
+    while j < seen {
         let v = Vector::<f32, N>::cast_from(scores[base + j]) + mask[mbase + j];
         let mut vmax = mx;
         #[unroll]
@@ -89,9 +104,14 @@ pub(crate) fn causal_softmax_forward_kernel<E: Float, N: Size>(
 
     // Each unit rewrites only the vectors it read, after its last read of them.
     let mut j = UNIT_POS_X as usize;
-    while j < len {
+    while j < seen {
         let v = Vector::<f32, N>::cast_from(scores[base + j]) + mask[mbase + j];
         scores[base + j] = Vector::cast_from((v - row_max).exp() * inv);
+        j += CUBE_DIM_X as usize;
+    }
+    let zero = Vector::<E, N>::cast_from(Vector::<f32, N>::new(f32::new(0.0)));
+    while j < len {
+        scores[base + j] = zero;
         j += CUBE_DIM_X as usize;
     }
 }
@@ -103,6 +123,7 @@ pub(crate) fn causal_softmax_backward_kernel<E: Float, N: Size>(
     rows: u32,
     tv: u32,
     m: u32,
+    rep: u32,
     block_rows: u32,
     block_v: u32,
     scale: f32,
@@ -114,11 +135,14 @@ pub(crate) fn causal_softmax_backward_kernel<E: Float, N: Size>(
     }
     let n = probs.vector_size();
     let base = row * tv as usize;
-    let len = row_len(row % m as usize, block_rows, block_v, tv as usize);
+    let rg = row % m as usize;
+    let len = row_len(rg, block_rows, block_v, tv as usize);
+    // Past `seen` the probabilities are 0 (the forward wrote them so), and so is `dS`.
+    let seen = row_seen(rg, rep, n, len);
 
     let mut dot = f32::new(0.0);
     let mut j = UNIT_POS_X as usize;
-    while j < len {
+    while j < seen {
         let pd = Vector::<f32, N>::cast_from(probs[base + j])
             * Vector::<f32, N>::cast_from(grad[base + j]);
         #[unroll]
@@ -131,10 +155,15 @@ pub(crate) fn causal_softmax_backward_kernel<E: Float, N: Size>(
     let scale = Vector::new(scale);
 
     let mut j = UNIT_POS_X as usize;
-    while j < len {
+    while j < seen {
         let p = Vector::<f32, N>::cast_from(probs[base + j]);
         let dp = Vector::<f32, N>::cast_from(grad[base + j]);
         grad[base + j] = Vector::cast_from(scale * p * (dp - row_dot));
+        j += CUBE_DIM_X as usize;
+    }
+    let zero = Vector::<E, N>::cast_from(Vector::<f32, N>::new(f32::new(0.0)));
+    while j < len {
+        grad[base + j] = zero;
         j += CUBE_DIM_X as usize;
     }
 }
@@ -210,6 +239,7 @@ pub fn backward_in_place(probs: Raw, grad: Raw, scale: f32, rep: usize, block: u
         rows as u32,
         (t / n) as u32,
         m as u32,
+        rep as u32,
         (block * rep) as u32,
         (block / n) as u32,
         scale,

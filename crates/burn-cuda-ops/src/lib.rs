@@ -723,8 +723,8 @@ pub fn attention<B: Backend>(
 /// head of KV head `g`: [`rope_grouped`] with `group = rep` lays the queries out so), `k`, `v [b,
 /// g, s, d]`; `mask [b or 1, 1, s, s]` additive (f32) and causal: it must hide every key after
 /// its query's position (padding may hide more), which the op relies on and does not check.
-/// The output is laid out as `q`. A query whose visible keys are all masked averages its block's
-/// values rather than all values (see [`causal_attention`](crate::causal_attention)).
+/// The output is laid out as `q`. A query whose visible keys are all masked averages the values
+/// up to its position rather than all values (see [`causal_attention`](crate::causal_attention)).
 pub fn causal_attention<B: Backend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,

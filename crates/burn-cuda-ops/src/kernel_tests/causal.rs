@@ -1,5 +1,5 @@
 //! The causal row-block softmax kernels ([`crate::causal_softmax`]) against an f64 softmax over
-//! each row's computed keys, in place: position-major rows of several query heads per position,
+//! each row's keys up to its position (0 after it to the block's end), in place: position-major rows of several query heads per position,
 //! blocks that cut the rows at 1, 2, 3 and 4 points, a mask over two batches with padding and a
 //! fully masked row; the keys past a row's block must come back untouched.
 
@@ -67,38 +67,47 @@ fn check(client: &ComputeClient<Rt>, c: Case) {
     let mk = mask(c.mb, c.s);
     let rows_per_mask = total / c.mb;
     let scale = 0.125f32;
-    // References: the probabilities and the score gradient on each row's keys, the input kept
-    // after them.
-    let (mut want_p, mut want_ds) = (Vec::new(), Vec::new());
-    for row in 0..rows {
-        let r = row0 + row;
-        let rg = r % m;
-        let len = row_len(&c, rg);
-        let mrow = (r / rows_per_mask) * c.s + rg / c.rep;
-        let v: Vec<f64> = (0..len)
-            .map(|j| (scores[row * t + j] + mk[mrow * t + j]) as f64)
-            .collect();
-        let mx = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = v.iter().map(|x| (x - mx).exp()).sum();
-        let p: Vec<f64> = v.iter().map(|x| (x - mx).exp() / sum).collect();
-        let d = &dp[row * t..row * t + len];
-        let dot: f64 = p.iter().zip(d).map(|(a, b)| a * *b as f64).sum();
-        for j in 0..t {
-            if j < len {
-                want_p.push(p[j]);
-                want_ds.push(scale as f64 * p[j] * (d[j] as f64 - dot));
-            } else {
-                want_p.push(scores[row * t + j] as f64);
-                want_ds.push(dp[row * t + j] as f64);
+    // References at vector width `v`: the probabilities and the score gradient on each row's
+    // keys up to the vector holding its position (0 after it, to the block's end), the input
+    // kept past the block's end.
+    let reference = |v: usize| {
+        let (mut want_p, mut want_ds) = (Vec::new(), Vec::new());
+        for row in 0..rows {
+            let r = row0 + row;
+            let rg = r % m;
+            let len = row_len(&c, rg);
+            let seen = ((rg / c.rep / v + 1) * v).min(len);
+            let mrow = (r / rows_per_mask) * c.s + rg / c.rep;
+            let x: Vec<f64> = (0..seen)
+                .map(|j| (scores[row * t + j] + mk[mrow * t + j]) as f64)
+                .collect();
+            let mx = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = x.iter().map(|x| (x - mx).exp()).sum();
+            let p: Vec<f64> = x.iter().map(|x| (x - mx).exp() / sum).collect();
+            let d = &dp[row * t..row * t + seen];
+            let dot: f64 = p.iter().zip(d).map(|(a, b)| a * *b as f64).sum();
+            for j in 0..t {
+                if j < seen {
+                    want_p.push(p[j]);
+                    want_ds.push(scale as f64 * p[j] * (d[j] as f64 - dot));
+                } else if j < len {
+                    want_p.push(0.0);
+                    want_ds.push(0.0);
+                } else {
+                    want_p.push(scores[row * t + j] as f64);
+                    want_ds.push(dp[row * t + j] as f64);
+                }
             }
         }
-    }
-    let p32: Vec<f32> = want_p.iter().map(|&x| x as f32).collect();
+        (want_p, want_ds)
+    };
     let mbuf = input(client, &mk);
     for v in [8, 4, 2, 1]
         .into_iter()
         .filter(|v| t.is_multiple_of(*v) && c.block.is_multiple_of(*v))
     {
+        let (want_p, want_ds) = reference(v);
+        let p32: Vec<f32> = want_p.iter().map(|&x| x as f32).collect();
         for mode in MODES {
             let what = format!("causal softmax {c:?} width {v} {mode:?}");
             let sb = input(client, &scores);
@@ -141,6 +150,7 @@ fn check(client: &ComputeClient<Rt>, c: Case) {
                     rows as u32,
                     (t / v) as u32,
                     m as u32,
+                    c.rep as u32,
                     (c.block * c.rep) as u32,
                     (c.block / v) as u32,
                     scale,
