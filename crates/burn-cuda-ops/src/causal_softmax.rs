@@ -20,7 +20,7 @@ use burn_cubecl::kernel::into_contiguous;
 use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
-use super::cube_util::{launch, row_index, vector_size};
+use super::cube_util::{exp_sum, launch, row_index, vector_max, vector_size, vector_sum};
 use super::kernels::Raw;
 use super::softmax::rows_launch;
 
@@ -80,20 +80,8 @@ pub(crate) fn causal_softmax_forward_kernel<E: Float, N: Size>(
     let mut j = UNIT_POS_X as usize;
     while j < seen {
         let v = Vector::<f32, N>::cast_from(scores[base + j]) + mask[mbase + j];
-        let mut vmax = mx;
-        #[unroll]
-        for e in 0..n {
-            if v[e] > vmax {
-                vmax = v[e];
-            }
-        }
-        let ex = (v - Vector::new(vmax)).exp();
-        let mut vsum = f32::new(0.0);
-        #[unroll]
-        for e in 0..n {
-            vsum += ex[e];
-        }
-        sum = sum * (mx - vmax).exp() + vsum;
+        let vmax = vector_max::<N>(v, mx, n);
+        sum = sum * (mx - vmax).exp() + exp_sum::<N>(v, vmax, n);
         mx = vmax;
         j += CUBE_DIM_X as usize;
     }
@@ -145,10 +133,7 @@ pub(crate) fn causal_softmax_backward_kernel<E: Float, N: Size>(
     while j < seen {
         let pd = Vector::<f32, N>::cast_from(probs[base + j])
             * Vector::<f32, N>::cast_from(grad[base + j]);
-        #[unroll]
-        for e in 0..n {
-            dot += pd[e];
-        }
+        dot += vector_sum::<N>(pd, n);
         j += CUBE_DIM_X as usize;
     }
     let row_dot = Vector::new(plane_sum(dot));

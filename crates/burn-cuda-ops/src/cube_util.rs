@@ -58,6 +58,42 @@ pub fn reduce_sum(sh: &mut SharedMemory<f32>) {
     }
 }
 
+/// The largest of `init` and the `n` elements of `v` (a running maximum's step).
+#[cube]
+pub fn vector_max<N: Size>(v: Vector<f32, N>, init: f32, #[comptime] n: usize) -> f32 {
+    let mut m = init;
+    #[unroll]
+    for e in 0..n {
+        if v[e] > m {
+            m = v[e];
+        }
+    }
+    m
+}
+
+/// `sum_e exp(v[e] - max)` over the `n` elements of `v`.
+#[cube]
+pub fn exp_sum<N: Size>(v: Vector<f32, N>, max: f32, #[comptime] n: usize) -> f32 {
+    let ex = (v - Vector::new(max)).exp();
+    let mut s = f32::new(0.0);
+    #[unroll]
+    for e in 0..n {
+        s += ex[e];
+    }
+    s
+}
+
+/// The sum of the `n` elements of `v`.
+#[cube]
+pub fn vector_sum<N: Size>(v: Vector<f32, N>, #[comptime] n: usize) -> f32 {
+    let mut s = f32::new(0.0);
+    #[unroll]
+    for e in 0..n {
+        s += v[e];
+    }
+    s
+}
+
 /// The row this cube handles (a 2-D grid, so that more than 65,535 rows fit).
 #[cube]
 pub fn row_index() -> usize {

@@ -18,7 +18,9 @@ use burn_cubecl::kernel::into_contiguous;
 use cubecl::prelude::*;
 use cubecl_cuda::CudaRuntime;
 
-use super::cube_util::{grid, launch, reduce_max, reduce_sum, row_index, vector_size, THREADS};
+use super::cube_util::{
+    exp_sum, grid, launch, reduce_max, reduce_sum, row_index, vector_max, vector_size, THREADS,
+};
 use super::kernels::{empty_as, Raw};
 
 #[cube(launch, launch_unchecked)]
@@ -43,20 +45,8 @@ pub(crate) fn lse_rows_kernel<E: Float, N: Size>(
     let mut j = tid;
     while j < wv {
         let v = Vector::<f32, N>::cast_from(x[base + j]);
-        let mut vmax = mx;
-        #[unroll]
-        for e in 0..n {
-            if v[e] > vmax {
-                vmax = v[e];
-            }
-        }
-        let ex = (v - Vector::new(vmax)).exp();
-        let mut vsum = f32::new(0.0);
-        #[unroll]
-        for e in 0..n {
-            vsum += ex[e];
-        }
-        sum = sum * (mx - vmax).exp() + vsum;
+        let vmax = vector_max::<N>(v, mx, n);
+        sum = sum * (mx - vmax).exp() + exp_sum::<N>(v, vmax, n);
         mx = vmax;
         j += CUBE_DIM_X as usize;
     }
