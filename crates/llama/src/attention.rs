@@ -289,7 +289,9 @@ impl<B: Backend> Attention<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]`; cos, sin: `[batch, 1, seq, head_dim]`
     /// - mask: additive f32 `[batch or 1, 1, seq, keys]` ([`additive_mask`]) where `keys` is
-    ///   `seq` for an empty cache and the cache's capacity otherwise
+    ///   `seq` for an empty cache and the cache's capacity otherwise; without a cache it must
+    ///   hide every key after its query's position, as [`additive_mask`]'s does (the opt-in
+    ///   causal attention, `PEFT_LORA_CAUSAL_ATTENTION=1` on CUDA, computes no score there)
     /// - returns `[batch, seq, hidden]`
     pub fn forward(
         &self,
