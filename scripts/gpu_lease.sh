@@ -17,6 +17,8 @@
 # Stages:
 #   info          the card, the driver, torch / transformers / PEFT versions
 #   check         burn-cuda-ops gpu_selftest and peft-lora gpu_fused (CHECKS="gpu_selftest" for one)
+#   parity        bench-model's logits against each llama fixture (transformers f32), with the
+#                 defaults and with each of PARITY_SWITCHES (default PEFT_LORA_CAUSAL_ATTENTION)
 #   train         ours on the three configs (qv-gc, qv-nogc, all-gc), LoRA dropout 0.1
 #   train-optin   the same with the opt-in switches on (PEFT_LORA_UNCHECKED_KERNELS; OPTIN=1 profiles
 #                 so too; VALIDATE=1 runs `check` under cubecl's validate mode)
@@ -130,6 +132,19 @@ for stage in "$@"; do
       echo "$t rc=$? $(tail -1 "$L/$t.txt")" | tee -a "$S"
       grep '"pass":false' "$L/$t.txt" | head -5 | tee -a "$S"
       echo "$t out-of-range reports: $(grep -c 'VALIDATION' "$L/$t.txt")" | tee -a "$S"
+    done ;;
+  parity)
+    # The model's logits on each llama fixture (fixtures/llama/*: transformers' f32 logits)
+    # with the defaults and with each switch of PARITY_SWITCHES on (default the causal
+    # attention): `bench-model --skip-8b` prints the largest error relative to the logits'
+    # scale over the unpadded positions.
+    for f in "$R"/fixtures/llama/*/; do
+      for sw in default ${PARITY_SWITCHES:-PEFT_LORA_CAUSAL_ATTENTION}; do
+        n=$(basename "$f")
+        ( [ "$sw" = default ] || export "$sw=1"
+          timeout 120 "$D"/news2stock-dev bench-model --skip-8b --fixture "$f" ) > "$L/parity_${n}_$sw.txt" 2>&1
+        echo "parity $n $sw rc=$? $(grep '^{' "$L/parity_${n}_$sw.txt" | tail -1)" | tee -a "$S"
+      done
     done ;;
   train) ours d01 0.1 ${CONFIGS:-qv-gc qv-nogc all-gc} ;;
   train-optin) export $OPTIN_ENV; ours optin 0.1 ${CONFIGS:-qv-gc qv-nogc all-gc}
