@@ -65,7 +65,7 @@ pub enum Layout {
     Full,
     /// `m = s * rep` rows position-major (row `i * rep + h`) over `t = s` keys, under a causal
     /// mask: the scores of each block of positions up to the block's end only
-    /// ([`crate::causal_attention`], `blocks` blocks).
+    /// ([`causal_attention`](mod@crate::causal_attention), `blocks` blocks).
     Causal {
         /// Query rows per position (query heads per KV head).
         rep: usize,

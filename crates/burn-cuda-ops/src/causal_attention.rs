@@ -2,9 +2,9 @@
 //! [`super::causal_plan`] in cuBLASLt and the in-place softmax of [`super::causal_softmax`].
 //!
 //! Shapes: `q [g, m, d]` with `m = s * rep` rows position-major (row `i * rep + h`, as
-//! [`super::rope`] lays the queries out with `group = rep`), `k`, `v [g, s, d]`, `mask [mb, 1,
+//! [`rope`](mod@super::rope) lays the queries out with `group = rep`), `k`, `v [g, s, d]`, `mask [mb, 1,
 //! s, s]` additive f32 hiding every key after its query's position (causal; padding as well).
-//! Against the dense path ([`super::attention`]), with two blocks:
+//! Against the dense path ([`attention`](mod@super::attention)), with two blocks:
 //! - 3/4 of the scores' GEMM work and bytes, softmax included (the keys no row of a block can
 //!   see are never computed);
 //! - the GEMMs of one stage (the scores, the output, the value and score gradients, the query and

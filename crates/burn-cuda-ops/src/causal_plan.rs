@@ -1,4 +1,4 @@
-//! Which GEMMs causal attention in row blocks runs ([`crate::causal_attention`]): pure index
+//! Which GEMMs causal attention in row blocks runs ([`causal_attention`](mod@crate::causal_attention)): pure index
 //! arithmetic, so that a CPU test can run the plan and compare it with dense attention.
 //!
 //! One group (a KV head of one sequence) has `s` positions, `rep` query heads per KV head and

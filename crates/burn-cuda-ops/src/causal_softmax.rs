@@ -158,7 +158,7 @@ fn width(t: usize, block: usize) -> usize {
     vector_size(t).min(vector_size(block))
 }
 
-/// [`causal_softmax_forward_kernel`] over `scores [g, m, t]` (dense), in place: rows
+/// `causal_softmax_forward_kernel` over `scores [g, m, t]` (dense), in place: rows
 /// `row0..row0 + g * m` of the `total_rows` (`[mb, kv heads, s * rep]`, `row0` a multiple of
 /// `m`) that `mask [mb, 1, s, t]` covers; `rep` rows per position; blocks of `block` positions.
 /// Returns `scores`, now the probabilities on each row's computed keys.
@@ -205,7 +205,7 @@ pub fn forward_in_place(
     scores
 }
 
-/// [`causal_softmax_backward_kernel`]: `grad` (`dP [g, m, t]`, dense, rows starting at a
+/// `causal_softmax_backward_kernel`: `grad` (`dP [g, m, t]`, dense, rows starting at a
 /// group) becomes `dS = scale * P * (dP - rowsum(P dP))` on each row's computed keys, in place;
 /// `probs` as the forward left them. Returns `grad`.
 pub fn backward_in_place(probs: Raw, grad: Raw, scale: f32, rep: usize, block: usize) -> Raw {

@@ -715,7 +715,7 @@ pub fn attention<B: Backend>(
     attention_as(q, k, v, mask, scale, attention::Layout::Full)
 }
 
-/// Causal attention in row blocks ([`causal_attention`](crate::causal_attention)), when `B` is
+/// Causal attention in row blocks ([`causal_attention`](mod@crate::causal_attention)), when `B` is
 /// a raw cubecl CUDA backend (with or without autodiff) and the path is on
 /// (`PEFT_LORA_CAUSAL_ATTENTION=1`, [`set_causal_attention_enabled`]), else `None`.
 ///
@@ -724,7 +724,7 @@ pub fn attention<B: Backend>(
 /// g, s, d]`; `mask [b or 1, 1, s, s]` additive (f32) and causal: it must hide every key after
 /// its query's position (padding may hide more), which the op relies on and does not check.
 /// The output is laid out as `q`. A query whose visible keys are all masked averages the values
-/// up to its position rather than all values (see [`causal_attention`](crate::causal_attention)).
+/// up to its position rather than all values (see [`causal_attention`](mod@crate::causal_attention)).
 pub fn causal_attention<B: Backend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
