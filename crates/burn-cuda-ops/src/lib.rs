@@ -746,13 +746,13 @@ pub fn causal_attention<B: Backend>(
     attention_as(q, k, v, mask, scale, layout)
 }
 
-/// Switches [`causal_attention`] on or off (process-wide; default off unless
+/// Switches [`causal_attention()`] on or off (process-wide; default off unless
 /// `PEFT_LORA_CAUSAL_ATTENTION=1`).
 pub fn set_causal_attention_enabled(on: bool) {
     switch::CAUSAL_ATTENTION.set(on);
 }
 
-/// Whether [`causal_attention`] is switched on (whether laying the queries out for it pays).
+/// Whether [`causal_attention()`] is switched on (whether laying the queries out for it pays).
 pub fn causal_attention_enabled() -> bool {
     switch::CAUSAL_ATTENTION.on()
 }
@@ -1049,7 +1049,7 @@ pub fn rope<B: Backend>(
 /// [`rope`] with the heads in groups of `group` laid out position-major within each group:
 /// `x [b, s, heads * d]` -> `[b, heads / group, s * group, d]`, as
 /// `x.reshape([b, s, heads / group, group, d]).swap_dims(1, 2)` rotated and flattened (the query
-/// layout [`causal_attention`] reads, `group` = the query heads per KV head). `None` as
+/// layout [`causal_attention()`] reads, `group` = the query heads per KV head). `None` as
 /// [`rope`], or when `group` does not divide `heads`.
 pub fn rope_grouped<B: Backend>(
     x: &Tensor<B, 3>,
