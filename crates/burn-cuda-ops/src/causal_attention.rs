@@ -22,12 +22,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::tensor::Shape;
 
-use super::attention::{dense, shapes, split_groups, KeptProbs, SCORE_CHUNK_ELEMS};
 use super::causal_plan::{Buf, Gemm, Plan};
 use super::causal_softmax;
 use super::device;
 use super::kernels::{dtype_of, empty_as, Raw};
 use super::lt::{self, Operand, Output};
+use super::score_chunks::{backward_chunks, dense, group_chunks, shapes, KeptProbs};
 
 /// The blocks [`crate::causal_attention()`] cuts the positions into by default: two (3/4 of the scores,
 /// the GEMM tasks of the two-chunk dense path).
@@ -195,8 +195,7 @@ fn plan_of(
 /// Chunks of groups: two score-sized buffers per chunk at most (the softmax is in place), so
 /// twice the dense path's limit.
 fn chunks(g: usize, m: usize, t: usize) -> Vec<(usize, usize)> {
-    let limit = SCORE_CHUNK_ELEMS.load(Ordering::Relaxed);
-    split_groups(g, m * t, limit.saturating_mul(2))
+    group_chunks(g, m, t, 2)
 }
 
 /// The probabilities of groups `g0..g0 + n` of `g`: scores, then the softmax in place.
@@ -277,17 +276,7 @@ pub(crate) fn backward(
     let dq = empty_as(&q, Shape::new([g, m, d]), q.dtype);
     let dk = empty_as(&q, Shape::new([g, t, d]), q.dtype);
     let dv = empty_as(&q, Shape::new([g, t, d]), q.dtype);
-    let parts: Vec<(usize, usize, Option<Raw>)> = match kept {
-        Some(kept) => kept
-            .into_iter()
-            .map(|(g0, n, p)| (g0, n, Some(p)))
-            .collect(),
-        None => chunks(g, m, t)
-            .into_iter()
-            .map(|(g0, n)| (g0, n, None))
-            .collect(),
-    };
-    for (g0, n, p) in parts {
+    for (g0, n, p) in backward_chunks(kept, || chunks(g, m, t)) {
         let p = match p {
             Some(p) => p,
             None => probs(&q, &k, &mask, &plan, scale, [g0, n, g])?,

@@ -100,6 +100,7 @@ pub mod rms_norm;
 pub mod rope;
 pub mod rope_append;
 pub mod sample;
+pub mod score_chunks;
 pub mod seed;
 pub mod shared_input;
 pub mod softmax;
